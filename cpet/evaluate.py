@@ -1,0 +1,337 @@
+"""Evaluation: perplexity, classification accuracy by label log-probability, size, FLOPs, throughput.
+
+All functions take a transformers causal LM (or a peft wrapper of one) and its tokenizer, run under
+``torch.no_grad`` in eval mode, and restore the model's training flag afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no grad for the block; the previous training flag is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+# --------------------------------------------------------------------------------------------------
+# Perplexity
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    """Perplexity = exp(nll / tokens) over the scored tokens."""
+
+    ppl: float
+    nll: float
+    tokens: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def strided_windows(num_tokens: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
+    """Windows ``(begin, end, first_scored)`` covering ``num_tokens`` tokens.
+
+    Each window is at most ``max_length`` long and starts ``stride`` after the previous one; only the
+    positions ``first_scored..end-1`` not scored by an earlier window are scored, and never a window's
+    first position (it has no context). With ``stride < max_length`` every token but the very first is
+    scored exactly once, with ``max_length - stride`` tokens of extra context; with ``stride == max_length``
+    the windows are disjoint and each window's first token goes unscored.
+    """
+    if not 0 < stride <= max_length:
+        raise ValueError(f"stride must be in (0, max_length={max_length}], got {stride}")
+    windows, prev_end = [], 0
+    for begin in range(0, max(num_tokens - 1, 1), stride):
+        end = min(begin + max_length, num_tokens)
+        windows.append((begin, end, max(prev_end, begin + 1)))
+        prev_end = end
+        if end == num_tokens:
+            break
+    return windows
+
+
+def perplexity(model: nn.Module, tokenizer, text: str, *, max_length: int = 256, stride: int = 256,
+               max_tokens: int | None = None, batch_size: int = 4, progress: bool = False) -> PerplexityResult:
+    """Perplexity of ``model`` on ``text`` with strided windows (see :func:`strided_windows`).
+
+    Args:
+        text: the corpus; tokenised without special tokens.
+        max_length: window length in tokens.
+        stride: step between window starts; ``stride < max_length`` gives every scored token more context.
+        max_tokens: score only the first ``max_tokens`` tokens of the text (None = all).
+    Raises:
+        ValueError: empty text, or fewer than two tokens.
+    """
+    if not text or not text.strip():
+        raise ValueError("cannot compute perplexity on an empty corpus")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    if len(ids) < 2:
+        raise ValueError(f"the corpus has {len(ids)} token(s); perplexity needs at least 2")
+    ids_t = torch.tensor(ids, dtype=torch.long)
+    windows = strided_windows(len(ids), max_length, stride)
+    device = model_device(model)
+    nll, scored = 0.0, 0
+    with evaluating(model):
+        batches = [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
+        for batch in tqdm(batches, desc="perplexity", disable=not progress, leave=False):
+            width = max(end - begin for begin, end, _ in batch)
+            input_ids = torch.full((len(batch), width), tokenizer.pad_token_id or 0, dtype=torch.long)
+            attention = torch.zeros_like(input_ids)
+            labels = torch.full_like(input_ids, -100)
+            for row, (begin, end, first) in enumerate(batch):
+                n = end - begin
+                input_ids[row, :n] = ids_t[begin:end]
+                attention[row, :n] = 1
+                labels[row, first - begin:n] = ids_t[first:end]
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
+            # position t predicts token t+1
+            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+            target = labels[:, 1:].to(device)
+            mask = target != -100
+            picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            nll -= picked[mask].sum().item()
+            scored += int(mask.sum())
+    return PerplexityResult(ppl=math.exp(nll / scored), nll=nll, tokens=scored)
+
+
+# --------------------------------------------------------------------------------------------------
+# Classification by label log-probability
+# --------------------------------------------------------------------------------------------------
+
+
+def encode_prompt_and_label(tokenizer, prompt: str, label_word: str, max_prompt_tokens: int = 192
+                            ) -> tuple[list[int], list[int]]:
+    """Token ids of ``prompt`` (left-truncated to ``max_prompt_tokens``) and of ``label_word``.
+
+    Prompt and label are tokenised separately so that the label's tokens are the same for every prompt;
+    training (loss on the label tokens) and scoring use this same encoding.
+    """
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"][-max_prompt_tokens:]
+    label_ids = tokenizer(label_word, add_special_tokens=False)["input_ids"]
+    if not label_ids:
+        raise ValueError(f"label word {label_word!r} tokenises to nothing")
+    return prompt_ids, label_ids
+
+
+def label_logprobs(model: nn.Module, tokenizer, prompts: Sequence[str], label_words: Sequence[str], *,
+                   batch_size: int = 8, max_prompt_tokens: int = 192, progress: bool = False) -> torch.Tensor:
+    """Log-probability of each label word after each prompt: a float tensor ``[len(prompts), len(labels)]``.
+
+    Multi-token label words are scored as the sum of their tokens' log-probabilities. When every label
+    word is one token, one forward pass per prompt scores all labels at once.
+    """
+    label_ids = [encode_prompt_and_label(tokenizer, "", w)[1] for w in label_words]
+    single_token = all(len(ids) == 1 for ids in label_ids)
+    device = model_device(model)
+    # one sequence per prompt (single-token labels) or per (prompt, label) pair
+    sequences: list[tuple[list[int], int, int, list[int]]] = []  # ids, prompt row, label column, label ids
+    for row, prompt in enumerate(prompts):
+        prompt_ids = encode_prompt_and_label(tokenizer, prompt, label_words[0], max_prompt_tokens)[0]
+        if single_token:
+            sequences.append((prompt_ids, row, -1, []))
+        else:
+            for col, ids in enumerate(label_ids):
+                sequences.append((prompt_ids + ids, row, col, ids))
+    scores = torch.zeros(len(prompts), len(label_words))
+    single_cols = torch.tensor([ids[0] for ids in label_ids]) if single_token else None
+    pad = tokenizer.pad_token_id or 0
+    with evaluating(model):
+        starts = range(0, len(sequences), batch_size)
+        for start in tqdm(starts, desc="scoring", disable=not progress, leave=False):
+            chunk = sequences[start:start + batch_size]
+            width = max(len(s[0]) for s in chunk)
+            input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            attention = torch.zeros_like(input_ids)
+            for i, (ids, *_rest) in enumerate(chunk):
+                input_ids[i, :len(ids)] = torch.tensor(ids)
+                attention[i, :len(ids)] = 1
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits.float()
+            logp = torch.log_softmax(logits, dim=-1).cpu()
+            for i, (ids, row, col, lab) in enumerate(chunk):
+                if single_token:
+                    scores[row] = logp[i, len(ids) - 1, single_cols]
+                else:
+                    first = len(ids) - len(lab)
+                    positions = torch.arange(first - 1, len(ids) - 1)
+                    scores[row, col] = logp[i, positions, torch.tensor(lab)].sum()
+    return scores
+
+
+@dataclass(frozen=True)
+class AccuracyResult:
+    """Accuracy of argmax-label predictions, with per-label recall."""
+
+    accuracy: float
+    n: int
+    per_label_recall: dict[str, float]
+    predictions: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out.pop("predictions")
+        return out
+
+
+def classification_accuracy(model: nn.Module, tokenizer, texts: Sequence[str], gold: Sequence[str], *,
+                            template, verbalizer, labels: Sequence[str], batch_size: int = 8,
+                            progress: bool = False) -> AccuracyResult:
+    """Accuracy of predicting ``argmax_label log p(verbalizer[label] | template(text))``.
+
+    ``template`` has ``format(text) -> str``; ``verbalizer.label_words`` maps each label to its word.
+    """
+    if not texts:
+        raise ValueError("cannot evaluate accuracy on zero examples")
+    unknown = sorted(set(gold) - set(labels))
+    if unknown:
+        raise ValueError(f"gold labels {unknown} are not among the task labels {list(labels)}")
+    words = [verbalizer.label_words[label] for label in labels]
+    prompts = [template.format(text) for text in texts]
+    scores = label_logprobs(model, tokenizer, prompts, words, batch_size=batch_size, progress=progress)
+    predicted = [labels[i] for i in scores.argmax(dim=-1).tolist()]
+    correct = sum(p == g for p, g in zip(predicted, gold))
+    recall = {}
+    for label in labels:
+        idx = [i for i, g in enumerate(gold) if g == label]
+        if idx:
+            recall[label] = sum(predicted[i] == label for i in idx) / len(idx)
+    return AccuracyResult(correct / len(gold), len(gold), recall, tuple(predicted))
+
+
+# --------------------------------------------------------------------------------------------------
+# Size and cost
+# --------------------------------------------------------------------------------------------------
+
+
+def _logical_numel(param: torch.Tensor) -> int:
+    # bitsandbytes 4-bit parameters store two values per byte; their quant_state keeps the real shape.
+    quant_state = getattr(param, "quant_state", None)
+    if quant_state is not None and getattr(quant_state, "shape", None) is not None:
+        return math.prod(quant_state.shape)
+    return param.numel()
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of (logical) parameters; shared tensors such as tied embeddings count once."""
+    seen, total = set(), 0
+    for param in model.parameters():
+        if trainable_only and not param.requires_grad:
+            continue
+        if param.data_ptr() in seen:
+            continue
+        seen.add(param.data_ptr())
+        total += _logical_numel(param)
+    return total
+
+
+def memory_bytes(model: nn.Module) -> int:
+    """Bytes held by the model's tensors (parameters, buffers and quantization state), each counted once."""
+    seen, total = set(), 0
+    for tensor in model.state_dict().values():
+        if not isinstance(tensor, torch.Tensor) or tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def disk_bytes(path: str | Path) -> int:
+    """Total size of the files under ``path`` (or of the file itself)."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def flops_per_token(model: nn.Module, context: int = 128) -> float:
+    """Forward FLOPs per token at ``context`` tokens of context.
+
+    2 FLOPs per weight of every linear layer (including ``lm_head``; embeddings are lookups) plus
+    attention scores and mixing: ``2 * 2 * layers * context * heads * head_dim``.
+    """
+    from .models import geometry
+
+    linear = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
+    geo = geometry(model)
+    attention = 2 * 2 * geo.num_layers * context * geo.num_heads * geo.head_dim
+    return float(2 * linear + attention)
+
+
+# --------------------------------------------------------------------------------------------------
+# Throughput
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ThroughputResult:
+    """Tokens per second for prefill (prompt processing) and greedy decoding with a KV cache."""
+
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    batch_size: int
+    prompt_len: int
+    new_tokens: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def throughput(model: nn.Module, tokenizer=None, *, batch_size: int = 8, prompt_len: int = 128,
+               new_tokens: int = 32, repeats: int = 1, seed: int = 0) -> ThroughputResult:
+    """Measure prefill and decode speed on random token ids (best of ``repeats`` after one warm-up).
+
+    Decoding feeds the greedy token back one step at a time with the model's KV cache, so decode speed is
+    ``batch_size * new_tokens / seconds`` for the decode steps alone.
+    """
+    device = model_device(model)
+    vocab = model.config.vocab_size
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch_size, prompt_len), generator=generator).to(device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    best_prefill, best_decode = math.inf, math.inf
+    with evaluating(model):
+        model(input_ids=ids[:, :8])  # warm-up
+        for _ in range(repeats):
+            sync()
+            start = time.perf_counter()
+            out = model(input_ids=ids, use_cache=True)
+            sync()
+            best_prefill = min(best_prefill, time.perf_counter() - start)
+            cache = out.past_key_values
+            token = out.logits[:, -1:].argmax(-1)
+            start = time.perf_counter()
+            for _ in range(new_tokens):
+                out = model(input_ids=token, past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+                token = out.logits[:, -1:].argmax(-1)
+            sync()
+            best_decode = min(best_decode, time.perf_counter() - start)
+    return ThroughputResult(batch_size * prompt_len / best_prefill, batch_size * new_tokens / best_decode,
+                            batch_size, prompt_len, new_tokens)

