@@ -1,0 +1,218 @@
+"""Knowledge recovery: low-rank bypasses beside compressed linears that restore what compression removed.
+
+A bypass computes ``x -> A (r x d_in) -> act -> B (d_out x r) * alpha / r`` and is added to the output of
+the compressed linear it sits beside. Two ways to get one:
+
+- **per task** (CA-LoRA): ``act = GELU``, A Kaiming-uniform and B zero, so it starts as a no-op; trained
+  jointly with the task LoRA (task loss + lambda * hidden-state MSE against the uncompressed teacher);
+- **shared** (task-agnostic): ``act = identity``, initialised from the truncated SVD of the layer's
+  compression residual ``W_orig[kept] - dequant(W_compressed)`` (optionally weighted by input-activation
+  scales, as in EoRA), then distilled on calibration text against the uncompressed model.
+
+Bypasses are attached with forward hooks on the compressed linears, never by replacing modules, so they
+compose with peft's LoRA wrappers (which keep the compressed linear as ``base_layer``) and can be switched
+on and off. The :class:`RecoverySet` is registered on the model as ``cpet_recovery`` so that its
+parameters train, checkpoint and move with the model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .assets import atomic_path
+from .models import linear_roles, unwrap
+
+RECOVERY_FILE = "recovery.safetensors"
+RECOVERY_META = "recovery.json"
+ATTRIBUTE = "cpet_recovery"
+
+
+@dataclass(frozen=True)
+class RecoveryConfig:
+    """How recovery bypasses are built.
+
+    Attributes:
+        rank: bypass rank r.
+        alpha: scale numerator (output is multiplied by alpha / r).
+        activation: ``"gelu"`` (CA-LoRA per-task recovery) or ``"identity"`` (linear, SVD-initialisable).
+        target_roles: module-map roles that get a bypass (default: every mapped linear).
+        init: ``"zero"`` (B = 0: starts as a no-op) or ``"svd"`` (truncated SVD of the compression residual).
+    """
+
+    rank: int = 8
+    alpha: float = 8.0
+    activation: str = "gelu"
+    target_roles: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+    init: str = "zero"
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"recovery rank must be >= 1, got {self.rank}")
+        if self.activation not in ("gelu", "identity"):
+            raise ValueError(f"recovery activation must be 'gelu' or 'identity', got {self.activation!r}")
+        if self.init not in ("zero", "svd"):
+            raise ValueError(f"recovery init must be 'zero' or 'svd', got {self.init!r}")
+        if self.init == "svd" and self.activation != "identity":
+            raise ValueError("SVD initialisation needs activation='identity' (a GELU bypass is not linear)")
+        object.__setattr__(self, "target_roles", tuple(self.target_roles))
+
+
+class RecoveryBypass(nn.Module):
+    """``B(act(A x)) * alpha / rank`` with ``A: [rank, in_features]`` and ``B: [out_features, rank]``."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, activation: str):
+        super().__init__()
+        self.A = nn.Linear(in_features, rank, bias=False)
+        self.B = nn.Linear(rank, out_features, bias=False)
+        self.scale = alpha / rank
+        self.act = nn.GELU() if activation == "gelu" else nn.Identity()
+        nn.init.kaiming_uniform_(self.A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.A.weight.dtype)
+        return self.B(self.act(self.A(x))) * self.scale
+
+
+def _key(module_name: str) -> str:
+    return module_name.replace(".", "__")
+
+
+def _features(module: nn.Module) -> tuple[int, int]:
+    if not hasattr(module, "in_features"):
+        raise ValueError(f"{type(module).__name__} is not a linear layer: recovery needs in/out features")
+    return module.in_features, module.out_features
+
+
+class RecoverySet(nn.Module):
+    """Bypasses keyed by the compressed linear's module name, attached with forward hooks.
+
+    Attributes:
+        config: the :class:`RecoveryConfig`.
+        targets: module names (relative to the causal LM) that carry a bypass.
+        enabled: when False the hooks add nothing (the compressed base alone).
+    """
+
+    def __init__(self, model: nn.Module, config: RecoveryConfig):
+        super().__init__()
+        base = unwrap(model)
+        roles = linear_roles(base)
+        available = sorted(set(roles.values()))
+        unknown = [r for r in config.target_roles if r not in available]
+        if unknown:
+            raise ValueError(f"recovery targets {unknown} do not exist in this model; its roles are {available}")
+        self.config = config
+        self.targets = [name for name, role in roles.items() if role in config.target_roles]
+        self.bypasses = nn.ModuleDict()
+        for name in self.targets:
+            d_in, d_out = _features(base.get_submodule(name))
+            self.bypasses[_key(name)] = RecoveryBypass(d_in, d_out, config.rank, config.alpha, config.activation)
+        self.enabled = True
+        self._handles: list = []
+
+    def bypass(self, name: str) -> RecoveryBypass:
+        return self.bypasses[_key(name)]
+
+    def attach(self, model: nn.Module) -> "RecoverySet":
+        """Hook every target linear of ``model`` and register this set as ``model.cpet_recovery``."""
+        base = unwrap(model)
+        self.detach()
+        for name in self.targets:
+            bypass = self.bypass(name)
+
+            def hook(module, inputs, output, bypass=bypass):
+                if not self.enabled:
+                    return output
+                return output + bypass(inputs[0]).to(output.dtype)
+
+            self._handles.append(base.get_submodule(name).register_forward_hook(hook))
+        device = next(base.parameters()).device
+        self.to(device)
+        base.add_module(ATTRIBUTE, self)
+        return self
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    # ---------------------------------------------------------------- persistence
+    def save(self, directory: str | Path, meta: dict) -> None:
+        """Write ``recovery.safetensors`` + ``recovery.json`` (config, targets, ``meta``) atomically."""
+        with atomic_path(Path(directory)) as tmp:
+            tmp.mkdir()
+            state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+            save_file(state, str(tmp / RECOVERY_FILE))
+            payload = {"config": asdict(self.config), "targets": self.targets, **meta}
+            (tmp / RECOVERY_META).write_text(json.dumps(payload, indent=2, sort_keys=True))
+
+    @classmethod
+    def load(cls, directory: str | Path, model: nn.Module, expected_base_id: str | None = None
+             ) -> "RecoverySet":
+        """Load a saved set for ``model``; refuses a set made for another base (naming both ids)."""
+        directory = Path(directory)
+        meta = json.loads((directory / RECOVERY_META).read_text())
+        if expected_base_id is not None and meta.get("base_id") != expected_base_id:
+            raise ValueError(f"recovery modules in {directory} were made for base {meta.get('base_id')}, "
+                             f"not for this base {expected_base_id}")
+        config = RecoveryConfig(**{**meta["config"], "target_roles": tuple(meta["config"]["target_roles"])})
+        recovery = cls(model, config)
+        if recovery.targets != meta["targets"]:
+            raise ValueError(f"recovery modules in {directory} target other modules than this model has")
+        recovery.load_state_dict(load_file(str(directory / RECOVERY_FILE)))
+        return recovery
+
+
+def read_recovery_meta(directory: str | Path) -> dict:
+    return json.loads((Path(directory) / RECOVERY_META).read_text())
+
+
+# --------------------------------------------------------------------------------------------------
+# Residual-SVD initialisation (LoftQ / EoRA style)
+# --------------------------------------------------------------------------------------------------
+
+
+def dequantized_weight(module: nn.Module) -> torch.Tensor:
+    """The effective fp32 weight ``[out, in]`` of a linear, dequantizing bitsandbytes 4/8-bit storage."""
+    weight = module.weight
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is not None:  # bitsandbytes Params4bit
+        import bitsandbytes.functional as F
+
+        return F.dequantize_4bit(weight.data, quant_state).float().reshape(module.out_features, -1)
+    if getattr(weight, "SCB", None) is not None or getattr(getattr(module, "state", None), "SCB", None) is not None:
+        scb = weight.SCB if getattr(weight, "SCB", None) is not None else module.state.SCB
+        return weight.data.float() * scb.float().unsqueeze(1) / 127.0
+    return weight.detach().float()
+
+
+def residual_svd_init(bypass: RecoveryBypass, residual: torch.Tensor,
+                      input_scale: torch.Tensor | None = None) -> float:
+    """Set ``B A * scale`` to the best rank-r approximation of ``residual`` ``[out, in]``.
+
+    With ``input_scale`` (per input feature, e.g. the RMS of the layer's inputs on calibration text) the
+    SVD is of ``residual * scale`` so that the approximation error is measured on the outputs the layer
+    actually produces (EoRA); A is then un-scaled. Returns the relative Frobenius error left
+    ``||R - BA|| / ||R||`` in the plain (unweighted) norm.
+    """
+    rank = bypass.A.weight.shape[0]
+    residual = residual.float()
+    weighted = residual * input_scale.unsqueeze(0) if input_scale is not None else residual
+    U, S, Vh = torch.linalg.svd(weighted, full_matrices=False)
+    root = S[:rank].sqrt()
+    B = U[:, :rank] * root.unsqueeze(0)
+    A = root.unsqueeze(1) * Vh[:rank]
+    if input_scale is not None:
+        A = A / input_scale.clamp(min=1e-8).unsqueeze(0)
+    with torch.no_grad():
+        bypass.B.weight.copy_(B / bypass.scale)
+        bypass.A.weight.copy_(A)
+    approx = (B @ A)
+    return float(torch.linalg.norm(residual - approx) / torch.linalg.norm(residual).clamp(min=1e-12))

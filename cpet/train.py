@@ -1,0 +1,285 @@
+"""One explicit training loop for task adapters (LoRA via peft) and recovery modules.
+
+Classification through a verbalizer: each example becomes ``prompt tokens + label-word tokens`` and the
+loss is the causal-LM cross-entropy on the label-word tokens only. The loop
+
+- evaluates validation accuracy every ``eval_every`` steps and keeps the best adapter (a standard PEFT
+  directory plus ``cpet.json``), written atomically;
+- is resumable: a kill at any point resumes from the last saved step with the same data order and the
+  same random state (batch order and dropout masks are a pure function of ``(seed, step)``);
+- runs under ``accelerate launch`` (the model, optimizer and gradient sync go through ``Accelerator``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .assets import atomic_path
+from .evaluate import classification_accuracy, encode_prompt_and_label
+
+@dataclass
+class TuneConfig:
+    """Hyper-parameters of one task-tuning run.
+
+    Attributes:
+        rank: LoRA rank.
+        alpha: LoRA scaling numerator (scale = alpha / rank).
+        dropout: LoRA dropout.
+        target_roles: module-map roles that get LoRA (q, k, v, o, gate, up, down).
+        steps: optimizer steps.
+        batch_size: examples per step.
+        lr: AdamW learning rate (linear warm-up, then cosine decay to 10%).
+        warmup_steps: warm-up length.
+        weight_decay: AdamW weight decay.
+        eval_every: validate (and checkpoint) every N steps; also at the last step.
+        eval_limit: validation examples used per evaluation (None = all).
+        max_prompt_tokens: prompts are left-truncated to this many tokens.
+        seed: seeds LoRA init, data order and dropout.
+        distill_weight: lambda of the hidden-state MSE against a teacher (0 = no distillation).
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_roles: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+    steps: int = 200
+    batch_size: int = 8
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    eval_every: int = 50
+    eval_limit: int | None = 200
+    max_prompt_tokens: int = 128
+    seed: int = 0
+    distill_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"rank must be >= 1, got {self.rank}")
+        if self.steps < 1 or self.batch_size < 1 or self.eval_every < 1:
+            raise ValueError("steps, batch_size and eval_every must be >= 1")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        self.target_roles = tuple(self.target_roles)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TuneResult:
+    """What a tuning run produced: the best validation accuracy, its step, and the learning curve."""
+
+    best_accuracy: float
+    best_step: int
+    history: list[dict] = field(default_factory=list)
+    adapter_dir: str | None = None
+
+
+def encode_example(tokenizer, prompt: str, label_word: str, max_prompt_tokens: int
+                   ) -> tuple[list[int], list[int]]:
+    """``(input_ids, labels)`` with labels -100 on the prompt and the label-word ids after it."""
+    prompt_ids, label_ids = encode_prompt_and_label(tokenizer, prompt, label_word, max_prompt_tokens)
+    return prompt_ids + label_ids, [-100] * len(prompt_ids) + label_ids
+
+
+def collate(encoded: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of ``(input_ids, labels)`` into ``input_ids``, ``attention_mask``, ``labels``."""
+    width = max(len(ids) for ids, _ in encoded)
+    input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(encoded), width), -100, dtype=torch.long)
+    attention = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, (ids, labs) in enumerate(encoded):
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        labels[row, :len(labs)] = torch.tensor(labs)
+        attention[row, :len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def batch_indices(num_examples: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Example indices of optimizer step ``step``: epochs of seeded permutations, a pure function."""
+    per_epoch = max(num_examples // batch_size, 1)
+    epoch, offset = divmod(step, per_epoch)
+    order = list(range(num_examples))
+    random.Random(f"{seed}:{epoch}").shuffle(order)
+    start = offset * batch_size
+    return [order[(start + i) % num_examples] for i in range(batch_size)]
+
+
+def lr_factor(step: int, config: TuneConfig) -> float:
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(config.steps - config.warmup_steps, 1)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Resumable state (no pickles: tensors in safetensors, the rest in JSON)
+# --------------------------------------------------------------------------------------------------
+
+
+def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_resume_state(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
+                      extra: dict) -> None:
+    """Trainable weights, AdamW moments and the loop position, written atomically."""
+    params = _trainable(model)
+    index = {id(p): name for name, p in params.items()}
+    tensors = {f"param/{name}": p.detach().cpu().contiguous() for name, p in params.items()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"optim/{index[id(p)]}/{key}"] = value.detach().cpu().contiguous().reshape(
+                        value.shape if value.dim() else (1,))
+    with atomic_path(directory) as tmp:
+        tmp.mkdir()
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({"step": step, **extra}, indent=2))
+
+
+def load_resume_state(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Restore what :func:`save_resume_state` wrote; returns its JSON part (``step`` etc.)."""
+    tensors = load_file(str(directory / "state.safetensors"))
+    params = _trainable(model)
+    missing = [n for n in params if f"param/{n}" not in tensors]
+    if missing:
+        raise ValueError(f"resume state in {directory} lacks trainable parameters {missing[:3]}...; "
+                         "it was written by a different setup: delete it or use a new output directory")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[f"param/{name}"])
+    for name, p in params.items():
+        state = {}
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            value = tensors.get(f"optim/{name}/{key}")
+            if value is not None:
+                state[key] = value.reshape(()) if key == "step" else value.to(p.device)
+        if state:
+            optimizer.state[p] = state
+    return json.loads((directory / "state.json").read_text())
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------
+
+
+def hidden_mse(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of last hidden states ``[B, T, d]`` over the positions where ``mask`` is 1."""
+    diff = (student_hidden.float() - teacher_hidden.float()) ** 2
+    weights = mask.unsqueeze(-1).to(diff.dtype)
+    return (diff * weights).sum() / (weights.sum() * diff.shape[-1]).clamp(min=1)
+
+
+def train_classifier(model: nn.Module, tokenizer, train_examples, val_examples, *, labels: Sequence[str],
+                     template, verbalizer, config: TuneConfig, out_dir: str | Path,
+                     save_best: Callable[[Path, dict], None], teacher: nn.Module | None = None,
+                     progress: bool = True) -> TuneResult:
+    """Train the trainable parameters of ``model`` on a classification task.
+
+    Trainable means ``requires_grad``: a peft LoRA model's adapters, and recovery modules when they are
+    attached to the model (see :mod:`cpet.recovery`), so resume state covers both.
+
+    Args:
+        model: a causal LM whose trainable parameters (``requires_grad``) are the ones to train.
+        train_examples / val_examples: sequences of objects with ``.text`` and ``.label``.
+        labels: the task's label strings; ``verbalizer.label_words[label]`` is the word trained/scored.
+        save_best: called as ``save_best(directory, metrics)`` to write the best model so far into a
+            temporary directory that is then renamed to ``out_dir/adapter`` (atomic).
+        teacher: if given with ``config.distill_weight > 0``, its last hidden states are the MSE target.
+    Returns:
+        :class:`TuneResult` with the best validation accuracy and the learning curve.
+    Raises:
+        ValueError: empty training split, or labels without a verbalizer word.
+    """
+    from accelerate import Accelerator
+
+    if not train_examples:
+        raise ValueError("the training split is empty: nothing to tune on")
+    if not val_examples:
+        raise ValueError("the validation split is empty: it is needed to select the best checkpoint")
+    missing = [label for label in labels if label not in verbalizer.label_words]
+    if missing:
+        raise ValueError(f"labels {missing} have no verbalizer word")
+    unknown = sorted({e.label for e in train_examples} - set(labels))
+    if unknown:
+        raise ValueError(f"training labels {unknown} are not among the task labels {list(labels)}")
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    resume_dir = out_dir / "resume"
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    encoded = [encode_example(tokenizer, template.format(e.text), verbalizer.label_words[e.label],
+                              config.max_prompt_tokens) for e in train_examples]
+    val = list(val_examples)[: config.eval_limit] if config.eval_limit else list(val_examples)
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    params = list(_trainable(model).values())
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if teacher is not None:
+        teacher = teacher.to(accelerator.device).eval()
+
+    start_step, best, history = 0, {"accuracy": -1.0, "step": -1}, []
+    if (resume_dir / "state.json").exists():
+        state = load_resume_state(resume_dir, accelerator.unwrap_model(model), optimizer)
+        start_step, best, history = state["step"], state["best"], state["history"]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s + start_step, config))
+
+    def evaluate_now(step: int, loss: float) -> None:
+        nonlocal best
+        unwrapped = accelerator.unwrap_model(model)
+        result = classification_accuracy(unwrapped, tokenizer, [e.text for e in val], [e.label for e in val],
+                                         template=template, verbalizer=verbalizer, labels=labels)
+        history.append({"step": step, "val_accuracy": result.accuracy, "train_loss": loss})
+        if result.accuracy > best["accuracy"] and accelerator.is_main_process:
+            best = {"accuracy": result.accuracy, "step": step}
+            with atomic_path(out_dir / "adapter") as tmp:
+                save_best(tmp, {"val_accuracy": result.accuracy, "step": step, "history": history})
+
+    running = []
+    bar = tqdm(range(start_step, config.steps), desc="tune", disable=not progress, initial=start_step,
+               total=config.steps)
+    model.train()
+    for step in bar:
+        torch.manual_seed(hash((config.seed, step)) % (2**31))  # dropout masks: a function of (seed, step)
+        idx = batch_indices(len(encoded), config.batch_size, step, config.seed)
+        batch = {k: v.to(accelerator.device) for k, v in collate([encoded[i] for i in idx], pad_id).items()}
+        want_hidden = teacher is not None and config.distill_weight > 0
+        out = model(**batch, output_hidden_states=want_hidden)
+        loss = out.loss
+        if want_hidden:
+            with torch.no_grad():
+                target = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 output_hidden_states=True).hidden_states[-1]
+            loss = loss + config.distill_weight * hidden_mse(out.hidden_states[-1], target,
+                                                             batch["attention_mask"])
+        accelerator.backward(loss)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        running.append(loss.item())
+        bar.set_postfix(loss=f"{sum(running[-20:]) / len(running[-20:]):.3f}")
+        done = step + 1
+        if done % config.eval_every == 0 or done == config.steps:
+            evaluate_now(done, sum(running[-config.eval_every:]) / len(running[-config.eval_every:]))
+            model.train()
+            if accelerator.is_main_process:
+                save_resume_state(resume_dir, accelerator.unwrap_model(model), optimizer, done,
+                                  {"best": best, "history": history})
+    return TuneResult(best["accuracy"], best["step"], history, str(out_dir / "adapter"))

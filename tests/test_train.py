@@ -1,0 +1,125 @@
+from __future__ import annotations
+
+import json
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import cpet.train
+from cpet.adapters import add_lora, load_adapter, read_adapter_meta, save_adapter
+from cpet.evaluate import classification_accuracy
+from cpet.models import tiny_model
+from cpet.train import TuneConfig, batch_indices, collate, encode_example, train_classifier
+
+LABELS = ["positive", "negative"]
+TEMPLATE = SimpleNamespace(format=lambda text: f"{text} ->")
+VERBALIZER = SimpleNamespace(label_words={"positive": " P", "negative": " N"})
+
+
+def synthetic_examples(n: int, seed: int):
+    """A separable toy task: the sentiment word decides the label."""
+    rng = random.Random(seed)
+    words = {"positive": ["good", "great", "nice"], "negative": ["bad", "awful", "poor"]}
+    out = []
+    for _ in range(n):
+        label = rng.choice(LABELS)
+        out.append(SimpleNamespace(text=f"it was {rng.choice(words[label])} {rng.randint(0, 99)}", label=label))
+    return out
+
+
+def run(model, tokenizer, out_dir, config, save_best=None):
+    save_best = save_best or (lambda directory, metrics: save_adapter(model, directory, {"metrics": metrics}))
+    return train_classifier(model, tokenizer, synthetic_examples(96, 0), synthetic_examples(32, 1),
+                            labels=LABELS, template=TEMPLATE, verbalizer=VERBALIZER, config=config,
+                            out_dir=out_dir, save_best=save_best, progress=False)
+
+
+def test_encode_example_masks_the_prompt():
+    tokenizer = tiny_model("llama").tokenizer
+    ids, labels = encode_example(tokenizer, "ab ->", " P", max_prompt_tokens=3)
+    assert ids == tokenizer(" ->", add_special_tokens=False)["input_ids"] + tokenizer(" P")["input_ids"]
+    assert labels[:3] == [-100] * 3 and labels[3:] == ids[3:]
+    batch = collate([(ids, labels), ([1, 2], [-100, 2])], pad_id=0)
+    assert batch["attention_mask"].tolist() == [[1] * 5, [1, 1, 0, 0, 0]]
+    assert batch["labels"][1].tolist() == [-100, 2, -100, -100, -100]
+
+
+def test_batch_indices_cover_each_epoch_and_depend_only_on_seed_and_step():
+    first_epoch = [i for step in range(5) for i in batch_indices(20, 4, step, seed=3)]
+    assert sorted(first_epoch) == list(range(20))
+    assert batch_indices(20, 4, 7, seed=3) == batch_indices(20, 4, 7, seed=3) != batch_indices(20, 4, 7, seed=4)
+
+
+def test_tuning_learns_the_task_and_writes_a_peft_directory(tmp_path):
+    loaded = tiny_model("llama")
+    model = add_lora(loaded.model, rank=8, alpha=32, dropout=0.0, target_roles=("q", "v", "o", "up", "down"))
+    config = TuneConfig(steps=60, batch_size=16, lr=2e-2, eval_every=20, warmup_steps=5)
+    val = synthetic_examples(32, 1)
+    before = classification_accuracy(model, loaded.tokenizer, [e.text for e in val], [e.label for e in val],
+                                     template=TEMPLATE, verbalizer=VERBALIZER, labels=LABELS)
+    result = run(model, loaded.tokenizer, tmp_path, config)
+    assert before.accuracy < 0.75  # the random tiny model (LoRA B = 0) is near chance
+    assert result.best_accuracy >= 0.9
+    assert [h["step"] for h in result.history] == [20, 40, 60]
+    assert read_adapter_meta(tmp_path / "adapter")["metrics"]["val_accuracy"] == result.best_accuracy
+
+    # plain peft loads the directory, and the loaded adapter reproduces the trained one's outputs
+    model.load_adapter(str(tmp_path / "adapter"), adapter_name="best")
+    model.set_adapter("best")
+    fresh = load_adapter(tiny_model("llama").model, tmp_path / "adapter")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, fresh(input_ids=ids).logits, atol=1e-6)
+
+
+def test_resume_after_kill_continues_from_saved_step(tmp_path, monkeypatch):
+    config = TuneConfig(steps=30, batch_size=8, lr=1e-2, eval_every=10, dropout=0.1)
+
+    def lora_state(model):
+        return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+    straight = add_lora(tiny_model("llama").model, rank=4, alpha=8, dropout=0.1, target_roles=("q", "v"))
+    run(straight, tiny_model("llama").tokenizer, tmp_path / "straight", config)
+
+    killed = add_lora(tiny_model("llama").model, rank=4, alpha=8, dropout=0.1, target_roles=("q", "v"))
+    calls = []
+
+    def collate_that_dies_at_step_25(*args, **kwargs):  # the process is killed mid-interval
+        calls.append(1)
+        if len(calls) == 26:
+            raise KeyboardInterrupt("killed")
+        return collate(*args, **kwargs)
+
+    monkeypatch.setattr(cpet.train, "collate", collate_that_dies_at_step_25)
+    with pytest.raises(KeyboardInterrupt):
+        run(killed, tiny_model("llama").tokenizer, tmp_path / "killed", config)
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "killed" / "resume" / "state.json").read_text())["step"] == 20
+
+    base = tiny_model("llama").model
+    torch.manual_seed(1234)  # a different LoRA init: the resumed values must come from the checkpoint
+    resumed = add_lora(base, rank=4, alpha=8, dropout=0.1, target_roles=("q", "v"))
+    result = run(resumed, tiny_model("llama").tokenizer, tmp_path / "killed", config)
+    assert [h["step"] for h in result.history] == [10, 20, 30]
+    expected, got = lora_state(straight), lora_state(resumed)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.allclose(expected[name], got[name], atol=1e-6), name
+
+
+@pytest.mark.parametrize("train, val, message", [
+    ([], [SimpleNamespace(text="a", label="positive")], "training split is empty"),
+    ([SimpleNamespace(text="a", label="positive")], [], "validation split is empty"),
+    ([SimpleNamespace(text="a", label="neutral")], [SimpleNamespace(text="a", label="positive")],
+     "not among the task labels"),
+])
+def test_bad_training_input(tmp_path, train, val, message):
+    loaded = tiny_model("llama")
+    model = add_lora(loaded.model, rank=2, alpha=2, dropout=0.0, target_roles=("q",))
+    with pytest.raises(ValueError, match=message):
+        train_classifier(model, loaded.tokenizer, train, val, labels=LABELS, template=TEMPLATE,
+                         verbalizer=VERBALIZER, config=TuneConfig(steps=1), out_dir=tmp_path / "x",
+                         save_best=lambda d, m: None, progress=False)
+    assert not (tmp_path / "x" / "adapter").exists()
