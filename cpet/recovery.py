@@ -120,8 +120,12 @@ class RecoverySet(nn.Module):
     def bypass(self, name: str) -> RecoveryBypass:
         return self.bypasses[_key(name)]
 
-    def attach(self, model: nn.Module) -> "RecoverySet":
-        """Hook every target linear of ``model`` and register this set as ``model.cpet_recovery``."""
+    def attach(self, model: nn.Module, *, trainable: bool = False) -> "RecoverySet":
+        """Hook every target linear of ``model`` and register this set as ``model.cpet_recovery``.
+
+        Attach after wrapping the model with peft (peft freezes every non-LoRA parameter it finds);
+        ``trainable`` sets ``requires_grad`` of the bypasses.
+        """
         base = unwrap(model)
         self.detach()
         for name in self.targets:
@@ -135,13 +139,19 @@ class RecoverySet(nn.Module):
             self._handles.append(base.get_submodule(name).register_forward_hook(hook))
         device = next(base.parameters()).device
         self.to(device)
+        self.requires_grad_(trainable)
         base.add_module(ATTRIBUTE, self)
+        object.__setattr__(self, "_owner", base)  # plain attribute: not a submodule (no cycle)
         return self
 
     def detach(self) -> None:
+        """Remove the hooks (the model then computes the compressed base alone)."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        owner = self.__dict__.pop("_owner", None)
+        if owner is not None and getattr(owner, ATTRIBUTE, None) is self:
+            delattr(owner, ATTRIBUTE)
 
     # ---------------------------------------------------------------- persistence
     def save(self, directory: str | Path, meta: dict) -> None:

@@ -283,3 +283,90 @@ def train_classifier(model: nn.Module, tokenizer, train_examples, val_examples, 
                 save_resume_state(resume_dir, accelerator.unwrap_model(model), optimizer, done,
                                   {"best": best, "history": history})
     return TuneResult(best["accuracy"], best["step"], history, str(out_dir / "adapter"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Distillation on plain text (task-agnostic recovery)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DistillConfig:
+    """Hyper-parameters of task-agnostic recovery distillation on calibration text.
+
+    Attributes:
+        steps: optimizer steps.
+        batch_size: windows per step.
+        seq_len: tokens per window.
+        lr: AdamW learning rate (warm-up then cosine, as for tuning).
+        kl_weight: weight of KL(teacher || student) on next-token distributions.
+        mse_weight: weight of the last-hidden-state MSE.
+        seed: seeds window sampling.
+    """
+
+    steps: int = 100
+    batch_size: int = 4
+    seq_len: int = 128
+    lr: float = 1e-3
+    kl_weight: float = 1.0
+    mse_weight: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if min(self.steps, self.batch_size, self.seq_len) < 1:
+            raise ValueError("steps, batch_size and seq_len must be >= 1")
+
+    # lr_factor reads these two
+    @property
+    def warmup_steps(self) -> int:
+        return max(self.steps // 10, 1)
+
+
+def text_windows(tokenizer, text: str, seq_len: int) -> torch.Tensor:
+    """Non-overlapping ``[n, seq_len]`` windows of the tokenised text (raises if there is not one)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    n = len(ids) // seq_len
+    if n == 0:
+        raise ValueError(f"the calibration text has {len(ids)} tokens, fewer than one window of {seq_len}")
+    return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
+
+
+def distillation_loss(student_out, teacher_out, kl_weight: float, mse_weight: float) -> torch.Tensor:
+    """``kl_weight * KL(teacher || student)`` per token + ``mse_weight * MSE(last hidden states)``."""
+    s_logp = torch.log_softmax(student_out.logits.float(), dim=-1)
+    t_logp = torch.log_softmax(teacher_out.logits.float(), dim=-1)
+    kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()
+    mse = torch.mean((student_out.hidden_states[-1].float() - teacher_out.hidden_states[-1].float()) ** 2)
+    return kl_weight * kl + mse_weight * mse
+
+
+def distill_on_text(student: nn.Module, teacher: nn.Module, tokenizer, text: str, config: DistillConfig, *,
+                    progress: bool = True) -> list[float]:
+    """Train the student's trainable parameters to match the teacher on windows of ``text``.
+
+    Returns the loss of every step. The teacher runs without gradients.
+    """
+    windows = text_windows(tokenizer, text, config.seq_len)
+    params = list(_trainable(student).values())
+    if not params:
+        raise ValueError("the student has no trainable parameters (attach recovery modules first)")
+    optimizer = torch.optim.AdamW(params, lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
+    device = next(student.parameters()).device
+    teacher.eval()
+    student.train()
+    losses = []
+    for step in tqdm(range(config.steps), desc="distill", disable=not progress):
+        idx = batch_indices(len(windows), config.batch_size, step, config.seed)
+        batch = windows[idx].to(device)
+        with torch.no_grad():
+            target = teacher(input_ids=batch, output_hidden_states=True)
+        out = student(input_ids=batch, output_hidden_states=True)
+        loss = distillation_loss(out, target, config.kl_weight, config.mse_weight)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    student.eval()
+    return losses

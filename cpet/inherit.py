@@ -1,0 +1,93 @@
+"""Knowledge inheritance: map a LoRA trained on the original model onto a compressed base.
+
+A LoRA delta on linear ``W: [d_out, d_in]`` is ``B A`` with ``A: [r, d_in]`` and ``B: [d_out, r]``.
+Compression keeps a subset of rows and/or columns of each linear (structured pruning) and/or changes how
+the kept values are stored (quantization). The inherited LoRA is the original one restricted to what was
+kept, so on the kept coordinates it adds exactly the delta it added before:
+
+- quantization: identity;
+- FFN channel pruning: ``gate``/``up`` keep the B rows of the kept channels, ``down`` keeps the A columns;
+- head pruning: ``q`` keeps the B rows of the kept query heads, ``k``/``v`` the B rows of the kept KV heads,
+  ``o`` the A columns of the kept query heads.
+
+The hidden size is never pruned, so the other side of each pair is copied unchanged.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .models import family_of
+
+_LAYER_RE = re.compile(r"\.(\d+)\.")
+
+
+def _role_of(key: str, suffix_to_role: dict[str, str]) -> tuple[int, str] | None:
+    """``(layer index, role)`` of a peft LoRA state-dict key, or None for keys outside the module map."""
+    module_path = key.split(".lora_")[0]
+    attr = module_path.rsplit(".", 1)[-1]
+    match = _LAYER_RE.search(module_path)
+    if attr not in suffix_to_role or match is None:
+        return None
+    return int(match.group(1)), suffix_to_role[attr]
+
+
+def kept_indices(index_maps, layer: int, role: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(kept output rows, kept input columns)`` of a role's weight in original coordinates (None = all)."""
+    if role in ("gate", "up"):
+        return index_maps.ffn_rows(layer), None
+    if role == "down":
+        return None, index_maps.ffn_rows(layer)
+    if role == "q":
+        return index_maps.q_rows(layer), None
+    if role in ("k", "v"):
+        return index_maps.kv_rows(layer), None
+    if role == "o":
+        return None, index_maps.q_rows(layer)
+    raise ValueError(f"unknown role {role!r}")
+
+
+def inherit_lora_state(state: dict[str, torch.Tensor], config, index_maps) -> dict[str, torch.Tensor]:
+    """Restrict a peft LoRA state dict (original coordinates) to what the compressed base kept.
+
+    Args:
+        state: ``{"...q_proj.lora_A.weight": [r, d_in], "...q_proj.lora_B.weight": [d_out, r], ...}``
+            as saved in ``adapter_model.safetensors``.
+        config: the (original) model config; it names the family and thus the role of every module.
+        index_maps: the compressed base's index maps (``ffn_rows``, ``q_rows``, ``kv_rows`` per layer).
+    Returns:
+        a state dict with the same keys whose tensors have the compressed shapes.
+    Raises:
+        ValueError: a LoRA on a module outside the family's module map (e.g. ``lm_head``) whose shape
+            compression changed, which CPET cannot map.
+    """
+    family = family_of(config)
+    suffix_to_role = {attr: role for role, attr in family.linears.items()}
+    out = {}
+    for key, tensor in state.items():
+        located = _role_of(key, suffix_to_role)
+        if located is None:
+            out[key] = tensor.clone()
+            continue
+        layer, role = located
+        rows, cols = kept_indices(index_maps, layer, role)
+        if ".lora_B." in key and rows is not None:
+            tensor = tensor.index_select(0, rows)
+        elif ".lora_A." in key and cols is not None:
+            tensor = tensor.index_select(1, cols)
+        out[key] = tensor.clone().contiguous()
+    return out
+
+
+def load_lora_state(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a PEFT adapter directory (``adapter_model.safetensors``; pickles are refused)."""
+    path = Path(adapter_dir) / "adapter_model.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{adapter_dir} has no adapter_model.safetensors; CPET only reads safetensors adapters "
+            "(re-save a .bin adapter with `save_pretrained(..., safe_serialization=True)`)")
+    return load_file(str(path))
