@@ -18,17 +18,18 @@ from .models import target_module_suffixes
 ADAPTER_META = "cpet.json"
 
 
-def add_lora(model: nn.Module, *, rank: int, alpha: float, dropout: float, target_roles: Sequence[str],
-             adapter_name: str = "default"):
+def add_lora(model: nn.Module, *, rank: int, alpha: float, dropout: float,
+             target_roles: Sequence[str] | None = None, adapter_name: str = "default"):
     """Wrap a frozen causal LM with a fresh peft LoRA adapter on the given module-map roles.
 
-    Returns the ``PeftModel``; only the LoRA tensors (and modules registered as trainable afterwards)
+    ``target_roles`` None means every mapped linear. Returns the ``PeftModel``; only the LoRA tensors (and modules registered as trainable afterwards)
     require grad. peft's default init is used: A Kaiming-uniform, B zero (the adapter starts as a no-op).
     """
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
-                        target_modules=target_module_suffixes(model, tuple(target_roles)))
+                        target_modules=target_module_suffixes(
+                            model, None if target_roles is None else tuple(target_roles)))
     return get_peft_model(model, config, adapter_name=adapter_name)
 
 

@@ -42,14 +42,14 @@ class RecoveryConfig:
         rank: bypass rank r.
         alpha: scale numerator (output is multiplied by alpha / r).
         activation: ``"gelu"`` (CA-LoRA per-task recovery) or ``"identity"`` (linear, SVD-initialisable).
-        target_roles: module-map roles that get a bypass (default: every mapped linear).
+        target_roles: module-map roles that get a bypass (None: every mapped linear of the family).
         init: ``"zero"`` (B = 0: starts as a no-op) or ``"svd"`` (truncated SVD of the compression residual).
     """
 
     rank: int = 8
     alpha: float = 8.0
     activation: str = "gelu"
-    target_roles: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+    target_roles: tuple[str, ...] | None = None
     init: str = "zero"
 
     def __post_init__(self) -> None:
@@ -61,7 +61,8 @@ class RecoveryConfig:
             raise ValueError(f"recovery init must be 'zero' or 'svd', got {self.init!r}")
         if self.init == "svd" and self.activation != "identity":
             raise ValueError("SVD initialisation needs activation='identity' (a GELU bypass is not linear)")
-        object.__setattr__(self, "target_roles", tuple(self.target_roles))
+        if self.target_roles is not None:
+            object.__setattr__(self, "target_roles", tuple(self.target_roles))
 
 
 class RecoveryBypass(nn.Module):
@@ -105,11 +106,12 @@ class RecoverySet(nn.Module):
         base = unwrap(model)
         roles = linear_roles(base)
         available = sorted(set(roles.values()))
-        unknown = [r for r in config.target_roles if r not in available]
+        wanted = available if config.target_roles is None else config.target_roles
+        unknown = [r for r in wanted if r not in available]
         if unknown:
             raise ValueError(f"recovery targets {unknown} do not exist in this model; its roles are {available}")
         self.config = config
-        self.targets = [name for name, role in roles.items() if role in config.target_roles]
+        self.targets = [name for name, role in roles.items() if role in wanted]
         self.bypasses = nn.ModuleDict()
         for name in self.targets:
             d_in, d_out = _features(base.get_submodule(name))
@@ -172,7 +174,7 @@ class RecoverySet(nn.Module):
         if expected_base_id is not None and meta.get("base_id") != expected_base_id:
             raise ValueError(f"recovery modules in {directory} were made for base {meta.get('base_id')}, "
                              f"not for this base {expected_base_id}")
-        config = RecoveryConfig(**{**meta["config"], "target_roles": tuple(meta["config"]["target_roles"])})
+        config = RecoveryConfig(**meta["config"])
         recovery = cls(model, config)
         if recovery.targets != meta["targets"]:
             raise ValueError(f"recovery modules in {directory} target other modules than this model has")

@@ -35,7 +35,7 @@ class TuneConfig:
         rank: LoRA rank.
         alpha: LoRA scaling numerator (scale = alpha / rank).
         dropout: LoRA dropout.
-        target_roles: module-map roles that get LoRA (q, k, v, o, gate, up, down).
+        target_roles: module-map roles that get LoRA (None: every mapped linear of the family).
         steps: optimizer steps.
         batch_size: examples per step.
         lr: AdamW learning rate (linear warm-up, then cosine decay to 10%).
@@ -51,7 +51,7 @@ class TuneConfig:
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.05
-    target_roles: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+    target_roles: tuple[str, ...] | None = None
     steps: int = 200
     batch_size: int = 8
     lr: float = 1e-3
@@ -70,7 +70,8 @@ class TuneConfig:
             raise ValueError("steps, batch_size and eval_every must be >= 1")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        self.target_roles = tuple(self.target_roles)
+        if self.target_roles is not None:
+            self.target_roles = tuple(self.target_roles)
 
     def to_dict(self) -> dict:
         return asdict(self)
