@@ -205,16 +205,28 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     return weight.detach().float()
 
 
-def residual_svd_init(bypass: RecoveryBypass, residual: torch.Tensor,
-                      input_scale: torch.Tensor | None = None) -> float:
-    """Set ``B A * scale`` to the best rank-r approximation of ``residual`` ``[out, in]``.
+def compression_residual(original_linear: nn.Module, compressed_linear: nn.Module, rows, cols) -> torch.Tensor:
+    """``W_orig[rows][:, cols] - dequant(W_compressed)`` as fp32 ``[out_kept, in_kept]``."""
+    weight = original_linear.weight.detach().float()
+    if rows is not None:
+        weight = weight.index_select(0, rows)
+    if cols is not None:
+        weight = weight.index_select(1, cols)
+    compressed = dequantized_weight(compressed_linear)
+    if compressed.shape != weight.shape:
+        raise ValueError(f"compressed weight {tuple(compressed.shape)} does not match the kept part of the "
+                         f"original {tuple(weight.shape)}: the index maps belong to another base")
+    return weight - compressed
+
+
+def low_rank_factors(residual: torch.Tensor, rank: int, input_scale: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B [out, rank], A [rank, in])`` with ``B A`` the best rank-``rank`` approximation of ``residual``.
 
     With ``input_scale`` (per input feature, e.g. the RMS of the layer's inputs on calibration text) the
-    SVD is of ``residual * scale`` so that the approximation error is measured on the outputs the layer
-    actually produces (EoRA); A is then un-scaled. Returns the relative Frobenius error left
-    ``||R - BA|| / ||R||`` in the plain (unweighted) norm.
+    SVD is of ``residual * scale``, so the error is measured on the outputs the layer actually produces
+    (EoRA); A is then un-scaled. The singular values are split evenly: ``B = U sqrt(S)``, ``A = sqrt(S) Vh``.
     """
-    rank = bypass.A.weight.shape[0]
     residual = residual.float()
     weighted = residual * input_scale.unsqueeze(0) if input_scale is not None else residual
     U, S, Vh = torch.linalg.svd(weighted, full_matrices=False)
@@ -223,8 +235,71 @@ def residual_svd_init(bypass: RecoveryBypass, residual: torch.Tensor,
     A = root.unsqueeze(1) * Vh[:rank]
     if input_scale is not None:
         A = A / input_scale.clamp(min=1e-8).unsqueeze(0)
+    return B, A
+
+
+def relative_error(residual: torch.Tensor, approx: torch.Tensor) -> float:
+    """``||residual - approx||_F / ||residual||_F``."""
+    return float(torch.linalg.norm(residual - approx) / torch.linalg.norm(residual).clamp(min=1e-12))
+
+
+def residual_svd_init(bypass: RecoveryBypass, residual: torch.Tensor,
+                      input_scale: torch.Tensor | None = None) -> float:
+    """Set the bypass (``B A * scale``) to :func:`low_rank_factors` of ``residual`` ``[out, in]``.
+
+    Returns the relative Frobenius error left, in the plain (unweighted) norm.
+    """
+    B, A = low_rank_factors(residual, bypass.A.weight.shape[0], input_scale)
     with torch.no_grad():
         bypass.B.weight.copy_(B / bypass.scale)
         bypass.A.weight.copy_(A)
-    approx = (B @ A)
-    return float(torch.linalg.norm(residual - approx) / torch.linalg.norm(residual).clamp(min=1e-12))
+    return relative_error(residual.float(), B @ A)
+
+
+@torch.no_grad()
+def input_rms(model: nn.Module, batches: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
+    """Root-mean-square of each input feature of the named linears over ``batches`` ``[n, seq]`` of ids."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    handles = []
+    base = unwrap(model)
+    for name in names:
+        def hook(module, inputs, output, name=name):
+            x = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1])
+            sums[name] = sums.get(name, 0) + (x * x).sum(0)
+            counts[name] = counts.get(name, 0) + x.shape[0]
+        handles.append(base.get_submodule(name).register_forward_hook(hook))
+    try:
+        device = next(base.parameters()).device
+        for row in batches:
+            base(input_ids=row.unsqueeze(0).to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: (sums[name] / counts[name]).sqrt().cpu() for name in names}
+
+
+def init_from_residuals(recovery: RecoverySet, original: nn.Module, compressed: nn.Module, index_maps,
+                        input_scales: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+    """SVD-initialise every bypass from its layer's compression residual (EoRA-weighted if scales given).
+
+    ``input_scales`` are per-feature input RMS of the *original* linears (:func:`input_rms`); they are
+    restricted to the kept input features. Returns ``{module name: relative residual error left}``.
+    """
+    from .inherit import kept_indices
+    from .models import iter_layer_linears
+
+    errors = {}
+    originals = {layer.index: layer for layer in iter_layer_linears(original)}
+    for layer in iter_layer_linears(compressed):
+        for role, name in layer.names.items():
+            if name not in recovery.targets:
+                continue
+            rows, cols = kept_indices(index_maps, layer.index, role)
+            residual = compression_residual(originals[layer.index][role],
+                                            getattr(layer[role], "base_layer", layer[role]), rows, cols)
+            scale = None
+            if input_scales is not None:
+                scale = input_scales[name] if cols is None else input_scales[name].index_select(0, cols)
+            errors[name] = residual_svd_init(recovery.bypass(name), residual, scale)
+    return errors

@@ -1,0 +1,73 @@
+"""Initialising a compressed base's task LoRA: inherited from the original model, or residual-SVD (LoftQ).
+
+Both functions take a peft ``PeftModel`` built on the compressed base and overwrite its LoRA tensors:
+
+- :func:`apply_inherited_lora`: the original model's task LoRA restricted through the index maps
+  (:mod:`cpet.inherit`);
+- :func:`apply_residual_svd_lora`: ``B A`` = best rank-r approximation of the compression residual
+  ``W_orig[kept] - dequant(W_compressed)``, so the adapter starts where the original weights were (the
+  training-free starting point of LoftQ, computed once with CPET's own index maps because peft's LoftQ
+  re-quantizes the model itself and knows nothing about pruning).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .inherit import inherit_lora_state, kept_indices, load_lora_state
+from .models import iter_layer_linears, unwrap
+from .recovery import compression_residual, low_rank_factors, relative_error
+
+
+def lora_shape_of(adapter_dir: str | Path) -> dict:
+    """``{"rank", "alpha", "target_modules", "dropout"}`` from a PEFT ``adapter_config.json``."""
+    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    return {"rank": config["r"], "alpha": config["lora_alpha"], "dropout": config.get("lora_dropout", 0.0),
+            "target_modules": sorted(config["target_modules"])}
+
+
+def apply_inherited_lora(peft_model, adapter_dir: str | Path, index_maps, original_config) -> int:
+    """Load the original model's LoRA from ``adapter_dir`` into ``peft_model``, restricted to kept weights.
+
+    Returns the number of LoRA tensors set. Raises ValueError if ``peft_model`` lacks any of them.
+    """
+    from peft import set_peft_model_state_dict
+
+    state = inherit_lora_state(load_lora_state(adapter_dir), original_config, index_maps)
+    result = set_peft_model_state_dict(peft_model, state)
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+    if unexpected:
+        raise ValueError(f"the compressed model's LoRA lacks {len(unexpected)} inherited tensors, e.g. "
+                         f"{unexpected[0]}: create it with the same target modules as {adapter_dir}")
+    return len(state)
+
+
+def _base_layer(module: nn.Module) -> nn.Module:
+    return getattr(module, "base_layer", module)
+
+
+@torch.no_grad()
+def apply_residual_svd_lora(peft_model, original_model: nn.Module, index_maps, adapter_name: str = "default"
+                            ) -> dict[str, float]:
+    """Set every LoRA pair of ``peft_model`` to the truncated SVD of its layer's compression residual.
+
+    Returns ``{module name: relative residual error left}``.
+    """
+    errors = {}
+    originals = {layer.index: layer for layer in iter_layer_linears(original_model)}
+    for layer in iter_layer_linears(unwrap(peft_model)):
+        for role, module in layer.modules.items():
+            if not hasattr(module, "lora_A") or adapter_name not in module.lora_A:
+                continue
+            rows, cols = kept_indices(index_maps, layer.index, role)
+            residual = compression_residual(originals[layer.index][role], _base_layer(module), rows, cols)
+            lora_A, lora_B = module.lora_A[adapter_name].weight, module.lora_B[adapter_name].weight
+            B, A = low_rank_factors(residual, lora_A.shape[0])
+            lora_B.copy_(B / module.scaling[adapter_name])  # peft computes B A * scaling
+            lora_A.copy_(A)
+            errors[layer.names[role]] = relative_error(residual, B @ A)
+    return errors

@@ -1,0 +1,347 @@
+"""The CPET pipeline: base model -> compressed base -> recovery -> task adapters -> evaluation.
+
+```python
+cpet = CPET.from_pretrained("smollm2-135m", work_dir="runs/demo")
+cpet.compress([PruneConfig(ffn_ratio=0.25), QuantizeConfig("nf4")]).recover()
+original = cpet.tune("vader-movie", on="original")
+adapter = cpet.tune("vader-movie", init="inherit", inherit_from=original, recovery="shared")
+print(cpet.evaluate(adapter, "vader-movie"))
+```
+
+Everything the pipeline makes lives in ``work_dir``: ``base/`` (the compressed base), ``recovery/`` (shared
+recovery modules), ``adapters/<name>/`` (PEFT directories + ``cpet.json``) and ``pipeline.json``. Each
+tuning run starts from a fresh copy of the frozen base read back from ``base/`` (about a second), so runs
+never leak state into each other.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .adapters import add_lora, check_adapter_base, read_adapter_meta, save_adapter
+from .assets import atomic_path, write_text_atomic
+from .models import LoadedBase, load_base, model_fingerprint
+from .recovery import RecoveryConfig, RecoverySet, init_from_residuals, input_rms, read_recovery_meta
+from .train import DistillConfig, TuneConfig, distill_on_text, train_classifier
+
+INIT_MODES = ("random", "inherit", "svd")
+RECOVERY_MODES = ("none", "shared", "per_task", "both")
+ORIGINAL_BASE_ID = "original"
+
+
+@dataclass
+class TaskAdapter:
+    """A trained adapter on disk and its ``cpet.json``."""
+
+    directory: Path
+    meta: dict
+
+    @property
+    def name(self) -> str:
+        return self.directory.name
+
+
+def _task(task):
+    from .data import load_task
+
+    return load_task(task) if isinstance(task, str) else task
+
+
+class CPET:
+    """One base model, its compressed base, shared recovery modules, and task adapters.
+
+    Attributes:
+        original: the uncompressed base (frozen), the teacher of recovery.
+        work_dir: where every artifact of this pipeline is written.
+    """
+
+    def __init__(self, original: LoadedBase, work_dir: str | Path):
+        self.original = original
+        self.original.model.requires_grad_(False)
+        self.work_dir = Path(work_dir)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self._fingerprint: str | None = None
+        self.log: list[dict] = []
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(cls, name_or_path: str = "smollm2-135m", work_dir: str | Path = "runs/cpet") -> "CPET":
+        return cls(load_base(name_or_path), work_dir)
+
+    @property
+    def source_fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.original.model)
+        return self._fingerprint
+
+    @property
+    def base_dir(self) -> Path:
+        return self.work_dir / "base"
+
+    @property
+    def recovery_dir(self) -> Path:
+        return self.work_dir / "recovery"
+
+    @property
+    def has_base(self) -> bool:
+        return (self.base_dir / "manifest.json").exists()
+
+    def load_compressed(self):
+        """A fresh, frozen copy of the compressed base (``CompressedBase``) read from ``base/``."""
+        from .compress import CompressedBase
+
+        if not self.has_base:
+            raise ValueError(f"no compressed base in {self.base_dir}: call compress(...) first")
+        return CompressedBase.load(self.base_dir)
+
+    @property
+    def base_id(self) -> str:
+        return json.loads((self.base_dir / "manifest.json").read_text())["base_id"]
+
+    def _record(self, stage: str, **facts) -> None:
+        self.log.append({"stage": stage, **facts})
+        write_text_atomic(self.work_dir / "pipeline.json", json.dumps(
+            {"source": self.original.name, "log": self.log}, indent=2, default=str))
+
+    # ------------------------------------------------------------------ compress
+    def compress(self, stages: Sequence, *, calibration: str = "brown", calibration_samples: int = 16,
+                 seq_len: int = 128, progress: bool = True) -> "CPET":
+        """Compress a copy of the original model with ``stages`` and save it to ``work_dir/base``."""
+        import copy
+
+        from .compress import compress as run_stages
+        from .compress.calibration import calibration_ids
+        from .data import load_corpus
+
+        start = time.perf_counter()
+        ids = calibration_ids(self.original.tokenizer, load_corpus(calibration, split="train"),
+                              calibration_samples, seq_len)
+        base = run_stages(copy.deepcopy(self.original.model), list(stages), calibration=ids,
+                          source_name=self.original.name, tokenizer=self.original.tokenizer, progress=progress)
+        base.save(self.base_dir)
+        if self.recovery_dir.exists():  # recovery made for a previous base no longer applies
+            shutil.rmtree(self.recovery_dir)
+        self._record("compress", base_id=base.manifest.base_id, seconds=time.perf_counter() - start)
+        return self
+
+    # ------------------------------------------------------------------ shared recovery
+    def recover(self, config: RecoveryConfig | None = None, distill: DistillConfig | None = None, *,
+                text: str = "brown", activation_weighted: bool = True, progress: bool = True) -> "CPET":
+        """Task-agnostic recovery: SVD-initialised linear bypasses distilled on calibration text."""
+        from .compress.calibration import calibration_ids
+        from .data import load_corpus
+
+        config = config or RecoveryConfig(rank=16, alpha=16.0, activation="identity", init="svd")
+        distill = distill or DistillConfig()
+        start = time.perf_counter()
+        base = self.load_compressed()
+        recovery = RecoverySet(base.model, config)
+        if config.init == "svd":
+            scales = None
+            if activation_weighted:
+                ids = calibration_ids(self.original.tokenizer, load_corpus(text, split="train"), 8, 128)
+                scales = input_rms(self.original.model, ids, recovery.targets)
+            init_errors = init_from_residuals(recovery, self.original.model, base.model, base.index_maps, scales)
+        recovery.attach(base.model, trainable=True)
+        losses = distill_on_text(base.model, self.original.model, self.original.tokenizer,
+                                 load_corpus(text, split="train"), distill, progress=progress)
+        recovery.save(self.recovery_dir, {"base_id": base.manifest.base_id, "distill": asdict(distill),
+                                          "losses": losses})
+        self._record("recover", loss_first=losses[0], loss_last=losses[-1],
+                     mean_init_error=(sum(init_errors.values()) / len(init_errors)
+                                      if config.init == "svd" else None),
+                     seconds=time.perf_counter() - start)
+        return self
+
+    # ------------------------------------------------------------------ tune
+    def tune(self, task, *, on: str = "compressed", init: str = "random",
+             inherit_from: TaskAdapter | str | Path | None = None, recovery: str = "none",
+             config: TuneConfig | None = None, per_task_recovery: RecoveryConfig | None = None,
+             name: str | None = None, progress: bool = True) -> TaskAdapter:
+        """Tune one LoRA adapter for ``task`` and save it under ``work_dir/adapters/<name>``.
+
+        Args:
+            task: a task name / path / ``hf:`` spec, or a loaded ``ClassificationTask``.
+            on: ``"original"`` (the uncompressed model: the upper reference and inheritance source) or
+                ``"compressed"``.
+            init: ``"random"`` (peft default: B = 0), ``"inherit"`` (from ``inherit_from``, an adapter
+                trained on the original model) or ``"svd"`` (truncated SVD of the compression residual).
+            recovery: ``"none"``, ``"shared"`` (the frozen modules made by :meth:`recover`),
+                ``"per_task"`` (CA-LoRA: GELU bypasses trained with the adapter, distilled from the
+                original model with the inherited adapter), or ``"both"``.
+        Raises:
+            ValueError: bad option, an adapter for another source model, a task whose labels the
+                inherited adapter does not know, or missing prerequisites (base, recovery).
+        """
+        config = config or TuneConfig()
+        task = _task(task)
+        self._check_tune_args(task, on, init, inherit_from, recovery)
+        name = name or f"{task.name}-{on}-{init}-{recovery}-s{config.seed}"
+        out_dir = self.work_dir / "adapters" / name
+        teacher = None
+        if on == "original":
+            import copy
+
+            model, base_id, index_maps = copy.deepcopy(self.original.model), ORIGINAL_BASE_ID, None
+        else:
+            base = self.load_compressed()
+            model, base_id, index_maps = base.model, base.manifest.base_id, base.index_maps
+        if recovery in ("shared", "both"):
+            RecoverySet.load(self.recovery_dir, model, expected_base_id=base_id).attach(model, trainable=False)
+        peft_model = add_lora(model, rank=config.rank, alpha=config.alpha, dropout=config.dropout,
+                              target_roles=config.target_roles)
+        torch.manual_seed(config.seed)
+        if init == "inherit":
+            from .lora_init import apply_inherited_lora
+
+            apply_inherited_lora(peft_model, Path(_dir(inherit_from)), index_maps, self.original.model.config)
+        elif init == "svd":
+            from .lora_init import apply_residual_svd_lora
+
+            apply_residual_svd_lora(peft_model, self.original.model, index_maps)
+        per_task = None
+        if recovery in ("per_task", "both"):
+            per_task = RecoverySet(peft_model, per_task_recovery or RecoveryConfig(rank=8, activation="gelu"))
+            per_task.attach(peft_model, trainable=True)
+            teacher = self._teacher(inherit_from)
+            if config.distill_weight == 0:
+                config = TuneConfig(**{**config.to_dict(), "distill_weight": 1.0})
+
+        from .data import template_for, verbalizer_for
+
+        template, verbalizer = template_for(task), verbalizer_for(task)
+        meta = {"base_id": base_id, "source_name": self.original.name,
+                "source_fingerprint": self.source_fingerprint, "task": task.name, "labels": list(task.labels),
+                "label_words": verbalizer.label_words, "template": template.template, "on": on, "init": init,
+                "recovery": recovery, "tune_config": config.to_dict(),
+                "inherited_from": str(_dir(inherit_from)) if inherit_from else None}
+
+        def save_best(directory: Path, metrics: dict) -> None:
+            save_adapter(peft_model, directory, {**meta, "metrics": metrics})
+            if per_task is not None:
+                per_task.save(directory / "per_task_recovery", {"base_id": base_id})
+
+        start = time.perf_counter()
+        result = train_classifier(peft_model, self.original.tokenizer, task.split("train"),
+                                  task.split("validation"), labels=task.labels, template=template,
+                                  verbalizer=verbalizer, config=config, out_dir=out_dir,
+                                  save_best=save_best, teacher=teacher, progress=progress)
+        self._record("tune", adapter=name, best_val_accuracy=result.best_accuracy, best_step=result.best_step,
+                     seconds=time.perf_counter() - start)
+        return TaskAdapter(out_dir / "adapter", read_adapter_meta(out_dir / "adapter"))
+
+    def _check_tune_args(self, task, on, init, inherit_from, recovery) -> None:
+        if on not in ("original", "compressed"):
+            raise ValueError(f"on must be 'original' or 'compressed', got {on!r}")
+        if init not in INIT_MODES:
+            raise ValueError(f"init must be one of {INIT_MODES}, got {init!r}")
+        if recovery not in RECOVERY_MODES:
+            raise ValueError(f"recovery must be one of {RECOVERY_MODES}, got {recovery!r}")
+        if on == "original" and (init != "random" or recovery != "none"):
+            raise ValueError("tuning on the original model takes init='random' and recovery='none'")
+        if on == "compressed" and not self.has_base:
+            raise ValueError(f"no compressed base in {self.base_dir}: call compress(...) first")
+        if recovery in ("shared", "both") and not (self.recovery_dir / "recovery.json").exists():
+            raise ValueError(f"no shared recovery modules in {self.recovery_dir}: call recover(...) first")
+        if init == "inherit" or recovery in ("per_task", "both"):
+            if inherit_from is None:
+                raise ValueError("init='inherit' and per-task recovery need inherit_from: an adapter trained "
+                                 "on the original model (tune(task, on='original'))")
+            meta = read_adapter_meta(_dir(inherit_from))
+            check_adapter_base(meta, base_id=ORIGINAL_BASE_ID, source_fingerprint=self.source_fingerprint,
+                               where=f"adapter {_dir(inherit_from)}")
+            unknown = sorted(set(task.labels) - set(meta.get("labels", [])))
+            if unknown:
+                raise ValueError(f"task {task.name!r} has labels {unknown} that adapter {_dir(inherit_from)} "
+                                 f"does not know (it knows {meta.get('labels')})")
+
+    def _teacher(self, inherit_from):
+        """The uncompressed model with the original task adapter (a separate copy: never the student)."""
+        import copy
+
+        from .adapters import load_adapter
+
+        return load_adapter(copy.deepcopy(self.original.model), _dir(inherit_from),
+                            base_id=ORIGINAL_BASE_ID).eval()
+
+    # ------------------------------------------------------------------ evaluate
+    def model_for(self, adapter: TaskAdapter | str | Path | None = None, *, on: str = "compressed"):
+        """The model an adapter runs on (with shared / per-task recovery as it was trained), ready to use."""
+        import copy
+
+        from .adapters import load_adapter
+
+        meta = read_adapter_meta(_dir(adapter)) if adapter is not None else {"on": on, "recovery": "none"}
+        if meta["on"] == "original":
+            model, base_id = copy.deepcopy(self.original.model), ORIGINAL_BASE_ID
+        else:
+            model, base_id = self.load_compressed().model, self.base_id
+        if meta.get("recovery") in ("shared", "both"):
+            RecoverySet.load(self.recovery_dir, model, expected_base_id=base_id).attach(model)
+        if adapter is None:
+            return model
+        peft_model = load_adapter(model, _dir(adapter), base_id=base_id)
+        if meta.get("recovery") in ("per_task", "both"):
+            RecoverySet.load(Path(_dir(adapter)) / "per_task_recovery", peft_model,
+                             expected_base_id=base_id).attach(peft_model)
+        return peft_model.eval()
+
+    def evaluate(self, adapter: TaskAdapter | str | Path | None, task, *, split: str = "test",
+                 limit: int | None = None, on: str = "compressed", batch_size: int = 16) -> dict:
+        """Accuracy of an adapter (or of a bare model, zero-shot) on a task split."""
+        from .data import template_for, verbalizer_for
+        from .evaluate import classification_accuracy
+
+        task = _task(task)
+        if adapter is not None:
+            meta = read_adapter_meta(_dir(adapter))
+            unknown = sorted(set(task.labels) - set(meta["labels"]))
+            if unknown:
+                raise ValueError(f"task {task.name!r} has labels {unknown} that the adapter does not know "
+                                 f"(it knows {meta['labels']})")
+        examples = task.split(split)[:limit] if limit else task.split(split)
+        model = self.model_for(adapter, on=on)
+        result = classification_accuracy(model, self.original.tokenizer, [e.text for e in examples],
+                                         [e.label for e in examples], template=template_for(task),
+                                         verbalizer=verbalizer_for(task), labels=task.labels,
+                                         batch_size=batch_size)
+        return {"task": task.name, "split": split, **result.to_dict()}
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, directory: str | Path) -> Path:
+        """Copy the whole work directory (base, recovery, adapters, log) to ``directory`` atomically."""
+        directory = Path(directory)
+        if directory.resolve() == self.work_dir.resolve():
+            return directory
+        with atomic_path(directory) as tmp:
+            shutil.copytree(self.work_dir, tmp)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, original: str | None = None) -> "CPET":
+        """Reopen a saved pipeline; the original model is reloaded by the name recorded in it."""
+        directory = Path(directory)
+        record = json.loads((directory / "pipeline.json").read_text()) if (directory / "pipeline.json").exists() \
+            else {"source": original or "smollm2-135m", "log": []}
+        pipeline = cls(load_base(original or record["source"]), directory)
+        pipeline.log = record["log"]
+        if pipeline.has_base:
+            manifest = json.loads((pipeline.base_dir / "manifest.json").read_text())
+            expected = manifest.get("source", {}).get("fingerprint")
+            if expected and expected != pipeline.source_fingerprint:
+                raise ValueError(f"the pipeline in {directory} was built from source model {expected[:16]}…, "
+                                 f"not from {pipeline.original.name} ({pipeline.source_fingerprint[:16]}…)")
+        return pipeline
+
+
+def _dir(adapter: TaskAdapter | str | Path | None) -> Path | None:
+    if adapter is None:
+        return None
+    return adapter.directory if isinstance(adapter, TaskAdapter) else Path(adapter)
