@@ -1,0 +1,63 @@
+"""Prompt templates and verbalizers: how a causal LM reads a classification example and names a label.
+
+Training puts the loss on the label word's tokens after the prompt; scoring compares the log-probability
+of each label word after the prompt (:func:`cpet.evaluate.label_logprobs`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """``template`` with a ``{text}`` slot; texts longer than ``max_chars`` are cut at a word boundary."""
+
+    template: str = "Text: {text}\nLabel:"
+    max_chars: int = 600
+
+    def __post_init__(self) -> None:
+        if "{text}" not in self.template:
+            raise ValueError(f"prompt template {self.template!r} has no {{text}} slot")
+
+    def format(self, text: str) -> str:
+        if len(text) > self.max_chars:
+            cut = text[: self.max_chars]
+            text = (cut.rsplit(" ", 1)[0] if " " in cut else cut) + " …"
+        return self.template.replace("{text}", text)
+
+
+@dataclass(frozen=True)
+class Verbalizer:
+    """Label -> the word the model should produce for it (with its leading space)."""
+
+    label_words: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        words = list(self.label_words.values())
+        if len(set(words)) != len(words):
+            raise ValueError(f"verbalizer maps two labels to the same word: {self.label_words}")
+
+    def words_for(self, labels) -> list[str]:
+        missing = [label for label in labels if label not in self.label_words]
+        if missing:
+            raise ValueError(f"labels {missing} have no verbalizer word; it knows {sorted(self.label_words)}")
+        return [self.label_words[label] for label in labels]
+
+    @classmethod
+    def default_for(cls, labels) -> "Verbalizer":
+        return cls({label: " " + str(label).replace("_", " ") for label in labels})
+
+
+DEFAULT_TEMPLATES = {
+    "sentiment": PromptTemplate("Review: {text}\nSentiment (positive or negative):"),
+    "generic": PromptTemplate("Text: {text}\nLabel:"),
+}
+
+
+def template_for(task) -> PromptTemplate:
+    return DEFAULT_TEMPLATES.get(getattr(task, "family", "generic"), DEFAULT_TEMPLATES["generic"])
+
+
+def verbalizer_for(task) -> Verbalizer:
+    return Verbalizer.default_for(task.labels)
