@@ -49,6 +49,8 @@ class FamilySpec:
         linears: role -> attribute name inside the attention block (q/k/v/o) or the FFN block
             (gate/up/down). Non-gated FFNs omit ``gate``.
         intermediate_attr: config attribute holding the FFN width.
+        head_pruning: whether attention heads can be removed (False where the attention derives its head
+            width from ``hidden_size / num_heads``, as OPT does: fewer heads would change the head width).
     """
 
     name: str
@@ -58,6 +60,7 @@ class FamilySpec:
     mlp: str
     linears: dict[str, str]
     intermediate_attr: str = "intermediate_size"
+    head_pruning: bool = True
 
     @property
     def gated(self) -> bool:
@@ -79,7 +82,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec(
         "opt", ("opt",), "model.decoder.layers", "self_attn", "",
         {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "out_proj", "up": "fc1", "down": "fc2"},
-        intermediate_attr="ffn_dim",
+        intermediate_attr="ffn_dim", head_pruning=False,
     ),
 )
 

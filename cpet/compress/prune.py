@@ -1,0 +1,271 @@
+"""Structured pruning with torch-pruning: FFN channel groups and GQA-aware attention heads.
+
+The unit of coupled change is a *group*:
+
+- FFN channel ``j``: row ``j`` of gate and up (or fc1) together with column ``j`` of down (or fc2). The
+  groups come from torch-pruning's ``DependencyGraph`` traced on the model (with the output reduced to the
+  logits, which transformers 5 wraps with a cache object the tracer cannot follow);
+- attention head ``h``: its ``head_dim`` rows of q and columns of o (``query`` mode, the same number per
+  KV group), or a whole KV group: its k/v rows plus all its query heads (``kv_group`` mode). torch-pruning
+  cannot build these groups under GQA (DESIGN.md §6), so they are cut with its low-level
+  ``prune_linear_out_channels`` / ``prune_linear_in_channels``.
+
+A group's importance is the sum of an element score over all weights in the group: ``|W|`` (magnitude),
+``|W * dL/dW|`` (first-order Taylor, LM loss on calibration batches) or ``|W| * ||X||`` (Wanda, with
+``||X||`` the norm of each input feature over the calibration tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch_pruning as tp
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import HeadMode, Importance, PruneConfig
+from ..models import family_of, geometry, iter_layer_linears, layer_linears
+from .manifest import IndexMaps, LayerIndex
+
+
+def kept_ffn_width(width: int, ratio: float, round_to: int) -> int:
+    keep = int(round(width * (1.0 - ratio)))
+    keep = max((keep // round_to) * round_to, round_to)
+    return min(keep, width)
+
+
+def valid_head_ratios(num_heads: int, num_kv_heads: int, mode: HeadMode) -> list[float]:
+    """Head ratios that keep a whole number of heads in every KV group (query mode) or of KV groups."""
+    units = num_heads // num_kv_heads if mode == HeadMode.QUERY else num_kv_heads
+    return [round(removed / units, 6) for removed in range(units)]
+
+
+def validate(model: nn.Module, config: PruneConfig, calibration: torch.Tensor | None) -> None:
+    """Every check that can fail, before any expensive work."""
+    family = family_of(model)
+    geo = geometry(model)
+    if any(hasattr(m, "quant_state") or type(m).__module__.startswith("bitsandbytes")
+           for m in model.modules()):
+        raise ValueError("the model is already quantized: put PruneConfig before QuantizeConfig in the stages")
+    if config.needs_calibration and calibration is None:
+        raise ValueError(f"importance {config.importance.value!r} needs calibration batches "
+                         "(compress(..., calibration=calibration_ids(...))), or use importance='magnitude'")
+    if config.layer_schedule:
+        bad = [layer for layer in config.layer_schedule if not 0 <= layer < geo.num_layers]
+        if bad:
+            raise ValueError(f"layer_schedule names layers {bad}; the model has layers 0..{geo.num_layers - 1}")
+    if config.head_ratio > 0:
+        if not family.head_pruning:
+            raise ValueError(f"family {family.name!r} derives its head width from hidden_size / num_heads, so "
+                             "its heads cannot be pruned; use head_ratio=0")
+        valid = valid_head_ratios(geo.num_heads, geo.num_kv_heads, config.head_mode)
+        if not any(abs(config.head_ratio - v) < 1e-6 for v in valid):
+            raise ValueError(
+                f"head_ratio {config.head_ratio} does not fit {geo.num_heads} query heads in {geo.num_kv_heads} "
+                f"KV groups with head_mode={config.head_mode.value!r}; valid ratios: {valid}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Element scores
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ElementScores:
+    """Per-weight importance of every mapped linear: ``{module name: tensor shaped like its weight}``."""
+
+    scores: dict[str, torch.Tensor]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.scores[name]
+
+
+def _mapped(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: layer[role] for layer in iter_layer_linears(model) for role, name in layer.names.items()}
+
+
+def element_scores(model: nn.Module, importance: Importance, calibration: torch.Tensor | None,
+                   batch_size: int = 4, progress: bool = False) -> ElementScores:
+    linears = _mapped(model)
+    if importance == Importance.MAGNITUDE:
+        return ElementScores({n: m.weight.detach().abs() for n, m in linears.items()})
+    device = next(model.parameters()).device
+    batches = calibration.split(batch_size)
+    if importance == Importance.ACTIVATION:
+        sq_sums: dict[str, torch.Tensor] = {}
+        handles = []
+        for name, module in linears.items():
+            def hook(mod, inputs, output, name=name):
+                x = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1])
+                sq_sums[name] = sq_sums.get(name, 0) + (x * x).sum(0)
+            handles.append(module.register_forward_hook(hook))
+        try:
+            with torch.no_grad():
+                for batch in tqdm(batches, desc="activations", disable=not progress, leave=False):
+                    model(input_ids=batch.to(device))
+        finally:
+            for handle in handles:
+                handle.remove()
+        return ElementScores({n: m.weight.detach().abs() * sq_sums[n].sqrt().unsqueeze(0)
+                              for n, m in linears.items()})
+    # first-order Taylor: |W * dL/dW| with the gradient summed over the calibration batches
+    flags = {n: m.weight.requires_grad for n, m in linears.items()}
+    for module in linears.values():
+        module.weight.requires_grad_(True)
+        module.weight.grad = None
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in tqdm(batches, desc="taylor", disable=not progress, leave=False):
+            batch = batch.to(device)
+            model(input_ids=batch, labels=batch).loss.backward()
+        return ElementScores({n: (m.weight.detach() * m.weight.grad).abs() for n, m in linears.items()})
+    finally:
+        for name, module in linears.items():
+            module.weight.grad = None
+            module.weight.requires_grad_(flags[name])
+        model.train(was_training)
+
+
+def ffn_channel_importance(scores: ElementScores, names: dict[str, str]) -> torch.Tensor:
+    """``[intermediate]``: gate/up row sums plus down column sums."""
+    total = scores[names["up"]].sum(1) + scores[names["down"]].sum(0)
+    if "gate" in names:
+        total = total + scores[names["gate"]].sum(1)
+    return total
+
+
+def head_importance(scores: ElementScores, names: dict[str, str], num_heads: int, num_kv_heads: int,
+                    head_dim: int, mode: HeadMode) -> torch.Tensor:
+    """``[num_heads]`` (query mode) or ``[num_kv_heads]`` (kv_group mode)."""
+    q = scores[names["q"]].reshape(num_heads, head_dim, -1).sum((1, 2))
+    o = scores[names["o"]].reshape(scores[names["o"]].shape[0], num_heads, head_dim).sum((0, 2))
+    per_query = q + o
+    if mode == HeadMode.QUERY:
+        return per_query
+    kv = sum(scores[names[r]].reshape(num_kv_heads, head_dim, -1).sum((1, 2)) for r in ("k", "v"))
+    return per_query.reshape(num_kv_heads, -1).sum(1) + kv
+
+
+# --------------------------------------------------------------------------------------------------
+# Selection and surgery
+# --------------------------------------------------------------------------------------------------
+
+
+def top_k_sorted(importance: torch.Tensor, keep: int) -> torch.Tensor:
+    """Indices of the ``keep`` most important entries, in increasing index order (ties: lower index)."""
+    order = torch.argsort(importance, descending=True, stable=True)
+    return order[:keep].sort().values
+
+
+def select_query_heads(importance: torch.Tensor, num_kv_heads: int, keep_per_group: int) -> torch.Tensor:
+    """Keep the ``keep_per_group`` best query heads inside each KV group (GQA stays consistent)."""
+    group = importance.numel() // num_kv_heads
+    kept = [g * group + top_k_sorted(importance[g * group:(g + 1) * group], keep_per_group)
+            for g in range(num_kv_heads)]
+    return torch.cat(kept)
+
+
+def _trace_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
+    # The tracer follows autograd, so parameters must require grad while it runs; transformers 5 returns
+    # a cache object beside the logits that the tracer cannot follow, so the output is reduced to logits.
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            return tp.DependencyGraph().build_dependency(
+                model, example_inputs=example,
+                output_transform=lambda out: out.logits if hasattr(out, "logits") else out)
+    finally:
+        for name, param in model.named_parameters():
+            param.requires_grad_(flags[name])
+
+
+def _complement(kept: torch.Tensor, size: int) -> list[int]:
+    mask = torch.ones(size, dtype=torch.bool)
+    mask[kept] = False
+    return mask.nonzero().flatten().tolist()
+
+
+def prune_ffn(model: nn.Module, kept_per_layer: list[torch.Tensor], progress: bool = False) -> None:
+    """Remove every FFN channel not in ``kept_per_layer[i]`` through torch-pruning's dependency groups."""
+    device = next(model.parameters()).device
+    graph = _trace_graph(model, torch.arange(8, device=device).unsqueeze(0) % model.config.vocab_size)
+    for index, kept in enumerate(tqdm(kept_per_layer, desc="prune ffn", disable=not progress, leave=False)):
+        linears = layer_linears(model, index)
+        width = linears["up"].out_features
+        removed = _complement(kept, width)
+        if not removed:
+            continue
+        first = linears["gate"] if "gate" in linears.modules else linears["up"]
+        group = graph.get_pruning_group(first, tp.prune_linear_out_channels, idxs=removed)
+        group.prune()
+        new = layer_linears(model, index)
+        shapes = [new[r].out_features for r in ("gate", "up") if r in new.modules] + [new["down"].in_features]
+        if any(s != len(kept) for s in shapes):  # the traced group must be exactly gate/up rows + down columns
+            raise RuntimeError(f"torch-pruning group of layer {index} did not cover gate/up/down: {shapes}")
+
+
+def prune_heads(model: nn.Module, kept_q: list[torch.Tensor], kept_kv: list[torch.Tensor], head_dim: int) -> None:
+    """Cut query heads (q rows, o columns) and KV heads (k/v rows) with torch-pruning's functions."""
+    rows = lambda heads: (heads.unsqueeze(1) * head_dim + torch.arange(head_dim)).reshape(-1)  # noqa: E731
+    for index, (q_heads, kv_heads) in enumerate(zip(kept_q, kept_kv)):
+        linears = layer_linears(model, index)
+        removed_q = _complement(rows(q_heads), linears["q"].out_features)
+        removed_kv = _complement(rows(kv_heads), linears["k"].out_features)
+        if removed_q:
+            tp.prune_linear_out_channels(linears["q"], removed_q)
+            tp.prune_linear_in_channels(linears["o"], removed_q)
+        if removed_kv:
+            tp.prune_linear_out_channels(linears["k"], removed_kv)
+            tp.prune_linear_out_channels(linears["v"], removed_kv)
+        attention = model.get_submodule(linears.names["q"].rsplit(".", 1)[0])
+        if hasattr(attention, "num_key_value_groups"):
+            attention.num_key_value_groups = len(q_heads) // len(kv_heads)
+
+
+def prune(model: nn.Module, config: PruneConfig, calibration: torch.Tensor | None = None,
+          progress: bool = False) -> IndexMaps:
+    """Prune ``model`` in place; returns the stage's index maps (into the model as it was given).
+
+    Updates the config (FFN width, head counts, explicit ``head_dim``) when widths are uniform.
+    """
+    validate(model, config, calibration)
+    geo = geometry(model)
+    family = family_of(model)
+    scores = element_scores(model, config.importance, calibration, progress=progress)
+    layers: list[LayerIndex] = []
+    for layer in iter_layer_linears(model):
+        ratio = (config.layer_schedule or {}).get(layer.index, config.ffn_ratio)
+        width = layer["up"].out_features
+        ffn = (top_k_sorted(ffn_channel_importance(scores, layer.names), kept_ffn_width(width, ratio, config.round_to))
+               if ratio > 0 else torch.arange(width))
+        q_heads, kv_heads = torch.arange(geo.num_heads), torch.arange(geo.num_kv_heads)
+        if config.head_ratio > 0:
+            importance = head_importance(scores, layer.names, geo.num_heads, geo.num_kv_heads, geo.head_dim,
+                                         config.head_mode)
+            if config.head_mode == HeadMode.QUERY:
+                per_group = geo.num_heads // geo.num_kv_heads
+                keep = round(per_group * (1 - config.head_ratio))
+                q_heads = select_query_heads(importance, geo.num_kv_heads, keep)
+            else:
+                kv_heads = top_k_sorted(importance, round(geo.num_kv_heads * (1 - config.head_ratio)))
+                per_group = geo.num_heads // geo.num_kv_heads
+                q_heads = (kv_heads.unsqueeze(1) * per_group + torch.arange(per_group)).reshape(-1)
+        layers.append(LayerIndex(ffn, q_heads, kv_heads))
+    del scores
+    with torch.no_grad():
+        prune_ffn(model, [li.ffn for li in layers], progress)
+        if config.head_ratio > 0:
+            prune_heads(model, [li.q_heads for li in layers], [li.kv_heads for li in layers], geo.head_dim)
+    widths = {len(li.ffn) for li in layers}
+    if len(widths) == 1:
+        setattr(model.config, family.intermediate_attr, widths.pop())
+    if config.head_ratio > 0:
+        model.config.num_attention_heads = len(layers[0].q_heads)
+        if hasattr(model.config, "num_key_value_heads"):
+            model.config.num_key_value_heads = len(layers[0].kv_heads)
+    if family.head_pruning:  # derived head_dim would be wrong once heads are gone (DESIGN.md §6)
+        model.config.head_dim = geo.head_dim
+    return IndexMaps(layers, geo.head_dim)

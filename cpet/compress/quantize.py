@@ -1,0 +1,63 @@
+"""Quantization with bitsandbytes (int8, nf4, fp4) through transformers' ``BitsAndBytesConfig``.
+
+The in-memory model is written to a temporary safetensors directory and read back with a
+``quantization_config``: that is transformers' own bnb path, so the result serializes with
+``save_pretrained`` and reloads with plain ``from_pretrained`` (quantization state included), on CPU
+(bitsandbytes >= 0.48) and CUDA. Gradients flow through the quantized layers to their inputs, which is
+what LoRA and recovery modules need; the quantized weights themselves are frozen.
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import torch
+from torch import nn
+
+from ..config import QuantizeConfig, QuantMethod
+
+
+def validate(model: nn.Module, config: QuantizeConfig, uniform: bool = True) -> None:
+    """Every check that can fail, before any expensive work."""
+    if not uniform:
+        raise ValueError("a base with per-layer FFN widths (layer_schedule) cannot be quantized: transformers "
+                         "reloads it with uniform shapes; prune with a uniform ffn_ratio to quantize")
+    if any(type(m).__module__.startswith("bitsandbytes") for m in model.modules()):
+        raise ValueError("the model is already quantized; a compression pipeline takes one QuantizeConfig")
+    for name in config.modules or ():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"QuantizeConfig.modules names {name!r}, which is not a module of this model") from None
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"QuantizeConfig.modules names {name!r}, a {type(module).__name__}: bitsandbytes "
+                             "quantizes only nn.Linear layers")
+
+
+def bnb_config(model: nn.Module, config: QuantizeConfig):
+    from transformers import BitsAndBytesConfig
+
+    skip = list(config.skip_modules)
+    if config.modules is not None:  # quantize only the named linears: skip every other one
+        wanted = set(config.modules)
+        skip += [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in wanted]
+    if config.method == QuantMethod.INT8:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=config.method.value,
+                              bnb_4bit_use_double_quant=config.double_quant,
+                              bnb_4bit_compute_dtype=getattr(torch, config.compute_dtype),
+                              llm_int8_skip_modules=skip)
+
+
+def quantize(model: nn.Module, config: QuantizeConfig) -> nn.Module:
+    """A bitsandbytes-quantized copy of ``model`` (same device), in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    validate(model, config)
+    device = next(model.parameters()).device
+    device_map = {"": device.index or 0} if device.type == "cuda" else "cpu"
+    with tempfile.TemporaryDirectory(prefix="cpet-quantize-") as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        quantized = AutoModelForCausalLM.from_pretrained(
+            tmp, quantization_config=bnb_config(model, config), dtype=torch.float32, device_map=device_map)
+    return quantized.eval()

@@ -1,0 +1,153 @@
+"""Compression stage configs: small dataclasses, validated on construction, JSON round trip.
+
+Stages are identified in JSON by a ``"stage"`` key (``"prune"``, ``"quantize"``), so a manifest can be
+read back into the same config objects with :func:`stage_config_from_dict`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from enum import Enum
+
+
+class QuantMethod(str, Enum):
+    """bitsandbytes storage formats."""
+
+    INT8 = "int8"  # LLM.int8() with outlier decomposition
+    NF4 = "nf4"    # 4-bit NormalFloat (QLoRA)
+    FP4 = "fp4"    # 4-bit float
+
+
+class Importance(str, Enum):
+    """How structured-pruning candidates are ranked (higher = keep)."""
+
+    MAGNITUDE = "magnitude"    # sum of |W| over the coupled group
+    TAYLOR = "taylor"          # sum of |W * dL/dW| over the group, LM loss on calibration batches
+    ACTIVATION = "activation"  # Wanda: sum of |W| * ||X|| (input-feature norms on calibration batches)
+
+
+class HeadMode(str, Enum):
+    """GQA-aware head pruning."""
+
+    QUERY = "query"        # drop the same number of query heads inside every KV group
+    KV_GROUP = "kv_group"  # drop whole KV groups (a KV head with all its query heads)
+
+
+def _check_ratio(name: str, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value}")
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """Quantize linear layers with bitsandbytes.
+
+    Attributes:
+        method: ``int8``, ``nf4`` or ``fp4``.
+        double_quant: 4-bit only: quantize the quantization constants too (saves ~0.4 bit/parameter).
+        compute_dtype: dtype of the 4-bit matmul (``float32`` on CPU; ``bfloat16`` on GPUs).
+        skip_modules: module-name fragments left in full precision (embeddings and ``lm_head`` by default).
+        modules: if set, quantize only these linears (full names); each must be an ``nn.Linear``.
+    """
+
+    method: QuantMethod = QuantMethod.NF4
+    double_quant: bool = True
+    compute_dtype: str = "float32"
+    skip_modules: tuple[str, ...] = ("lm_head", "embed_tokens", "embed_positions")
+    modules: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "method", QuantMethod(self.method))
+        object.__setattr__(self, "skip_modules", tuple(self.skip_modules))
+        if self.modules is not None:
+            object.__setattr__(self, "modules", tuple(self.modules))
+        if self.compute_dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"compute_dtype must be float32, float16 or bfloat16, got {self.compute_dtype!r}")
+
+    @property
+    def stage(self) -> str:
+        return "quantize"
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Structured pruning of FFN channels and attention heads with torch-pruning.
+
+    Attributes:
+        ffn_ratio: share of FFN intermediate channels removed in every layer, in [0, 1).
+        head_ratio: share of attention heads removed in every layer, in [0, 1) (must fit the GQA groups).
+        importance: ``magnitude``, ``taylor`` or ``activation`` (the last two need calibration batches).
+        head_mode: ``query`` (drop query heads inside each KV group) or ``kv_group`` (drop whole groups).
+        layer_schedule: optional per-layer FFN ratios ``{layer: ratio}`` overriding ``ffn_ratio``; the
+            result has non-uniform widths and loads with ``CompressedBase.load`` only.
+        round_to: kept FFN widths are rounded down to a multiple of this (hardware-friendly shapes).
+    """
+
+    ffn_ratio: float = 0.0
+    head_ratio: float = 0.0
+    importance: Importance = Importance.TAYLOR
+    head_mode: HeadMode = HeadMode.QUERY
+    layer_schedule: dict[int, float] | None = None
+    round_to: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "importance", Importance(self.importance))
+        object.__setattr__(self, "head_mode", HeadMode(self.head_mode))
+        _check_ratio("ffn_ratio", self.ffn_ratio)
+        _check_ratio("head_ratio", self.head_ratio)
+        if self.layer_schedule is not None:
+            schedule = {int(k): float(v) for k, v in self.layer_schedule.items()}
+            for layer, ratio in schedule.items():
+                _check_ratio(f"layer_schedule[{layer}]", ratio)
+            object.__setattr__(self, "layer_schedule", schedule)
+        if self.round_to < 1:
+            raise ValueError(f"round_to must be >= 1, got {self.round_to}")
+        if self.ffn_ratio == 0 and self.head_ratio == 0 and not self.layer_schedule:
+            raise ValueError("PruneConfig prunes nothing: set ffn_ratio, head_ratio or layer_schedule")
+
+    @property
+    def stage(self) -> str:
+        return "prune"
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.importance in (Importance.TAYLOR, Importance.ACTIVATION)
+
+
+STAGE_CONFIGS = {"quantize": QuantizeConfig, "prune": PruneConfig}
+
+
+def stage_config_to_dict(config) -> dict:
+    """JSON-ready dict with a ``"stage"`` key; enums become their strings."""
+    out = {"stage": config.stage}
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, Enum):
+            value = value.value
+        elif isinstance(value, tuple):
+            value = list(value)
+        elif isinstance(value, dict):
+            value = {str(k): v for k, v in value.items()}
+        out[f.name] = value
+    return out
+
+
+def stage_config_from_dict(data: dict):
+    """Inverse of :func:`stage_config_to_dict`."""
+    data = dict(data)
+    stage = data.pop("stage", None)
+    if stage not in STAGE_CONFIGS:
+        raise ValueError(f"unknown compression stage {stage!r}; known: {', '.join(STAGE_CONFIGS)}")
+    cls = STAGE_CONFIGS[stage]
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no fields {unknown}")
+    for key in ("skip_modules", "modules"):
+        if isinstance(data.get(key), list):
+            data[key] = tuple(data[key])
+    return cls(**data)
+
+
+__all__ = ["QuantMethod", "Importance", "HeadMode", "QuantizeConfig", "PruneConfig", "stage_config_to_dict",
+           "stage_config_from_dict"]
