@@ -46,6 +46,7 @@ class TuneConfig:
         max_prompt_tokens: prompts are left-truncated to this many tokens.
         seed: seeds LoRA init, data order and dropout.
         distill_weight: lambda of the hidden-state MSE against a teacher (0 = no distillation).
+        eval_at_start: also validate the initial adapter (step 0), which can be the best one (inheritance).
     """
 
     rank: int = 8
@@ -62,6 +63,7 @@ class TuneConfig:
     max_prompt_tokens: int = 128
     seed: int = 0
     distill_weight: float = 0.0
+    eval_at_start: bool = True
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -242,7 +244,7 @@ def train_classifier(model: nn.Module, tokenizer, train_examples, val_examples, 
         start_step, best, history = state["step"], state["best"], state["history"]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s + start_step, config))
 
-    def evaluate_now(step: int, loss: float) -> None:
+    def evaluate_now(step: int, loss: float | None) -> None:
         nonlocal best
         unwrapped = accelerator.unwrap_model(model)
         result = classification_accuracy(unwrapped, tokenizer, [e.text for e in val], [e.label for e in val],
@@ -253,6 +255,8 @@ def train_classifier(model: nn.Module, tokenizer, train_examples, val_examples, 
             with atomic_path(out_dir / "adapter") as tmp:
                 save_best(tmp, {"val_accuracy": result.accuracy, "step": step, "history": history})
 
+    if start_step == 0 and config.eval_at_start:  # the initialisation itself may be the best (inheritance)
+        evaluate_now(0, None)
     running = []
     bar = tqdm(range(start_step, config.steps), desc="tune", disable=not progress, initial=start_step,
                total=config.steps)

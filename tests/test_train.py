@@ -62,7 +62,8 @@ def test_tuning_learns_the_task_and_writes_a_peft_directory(tmp_path):
     result = run(model, loaded.tokenizer, tmp_path, config)
     assert before.accuracy < 0.75  # the random tiny model (LoRA B = 0) is near chance
     assert result.best_accuracy >= 0.9
-    assert [h["step"] for h in result.history] == [20, 40, 60]
+    assert [h["step"] for h in result.history] == [0, 20, 40, 60]
+    assert result.history[0]["val_accuracy"] == before.accuracy
     assert read_adapter_meta(tmp_path / "adapter")["metrics"]["val_accuracy"] == result.best_accuracy
 
     # plain peft loads the directory, and the loaded adapter reproduces the trained one's outputs
@@ -102,7 +103,7 @@ def test_resume_after_kill_continues_from_saved_step(tmp_path, monkeypatch):
     torch.manual_seed(1234)  # a different LoRA init: the resumed values must come from the checkpoint
     resumed = add_lora(base, rank=4, alpha=8, dropout=0.1, target_roles=("q", "v"))
     result = run(resumed, tiny_model("llama").tokenizer, tmp_path / "killed", config)
-    assert [h["step"] for h in result.history] == [10, 20, 30]
+    assert [h["step"] for h in result.history] == [0, 10, 20, 30]
     expected, got = lora_state(straight), lora_state(resumed)
     assert expected.keys() == got.keys()
     for name in expected:
