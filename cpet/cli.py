@@ -11,7 +11,6 @@ import sys
 import time
 from typing import Callable, Sequence
 
-VADER_TASKS = ("vader-movie", "vader-product", "vader-news", "vader-tweets")
 
 
 def _print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
@@ -156,27 +155,145 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    """The README's main job: the embedded default's perplexity and zero-shot accuracy on VADER."""
-    from .models import load_base
+def stages_from_args(args: argparse.Namespace) -> list:
+    """PruneConfig / QuantizeConfig objects from ``cpet compress`` flags (validated on construction)."""
+    from .config import PruneConfig, QuantizeConfig
 
-    start = time.perf_counter()
-    loaded = load_base(args.model)
-    print(f"loaded {args.model} in {time.perf_counter() - start:.1f} s "
-          f"({', '.join(f'{k} {v:.1f} s' for k, v in loaded.timings.items())})", file=sys.stderr)
-    ppl = evaluate_corpus(loaded, "brown", max_tokens=args.max_tokens, max_length=256)
-    tasks = [evaluate_task(loaded, t, split="test", limit=args.limit, batch_size=args.batch_size)
-             for t in VADER_TASKS]
-    results = {"model": args.model, "perplexity": ppl, "tasks": tasks,
-               "seconds": time.perf_counter() - start}
+    stages = []
+    if args.prune_ffn or args.prune_heads:
+        stages.append(PruneConfig(ffn_ratio=args.prune_ffn, head_ratio=args.prune_heads,
+                                  importance=args.importance, head_mode=args.head_mode))
+    if args.quantize != "none":
+        stages.append(QuantizeConfig(method=args.quantize, double_quant=not args.no_double_quant,
+                                     compute_dtype=args.compute_dtype))
+    if not stages:
+        raise ValueError("nothing to do: give --prune-ffn, --prune-heads and/or --quantize")
+    return stages
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    """Compress into a pipeline directory and report size, perplexity and speed after every stage."""
+    from .data import load_corpus
+    from .evaluate import count_parameters, memory_bytes, perplexity, throughput
+    from .models import load_base
+    from .pipeline import CPET
+
+    stages = stages_from_args(args)  # bad flags fail here, before the model is loaded
+    pipeline = CPET(load_base(args.model), args.out)
+    text = load_corpus("brown", split="heldout")
+    rows = []
+
+    def measure(name: str, model) -> None:
+        ppl = perplexity(model, pipeline.original.tokenizer, text, max_tokens=args.eval_tokens,
+                         progress=not args.json)
+        speed = throughput(model, batch_size=4, prompt_len=128, new_tokens=8)
+        rows.append({"stage": name, "params": count_parameters(model), "memory_bytes": memory_bytes(model),
+                     "brown_ppl": ppl.ppl, "prefill_tok_s": speed.prefill_tokens_per_s})
+
+    measure("original", pipeline.original.model)
+    names = [type(s).__name__ for s in stages]
+    pipeline.compress(stages, calibration_samples=args.calibration_samples, progress=not args.json,
+                      after_stage=lambda i, model: measure(f"+ {names[i]}", model))
+    result = {"out": str(pipeline.base_dir), "base_id": pipeline.base_id, "stages": rows}
 
     def render(r: dict) -> None:
-        p = r["perplexity"]
-        print(f"\n{r['model']}: Brown held-out perplexity {p['ppl']:.2f} ({p['tokens']} tokens)\n")
-        _print_table(["task", "n (test)", "zero-shot accuracy", "majority baseline"],
-                     [[t["task"], t["n"], t["accuracy"], t["majority_baseline"]] for t in r["tasks"]])
-        mean = sum(t["accuracy"] for t in r["tasks"]) / len(r["tasks"])
-        print(f"\nmean accuracy {mean:.4f}; total {r['seconds']:.0f} s")
+        _print_table(["after", "params (M)", "memory (MB)", "Brown ppl", "prefill tok/s"],
+                     [[x["stage"], x["params"] / 1e6, x["memory_bytes"] / 1e6, x["brown_ppl"], x["prefill_tok_s"]]
+                      for x in r["stages"]])
+        print(f"\ncompressed base {r['base_id'][:16]}… written to {r['out']}")
+
+    _emit(result, args.json, render)
+    return 0
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    from .pipeline import CPET
+    from .recovery import RecoveryConfig
+    from .train import DistillConfig
+
+    pipeline = CPET.load(args.pipeline)
+    pipeline.recover(RecoveryConfig(rank=args.rank, alpha=float(args.rank), activation="identity", init="svd"),
+                     DistillConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr),
+                     progress=not args.json)
+    result = pipeline.log[-1]
+    _emit(result, args.json, lambda r: print(f"shared recovery written to {pipeline.recovery_dir}: distillation "
+                                             f"loss {r['loss_first']:.4f} -> {r['loss_last']:.4f}"))
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from .pipeline import CPET
+    from .train import TuneConfig
+
+    config = TuneConfig(rank=args.rank, alpha=args.alpha, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                        eval_every=args.eval_every, seed=args.seed)
+    pipeline = CPET.load(args.pipeline)
+    adapter = pipeline.tune(args.task, on=args.on, init=args.init, inherit_from=args.inherit_from,
+                            recovery=args.recovery, config=config, name=args.name, progress=not args.json)
+    test = pipeline.evaluate(adapter, args.task, limit=args.limit)
+    result = {"adapter": str(adapter.directory), "best_val_accuracy": adapter.meta["metrics"]["val_accuracy"],
+              "best_step": adapter.meta["metrics"]["step"], "test": test}
+    _emit(result, args.json, lambda r: print(
+        f"adapter {r['adapter']}: validation {r['best_val_accuracy']:.4f} (step {r['best_step']}), "
+        f"test {r['test']['accuracy']:.4f} on {r['test']['n']} examples"))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The README's main job: the whole CPET pipeline on the embedded default, for one task.
+
+    Original model (perplexity, zero-shot, + LoRA) -> compressed base (perplexity, zero-shot, vanilla LoRA)
+    -> shared recovery -> CPET adapter (inherited LoRA on the recovered base), with a table at the end.
+    """
+    from .config import PruneConfig, QuantizeConfig
+    from .data import load_corpus
+    from .evaluate import memory_bytes, perplexity
+    from .pipeline import CPET
+    from .recovery import RecoveryConfig
+    from .train import DistillConfig, TuneConfig
+
+    start = time.perf_counter()
+    say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    pipeline = CPET.from_pretrained(args.model, work_dir=args.out)
+    text = load_corpus("brown", split="heldout")
+    tune = TuneConfig(rank=8, alpha=16, steps=args.steps, batch_size=8, lr=args.lr, eval_every=args.steps // 2,
+                      eval_limit=100, max_prompt_tokens=64)
+    rows = []
+
+    def row(name: str, model, adapter=None, on: str = "compressed") -> None:
+        ppl = perplexity(model, pipeline.original.tokenizer, text, max_tokens=args.max_tokens).ppl
+        acc = pipeline.evaluate(adapter, args.task, limit=args.limit, on=on)["accuracy"]
+        rows.append({"model": name, "memory_mb": memory_bytes(model) / 1e6, "brown_ppl": ppl, "accuracy": acc,
+                     "minutes": (time.perf_counter() - start) / 60})
+        say(f"[{rows[-1]['minutes']:.1f} min] {name}: Brown ppl {ppl:.2f}, {args.task} accuracy {acc:.4f}")
+
+    say(f"1/5 original {args.model}")
+    row("original, zero-shot", pipeline.original.model, on="original")
+    original = pipeline.tune(args.task, on="original", config=tune, name="original", progress=not args.json)
+    row("original + LoRA", pipeline.model_for(original), original)
+    say("2/5 compress: 25% FFN channels (Taylor) + nf4")
+    pipeline.compress([PruneConfig(ffn_ratio=0.25, importance="taylor"), QuantizeConfig(method="nf4")],
+                      progress=not args.json)
+    row("compressed, zero-shot", pipeline.model_for(None))
+    say("3/5 vanilla LoRA on the compressed base (random init)")
+    vanilla = pipeline.tune(args.task, config=tune, name="vanilla", progress=not args.json)
+    row("compressed + LoRA (vanilla)", pipeline.model_for(vanilla), vanilla)
+    say("4/5 shared recovery: residual-SVD init, distilled on Brown")
+    pipeline.recover(RecoveryConfig(rank=16, alpha=16.0, activation="identity", init="svd"),
+                     DistillConfig(steps=args.recovery_steps, batch_size=4, seq_len=128), progress=not args.json)
+    say("5/5 CPET: inherited LoRA on the recovered base")
+    cpet = pipeline.tune(args.task, init="inherit", inherit_from=original, recovery="shared", config=tune,
+                         name="cpet", progress=not args.json)
+    row("compressed + recovery + inherited LoRA (CPET)", pipeline.model_for(cpet), cpet)
+    results = {"model": args.model, "task": args.task, "test_examples": args.limit, "rows": rows,
+               "work_dir": str(pipeline.work_dir), "minutes": (time.perf_counter() - start) / 60}
+
+    def render(r: dict) -> None:
+        print(f"\nCPET on {r['model']}, task {r['task']} (test accuracy on {r['test_examples']} examples, Brown "
+              f"held-out perplexity on {args.max_tokens} tokens)\n")
+        _print_table(["model", "memory (MB)", "Brown ppl", "accuracy"],
+                     [[x["model"], x["memory_mb"], x["brown_ppl"], x["accuracy"]] for x in r["rows"]])
+        print(f"\nartifacts in {r['work_dir']}; total {r['minutes']:.1f} min")
 
     _emit(results, args.json, render)
     return 0
@@ -214,11 +331,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("demo", help="perplexity + zero-shot accuracy of the embedded default on VADER")
+    p = sub.add_parser("compress", help="compress a model into a pipeline directory, with a report")
     p.add_argument("--model", default=EMBEDDED_DEFAULT)
-    p.add_argument("--limit", type=int, default=200, help="test examples per task (default 200)")
-    p.add_argument("--max-tokens", type=int, default=8192)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--prune-ffn", type=float, default=0.0, help="share of FFN channels removed per layer")
+    p.add_argument("--prune-heads", type=float, default=0.0, help="share of attention heads removed per layer")
+    p.add_argument("--importance", default="taylor", choices=["magnitude", "taylor", "activation"])
+    p.add_argument("--head-mode", default="query", choices=["query", "kv_group"])
+    p.add_argument("--quantize", default="none", choices=["none", "int8", "nf4", "fp4"])
+    p.add_argument("--no-double-quant", action="store_true")
+    p.add_argument("--compute-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--calibration-samples", type=int, default=16, help="Brown windows of 128 tokens")
+    p.add_argument("--eval-tokens", type=int, default=2048, help="Brown held-out tokens for perplexity")
+    p.add_argument("--out", required=True, help="pipeline directory (the base goes to OUT/base)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("recover", help="shared recovery modules for a compressed pipeline (distilled on Brown)")
+    p.add_argument("pipeline", help="directory made by `cpet compress`")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_recover)
+
+    p = sub.add_parser("tune", help="tune a task adapter in a pipeline directory")
+    p.add_argument("pipeline", help="directory made by `cpet compress`")
+    p.add_argument("--task", required=True)
+    p.add_argument("--on", default="compressed", choices=["compressed", "original"])
+    p.add_argument("--init", default="random", choices=["random", "inherit", "svd"])
+    p.add_argument("--inherit-from", help="adapter directory trained on the original model")
+    p.add_argument("--recovery", default="none", choices=["none", "shared", "per_task", "both"])
+    p.add_argument("--name", help="adapter name (default: derived from the options)")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="test examples evaluated at the end")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("demo", help="the whole pipeline on the embedded default for one task (~10 min on 2 cores)")
+    p.add_argument("--model", default=EMBEDDED_DEFAULT)
+    p.add_argument("--task", default="vader-tweets")
+    p.add_argument("--limit", type=int, default=200, help="test examples evaluated (default 200)")
+    p.add_argument("--max-tokens", type=int, default=2048, help="Brown held-out tokens for perplexity")
+    p.add_argument("--steps", type=int, default=60, help="LoRA steps per adapter")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--recovery-steps", type=int, default=40)
+    p.add_argument("--out", default="runs/demo", help="pipeline directory")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_demo)
     return parser

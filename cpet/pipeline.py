@@ -28,7 +28,7 @@ import torch
 from .adapters import add_lora, check_adapter_base, read_adapter_meta, save_adapter
 from .assets import atomic_path, write_text_atomic
 from .models import LoadedBase, load_base, model_fingerprint
-from .recovery import RecoveryConfig, RecoverySet, init_from_residuals, input_rms, read_recovery_meta
+from .recovery import RecoveryConfig, RecoverySet, init_from_residuals, input_rms
 from .train import DistillConfig, TuneConfig, distill_on_text, train_classifier
 
 INIT_MODES = ("random", "inherit", "svd")
@@ -112,8 +112,11 @@ class CPET:
 
     # ------------------------------------------------------------------ compress
     def compress(self, stages: Sequence, *, calibration: str = "brown", calibration_samples: int = 16,
-                 seq_len: int = 128, progress: bool = True) -> "CPET":
-        """Compress a copy of the original model with ``stages`` and save it to ``work_dir/base``."""
+                 seq_len: int = 128, progress: bool = True, after_stage=None) -> "CPET":
+        """Compress a copy of the original model with ``stages`` and save it to ``work_dir/base``.
+
+        ``after_stage(i, model)`` is called after each stage (see :func:`cpet.compress.compress`).
+        """
         import copy
 
         from .compress import compress as run_stages
@@ -124,7 +127,8 @@ class CPET:
         ids = calibration_ids(self.original.tokenizer, load_corpus(calibration, split="train"),
                               calibration_samples, seq_len)
         base = run_stages(copy.deepcopy(self.original.model), list(stages), calibration=ids,
-                          source_name=self.original.name, tokenizer=self.original.tokenizer, progress=progress)
+                          source_name=self.original.name, tokenizer=self.original.tokenizer, progress=progress,
+                          after_stage=after_stage)
         base.save(self.base_dir)
         if self.recovery_dir.exists():  # recovery made for a previous base no longer applies
             shutil.rmtree(self.recovery_dir)
@@ -325,12 +329,16 @@ class CPET:
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path, original: str | None = None) -> "CPET":
-        """Reopen a saved pipeline; the original model is reloaded by the name recorded in it."""
+    def load(cls, directory: str | Path, original: str | LoadedBase | None = None) -> "CPET":
+        """Reopen a saved pipeline; the original model is reloaded by the name recorded in it unless
+        ``original`` (a name/path or an already loaded base) is given. Refuses another source model."""
         directory = Path(directory)
-        record = json.loads((directory / "pipeline.json").read_text()) if (directory / "pipeline.json").exists() \
-            else {"source": original or "smollm2-135m", "log": []}
-        pipeline = cls(load_base(original or record["source"]), directory)
+        if not (directory / "pipeline.json").exists():
+            raise FileNotFoundError(f"{directory} has no pipeline.json: not a saved CPET pipeline")
+        record = json.loads((directory / "pipeline.json").read_text())
+        if not isinstance(original, LoadedBase):
+            original = load_base(original or record["source"])
+        pipeline = cls(original, directory)
         pipeline.log = record["log"]
         if pipeline.has_base:
             manifest = json.loads((pipeline.base_dir / "manifest.json").read_text())

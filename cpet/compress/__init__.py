@@ -71,8 +71,8 @@ def _geometry_dict(model: nn.Module) -> dict:
 
 
 def compress(model: nn.Module, stages: Sequence, *, calibration: torch.Tensor | None = None,
-             tokenizer=None, source_name: str = "", inplace: bool = False, progress: bool = True
-             ) -> CompressedBase:
+             tokenizer=None, source_name: str = "", inplace: bool = False, progress: bool = True,
+             after_stage: Callable[[int, nn.Module], None] | None = None) -> CompressedBase:
     """Apply ``stages`` in order and return the frozen :class:`CompressedBase` with its manifest.
 
     Args:
@@ -81,6 +81,7 @@ def compress(model: nn.Module, stages: Sequence, *, calibration: torch.Tensor | 
         calibration: ``[n, seq]`` token ids for Taylor / activation importance.
         tokenizer: saved beside the weights when given.
         inplace: modify ``model`` itself instead of a deep copy.
+        after_stage: called as ``after_stage(i, model)`` after stage ``i`` (reports measure each stage).
     Raises:
         ValueError: unknown or misordered stages, or any stage's own validation (before any work).
         UnsupportedArchitectureError: a model without a CPET module map.
@@ -109,6 +110,8 @@ def compress(model: nn.Module, stages: Sequence, *, calibration: torch.Tensor | 
             maps = maps.compose(local)
         records.append(StageRecord(stage_config_to_dict(stage), params, count_parameters(model), size,
                                    memory_bytes(model), time.perf_counter() - start))
+        if after_stage is not None:
+            after_stage(len(records) - 1, model)
     model.requires_grad_(False)
     model.eval()
     manifest = Manifest(source=source, stages=records, geometry_before=geometry_before,

@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cpet.compress import CompressedBase, compress
+from cpet.compress.manifest import IndexMaps, Manifest
+from cpet.config import PruneConfig, QuantizeConfig, stage_config_from_dict, stage_config_to_dict
+from cpet.models import geometry, model_fingerprint, tiny_model
+
+
+@pytest.mark.parametrize("config", [
+    QuantizeConfig(method="fp4", double_quant=False, skip_modules=("lm_head",)),
+    PruneConfig(ffn_ratio=0.3, head_ratio=0.5, importance="activation", head_mode="kv_group"),
+    PruneConfig(layer_schedule={0: 0.5, 1: 0.1}, importance="magnitude", round_to=8),
+])
+def test_stage_configs_round_trip_through_json(config):
+    data = json.loads(json.dumps(stage_config_to_dict(config)))
+    assert stage_config_from_dict(data) == config
+
+
+def test_unknown_stage_dict():
+    with pytest.raises(ValueError, match="unknown compression stage 'moefy'"):
+        stage_config_from_dict({"stage": "moefy"})
+    with pytest.raises(ValueError, match=r"no fields \['bits'\]"):
+        stage_config_from_dict({"stage": "quantize", "bits": 3})
+
+
+def test_manifest_round_trip_and_source_identity():
+    loaded = tiny_model("llama")
+    base = compress(loaded.model, [PruneConfig(ffn_ratio=0.5, importance="magnitude")], source_name="tiny",
+                    progress=False)
+    again = Manifest.from_json(base.manifest.to_json())
+    assert again == base.manifest
+    assert again.source == {"name": "tiny", "fingerprint": model_fingerprint(loaded.model), "model_type": "llama"}
+    assert again.geometry_before["intermediate_size"] == 128 and again.geometry_after["intermediate_size"] == 64
+    assert again.stages[0].params_after < again.stages[0].params_before
+
+
+def test_base_id_changes_with_every_stage_config_and_source():
+    loaded = tiny_model("llama")
+    ids = {}
+    for name, stages in {
+        "a": [PruneConfig(ffn_ratio=0.5, importance="magnitude")],
+        "b": [PruneConfig(ffn_ratio=0.25, importance="magnitude")],
+        "c": [PruneConfig(ffn_ratio=0.5, importance="magnitude", round_to=2)],
+        "d": [PruneConfig(ffn_ratio=0.5, importance="magnitude"), QuantizeConfig("nf4")],
+        "e": [PruneConfig(ffn_ratio=0.5, importance="magnitude"), QuantizeConfig("nf4", double_quant=False)],
+    }.items():
+        ids[name] = compress(loaded.model, stages, progress=False).manifest.base_id
+    ids["other-source"] = compress(tiny_model("llama", seed=3).model,
+                                   [PruneConfig(ffn_ratio=0.5, importance="magnitude")], progress=False).manifest.base_id
+    assert len(set(ids.values())) == len(ids)
+    again = compress(loaded.model, [PruneConfig(ffn_ratio=0.5, importance="magnitude")], progress=False)
+    assert again.manifest.base_id == ids["a"]  # deterministic
+
+
+def test_tampered_directory_is_refused(tmp_path):
+    loaded = tiny_model("llama")
+    base = compress(loaded.model, [PruneConfig(ffn_ratio=0.5, importance="magnitude")], progress=False)
+    base.save(tmp_path / "b")
+    maps = IndexMaps.load(tmp_path / "b" / "index_maps.safetensors")
+    maps.layers[0].ffn = maps.layers[0].ffn.flip(0)
+    maps.save(tmp_path / "b" / "index_maps.safetensors")
+    with pytest.raises(ValueError, match="do not match base_id"):
+        CompressedBase.load(tmp_path / "b")
+
+
+def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
+    loaded = tiny_model("llama")
+    base = compress(loaded.model, [PruneConfig(ffn_ratio=0.5, importance="magnitude")], progress=False)
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(base.index_maps, "save", broken)
+    with pytest.raises(OSError):
+        base.save(tmp_path / "b")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_identity_maps_and_row_expansion():
+    maps = IndexMaps.identity(geometry(tiny_model("llama").model))
+    assert maps.q_rows(0).tolist() == list(range(64)) and maps.kv_rows(1).tolist() == list(range(32))
+    local = IndexMaps.identity(geometry(tiny_model("llama").model))
+    local.layers[0].q_heads = torch.tensor([1, 3])
+    assert maps.compose(local).q_rows(0).tolist() == list(range(16, 32)) + list(range(48, 64))

@@ -1,0 +1,159 @@
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from cpet.compress import CompressedBase, calibration_ids, compress
+from cpet.compress.prune import valid_head_ratios
+from cpet.config import HeadMode, PruneConfig
+from cpet.models import family_of, geometry, layer_linears, tiny_model
+
+TEXT = "calibration text for tiny models, long enough for a few windows. " * 20
+IDS = torch.tensor([[5, 17, 99, 3, 42, 8, 120]])
+
+
+def calib(tokenizer):
+    return calibration_ids(tokenizer, TEXT, n_samples=4, seq_len=32)
+
+
+CASES = [  # family, config
+    ("llama", PruneConfig(ffn_ratio=0.25, head_ratio=0.5, importance="taylor")),
+    ("qwen2", PruneConfig(ffn_ratio=0.5, head_ratio=0.5, importance="activation")),
+    ("gemma", PruneConfig(ffn_ratio=0.25, head_ratio=0.5, importance="magnitude", head_mode="kv_group")),
+    ("mistral", PruneConfig(ffn_ratio=0.25, importance="activation")),
+    ("opt", PruneConfig(ffn_ratio=0.5, importance="taylor")),
+]
+
+
+@pytest.mark.parametrize("family, config", CASES)
+def test_pruned_shapes_config_and_plain_reload(tmp_path, family, config):
+    loaded = tiny_model(family)
+    original = copy.deepcopy(loaded.model)
+    base = compress(loaded.model, [config], calibration=calib(loaded.tokenizer), tokenizer=loaded.tokenizer,
+                    progress=False)
+    geo, before = geometry(base.model), geometry(original)
+    kept_ffn = round(128 * (1 - config.ffn_ratio))
+    assert geo.intermediate_size == kept_ffn
+    assert geo.head_dim == before.head_dim
+    if config.head_ratio:
+        if config.head_mode == HeadMode.QUERY:
+            assert (geo.num_heads, geo.num_kv_heads) == (2, 2)
+        else:
+            assert (geo.num_heads, geo.num_kv_heads) == (2, 1)
+    for index in range(geo.num_layers):
+        linears = layer_linears(base.model, index)
+        assert linears["up"].out_features == kept_ffn == linears["down"].in_features
+        assert linears["q"].out_features == geo.num_heads * geo.head_dim == linears["o"].in_features
+        assert linears["k"].out_features == geo.num_kv_heads * geo.head_dim
+    # the model still runs, and reloads with plain transformers giving the same logits
+    base.save(tmp_path / "base")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        assert torch.allclose(plain(IDS).logits, base.model(IDS).logits, atol=1e-6)
+        again = CompressedBase.load(tmp_path / "base")
+        assert torch.equal(again.model(IDS).logits, plain(IDS).logits)
+    assert again.manifest.base_id == base.manifest.base_id and again.index_maps == base.index_maps
+    assert not any(p.requires_grad for p in again.model.parameters())
+    assert loaded.model is not base.model  # not in place by default
+    assert geometry(loaded.model) == before
+
+
+@pytest.mark.parametrize("family, config", CASES)
+def test_index_maps_reconstruct_pruned_weights_from_original(family, config):
+    loaded = tiny_model(family)
+    base = compress(loaded.model, [config], calibration=calib(loaded.tokenizer), progress=False)
+    maps = base.index_maps
+    for index in range(2):
+        orig, pruned = layer_linears(loaded.model, index), layer_linears(base.model, index)
+        ffn, q, kv = maps.ffn_rows(index), maps.q_rows(index), maps.kv_rows(index)
+        for role in ("gate", "up"):
+            if role in orig.modules:
+                assert torch.equal(orig[role].weight[ffn], pruned[role].weight)
+        assert torch.equal(orig["down"].weight[:, ffn], pruned["down"].weight)
+        assert torch.equal(orig["q"].weight[q], pruned["q"].weight)
+        assert torch.equal(orig["k"].weight[kv], pruned["k"].weight)
+        assert torch.equal(orig["v"].weight[kv], pruned["v"].weight)
+        assert torch.equal(orig["o"].weight[:, q], pruned["o"].weight)
+        if orig["up"].bias is not None:
+            assert torch.equal(orig["up"].bias[ffn], pruned["up"].bias)
+            assert torch.equal(orig["down"].bias, pruned["down"].bias)
+
+
+def test_query_mode_keeps_heads_per_kv_group_consistent():
+    loaded = tiny_model("llama")
+    base = compress(loaded.model, [PruneConfig(head_ratio=0.5, importance="magnitude")], progress=False)
+    for index in range(2):
+        heads = base.index_maps.layers[index].q_heads.tolist()
+        assert len(heads) == 2 and heads[0] in (0, 1) and heads[1] in (2, 3)  # one per KV group of 2
+
+
+def test_two_prune_stages_compose_into_original_coordinates():
+    loaded = tiny_model("llama")
+    base = compress(loaded.model, [PruneConfig(ffn_ratio=0.5, importance="magnitude"),
+                                   PruneConfig(ffn_ratio=0.5, importance="magnitude")], progress=False)
+    rows = base.index_maps.ffn_rows(0)
+    assert len(rows) == 32
+    assert torch.equal(layer_linears(loaded.model, 0)["up"].weight[rows], layer_linears(base.model, 0)["up"].weight)
+
+
+def test_magnitude_keeps_the_largest_groups():
+    loaded = tiny_model("llama")
+    with torch.no_grad():
+        layer_linears(loaded.model, 0)["up"].weight[7].mul_(100.0)
+        layer_linears(loaded.model, 0)["up"].weight[9].mul_(0.0)
+        layer_linears(loaded.model, 0)["gate"].weight[9].mul_(0.0)
+        layer_linears(loaded.model, 0)["down"].weight[:, 9].mul_(0.0)
+    base = compress(loaded.model, [PruneConfig(ffn_ratio=0.5, importance="magnitude")], progress=False)
+    kept = base.index_maps.ffn_rows(0).tolist()
+    assert 7 in kept and 9 not in kept
+
+
+def test_per_layer_schedule_needs_the_cpet_loader(tmp_path):
+    loaded = tiny_model("llama")
+    config = PruneConfig(layer_schedule={0: 0.5, 1: 0.25}, importance="magnitude")
+    base = compress(loaded.model, [config], progress=False)
+    assert base.index_maps.widths()[0]["ffn"] == 64 and base.index_maps.widths()[1]["ffn"] == 96
+    assert not base.manifest.uniform
+    base.save(tmp_path / "b")
+    again = CompressedBase.load(tmp_path / "b")
+    with torch.no_grad():
+        assert torch.equal(again.model(IDS).logits, base.model(IDS).logits)
+
+
+def test_valid_head_ratios_listing():
+    assert valid_head_ratios(9, 3, HeadMode.QUERY) == [0.0, 0.333333, 0.666667]
+    assert valid_head_ratios(8, 4, HeadMode.KV_GROUP) == [0.0, 0.25, 0.5, 0.75]
+
+
+@pytest.mark.parametrize("family, kwargs, calibrated, message", [
+    ("llama", dict(head_ratio=0.25), True, r"head_ratio 0.25 does not fit 4 query heads in 2 KV groups.*\[0.0, 0.5\]"),
+    ("opt", dict(head_ratio=0.5), True, "cannot be pruned"),
+    ("llama", dict(ffn_ratio=0.25, importance="taylor"), False, "needs calibration batches"),
+    ("llama", dict(ffn_ratio=0.25, importance="activation"), False, "needs calibration batches"),
+    ("llama", dict(layer_schedule={5: 0.5}, importance="magnitude"), False, r"layers \[5\]"),
+])
+def test_bad_prune_input_fails_before_work(family, kwargs, calibrated, message):
+    loaded = tiny_model(family)
+    with pytest.raises(ValueError, match=message):
+        compress(loaded.model, [PruneConfig(**kwargs)], calibration=calib(loaded.tokenizer) if calibrated else None,
+                 progress=False)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(ffn_ratio=1.0), r"ffn_ratio must be in \[0, 1\)"),
+    (dict(ffn_ratio=-0.1), r"ffn_ratio must be in \[0, 1\)"),
+    (dict(head_ratio=1.5), r"head_ratio must be in \[0, 1\)"),
+    (dict(), "prunes nothing"),
+    (dict(ffn_ratio=0.2, importance="random"), "'random' is not a valid Importance"),
+])
+def test_bad_prune_configs(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PruneConfig(**kwargs)
+
+
+def test_family_map_used_by_pruning_covers_every_family():
+    for family in ("llama", "qwen2", "gemma", "mistral", "opt"):
+        assert family_of(tiny_model(family).model).name == family

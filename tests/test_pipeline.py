@@ -1,0 +1,138 @@
+"""End to end on a tiny model: compress -> recover -> tune (original, inherited, recovered) -> evaluate."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from peft import PeftModel
+
+from cpet.config import PruneConfig, QuantizeConfig
+from cpet.models import tiny_model
+from cpet.pipeline import CPET
+from cpet.recovery import RecoveryConfig
+from cpet.train import DistillConfig, TuneConfig
+
+TUNE = TuneConfig(steps=20, batch_size=16, lr=2e-2, eval_every=10, rank=8, alpha=32, dropout=0.0)
+
+
+def write_task(path, n=240, labels=("pos", "neg"), splits=None):
+    rng = random.Random(0)
+    words = {labels[0]: ["good", "great", "nice"], labels[1]: ["bad", "awful", "poor"]}
+    rows = []
+    for i in range(n):
+        label = rng.choice(labels)
+        row = {"text": f"it was {rng.choice(words[label])} {rng.randint(0, 99)}", "label": label}
+        if splits:
+            row["split"] = splits[i % len(splits)]
+        rows.append(row)
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    (root / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    task = write_task(root / "task.jsonl")
+    pipeline = CPET(tiny_model("llama"), root / "work")
+    pipeline.compress([PruneConfig(ffn_ratio=0.25, importance="activation"), QuantizeConfig("nf4")],
+                      calibration=str(root / "corpus.txt"), calibration_samples=4, seq_len=32, progress=False)
+    pipeline.recover(RecoveryConfig(rank=4, alpha=4, activation="identity", init="svd"),
+                     DistillConfig(steps=5, seq_len=32), text=str(root / "corpus.txt"), progress=False)
+    original = pipeline.tune(task, on="original", config=TUNE, progress=False)
+    return pipeline, task, original, root
+
+
+def test_original_adapter_learns_and_loads_with_plain_peft(built):
+    pipeline, task, original, _ = built
+    assert original.meta["metrics"]["val_accuracy"] >= 0.9
+    assert pipeline.evaluate(original, task)["accuracy"] >= 0.9
+    files = {p.name for p in original.directory.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "cpet.json"} <= files
+    plain = PeftModel.from_pretrained(tiny_model("llama").model, str(original.directory))
+    ours = pipeline.model_for(original)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.allclose(plain(input_ids=ids).logits, ours(input_ids=ids).logits, atol=1e-6)
+
+
+@pytest.mark.parametrize("init, recovery", [("random", "none"), ("svd", "none"), ("inherit", "none"),
+                                            ("random", "shared"), ("inherit", "per_task"), ("inherit", "both")])
+def test_every_method_row_trains_and_evaluates(built, init, recovery):
+    pipeline, task, original, _ = built
+    adapter = pipeline.tune(task, init=init, recovery=recovery, inherit_from=original, config=TUNE, progress=False)
+    meta = adapter.meta
+    assert meta["base_id"] == pipeline.base_id and meta["init"] == init and meta["recovery"] == recovery
+    assert [h["step"] for h in meta["metrics"]["history"]] == [0, 10, 20]
+    result = pipeline.evaluate(adapter, task)
+    assert 0.0 <= result["accuracy"] <= 1.0 and result["n"] == 24
+    if init == "inherit":  # the inherited start is already far above chance
+        assert meta["metrics"]["history"][0]["val_accuracy"] >= 0.75
+    if recovery in ("per_task", "both"):
+        assert (adapter.directory / "per_task_recovery" / "recovery.safetensors").exists()
+
+
+def test_save_and_load_pipeline(built, tmp_path):
+    pipeline, task, original, _ = built
+    saved = pipeline.save(tmp_path / "saved")
+    again = CPET.load(saved, original=tiny_model("llama"))
+    assert again.base_id == pipeline.base_id
+    moved = saved / "adapters" / original.directory.parent.name / "adapter"
+    assert again.evaluate(moved, task)["accuracy"] == pipeline.evaluate(original, task)["accuracy"]
+    with pytest.raises(ValueError, match="built from source model"):
+        CPET.load(saved, original=tiny_model("llama", seed=7))
+
+
+def test_adapter_for_another_source_model_is_refused(built, tmp_path):
+    pipeline, task, _, root = built
+    other = CPET(tiny_model("llama", seed=9), tmp_path / "other")
+    foreign = other.tune(task, on="original", config=TuneConfig(steps=1, eval_every=1), progress=False)
+    with pytest.raises(ValueError, match="trained on source model .* not on this source model"):
+        pipeline.tune(task, init="inherit", inherit_from=foreign, config=TUNE, progress=False)
+
+
+def test_task_with_unknown_labels_is_refused(built):
+    pipeline, _, original, root = built
+    other_task = write_task(root / "other.jsonl", labels=("yes", "no"))
+    with pytest.raises(ValueError, match=r"labels \['no', 'yes'\] that adapter .* does not know"):
+        pipeline.tune(other_task, init="inherit", inherit_from=original, config=TUNE, progress=False)
+    with pytest.raises(ValueError, match="that the adapter does not know"):
+        pipeline.evaluate(original, other_task)
+
+
+def test_recovery_targets_that_do_not_exist(built):
+    pipeline, task, original, _ = built
+    with pytest.raises(ValueError, match=r"recovery targets \['router'\] do not exist"):
+        pipeline.tune(task, recovery="per_task", inherit_from=original, config=TUNE, progress=False,
+                      per_task_recovery=RecoveryConfig(target_roles=("router",)))
+
+
+def test_empty_training_split_writes_nothing(built):
+    pipeline, _, _, root = built
+    no_train = write_task(root / "notrain.jsonl", n=20, splits=("validation", "test"))
+    with pytest.raises(ValueError, match="training split is empty"):
+        pipeline.tune(no_train, config=TUNE, name="empty", progress=False)
+    assert not (pipeline.work_dir / "adapters" / "empty" / "adapter").exists()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(on="teacher"), "on must be"),
+    (dict(init="loftq"), "init must be one of"),
+    (dict(recovery="all"), "recovery must be one of"),
+    (dict(init="inherit"), "need inherit_from"),
+    (dict(on="original", init="svd"), "tuning on the original model"),
+])
+def test_bad_tune_options(built, kwargs, message):
+    pipeline, task, _, _ = built
+    with pytest.raises(ValueError, match=message):
+        pipeline.tune(task, config=TUNE, progress=False, **kwargs)
+
+
+def test_missing_prerequisites(tmp_path):
+    fresh = CPET(tiny_model("llama"), tmp_path / "w")
+    task = write_task(tmp_path / "t.jsonl")
+    with pytest.raises(ValueError, match="call compress"):
+        fresh.tune(task, config=TUNE, progress=False)
