@@ -1,19 +1,20 @@
 """The comparison grid: per task, compression setting, method row and seed, one tuning run = one cell.
 
 Cells are run in an order that fills the table evenly (seed-major), each cell's result is written
-atomically to ``<out>/cells/<cell>.json`` and finished cells are skipped, so the grid can be killed and
-resumed at any time, across sessions. The compressed base and the shared recovery modules of each setting
-are built once and reused (``<out>/<setting>/``).
+atomically to ``<cells>/<cell>.json`` (tracked in git: small JSON files) and finished cells are skipped, so
+the grid can be killed and resumed at any time, across sessions. The compressed base and the shared
+recovery modules of each setting are built once and reused (``<out>/<setting>/``, not tracked).
 
-    python experiments/grid.py --out runs/grid                  # everything (long: run in background)
-    python experiments/grid.py --tasks vader-movie --seeds 0    # a slice
-    python experiments/table.py --out runs/grid                 # the table + plots from finished cells
+    python experiments/grid.py                                   # everything (long: run in background)
+    python experiments/grid.py --settings ffn25-nf4 --seeds 0    # a slice
+    python experiments/table.py                                  # the table + plots from finished cells
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from cpet.config import PruneConfig, QuantizeConfig  # noqa: E402
 from cpet.pipeline import CPET  # noqa: E402
 from cpet.train import DistillConfig, TuneConfig  # noqa: E402
 
+CELLS_DIR = Path(__file__).resolve().parent / "results" / "cells"
 TASKS = ("vader-movie", "vader-product", "vader-news", "vader-tweets")
 
 SETTINGS = {
@@ -52,8 +54,13 @@ def budget(args) -> TuneConfig:
                       target_roles=None)
 
 
+def task_key(task: str) -> str:
+    """A file-name-safe key for a task name or a path to a task file."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", Path(task).stem if Path(task).suffix else task)
+
+
 def cell_name(setting: str, task: str, row: str, seed: int) -> str:
-    return f"{setting}__{task}__{row}__s{seed}"
+    return f"{setting}__{task_key(task)}__{row}__s{seed}"
 
 
 def run_cell(pipelines: dict, original: CPET, setting: str, task: str, row: str, seed: int, args) -> dict:
@@ -61,19 +68,19 @@ def run_cell(pipelines: dict, original: CPET, setting: str, task: str, row: str,
     config.seed = seed
     start = time.perf_counter()
     if row == "original":
-        adapter = original.tune(task, name=f"{task}-s{seed}", config=config, progress=args.progress,
+        adapter = original.tune(task, name=f"{task_key(task)}-s{seed}", config=config, progress=args.progress,
                                 **ROWS[row])
         result = original.evaluate(adapter, task, limit=args.test_limit)
     else:
         pipeline = pipelines[setting]
-        inherit_from = original.work_dir / "adapters" / f"{task}-s{seed}" / "adapter"
+        inherit_from = original.work_dir / "adapters" / f"{task_key(task)}-s{seed}" / "adapter"
         needs_original = ROWS[row]["init"] == "inherit" or ROWS[row]["recovery"] == "per_task"
         if needs_original and not inherit_from.exists():
             raise RuntimeError(f"cell needs the original adapter {inherit_from}; run the 'original' row first")
-        adapter = pipeline.tune(task, name=f"{task}-{row}-s{seed}", config=config, progress=args.progress,
+        adapter = pipeline.tune(task, name=f"{task_key(task)}-{row}-s{seed}", config=config, progress=args.progress,
                                 inherit_from=inherit_from if needs_original else None, **ROWS[row])
         result = pipeline.evaluate(adapter, task, limit=args.test_limit)
-    return {"setting": setting, "task": task, "row": row, "seed": seed, "test_accuracy": result["accuracy"],
+    return {"setting": setting, "task": task_key(task), "row": row, "seed": seed, "test_accuracy": result["accuracy"],
             "test_n": result["n"], "best_val_accuracy": adapter.meta["metrics"]["val_accuracy"],
             "best_step": adapter.meta["metrics"]["step"], "history": adapter.meta["metrics"]["history"],
             "budget": config.to_dict(), "seconds": time.perf_counter() - start}
@@ -92,24 +99,25 @@ def prepare_setting(setting: str, out: Path, args) -> CPET:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/grid")
+    parser.add_argument("--out", default="runs/grid", help="work directories (bases, adapters)")
+    parser.add_argument("--cells", default=str(CELLS_DIR), help="finished cells (JSON)")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS))
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--eval-every", type=int, default=25)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--eval-limit", type=int, default=100)
-    parser.add_argument("--test-limit", type=int, default=300)
-    parser.add_argument("--recovery-steps", type=int, default=150)
+    parser.add_argument("--test-limit", type=int, default=200)
+    parser.add_argument("--recovery-steps", type=int, default=40)
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args(argv)
 
     out = Path(args.out)
-    cells_dir = out / "cells"
+    cells_dir = Path(args.cells)
     cells_dir.mkdir(parents=True, exist_ok=True)
     original = CPET.from_pretrained(args.model, work_dir=out / "original")
     pipelines: dict[str, CPET] = {}

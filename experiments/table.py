@@ -1,6 +1,6 @@
 """The comparison table and plots from the grid's finished cells.
 
-    python experiments/table.py --out runs/grid --doc docs/results.md
+    python experiments/table.py --doc docs/results.md
 
 Per compression setting and method row: test accuracy per task and averaged (mean ± standard deviation
 over the seeds that finished, with the seed count), the cells still missing, and a plot of validation
@@ -18,13 +18,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from experiments.grid import ROWS, SETTINGS, TASKS  # noqa: E402
+from experiments.grid import CELLS_DIR, ROWS, SETTINGS, TASKS  # noqa: E402
 
 from cpet.assets import write_text_atomic  # noqa: E402
 
 
-def load_cells(out: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
+def load_cells(cells_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(cells_dir.glob("*.json"))]
 
 
 def mean_std(values: list[float]) -> str:
@@ -35,9 +35,9 @@ def mean_std(values: list[float]) -> str:
 
 
 def table(cells: list[dict], settings, tasks, rows, seeds) -> str:
-    by_key = defaultdict(list)
+    by_key = defaultdict(dict)  # (setting, task, row) -> {seed: accuracy}
     for cell in cells:
-        by_key[(cell["setting"], cell["task"], cell["row"])].append(cell["test_accuracy"])
+        by_key[(cell["setting"], cell["task"], cell["row"])][cell["seed"]] = cell["test_accuracy"]
     lines = []
     for setting in settings:
         lines += [f"\n### {setting}\n", "| method | " + " | ".join(tasks) + " | average |",
@@ -45,14 +45,11 @@ def table(cells: list[dict], settings, tasks, rows, seeds) -> str:
         for row in rows:
             key_setting = "original" if row == "original" else setting
             per_task = [by_key[(key_setting, task, row)] for task in tasks]
-            complete = [v for v in per_task if v]
-            n_seeds = min((len(v) for v in per_task), default=0)
-            # the average is taken per seed over tasks, only where every task has that seed
-            averages = []
-            for i in range(n_seeds):
-                averages.append(statistics.mean(v[i] for v in per_task))
-            cells_txt = [mean_std(v) for v in per_task]
-            avg = mean_std(averages) if len(complete) == len(tasks) else "–"
+            # the average is taken per seed over tasks, for the seeds every task has finished
+            shared = set.intersection(*(set(v) for v in per_task)) if per_task else set()
+            averages = [statistics.mean(v[seed] for v in per_task) for seed in sorted(shared)]
+            cells_txt = [mean_std(list(v.values())) for v in per_task]
+            avg = mean_std(averages)
             lines.append(f"| {row} | " + " | ".join(cells_txt) + f" | {avg} |")
     expected = len(tasks) * len(seeds) * (len(settings) * (len(rows) - ("original" in rows)) + ("original" in rows))
     lines.append(f"\nCells finished: {len(cells)} of {expected} "
@@ -88,13 +85,15 @@ def plot_curves(cells: list[dict], settings, path: Path) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/grid")
+    parser.add_argument("--cells", default=str(CELLS_DIR))
     parser.add_argument("--doc", default="docs/results.md")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), help="task keys (file stem for task files)")
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     args = parser.parse_args(argv)
-    cells = load_cells(Path(args.out))
-    settings, rows = list(SETTINGS), list(ROWS)
-    text = table(cells, settings, TASKS, rows, args.seeds)
+    cells = [c for c in load_cells(Path(args.cells)) if c["task"] in args.tasks]
+    settings, rows = args.settings, list(ROWS)
+    text = table(cells, settings, args.tasks, rows, args.seeds)
     plot = Path(args.doc).with_name("results_curves.png")
     if cells:
         plot_curves(cells, settings, plot)

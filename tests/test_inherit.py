@@ -106,13 +106,15 @@ def test_residual_svd_lora_starts_closer_to_the_original():
     loaded = tiny_model("llama")
     base = compress(loaded.model, [PruneConfig(ffn_ratio=0.25, importance="magnitude"), QuantizeConfig("nf4")],
                     progress=False)
+    with torch.no_grad():
+        compressed_logits = base.model(IDS).logits  # peft wraps base.model in place below
     student = add_lora(base.model, rank=8, alpha=16, dropout=0.0)
     with torch.no_grad():
-        plain = (student(IDS).logits - base.model(IDS).logits).abs().max()
-        assert plain == 0  # fresh LoRA: B = 0
+        assert torch.equal(student(IDS).logits, compressed_logits)  # fresh LoRA: B = 0
     errors = apply_residual_svd_lora(student, loaded.model, base.index_maps)
     assert len(errors) == 14 and all(0 < e < 1 for e in errors.values())
     reference = compress(loaded.model, [PruneConfig(ffn_ratio=0.25, importance="magnitude")], progress=False).model
     with torch.no_grad():  # the pruned fp32 model is what nf4 + exact residual would give
         target = reference(IDS).logits
-        assert (student(IDS).logits - target).norm() < (base.model(IDS).logits - target).norm()
+        # quantization noise is close to white, so rank 8 of 64 removes only part of it (~13% here)
+        assert (student(IDS).logits - target).norm() < 0.95 * (compressed_logits - target).norm()
