@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from .adapters import add_lora, check_adapter_base, read_adapter_meta, save_adapter
+from .adapters import ADAPTER_META, add_lora, check_adapter_base, read_adapter_meta, save_adapter
 from .assets import atomic_path, write_text_atomic
 from .models import LoadedBase, load_base, model_fingerprint
 from .recovery import RecoveryConfig, RecoverySet, init_from_residuals, input_rms
@@ -237,9 +237,13 @@ class CPET:
                                   task.split("validation"), labels=task.labels, template=template,
                                   verbalizer=verbalizer, config=config, out_dir=out_dir,
                                   save_best=save_best, teacher=teacher, progress=progress)
+        # the best checkpoint was written mid-run; give its cpet.json the whole learning curve
+        final = read_adapter_meta(out_dir / "adapter")
+        final["metrics"]["history"] = result.history
+        write_text_atomic(out_dir / "adapter" / ADAPTER_META, json.dumps(final, indent=2, sort_keys=True))
         self._record("tune", adapter=name, best_val_accuracy=result.best_accuracy, best_step=result.best_step,
                      seconds=time.perf_counter() - start)
-        return TaskAdapter(out_dir / "adapter", read_adapter_meta(out_dir / "adapter"))
+        return TaskAdapter(out_dir / "adapter", final)
 
     def _check_tune_args(self, task, on, init, inherit_from, recovery) -> None:
         if on not in ("original", "compressed"):

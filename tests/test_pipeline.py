@@ -15,7 +15,7 @@ from cpet.pipeline import CPET
 from cpet.recovery import RecoveryConfig
 from cpet.train import DistillConfig, TuneConfig
 
-TUNE = TuneConfig(steps=20, batch_size=16, lr=2e-2, eval_every=10, rank=8, alpha=32, dropout=0.0)
+TUNE = TuneConfig(steps=30, batch_size=16, lr=2e-2, eval_every=10, rank=8, alpha=32, dropout=0.0)
 
 
 def write_task(path, n=240, labels=("pos", "neg"), splits=None):
@@ -66,7 +66,7 @@ def test_every_method_row_trains_and_evaluates(built, init, recovery):
     adapter = pipeline.tune(task, init=init, recovery=recovery, inherit_from=original, config=TUNE, progress=False)
     meta = adapter.meta
     assert meta["base_id"] == pipeline.base_id and meta["init"] == init and meta["recovery"] == recovery
-    assert [h["step"] for h in meta["metrics"]["history"]] == [0, 10, 20]
+    assert [h["step"] for h in meta["metrics"]["history"]] == [0, 10, 20, 30]
     result = pipeline.evaluate(adapter, task)
     assert 0.0 <= result["accuracy"] <= 1.0 and result["n"] == 24
     if init == "inherit":  # the inherited start is already far above chance
