@@ -28,7 +28,8 @@ import torch
 from .adapters import ADAPTER_META, add_lora, check_adapter_base, read_adapter_meta, save_adapter
 from .assets import atomic_path, write_text_atomic
 from .models import LoadedBase, load_base, model_fingerprint
-from .recovery import RecoveryConfig, RecoverySet, init_from_residuals, input_rms
+from .compress.calibration import input_rms
+from .recovery import RecoveryConfig, RecoverySet, init_from_residuals
 from .train import DistillConfig, TuneConfig, distill_on_text, train_classifier
 
 INIT_MODES = ("random", "inherit", "svd")

@@ -256,29 +256,6 @@ def residual_svd_init(bypass: RecoveryBypass, residual: torch.Tensor,
     return relative_error(residual.float(), B @ A)
 
 
-@torch.no_grad()
-def input_rms(model: nn.Module, batches: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
-    """Root-mean-square of each input feature of the named linears over ``batches`` ``[n, seq]`` of ids."""
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    handles = []
-    base = unwrap(model)
-    for name in names:
-        def hook(module, inputs, output, name=name):
-            x = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1])
-            sums[name] = sums.get(name, 0) + (x * x).sum(0)
-            counts[name] = counts.get(name, 0) + x.shape[0]
-        handles.append(base.get_submodule(name).register_forward_hook(hook))
-    try:
-        device = next(base.parameters()).device
-        for row in batches:
-            base(input_ids=row.unsqueeze(0).to(device))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {name: (sums[name] / counts[name]).sqrt().cpu() for name in names}
-
-
 def init_from_residuals(recovery: RecoverySet, original: nn.Module, compressed: nn.Module, index_maps,
                         input_scales: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
     """SVD-initialise every bypass from its layer's compression residual (EoRA-weighted if scales given).

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
+
+from ..models import unwrap
 
 
 def calibration_ids(tokenizer, text: str, n_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
@@ -19,3 +22,30 @@ def calibration_ids(tokenizer, text: str, n_samples: int, seq_len: int, seed: in
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(ids) - seq_len + 1, (n_samples,), generator=generator)
     return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+
+
+@torch.no_grad()
+def input_rms(model: nn.Module, batches: torch.Tensor, names: list[str], batch_size: int = 4
+              ) -> dict[str, torch.Tensor]:
+    """Root-mean-square of each input feature of the named linears over ``batches`` ``[n, seq]`` of ids.
+
+    Used for Wanda importance (pruning) and EoRA-weighted residual SVD (recovery).
+    """
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    handles = []
+    base = unwrap(model)
+    for name in names:
+        def hook(module, inputs, output, name=name):
+            x = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1])
+            sums[name] = sums.get(name, 0) + (x * x).sum(0)
+            counts[name] = counts.get(name, 0) + x.shape[0]
+        handles.append(base.get_submodule(name).register_forward_hook(hook))
+    try:
+        device = next(base.parameters()).device
+        for chunk in batches.split(batch_size):
+            base(input_ids=chunk.to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: (sums[name] / counts[name]).sqrt().cpu() for name in names}

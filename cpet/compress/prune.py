@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ..config import HeadMode, Importance, PruneConfig
 from ..models import family_of, geometry, iter_layer_linears, layer_linears
+from .calibration import input_rms
 from .manifest import IndexMaps, LayerIndex
 
 
@@ -93,21 +94,8 @@ def element_scores(model: nn.Module, importance: Importance, calibration: torch.
     device = next(model.parameters()).device
     batches = calibration.split(batch_size)
     if importance == Importance.ACTIVATION:
-        sq_sums: dict[str, torch.Tensor] = {}
-        handles = []
-        for name, module in linears.items():
-            def hook(mod, inputs, output, name=name):
-                x = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1])
-                sq_sums[name] = sq_sums.get(name, 0) + (x * x).sum(0)
-            handles.append(module.register_forward_hook(hook))
-        try:
-            with torch.no_grad():
-                for batch in tqdm(batches, desc="activations", disable=not progress, leave=False):
-                    model(input_ids=batch.to(device))
-        finally:
-            for handle in handles:
-                handle.remove()
-        return ElementScores({n: m.weight.detach().abs() * sq_sums[n].sqrt().unsqueeze(0)
+        rms = input_rms(model, calibration, list(linears), batch_size)
+        return ElementScores({n: m.weight.detach().abs() * rms[n].to(m.weight.device).unsqueeze(0)
                               for n, m in linears.items()})
     # first-order Taylor: |W * dL/dW| with the gradient summed over the calibration batches
     flags = {n: m.weight.requires_grad for n, m in linears.items()}
