@@ -256,8 +256,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
     pipeline = CPET.from_pretrained(args.model, work_dir=args.out)
     text = load_corpus("brown", split="heldout")
-    tune = TuneConfig(rank=8, alpha=16, steps=args.steps, batch_size=8, lr=args.lr, eval_every=args.steps // 2,
-                      eval_limit=100, max_prompt_tokens=64)
+    tune = TuneConfig(rank=8, alpha=16, steps=args.steps, batch_size=8, lr=args.lr,
+                      eval_every=max(args.steps // 2, 1), eval_limit=args.val_limit, max_prompt_tokens=64)
     rows = []
 
     def row(name: str, model, adapter=None, on: str = "compressed") -> None:
@@ -378,11 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the whole pipeline on the embedded default for one task (~10 min on 2 cores)")
     p.add_argument("--model", default=EMBEDDED_DEFAULT)
     p.add_argument("--task", default="vader-tweets")
-    p.add_argument("--limit", type=int, default=200, help="test examples evaluated (default 200)")
+    p.add_argument("--limit", type=int, default=150, help="test examples evaluated (default 150)")
+    p.add_argument("--val-limit", type=int, default=50, help="validation examples per evaluation")
     p.add_argument("--max-tokens", type=int, default=2048, help="Brown held-out tokens for perplexity")
-    p.add_argument("--steps", type=int, default=60, help="LoRA steps per adapter")
+    p.add_argument("--steps", type=int, default=24, help="LoRA steps per adapter (batch 8)")
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--recovery-steps", type=int, default=40)
+    p.add_argument("--recovery-steps", type=int, default=20)
     p.add_argument("--out", default="runs/demo", help="pipeline directory")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_demo)

@@ -264,6 +264,7 @@ def train_classifier(model: nn.Module, tokenizer, train_examples, val_examples, 
     for step in bar:
         torch.manual_seed(hash((config.seed, step)) % (2**31))  # dropout masks: a function of (seed, step)
         idx = batch_indices(len(encoded), config.batch_size, step, config.seed)
+        idx = idx[accelerator.process_index::accelerator.num_processes]  # each GPU its share of the batch
         batch = {k: v.to(accelerator.device) for k, v in collate([encoded[i] for i in idx], pad_id).items()}
         want_hidden = teacher is not None and config.distill_weight > 0
         out = model(**batch, output_hidden_states=want_hidden)
