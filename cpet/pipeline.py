@@ -16,6 +16,7 @@ never leak state into each other.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import time
@@ -118,8 +119,6 @@ class CPET:
 
         ``after_stage(i, model)`` is called after each stage (see :func:`cpet.compress.compress`).
         """
-        import copy
-
         from .compress import compress as run_stages
         from .compress.calibration import calibration_ids
         from .data import load_corpus
@@ -192,9 +191,7 @@ class CPET:
         out_dir = self.work_dir / "adapters" / name
         teacher = None
         if on == "original":
-            import copy
-
-            model, base_id, index_maps = copy.deepcopy(self.original.model), ORIGINAL_BASE_ID, None
+                model, base_id, index_maps = copy.deepcopy(self.original.model), ORIGINAL_BASE_ID, None
         else:
             base = self.load_compressed()
             model, base_id, index_maps = base.model, base.manifest.base_id, base.index_maps
@@ -273,8 +270,6 @@ class CPET:
 
     def _teacher(self, inherit_from):
         """The uncompressed model with the original task adapter (a separate copy: never the student)."""
-        import copy
-
         from .adapters import load_adapter
 
         return load_adapter(copy.deepcopy(self.original.model), _dir(inherit_from),
@@ -283,8 +278,6 @@ class CPET:
     # ------------------------------------------------------------------ evaluate
     def model_for(self, adapter: TaskAdapter | str | Path | None = None, *, on: str = "compressed"):
         """The model an adapter runs on (with shared / per-task recovery as it was trained), ready to use."""
-        import copy
-
         from .adapters import load_adapter
 
         meta = read_adapter_meta(_dir(adapter)) if adapter is not None else {"on": on, "recovery": "none"}

@@ -44,16 +44,14 @@ class BrownDocument:
 
 def _detokenise(tokens: list[str]) -> str:
     out: list[str] = []
-    open_quote = False
     glue_next = False
     for token in tokens:
-        if token == "``":
+        if token == "``":  # opening quote: attaches to the next token
             out.append(" \"" if out else "\"")
-            glue_next, open_quote = True, True
+            glue_next = True
             continue
-        if token == "''":
+        if token == "''":  # closing quote: attaches to the previous token
             out.append("\"")
-            open_quote = False
             continue
         if not out or glue_next or token in _NO_SPACE_BEFORE:
             out.append(token)
