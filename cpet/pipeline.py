@@ -191,7 +191,7 @@ class CPET:
         out_dir = self.work_dir / "adapters" / name
         teacher = None
         if on == "original":
-                model, base_id, index_maps = copy.deepcopy(self.original.model), ORIGINAL_BASE_ID, None
+            model, base_id, index_maps = copy.deepcopy(self.original.model), ORIGINAL_BASE_ID, None
         else:
             base = self.load_compressed()
             model, base_id, index_maps = base.model, base.manifest.base_id, base.index_maps

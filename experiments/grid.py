@@ -63,6 +63,25 @@ def cell_name(setting: str, task: str, row: str, seed: int) -> str:
     return f"{setting}__{task_key(task)}__{row}__s{seed}"
 
 
+def original_adapter(original: CPET, task: str, seed: int, args) -> Path:
+    """The original-model adapter that inheritance and per-task recovery start from.
+
+    Work directories are not tracked, so on a fresh machine the 'original' cell may be finished while its
+    adapter is gone: it is then tuned again with the same seed and budget (training is seeded, so this is
+    the adapter the finished cell measured, up to floating-point nondeterminism).
+    """
+    config = budget(args)
+    config.seed = seed
+    run_dir = original.work_dir / "adapters" / f"{task_key(task)}-s{seed}"
+    state = run_dir / "resume" / "state.json"
+    if not state.exists() or json.loads(state.read_text())["step"] < config.steps:
+        print(f"[grid] tuning the original adapter for {task_key(task)} s{seed} (missing or unfinished)",
+              flush=True)
+        original.tune(task, name=f"{task_key(task)}-s{seed}", config=config, progress=args.progress,
+                      **ROWS["original"])
+    return run_dir / "adapter"
+
+
 def run_cell(pipelines: dict, original: CPET, setting: str, task: str, row: str, seed: int, args) -> dict:
     config = budget(args)
     config.seed = seed
@@ -73,10 +92,8 @@ def run_cell(pipelines: dict, original: CPET, setting: str, task: str, row: str,
         result = original.evaluate(adapter, task, limit=args.test_limit)
     else:
         pipeline = pipelines[setting]
-        inherit_from = original.work_dir / "adapters" / f"{task_key(task)}-s{seed}" / "adapter"
         needs_original = ROWS[row]["init"] == "inherit" or ROWS[row]["recovery"] == "per_task"
-        if needs_original and not inherit_from.exists():
-            raise RuntimeError(f"cell needs the original adapter {inherit_from}; run the 'original' row first")
+        inherit_from = original_adapter(original, task, seed, args) if needs_original else None
         adapter = pipeline.tune(task, name=f"{task_key(task)}-{row}-s{seed}", config=config, progress=args.progress,
                                 inherit_from=inherit_from if needs_original else None, **ROWS[row])
         result = pipeline.evaluate(adapter, task, limit=args.test_limit)
