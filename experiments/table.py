@@ -51,10 +51,38 @@ def table(cells: list[dict], settings, tasks, rows, seeds) -> str:
             cells_txt = [mean_std(list(v.values())) for v in per_task]
             avg = mean_std(averages)
             lines.append(f"| {row} | " + " | ".join(cells_txt) + f" | {avg} |")
+        lines.append("\n" + matched_deltas(by_key, setting, tasks, seeds))
     expected = len(tasks) * len(seeds) * (len(settings) * (len(rows) - ("original" in rows)) + ("original" in rows))
     lines.append(f"\nCells finished: {len(cells)} of {expected} "
                  "(entries are test accuracy in %, mean ± sd over seeds, seed count in parentheses).")
     return "\n".join(lines)
+
+
+def matched_deltas(by_key, setting: str, tasks, seeds) -> str:
+    """CPET against the original-model LoRA and the vanilla compressed LoRA, on the same (task, seed) pairs.
+
+    Only pairs where all three cells finished count, so a partly run grid gives a fair (if small) comparison.
+    """
+    pairs = [(task, seed) for task in tasks for seed in seeds
+             if all(seed in by_key[(key, task, row)] for key, row in
+                    (("original", "original"), (setting, "vanilla"), (setting, "cpet")))]
+    if not pairs:
+        return "CPET vs original / vanilla: no (task, seed) pair with all three cells finished yet."
+    cpet = [by_key[(setting, t, "cpet")][s] for t, s in pairs]
+    deltas = {name: [c - by_key[(key, t, name)][s] for c, (t, s) in zip(cpet, pairs)]
+              for key, name in (("original", "original"), (setting, "vanilla"))}
+    return (f"On {len(pairs)} matched (task, seed) pairs: CPET − original LoRA = "
+            f"{100 * statistics.mean(deltas['original']):+.1f} points, CPET − vanilla = "
+            f"{100 * statistics.mean(deltas['vanilla']):+.1f} points (test accuracy).")
+
+
+def matched_runs(cells: list[dict], setting: str) -> set:
+    """(task, seed) pairs for which every row of ``setting`` (and the original row) finished."""
+    have = defaultdict(set)
+    for cell in cells:
+        if cell["setting"] in (setting, "original"):
+            have[cell["row"]].add((cell["task"], cell["seed"]))
+    return set.intersection(*(have[row] for row in ROWS)) if all(have[row] for row in ROWS) else set()
 
 
 def plot_curves(cells: list[dict], settings, path: Path) -> None:
@@ -65,19 +93,23 @@ def plot_curves(cells: list[dict], settings, path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(settings), figsize=(5 * len(settings), 4), squeeze=False)
     for ax, setting in zip(axes[0], settings):
+        # average only over (task, seed) pairs every row finished, so the curves compare like with like
+        pairs = matched_runs(cells, setting)
         curves = defaultdict(lambda: defaultdict(list))
         for cell in cells:
-            if cell["setting"] in (setting, "original"):
+            if cell["setting"] in (setting, "original") and (cell["task"], cell["seed"]) in pairs:
                 for point in cell["history"]:
                     curves[cell["row"]][point["step"]].append(point["val_accuracy"])
         for row, points in curves.items():
             steps = sorted(points)
             ax.plot(steps, [statistics.mean(points[s]) for s in steps], marker="o", label=row)
-        ax.set_title(setting)
+        ax.set_title(f"{setting} ({len(pairs)} task-seed runs)")
         ax.set_xlabel("training step")
         ax.set_ylabel("validation accuracy (mean over tasks, seeds)")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    for ax in axes[0]:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -39,3 +39,13 @@ def test_table_script_writes_markdown_and_plot(tmp_path):
     table_main(["--cells", str(cells_dir), "--doc", str(doc), "--tasks", "a", "--settings", "nf4", "--seeds", "0"])
     assert "| cpet | 80.0 ± 0.0 (1) | 80.0 ± 0.0 (1) |" in doc.read_text()
     assert (doc.parent / "results_curves.png").stat().st_size > 1000
+
+
+def test_cpet_deltas_use_only_matched_task_seed_pairs():
+    cells = [cell("original", "a", "original", 0, 0.80), cell("nf4", "a", "vanilla", 0, 0.70),
+             cell("nf4", "a", "cpet", 0, 0.85),
+             # seed 1 lacks its vanilla cell: it must not enter the comparison
+             cell("original", "a", "original", 1, 0.50), cell("nf4", "a", "cpet", 1, 0.95)]
+    text = table(cells, ["nf4"], ["a"], ["original", "vanilla", "cpet"], [0, 1])
+    assert "On 1 matched (task, seed) pairs: CPET − original LoRA = +5.0 points, CPET − vanilla = +15.0" in text
+    assert "no (task, seed) pair" in table(cells[3:], ["nf4"], ["a"], ["original", "vanilla", "cpet"], [0, 1])

@@ -69,8 +69,11 @@ def test_every_method_row_trains_and_evaluates(built, init, recovery):
     assert [h["step"] for h in meta["metrics"]["history"]] == [0, 10, 20, 30]
     result = pipeline.evaluate(adapter, task)
     assert 0.0 <= result["accuracy"] <= 1.0 and result["n"] == 24
-    if init == "inherit":  # the inherited start is already far above chance
-        assert meta["metrics"]["history"][0]["val_accuracy"] >= 0.75
+    if init == "inherit":  # the inherited start is already far above chance (0.46 = the random-init start)
+        start = meta["metrics"]["history"][0]["val_accuracy"]
+        # per-task recovery starts as a no-op, so those rows start exactly from the inherited adapter; shared
+        # recovery (distilled on unrelated toy text) shifts the base under it: measured 0.67-0.79 here
+        assert start >= (0.75 if recovery in ("none", "per_task") else 0.6)
     if recovery in ("per_task", "both"):
         assert (adapter.directory / "per_task_recovery" / "recovery.safetensors").exists()
 

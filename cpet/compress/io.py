@@ -24,6 +24,7 @@ from torch import nn
 
 from ..assets import atomic_path
 from .manifest import INDEX_MAPS_FILE, MANIFEST_FILE, IndexMaps, Manifest
+from .quantize import keep_4bit_layout
 
 
 @dataclass
@@ -77,7 +78,8 @@ def _load_uniform(directory: Path, device) -> nn.Module:
 
     device = torch.device(device)
     device_map = {"": device.index or 0} if device.type == "cuda" else "cpu"
-    return AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32, device_map=device_map)
+    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32, device_map=device_map)
+    return keep_4bit_layout(model)
 
 
 def _load_per_layer(directory: Path, index_maps: IndexMaps) -> nn.Module:

@@ -60,4 +60,21 @@ def quantize(model: nn.Module, config: QuantizeConfig) -> nn.Module:
         model.save_pretrained(tmp, safe_serialization=True)
         quantized = AutoModelForCausalLM.from_pretrained(
             tmp, quantization_config=bnb_config(model, config), dtype=torch.float32, device_map=device_map)
-    return quantized.eval()
+    return keep_4bit_layout(quantized).eval()
+
+
+def keep_4bit_layout(model: nn.Module) -> nn.Module:
+    """Turn off bitsandbytes' CPU repacking of 4-bit weights on ``model`` (in place; returns it).
+
+    Why we go around bitsandbytes here: since 0.50, on CPUs with AVX512-BF16, ``Linear4bit.forward``
+    repacks its weight in place into a bf16 inference layout on the first no-grad eval call. CPET
+    alternates evaluation and training on the same frozen base, and after the repack (a) backward through
+    the layer fails ("a view of a leaf Variable ... in-place operation"), (b) logits differ from the
+    canonical nf4/fp4 kernel (bf16 scales), and (c) layers whose input width is not a multiple of the
+    quantization block size (64) crash. Keeping the canonical layout makes results the same on every CPU.
+    Call it on a 4-bit model loaded with plain ``from_pretrained`` to get the same logits as CPET.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
