@@ -7,7 +7,9 @@ loss is the causal-LM cross-entropy on the label-word tokens only. The loop
   directory plus ``cpet.json``), written atomically;
 - is resumable: a kill at any point resumes from the last saved step with the same data order and the
   same random state (batch order and dropout masks are a pure function of ``(seed, step)``);
-- runs under ``accelerate launch`` (the model, optimizer and gradient sync go through ``Accelerator``).
+- runs under ``accelerate launch`` or ``torchrun`` on several processes (the model, optimizer and
+  gradient sync go through ``Accelerator``): each process takes its share of every batch, gradients are
+  averaged, every process returns the same result and only the main one writes checkpoints.
 """
 
 from __future__ import annotations
@@ -230,6 +232,9 @@ def train_classifier(model: nn.Module, tokenizer, train_examples, val_examples, 
     val = list(val_examples)[: config.eval_limit] if config.eval_limit else list(val_examples)
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    if config.batch_size < accelerator.num_processes:
+        raise ValueError(f"batch_size {config.batch_size} is smaller than the {accelerator.num_processes} "
+                         "processes that share each batch: raise batch_size or launch fewer processes")
     params = list(_trainable(model).values())
     if not params:
         raise ValueError("the model has no trainable parameters")
@@ -250,10 +255,12 @@ def train_classifier(model: nn.Module, tokenizer, train_examples, val_examples, 
         result = classification_accuracy(unwrapped, tokenizer, [e.text for e in val], [e.label for e in val],
                                          template=template, verbalizer=verbalizer, labels=labels)
         history.append({"step": step, "val_accuracy": result.accuracy, "train_loss": loss})
-        if result.accuracy > best["accuracy"] and accelerator.is_main_process:
+        if result.accuracy > best["accuracy"]:  # every process tracks it: each returns the same result
             best = {"accuracy": result.accuracy, "step": step}
-            with atomic_path(out_dir / "adapter") as tmp:
-                save_best(tmp, {"val_accuracy": result.accuracy, "step": step, "history": history})
+            if accelerator.is_main_process:
+                with atomic_path(out_dir / "adapter") as tmp:
+                    save_best(tmp, {"val_accuracy": result.accuracy, "step": step, "history": history})
+        accelerator.wait_for_everyone()  # no process reads a checkpoint the main one is still writing
 
     if start_step == 0 and config.eval_at_start:  # the initialisation itself may be the best (inheritance)
         evaluate_now(0, None)
@@ -288,6 +295,7 @@ def train_classifier(model: nn.Module, tokenizer, train_examples, val_examples, 
             if accelerator.is_main_process:
                 save_resume_state(resume_dir, accelerator.unwrap_model(model), optimizer, done,
                                   {"best": best, "history": history})
+            accelerator.wait_for_everyone()
     return TuneResult(best["accuracy"], best["step"], history, str(out_dir / "adapter"))
 
 

@@ -1,7 +1,11 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -124,3 +128,37 @@ def test_bad_training_input(tmp_path, train, val, message):
                          verbalizer=VERBALIZER, config=TuneConfig(steps=1), out_dir=tmp_path / "x",
                          save_best=lambda d, m: None, progress=False)
     assert not (tmp_path / "x" / "adapter").exists()
+
+
+def test_two_processes_take_the_same_steps_as_one(tmp_path):
+    """Under torchrun each process trains on its half of every batch; with gradients averaged, two
+    processes must take the same optimizer steps as one process on the whole batch, agree on the result,
+    and leave one adapter and one resume state behind (written by the main process only)."""
+    from tests.distributed_tune_worker import CONFIG, tune_tiny
+
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(repo / "tests" / "distributed_tune_worker.py"),
+                           str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in (0, 1)]
+    assert [r["processes"] for r in ranks] == [2, 2]
+    assert ranks[0]["lora"] == ranks[1]["lora"]  # gradients synchronised: bit-identical weights
+    assert (ranks[0]["best_accuracy"], ranks[0]["best_step"]) == (ranks[1]["best_accuracy"], ranks[1]["best_step"])
+    assert json.loads((tmp_path / "run" / "resume" / "state.json").read_text())["step"] == CONFIG.steps
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").exists()
+
+    single, single_lora = tune_tiny(tmp_path / "single")
+    two_lora = torch.tensor(ranks[0]["lora"])
+    moved = (single_lora - tune_tiny_init(tmp_path)).abs().max()
+    assert moved > 1e-2  # the steps changed the weights, so agreement below is not trivial
+    assert torch.allclose(two_lora, single_lora, atol=1e-4)
+    assert ranks[0]["best_accuracy"] == single.best_accuracy
+
+
+def tune_tiny_init(tmp_path) -> torch.Tensor:
+    """The LoRA weights before any step (same seeds as ``tune_tiny``)."""
+    model = add_lora(tiny_model("llama").model, rank=8, alpha=32, dropout=0.0,
+                     target_roles=("q", "v", "o", "up", "down"))
+    return torch.cat([p.detach().flatten() for n, p in sorted(model.named_parameters()) if "lora_" in n])

@@ -1,0 +1,43 @@
+"""Worker for ``test_train.py::test_two_processes_take_the_same_steps_as_one`` (run under torchrun).
+
+Tunes a LoRA on the tiny Llama with the synthetic task of ``test_train.py`` and writes, per process, its
+result and its flattened LoRA weights to ``OUT/rank<k>.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+
+from cpet.adapters import add_lora, save_adapter
+from cpet.models import tiny_model
+from cpet.train import TuneConfig, TuneResult, train_classifier
+from tests.test_train import LABELS, TEMPLATE, VERBALIZER, synthetic_examples
+
+CONFIG = TuneConfig(steps=4, batch_size=16, lr=2e-2, eval_every=2, warmup_steps=1, dropout=0.0)
+
+
+def tune_tiny(out_dir: Path) -> tuple[TuneResult, torch.Tensor]:
+    """The run both sides of the test make: ``(result, all LoRA weights flattened in name order)``."""
+    loaded = tiny_model("llama")
+    model = add_lora(loaded.model, rank=8, alpha=32, dropout=CONFIG.dropout,
+                     target_roles=("q", "v", "o", "up", "down"))
+    result = train_classifier(model, loaded.tokenizer, synthetic_examples(96, 0), synthetic_examples(32, 1),
+                              labels=LABELS, template=TEMPLATE, verbalizer=VERBALIZER, config=CONFIG,
+                              out_dir=out_dir, progress=False,
+                              save_best=lambda d, m: save_adapter(model, d, {"metrics": m}))
+    lora = torch.cat([p.detach().flatten() for n, p in sorted(model.named_parameters()) if "lora_" in n])
+    return result, lora
+
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1])
+    state = PartialState(cpu=not torch.cuda.is_available())  # as train_classifier: MULTI_CPU on gloo
+    result, lora = tune_tiny(out / "run")
+    (out / f"rank{state.process_index}.json").write_text(json.dumps({
+        "processes": state.num_processes, "best_accuracy": result.best_accuracy, "best_step": result.best_step,
+        "lora": lora.tolist()}))
