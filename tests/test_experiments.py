@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from experiments.grid import cell_name, task_key
+from experiments.grid import ROWS, cell_name, task_key
 from experiments.table import main as table_main
-from experiments.table import table
+from experiments.table import curve_table, table
 
 
 def cell(setting, task, row, seed, accuracy):
@@ -49,3 +49,16 @@ def test_cpet_deltas_use_only_matched_task_seed_pairs():
     text = table(cells, ["nf4"], ["a"], ["original", "vanilla", "cpet"], [0, 1])
     assert "On 1 matched (task, seed) pairs: CPET − original LoRA = +5.0 points, CPET − vanilla = +15.0" in text
     assert "no (task, seed) pair" in table(cells[3:], ["nf4"], ["a"], ["original", "vanilla", "cpet"], [0, 1])
+
+
+def test_curve_table_averages_matched_runs_per_step():
+    accuracy = {row: 0.5 + 0.05 * i for i, row in enumerate(ROWS)}
+    cells = [cell("original" if row == "original" else "nf4", task, row, 0, accuracy[row] + shift)
+             for task, shift in (("a", 0.0), ("b", 0.1)) for row in ROWS]
+    cells.append(cell("nf4", "a", "cpet", 1, 0.2))  # seed 1 has no other row: it must not enter the means
+    text = curve_table(cells, ["nf4"])
+    assert "### nf4 (2 task-seed runs)" in text
+    assert "| method | step 0 | step 20 |" in text
+    cpet = accuracy["cpet"] + 0.05  # mean over tasks a and b
+    assert f"| cpet | {100 * (cpet - 0.1):.1f} | {100 * cpet:.1f} |" in text
+    assert "no (task, seed) pair" in curve_table(cells[:3], ["nf4"])
