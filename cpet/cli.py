@@ -361,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True)
     p.add_argument("--on", default="compressed", choices=["compressed", "original"])
     p.add_argument("--init", default="random", choices=["random", "inherit", "svd"])
-    p.add_argument("--inherit-from", help="adapter directory trained on the original model")
+    p.add_argument("--inherit-from", help="adapter directory trained on the original model (by CPET, or a plain "
+                                          "PEFT LoRA directory for the same model)")
     p.add_argument("--recovery", default="none", choices=["none", "shared", "per_task", "both"])
     p.add_argument("--name", help="adapter name (default: derived from the options)")
     p.add_argument("--rank", type=int, default=8)

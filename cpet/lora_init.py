@@ -24,10 +24,14 @@ from .recovery import compression_residual, low_rank_factors, relative_error
 
 
 def lora_shape_of(adapter_dir: str | Path) -> dict:
-    """``{"rank", "alpha", "target_modules", "dropout"}`` from a PEFT ``adapter_config.json``."""
+    """``{"rank", "alpha", "target_modules"}`` from a PEFT ``adapter_config.json``.
+
+    ``target_modules`` stays as peft wrote it: a list of module-name suffixes or one regex string.
+    """
     config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
-    return {"rank": config["r"], "alpha": config["lora_alpha"], "dropout": config.get("lora_dropout", 0.0),
-            "target_modules": sorted(config["target_modules"])}
+    targets = config["target_modules"]
+    return {"rank": config["r"], "alpha": config["lora_alpha"],
+            "target_modules": targets if isinstance(targets, str) else sorted(targets)}
 
 
 def apply_inherited_lora(peft_model, adapter_dir: str | Path, index_maps, original_config) -> int:

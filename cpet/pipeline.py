@@ -26,9 +26,10 @@ from typing import Sequence
 
 import torch
 
-from .adapters import ADAPTER_META, add_lora, check_adapter_base, read_adapter_meta, save_adapter
+from .adapters import (ADAPTER_META, add_lora, check_adapter_base, is_cpet_adapter, plain_peft_meta,
+                       read_adapter_meta, save_adapter)
 from .assets import atomic_path, write_text_atomic
-from .models import LoadedBase, load_base, model_fingerprint
+from .models import EMBEDDED, LoadedBase, load_base, model_fingerprint
 from .compress.calibration import input_rms
 from .recovery import RecoveryConfig, RecoverySet, init_from_residuals
 from .train import DistillConfig, TuneConfig, distill_on_text, train_classifier
@@ -82,6 +83,14 @@ class CPET:
         if self._fingerprint is None:
             self._fingerprint = model_fingerprint(self.original.model)
         return self._fingerprint
+
+    @property
+    def source_aliases(self) -> list[str]:
+        """Names of the source model: as asked for, its local path, its config's name, its hub id."""
+        embedded = EMBEDDED.get(self.original.name)
+        names = [self.original.name, str(self.original.path or ""),
+                 getattr(self.original.model.config, "_name_or_path", ""), embedded.hub_id if embedded else ""]
+        return list(dict.fromkeys(name for name in names if name))
 
     @property
     def base_dir(self) -> Path:
@@ -175,8 +184,10 @@ class CPET:
             task: a task name / path / ``hf:`` spec, or a loaded ``ClassificationTask``.
             on: ``"original"`` (the uncompressed model: the upper reference and inheritance source) or
                 ``"compressed"``.
-            init: ``"random"`` (peft default: B = 0), ``"inherit"`` (from ``inherit_from``, an adapter
-                trained on the original model) or ``"svd"`` (truncated SVD of the compression residual).
+            init: ``"random"`` (peft default: B = 0), ``"inherit"`` (from ``inherit_from``: an adapter
+                trained on the original model, by CPET or as a plain PEFT LoRA elsewhere; its rank, alpha
+                and target modules replace the config's) or ``"svd"`` (truncated SVD of the compression
+                residual).
             recovery: ``"none"``, ``"shared"`` (the frozen modules made by :meth:`recover`),
                 ``"per_task"`` (CA-LoRA: GELU bypasses trained with the adapter, distilled from the
                 original model with the inherited adapter), or ``"both"``.
@@ -197,8 +208,15 @@ class CPET:
             model, base_id, index_maps = base.model, base.manifest.base_id, base.index_maps
         if recovery in ("shared", "both"):
             RecoverySet.load(self.recovery_dir, model, expected_base_id=base_id).attach(model, trainable=False)
+        target_modules = None
+        if init == "inherit":  # the inherited LoRA's structure, whatever the config says
+            from .lora_init import lora_shape_of
+
+            shape = lora_shape_of(_dir(inherit_from))
+            config = TuneConfig(**{**config.to_dict(), "rank": shape["rank"], "alpha": shape["alpha"]})
+            target_modules = shape["target_modules"]
         peft_model = add_lora(model, rank=config.rank, alpha=config.alpha, dropout=config.dropout,
-                              target_roles=config.target_roles)
+                              target_roles=config.target_roles, target_modules=target_modules)
         torch.manual_seed(config.seed)
         if init == "inherit":
             from .lora_init import apply_inherited_lora
@@ -260,20 +278,35 @@ class CPET:
             if inherit_from is None:
                 raise ValueError("init='inherit' and per-task recovery need inherit_from: an adapter trained "
                                  "on the original model (tune(task, on='original'))")
-            meta = read_adapter_meta(_dir(inherit_from))
-            check_adapter_base(meta, base_id=ORIGINAL_BASE_ID, source_fingerprint=self.source_fingerprint,
-                               where=f"adapter {_dir(inherit_from)}")
-            unknown = sorted(set(task.labels) - set(meta.get("labels", [])))
+            meta = self._inheritance_meta(_dir(inherit_from))
+            unknown = sorted(set(task.labels) - set(meta["labels"])) if meta["labels"] is not None else []
             if unknown:
                 raise ValueError(f"task {task.name!r} has labels {unknown} that adapter {_dir(inherit_from)} "
                                  f"does not know (it knows {meta.get('labels')})")
 
+    def _inheritance_meta(self, directory: Path) -> dict:
+        """What an inheritance source is, after checking it was trained on this source model.
+
+        A CPET adapter must come from the original model of this source (``base_id`` and fingerprint);
+        a plain PEFT LoRA trained elsewhere must name this model (if it names one) and fit its shapes.
+        """
+        if not is_cpet_adapter(directory):
+            return plain_peft_meta(directory, self.original.model, self.source_aliases)
+        meta = read_adapter_meta(directory)
+        check_adapter_base(meta, base_id=ORIGINAL_BASE_ID, source_fingerprint=self.source_fingerprint,
+                           where=f"adapter {directory}")
+        return meta
+
     def _teacher(self, inherit_from):
         """The uncompressed model with the original task adapter (a separate copy: never the student)."""
+        from peft import PeftModel
+
         from .adapters import load_adapter
 
-        return load_adapter(copy.deepcopy(self.original.model), _dir(inherit_from),
-                            base_id=ORIGINAL_BASE_ID).eval()
+        directory = _dir(inherit_from)
+        if not is_cpet_adapter(directory):  # a plain PEFT adapter, checked by _inheritance_meta
+            return PeftModel.from_pretrained(copy.deepcopy(self.original.model), str(directory)).eval()
+        return load_adapter(copy.deepcopy(self.original.model), directory, base_id=ORIGINAL_BASE_ID).eval()
 
     # ------------------------------------------------------------------ evaluate
     def model_for(self, adapter: TaskAdapter | str | Path | None = None, *, on: str = "compressed"):

@@ -155,6 +155,19 @@ def save_resume_state(directory: Path, model: nn.Module, optimizer: torch.optim.
         (tmp / "state.json").write_text(json.dumps({"step": step, **extra}, indent=2))
 
 
+def check_resume_config(directory: Path, config: "TuneConfig") -> None:
+    """Refuse to resume a run whose saved hyper-parameters differ from ``config`` (``steps`` may grow)."""
+    saved = json.loads((directory / "state.json").read_text()).get("config")
+    if saved is None:  # written before configs were recorded
+        return
+    now = json.loads(json.dumps(config.to_dict()))
+    changed = sorted(key for key in set(saved) | set(now) if key != "steps" and saved.get(key) != now.get(key))
+    if changed:
+        detail = ", ".join(f"{key} {saved.get(key)!r} -> {now.get(key)!r}" for key in changed)
+        raise ValueError(f"resume state in {directory} was written with other settings ({detail}): delete it or "
+                         "use a new output directory (a new adapter name) to train with these")
+
+
 def load_resume_state(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """Restore what :func:`save_resume_state` wrote; returns its JSON part (``step`` etc.)."""
     tensors = load_file(str(directory / "state.safetensors"))
@@ -163,6 +176,11 @@ def load_resume_state(directory: Path, model: nn.Module, optimizer: torch.optim.
     if missing:
         raise ValueError(f"resume state in {directory} lacks trainable parameters {missing[:3]}...; "
                          "it was written by a different setup: delete it or use a new output directory")
+    wrong = [f"{n}: saved {tuple(tensors[f'param/{n}'].shape)}, now {tuple(p.shape)}"
+             for n, p in params.items() if tensors[f"param/{n}"].shape != p.shape]
+    if wrong:
+        raise ValueError(f"resume state in {directory} was written by a different setup ({wrong[0]}): delete it "
+                         "or use a new output directory")
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(tensors[f"param/{name}"])
@@ -226,6 +244,8 @@ def train_classifier(model: nn.Module, tokenizer, train_examples, val_examples, 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     resume_dir = out_dir / "resume"
+    if (resume_dir / "state.json").exists():
+        check_resume_config(resume_dir, config)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     encoded = [encode_example(tokenizer, template.format(e.text), verbalizer.label_words[e.label],
                               config.max_prompt_tokens) for e in train_examples]
@@ -294,7 +314,7 @@ def train_classifier(model: nn.Module, tokenizer, train_examples, val_examples, 
             model.train()
             if accelerator.is_main_process:
                 save_resume_state(resume_dir, accelerator.unwrap_model(model), optimizer, done,
-                                  {"best": best, "history": history})
+                                  {"best": best, "history": history, "config": config.to_dict()})
             accelerator.wait_for_everyone()
     return TuneResult(best["accuracy"], best["step"], history, str(out_dir / "adapter"))
 

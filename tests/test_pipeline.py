@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 
 import pytest
 import torch
-from peft import PeftModel
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
 
 from cpet.config import PruneConfig, QuantizeConfig
+from cpet.inherit import inherit_lora_state, load_lora_state
 from cpet.models import tiny_model
 from cpet.pipeline import CPET
 from cpet.recovery import RecoveryConfig
@@ -95,6 +98,56 @@ def test_adapter_for_another_source_model_is_refused(built, tmp_path):
     foreign = other.tune(task, on="original", config=TuneConfig(steps=1, eval_every=1), progress=False)
     with pytest.raises(ValueError, match="trained on source model .* not on this source model"):
         pipeline.tune(task, init="inherit", inherit_from=foreign, config=TUNE, progress=False)
+
+
+def plain_peft_adapter(model, directory, seed=3):
+    """A LoRA "trained elsewhere": plain peft, rank 4 on three module kinds, non-zero B, no cpet.json."""
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8,
+                                                                 target_modules=["q_proj", "up_proj", "down_proj"]))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    peft_model.save_pretrained(str(directory))
+    return directory
+
+
+def test_plain_peft_adapter_trained_elsewhere_is_inherited(built, tmp_path):
+    pipeline, task, _, _ = built
+    plain = plain_peft_adapter(pipeline.original.model, tmp_path / "plain")
+    assert not (plain / "cpet.json").exists()
+    # lr ~ 0: whichever checkpoint is kept, it holds the inherited initialisation
+    config = TuneConfig(steps=2, batch_size=8, lr=1e-12, eval_every=2, rank=8, alpha=32)
+    adapter = pipeline.tune(task, init="inherit", recovery="per_task", inherit_from=plain, config=config,
+                            name="from-plain-peft", progress=False)
+    saved = json.loads((adapter.directory / "adapter_config.json").read_text())
+    assert saved["r"] == 4 and sorted(saved["target_modules"]) == ["down_proj", "q_proj", "up_proj"]
+    expected = inherit_lora_state(load_lora_state(plain), pipeline.original.model.config,
+                                  pipeline.load_compressed().index_maps)
+    got = load_file(str(adapter.directory / "adapter_model.safetensors"))
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.allclose(expected[key], got[key], atol=1e-6), key
+
+
+def test_plain_peft_adapter_for_another_model_is_refused(built, tmp_path):
+    pipeline, task, _, _ = built
+    before = sorted((pipeline.work_dir / "adapters").iterdir())
+    renamed = plain_peft_adapter(pipeline.original.model, tmp_path / "renamed")
+    config = json.loads((renamed / "adapter_config.json").read_text())
+    (renamed / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "org/Other-7B"}))
+    with pytest.raises(ValueError, match=r"trained on source model 'org/Other-7B', not on this source model "
+                                         r"\(tiny-llama"):
+        pipeline.tune(task, init="inherit", inherit_from=renamed, config=TUNE, progress=False)
+    wider = plain_peft_adapter(tiny_model("llama", intermediate_size=96).model, tmp_path / "wider")
+    with pytest.raises(ValueError, match=r"made for another model .* has 96 (input|output) features, this source model "
+                                         r"\(tiny-llama\) has \d+"):
+        pipeline.tune(task, init="inherit", inherit_from=wider, config=TUNE, progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="neither a CPET adapter .* nor a PEFT adapter"):
+        pipeline.tune(task, init="inherit", inherit_from=tmp_path / "empty", config=TUNE, progress=False)
+    assert sorted((pipeline.work_dir / "adapters").iterdir()) == before  # refused before any work
 
 
 def test_task_with_unknown_labels_is_refused(built):

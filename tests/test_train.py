@@ -114,6 +114,21 @@ def test_resume_after_kill_continues_from_saved_step(tmp_path, monkeypatch):
         assert torch.allclose(expected[name], got[name], atol=1e-6), name
 
 
+def test_resuming_with_other_settings_or_shapes_is_refused(tmp_path):
+    def lora(rank):
+        return add_lora(tiny_model("llama").model, rank=rank, alpha=8, dropout=0.0, target_roles=("q",))
+
+    tokenizer = tiny_model("llama").tokenizer
+    config = TuneConfig(steps=10, batch_size=8, lr=1e-2, eval_every=10)
+    run(lora(4), tokenizer, tmp_path, config)
+    with pytest.raises(ValueError, match=r"written with other settings \(lr 0.01 -> 0.02\)"):
+        run(lora(4), tokenizer, tmp_path, TuneConfig(steps=10, batch_size=8, lr=2e-2, eval_every=10))
+    with pytest.raises(ValueError, match=r"different setup \(.*q_proj.*saved \(4, 64\), now \(8, 64\)\)"):
+        run(lora(8), tokenizer, tmp_path, config)
+    longer = run(lora(4), tokenizer, tmp_path, TuneConfig(steps=20, batch_size=8, lr=1e-2, eval_every=10))
+    assert [h["step"] for h in longer.history] == [0, 10, 20]  # more steps continue the same run
+
+
 @pytest.mark.parametrize("train, val, message", [
     ([], [SimpleNamespace(text="a", label="positive")], "training split is empty"),
     ([SimpleNamespace(text="a", label="positive")], [], "validation split is empty"),
