@@ -89,7 +89,7 @@ def _same_model_name(name: str, aliases: Sequence[str]) -> bool:
     def key(text: str) -> str:
         return Path(str(text).rstrip("/")).name.lower()
 
-    return key(name) in {key(alias) for alias in aliases if alias}
+    return key(name) in {key(alias) for alias in aliases}
 
 
 def plain_peft_meta(directory: str | Path, model: nn.Module, aliases: Sequence[str]) -> dict:
@@ -102,8 +102,7 @@ def plain_peft_meta(directory: str | Path, model: nn.Module, aliases: Sequence[s
         aliases: names of the source model (embedded name, hub id, local path); the adapter's recorded
             ``base_model_name_or_path``, if any, must name one of them.
     Returns:
-        ``{"external": True, "source_name": ..., "labels": None, "peft_config": {...}}`` (labels are unknown:
-        the task's own verbalizer is used).
+        ``{"source_name": ..., "labels": None}`` (labels are unknown: the task's own verbalizer is used).
     Raises:
         FileNotFoundError: neither a CPET nor a PEFT adapter directory.
         ValueError: not a LoRA, made for another model (by name or by shapes), or LoRA on missing modules.
@@ -140,4 +139,4 @@ def plain_peft_meta(directory: str | Path, model: nn.Module, aliases: Sequence[s
             raise ValueError(f"adapter {directory} was made for another model ({trained_on or 'unnamed'}): its "
                              f"LoRA on {name} has {got} {'input' if kind == 'lora_A' else 'output'} features, "
                              f"this source model ({', '.join(known)}) has {expected}")
-    return {"external": True, "source_name": trained_on, "labels": None, "peft_config": config}
+    return {"source_name": trained_on, "labels": None}

@@ -7,9 +7,9 @@ loss is the causal-LM cross-entropy on the label-word tokens only. The loop
   directory plus ``cpet.json``), written atomically;
 - is resumable: a kill at any point resumes from the last saved step with the same data order and the
   same random state (batch order and dropout masks are a pure function of ``(seed, step)``);
-- runs under ``accelerate launch`` or ``torchrun`` on several processes (the model, optimizer and
-  gradient sync go through ``Accelerator``): each process takes its share of every batch, gradients are
-  averaged, every process returns the same result and only the main one writes checkpoints.
+- runs under ``torchrun`` (or ``accelerate launch --multi_gpu``) on several processes (the model,
+  optimizer and gradient sync go through ``Accelerator``): each process takes its share of every batch,
+  gradients are averaged, every process returns the same result and only the main one writes checkpoints.
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ def save_resume_state(directory: Path, model: nn.Module, optimizer: torch.optim.
         (tmp / "state.json").write_text(json.dumps({"step": step, **extra}, indent=2))
 
 
-def check_resume_config(directory: Path, config: "TuneConfig") -> None:
+def check_resume_config(directory: Path, config: TuneConfig) -> None:
     """Refuse to resume a run whose saved hyper-parameters differ from ``config`` (``steps`` may grow)."""
     saved = json.loads((directory / "state.json").read_text()).get("config")
     if saved is None:  # written before configs were recorded
@@ -172,15 +172,16 @@ def load_resume_state(directory: Path, model: nn.Module, optimizer: torch.optim.
     """Restore what :func:`save_resume_state` wrote; returns its JSON part (``step`` etc.)."""
     tensors = load_file(str(directory / "state.safetensors"))
     params = _trainable(model)
-    missing = [n for n in params if f"param/{n}" not in tensors]
-    if missing:
-        raise ValueError(f"resume state in {directory} lacks trainable parameters {missing[:3]}...; "
-                         "it was written by a different setup: delete it or use a new output directory")
-    wrong = [f"{n}: saved {tuple(tensors[f'param/{n}'].shape)}, now {tuple(p.shape)}"
-             for n, p in params.items() if tensors[f"param/{n}"].shape != p.shape]
-    if wrong:
-        raise ValueError(f"resume state in {directory} was written by a different setup ({wrong[0]}): delete it "
-                         "or use a new output directory")
+    mismatched = []
+    for name, p in params.items():
+        saved = tensors.get(f"param/{name}")
+        if saved is None:
+            mismatched.append(f"{name}: not saved")
+        elif saved.shape != p.shape:
+            mismatched.append(f"{name}: saved {tuple(saved.shape)}, now {tuple(p.shape)}")
+    if mismatched:
+        raise ValueError(f"resume state in {directory} was written by a different setup ({mismatched[0]}): delete "
+                         "it or use a new output directory")
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(tensors[f"param/{name}"])

@@ -14,24 +14,32 @@ import torch
 from accelerate import PartialState
 
 from cpet.adapters import add_lora, save_adapter
-from cpet.models import tiny_model
+from cpet.models import byte_tokenizer, tiny_model
 from cpet.train import TuneConfig, TuneResult, train_classifier
 from tests.test_train import LABELS, TEMPLATE, VERBALIZER, synthetic_examples
 
 CONFIG = TuneConfig(steps=4, batch_size=16, lr=2e-2, eval_every=2, warmup_steps=1, dropout=0.0)
 
 
+def tiny_lora():
+    """The tiny Llama with a fresh LoRA, the same (seeded) weights on every call."""
+    return add_lora(tiny_model("llama").model, rank=8, alpha=32, dropout=CONFIG.dropout,
+                    target_roles=("q", "v", "o", "up", "down"))
+
+
+def flat_lora(model) -> torch.Tensor:
+    """All LoRA weights of ``model`` flattened in name order."""
+    return torch.cat([p.detach().flatten() for n, p in sorted(model.named_parameters()) if "lora_" in n])
+
+
 def tune_tiny(out_dir: Path) -> tuple[TuneResult, torch.Tensor]:
-    """The run both sides of the test make: ``(result, all LoRA weights flattened in name order)``."""
-    loaded = tiny_model("llama")
-    model = add_lora(loaded.model, rank=8, alpha=32, dropout=CONFIG.dropout,
-                     target_roles=("q", "v", "o", "up", "down"))
-    result = train_classifier(model, loaded.tokenizer, synthetic_examples(96, 0), synthetic_examples(32, 1),
-                              labels=LABELS, template=TEMPLATE, verbalizer=VERBALIZER, config=CONFIG,
-                              out_dir=out_dir, progress=False,
+    """The run both sides of the test make: ``(result, flat_lora of the tuned model)``."""
+    model = tiny_lora()
+    result = train_classifier(model, byte_tokenizer(), synthetic_examples(96, 0),
+                              synthetic_examples(32, 1), labels=LABELS, template=TEMPLATE, verbalizer=VERBALIZER,
+                              config=CONFIG, out_dir=out_dir, progress=False,
                               save_best=lambda d, m: save_adapter(model, d, {"metrics": m}))
-    lora = torch.cat([p.detach().flatten() for n, p in sorted(model.named_parameters()) if "lora_" in n])
-    return result, lora
+    return result, flat_lora(model)
 
 
 if __name__ == "__main__":

@@ -149,7 +149,7 @@ def test_two_processes_take_the_same_steps_as_one(tmp_path):
     """Under torchrun each process trains on its half of every batch; with gradients averaged, two
     processes must take the same optimizer steps as one process on the whole batch, agree on the result,
     and leave one adapter and one resume state behind (written by the main process only)."""
-    from tests.distributed_tune_worker import CONFIG, tune_tiny
+    from tests.distributed_tune_worker import CONFIG, flat_lora, tiny_lora, tune_tiny
 
     repo = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
@@ -166,14 +166,7 @@ def test_two_processes_take_the_same_steps_as_one(tmp_path):
 
     single, single_lora = tune_tiny(tmp_path / "single")
     two_lora = torch.tensor(ranks[0]["lora"])
-    moved = (single_lora - tune_tiny_init(tmp_path)).abs().max()
+    moved = (single_lora - flat_lora(tiny_lora())).abs().max()
     assert moved > 1e-2  # the steps changed the weights, so agreement below is not trivial
     assert torch.allclose(two_lora, single_lora, atol=1e-4)
     assert ranks[0]["best_accuracy"] == single.best_accuracy
-
-
-def tune_tiny_init(tmp_path) -> torch.Tensor:
-    """The LoRA weights before any step (same seeds as ``tune_tiny``)."""
-    model = add_lora(tiny_model("llama").model, rank=8, alpha=32, dropout=0.0,
-                     target_roles=("q", "v", "o", "up", "down"))
-    return torch.cat([p.detach().flatten() for n, p in sorted(model.named_parameters()) if "lora_" in n])
