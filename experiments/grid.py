@@ -104,14 +104,31 @@ def run_cell(pipelines: dict, original: CPET, setting: str, task: str, row: str,
 
 
 def prepare_setting(setting: str, out: Path, args) -> CPET:
-    """The compressed base (+ shared recovery) of one setting, built once."""
+    """The compressed base (+ shared recovery) of one setting, built once; its sizes go to the results."""
     pipeline = CPET.from_pretrained(args.model, work_dir=out / setting)
     if not pipeline.has_base:
         pipeline.compress(SETTINGS[setting](), progress=args.progress)
     if not (pipeline.recovery_dir / "recovery.json").exists():
         pipeline.recover(distill=DistillConfig(steps=args.recovery_steps, batch_size=4, seq_len=128),
                          progress=args.progress)
+    summaries_dir = Path(args.cells).parent / "settings"
+    write_text_atomic(summaries_dir / f"{setting}.json", json.dumps(setting_summary(pipeline.work_dir), indent=2))
     return pipeline
+
+
+def setting_summary(work_dir: Path) -> dict:
+    """Sizes of one setting's compressed base and shared recovery, read from the saved files (no model load).
+
+    Bytes are in-memory sizes recorded by ``compress`` in the manifest (dense = before the first stage);
+    the shared recovery is counted by its file size (fp32 tensors, so the same as in memory).
+    """
+    stages = json.loads((work_dir / "base" / "manifest.json").read_text())["stages"]
+    summary = {"dense_bytes": stages[0]["bytes_before"], "dense_params": stages[0]["params_before"],
+               "base_bytes": stages[-1]["bytes_after"], "base_params": stages[-1]["params_after"]}
+    recovery = work_dir / "recovery" / "recovery.safetensors"
+    if recovery.exists():
+        summary["shared_recovery_bytes"] = recovery.stat().st_size
+    return summary
 
 
 def main(argv=None) -> int:

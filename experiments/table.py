@@ -34,14 +34,31 @@ def mean_std(values: list[float]) -> str:
     return f"{100 * statistics.mean(values):.1f} ± {100 * spread:.1f} ({len(values)})"
 
 
-def table(cells: list[dict], settings, tasks, rows, seeds) -> str:
+def load_setting_summaries(settings_dir: Path) -> dict[str, dict]:
+    """``{setting: sizes}`` as written by the grid's ``setting_summary`` (missing directory: none)."""
+    return {p.stem: json.loads(p.read_text()) for p in sorted(settings_dir.glob("*.json"))}
+
+
+def size_line(summary: dict) -> str:
+    """One sentence: the compressed base against the dense model, and the shared recovery modules."""
+    line = (f"Compressed base: {summary['base_bytes'] / 1e6:.1f} MB in memory "
+            f"({summary['base_bytes'] / summary['dense_bytes']:.2f}x of the dense "
+            f"{summary['dense_bytes'] / 1e6:.1f} MB), {summary['base_params'] / 1e6:.1f} M parameters")
+    if "shared_recovery_bytes" in summary:
+        line += f"; shared recovery modules: {summary['shared_recovery_bytes'] / 1e6:.1f} MB"
+    return line + "."
+
+
+def table(cells: list[dict], settings, tasks, rows, seeds, summaries: dict[str, dict] | None = None) -> str:
     by_key = defaultdict(dict)  # (setting, task, row) -> {seed: accuracy}
     for cell in cells:
         by_key[(cell["setting"], cell["task"], cell["row"])][cell["seed"]] = cell["test_accuracy"]
     lines = []
     for setting in settings:
-        lines += [f"\n### {setting}\n", "| method | " + " | ".join(tasks) + " | average |",
-                  "|---|" + "---|" * (len(tasks) + 1)]
+        lines.append(f"\n### {setting}\n")
+        if setting in (summaries or {}):
+            lines.append(size_line(summaries[setting]) + "\n")
+        lines += ["| method | " + " | ".join(tasks) + " | average |", "|---|" + "---|" * (len(tasks) + 1)]
         for row in rows:
             key_setting = "original" if row == "original" else setting
             per_task = [by_key[(key_setting, task, row)] for task in tasks]
@@ -152,7 +169,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     cells = [c for c in load_cells(Path(args.cells)) if c["task"] in args.tasks]
     settings, rows = args.settings, list(ROWS)
-    text = table(cells, settings, args.tasks, rows, args.seeds)
+    summaries = load_setting_summaries(Path(args.cells).parent / "settings")
+    text = table(cells, settings, args.tasks, rows, args.seeds, summaries)
     plot = Path(args.doc).with_name("results_curves.png")
     if cells:
         plot_curves(cells, settings, plot)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from experiments.grid import ROWS, cell_name, task_key
+from experiments.grid import ROWS, cell_name, setting_summary, task_key
 from experiments.table import main as table_main
-from experiments.table import curve_table, table
+from experiments.table import curve_table, load_setting_summaries, table
 
 
 def cell(setting, task, row, seed, accuracy):
@@ -62,3 +62,26 @@ def test_curve_table_averages_matched_runs_per_step():
     cpet = accuracy["cpet"] + 0.05  # mean over tasks a and b
     assert f"| cpet | {100 * (cpet - 0.1):.1f} | {100 * cpet:.1f} |" in text
     assert "no (task, seed) pair" in curve_table(cells[:3], ["nf4"])
+
+
+def test_setting_sizes_come_from_the_saved_base_and_show_in_the_table(tmp_path):
+    work_dir = tmp_path / "ffn50-nf4"
+    (work_dir / "base").mkdir(parents=True)
+    stages = [{"bytes_before": 538_000_000, "bytes_after": 378_000_000, "params_before": 134_500_000,
+               "params_after": 94_700_000},
+              {"bytes_before": 378_000_000, "bytes_after": 148_000_000, "params_before": 94_700_000,
+               "params_after": 94_700_000}]
+    (work_dir / "base" / "manifest.json").write_text(json.dumps({"stages": stages}))
+    assert setting_summary(work_dir) == {"dense_bytes": 538_000_000, "dense_params": 134_500_000,
+                                         "base_bytes": 148_000_000, "base_params": 94_700_000}
+    (work_dir / "recovery").mkdir()
+    (work_dir / "recovery" / "recovery.safetensors").write_bytes(b"x" * 2_500_000)
+    summaries_dir = tmp_path / "settings"
+    summaries_dir.mkdir()
+    (summaries_dir / "ffn50-nf4.json").write_text(json.dumps(setting_summary(work_dir)))
+    summaries = load_setting_summaries(summaries_dir)
+    assert summaries["ffn50-nf4"]["shared_recovery_bytes"] == 2_500_000
+    text = table([], ["ffn50-nf4", "nf4"], ["a"], ["vanilla"], [0], summaries)
+    assert ("Compressed base: 148.0 MB in memory (0.28x of the dense 538.0 MB), 94.7 M parameters; "
+            "shared recovery modules: 2.5 MB.") in text
+    assert text.count("Compressed base:") == 1  # nf4 has no summary: no line
