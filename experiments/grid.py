@@ -46,6 +46,18 @@ ROWS = {
     "cpet": dict(init="inherit", recovery="per_task"),
 }
 
+# what each row is, for the results legend
+ROW_MEANING = {
+    "original": "LoRA on the uncompressed model (the upper reference)",
+    "vanilla": "LoRA from the usual init (B = 0) on the compressed base (QLoRA-style)",
+    "svd-init": "LoRA set to the truncated SVD of each layer's compression residual (LoftQ-style)",
+    "inherit": "LoRA initialised from the original-model LoRA of the same task and seed, through the index maps",
+    "per-task-rec": "usual-init LoRA + per-task recovery bypasses (GELU, rank 8) trained with it, distilled "
+                    "from the original model + its LoRA",
+    "shared-rec": "usual-init LoRA on the base + the frozen shared recovery modules (distilled on Brown)",
+    "cpet": "inherited LoRA + per-task recovery (CA-LoRA: inheritance and recovery together)",
+}
+
 
 def budget(args) -> TuneConfig:
     """The same training budget for every row."""

@@ -37,7 +37,9 @@ def test_table_script_writes_markdown_and_plot(tmp_path):
         (cells_dir / f"{i}.json").write_text(json.dumps(c))
     doc = tmp_path / "docs" / "results.md"
     table_main(["--cells", str(cells_dir), "--doc", str(doc), "--tasks", "a", "--settings", "nf4", "--seeds", "0"])
-    assert "| cpet | 80.0 ± 0.0 (1) | 80.0 ± 0.0 (1) |" in doc.read_text()
+    text = doc.read_text()
+    assert "| cpet | 80.0 ± 0.0 (1) | 80.0 ± 0.0 (1) |" in text
+    assert "- `cpet`: inherited LoRA + per-task recovery" in text  # every row is explained
     assert (doc.parent / "results_curves.png").stat().st_size > 1000
 
 
