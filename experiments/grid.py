@@ -44,6 +44,7 @@ ROWS = {
     "per-task-rec": dict(init="random", recovery="per_task"),
     "shared-rec": dict(init="random", recovery="shared"),
     "cpet": dict(init="inherit", recovery="per_task"),
+    "cpet-shared": dict(init="inherit", recovery="shared"),
 }
 
 # what each row is, for the results legend
@@ -56,6 +57,7 @@ ROW_MEANING = {
                     "from the original model + its LoRA",
     "shared-rec": "usual-init LoRA on the base + the frozen shared recovery modules (distilled on Brown)",
     "cpet": "inherited LoRA + per-task recovery (CA-LoRA: inheritance and recovery together)",
+    "cpet-shared": "inherited LoRA on the base + the frozen shared recovery modules (what `make demo` runs)",
 }
 
 

@@ -20,6 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from experiments.grid import CELLS_DIR, ROW_MEANING, ROWS, SETTINGS, TASKS  # noqa: E402
 
+CPET_ROWS = ("cpet", "cpet-shared")  # inheritance + recovery: compared with the original and vanilla
+
 from cpet.assets import write_text_atomic  # noqa: E402
 
 
@@ -68,38 +70,44 @@ def table(cells: list[dict], settings, tasks, rows, seeds, summaries: dict[str, 
             cells_txt = [mean_std(list(v.values())) for v in per_task]
             avg = mean_std(averages)
             lines.append(f"| {row} | " + " | ".join(cells_txt) + f" | {avg} |")
-        lines.append("\n" + matched_deltas(by_key, setting, tasks, seeds))
+        for cpet_row in (r for r in CPET_ROWS if r in rows):
+            lines.append("\n" + matched_deltas(by_key, setting, tasks, seeds, cpet_row))
     expected = len(tasks) * len(seeds) * (len(settings) * (len(rows) - ("original" in rows)) + ("original" in rows))
     lines.append(f"\nCells finished: {len(cells)} of {expected} "
                  "(entries are test accuracy in %, mean ± sd over seeds, seed count in parentheses).")
     return "\n".join(lines)
 
 
-def matched_deltas(by_key, setting: str, tasks, seeds) -> str:
-    """CPET against the original-model LoRA and the vanilla compressed LoRA, on the same (task, seed) pairs.
+def matched_deltas(by_key, setting: str, tasks, seeds, cpet_row: str = "cpet") -> str:
+    """A CPET row against the original-model LoRA and the vanilla compressed LoRA, on the same (task, seed) pairs.
 
     Only pairs where all three cells finished count, so a partly run grid gives a fair (if small) comparison.
     """
+    label = "CPET" if cpet_row == "cpet" else f"CPET ({cpet_row})"
     pairs = [(task, seed) for task in tasks for seed in seeds
              if all(seed in by_key[(key, task, row)] for key, row in
-                    (("original", "original"), (setting, "vanilla"), (setting, "cpet")))]
+                    (("original", "original"), (setting, "vanilla"), (setting, cpet_row)))]
     if not pairs:
-        return "CPET vs original / vanilla: no (task, seed) pair with all three cells finished yet."
-    cpet = [by_key[(setting, t, "cpet")][s] for t, s in pairs]
+        return f"{label} vs original / vanilla: no (task, seed) pair with all three cells finished yet."
+    cpet = [by_key[(setting, t, cpet_row)][s] for t, s in pairs]
     deltas = {name: [c - by_key[(key, t, name)][s] for c, (t, s) in zip(cpet, pairs)]
               for key, name in (("original", "original"), (setting, "vanilla"))}
-    return (f"On {len(pairs)} matched (task, seed) pairs: CPET − original LoRA = "
-            f"{100 * statistics.mean(deltas['original']):+.1f} points, CPET − vanilla = "
+    return (f"On {len(pairs)} matched (task, seed) pairs: {label} − original LoRA = "
+            f"{100 * statistics.mean(deltas['original']):+.1f} points, {label} − vanilla = "
             f"{100 * statistics.mean(deltas['vanilla']):+.1f} points (test accuracy).")
 
 
 def matched_runs(cells: list[dict], setting: str) -> set:
-    """(task, seed) pairs for which every row of ``setting`` (and the original row) finished."""
+    """(task, seed) pairs for which every row of ``setting`` that has run at all (and the original) finished.
+
+    A row with no cell yet (say, one added to the grid later) does not empty the curves; a row partly run
+    restricts them to the pairs it has.
+    """
     have = defaultdict(set)
     for cell in cells:
         if cell["setting"] in (setting, "original"):
             have[cell["row"]].add((cell["task"], cell["seed"]))
-    return set.intersection(*(have[row] for row in ROWS)) if all(have[row] for row in ROWS) else set()
+    return set.intersection(*have.values()) if have else set()
 
 
 def mean_curves(cells: list[dict], setting: str) -> tuple[int, dict[str, dict[int, float]]]:

@@ -51,6 +51,9 @@ def test_cpet_deltas_use_only_matched_task_seed_pairs():
     text = table(cells, ["nf4"], ["a"], ["original", "vanilla", "cpet"], [0, 1])
     assert "On 1 matched (task, seed) pairs: CPET − original LoRA = +5.0 points, CPET − vanilla = +15.0" in text
     assert "no (task, seed) pair" in table(cells[3:], ["nf4"], ["a"], ["original", "vanilla", "cpet"], [0, 1])
+    shared = cells + [cell("nf4", "a", "cpet-shared", 0, 0.90)]
+    assert "CPET (cpet-shared) − original LoRA = +10.0 points, CPET (cpet-shared) − vanilla = +20.0" in table(
+        shared, ["nf4"], ["a"], ["original", "vanilla", "cpet", "cpet-shared"], [0, 1])
 
 
 def test_curve_table_averages_matched_runs_per_step():
@@ -63,7 +66,13 @@ def test_curve_table_averages_matched_runs_per_step():
     assert "| method | step 0 | step 20 |" in text
     cpet = accuracy["cpet"] + 0.05  # mean over tasks a and b
     assert f"| cpet | {100 * (cpet - 0.1):.1f} | {100 * cpet:.1f} |" in text
-    assert "no (task, seed) pair" in curve_table(cells[:3], ["nf4"])
+    # a row never run does not empty the curves; a row run on fewer pairs restricts them to those pairs
+    without_row = [c for c in cells if c["row"] != "cpet-shared"]
+    assert "### nf4 (2 task-seed runs)" in curve_table(without_row, ["nf4"])
+    partly = [c for c in cells if not (c["row"] == "cpet-shared" and c["task"] == "b")]
+    assert "### nf4 (1 task-seed runs)" in curve_table(partly, ["nf4"])
+    disjoint = [cell("original", "a", "original", 0, 0.9), cell("nf4", "b", "vanilla", 0, 0.5)]
+    assert "no (task, seed) pair" in curve_table(disjoint, ["nf4"])
 
 
 def test_setting_sizes_come_from_the_saved_base_and_show_in_the_table(tmp_path):
