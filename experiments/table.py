@@ -72,10 +72,24 @@ def table(cells: list[dict], settings, tasks, rows, seeds, summaries: dict[str, 
             lines.append(f"| {row} | " + " | ".join(cells_txt) + f" | {avg} |")
         for cpet_row in (r for r in CPET_ROWS if r in rows):
             lines.append("\n" + matched_deltas(by_key, setting, tasks, seeds, cpet_row))
-    expected = len(tasks) * len(seeds) * (len(settings) * (len(rows) - ("original" in rows)) + ("original" in rows))
-    lines.append(f"\nCells finished: {len(cells)} of {expected} "
-                 "(entries are test accuracy in %, mean ± sd over seeds, seed count in parentheses).")
+    lines.append("\n" + progress_line(by_key, settings, tasks, rows, seeds) +
+                 " Entries are test accuracy in %, mean ± sd over seeds, seed count in parentheses.")
     return "\n".join(lines)
+
+
+def progress_line(by_key, settings, tasks, rows, seeds) -> str:
+    """How many of the selected cells finished, and which rows are not complete yet."""
+    done_total = want_total = 0
+    unfinished = []
+    for row in rows:
+        keys = ["original"] if row == "original" else settings
+        want = len(keys) * len(tasks) * len(seeds)
+        done = sum(seed in by_key[(key, task, row)] for key in keys for task in tasks for seed in seeds)
+        done_total, want_total = done_total + done, want_total + want
+        if done < want:
+            unfinished.append(f"{row} {done} of {want}")
+    status = f"unfinished rows: {', '.join(unfinished)}" if unfinished else "the grid is complete"
+    return f"Cells finished: {done_total} of {want_total} ({status})."
 
 
 def matched_deltas(by_key, setting: str, tasks, seeds, cpet_row: str = "cpet") -> str:
