@@ -111,32 +111,40 @@ def matched_deltas(by_key, setting: str, tasks, seeds, cpet_row: str = "cpet") -
             f"{100 * statistics.mean(deltas['vanilla']):+.1f} points (test accuracy).")
 
 
-def matched_runs(cells: list[dict], setting: str) -> set:
-    """(task, seed) pairs for which every row of ``setting`` that has run at all (and the original) finished.
+def matched_runs(cells: list[dict], setting: str) -> tuple[set, dict[str, int]]:
+    """The (task, seed) pairs the curves of ``setting`` average over, and the rows left out of them.
 
-    A row with no cell yet (say, one added to the grid later) does not empty the curves; a row partly run
-    restricts them to the pairs it has.
+    The pairs are those that every row kept (and the original row) finished. A row with fewer finished
+    pairs than the typical (median) row (say, one added to the grid later and still running) is left out
+    rather than shrinking everyone's average: ``left_out`` maps it to how many pairs it has.
     """
     have = defaultdict(set)
     for cell in cells:
         if cell["setting"] in (setting, "original"):
             have[cell["row"]].add((cell["task"], cell["seed"]))
-    return set.intersection(*have.values()) if have else set()
+    if not have:
+        return set(), {}
+    typical = statistics.median_low(len(pairs) for pairs in have.values())
+    left_out = {row: len(pairs) for row, pairs in have.items() if len(pairs) < typical and row != "original"}
+    pairs = set.intersection(*(p for row, p in have.items() if row not in left_out))
+    return pairs, left_out
 
 
-def mean_curves(cells: list[dict], setting: str) -> tuple[int, dict[str, dict[int, float]]]:
-    """Validation accuracy against training step per row of ``setting``: ``(pairs, {row: {step: mean}})``.
+def mean_curves(cells: list[dict], setting: str) -> tuple[int, dict[str, dict[int, float]], dict[str, int]]:
+    """Validation accuracy against training step per row: ``(pairs, {row: {step: mean}}, left_out)``.
 
-    Averaged only over the (task, seed) pairs every row finished, so the rows compare like with like.
+    Averaged only over the matched (task, seed) pairs of :func:`matched_runs`, so the rows compare like
+    with like; ``left_out`` are the rows not run on all of them yet.
     """
-    pairs = matched_runs(cells, setting)
+    pairs, left_out = matched_runs(cells, setting)
     points = defaultdict(lambda: defaultdict(list))
     for cell in cells:
-        if cell["setting"] in (setting, "original") and (cell["task"], cell["seed"]) in pairs:
+        if (cell["setting"] in (setting, "original") and cell["row"] not in left_out
+                and (cell["task"], cell["seed"]) in pairs):
             for point in cell["history"]:
                 points[cell["row"]][point["step"]].append(point["val_accuracy"])
-    return len(pairs), {row: {step: statistics.mean(v) for step, v in sorted(by_step.items())}
-                        for row, by_step in points.items()}
+    curves = {row: {step: statistics.mean(v) for step, v in sorted(by_step.items())} for row, by_step in points.items()}
+    return len(pairs), curves, left_out
 
 
 def curve_table(cells: list[dict], settings) -> str:
@@ -145,7 +153,7 @@ def curve_table(cells: list[dict], settings) -> str:
              "Mean over the (task, seed) pairs where every row of the setting finished; step 0 is the "
              "initialisation (inheritance starts from the original adapter)."]
     for setting in settings:
-        n, curves = mean_curves(cells, setting)
+        n, curves, left_out = mean_curves(cells, setting)
         if not curves:
             lines.append(f"\n{setting}: no (task, seed) pair with every row finished yet.")
             continue
@@ -155,6 +163,9 @@ def curve_table(cells: list[dict], settings) -> str:
         for row in (r for r in ROWS if r in curves):
             lines.append(f"| {row} | " + " | ".join(
                 f"{100 * curves[row][s]:.1f}" if s in curves[row] else "–" for s in steps) + " |")
+        if left_out:
+            lines.append("\nLeft out until they finish on the same pairs: " +
+                         ", ".join(f"{row} ({count} of {n} pairs so far)" for row, count in left_out.items()) + ".")
     return "\n".join(lines)
 
 
@@ -166,7 +177,7 @@ def plot_curves(cells: list[dict], settings, path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(settings), figsize=(5 * len(settings), 4), squeeze=False)
     for ax, setting in zip(axes[0], settings):
-        n, curves = mean_curves(cells, setting)
+        n, curves, _ = mean_curves(cells, setting)
         for row, curve in curves.items():
             ax.plot(list(curve), list(curve.values()), marker="o", label=row)
         ax.set_title(f"{setting} ({n} task-seed runs)")

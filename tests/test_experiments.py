@@ -69,11 +69,12 @@ def test_curve_table_averages_matched_runs_per_step():
     assert "| method | step 0 | step 20 |" in text
     cpet = accuracy["cpet"] + 0.05  # mean over tasks a and b
     assert f"| cpet | {100 * (cpet - 0.1):.1f} | {100 * cpet:.1f} |" in text
-    # a row never run does not empty the curves; a row run on fewer pairs restricts them to those pairs
-    without_row = [c for c in cells if c["row"] != "cpet-shared"]
-    assert "### nf4 (2 task-seed runs)" in curve_table(without_row, ["nf4"])
-    partly = [c for c in cells if not (c["row"] == "cpet-shared" and c["task"] == "b")]
-    assert "### nf4 (1 task-seed runs)" in curve_table(partly, ["nf4"])
+    # a row never run, or still running, does not shrink the others' average: it is left out, and said so
+    without_row = curve_table([c for c in cells if c["row"] != "cpet-shared"], ["nf4"])
+    assert "### nf4 (2 task-seed runs)" in without_row and "Left out" not in without_row
+    partly = curve_table([c for c in cells if not (c["row"] == "cpet-shared" and c["task"] == "b")], ["nf4"])
+    assert "### nf4 (2 task-seed runs)" in partly
+    assert "| cpet-shared |" not in partly and "Left out until they finish on the same pairs: cpet-shared (1 of 2" in partly
     disjoint = [cell("original", "a", "original", 0, 0.9), cell("nf4", "b", "vanilla", 0, 0.5)]
     assert "no (task, seed) pair" in curve_table(disjoint, ["nf4"])
 
