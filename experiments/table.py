@@ -20,9 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from experiments.grid import CELLS_DIR, ROW_MEANING, ROWS, SETTINGS, TASKS  # noqa: E402
 
-CPET_ROWS = ("cpet", "cpet-shared")  # inheritance + recovery: compared with the original and vanilla
-
 from cpet.assets import write_text_atomic  # noqa: E402
+
+# the rows that combine inheritance with recovery: each is compared with the original and vanilla
+CPET_ROWS = tuple(row for row, how in ROWS.items() if how["init"] == "inherit" and how["recovery"] != "none")
 
 
 def load_cells(cells_dir: Path) -> list[dict]:
@@ -150,7 +151,7 @@ def mean_curves(cells: list[dict], setting: str) -> tuple[int, dict[str, dict[in
 def curve_table(cells: list[dict], settings) -> str:
     """Markdown: per setting, mean validation accuracy (%) of each row at each evaluated step."""
     lines = ["\n## Validation accuracy against training steps\n",
-             "Mean over the (task, seed) pairs where every row of the setting finished; step 0 is the "
+             "Mean over the (task, seed) pairs where every row shown finished; step 0 is the "
              "initialisation (inheritance starts from the original adapter)."]
     for setting in settings:
         n, curves, left_out = mean_curves(cells, setting)
