@@ -2,6 +2,10 @@
 
 __version__ = "0.1.0"
 
+from ._quiet import silence_unactionable_warnings  # noqa: E402
+
+silence_unactionable_warnings()  # before bitsandbytes or peft is first imported
+
 from .compress import CompressedBase, compress  # noqa: E402
 from .config import HeadMode, Importance, PruneConfig, QuantizeConfig, QuantMethod  # noqa: E402
 from .models import load_base, tiny_model  # noqa: E402

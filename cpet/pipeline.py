@@ -17,7 +17,9 @@ never leak state into each other.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -198,6 +200,8 @@ class CPET:
         config = config or TuneConfig()
         task = _task(task)
         self._check_tune_args(task, on, init, inherit_from, recovery)
+        # before anything random (LoRA A, recovery init): the same seed gives the same run whatever ran before
+        torch.manual_seed(config.seed)
         name = name or f"{task.name}-{on}-{init}-{recovery}-s{config.seed}"
         out_dir = self.work_dir / "adapters" / name
         teacher = None
@@ -217,7 +221,6 @@ class CPET:
             target_modules = shape["target_modules"]
         peft_model = add_lora(model, rank=config.rank, alpha=config.alpha, dropout=config.dropout,
                               target_roles=config.target_roles, target_modules=target_modules)
-        torch.manual_seed(config.seed)
         if init == "inherit":
             from .lora_init import apply_inherited_lora
 
@@ -240,8 +243,13 @@ class CPET:
         meta = {"base_id": base_id, "source_name": self.original.name,
                 "source_fingerprint": self.source_fingerprint, "task": task.name, "labels": list(task.labels),
                 "label_words": verbalizer.label_words, "template": template.template, "on": on, "init": init,
-                "recovery": recovery, "tune_config": config.to_dict(),
-                "inherited_from": str(_dir(inherit_from)) if inherit_from else None}
+                "recovery": recovery, "tune_config": config.to_dict(), "max_prompt_tokens": config.max_prompt_tokens,
+                "inherited_from": str(_dir(inherit_from)) if inherit_from else None,
+                "inherited_sha256": adapter_weights_sha256(_dir(inherit_from)) if inherit_from else None}
+        identity = {"task": task.name, "train_sha256": examples_sha256(task.split("train")), "base_id": base_id,
+                    "source_fingerprint": self.source_fingerprint, "init": init, "recovery": recovery,
+                    "inherited_sha256": meta["inherited_sha256"],
+                    "target_modules": _targets(peft_model.peft_config["default"].target_modules)}
 
         def save_best(directory: Path, metrics: dict) -> None:
             save_adapter(peft_model, directory, {**meta, "metrics": metrics})
@@ -252,7 +260,7 @@ class CPET:
         result = train_classifier(peft_model, self.original.tokenizer, task.split("train"),
                                   task.split("validation"), labels=task.labels, template=template,
                                   verbalizer=verbalizer, config=config, out_dir=out_dir,
-                                  save_best=save_best, teacher=teacher, progress=progress)
+                                  save_best=save_best, teacher=teacher, identity=identity, progress=progress)
         # the best checkpoint was written mid-run; give its cpet.json the whole learning curve
         final = read_adapter_meta(out_dir / "adapter")
         final["metrics"]["history"] = result.history
@@ -329,25 +337,45 @@ class CPET:
         return peft_model.eval()
 
     def evaluate(self, adapter: TaskAdapter | str | Path | None, task, *, split: str = "test",
-                 limit: int | None = None, on: str = "compressed", batch_size: int = 16) -> dict:
-        """Accuracy of an adapter (or of a bare model, zero-shot) on a task split."""
+                 limit: int | None = None, on: str = "compressed", batch_size: int = 16,
+                 max_prompt_tokens: int | None = None, with_predictions: bool = False) -> dict:
+        """Accuracy of an adapter (or of a bare model, zero-shot) on a task split.
+
+        Prompts are cut to the adapter's own ``max_prompt_tokens`` (as it was trained); a bare model uses
+        ``max_prompt_tokens`` or the default. ``limit`` None scores the whole split. The result also has
+        the majority-class share of the scored examples and, with ``with_predictions``, the predicted and
+        gold label of every example in split order (for paired comparisons).
+        """
         from .data import template_for, verbalizer_for
-        from .evaluate import classification_accuracy
+        from .evaluate import DEFAULT_MAX_PROMPT_TOKENS, classification_accuracy
 
         task = _task(task)
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be >= 1 (or None for the whole split), got {limit}")
         if adapter is not None:
             meta = read_adapter_meta(_dir(adapter))
             unknown = sorted(set(task.labels) - set(meta["labels"]))
             if unknown:
                 raise ValueError(f"task {task.name!r} has labels {unknown} that the adapter does not know "
                                  f"(it knows {meta['labels']})")
+            trained_with = meta.get("max_prompt_tokens", meta.get("tune_config", {}).get("max_prompt_tokens"))
+            if max_prompt_tokens is not None and trained_with is not None and max_prompt_tokens != trained_with:
+                raise ValueError(f"adapter {_dir(adapter)} was trained on prompts cut to {trained_with} tokens; "
+                                 f"scoring it with {max_prompt_tokens} would measure another model")
+            max_prompt_tokens = trained_with or max_prompt_tokens
+        max_prompt_tokens = max_prompt_tokens or DEFAULT_MAX_PROMPT_TOKENS
         examples = task.split(split)[:limit] if limit else task.split(split)
         model = self.model_for(adapter, on=on)
-        result = classification_accuracy(model, self.original.tokenizer, [e.text for e in examples],
-                                         [e.label for e in examples], template=template_for(task),
-                                         verbalizer=verbalizer_for(task), labels=task.labels,
-                                         batch_size=batch_size)
-        return {"task": task.name, "split": split, **result.to_dict()}
+        gold = [e.label for e in examples]
+        result = classification_accuracy(model, self.original.tokenizer, [e.text for e in examples], gold,
+                                         template=template_for(task), verbalizer=verbalizer_for(task),
+                                         labels=task.labels, batch_size=batch_size,
+                                         max_prompt_tokens=max_prompt_tokens)
+        out = {"task": task.name, "split": split, **result.to_dict(), "max_prompt_tokens": max_prompt_tokens,
+               "majority_baseline": max(gold.count(label) for label in task.labels) / len(gold)}
+        if with_predictions:
+            out.update(predictions=list(result.predictions), gold=gold)
+        return out
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | Path) -> Path:
@@ -378,6 +406,29 @@ class CPET:
                 raise ValueError(f"the pipeline in {directory} was built from source model {expected[:16]}…, "
                                  f"not from {pipeline.original.name} ({pipeline.source_fingerprint[:16]}…)")
         return pipeline
+
+
+def task_key(task: str) -> str:
+    """A file-name-safe key for a task name or a path to a task file (``data/my task.jsonl`` -> ``my_task``)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", Path(task).stem if Path(task).suffix else task)
+
+
+def adapter_weights_sha256(directory: str | Path) -> str:
+    """SHA-256 of an adapter's weights file: which adapter exactly a run inherited from."""
+    from .assets import sha256_of
+
+    return sha256_of(Path(directory) / "adapter_model.safetensors")
+
+
+def examples_sha256(examples) -> str:
+    """SHA-256 of a split's ``(text, label)`` pairs in order: which training data exactly a run saw."""
+    payload = json.dumps([[e.text, e.label] for e in examples], ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def _targets(target_modules) -> list[str] | str:
+    """peft's ``target_modules`` (a set of names or one regex) in a stable, JSON-able form."""
+    return target_modules if isinstance(target_modules, str) else sorted(target_modules)
 
 
 def _dir(adapter: TaskAdapter | str | Path | None) -> Path | None:

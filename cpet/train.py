@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .assets import atomic_path
-from .evaluate import classification_accuracy, encode_prompt_and_label
+from .evaluate import DEFAULT_MAX_PROMPT_TOKENS, classification_accuracy, encode_prompt_and_label
 
 @dataclass
 class TuneConfig:
@@ -41,11 +41,14 @@ class TuneConfig:
         steps: optimizer steps.
         batch_size: examples per step.
         lr: AdamW learning rate (linear warm-up, then cosine decay to 10%).
-        warmup_steps: warm-up length.
+        warmup_ratio: warm-up length as a share of ``steps`` (at least one step), so that short runs
+            reach the learning rate too.
+        warmup_steps: an explicit warm-up length that replaces ``warmup_ratio`` (None: use the ratio).
         weight_decay: AdamW weight decay.
         eval_every: validate (and checkpoint) every N steps; also at the last step.
         eval_limit: validation examples used per evaluation (None = all).
-        max_prompt_tokens: prompts are left-truncated to this many tokens.
+        max_prompt_tokens: prompts are left-truncated to this many tokens, in training, validation and
+            every later scoring of the adapter (recorded in its ``cpet.json``).
         seed: seeds LoRA init, data order and dropout.
         distill_weight: lambda of the hidden-state MSE against a teacher (0 = no distillation).
         eval_at_start: also validate the initial adapter (step 0), which can be the best one (inheritance).
@@ -58,11 +61,12 @@ class TuneConfig:
     steps: int = 200
     batch_size: int = 8
     lr: float = 1e-3
-    warmup_steps: int = 10
+    warmup_ratio: float = 0.1
+    warmup_steps: int | None = None
     weight_decay: float = 0.0
     eval_every: int = 50
     eval_limit: int | None = 200
-    max_prompt_tokens: int = 128
+    max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS
     seed: int = 0
     distill_weight: float = 0.0
     eval_at_start: bool = True
@@ -74,8 +78,23 @@ class TuneConfig:
             raise ValueError("steps, batch_size and eval_every must be >= 1")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.warmup_steps is not None and self.warmup_steps < 1:
+            raise ValueError(f"warmup_steps must be >= 1 or None (warmup_ratio of the steps), got {self.warmup_steps}")
+        if self.max_prompt_tokens < 1:
+            raise ValueError(f"max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
+        if self.eval_limit is not None and self.eval_limit < 1:
+            raise ValueError(f"eval_limit must be >= 1 or None (all validation examples), got {self.eval_limit}")
         if self.target_roles is not None:
             self.target_roles = tuple(self.target_roles)
+
+    @property
+    def warmup(self) -> int:
+        """Warm-up steps actually used."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return max(1, round(self.warmup_ratio * self.steps))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -122,9 +141,11 @@ def batch_indices(num_examples: int, batch_size: int, step: int, seed: int) -> l
 
 
 def lr_factor(step: int, config: TuneConfig) -> float:
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(config.steps - config.warmup_steps, 1)
+    """Learning-rate multiplier of ``step``: linear warm-up over ``config.warmup`` steps, then cosine to 0.1."""
+    warmup = config.warmup
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(config.steps - warmup, 1)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
@@ -155,17 +176,33 @@ def save_resume_state(directory: Path, model: nn.Module, optimizer: torch.optim.
         (tmp / "state.json").write_text(json.dumps({"step": step, **extra}, indent=2))
 
 
-def check_resume_config(directory: Path, config: TuneConfig) -> None:
-    """Refuse to resume a run whose saved hyper-parameters differ from ``config`` (``steps`` may grow)."""
-    saved = json.loads((directory / "state.json").read_text()).get("config")
+def check_resume_config(directory: Path, config: TuneConfig, identity: dict | None = None) -> None:
+    """Refuse to resume a run made with other hyper-parameters or for something else, naming each difference.
+
+    ``config`` must match the saved one except ``steps`` (which may grow). ``identity`` says what the run is
+    for (task and a hash of its training split, base, source model, init, recovery, inheritance source,
+    target modules: see ``CPET.tune``); it must match exactly, and a state written without one is refused
+    when one is given, since nothing says what it was trained for.
+    """
+    state = json.loads((directory / "state.json").read_text())
+    saved = state.get("config")
+    fix = ("delete it or use a new output directory (a new adapter name) to train with these")
+    if identity is not None:
+        if state.get("identity") is None:
+            raise ValueError(f"resume state in {directory} does not record what it was trained for (written by an "
+                             f"older CPET): {fix}")
+        now_id = json.loads(json.dumps(identity))
+        differs = sorted(k for k in set(state["identity"]) | set(now_id) if state["identity"].get(k) != now_id.get(k))
+        if differs:
+            detail = ", ".join(f"{key} {state['identity'].get(key)!r} -> {now_id.get(key)!r}" for key in differs)
+            raise ValueError(f"resume state in {directory} was trained for something else ({detail}): {fix}")
     if saved is None:  # written before configs were recorded
         return
     now = json.loads(json.dumps(config.to_dict()))
     changed = sorted(key for key in set(saved) | set(now) if key != "steps" and saved.get(key) != now.get(key))
     if changed:
         detail = ", ".join(f"{key} {saved.get(key)!r} -> {now.get(key)!r}" for key in changed)
-        raise ValueError(f"resume state in {directory} was written with other settings ({detail}): delete it or "
-                         "use a new output directory (a new adapter name) to train with these")
+        raise ValueError(f"resume state in {directory} was written with other settings ({detail}): {fix}")
 
 
 def load_resume_state(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -211,7 +248,7 @@ def hidden_mse(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, mask:
 def train_classifier(model: nn.Module, tokenizer, train_examples, val_examples, *, labels: Sequence[str],
                      template, verbalizer, config: TuneConfig, out_dir: str | Path,
                      save_best: Callable[[Path, dict], None], teacher: nn.Module | None = None,
-                     progress: bool = True) -> TuneResult:
+                     identity: dict | None = None, progress: bool = True) -> TuneResult:
     """Train the trainable parameters of ``model`` on a classification task.
 
     Trainable means ``requires_grad``: a peft LoRA model's adapters, and recovery modules when they are
@@ -224,6 +261,8 @@ def train_classifier(model: nn.Module, tokenizer, train_examples, val_examples, 
         save_best: called as ``save_best(directory, metrics)`` to write the best model so far into a
             temporary directory that is then renamed to ``out_dir/adapter`` (atomic).
         teacher: if given with ``config.distill_weight > 0``, its last hidden states are the MSE target.
+        identity: JSON-able facts of what this run is for; saved with the resume state, and a resume
+            whose facts differ is refused (see :func:`check_resume_config`).
     Returns:
         :class:`TuneResult` with the best validation accuracy and the learning curve.
     Raises:
@@ -246,7 +285,7 @@ def train_classifier(model: nn.Module, tokenizer, train_examples, val_examples, 
     out_dir.mkdir(parents=True, exist_ok=True)
     resume_dir = out_dir / "resume"
     if (resume_dir / "state.json").exists():
-        check_resume_config(resume_dir, config)
+        check_resume_config(resume_dir, config, identity)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     encoded = [encode_example(tokenizer, template.format(e.text), verbalizer.label_words[e.label],
                               config.max_prompt_tokens) for e in train_examples]
@@ -274,7 +313,8 @@ def train_classifier(model: nn.Module, tokenizer, train_examples, val_examples, 
         nonlocal best
         unwrapped = accelerator.unwrap_model(model)
         result = classification_accuracy(unwrapped, tokenizer, [e.text for e in val], [e.label for e in val],
-                                         template=template, verbalizer=verbalizer, labels=labels)
+                                         template=template, verbalizer=verbalizer, labels=labels,
+                                         max_prompt_tokens=config.max_prompt_tokens)
         history.append({"step": step, "val_accuracy": result.accuracy, "train_loss": loss})
         if result.accuracy > best["accuracy"]:  # every process tracks it: each returns the same result
             best = {"accuracy": result.accuracy, "step": step}
@@ -315,7 +355,8 @@ def train_classifier(model: nn.Module, tokenizer, train_examples, val_examples, 
             model.train()
             if accelerator.is_main_process:
                 save_resume_state(resume_dir, accelerator.unwrap_model(model), optimizer, done,
-                                  {"best": best, "history": history, "config": config.to_dict()})
+                                  {"best": best, "history": history, "config": config.to_dict(),
+                                   "identity": identity})
             accelerator.wait_for_everyone()
     return TuneResult(best["accuracy"], best["step"], history, str(out_dir / "adapter"))
 
@@ -353,7 +394,7 @@ class DistillConfig:
 
     # lr_factor reads these two
     @property
-    def warmup_steps(self) -> int:
+    def warmup(self) -> int:
         return max(self.steps // 10, 1)
 
 

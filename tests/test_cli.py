@@ -80,3 +80,76 @@ def test_bad_input_exits_with_a_message(capsys, argv, message):
         return
     assert main(argv) == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_fetch_json_lists_every_asset(capsys):
+    real_asset("vader-sdist")
+    result = run_json(capsys, "fetch", "vader")
+    assert list(result) == ["vader-sdist"] and result["vader-sdist"]["path"].endswith("vaderSentiment-3.3.2.tar.gz")
+
+
+@pytest.mark.parametrize("argv", [["eval", "--task", "x.jsonl", "--limit", "0"],
+                                  ["tune", "p", "--task", "t", "--steps", "0"]])
+def test_zero_counts_are_refused_not_read_as_all(capsys, argv):
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert "must be >= 1" in capsys.readouterr().err
+
+
+def test_help_shows_the_library_defaults(capsys):
+    from cpet.train import TuneConfig
+
+    with pytest.raises(SystemExit):
+        main(["tune", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    defaults = TuneConfig()
+    assert f"AdamW learning rate (peak) (default: {defaults.lr})" in text
+    assert f"(default: {defaults.warmup_ratio})" in text and f"(default: {defaults.eval_limit})" in text
+
+
+def test_tune_prints_the_baselines_beside_the_result(capsys, model_dir, task_file, tmp_path):
+    work = tmp_path / "w"
+    tuned = run_json(capsys, "tune", str(work), "--task", str(task_file), "--on", "original", "--steps", "2",
+                     "--eval-every", "1", "--val-limit", "3", "--max-prompt-tokens", "16", "--limit", "6")
+    meta = json.loads((work / "adapters" / tuned["adapter"].split("/")[-2] / "adapter" / "cpet.json").read_text())
+    assert meta["tune_config"]["eval_limit"] == 3 and meta["max_prompt_tokens"] == 16
+    assert [h["step"] for h in meta["metrics"]["history"]] == [0, 1, 2]
+    assert 0 <= tuned["zero_shot_test_accuracy"] <= 1 and tuned["majority_baseline"] >= 0.5
+
+
+def test_an_empty_directory_says_which_command_starts_it(capsys, task_file, tmp_path):
+    assert main(["tune", str(tmp_path / "new"), "--task", str(task_file)]) == 2
+    err = capsys.readouterr().err
+    assert "is not a CPET pipeline yet" in err and f"cpet compress --model smollm2-135m --out {tmp_path / 'new'}" in err
+    assert main(["recover", str(tmp_path / "new")]) == 2
+    assert "cpet compress" in capsys.readouterr().err
+
+
+def test_eval_checks_every_task_before_any_work(capsys, model_dir, task_file):
+    assert main(["eval", "--model", str(model_dir), "--task", str(task_file), "--task", "no-such-task"]) == 2
+    captured = capsys.readouterr()
+    assert "unknown task 'no-such-task'" in captured.err and captured.out == ""
+
+
+def test_corrupt_safetensors_is_an_error_line_not_a_traceback(capsys, model_dir, task_file, tmp_path):
+    work = tmp_path / "w"
+    argv = ["tune", str(work), "--task", str(task_file), "--on", "original", "--steps", "1", "--eval-every", "1",
+            "--val-limit", "2", "--limit", "2", "--name", "broken"]
+    run_json(capsys, *argv)
+    weights = work / "adapters" / "broken" / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:50])
+    assert main(argv) == 2  # the finished run is reopened and its (now corrupt) adapter scored
+    err = capsys.readouterr().err
+    assert "cpet tune: error: a safetensors file is corrupt or truncated" in err and "Traceback" not in err
+
+
+def test_no_unactionable_third_party_messages():
+    """bitsandbytes' kernel-download line and peft's FutureWarning are silenced (only those)."""
+    import subprocess
+    import sys
+
+    code = ("import cpet, bitsandbytes;"
+            "from cpet.adapters import add_lora; from cpet.models import tiny_model;"
+            "add_lora(tiny_model('llama').model, rank=2, alpha=4, dropout=0.0)")
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+    assert "kernels-community" not in err and "is_gradient_checkpointing" not in err

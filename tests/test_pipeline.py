@@ -192,3 +192,86 @@ def test_missing_prerequisites(tmp_path):
     task = write_task(tmp_path / "t.jsonl")
     with pytest.raises(ValueError, match="call compress"):
         fresh.tune(task, config=TUNE, progress=False)
+
+
+def lora_tensors(adapter):
+    return load_file(str(adapter.directory / "adapter_model.safetensors"))
+
+
+def test_same_seed_gives_the_same_adapter_whatever_ran_before(built):
+    """LoRA init is seeded by the run's seed, not by the global random state left by earlier work."""
+    pipeline, task, _, _ = built
+    frozen = TuneConfig(steps=1, batch_size=8, lr=1e-12, eval_every=1, rank=4, alpha=8, seed=5)  # ~ the init
+    runs = []
+    for noise_seed, seed in ((1, 5), (2, 5), (1, 6)):
+        torch.manual_seed(noise_seed)
+        torch.rand(17)  # something random ran before
+        config = TuneConfig(**{**frozen.to_dict(), "seed": seed})
+        runs.append(pipeline.tune(task, on="original", config=config, name=f"seeded-{noise_seed}-{seed}",
+                                  progress=False))
+    first, again, other = (lora_tensors(run) for run in runs)
+    assert first.keys() == again.keys() == other.keys()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert any(not torch.equal(first[k], other[k]) for k in first if "lora_A" in k)
+    curves = [run.meta["metrics"]["history"] for run in runs[:2]]
+    assert curves[0][0]["val_accuracy"] == curves[1][0]["val_accuracy"]
+
+
+def test_inheriting_records_which_adapter_exactly(built):
+    pipeline, task, original, _ = built
+    adapter = pipeline.tune(task, init="inherit", inherit_from=original, name="records-source",
+                            config=TuneConfig(steps=1, eval_every=1), progress=False)
+    from cpet.assets import sha256_of
+
+    assert adapter.meta["inherited_sha256"] == sha256_of(original.directory / "adapter_model.safetensors")
+
+
+def test_resume_for_another_purpose_is_refused_naming_each_difference(built, tmp_path):
+    pipeline, task, original, root = built
+    config = TuneConfig(steps=2, batch_size=8, eval_every=1, rank=4, alpha=8)
+    pipeline.tune(task, config=config, name="guarded", progress=False)
+    other_task = write_task(root / "other-data.jsonl", n=120)  # same labels, other examples
+    with pytest.raises(ValueError, match=r"trained for something else \(.*task 'task' -> 'other-data'.*"
+                                         r"train_sha256"):
+        pipeline.tune(other_task, config=config, name="guarded", progress=False)
+    with pytest.raises(ValueError, match=r"trained for something else \(recovery 'none' -> 'shared'"):
+        pipeline.tune(task, config=config, name="guarded", recovery="shared", progress=False)
+    with pytest.raises(ValueError, match=r"trained for something else \(inherited_sha256 None -> '[0-9a-f]+'.*"
+                                         r"init 'random' -> 'inherit'"):
+        pipeline.tune(task, config=config, name="guarded", init="inherit", inherit_from=original, progress=False)
+    # a base recompressed to the same shapes is another base: its base_id differs
+    state_path = pipeline.work_dir / "adapters" / "guarded" / "resume" / "state.json"
+    state = json.loads(state_path.read_text())
+    state["identity"]["base_id"] = "0" * 64
+    state_path.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=r"base_id '0{64}' -> '[0-9a-f]{64}'"):
+        pipeline.tune(task, config=config, name="guarded", progress=False)
+    del state["identity"]
+    state_path.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="does not record what it was trained for"):
+        pipeline.tune(task, config=config, name="guarded", progress=False)
+
+
+def test_one_prompt_length_for_training_validation_and_scoring(built, monkeypatch):
+    import cpet.evaluate
+    import cpet.train
+
+    pipeline, task, _, _ = built
+    seen = []
+
+    def spy(original):
+        def wrapper(tokenizer, prompt, label_word, max_prompt_tokens=cpet.evaluate.DEFAULT_MAX_PROMPT_TOKENS):
+            if prompt:
+                seen.append(max_prompt_tokens)
+            return original(tokenizer, prompt, label_word, max_prompt_tokens)
+        return wrapper
+
+    monkeypatch.setattr(cpet.evaluate, "encode_prompt_and_label", spy(cpet.evaluate.encode_prompt_and_label))
+    monkeypatch.setattr(cpet.train, "encode_prompt_and_label", spy(cpet.train.encode_prompt_and_label))
+    config = TuneConfig(steps=2, batch_size=8, eval_every=1, rank=4, alpha=8, max_prompt_tokens=7)
+    adapter = pipeline.tune(task, config=config, name="short-prompts", progress=False)
+    result = pipeline.evaluate(adapter, task)
+    assert adapter.meta["max_prompt_tokens"] == 7 and result["max_prompt_tokens"] == 7
+    assert len(seen) > 100 and set(seen) == {7}
+    with pytest.raises(ValueError, match="trained on prompts cut to 7 tokens"):
+        pipeline.evaluate(adapter, task, max_prompt_tokens=192)
