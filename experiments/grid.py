@@ -5,6 +5,12 @@ atomically to ``<cells>/<cell>.json`` (tracked in git: small JSON files) and fin
 the grid can be killed and resumed at any time, across sessions. The compressed base and the shared
 recovery modules of each setting are built once and reused (``<out>/<setting>/``, not tracked).
 
+Every cell records the git commit of the code that ran it (run the grid from a pinned checkout, e.g. a
+``git worktree`` at one commit, so later work cannot change what it measures mid-run; uncommitted changes
+to the package or the experiments are refused), its effective tuning config (read back from the adapter),
+the hash of the adapter it inherited, and every test prediction (for paired bootstrap intervals).
+Workers run in parallel only on disjoint cells (split them by seed: the grid has no locks).
+
     python experiments/grid.py                                   # everything (long: run in background)
     python experiments/grid.py --settings ffn25-nf4 --seeds 0    # a slice
     python experiments/table.py                                  # the table + plots from finished cells
@@ -14,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,11 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cpet.assets import write_text_atomic  # noqa: E402
 from cpet.config import PruneConfig, QuantizeConfig  # noqa: E402
-from cpet.pipeline import CPET  # noqa: E402
+from cpet.pipeline import CPET, task_key  # noqa: E402,F401  (task_key: part of this script's API)
 from cpet.train import DistillConfig, TuneConfig  # noqa: E402
 
 CELLS_DIR = Path(__file__).resolve().parent / "results" / "cells"
 TASKS = ("vader-movie", "vader-product", "vader-news", "vader-tweets")
+REPO = Path(__file__).resolve().parent.parent
 
 SETTINGS = {
     "nf4": lambda: [QuantizeConfig(method="nf4")],
@@ -35,10 +42,12 @@ SETTINGS = {
     "ffn50-nf4": lambda: [PruneConfig(ffn_ratio=0.5, importance="taylor"), QuantizeConfig(method="nf4")],
 }
 
-# row name -> tune() arguments; "original" runs on the uncompressed model (the upper reference)
+# row name -> tune() arguments and a step multiplier; "original" rows run on the uncompressed model
 ROWS = {
     "original": dict(on="original", init="random", recovery="none"),
+    "original-2x": dict(on="original", init="random", recovery="none", steps_factor=2),
     "vanilla": dict(init="random", recovery="none"),
+    "vanilla-2x": dict(init="random", recovery="none", steps_factor=2),
     "svd-init": dict(init="svd", recovery="none"),
     "inherit": dict(init="inherit", recovery="none"),
     "per-task-rec": dict(init="random", recovery="per_task"),
@@ -46,11 +55,14 @@ ROWS = {
     "cpet": dict(init="inherit", recovery="per_task"),
     "cpet-shared": dict(init="inherit", recovery="shared"),
 }
+ORIGINAL_ROWS = tuple(row for row, how in ROWS.items() if how.get("on") == "original")
 
 # what each row is, for the results legend
 ROW_MEANING = {
     "original": "LoRA on the uncompressed model (the upper reference)",
+    "original-2x": "the same at twice the steps (equal-budget control for the rows that start from `original`)",
     "vanilla": "LoRA from the usual init (B = 0) on the compressed base (QLoRA-style)",
+    "vanilla-2x": "the same at twice the steps (equal-budget control: as many task steps as inherit + tune)",
     "svd-init": "LoRA set to the truncated SVD of each layer's compression residual (LoftQ-style)",
     "inherit": "LoRA initialised from the original-model LoRA of the same task and seed, through the index maps",
     "per-task-rec": "usual-init LoRA + per-task recovery bypasses (GELU, rank 8) trained with it, distilled "
@@ -61,30 +73,52 @@ ROW_MEANING = {
 }
 
 
-def budget(args) -> TuneConfig:
-    """The same training budget for every row."""
-    return TuneConfig(rank=8, alpha=16, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                      eval_every=args.eval_every, eval_limit=args.eval_limit, max_prompt_tokens=64,
-                      target_roles=None)
+def uses_original_adapter(row: str) -> bool:
+    """Rows that start from (inherit) or distil from (per-task recovery) the original-model adapter."""
+    return ROWS[row]["init"] == "inherit" or ROWS[row]["recovery"] == "per_task"
 
 
-def task_key(task: str) -> str:
-    """A file-name-safe key for a task name or a path to a task file."""
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", Path(task).stem if Path(task).suffix else task)
+def cumulative_task_steps(row: str, steps: int) -> int:
+    """Optimizer steps on task data behind a row's adapter, counting the original adapter it builds on."""
+    own = steps * ROWS[row].get("steps_factor", 1)
+    return own + (steps if uses_original_adapter(row) else 0)
+
+
+def tune_args(row: str) -> dict:
+    return {key: value for key, value in ROWS[row].items() if key != "steps_factor"}
+
+
+def budget(args, row: str = "vanilla") -> TuneConfig:
+    """The training budget of a row: the same for every row, times its ``steps_factor``."""
+    return TuneConfig(rank=8, alpha=16, steps=args.steps * ROWS[row].get("steps_factor", 1),
+                      batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every, eval_limit=args.eval_limit,
+                      max_prompt_tokens=args.max_prompt_tokens, target_roles=None)
 
 
 def cell_name(setting: str, task: str, row: str, seed: int) -> str:
     return f"{setting}__{task_key(task)}__{row}__s{seed}"
 
 
+def code_commit(repo: Path = REPO, allow_dirty: bool = False) -> str:
+    """The commit the grid runs from; refuses uncommitted changes to what it measures (unless allowed)."""
+    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--", "cpet", "experiments/grid.py"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    if dirty and not allow_dirty:
+        raise SystemExit(f"grid: uncommitted changes to the code it measures ({dirty.splitlines()[0]} ...): commit "
+                         "them, or run from a pinned worktree (git worktree add ../grid-run HEAD)")
+    return head + ("+dirty" if dirty else "")
+
+
 def original_adapter(original: CPET, task: str, seed: int, args) -> Path:
     """The original-model adapter that inheritance and per-task recovery start from.
 
     Work directories are not tracked, so on a fresh machine the 'original' cell may be finished while its
-    adapter is gone: it is then tuned again with the same seed and budget (training is seeded, so this is
-    the adapter the finished cell measured, up to floating-point nondeterminism).
+    adapter is gone: it is then tuned again with the same seed and budget. Tuning is seeded before any
+    random draw, so this gives the same adapter; every cell that uses it records its weights' hash.
     """
-    config = budget(args)
+    config = budget(args, "original")
     config.seed = seed
     run_dir = original.work_dir / "adapters" / f"{task_key(task)}-s{seed}"
     state = run_dir / "resume" / "state.json"
@@ -92,29 +126,33 @@ def original_adapter(original: CPET, task: str, seed: int, args) -> Path:
         print(f"[grid] tuning the original adapter for {task_key(task)} s{seed} (missing or unfinished)",
               flush=True)
         original.tune(task, name=f"{task_key(task)}-s{seed}", config=config, progress=args.progress,
-                      **ROWS["original"])
+                      **tune_args("original"))
     return run_dir / "adapter"
 
 
 def run_cell(pipelines: dict, original: CPET, setting: str, task: str, row: str, seed: int, args) -> dict:
-    config = budget(args)
+    config = budget(args, row)
     config.seed = seed
     start = time.perf_counter()
-    if row == "original":
-        adapter = original.tune(task, name=f"{task_key(task)}-s{seed}", config=config, progress=args.progress,
-                                **ROWS[row])
-        result = original.evaluate(adapter, task, limit=args.test_limit)
+    if row in ORIGINAL_ROWS:
+        pipeline = original
+        name = f"{task_key(task)}-s{seed}" if row == "original" else f"{task_key(task)}-{row}-s{seed}"
+        adapter = original.tune(task, name=name, config=config, progress=args.progress, **tune_args(row))
     else:
         pipeline = pipelines[setting]
-        needs_original = ROWS[row]["init"] == "inherit" or ROWS[row]["recovery"] == "per_task"
-        inherit_from = original_adapter(original, task, seed, args) if needs_original else None
+        inherit_from = original_adapter(original, task, seed, args) if uses_original_adapter(row) else None
         adapter = pipeline.tune(task, name=f"{task_key(task)}-{row}-s{seed}", config=config, progress=args.progress,
-                                inherit_from=inherit_from if needs_original else None, **ROWS[row])
-        result = pipeline.evaluate(adapter, task, limit=args.test_limit)
-    return {"setting": setting, "task": task_key(task), "row": row, "seed": seed, "test_accuracy": result["accuracy"],
-            "test_n": result["n"], "best_val_accuracy": adapter.meta["metrics"]["val_accuracy"],
-            "best_step": adapter.meta["metrics"]["step"], "history": adapter.meta["metrics"]["history"],
-            "budget": config.to_dict(), "seconds": time.perf_counter() - start}
+                                inherit_from=inherit_from, **tune_args(row))
+    result = pipeline.evaluate(adapter, task, limit=args.test_limit, with_predictions=True)
+    meta = adapter.meta
+    return {"setting": setting, "task": task_key(task), "row": row, "seed": seed, "commit": args.commit,
+            "test_accuracy": result["accuracy"], "test_n": result["n"],
+            "test_correct": "".join("1" if p == g else "0" for p, g in zip(result["predictions"], result["gold"])),
+            "test_predictions": result["predictions"], "majority_baseline": result["majority_baseline"],
+            "best_val_accuracy": meta["metrics"]["val_accuracy"], "best_step": meta["metrics"]["step"],
+            "history": meta["metrics"]["history"], "cumulative_task_steps": cumulative_task_steps(row, args.steps),
+            "tune_config": meta["tune_config"], "inherited_sha256": meta.get("inherited_sha256"),
+            "base_id": meta["base_id"], "seconds": time.perf_counter() - start}
 
 
 def prepare_setting(setting: str, out: Path, args) -> CPET:
@@ -159,10 +197,13 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--eval-limit", type=int, default=100)
-    parser.add_argument("--test-limit", type=int, default=200)
+    parser.add_argument("--test-limit", type=int, default=None, help="test examples scored (default: all)")
+    parser.add_argument("--max-prompt-tokens", type=int, default=128, help="prompt cut, training and scoring")
     parser.add_argument("--recovery-steps", type=int, default=40)
     parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--allow-dirty", action="store_true", help="run uncommitted code (cells say so)")
     args = parser.parse_args(argv)
+    args.commit = code_commit(allow_dirty=args.allow_dirty)
 
     out = Path(args.out)
     cells_dir = Path(args.cells)
@@ -174,11 +215,11 @@ def main(argv=None) -> int:
         for setting in args.settings:
             for task in args.tasks:
                 for row in rows:
-                    key = "original" if row == "original" else setting
+                    key = "original" if row in ORIGINAL_ROWS else setting
                     path = cells_dir / f"{cell_name(key, task, row, seed)}.json"
                     if path.exists():
                         continue
-                    if row != "original" and setting not in pipelines:
+                    if key != "original" and setting not in pipelines:
                         pipelines[setting] = prepare_setting(setting, out, args)
                     print(f"[grid] {path.stem}", flush=True)
                     result = run_cell(pipelines, original, key, task, row, seed, args)

@@ -2,9 +2,11 @@
 
     python experiments/table.py --doc docs/results.md
 
-Per compression setting and method row: test accuracy per task and averaged (mean ± standard deviation
-over the seeds that finished, with the seed count), the cells still missing, and a plot of validation
-accuracy against training steps per setting (does inheritance get there in fewer steps?).
+Per compression setting and method row: the task steps behind each row's adapter, test accuracy per task
+and averaged (mean ± standard deviation over the seeds that finished, with the seed count), the cells still
+missing, the CPET rows against the original and vanilla rows (and their equal-budget 2x controls) with
+paired bootstrap 95% intervals, and a plot of validation accuracy against training steps per setting.
+Cells made by different code commits are never mixed in one table: pick one with ``--commit``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from experiments.grid import CELLS_DIR, ROW_MEANING, ROWS, SETTINGS, TASKS  # noqa: E402
+import numpy as np  # noqa: E402
+
+from experiments.grid import CELLS_DIR, ORIGINAL_ROWS, ROW_MEANING, ROWS, SETTINGS, TASKS  # noqa: E402
 
 from cpet.assets import write_text_atomic  # noqa: E402
 
@@ -26,8 +30,24 @@ from cpet.assets import write_text_atomic  # noqa: E402
 CPET_ROWS = tuple(row for row, how in ROWS.items() if how["init"] == "inherit" and how["recovery"] != "none")
 
 
-def load_cells(cells_dir: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(cells_dir.glob("*.json"))]
+def load_cells(cells_dir: Path, commit: str | None = None) -> list[dict]:
+    """Finished cells of one code commit (``commit`` None: all of them, which must share one commit)."""
+    cells = [json.loads(p.read_text()) for p in sorted(cells_dir.glob("*.json"))]
+    if commit is not None:
+        return [c for c in cells if str(c.get("commit", "unrecorded")).startswith(commit)]
+    commits = defaultdict(int)
+    for c in cells:
+        commits[c.get("commit", "unrecorded")] += 1
+    if len(commits) > 1:
+        listed = ", ".join(f"{key[:12]} ({n} cells)" for key, n in sorted(commits.items()))
+        raise SystemExit(f"table: {cells_dir} holds cells of {len(commits)} code commits ({listed}); one table "
+                         "measures one version of the code: pick one with --commit")
+    return cells
+
+
+def row_key(row: str, setting: str) -> str:
+    """The setting a row's cells are filed under (rows on the original model are shared by all settings)."""
+    return "original" if row in ORIGINAL_ROWS else setting
 
 
 def mean_std(values: list[float]) -> str:
@@ -61,21 +81,28 @@ def table(cells: list[dict], settings, tasks, rows, seeds, summaries: dict[str, 
         lines.append(f"\n### {setting}\n")
         if setting in (summaries or {}):
             lines.append(size_line(summaries[setting]) + "\n")
-        lines += ["| method | " + " | ".join(tasks) + " | average |", "|---|" + "---|" * (len(tasks) + 1)]
+        lines += ["| method | task steps | " + " | ".join(tasks) + " | average |",
+                  "|---|---|" + "---|" * (len(tasks) + 1)]
         for row in rows:
-            key_setting = "original" if row == "original" else setting
+            key_setting = row_key(row, setting)
             per_task = [by_key[(key_setting, task, row)] for task in tasks]
             # the average is taken per seed over tasks, for the seeds every task has finished
             shared = set.intersection(*(set(v) for v in per_task)) if per_task else set()
             averages = [statistics.mean(v[seed] for v in per_task) for seed in sorted(shared)]
             cells_txt = [mean_std(list(v.values())) for v in per_task]
             avg = mean_std(averages)
-            lines.append(f"| {row} | " + " | ".join(cells_txt) + f" | {avg} |")
+            lines.append(f"| {row} | {steps_of(cells, row)} | " + " | ".join(cells_txt) + f" | {avg} |")
         for cpet_row in (r for r in CPET_ROWS if r in rows):
-            lines.append("\n" + matched_deltas(by_key, setting, tasks, seeds, cpet_row))
+            lines.append("\n" + matched_deltas(cells, setting, tasks, seeds, cpet_row))
     lines.append("\n" + progress_line(by_key, settings, tasks, rows, seeds) +
                  " Entries are test accuracy in %, mean ± sd over seeds, seed count in parentheses.")
     return "\n".join(lines)
+
+
+def steps_of(cells: list[dict], row: str) -> str:
+    """Cumulative task steps of a row as its cells recorded them (``–`` before any finished)."""
+    steps = sorted({c["cumulative_task_steps"] for c in cells if c["row"] == row and "cumulative_task_steps" in c})
+    return "/".join(str(x) for x in steps) or "–"
 
 
 def progress_line(by_key, settings, tasks, rows, seeds) -> str:
@@ -83,7 +110,7 @@ def progress_line(by_key, settings, tasks, rows, seeds) -> str:
     done_total = want_total = 0
     unfinished = []
     for row in rows:
-        keys = ["original"] if row == "original" else settings
+        keys = ["original"] if row in ORIGINAL_ROWS else settings
         want = len(keys) * len(tasks) * len(seeds)
         done = sum(seed in by_key[(key, task, row)] for key in keys for task in tasks for seed in seeds)
         done_total, want_total = done_total + done, want_total + want
@@ -93,23 +120,64 @@ def progress_line(by_key, settings, tasks, rows, seeds) -> str:
     return f"Cells finished: {done_total} of {want_total} ({status})."
 
 
-def matched_deltas(by_key, setting: str, tasks, seeds, cpet_row: str = "cpet") -> str:
-    """A CPET row against the original-model LoRA and the vanilla compressed LoRA, on the same (task, seed) pairs.
+def paired_bootstrap(pairs_a: list[str], pairs_b: list[str], replicates: int = 2000, seed: int = 0
+                     ) -> tuple[float, float, float]:
+    """Mean accuracy difference A − B over (task, seed) pairs, with a paired bootstrap 95% interval.
 
-    Only pairs where all three cells finished count, so a partly run grid gives a fair (if small) comparison.
+    Each element of ``pairs_a`` / ``pairs_b`` is one (task, seed) pair's per-example correctness string
+    (``"1"`` correct, ``"0"`` wrong) on the same test examples in the same order. A replicate resamples the
+    test examples of every pair with replacement, the same draw for A and B (paired), and averages the
+    per-pair differences as the point estimate does. Returns ``(delta, low, high)`` in accuracy units.
     """
+    rng = np.random.default_rng(seed)
+    per_pair = np.zeros((replicates, len(pairs_a)))
+    for j, (a, b) in enumerate(zip(pairs_a, pairs_b)):
+        if len(a) != len(b):
+            raise ValueError(f"paired cells scored different test sets ({len(a)} vs {len(b)} examples)")
+        a_arr = np.frombuffer(a.encode(), dtype=np.uint8) - ord("0")
+        b_arr = np.frombuffer(b.encode(), dtype=np.uint8) - ord("0")
+        idx = rng.integers(0, len(a_arr), size=(replicates, len(a_arr)))
+        per_pair[:, j] = a_arr[idx].mean(axis=1) - b_arr[idx].mean(axis=1)
+    point = float(np.mean([a.count("1") / len(a) - b.count("1") / len(b) for a, b in zip(pairs_a, pairs_b)]))
+    low, high = np.percentile(per_pair.mean(axis=1), [2.5, 97.5])
+    return point, float(low), float(high)
+
+
+REFERENCE_ROWS = ("original", "original-2x", "vanilla", "vanilla-2x")
+
+
+def matched_deltas(cells: list[dict], setting: str, tasks, seeds, cpet_row: str = "cpet") -> str:
+    """A CPET row against the original-model LoRA and the vanilla compressed LoRA (and their 2x controls).
+
+    Only (task, seed) pairs where the CPET row, the original and the vanilla row all finished count (the 2x
+    controls: those of them where the control finished too), so a partly run grid gives a fair (if small)
+    comparison; where the cells stored their per-example correctness, the difference
+    gets a paired bootstrap 95% interval (:func:`paired_bootstrap`).
+    """
+    by_cell = {(c["setting"], c["task"], c["row"], c["seed"]): c for c in cells}
     label = "CPET" if cpet_row == "cpet" else f"CPET ({cpet_row})"
-    pairs = [(task, seed) for task in tasks for seed in seeds
-             if all(seed in by_key[(key, task, row)] for key, row in
-                    (("original", "original"), (setting, "vanilla"), (setting, cpet_row)))]
-    if not pairs:
-        return f"{label} vs original / vanilla: no (task, seed) pair with all three cells finished yet."
-    cpet = [by_key[(setting, t, cpet_row)][s] for t, s in pairs]
-    deltas = {name: [c - by_key[(key, t, name)][s] for c, (t, s) in zip(cpet, pairs)]
-              for key, name in (("original", "original"), (setting, "vanilla"))}
-    return (f"On {len(pairs)} matched (task, seed) pairs: {label} − original LoRA = "
-            f"{100 * statistics.mean(deltas['original']):+.1f} points, {label} − vanilla = "
-            f"{100 * statistics.mean(deltas['vanilla']):+.1f} points (test accuracy).")
+    def done(row: str, task: str, seed: int) -> bool:
+        return (row_key(row, setting), task, row, seed) in by_cell
+
+    # the pairs where the CPET row, the original and vanilla all finished; the 2x controls within those
+    core = [(t, s) for t in tasks for s in seeds if all(done(r, t, s) for r in (cpet_row, "original", "vanilla"))]
+    parts = []
+    for ref in REFERENCE_ROWS:
+        pairs = [(t, s) for t, s in core if done(ref, t, s)]
+        if not pairs:
+            continue
+        ours = [by_cell[(setting, t, cpet_row, s)] for t, s in pairs]
+        theirs = [by_cell[(row_key(ref, setting), t, ref, s)] for t, s in pairs]
+        if all("test_correct" in c for c in ours + theirs):
+            delta, low, high = paired_bootstrap([c["test_correct"] for c in ours], [c["test_correct"] for c in theirs])
+            parts.append(f"− {ref} = {100 * delta:+.1f} points [95% CI {100 * low:+.1f}, {100 * high:+.1f}] "
+                         f"({len(pairs)} pairs)")
+        else:
+            delta = statistics.mean(a["test_accuracy"] - b["test_accuracy"] for a, b in zip(ours, theirs))
+            parts.append(f"− {ref} = {100 * delta:+.1f} points ({len(pairs)} pairs)")
+    if not parts:
+        return f"{label} vs original / vanilla: no (task, seed) pair with both cells finished yet."
+    return f"Matched (task, seed) pairs, test accuracy: {label} " + "; ".join(parts) + "."
 
 
 def matched_runs(cells: list[dict], setting: str) -> tuple[set, dict[str, int]]:
@@ -123,6 +191,7 @@ def matched_runs(cells: list[dict], setting: str) -> tuple[set, dict[str, int]]:
     for cell in cells:
         if cell["setting"] in (setting, "original"):
             have[cell["row"]].add((cell["task"], cell["seed"]))
+    have = {row: pairs for row, pairs in have.items() if pairs}
     if not have:
         return set(), {}
     typical = statistics.median_low(len(pairs) for pairs in have.values())
@@ -200,8 +269,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), help="task keys (file stem for task files)")
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--commit", help="use only cells made by this code commit (a prefix is enough)")
     args = parser.parse_args(argv)
-    cells = [c for c in load_cells(Path(args.cells)) if c["task"] in args.tasks]
+    cells = [c for c in load_cells(Path(args.cells), args.commit) if c["task"] in args.tasks]
     settings, rows = args.settings, list(ROWS)
     summaries = load_setting_summaries(Path(args.cells).parent / "settings")
     text = table(cells, settings, args.tasks, rows, args.seeds, summaries)
@@ -209,8 +279,11 @@ def main(argv=None) -> int:
     if cells:
         plot_curves(cells, settings, plot)
     legend = "\n".join(f"- `{row}`: {ROW_MEANING[row]}" for row in rows)
+    commits = sorted({str(c.get("commit", "unrecorded")) for c in cells})
     header = ("# CPET comparison table\n\nGenerated by `python experiments/table.py` from the cells of "
-              f"`python experiments/grid.py`. Rows, all with the same training budget:\n\n{legend}\n")
+              f"`python experiments/grid.py` (code commit {', '.join(commits) or '–'}). Rows (\"task steps\" counts "
+              f"the optimizer steps on task data behind each adapter, the original adapter's included):\n\n"
+              f"{legend}\n")
     curves = (curve_table(cells, settings) + f"\n\n![curves]({plot.name})\n") if cells else "\n"
     write_text_atomic(Path(args.doc), header + text + "\n" + curves)
     print(text)

@@ -25,8 +25,8 @@ def test_table_means_spreads_and_missing_cells():
              cell("original", "b", "original", 0, 0.7), cell("original", "b", "original", 1, 0.6),
              cell("nf4", "a", "vanilla", 0, 0.5)]
     text = table(cells, ["nf4"], ["a", "b"], ["original", "vanilla"], [0, 1])
-    assert "| original | 85.0 ± 7.1 (2) | 65.0 ± 7.1 (2) | 75.0 ± 7.1 (2) |" in text
-    assert "| vanilla | 50.0 ± 0.0 (1) | – | – |" in text
+    assert "| original | – | 85.0 ± 7.1 (2) | 65.0 ± 7.1 (2) | 75.0 ± 7.1 (2) |" in text
+    assert "| vanilla | – | 50.0 ± 0.0 (1) | – | – |" in text
     assert "Cells finished: 5 of 8 (unfinished rows: vanilla 1 of 4)." in text
     complete = cells + [cell("nf4", t, "vanilla", seed, 0.5) for t, seed in (("a", 1), ("b", 0), ("b", 1))]
     assert "Cells finished: 8 of 8 (the grid is complete)." in table(complete, ["nf4"], ["a", "b"],
@@ -41,7 +41,7 @@ def test_table_script_writes_markdown_and_plot(tmp_path):
     doc = tmp_path / "docs" / "results.md"
     table_main(["--cells", str(cells_dir), "--doc", str(doc), "--tasks", "a", "--settings", "nf4", "--seeds", "0"])
     text = doc.read_text()
-    assert "| cpet | 80.0 ± 0.0 (1) | 80.0 ± 0.0 (1) |" in text
+    assert "| cpet | – | 80.0 ± 0.0 (1) | 80.0 ± 0.0 (1) |" in text
     assert "- `cpet`: inherited LoRA + per-task recovery" in text  # every row is explained
     assert (doc.parent / "results_curves.png").stat().st_size > 1000
 
@@ -52,10 +52,10 @@ def test_cpet_deltas_use_only_matched_task_seed_pairs():
              # seed 1 lacks its vanilla cell: it must not enter the comparison
              cell("original", "a", "original", 1, 0.50), cell("nf4", "a", "cpet", 1, 0.95)]
     text = table(cells, ["nf4"], ["a"], ["original", "vanilla", "cpet"], [0, 1])
-    assert "On 1 matched (task, seed) pairs: CPET − original LoRA = +5.0 points, CPET − vanilla = +15.0" in text
+    assert "CPET − original = +5.0 points (1 pairs); − vanilla = +15.0 points (1 pairs)" in text
     assert "no (task, seed) pair" in table(cells[3:], ["nf4"], ["a"], ["original", "vanilla", "cpet"], [0, 1])
     shared = cells + [cell("nf4", "a", "cpet-shared", 0, 0.90)]
-    assert "CPET (cpet-shared) − original LoRA = +10.0 points, CPET (cpet-shared) − vanilla = +20.0" in table(
+    assert "CPET (cpet-shared) − original = +10.0 points (1 pairs); − vanilla = +20.0 points (1 pairs)" in table(
         shared, ["nf4"], ["a"], ["original", "vanilla", "cpet", "cpet-shared"], [0, 1])
 
 
@@ -100,3 +100,87 @@ def test_setting_sizes_come_from_the_saved_base_and_show_in_the_table(tmp_path):
     assert ("Compressed base: 148.0 MB in memory (0.28x of the dense 538.0 MB), 94.7 M parameters; "
             "shared recovery modules: 2.5 MB.") in text
     assert text.count("Compressed base:") == 1  # nf4 has no summary: no line
+
+
+def test_cumulative_task_steps_count_the_original_adapter():
+    from experiments.grid import cumulative_task_steps
+
+    steps = {row: cumulative_task_steps(row, 40) for row in ROWS}
+    assert steps == {"original": 40, "original-2x": 80, "vanilla": 40, "vanilla-2x": 80, "svd-init": 40,
+                     "inherit": 80, "per-task-rec": 80, "shared-rec": 40, "cpet": 80, "cpet-shared": 80}
+
+
+def test_table_refuses_to_mix_code_commits(tmp_path):
+    import pytest
+
+    from experiments.table import load_cells
+
+    for i, commit in enumerate(["aaa111", "aaa111", "bbb222"]):
+        (tmp_path / f"{i}.json").write_text(json.dumps({**cell("nf4", "a", "vanilla", i, 0.5), "commit": commit}))
+    with pytest.raises(SystemExit, match=r"cells of 2 code commits \(aaa111 \(2 cells\), bbb222 \(1 cells\)\)"):
+        load_cells(tmp_path)
+    assert [c["seed"] for c in load_cells(tmp_path, "aaa")] == [0, 1]
+
+
+def test_paired_bootstrap_interval():
+    from experiments.table import paired_bootstrap
+
+    assert paired_bootstrap(["1100"], ["1100"]) == (0.0, 0.0, 0.0)
+    assert paired_bootstrap(["1111"], ["0000"]) == (1.0, 1.0, 1.0)
+    # 100 examples: A right on 80, B on 60, A ⊇ B; two (task, seed) pairs of the same kind
+    a, b = "1" * 80 + "0" * 20, "1" * 60 + "0" * 40
+    delta, low, high = paired_bootstrap([a, a], [b, b], replicates=4000)
+    assert abs(delta - 0.2) < 1e-12 and low < 0.2 < high
+    # pairing: the differing examples are 20 of 100 per pair (sd of the mean over 200 draws ~ 0.028)
+    assert 0.13 < low < 0.17 and 0.23 < high < 0.27
+    # B right exactly where A is wrong: unpaired noise would be the same, paired differences are larger
+    wide = paired_bootstrap(["1" * 50 + "0" * 50], ["0" * 50 + "1" * 50], replicates=4000)
+    assert wide[0] == 0.0 and wide[1] < -0.15 and wide[2] > 0.15
+
+
+def test_bootstrap_intervals_and_equal_budget_rows_in_the_table():
+    a, b = "1" * 9 + "0", "1" * 5 + "0" * 5
+    cells = [{**cell("original", "t", "original", 0, 0.9), "test_correct": a},
+             {**cell("original", "t", "original-2x", 0, 0.9), "test_correct": a},
+             {**cell("nf4", "t", "vanilla", 0, 0.5), "test_correct": b},
+             {**cell("nf4", "t", "cpet", 0, 0.9), "test_correct": a, "cumulative_task_steps": 80}]
+    text = table(cells, ["nf4"], ["t"], ["original", "original-2x", "vanilla", "cpet"], [0])
+    # equal-budget controls are compared on the same pairs as the rest
+    assert "CPET − original = +0.0 points [95% CI +0.0, +0.0] (1 pairs); − original-2x = +0.0 points" in text
+    assert "− vanilla = +40.0 points [95% CI +10.0, +70.0] (1 pairs)" in text
+    assert "| cpet | 80 | 90.0 ± 0.0 (1) |" in text
+
+
+def test_cells_store_the_adapters_effective_config_and_predictions(tmp_path):
+    """A per-task recovery row trains with distill_weight 1.0; its cell must say so (not the grid's 0.0)."""
+    from types import SimpleNamespace
+
+    from cpet.config import QuantizeConfig
+    from cpet.models import tiny_model
+    from cpet.pipeline import CPET
+    from experiments.grid import run_cell
+
+    rows = [{"text": f"it was {'good' if i % 2 else 'bad'} {i}", "label": "pos" if i % 2 else "neg"}
+            for i in range(80)]
+    task = tmp_path / "toy.jsonl"
+    task.write_text("\n".join(json.dumps(r) for r in rows))
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("plain words for calibration. " * 100)
+    original = CPET(tiny_model("llama"), tmp_path / "original")
+    compressed = CPET(tiny_model("llama"), tmp_path / "nf4")
+    compressed.compress([QuantizeConfig("nf4")], calibration=str(corpus), calibration_samples=2, seq_len=16,
+                        progress=False)
+    args = SimpleNamespace(steps=2, batch_size=8, lr=1e-3, eval_every=2, eval_limit=4, max_prompt_tokens=32,
+                           test_limit=None, progress=False, commit="abc123")
+    result = run_cell({"nf4": compressed}, original, "nf4", str(task), "per-task-rec", 0, args)
+    assert result["tune_config"]["distill_weight"] == 1.0 and result["commit"] == "abc123"
+    assert result["cumulative_task_steps"] == 4  # its teacher is the 2-step original adapter
+    assert len(result["test_correct"]) == result["test_n"] == len(result["test_predictions"]) == 8
+    assert result["test_accuracy"] == result["test_correct"].count("1") / 8
+    inherit = run_cell({"nf4": compressed}, original, "nf4", str(task), "inherit", 0, args)
+    vanilla = run_cell({"nf4": compressed}, original, "nf4", str(task), "vanilla", 0, args)
+    from cpet.assets import sha256_of
+
+    source = sha256_of(original.work_dir / "adapters" / "toy-s0" / "adapter" / "adapter_model.safetensors")
+    assert inherit["inherited_sha256"] == result["inherited_sha256"] == source
+    assert vanilla["inherited_sha256"] is None and vanilla["cumulative_task_steps"] == 2

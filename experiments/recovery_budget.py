@@ -1,0 +1,147 @@
+"""How much shared-recovery distillation is enough? One long distillation per setting, measured at checkpoints.
+
+Shared recovery is paid once per compressed base and serves every task, so its budget can be larger than a
+task adapter's. Per setting, this runs one distillation of ``--steps`` steps (learning-rate schedule over the
+whole run) and saves the recovery modules at each ``--checkpoints`` step. At each checkpoint it measures
+
+- Brown held-out perplexity of the compressed base with those recovery modules (and without any, step 0);
+- test accuracy of the ``cpet-shared`` row (inherited LoRA on the base + those frozen modules) on a few tasks
+  x seeds, with the grid's own budget and cell format (``experiments/grid.py``).
+
+    python experiments/recovery_budget.py --settings ffn25-nf4      # one worker per setting
+    python experiments/recovery_budget.py --settings ffn50-nf4 --report docs/recovery_budget.md
+
+Results: ``<cells>/<setting>@step<N>__<task>__cpet-shared__s<seed>.json`` and ``<cells>/ppl.json``; the
+report (``--report``) is a markdown table of everything finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cpet.assets import write_text_atomic  # noqa: E402
+from cpet.data import load_corpus  # noqa: E402
+from cpet.evaluate import perplexity  # noqa: E402
+from cpet.pipeline import CPET  # noqa: E402
+from cpet.recovery import RecoverySet  # noqa: E402
+from cpet.train import DistillConfig  # noqa: E402
+from experiments.grid import SETTINGS, cell_name, code_commit, run_cell  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "recovery_budget"
+
+
+def checkpoint_pipeline(setting_dir: Path, step: int, final_step: int, original) -> CPET:
+    """A pipeline view whose shared recovery is the checkpoint after ``step`` steps (the base is shared)."""
+    view = setting_dir / f"view-step{step}"
+    view.mkdir(parents=True, exist_ok=True)
+    source = setting_dir / ("recovery" if step == final_step else f"recovery-step{step}")
+    for name, target in (("base", setting_dir / "base"), ("recovery", source)):
+        link = view / name
+        if not link.exists():
+            link.symlink_to(target.resolve(), target_is_directory=True)
+    return CPET(original, view)
+
+
+def brown_ppl(pipeline: CPET, recovery_dir: Path | None, tokens: int) -> float:
+    """Brown held-out perplexity of the compressed base, with the recovery modules in ``recovery_dir``."""
+    base = pipeline.load_compressed()
+    if recovery_dir is not None:
+        RecoverySet.load(recovery_dir, base.model, expected_base_id=base.manifest.base_id).attach(base.model)
+    text = load_corpus("brown", split="heldout")
+    return perplexity(base.model, pipeline.original.tokenizer, text, max_tokens=tokens).ppl
+
+
+def report(cells_dir: Path) -> str:
+    """Markdown: per setting and checkpoint, Brown perplexity and cpet-shared accuracy per task (mean ± sd)."""
+    ppl = json.loads((cells_dir / "ppl.json").read_text()) if (cells_dir / "ppl.json").exists() else {}
+    cells = [json.loads(p.read_text()) for p in sorted(cells_dir.glob("*__*.json"))]
+    tasks = sorted({c["task"] for c in cells})
+    lines = ["| setting | distillation steps | Brown ppl | " + " | ".join(tasks) + " | average |",
+             "|---|---|---|" + "---|" * (len(tasks) + 1)]
+    for key in sorted(ppl, key=lambda k: (k.split("@")[0], int(k.split("@step")[1]))):
+        setting, step = key.split("@step")
+        per_task = []
+        for task in tasks:
+            accs = [c["test_accuracy"] for c in cells if c["setting"] == key and c["task"] == task]
+            per_task.append(accs)
+        shown = [f"{100 * statistics.mean(a):.1f} ± {100 * statistics.stdev(a):.1f} ({len(a)})" if len(a) > 1
+                 else (f"{100 * a[0]:.1f} (1)" if a else "–") for a in per_task]
+        seeds = min((len(a) for a in per_task), default=0)
+        average = (f"{100 * statistics.mean(statistics.mean(a) for a in per_task):.1f}"
+                   if seeds and all(len(a) == seeds for a in per_task) else "–")
+        lines.append(f"| {setting} | {step} | {ppl[key]:.2f} | " + " | ".join(shown) + f" | {average} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--settings", nargs="+", default=["ffn25-nf4", "ffn50-nf4"], choices=list(SETTINGS))
+    parser.add_argument("--steps", type=int, default=360, help="distillation steps (one run per setting)")
+    parser.add_argument("--checkpoints", nargs="+", type=int, default=[40, 120], help="steps measured too")
+    parser.add_argument("--tasks", nargs="+", default=["vader-tweets", "vader-product"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--ppl-tokens", type=int, default=8192, help="Brown held-out tokens for perplexity")
+    parser.add_argument("--out", default="runs/recovery-budget", help="work directories (not tracked)")
+    parser.add_argument("--cells", default=str(RESULTS))
+    parser.add_argument("--report", help="also write the markdown table to this file")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--allow-dirty", action="store_true")
+    # the grid's task budget (experiments/grid.py), so that these cells compare with the grid's
+    parser.add_argument("--tune-steps", type=int, default=40)
+    parser.add_argument("--progress", action="store_true")
+    args = parser.parse_args(argv)
+    grid_args = argparse.Namespace(steps=args.tune_steps, batch_size=8, lr=1e-3, eval_every=20, eval_limit=100,
+                                   max_prompt_tokens=128, test_limit=None, progress=args.progress,
+                                   commit=code_commit(allow_dirty=args.allow_dirty))
+    cells_dir = Path(args.cells)
+    cells_dir.mkdir(parents=True, exist_ok=True)
+    steps = sorted(set(args.checkpoints)) + [args.steps]
+    for setting in args.settings:
+        setting_dir = Path(args.out) / setting
+        pipeline = CPET.from_pretrained(args.model, work_dir=setting_dir)
+        if not pipeline.has_base:
+            pipeline.compress(SETTINGS[setting](), progress=args.progress)
+        if not (pipeline.recovery_dir / "recovery.json").exists():
+            print(f"[budget] {setting}: distilling {args.steps} steps, checkpoints {steps[:-1]}", flush=True)
+            pipeline.recover(distill=DistillConfig(steps=args.steps, batch_size=4, seq_len=128),
+                             checkpoints=steps[:-1], progress=args.progress)
+        ppl_path = cells_dir / "ppl.json"
+        for step in [0, *steps]:
+            key = f"{setting}@step{step}"
+            ppl = json.loads(ppl_path.read_text()) if ppl_path.exists() else {}
+            if key not in ppl:
+                recovery = None if step == 0 else checkpoint_pipeline(setting_dir, step, args.steps,
+                                                                      pipeline.original).recovery_dir
+                ppl[key] = brown_ppl(pipeline, recovery, args.ppl_tokens)
+                print(f"[budget] {key}: Brown ppl {ppl[key]:.2f}", flush=True)
+                fresh = json.loads(ppl_path.read_text()) if ppl_path.exists() else {}  # another worker's too
+                write_text_atomic(ppl_path, json.dumps({**fresh, key: ppl[key]}, indent=2, sort_keys=True))
+        # each worker its own original adapters (seeded: identical across workers, as the cells' hashes show)
+        original = CPET(pipeline.original, setting_dir / "original")
+        for seed in args.seeds:
+            for step in steps:
+                view = checkpoint_pipeline(setting_dir, step, args.steps, pipeline.original)
+                key = f"{setting}@step{step}"
+                for task in args.tasks:
+                    path = cells_dir / f"{cell_name(key, task, 'cpet-shared', seed)}.json"
+                    if path.exists():
+                        continue
+                    result = run_cell({key: view}, original, key, task, "cpet-shared", seed, grid_args)
+                    write_text_atomic(path, json.dumps(result, indent=2))
+                    print(f"[budget] {path.stem}: test accuracy {result['test_accuracy']:.3f} "
+                          f"({result['seconds']:.0f} s)", flush=True)
+    table = report(cells_dir)
+    print(table)
+    if args.report:
+        write_text_atomic(Path(args.report), table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
