@@ -24,21 +24,44 @@ ADAPTER_META = "cpet.json"
 
 def add_lora(model: nn.Module, *, rank: int, alpha: float, dropout: float,
              target_roles: Sequence[str] | None = None, target_modules: Sequence[str] | str | None = None,
-             adapter_name: str = "default"):
+             use_rslora: bool = False, rank_pattern: dict[str, int] | None = None,
+             alpha_pattern: dict[str, float] | None = None, adapter_name: str = "default"):
     """Wrap a frozen causal LM with a fresh peft LoRA adapter on the given module-map roles.
 
     ``target_roles`` None means every mapped linear; ``target_modules`` (peft's module-name suffixes or
-    regex, e.g. from an inherited adapter's config) overrides the roles. Returns the ``PeftModel``; only the
-    LoRA tensors (and modules registered as trainable afterwards) require grad. peft's default init is used:
-    A Kaiming-uniform, B zero (the adapter starts as a no-op).
+    regex, e.g. from an inherited adapter's config) overrides the roles. Each LoRA computes
+    ``B A * scale`` with ``A: [r, d_in]``, ``B: [d_out, r]`` and ``scale = alpha / r`` (``alpha / sqrt(r)``
+    with ``use_rslora``); ``rank_pattern`` / ``alpha_pattern`` (peft's ``{module-name pattern: value}``)
+    override r / alpha per module. Inheritance passes the source adapter's values
+    (:func:`cpet.lora_init.lora_shape_of`) so every copied pair keeps its shape and scale.
+    Returns the ``PeftModel``; only the LoRA tensors (and modules registered as trainable afterwards)
+    require grad. peft's default init is used: A Kaiming-uniform, B zero (the adapter starts as a no-op).
     """
     from peft import LoraConfig, get_peft_model
 
     if target_modules is None:
         target_modules = target_module_suffixes(model, None if target_roles is None else tuple(target_roles))
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
-                        target_modules=target_modules)
+                        target_modules=target_modules, use_rslora=use_rslora,
+                        rank_pattern=dict(rank_pattern or {}), alpha_pattern=dict(alpha_pattern or {}))
     return get_peft_model(model, config, adapter_name=adapter_name)
+
+
+def check_inheritable(config: dict, directory: str | Path) -> None:
+    """Refuse a PEFT ``adapter_config.json`` (as a dict) whose adapter CPET cannot carry to a compressed base.
+
+    Raises:
+        ValueError: not a LoRA, or a DoRA. DoRA rescales each output row of ``W + B A * scale`` to a learned
+            magnitude vector ``m: [d_out]`` measured against the row norms of the *full* weight; pruning and
+            quantization change those norms, so ``m`` would have to be re-derived and copying A/B alone
+            would not reproduce the source's delta.
+    """
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"adapter {directory} is a {config.get('peft_type')} adapter; CPET inherits LoRA only")
+    if config.get("use_dora"):
+        raise ValueError(f"adapter {directory} is a DoRA adapter (use_dora: true); CPET does not support DoRA "
+                         "inheritance: its magnitude vector is per output row of the full weight and would need "
+                         "re-deriving after pruning/quantization. Train a plain LoRA (use_dora: false) instead")
 
 
 def is_cpet_adapter(directory: str | Path) -> bool:
@@ -105,7 +128,8 @@ def plain_peft_meta(directory: str | Path, model: nn.Module, aliases: Sequence[s
         ``{"source_name": ..., "labels": None}`` (labels are unknown: the task's own verbalizer is used).
     Raises:
         FileNotFoundError: neither a CPET nor a PEFT adapter directory.
-        ValueError: not a LoRA, made for another model (by name or by shapes), or LoRA on missing modules.
+        ValueError: not a LoRA (or a DoRA, see :func:`check_inheritable`), made for another model (by name
+            or by shapes), or LoRA on missing modules.
     """
     from .inherit import load_lora_state
 
@@ -115,8 +139,7 @@ def plain_peft_meta(directory: str | Path, model: nn.Module, aliases: Sequence[s
         raise FileNotFoundError(f"{directory} is neither a CPET adapter ({ADAPTER_META}) nor a PEFT adapter "
                                 "(adapter_config.json)")
     config = json.loads(config_path.read_text())
-    if config.get("peft_type") != "LORA":
-        raise ValueError(f"adapter {directory} is a {config.get('peft_type')} adapter; CPET inherits LoRA only")
+    check_inheritable(config, directory)
     trained_on = config.get("base_model_name_or_path")
     known = [alias for alias in aliases if alias]
     if trained_on and not _same_model_name(trained_on, known):

@@ -18,20 +18,33 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .adapters import check_inheritable
 from .inherit import inherit_lora_state, kept_indices, load_lora_state
 from .models import iter_layer_linears, unwrap
 from .recovery import compression_residual, low_rank_factors, relative_error
 
 
 def lora_shape_of(adapter_dir: str | Path) -> dict:
-    """``{"rank", "alpha", "target_modules"}`` from a PEFT ``adapter_config.json``.
+    """The LoRA structure of a PEFT adapter, as keyword arguments of :func:`cpet.adapters.add_lora`.
 
-    ``target_modules`` stays as peft wrote it: a list of module-name suffixes or one regex string.
+    ``{"rank", "alpha", "target_modules", "use_rslora", "rank_pattern", "alpha_pattern"}``: a LoRA built
+    with them on the compressed model has, module by module, the source's rank and scale (``alpha / r``,
+    or ``alpha / sqrt(r)`` with rsLoRA), so the tensors :func:`apply_inherited_lora` copies compute the
+    source's delta on the kept weights. ``target_modules`` stays as peft wrote it: a list of module-name
+    suffixes or one regex string.
+
+    Raises:
+        ValueError: an adapter CPET cannot inherit (not a LoRA, or a DoRA: see
+            :func:`cpet.adapters.check_inheritable`).
     """
     config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    check_inheritable(config, adapter_dir)
     targets = config["target_modules"]
     return {"rank": config["r"], "alpha": config["lora_alpha"],
-            "target_modules": targets if isinstance(targets, str) else sorted(targets)}
+            "target_modules": targets if isinstance(targets, str) else sorted(targets),
+            "use_rslora": bool(config.get("use_rslora", False)),
+            "rank_pattern": dict(config.get("rank_pattern") or {}),
+            "alpha_pattern": dict(config.get("alpha_pattern") or {})}
 
 
 def apply_inherited_lora(peft_model, adapter_dir: str | Path, index_maps, original_config) -> int:

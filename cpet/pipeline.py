@@ -33,7 +33,7 @@ from .adapters import (ADAPTER_META, add_lora, check_adapter_base, is_cpet_adapt
 from .assets import atomic_path, write_text_atomic
 from .models import EMBEDDED, LoadedBase, load_base, model_fingerprint
 from .compress.calibration import input_rms
-from .recovery import RecoveryConfig, RecoverySet, init_from_residuals
+from .recovery import PER_TASK, SHARED, RecoveryConfig, RecoverySet, init_from_residuals
 from .train import DistillConfig, TuneConfig, distill_on_text, train_classifier
 
 INIT_MODES = ("random", "inherit", "svd")
@@ -51,6 +51,18 @@ class TaskAdapter:
     @property
     def name(self) -> str:
         return self.directory.name
+
+
+def _task_source(task) -> str | None:
+    """How to load a task again: its registered name, hub spec, or absolute file path (None: an object)."""
+    if not isinstance(task, (str, Path)):
+        return None
+    from .data import TASKS
+
+    spec = str(task)
+    if spec in TASKS or spec.startswith("hf:") or not Path(spec).exists():
+        return spec
+    return str(Path(spec).resolve())
 
 
 def _task(task):
@@ -148,8 +160,14 @@ class CPET:
 
     # ------------------------------------------------------------------ shared recovery
     def recover(self, config: RecoveryConfig | None = None, distill: DistillConfig | None = None, *,
-                text: str = "brown", activation_weighted: bool = True, progress: bool = True) -> "CPET":
-        """Task-agnostic recovery: SVD-initialised linear bypasses distilled on calibration text."""
+                text: str = "brown", activation_weighted: bool = True, progress: bool = True,
+                checkpoints: Sequence[int] = ()) -> "CPET":
+        """Task-agnostic recovery: SVD-initialised linear bypasses distilled on calibration text.
+
+        The result goes to ``work_dir/recovery``; each step count in ``checkpoints`` (below
+        ``distill.steps``) also saves the modules as they are after that many steps to
+        ``work_dir/recovery-step<N>`` (same format), e.g. to measure how much distillation is enough.
+        """
         from .compress.calibration import calibration_ids
         from .data import load_corpus
 
@@ -164,9 +182,20 @@ class CPET:
                 ids = calibration_ids(self.original.tokenizer, load_corpus(text, split="train"), 8, 128)
                 scales = input_rms(self.original.model, ids, recovery.targets)
             init_errors = init_from_residuals(recovery, self.original.model, base.model, base.index_maps, scales)
-        recovery.attach(base.model, trainable=True)
+        recovery.attach(base.model, slot=SHARED, trainable=True)
+        wanted = {int(step) for step in checkpoints}
+        if any(not 0 < step < distill.steps for step in wanted):
+            raise ValueError(f"checkpoints {sorted(wanted)} must lie between 0 and the {distill.steps} distillation "
+                             "steps (the last step is saved anyway)")
+
+        def save_checkpoint(done: int) -> None:
+            if done in wanted:
+                recovery.save(self.work_dir / f"recovery-step{done}",
+                              {"base_id": base.manifest.base_id, "distill": asdict(distill), "steps_done": done})
+
         losses = distill_on_text(base.model, self.original.model, self.original.tokenizer,
-                                 load_corpus(text, split="train"), distill, progress=progress)
+                                 load_corpus(text, split="train"), distill, progress=progress,
+                                 after_step=save_checkpoint)
         recovery.save(self.recovery_dir, {"base_id": base.manifest.base_id, "distill": asdict(distill),
                                           "losses": losses})
         self._record("recover", loss_first=losses[0], loss_last=losses[-1],
@@ -198,7 +227,9 @@ class CPET:
                 inherited adapter does not know, or missing prerequisites (base, recovery).
         """
         config = config or TuneConfig()
+        task_source = _task_source(task)
         task = _task(task)
+        inherit_from = self.resolve_adapter(inherit_from)
         self._check_tune_args(task, on, init, inherit_from, recovery)
         # before anything random (LoRA A, recovery init): the same seed gives the same run whatever ran before
         torch.manual_seed(config.seed)
@@ -211,16 +242,16 @@ class CPET:
             base = self.load_compressed()
             model, base_id, index_maps = base.model, base.manifest.base_id, base.index_maps
         if recovery in ("shared", "both"):
-            RecoverySet.load(self.recovery_dir, model, expected_base_id=base_id).attach(model, trainable=False)
-        target_modules = None
-        if init == "inherit":  # the inherited LoRA's structure, whatever the config says
+            RecoverySet.load(self.recovery_dir, model, expected_base_id=base_id).attach(model, slot=SHARED)
+        structure = {}
+        if init == "inherit":  # the inherited LoRA's structure (targets, ranks, scaling), whatever the config says
             from .lora_init import lora_shape_of
 
-            shape = lora_shape_of(_dir(inherit_from))
-            config = TuneConfig(**{**config.to_dict(), "rank": shape["rank"], "alpha": shape["alpha"]})
-            target_modules = shape["target_modules"]
+            structure = lora_shape_of(_dir(inherit_from))
+            config = TuneConfig(**{**config.to_dict(), "rank": structure.pop("rank"),
+                                   "alpha": structure.pop("alpha")})
         peft_model = add_lora(model, rank=config.rank, alpha=config.alpha, dropout=config.dropout,
-                              target_roles=config.target_roles, target_modules=target_modules)
+                              target_roles=config.target_roles, **structure)
         if init == "inherit":
             from .lora_init import apply_inherited_lora
 
@@ -232,7 +263,7 @@ class CPET:
         per_task = None
         if recovery in ("per_task", "both"):
             per_task = RecoverySet(peft_model, per_task_recovery or RecoveryConfig(rank=8, activation="gelu"))
-            per_task.attach(peft_model, trainable=True)
+            per_task.attach(peft_model, slot=PER_TASK, trainable=True)
             teacher = self._teacher(inherit_from)
             if config.distill_weight == 0:
                 config = TuneConfig(**{**config.to_dict(), "distill_weight": 1.0})
@@ -241,7 +272,7 @@ class CPET:
 
         template, verbalizer = template_for(task), verbalizer_for(task)
         meta = {"base_id": base_id, "source_name": self.original.name,
-                "source_fingerprint": self.source_fingerprint, "task": task.name, "labels": list(task.labels),
+                "source_fingerprint": self.source_fingerprint, "task": task.name, "task_source": task_source, "labels": list(task.labels),
                 "label_words": verbalizer.label_words, "template": template.template, "on": on, "init": init,
                 "recovery": recovery, "tune_config": config.to_dict(), "max_prompt_tokens": config.max_prompt_tokens,
                 "inherited_from": str(_dir(inherit_from)) if inherit_from else None,
@@ -268,6 +299,40 @@ class CPET:
         self._record("tune", adapter=name, best_val_accuracy=result.best_accuracy, best_step=result.best_step,
                      seconds=time.perf_counter() - start)
         return TaskAdapter(out_dir / "adapter", final)
+
+    def record_metrics(self, adapter: TaskAdapter | str | Path, **metrics) -> dict:
+        """Add ``metrics`` (e.g. the test accuracy a user was shown) to an adapter's ``cpet.json``, atomically."""
+        directory = self.resolve_adapter(adapter)
+        meta = read_adapter_meta(directory)
+        meta["metrics"] = {**meta.get("metrics", {}), **metrics}
+        write_text_atomic(directory / ADAPTER_META, json.dumps(meta, indent=2, sort_keys=True))
+        return meta
+
+    def adapters(self) -> dict[str, Path]:
+        """``{name: adapter directory}`` of every finished adapter in this pipeline, sorted by name."""
+        root = self.work_dir / "adapters"
+        found = sorted(root.glob("*/adapter/adapter_config.json")) if root.exists() else []
+        return {path.parent.parent.name: path.parent for path in found}
+
+    def resolve_adapter(self, adapter: TaskAdapter | str | Path | None) -> Path | None:
+        """An adapter directory from a :class:`TaskAdapter`, a path, or the name of one of this pipeline's adapters.
+
+        Raises:
+            FileNotFoundError: neither an adapter directory nor a known name; the message lists the known
+                names, and points one level down when given a run directory (``adapters/<name>``).
+        """
+        if adapter is None or isinstance(adapter, TaskAdapter):
+            return _dir(adapter)
+        path = Path(adapter)
+        if (path / "adapter" / "adapter_config.json").exists() and not (path / "adapter_config.json").exists():
+            raise FileNotFoundError(f"{path} is a tuning run directory, not an adapter directory: use {path / 'adapter'}")
+        known = self.adapters()
+        if str(adapter) in known and not (path / "adapter_config.json").exists():  # a name, not a local path
+            return known[str(adapter)]
+        if path.is_dir():  # an adapter directory (or not: the loaders say what is missing)
+            return path
+        raise FileNotFoundError(f"no adapter {str(adapter)!r}: not an adapter directory (adapter_config.json), nor "
+                                f"the name of an adapter in {self.work_dir} ({', '.join(known) or 'none yet'})")
 
     def _check_tune_args(self, task, on, init, inherit_from, recovery) -> None:
         if on not in ("original", "compressed"):
@@ -321,19 +386,20 @@ class CPET:
         """The model an adapter runs on (with shared / per-task recovery as it was trained), ready to use."""
         from .adapters import load_adapter
 
+        adapter = self.resolve_adapter(adapter)
         meta = read_adapter_meta(_dir(adapter)) if adapter is not None else {"on": on, "recovery": "none"}
         if meta["on"] == "original":
             model, base_id = copy.deepcopy(self.original.model), ORIGINAL_BASE_ID
         else:
             model, base_id = self.load_compressed().model, self.base_id
         if meta.get("recovery") in ("shared", "both"):
-            RecoverySet.load(self.recovery_dir, model, expected_base_id=base_id).attach(model)
+            RecoverySet.load(self.recovery_dir, model, expected_base_id=base_id).attach(model, slot=SHARED)
         if adapter is None:
             return model
         peft_model = load_adapter(model, _dir(adapter), base_id=base_id)
         if meta.get("recovery") in ("per_task", "both"):
             RecoverySet.load(Path(_dir(adapter)) / "per_task_recovery", peft_model,
-                             expected_base_id=base_id).attach(peft_model)
+                             expected_base_id=base_id).attach(peft_model, slot=PER_TASK)
         return peft_model.eval()
 
     def evaluate(self, adapter: TaskAdapter | str | Path | None, task, *, split: str = "test",
@@ -350,6 +416,7 @@ class CPET:
         from .evaluate import DEFAULT_MAX_PROMPT_TOKENS, classification_accuracy
 
         task = _task(task)
+        adapter = self.resolve_adapter(adapter)
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be >= 1 (or None for the whole split), got {limit}")
         if adapter is not None:

@@ -11,8 +11,9 @@ the compressed linear it sits beside. Two ways to get one:
 
 Bypasses are attached with forward hooks on the compressed linears, never by replacing modules, so they
 compose with peft's LoRA wrappers (which keep the compressed linear as ``base_layer``) and can be switched
-on and off. The :class:`RecoverySet` is registered on the model as ``cpet_recovery`` so that its
-parameters train, checkpoint and move with the model.
+on and off. A model carries at most one :class:`RecoverySet` per slot (``"shared"``, ``"per_task"``), all in
+one ``nn.ModuleDict`` registered on the model as ``cpet_recovery``, so that every attached set trains,
+checkpoints and moves (``.to()``) with the model, and shared and per-task recovery can run together.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from .models import linear_roles, unwrap
 RECOVERY_FILE = "recovery.safetensors"
 RECOVERY_META = "recovery.json"
 ATTRIBUTE = "cpet_recovery"
+SHARED, PER_TASK = "shared", "per_task"
+SLOTS = (SHARED, PER_TASK)
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,21 @@ def _features(module: nn.Module) -> tuple[int, int]:
     return module.in_features, module.out_features
 
 
+def _recovery_sets(base: nn.Module, create: bool = False) -> nn.ModuleDict | None:
+    """The ``{slot: RecoverySet}`` container registered on a causal LM (made on demand with ``create``)."""
+    sets = getattr(base, ATTRIBUTE, None)
+    if sets is None and create:
+        sets = nn.ModuleDict()
+        base.add_module(ATTRIBUTE, sets)
+    return sets
+
+
+def attached_recovery(model: nn.Module) -> dict[str, "RecoverySet"]:
+    """``{slot: RecoverySet}`` of the sets attached to ``model`` (a causal LM or a peft model around one)."""
+    sets = _recovery_sets(unwrap(model))
+    return dict(sets.items()) if sets is not None else {}
+
+
 class RecoverySet(nn.Module):
     """Bypasses keyed by the compressed linear's module name, attached with forward hooks.
 
@@ -122,38 +140,52 @@ class RecoverySet(nn.Module):
     def bypass(self, name: str) -> RecoveryBypass:
         return self.bypasses[_key(name)]
 
-    def attach(self, model: nn.Module, *, trainable: bool = False) -> "RecoverySet":
-        """Hook every target linear of ``model`` and register this set as ``model.cpet_recovery``.
+    def attach(self, model: nn.Module, *, slot: str = SHARED, trainable: bool = False) -> "RecoverySet":
+        """Hook every target linear of ``model`` and register this set as ``model.cpet_recovery[slot]``.
 
-        Attach after wrapping the model with peft (peft freezes every non-LoRA parameter it finds);
-        ``trainable`` sets ``requires_grad`` of the bypasses.
+        ``slot`` is ``"shared"`` (task-agnostic, from :meth:`CPET.recover`) or ``"per_task"`` (trained with
+        one adapter); a set already in that slot is detached first (its hooks stop adding), the other slot is
+        left alone, so both bypasses of a linear add to its output. Attach after wrapping the model with peft
+        (peft freezes every non-LoRA parameter it finds); ``trainable`` sets ``requires_grad`` of the bypasses.
         """
+        if slot not in SLOTS:
+            raise ValueError(f"recovery slot must be one of {SLOTS}, got {slot!r}")
         base = unwrap(model)
         self.detach()
+        sets = _recovery_sets(base, create=True)
+        if slot in sets:
+            sets[slot].detach()
         for name in self.targets:
-            bypass = self.bypass(name)
-
-            def hook(module, inputs, output, bypass=bypass):
-                if not self.enabled:
-                    return output
-                return output + bypass(inputs[0]).to(output.dtype)
-
-            self._handles.append(base.get_submodule(name).register_forward_hook(hook))
-        device = next(base.parameters()).device
-        self.to(device)
+            self._handles.append(base.get_submodule(name).register_forward_hook(self._hook(self.bypass(name))))
+        self.to(next(base.parameters()).device)
         self.requires_grad_(trainable)
-        base.add_module(ATTRIBUTE, self)
-        object.__setattr__(self, "_owner", base)  # plain attribute: not a submodule (no cycle)
+        sets[slot] = self
+        object.__setattr__(self, "_owner", (base, slot))  # plain attribute: not a submodule (no cycle)
         return self
 
+    def _hook(self, bypass: RecoveryBypass):
+        """A forward hook adding ``bypass(input)`` to a linear's output while this set is enabled."""
+        def hook(module, inputs, output):
+            if not self.enabled:
+                return output
+            return output + bypass(inputs[0]).to(output.dtype)
+
+        return hook
+
     def detach(self) -> None:
-        """Remove the hooks (the model then computes the compressed base alone)."""
+        """Remove the hooks and the registration (the model then computes without this set)."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
         owner = self.__dict__.pop("_owner", None)
-        if owner is not None and getattr(owner, ATTRIBUTE, None) is self:
-            delattr(owner, ATTRIBUTE)
+        if owner is None:
+            return
+        base, slot = owner
+        sets = _recovery_sets(base)
+        if sets is not None and slot in sets and sets[slot] is self:
+            del sets[slot]
+            if not len(sets):  # a model without recovery looks as it did before any attach
+                delattr(base, ATTRIBUTE)
 
     # ---------------------------------------------------------------- persistence
     def save(self, directory: str | Path, meta: dict) -> None:

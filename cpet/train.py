@@ -417,10 +417,11 @@ def distillation_loss(student_out, teacher_out, kl_weight: float, mse_weight: fl
 
 
 def distill_on_text(student: nn.Module, teacher: nn.Module, tokenizer, text: str, config: DistillConfig, *,
-                    progress: bool = True) -> list[float]:
+                    progress: bool = True, after_step: Callable[[int], None] | None = None) -> list[float]:
     """Train the student's trainable parameters to match the teacher on windows of ``text``.
 
-    Returns the loss of every step. The teacher runs without gradients.
+    Returns the loss of every step. The teacher runs without gradients. ``after_step(done)`` is called
+    after each optimizer step with the number of steps done (e.g. to save checkpoints).
     """
     windows = text_windows(tokenizer, text, config.seq_len)
     params = list(_trainable(student).values())
@@ -444,5 +445,9 @@ def distill_on_text(student: nn.Module, teacher: nn.Module, tokenizer, text: str
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        if after_step is not None:
+            student.eval()
+            after_step(step + 1)
+            student.train()
     student.eval()
     return losses

@@ -153,3 +153,46 @@ def test_no_unactionable_third_party_messages():
             "add_lora(tiny_model('llama').model, rank=2, alpha=4, dropout=0.0)")
     err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
     assert "kernels-community" not in err and "is_gradient_checkpointing" not in err
+
+
+@pytest.fixture(scope="module")
+def tuned_pipeline(tmp_path_factory, model_dir, task_file):
+    """A pipeline made by the CLI alone, in the demo's order: original adapter, compress, CPET adapter."""
+    work = tmp_path_factory.mktemp("flow") / "p"
+    common = ["--steps", "2", "--eval-every", "1", "--val-limit", "4", "--limit", "6", "--json"]
+    assert main(["tune", str(work), "--model", str(model_dir), "--task", str(task_file), "--on", "original",
+                 "--name", "toy-original", *common]) == 0
+    assert main(["compress", "--model", str(model_dir), "--prune-ffn", "0.5", "--importance", "magnitude",
+                 "--quantize", "nf4", "--eval-tokens", "64", "--out", str(work), "--json"]) == 0
+    assert main(["tune", str(work), "--task", str(task_file), "--init", "inherit", "--inherit-from", "toy-original",
+                 "--name", "toy-cpet", *common]) == 0
+    return work
+
+
+def test_cli_alone_follows_the_demo_order_and_evaluates_adapters(capsys, tuned_pipeline, task_file):
+    capsys.readouterr()
+    listed = run_json(capsys, "list", str(tuned_pipeline))
+    assert listed["base"]["stages"] == ["prune", "quantize"] or len(listed["base"]["stages"]) == 2
+    by_name = {a["name"]: a for a in listed["adapters"]}
+    assert set(by_name) == {"toy-original", "toy-cpet"}
+    assert by_name["toy-cpet"]["init"] == "inherit" and by_name["toy-cpet"]["test_accuracy"] is not None
+    evaluated = run_json(capsys, "eval", str(tuned_pipeline), "--adapter", "toy-cpet", "--limit", "6")
+    (row,) = evaluated["tasks"]
+    assert row["adapter"] == "toy-cpet" and row["task"] == "toy" and row["n"] == 6
+    assert row["accuracy"] == by_name["toy-cpet"]["test_accuracy"]  # the same scoring as tune printed
+    # `--model PIPELINE` means the pipeline; an adapter path one level too high is pointed one level down
+    again = run_json(capsys, "eval", "--model", str(tuned_pipeline), "--adapter", "toy-cpet", "--limit", "6")
+    assert again["tasks"][0]["accuracy"] == row["accuracy"]
+    assert main(["eval", str(tuned_pipeline), "--adapter", str(tuned_pipeline / "adapters" / "toy-cpet")]) == 2
+    assert "use " + str(tuned_pipeline / "adapters" / "toy-cpet" / "adapter") in capsys.readouterr().err
+    assert main(["eval", str(tuned_pipeline), "--adapter", "nope"]) == 2
+    assert "toy-cpet, toy-original" in capsys.readouterr().err
+
+
+def test_eval_a_peft_directory_on_a_plain_model(capsys, tuned_pipeline, model_dir):
+    original = tuned_pipeline / "adapters" / "toy-original" / "adapter"
+    plain = run_json(capsys, "eval", "--model", str(model_dir), "--peft", str(original), "--limit", "6")
+    inside = run_json(capsys, "eval", str(tuned_pipeline), "--adapter", "toy-original", "--limit", "6")
+    assert plain["tasks"][0]["accuracy"] == inside["tasks"][0]["accuracy"]
+    assert main(["eval", "--model", str(original)]) == 2
+    assert "is an adapter, not a model" in capsys.readouterr().err

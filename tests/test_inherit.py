@@ -8,7 +8,7 @@ import torch
 from cpet.adapters import add_lora, save_adapter
 from cpet.compress import compress
 from cpet.config import PruneConfig, QuantizeConfig
-from cpet.inherit import inherit_lora_state, load_lora_state
+from cpet.inherit import inherit_lora_state, kept_indices, load_lora_state
 from cpet.lora_init import apply_inherited_lora, apply_residual_svd_lora
 from cpet.models import iter_layer_linears, tiny_model
 
@@ -118,3 +118,139 @@ def test_residual_svd_lora_starts_closer_to_the_original():
         target = reference(IDS).logits
         # quantization noise is close to white, so rank 8 of 64 removes only part of it (~13% here)
         assert (student(IDS).logits - target).norm() < 0.95 * (compressed_logits - target).norm()
+
+
+# --------------------------------------------------------------------------------------------------
+# Plain PEFT adapters (trained elsewhere) with rsLoRA, per-module ranks/alphas, or DoRA
+# --------------------------------------------------------------------------------------------------
+
+PLAIN_TARGETS = ["q_proj", "k_proj", "o_proj", "up_proj", "down_proj"]
+
+
+def plain_peft_dir(model, directory, seed: int = 3, **fields):
+    """A LoRA "trained elsewhere": plain peft with extra LoraConfig ``fields``, non-zero B, no cpet.json."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=PLAIN_TARGETS,
+                                                                 **fields))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2)
+    peft_model.save_pretrained(str(directory))
+    return peft_model
+
+
+def dense_output_delta(module) -> torch.Tensor:
+    """What a peft LoRA layer adds to its base layer's output, as a dense ``[d_out, d_in]`` matrix.
+
+    Read off the forward pass on the identity (not from ``scaling``), so a wrong scale or rank shows.
+    """
+    eye = torch.eye(module.base_layer.in_features)
+    with torch.no_grad():
+        return (module(eye) - module.base_layer(eye)).T
+
+
+PLAIN_FIELDS = {
+    "rslora": dict(use_rslora=True),
+    "patterns": dict(rank_pattern={"q_proj": 2, "layers.1.mlp.down_proj": 6},
+                     alpha_pattern={"up_proj": 3, "o_proj": 16}),
+    "rslora+patterns": dict(use_rslora=True, rank_pattern={"k_proj": 8, "layers.0.mlp.up_proj": 1},
+                            alpha_pattern={"layers.1.self_attn.q_proj": 2}),
+}
+COMPRESSIONS = {
+    "quantized": [QuantizeConfig("nf4")],  # identity index maps
+    "pruned": [PruneConfig(ffn_ratio=0.5, head_ratio=0.5, importance="magnitude"), QuantizeConfig("nf4")],
+}
+
+
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+@pytest.mark.parametrize("fields", PLAIN_FIELDS)
+def test_plain_peft_scaling_and_per_module_ranks_are_inherited(tmp_path, fields, compression):
+    from cpet.lora_init import lora_shape_of
+
+    loaded = tiny_model("llama")
+    source = plain_peft_dir(loaded.model, tmp_path / "plain", **PLAIN_FIELDS[fields])
+    base = compress(loaded.model, COMPRESSIONS[compression], progress=False)
+    student = add_lora(base.model, dropout=0.0, **lora_shape_of(tmp_path / "plain"))
+    apply_inherited_lora(student, tmp_path / "plain", base.index_maps, loaded.model.config)
+    maps, checked = base.index_maps, 0
+    for mine, theirs in zip(iter_layer_linears(student), iter_layer_linears(source)):
+        for role, module in mine.modules.items():
+            if not hasattr(module, "lora_A"):
+                continue
+            rows, cols = kept_indices(maps, mine.index, role)
+            reference = dense_output_delta(theirs[role])  # the source's delta in original coordinates
+            reference = reference if rows is None else reference[rows]
+            reference = reference if cols is None else reference[:, cols]
+            got = dense_output_delta(module)
+            assert got.shape == reference.shape and reference.abs().max() > 1e-2, (mine.index, role)
+            assert (got - reference).abs().max() < 1e-5, (mine.index, role)
+            checked += 1
+    assert checked == 2 * len(PLAIN_TARGETS)
+    theirs_cfg, mine_cfg = source.peft_config["default"], student.peft_config["default"]
+    assert (mine_cfg.use_rslora, mine_cfg.rank_pattern, mine_cfg.alpha_pattern) == (
+        theirs_cfg.use_rslora, theirs_cfg.rank_pattern, theirs_cfg.alpha_pattern)  # a faithful PEFT dir
+
+
+def test_dora_adapters_are_refused_with_the_reason(tmp_path):
+    from cpet.adapters import plain_peft_meta
+    from cpet.lora_init import lora_shape_of
+
+    loaded = tiny_model("llama")
+    plain_peft_dir(loaded.model, tmp_path / "dora", use_dora=True)
+    reason = r"DoRA .*does not support DoRA inheritance.*per output row of the full weight"
+    with pytest.raises(ValueError, match=reason):
+        plain_peft_meta(tmp_path / "dora", loaded.model, ["tiny-llama"])
+    with pytest.raises(ValueError, match=reason):
+        lora_shape_of(tmp_path / "dora")
+
+
+@pytest.fixture(scope="module")
+def quantized_pipeline(tmp_path_factory):
+    """A CPET pipeline whose compressed base is the tiny llama in nf4, and a two-label task file."""
+    import json
+    import random
+
+    from cpet.pipeline import CPET
+
+    root = tmp_path_factory.mktemp("inherit-pipeline")
+    (root / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog. " * 50)
+    rng = random.Random(0)
+    rows = [{"text": f"it was {word} {rng.randint(0, 99)}", "label": label}
+            for label, word in (rng.choice([("pos", "good"), ("neg", "bad")]) for _ in range(60))]
+    (root / "task.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    pipeline = CPET(tiny_model("llama"), root / "work")
+    pipeline.compress([QuantizeConfig("nf4")], calibration=str(root / "corpus.txt"), calibration_samples=2,
+                      seq_len=16, progress=False)
+    return pipeline, str(root / "task.jsonl")
+
+
+def test_pipeline_inherits_rslora_and_patterns_faithfully(quantized_pipeline, tmp_path):
+    import json
+
+    from cpet.train import TuneConfig
+
+    pipeline, task = quantized_pipeline
+    fields = PLAIN_FIELDS["rslora+patterns"]
+    source = plain_peft_dir(pipeline.original.model, tmp_path / "plain", **fields)
+    config = TuneConfig(steps=1, batch_size=4, lr=1e-12, eval_every=1, eval_limit=4)  # lr ~ 0: keeps the init
+    adapter = pipeline.tune(task, init="inherit", inherit_from=tmp_path / "plain", config=config,
+                            name="rslora-patterns", progress=False)
+    saved = json.loads((adapter.directory / "adapter_config.json").read_text())
+    assert saved["use_rslora"] is True and saved["rank_pattern"] == fields["rank_pattern"]
+    assert saved["alpha_pattern"] == fields["alpha_pattern"] and saved["r"] == 4 and saved["lora_alpha"] == 8
+    served = pipeline.model_for(adapter)  # read back with plain peft from the saved directory
+    for mine, theirs in zip(iter_layer_linears(served), iter_layer_linears(source)):
+        for role, module in mine.modules.items():
+            if hasattr(module, "lora_A"):
+                assert (dense_output_delta(module) - dense_output_delta(theirs[role])).abs().max() < 1e-5, role
+
+
+def test_pipeline_refuses_dora_before_any_work(quantized_pipeline, tmp_path):
+    pipeline, task = quantized_pipeline
+    plain_peft_dir(pipeline.original.model, tmp_path / "dora", use_dora=True)
+    with pytest.raises(ValueError, match="does not support DoRA inheritance"):
+        pipeline.tune(task, init="inherit", inherit_from=tmp_path / "dora", name="dora", progress=False)
+    assert not (pipeline.work_dir / "adapters" / "dora").exists()

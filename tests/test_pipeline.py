@@ -275,3 +275,19 @@ def test_one_prompt_length_for_training_validation_and_scoring(built, monkeypatc
     assert len(seen) > 100 and set(seen) == {7}
     with pytest.raises(ValueError, match="trained on prompts cut to 7 tokens"):
         pipeline.evaluate(adapter, task, max_prompt_tokens=192)
+
+
+def test_recovery_checkpoints_are_saved_along_the_way(built, tmp_path):
+    pipeline, _, _, root = built
+    copy_dir = pipeline.save(tmp_path / "copy")
+    again = CPET.load(copy_dir, original=pipeline.original)
+    with pytest.raises(ValueError, match=r"checkpoints \[5\] must lie between 0 and the 5"):
+        again.recover(RecoveryConfig(rank=4, alpha=4, activation="identity", init="svd"),
+                      DistillConfig(steps=5, seq_len=32), text=str(root / "corpus.txt"), progress=False, checkpoints=[5])
+    again.recover(RecoveryConfig(rank=4, alpha=4, activation="identity", init="svd"),
+                  DistillConfig(steps=5, seq_len=32), text=str(root / "corpus.txt"), progress=False, checkpoints=[2])
+    step2 = load_file(str(copy_dir / "recovery-step2" / "recovery.safetensors"))
+    final = load_file(str(copy_dir / "recovery" / "recovery.safetensors"))
+    assert step2.keys() == final.keys()
+    assert any(not torch.equal(step2[k], final[k]) for k in final)  # 3 more steps moved them
+    assert json.loads((copy_dir / "recovery-step2" / "recovery.json").read_text())["steps_done"] == 2

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cpet.adapters import add_lora
-from cpet.models import layer_linears, tiny_model
+from cpet.models import layer_linears, tiny_model, unwrap
 from cpet.recovery import RecoveryBypass, RecoveryConfig, RecoverySet, residual_svd_init
 from cpet.train import DistillConfig, distill_on_text, hidden_mse
 
@@ -114,3 +114,173 @@ def test_distillation_reduces_hidden_state_mse():
     after = mse()
     assert after < 0.7 * before
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared + per-task recovery on one model ("both")
+# --------------------------------------------------------------------------------------------------
+
+
+def random_set(model, seed: int, **config) -> RecoverySet:
+    """A recovery set with non-zero B (as after training), so each set visibly changes the outputs."""
+    recovery = RecoverySet(model, RecoveryConfig(**config))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for bypass in recovery.bypasses.values():
+            bypass.B.weight.normal_(std=0.2)
+    return recovery
+
+
+def with_both(shared_first: bool = True, make_shared=None, make_per_task=None, lora_state=None):
+    """Tiny llama + shared set + LoRA on q/v + per-task set, the shared one attached before or after peft.
+
+    ``make_shared`` / ``make_per_task`` (``model -> RecoverySet``) replace the random sets (e.g. loading
+    saved ones); ``lora_state`` replaces the random LoRA. Returns ``(peft model, shared, per_task, LoRA state)``.
+    """
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    model = tiny_model("llama").model
+    shared = (make_shared or (lambda m: random_set(m, 1, rank=4, alpha=4, activation="identity")))(model)
+    if shared_first:
+        shared.attach(model, slot="shared")
+    torch.manual_seed(2)
+    peft_model = add_lora(model, rank=2, alpha=4, dropout=0.0, target_roles=("q", "v"))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.2)
+    if lora_state is not None:
+        set_peft_model_state_dict(peft_model, lora_state)
+    per_task = (make_per_task or (lambda m: random_set(m, 3, rank=3, activation="gelu")))(peft_model)
+    per_task.attach(peft_model, slot="per_task", trainable=True)
+    if not shared_first:  # then the shared hooks sit on the LoRA wrappers, not on their base layers
+        shared.attach(peft_model, slot="shared")
+    return peft_model, shared, per_task, get_peft_model_state_dict(peft_model)
+
+
+def test_shared_and_per_task_sets_share_one_container_and_move_with_the_model():
+    from cpet.recovery import attached_recovery
+
+    model, shared, per_task, _ = with_both()
+    assert attached_recovery(model) == {"shared": shared, "per_task": per_task}
+    keys = model.state_dict().keys()
+    for slot, recovery in (("shared", shared), ("per_task", per_task)):
+        assert sum(f".cpet_recovery.{slot}.bypasses." in k for k in keys) == len(recovery.state_dict()), slot
+    params = {id(p) for p in model.parameters()}
+    assert all(id(p) in params for p in [*shared.parameters(), *per_task.parameters()])
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert all(id(p) in trainable for p in per_task.parameters())
+    assert not any(id(p) in trainable for p in shared.parameters())
+
+    model.to(torch.float64)  # a dtype move stands for a device move (accelerate puts the model on the GPU)
+    assert {p.dtype for p in [*shared.parameters(), *per_task.parameters()]} == {torch.float64}
+    q = unwrap(model).model.layers[0].self_attn.q_proj  # peft LoRA wrapper around the compressed linear
+    x = torch.randn(5, 64, dtype=torch.float64)
+    name = "model.layers.0.self_attn.q_proj"
+    with torch.no_grad():  # every term by hand: base weight, LoRA, shared bypass, per-task bypass
+        by_hand = (torch.nn.functional.linear(x, q.base_layer.weight)
+                   + q.lora_B["default"](q.lora_A["default"](x)) * q.scaling["default"]
+                   + shared.bypass(name)(x) + per_task.bypass(name)(x))
+        assert (q(x) - by_hand).abs().max() < 1e-12
+        model(IDS)  # the whole model runs in float64 with both sets
+
+
+def test_both_sets_give_the_same_outputs_in_either_order_and_after_save_load(tmp_path):
+    from cpet.recovery import attached_recovery
+
+    model, shared, per_task, lora = with_both(shared_first=True)
+    with torch.no_grad():
+        reference = model(IDS).logits
+        shared.enabled = False
+        without_shared = model(IDS).logits
+        shared.enabled, per_task.enabled = True, False
+        without_per_task = model(IDS).logits
+        per_task.enabled = True
+    assert (reference - without_shared).abs().max() > 1e-3 and (reference - without_per_task).abs().max() > 1e-3
+    other_order, *_ = with_both(False, lambda m: copy.deepcopy(shared), lambda m: copy.deepcopy(per_task), lora)
+    with torch.no_grad():  # the same terms summed in another order
+        assert (other_order(IDS).logits - reference).abs().max() < 1e-5
+
+    shared.save(tmp_path / "shared", {"base_id": "b"})
+    per_task.save(tmp_path / "per_task", {"base_id": "b"})
+    fresh, _, loaded_per_task, _ = with_both(
+        True, lambda m: RecoverySet.load(tmp_path / "shared", m, expected_base_id="b"),
+        lambda m: RecoverySet.load(tmp_path / "per_task", m, expected_base_id="b"), lora)
+    with torch.no_grad():
+        assert torch.equal(fresh(IDS).logits, reference)
+        loaded_per_task.detach()  # the shared set stays attached and registered
+        assert list(attached_recovery(fresh)) == ["shared"]
+        assert torch.equal(fresh(IDS).logits, without_per_task)
+
+
+def test_attaching_to_a_taken_slot_replaces_the_set_there():
+    from cpet.recovery import attached_recovery
+
+    model = tiny_model("llama").model
+    with torch.no_grad():
+        bare = model(IDS).logits
+        first = random_set(model, 1, rank=2).attach(model, slot="shared")
+        second = random_set(model, 2, rank=2).attach(model, slot="shared")
+        alone = model(IDS).logits
+        second.detach()
+        assert torch.equal(model(IDS).logits, bare)  # the first set's hooks went with its slot
+        second.attach(model, slot="shared")
+        assert torch.equal(model(IDS).logits, alone)
+    assert attached_recovery(model) == {"shared": second} and first not in attached_recovery(model).values()
+    with pytest.raises(ValueError, match="slot must be one of"):
+        first.attach(model, slot="task")
+
+
+@pytest.fixture(scope="module")
+def both_pipeline(tmp_path_factory):
+    """A tiny pipeline (nf4 + FFN pruning, shared recovery, an original adapter) and its task file."""
+    import json
+    import random
+
+    from cpet.config import PruneConfig, QuantizeConfig
+    from cpet.pipeline import CPET
+    from cpet.train import TuneConfig
+
+    root = tmp_path_factory.mktemp("both")
+    (root / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog. " * 100)
+    rng = random.Random(0)
+    rows = [{"text": f"it was {word} {rng.randint(0, 99)}", "label": label}
+            for label, word in (rng.choice([("pos", "good"), ("neg", "bad")]) for _ in range(80))]
+    (root / "task.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    pipeline = CPET(tiny_model("llama"), root / "work")
+    pipeline.compress([PruneConfig(ffn_ratio=0.25, importance="magnitude"), QuantizeConfig("nf4")],
+                      calibration=str(root / "corpus.txt"), calibration_samples=2, seq_len=16, progress=False)
+    pipeline.recover(RecoveryConfig(rank=4, alpha=4, activation="identity", init="svd"),
+                     DistillConfig(steps=3, seq_len=16), text=str(root / "corpus.txt"), progress=False)
+    original = pipeline.tune(str(root / "task.jsonl"), on="original", progress=False,
+                             config=TuneConfig(steps=4, batch_size=8, lr=1e-2, eval_every=2, rank=4, alpha=8))
+    return pipeline, str(root / "task.jsonl"), original
+
+
+def test_tune_with_both_recoveries_trains_saves_and_serves_the_same_model(both_pipeline, monkeypatch):
+    import cpet.pipeline
+    from cpet.recovery import attached_recovery
+    from cpet.train import TuneConfig
+
+    pipeline, task, original = both_pipeline
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    at_save = []
+    save_adapter = cpet.pipeline.save_adapter
+
+    def spy(peft_model, directory, meta):  # the model as validation scored it, when its checkpoint is written
+        was_training = peft_model.training
+        peft_model.eval()  # as in validation: no LoRA dropout
+        with torch.no_grad():
+            at_save.append((sorted(attached_recovery(peft_model)), peft_model(input_ids=ids).logits.clone()))
+        peft_model.train(was_training)
+        save_adapter(peft_model, directory, meta)
+
+    monkeypatch.setattr(cpet.pipeline, "save_adapter", spy)
+    adapter = pipeline.tune(task, init="inherit", recovery="both", inherit_from=original, name="both",
+                            config=TuneConfig(steps=4, batch_size=8, lr=1e-2, eval_every=2), progress=False)
+    assert at_save and all(slots == ["per_task", "shared"] for slots, _ in at_save)
+    served = pipeline.model_for(adapter)
+    assert sorted(attached_recovery(served)) == ["per_task", "shared"]
+    with torch.no_grad():
+        assert (served(input_ids=ids).logits - at_save[-1][1]).abs().max() < 1e-5
+    assert 0.0 <= pipeline.evaluate(adapter, task)["accuracy"] <= 1.0
