@@ -3,6 +3,12 @@
 ``cpet.json`` records what the adapter needs to be used correctly: the ``base_id`` of the base it was
 trained on, the source model's fingerprint, the task, its labels, prompt template and verbalizer, the
 recovery modules it was trained with, and its metrics. Loaders refuse an adapter made for another base.
+``README.md`` is a model card generated from ``cpet.json`` (:func:`model_card`).
+
+The base an adapter names (``base_model_name_or_path`` in ``adapter_config.json``) is portable: a
+compressed base is recorded relative to the adapter directory (``../../../base`` in a pipeline), so a
+pipeline copied anywhere still finds it (:func:`resolve_base_reference`, :func:`load_standalone`); the
+original model is recorded by its hub id when it has one.
 
 A plain PEFT LoRA directory trained elsewhere (no ``cpet.json``) can still be an inheritance source:
 :func:`plain_peft_meta` checks that it was made for the same source model (its recorded base model name
@@ -17,9 +23,11 @@ from typing import Sequence
 
 from torch import nn
 
+from .assets import write_text_atomic
 from .models import target_module_suffixes
 
 ADAPTER_META = "cpet.json"
+MODEL_CARD = "README.md"
 
 
 def add_lora(model: nn.Module, *, rank: int, alpha: float, dropout: float,
@@ -86,14 +94,90 @@ def check_adapter_base(meta: dict, *, base_id: str | None = None, source_fingerp
         raise ValueError(f"{where} was trained on base {meta.get('base_id')}, not on this base {base_id}")
 
 
-def save_adapter(peft_model, directory: str | Path, meta: dict) -> None:
-    """Write the PEFT directory (``adapter_config.json``, ``adapter_model.safetensors``) and ``cpet.json``.
+def save_adapter(peft_model, directory: str | Path, meta: dict, *, base_reference: str | None = None,
+                 name: str | None = None) -> None:
+    """Write the PEFT directory (``adapter_config.json``, ``adapter_model.safetensors``), ``cpet.json`` and
+    the model card (``README.md``, replacing peft's empty template).
 
     ``directory`` is expected to be a fresh (temporary) directory; callers make the final move atomic.
+    ``base_reference`` replaces peft's ``base_model_name_or_path`` (the path the base happened to be loaded
+    from, often relative to the working directory): a hub id, or a path relative to the adapter's *final*
+    directory. ``name`` is the adapter's name in its pipeline (for the card; default: the parent's name).
     """
     directory = Path(directory)
-    peft_model.save_pretrained(str(directory), safe_serialization=True)
+    if base_reference is not None:
+        for config in peft_model.peft_config.values():
+            config.base_model_name_or_path = base_reference
+    # CPET never resizes the vocabulary, so no full embedding matrix is saved; saying so also stops peft from
+    # looking for the base's config.json relative to the working directory (a warning for relative references)
+    peft_model.save_pretrained(str(directory), safe_serialization=True, save_embedding_layers=False)
     (directory / ADAPTER_META).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+    (directory / MODEL_CARD).write_text(model_card(json.loads(json.dumps(meta, default=str)),
+                                                   base_reference_of(directory), name or directory.parent.name))
+
+
+def write_adapter_meta(directory: str | Path, meta: dict) -> None:
+    """Rewrite an adapter's ``cpet.json`` and its model card, each atomically (e.g. after adding metrics)."""
+    directory = Path(directory)
+    write_text_atomic(directory / ADAPTER_META, json.dumps(meta, indent=2, sort_keys=True, default=str))
+    write_text_atomic(directory / MODEL_CARD, model_card(meta, base_reference_of(directory),
+                                                         directory.parent.name))
+
+
+def base_reference_of(directory: str | Path) -> str | None:
+    """``base_model_name_or_path`` as recorded in an adapter's ``adapter_config.json`` (None: not recorded)."""
+    path = Path(directory) / "adapter_config.json"
+    return json.loads(path.read_text()).get("base_model_name_or_path") if path.exists() else None
+
+
+def resolve_base_reference(directory: str | Path) -> str | None:
+    """The base model an adapter names, usable from any working directory.
+
+    A relative path that exists relative to the adapter directory (how CPET records a compressed base:
+    ``../../../base``) becomes that absolute path; hub ids, absolute paths and anything else are returned
+    as recorded. None when the adapter names no base.
+    """
+    reference = base_reference_of(directory)
+    if not reference or Path(reference).is_absolute():
+        return reference or None
+    beside = Path(directory) / reference
+    return str(beside.resolve()) if beside.exists() else reference
+
+
+def load_standalone(directory: str | Path):
+    """An adapter on the base it names (see :func:`resolve_base_reference`), outside its pipeline.
+
+    A compressed base is read with :meth:`cpet.compress.CompressedBase.load` (4-bit layout kept, per-layer
+    widths) and its ``base_id`` checked against ``cpet.json``; any other base with :func:`cpet.models.load_base`.
+    Returns ``(peft_model, tokenizer)`` in eval mode.
+    Raises:
+        ValueError: the adapter names no base, or needs recovery modules (which live in its pipeline:
+            use ``CPET.load(pipeline).model_for(name)``), or its base is another one.
+    """
+    directory = Path(directory)
+    meta = read_adapter_meta(directory) if is_cpet_adapter(directory) else {}
+    if meta.get("recovery", "none") != "none":
+        raise ValueError(f"adapter {directory} was trained with {meta['recovery']} recovery modules, which live in "
+                         f"its pipeline: use CPET.load(PIPELINE).model_for({directory.parent.name!r}) or "
+                         f"`cpet eval PIPELINE --adapter {directory.parent.name}`")
+    reference = resolve_base_reference(directory)
+    if reference is None:
+        raise ValueError(f"adapter {directory} does not name its base model (base_model_name_or_path)")
+    if (Path(reference) / "manifest.json").exists():
+        from .compress import CompressedBase
+
+        base = CompressedBase.load(reference)
+        model, tokenizer = base.model, base.tokenizer
+        if meta:
+            check_adapter_base(meta, base_id=base.base_id, where=f"adapter {directory}")
+    else:
+        from .models import load_base
+
+        loaded = load_base(reference)
+        model, tokenizer = loaded.model, loaded.tokenizer
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(directory)).eval(), tokenizer
 
 
 def load_adapter(model: nn.Module, directory: str | Path, *, base_id: str | None = None,
@@ -105,6 +189,19 @@ def load_adapter(model: nn.Module, directory: str | Path, *, base_id: str | None
     check_adapter_base(meta, base_id=base_id, where=f"adapter {directory}")
     return PeftModel.from_pretrained(model, str(directory), adapter_name=adapter_name,
                                      is_trainable=is_trainable)
+
+
+def inheritance_facts(task_name: str, source: str | Path | None) -> dict:
+    """Which task an inheritance source was trained for, and whether that is another task than this one.
+
+    ``inherited_task`` is None for a plain PEFT source (no ``cpet.json``) or no source; so is
+    ``inherited_from_other_task`` then, since nothing says. Tuning from another task's adapter is allowed
+    (its labels were checked) but recorded, so reports can say so.
+    """
+    if source is None or not is_cpet_adapter(source):
+        return {"inherited_task": None, "inherited_from_other_task": None}
+    inherited = read_adapter_meta(source).get("task")
+    return {"inherited_task": inherited, "inherited_from_other_task": inherited != task_name}
 
 
 def _same_model_name(name: str, aliases: Sequence[str]) -> bool:
@@ -163,3 +260,136 @@ def plain_peft_meta(directory: str | Path, model: nn.Module, aliases: Sequence[s
                              f"LoRA on {name} has {got} {'input' if kind == 'lora_A' else 'output'} features, "
                              f"this source model ({', '.join(known)}) has {expected}")
     return {"source_name": trained_on, "labels": None}
+
+
+# --------------------------------------------------------------------------------------------------
+# Model card
+# --------------------------------------------------------------------------------------------------
+
+
+def _stage_text(config: dict) -> str:
+    """``prune(ffn_ratio=0.25, importance='taylor')`` from a stage config dict (its ``"stage"`` key first)."""
+    args = ", ".join(f"{key}={value!r}" for key, value in config.items() if key != "stage")
+    return f"{config.get('stage', '?')}({args})"
+
+
+def _literal(value) -> str:
+    """A string as code in a table cell: JSON-quoted, so spaces and newlines show and rows stay one line."""
+    return f"`{json.dumps(value, ensure_ascii=False)}`"
+
+
+def _recovery_text(meta: dict) -> str:
+    """``shared (rank 16 identity bypasses, distilled 100 steps) + per-task (rank 8 gelu bypasses)``."""
+    mode = meta.get("recovery", "none")
+    parts = []
+    shared, per_task = meta.get("shared_recovery"), meta.get("per_task_recovery")
+    if mode in ("shared", "both"):
+        config = (shared or {}).get("config") or {}
+        parts.append(f"shared (rank {config.get('rank', '?')} {config.get('activation', '')} bypasses, distilled "
+                     f"{(shared or {}).get('distill_steps', '?')} steps on text; frozen)")
+    if mode in ("per_task", "both"):
+        parts.append(f"per-task (rank {(per_task or {}).get('rank', '?')} {(per_task or {}).get('activation', '')} "
+                     "bypasses trained with the adapter, in per_task_recovery/)")
+    return " + ".join(parts) or "none"
+
+
+def _metrics_rows(metrics: dict) -> list[tuple[str, str]]:
+    rows = []
+    if metrics.get("val_accuracy") is not None:
+        rows.append(("validation accuracy", f"{metrics['val_accuracy']:.4f} (best checkpoint, step "
+                                             f"{metrics.get('step')})"))
+    if metrics.get("test_accuracy") is not None:
+        rows.append(("test accuracy", f"{metrics['test_accuracy']:.4f} on {metrics.get('test_n', '?')} examples "
+                                       f"(split {metrics.get('test_split', 'test')})"))
+    else:
+        rows.append(("test accuracy", "not measured yet (`cpet eval PIPELINE --adapter NAME`)"))
+    return rows
+
+
+def _card_facts(meta: dict, base_reference: str | None) -> list[tuple[str, str]]:
+    """The card's table: task, verbalizer, base, source, compression, recovery, init, metrics."""
+    words = meta.get("label_words") or {}
+    compression = meta.get("compression") or {}
+    source = f"`{meta.get('source_name')}`"
+    if meta.get("source_hub_id"):
+        source += f" (hub: `{meta['source_hub_id']}`)"
+    if meta.get("source_fingerprint"):
+        source += f", content fingerprint `{meta['source_fingerprint'][:16]}…`"
+    on_compressed = meta.get("on") != "original"
+    inherited = meta.get("inherited_task")
+    init = meta.get("init", "?")
+    if init == "inherit":
+        init += f" (from an adapter for task `{inherited}`)" if inherited else " (from a plain PEFT LoRA)"
+        if meta.get("inherited_from_other_task"):
+            init += " — another task than this one"
+    rows = [("task", f"`{meta.get('task')}`" + (f" (from `{meta['task_source']}`)" if meta.get("task_source")
+                                                 and meta["task_source"] != meta.get("task") else "")),
+            ("labels → verbalizer words", ", ".join(f"`{label}` → {_literal(words.get(label, label))}"
+                                                   for label in meta.get("labels") or [])),
+            ("prompt template", f"{_literal(meta.get('template'))} (prompts cut to {meta.get('max_prompt_tokens')} "
+                                "tokens)"),
+            ("base", (f"compressed base `{meta.get('base_id')}`" if on_compressed else "the original model")
+             + (f" at `{base_reference}`" if base_reference else "")),
+            ("source model", source)]
+    if on_compressed:
+        rows.append(("compression", " → ".join(_stage_text(c) for c in compression.get("stages", [])) or "?"))
+    rows += [("recovery", _recovery_text(meta)), ("LoRA init", init)]
+    config = meta.get("tune_config") or {}
+    if config:
+        rows.append(("training", f"rank {config.get('rank')}, alpha {config.get('alpha')}, {config.get('steps')} "
+                                 f"steps of batch {config.get('batch_size')}, lr {config.get('lr')}, "
+                                 f"seed {config.get('seed')}"))
+    return rows + _metrics_rows(meta.get("metrics") or {})
+
+
+def _how_to_load(meta: dict, base_reference: str | None, name: str) -> str:
+    """Plain peft where the adapter needs nothing else; the CPET API where it needs recovery modules."""
+    if meta.get("recovery", "none") != "none":
+        return ("This adapter was trained with recovery modules that plain peft does not attach (shared ones "
+                "live in the pipeline, per-task ones in `per_task_recovery/` here); load it with CPET from its "
+                "pipeline (the directory three levels above this one, PIPELINE below):\n\n"
+                f"```bash\ncpet eval PIPELINE --adapter {name}\n```\n\n"
+                "```python\nfrom cpet import CPET\n\npipeline = CPET.load(\"PIPELINE\")\n"
+                f"model = pipeline.model_for(\"{name}\")  # base + recovery + this adapter, ready to score\n"
+                f"print(pipeline.evaluate(\"{name}\", \"{meta.get('task')}\"))\n```\n")
+    if meta.get("on") == "original":
+        note = ""
+        if meta.get("source_hub_id") and meta.get("source_name") != meta.get("source_hub_id"):
+            name = meta.get("source_name")
+            note = (f"\nCPET trained it on `{name}` (`cpet.load_base(\"{name}\")` gives exactly those weights); "
+                    "the hub model above is the same model.\n")
+        return ("```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
+                f"model = AutoModelForCausalLM.from_pretrained(\"{base_reference or meta.get('source_name')}\")\n"
+                "model = PeftModel.from_pretrained(model, \"PATH/TO/THIS/DIRECTORY\")\n```\n" + note)
+    if not (meta.get("compression") or {}).get("uniform", True):
+        return ("The base has per-layer FFN widths, which plain `from_pretrained` cannot build:\n\n"
+                "```python\nfrom peft import PeftModel\nfrom cpet.compress import CompressedBase\n\n"
+                f"base = CompressedBase.load(\"PATH/TO/THIS/DIRECTORY/{base_reference}\")\n"
+                "model = PeftModel.from_pretrained(base.model, \"PATH/TO/THIS/DIRECTORY\")\n```\n")
+    return ("The base path is relative to this directory (`base_model_name_or_path`; "
+            "`cpet.adapters.load_standalone(DIRECTORY)` resolves it for you):\n\n"
+            "```python\nimport torch\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
+            "adapter = \"PATH/TO/THIS/DIRECTORY\"\n"
+            f"model = AutoModelForCausalLM.from_pretrained(f\"{{adapter}}/{base_reference}\", dtype=torch.float32)\n"
+            "# 4-bit bases on a CPU: cpet.compress.quantize.keep_4bit_layout(model) gives CPET's exact logits\n"
+            "model = PeftModel.from_pretrained(model, adapter)\n```\n")
+
+
+def model_card(meta: dict, base_reference: str | None, name: str) -> str:
+    """The ``README.md`` of an adapter directory: what it is, how well it does, and how to load it.
+
+    Args:
+        meta: the adapter's ``cpet.json``.
+        base_reference: its recorded ``base_model_name_or_path``.
+        name: its name in the pipeline (``adapters/<name>/adapter``).
+    """
+    front = ["---", "library_name: peft", "tags: [cpet, lora, text-classification]"]
+    if meta.get("on") == "original" and meta.get("source_hub_id"):
+        front.append(f"base_model: {meta['source_hub_id']}")  # the hub links the card to its base model
+    front.append("---")
+    where = "a compressed base" if meta.get("on") != "original" else "the original model"
+    table = "\n".join(f"| {key} | {value} |" for key, value in _card_facts(meta, base_reference))
+    return ("\n".join(front) + f"\n\n# {name}\n\nA LoRA adapter trained by CPET on {where} to classify "
+            f"`{meta.get('task')}` through a verbalizer: the prediction is the label whose verbalizer word the "
+            "model scores highest after the prompt. Everything below is also in `cpet.json`.\n\n"
+            f"| | |\n|---|---|\n{table}\n\n## How to load\n\n" + _how_to_load(meta, base_reference, name))

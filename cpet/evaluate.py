@@ -165,8 +165,8 @@ def label_logprobs(model: nn.Module, tokenizer, prompts: Sequence[str], label_wo
     single_cols = torch.tensor([ids[0] for ids in label_ids]) if single_token else None
     pad = tokenizer.pad_token_id or 0
     with evaluating(model):
-        starts = range(0, len(sequences), batch_size)
-        for start in tqdm(starts, desc="scoring", disable=not progress, leave=False):
+        bar = tqdm(total=len(prompts), desc="scoring", unit="example", disable=not progress, leave=False)
+        for start in range(0, len(sequences), batch_size):
             chunk = sequences[start:start + batch_size]
             width = max(len(s[0]) for s in chunk)
             input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
@@ -183,6 +183,9 @@ def label_logprobs(model: nn.Module, tokenizer, prompts: Sequence[str], label_wo
                     first = len(ids) - len(lab)
                     positions = torch.arange(first - 1, len(ids) - 1)
                     scores[row, col] = logp[i, positions, torch.tensor(lab)].sum()
+            # count examples, not batches: a prompt is done when its last label sequence is scored
+            bar.update(len({row for _, row, col, _ in chunk if single_token or col == len(label_ids) - 1}))
+    bar.close()
     return scores
 
 

@@ -9,16 +9,21 @@ print(cpet.evaluate(adapter, "vader-movie"))
 ```
 
 Everything the pipeline makes lives in ``work_dir``: ``base/`` (the compressed base), ``recovery/`` (shared
-recovery modules), ``adapters/<name>/`` (PEFT directories + ``cpet.json``) and ``pipeline.json``. Each
-tuning run starts from a fresh copy of the frozen base read back from ``base/`` (about a second), so runs
-never leak state into each other.
+recovery modules), ``adapters/<name>/`` (PEFT directories + ``cpet.json`` + a model card ``README.md``;
+the compressed base is named relative to each adapter, so the directory can be copied anywhere) and
+``pipeline.json`` (every step with its configs and UTC times). Each tuning run starts from a fresh copy of
+the frozen base read back from ``base/`` (about a second), so runs never leak state into each other.
+:meth:`CPET.load` reopens a directory without loading the original model: steps that need its weights
+load it on first use.
 """
 
 from __future__ import annotations
 
 import copy
+import datetime
 import hashlib
 import json
+import os
 import re
 import shutil
 import time
@@ -28,9 +33,10 @@ from typing import Sequence
 
 import torch
 
-from .adapters import (ADAPTER_META, add_lora, check_adapter_base, is_cpet_adapter, plain_peft_meta,
-                       read_adapter_meta, save_adapter)
+from .adapters import (add_lora, check_adapter_base, inheritance_facts, is_cpet_adapter, plain_peft_meta,
+                       read_adapter_meta, save_adapter, write_adapter_meta)
 from .assets import atomic_path, write_text_atomic
+from .config import stage_config_to_dict
 from .models import EMBEDDED, LoadedBase, load_base, model_fingerprint
 from .compress.calibration import input_rms
 from .recovery import PER_TASK, SHARED, RecoveryConfig, RecoverySet, init_from_residuals
@@ -75,16 +81,27 @@ class CPET:
     """One base model, its compressed base, shared recovery modules, and task adapters.
 
     Attributes:
-        original: the uncompressed base (frozen), the teacher of recovery.
+        original: the uncompressed base (frozen), the teacher of recovery; loaded on first use when the
+            pipeline was given a name (see :meth:`load`).
         work_dir: where every artifact of this pipeline is written.
     """
 
-    def __init__(self, original: LoadedBase, work_dir: str | Path):
-        self.original = original
-        self.original.model.requires_grad_(False)
+    def __init__(self, original: LoadedBase | str, work_dir: str | Path):
+        """``original``: a loaded base, or the name/path :func:`load_base` takes, loaded on first use.
+
+        Only compress, recover, tuning on or from the original (inheritance, SVD init, per-task recovery's
+        teacher) and scoring on it need the uncompressed weights; everything on the compressed base runs
+        without them (for a 135M model that halves peak memory).
+        """
+        self._original: LoadedBase | None = None
+        self._original_spec = original if isinstance(original, str) else original.name
+        if isinstance(original, LoadedBase):
+            self._use_original(original)
         self.work_dir = Path(work_dir)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self._fingerprint: str | None = None
+        self._recorded_fingerprint: str | None = None  # of a saved pipeline: the original must match it
+        self._tokenizer = None
         self.log: list[dict] = []
 
     # ------------------------------------------------------------------ construction
@@ -93,10 +110,64 @@ class CPET:
         return cls(load_base(name_or_path), work_dir)
 
     @property
+    def original(self) -> LoadedBase:
+        """The uncompressed source model (frozen); loading it checks it against the pipeline's record.
+
+        Raises:
+            ValueError: the loaded model is not the one the saved pipeline was built from.
+        """
+        if self._original is None:
+            loaded = load_base(self._original_spec)
+            self._check_source(loaded)
+            self._use_original(loaded)
+        return self._original
+
+    @property
+    def original_loaded(self) -> bool:
+        return self._original is not None
+
+    def _use_original(self, loaded: LoadedBase) -> None:
+        loaded.model.requires_grad_(False)
+        self._original = loaded
+
+    def _check_source(self, loaded: LoadedBase) -> None:
+        """Refuse a source model other than the one the saved pipeline records (by content fingerprint)."""
+        expected = self._recorded_fingerprint
+        if expected and expected != loaded.content_fingerprint():
+            raise ValueError(f"the pipeline in {self.work_dir} was built from source model {expected[:16]}…, "
+                             f"not from {loaded.name} ({loaded.content_fingerprint()[:16]}…)")
+
+    @property
+    def source_name(self) -> str:
+        """The source model's name as given (embedded name, path or hub id)."""
+        return self._original.name if self._original is not None else self._original_spec
+
+    @property
+    def source_hub_id(self) -> str | None:
+        """The source model's hub id, when it has one (an embedded model's, or a hub id it was loaded by)."""
+        return hub_id_of(self.source_name)
+
+    @property
     def source_fingerprint(self) -> str:
+        """Content fingerprint of the source model: the loaded original's, else the one the saved pipeline
+        records (the original is checked against it when it is loaded)."""
         if self._fingerprint is None:
-            self._fingerprint = model_fingerprint(self.original.model)
+            if self._original is None and self._recorded_fingerprint:
+                return self._recorded_fingerprint
+            self._fingerprint = self.original.content_fingerprint()
         return self._fingerprint
+
+    @property
+    def tokenizer(self):
+        """The source tokenizer: the original's when loaded, else the copy saved with the compressed base
+        (``base/`` holds the same tokenizer files), so work on the base does not load the original."""
+        if self._original is not None:
+            return self._original.tokenizer
+        if self._tokenizer is None:
+            if not (self.base_dir / "tokenizer_config.json").exists():
+                return self.original.tokenizer
+            self._tokenizer = saved_tokenizer(self.base_dir)
+        return self._tokenizer
 
     @property
     def source_aliases(self) -> list[str]:
@@ -130,10 +201,13 @@ class CPET:
     def base_id(self) -> str:
         return json.loads((self.base_dir / "manifest.json").read_text())["base_id"]
 
-    def _record(self, stage: str, **facts) -> None:
-        self.log.append({"stage": stage, **facts})
+    def _record(self, stage: str, started_at: str, **facts) -> None:
+        """Append a step (its configs, results, ISO 8601 UTC start and finish) to ``pipeline.json``."""
+        self.log.append({"stage": stage, "started_at": started_at, "finished_at": utc_now(), **facts})
+        fingerprint = self._fingerprint or self._recorded_fingerprint
         write_text_atomic(self.work_dir / "pipeline.json", json.dumps(
-            {"source": self.original.name, "log": self.log}, indent=2, default=str))
+            {"source": self.source_name, "source_fingerprint": fingerprint, "log": self.log}, indent=2,
+            default=str))
 
     # ------------------------------------------------------------------ compress
     def compress(self, stages: Sequence, *, calibration: str = "brown", calibration_samples: int = 16,
@@ -146,16 +220,20 @@ class CPET:
         from .compress.calibration import calibration_ids
         from .data import load_corpus
 
-        start = time.perf_counter()
+        start, started_at = time.perf_counter(), utc_now()
         ids = calibration_ids(self.original.tokenizer, load_corpus(calibration, split="train"),
                               calibration_samples, seq_len)
         base = run_stages(copy.deepcopy(self.original.model), list(stages), calibration=ids,
                           source_name=self.original.name, tokenizer=self.original.tokenizer, progress=progress,
-                          after_stage=after_stage)
+                          after_stage=after_stage, source_fingerprint=self.source_fingerprint)
+        # provenance outside base_id: the kept channels it selected are in the index maps' digest already
+        base.manifest.calibration = {"corpus": calibration, "samples": calibration_samples, "seq_len": seq_len}
         base.save(self.base_dir)
         if self.recovery_dir.exists():  # recovery made for a previous base no longer applies
             shutil.rmtree(self.recovery_dir)
-        self._record("compress", base_id=base.manifest.base_id, seconds=time.perf_counter() - start)
+        self._record("compress", started_at, base_id=base.manifest.base_id,
+                     stages=[stage_config_to_dict(stage) for stage in stages], calibration=base.manifest.calibration,
+                     seconds=time.perf_counter() - start)
         return self
 
     # ------------------------------------------------------------------ shared recovery
@@ -173,7 +251,7 @@ class CPET:
 
         config = config or RecoveryConfig(rank=16, alpha=16.0, activation="identity", init="svd")
         distill = distill or DistillConfig()
-        start = time.perf_counter()
+        start, started_at = time.perf_counter(), utc_now()
         base = self.load_compressed()
         recovery = RecoverySet(base.model, config)
         if config.init == "svd":
@@ -198,7 +276,9 @@ class CPET:
                                  after_step=save_checkpoint)
         recovery.save(self.recovery_dir, {"base_id": base.manifest.base_id, "distill": asdict(distill),
                                           "losses": losses})
-        self._record("recover", loss_first=losses[0], loss_last=losses[-1],
+        self._record("recover", started_at, config=asdict(config), distill=asdict(distill), text=text,
+                     activation_weighted=activation_weighted, checkpoints=sorted(wanted),
+                     loss_first=losses[0], loss_last=losses[-1],
                      mean_init_error=(sum(init_errors.values()) / len(init_errors)
                                       if config.init == "svd" else None),
                      seconds=time.perf_counter() - start)
@@ -208,7 +288,7 @@ class CPET:
     def tune(self, task, *, on: str = "compressed", init: str = "random",
              inherit_from: TaskAdapter | str | Path | None = None, recovery: str = "none",
              config: TuneConfig | None = None, per_task_recovery: RecoveryConfig | None = None,
-             name: str | None = None, progress: bool = True) -> TaskAdapter:
+             name: str | None = None, progress: bool = True, keep_optimizer_state: bool = False) -> TaskAdapter:
         """Tune one LoRA adapter for ``task`` and save it under ``work_dir/adapters/<name>``.
 
         Args:
@@ -222,13 +302,20 @@ class CPET:
             recovery: ``"none"``, ``"shared"`` (the frozen modules made by :meth:`recover`),
                 ``"per_task"`` (CA-LoRA: GELU bypasses trained with the adapter, distilled from the
                 original model with the inherited adapter), or ``"both"``.
+            keep_optimizer_state: keep the AdamW moments in ``adapters/<name>/resume`` once the run is
+                finished (by default only the weights and the loop position stay: enough to extend ``steps``).
+        Returns:
+            the adapter; its ``meta`` (``cpet.json``) says ``inherited_task`` and, when that is another task
+            than ``task`` (allowed when the labels fit), ``inherited_from_other_task: True``.
         Raises:
             ValueError: bad option, an adapter for another source model, a task whose labels the
                 inherited adapter does not know, or missing prerequisites (base, recovery).
         """
         config = config or TuneConfig()
+        started_at = utc_now()
         task_source = _task_source(task)
         task = _task(task)
+        recovery = recovery.replace("-", "_")  # "per-task", as the CLI and the docs write it, is "per_task"
         inherit_from = self.resolve_adapter(inherit_from)
         self._check_tune_args(task, on, init, inherit_from, recovery)
         # before anything random (LoRA A, recovery init): the same seed gives the same run whatever ran before
@@ -271,32 +358,43 @@ class CPET:
         from .data import template_for, verbalizer_for
 
         template, verbalizer = template_for(task), verbalizer_for(task)
-        meta = {"base_id": base_id, "source_name": self.original.name,
+        meta = {"base_id": base_id, "source_name": self.source_name, "source_hub_id": self.source_hub_id,
                 "source_fingerprint": self.source_fingerprint, "task": task.name, "task_source": task_source, "labels": list(task.labels),
                 "label_words": verbalizer.label_words, "template": template.template, "on": on, "init": init,
                 "recovery": recovery, "tune_config": config.to_dict(), "max_prompt_tokens": config.max_prompt_tokens,
                 "inherited_from": str(_dir(inherit_from)) if inherit_from else None,
-                "inherited_sha256": adapter_weights_sha256(_dir(inherit_from)) if inherit_from else None}
+                "inherited_sha256": adapter_weights_sha256(_dir(inherit_from)) if inherit_from else None,
+                **inheritance_facts(task.name, inherit_from if init == "inherit" or per_task is not None else None),
+                **self._base_facts(on, recovery, per_task)}
         identity = {"task": task.name, "train_sha256": examples_sha256(task.split("train")), "base_id": base_id,
                     "source_fingerprint": self.source_fingerprint, "init": init, "recovery": recovery,
                     "inherited_sha256": meta["inherited_sha256"],
                     "target_modules": _targets(peft_model.peft_config["default"].target_modules)}
 
+        base_reference = self._base_reference(on, out_dir / "adapter")
+
         def save_best(directory: Path, metrics: dict) -> None:
-            save_adapter(peft_model, directory, {**meta, "metrics": metrics})
+            save_adapter(peft_model, directory, {**meta, "metrics": metrics}, base_reference=base_reference,
+                         name=name)
             if per_task is not None:
                 per_task.save(directory / "per_task_recovery", {"base_id": base_id})
 
         start = time.perf_counter()
-        result = train_classifier(peft_model, self.original.tokenizer, task.split("train"),
+        result = train_classifier(peft_model, self.tokenizer, task.split("train"),
                                   task.split("validation"), labels=task.labels, template=template,
                                   verbalizer=verbalizer, config=config, out_dir=out_dir,
-                                  save_best=save_best, teacher=teacher, identity=identity, progress=progress)
-        # the best checkpoint was written mid-run; give its cpet.json the whole learning curve
+                                  save_best=save_best, teacher=teacher, identity=identity, progress=progress,
+                                  keep_optimizer_state=keep_optimizer_state)
+        # the best checkpoint was written mid-run; give its cpet.json (and card) the whole learning curve
         final = read_adapter_meta(out_dir / "adapter")
         final["metrics"]["history"] = result.history
-        write_text_atomic(out_dir / "adapter" / ADAPTER_META, json.dumps(final, indent=2, sort_keys=True))
-        self._record("tune", adapter=name, best_val_accuracy=result.best_accuracy, best_step=result.best_step,
+        write_adapter_meta(out_dir / "adapter", final)
+        self._record("tune", started_at, adapter=name, task=task_source or task.name, on=on, init=init,
+                     recovery=recovery, inherit_from=meta["inherited_from"], tune_config=config.to_dict(),
+                     per_task_recovery=asdict(per_task.config) if per_task is not None else None,
+                     keep_optimizer_state=keep_optimizer_state,
+                     inherited_from_other_task=final.get("inherited_from_other_task"),
+                     best_val_accuracy=result.best_accuracy, best_step=result.best_step,
                      seconds=time.perf_counter() - start)
         return TaskAdapter(out_dir / "adapter", final)
 
@@ -305,7 +403,7 @@ class CPET:
         directory = self.resolve_adapter(adapter)
         meta = read_adapter_meta(directory)
         meta["metrics"] = {**meta.get("metrics", {}), **metrics}
-        write_text_atomic(directory / ADAPTER_META, json.dumps(meta, indent=2, sort_keys=True))
+        write_adapter_meta(directory, meta)  # the model card shows them too
         return meta
 
     def adapters(self) -> dict[str, Path]:
@@ -333,6 +431,30 @@ class CPET:
             return path
         raise FileNotFoundError(f"no adapter {str(adapter)!r}: not an adapter directory (adapter_config.json), nor "
                                 f"the name of an adapter in {self.work_dir} ({', '.join(known) or 'none yet'})")
+
+    def _base_facts(self, on: str, recovery: str, per_task: RecoverySet | None) -> dict:
+        """What an adapter's base and recovery are, for its ``cpet.json`` and model card."""
+        facts: dict = {"compression": None, "shared_recovery": None,
+                       "per_task_recovery": asdict(per_task.config) if per_task is not None else None}
+        if on == "compressed":
+            manifest = json.loads((self.base_dir / "manifest.json").read_text())
+            facts["compression"] = {"stages": [stage["config"] for stage in manifest["stages"]],
+                                    "uniform": manifest.get("uniform", True)}
+        if recovery in ("shared", "both"):
+            saved = json.loads((self.recovery_dir / "recovery.json").read_text())
+            facts["shared_recovery"] = {"config": saved.get("config"),
+                                        "distill_steps": saved.get("distill", {}).get("steps")}
+        return facts
+
+    def _base_reference(self, on: str, adapter_dir: Path) -> str | None:
+        """``base_model_name_or_path`` for an adapter saved to ``adapter_dir``, valid wherever the pipeline goes.
+
+        The compressed base: its path relative to the adapter directory (``../../../base``). The original:
+        its hub id when it has one; else None, leaving peft's record (the path it was loaded from).
+        """
+        if on == "compressed":
+            return Path(os.path.relpath(self.base_dir.resolve(), adapter_dir.resolve())).as_posix()
+        return self.source_hub_id
 
     def _check_tune_args(self, task, on, init, inherit_from, recovery) -> None:
         if on not in ("original", "compressed"):
@@ -434,7 +556,7 @@ class CPET:
         examples = task.split(split)[:limit] if limit else task.split(split)
         model = self.model_for(adapter, on=on)
         gold = [e.label for e in examples]
-        result = classification_accuracy(model, self.original.tokenizer, [e.text for e in examples], gold,
+        result = classification_accuracy(model, self.tokenizer, [e.text for e in examples], gold,
                                          template=template_for(task), verbalizer=verbalizer_for(task),
                                          labels=task.labels, batch_size=batch_size,
                                          max_prompt_tokens=max_prompt_tokens)
@@ -456,23 +578,62 @@ class CPET:
 
     @classmethod
     def load(cls, directory: str | Path, original: str | LoadedBase | None = None) -> "CPET":
-        """Reopen a saved pipeline; the original model is reloaded by the name recorded in it unless
-        ``original`` (a name/path or an already loaded base) is given. Refuses another source model."""
+        """Reopen a saved pipeline without loading the original model's weights.
+
+        The original is loaded on first use (see :attr:`original`) by ``original`` (a name/path) or else by
+        the name recorded in the pipeline; an already loaded base is used as is. Either way it must be the
+        source model the pipeline records (content fingerprint of ``base/manifest.json``, else of
+        ``pipeline.json``): a loaded base is checked here, a name when it is loaded.
+
+        Raises:
+            FileNotFoundError: no ``pipeline.json`` in ``directory``.
+            ValueError: ``original`` is a loaded base of another source model.
+        """
         directory = Path(directory)
         if not (directory / "pipeline.json").exists():
             raise FileNotFoundError(f"{directory} has no pipeline.json: not a saved CPET pipeline")
         record = json.loads((directory / "pipeline.json").read_text())
-        if not isinstance(original, LoadedBase):
-            original = load_base(original or record["source"])
-        pipeline = cls(original, directory)
+        pipeline = cls(original or record["source"], directory)
         pipeline.log = record["log"]
-        if pipeline.has_base:
-            manifest = json.loads((pipeline.base_dir / "manifest.json").read_text())
-            expected = manifest.get("source", {}).get("fingerprint")
-            if expected and expected != pipeline.source_fingerprint:
-                raise ValueError(f"the pipeline in {directory} was built from source model {expected[:16]}…, "
-                                 f"not from {pipeline.original.name} ({pipeline.source_fingerprint[:16]}…)")
+        pipeline._recorded_fingerprint = _recorded_fingerprint(directory, record)
+        if pipeline.original_loaded:  # its weights are here already: checking costs one fingerprint
+            pipeline._check_source(pipeline.original)
         return pipeline
+
+
+def _recorded_fingerprint(directory: Path, record: dict) -> str | None:
+    """The source fingerprint a saved pipeline was built from: its base's manifest, else ``pipeline.json``."""
+    manifest = directory / "base" / "manifest.json"
+    if manifest.exists():
+        found = json.loads(manifest.read_text()).get("source", {}).get("fingerprint")
+        if found:
+            return found
+    return record.get("source_fingerprint")
+
+
+def utc_now() -> str:
+    """The current time, ISO 8601 in UTC to the second (``2025-01-31T12:00:00Z``)."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def hub_id_of(name: str) -> str | None:
+    """The hub id of a source model name: an embedded model's, or the name itself when it is hub-shaped
+    (``org/name``, not a local path); None otherwise (local directories, GGUF files, tiny test models)."""
+    if name in EMBEDDED:
+        return EMBEDDED[name].hub_id
+    local = name.startswith((".", "/", "~")) or name.endswith(".gguf") or Path(name).expanduser().exists()
+    return name if name.count("/") == 1 and not local else None
+
+
+def saved_tokenizer(directory: Path):
+    """The tokenizer saved in ``directory`` (a compressed base), set up as :func:`load_base` sets one up."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
 
 
 def task_key(task: str) -> str:

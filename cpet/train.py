@@ -159,12 +159,17 @@ def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def save_resume_state(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                      extra: dict) -> None:
-    """Trainable weights, AdamW moments and the loop position, written atomically."""
+                      extra: dict, *, with_optimizer: bool = True) -> None:
+    """Trainable weights, AdamW moments and the loop position, written atomically.
+
+    ``with_optimizer`` False leaves the moments out (``state.json`` says ``"optimizer_state": false``): a
+    finished run keeps only what reporting it and extending its ``steps`` need, about a third of the bytes.
+    """
     params = _trainable(model)
     index = {id(p): name for name, p in params.items()}
     tensors = {f"param/{name}": p.detach().cpu().contiguous() for name, p in params.items()}
-    for group in optimizer.param_groups:
+    extra = {**extra, "optimizer_state": with_optimizer}
+    for group in optimizer.param_groups if with_optimizer else []:
         for p in group["params"]:
             for key, value in optimizer.state.get(p, {}).items():
                 if isinstance(value, torch.Tensor):
@@ -206,7 +211,12 @@ def check_resume_config(directory: Path, config: TuneConfig, identity: dict | No
 
 
 def load_resume_state(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore what :func:`save_resume_state` wrote; returns its JSON part (``step`` etc.)."""
+    """Restore what :func:`save_resume_state` wrote; returns its JSON part (``step`` etc.).
+
+    A state saved without optimizer moments (a finished run, see ``keep_optimizer_state``) restores the
+    weights only: AdamW starts its moments afresh, so extending such a run is not bit-identical to having
+    trained straight to the longer length.
+    """
     tensors = load_file(str(directory / "state.safetensors"))
     params = _trainable(model)
     mismatched = []
@@ -248,7 +258,8 @@ def hidden_mse(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, mask:
 def train_classifier(model: nn.Module, tokenizer, train_examples, val_examples, *, labels: Sequence[str],
                      template, verbalizer, config: TuneConfig, out_dir: str | Path,
                      save_best: Callable[[Path, dict], None], teacher: nn.Module | None = None,
-                     identity: dict | None = None, progress: bool = True) -> TuneResult:
+                     identity: dict | None = None, progress: bool = True,
+                     keep_optimizer_state: bool = False) -> TuneResult:
     """Train the trainable parameters of ``model`` on a classification task.
 
     Trainable means ``requires_grad``: a peft LoRA model's adapters, and recovery modules when they are
@@ -263,6 +274,9 @@ def train_classifier(model: nn.Module, tokenizer, train_examples, val_examples, 
         teacher: if given with ``config.distill_weight > 0``, its last hidden states are the MSE target.
         identity: JSON-able facts of what this run is for; saved with the resume state, and a resume
             whose facts differ is refused (see :func:`check_resume_config`).
+        keep_optimizer_state: keep the AdamW moments in ``out_dir/resume`` after the last step too. By
+            default the finished run's state keeps the weights and the loop position only (the moments are
+            twice the size of the weights), which still reports the run and lets ``steps`` grow later.
     Returns:
         :class:`TuneResult` with the best validation accuracy and the learning curve.
     Raises:
@@ -356,7 +370,8 @@ def train_classifier(model: nn.Module, tokenizer, train_examples, val_examples, 
             if accelerator.is_main_process:
                 save_resume_state(resume_dir, accelerator.unwrap_model(model), optimizer, done,
                                   {"best": best, "history": history, "config": config.to_dict(),
-                                   "identity": identity})
+                                   "identity": identity},
+                                  with_optimizer=keep_optimizer_state or done < config.steps)
             accelerator.wait_for_everyone()
     return TuneResult(best["accuracy"], best["step"], history, str(out_dir / "adapter"))
 

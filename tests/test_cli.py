@@ -196,3 +196,84 @@ def test_eval_a_peft_directory_on_a_plain_model(capsys, tuned_pipeline, model_di
     assert plain["tasks"][0]["accuracy"] == inside["tasks"][0]["accuracy"]
     assert main(["eval", "--model", str(original)]) == 2
     assert "is an adapter, not a model" in capsys.readouterr().err
+
+
+def test_version_names_the_libraries(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and out.startswith("cpet 0.") and "transformers" in out and "peft" in out
+
+
+def test_runtime_flags_and_a_config_file_that_flags_override(capsys, model_dir, task_file, tmp_path):
+    import torch
+
+    config = tmp_path / "run.yaml"
+    config.write_text(f"task: [{task_file}]\nlimit: 3\nmax-prompt-tokens: 9\nthreads: 1\nseed: 4\n")
+    result = run_json(capsys, "eval", "--model", str(model_dir), "--config", str(config), "--limit", "5")
+    assert result["tasks"][0]["n"] == 5  # the flag wins over the file's 3
+    assert torch.get_num_threads() == 1
+    (tmp_path / "bad.json").write_text(json.dumps({"limt": 3}))
+    assert main(["eval", "--model", str(model_dir), "--config", str(tmp_path / "bad.json")]) == 2
+    assert "cpet eval has no flag limt" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["info", str(model_dir), "--device", "cuda"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+    half = run_json(capsys, "info", str(model_dir), "--dtype", "bfloat16")
+    assert half["memory_bytes"] == 2 * half["parameters"]
+
+
+def test_pipeline_commands_save_the_config_they_ran_with(capsys, model_dir, task_file, tmp_path):
+    work = tmp_path / "w"
+    run_json(capsys, "tune", str(work), "--model", str(model_dir), "--task", str(task_file), "--on", "original",
+             "--steps", "1", "--eval-every", "1", "--val-limit", "2", "--limit", "2", "--seed", "3")
+    (saved,) = (work / "configs").glob("tune-*.json")
+    values = json.loads(saved.read_text())
+    assert values["seed"] == 3 and values["steps"] == 1 and values["on"] == "original"
+    # the saved file runs the same command again (a resume of the finished run: same result)
+    again = run_json(capsys, "tune", str(work), "--config", str(saved))
+    assert again["test"]["n"] == 2
+
+
+def test_source_fingerprint_does_not_depend_on_dtype(model_dir):
+    import torch
+
+    from cpet.models import load_base, model_fingerprint
+
+    fp32 = load_base(str(model_dir))
+    bf16 = load_base(str(model_dir), dtype=torch.bfloat16)
+    assert bf16.model.dtype == torch.bfloat16
+    assert bf16.content_fingerprint() == fp32.content_fingerprint() == model_fingerprint(fp32.model)
+    assert model_fingerprint(bf16.model) != fp32.content_fingerprint()  # what a naive hash would see
+
+
+def test_info_in_human_units_and_per_task_spelled_either_way(capsys, model_dir):
+    assert main(["info", str(model_dir)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"\| parameters +\| \d+\.\d M", out) and re.search(r"\| memory_bytes +\| \d+\.\d (kB|MB)", out)
+    from cpet.cli import build_parser
+
+    args = build_parser().parse_args(["tune", "p", "--task", "t", "--recovery", "per-task"])
+    assert args.recovery == "per_task"
+
+
+def test_scoring_progress_counts_examples(monkeypatch):
+    import cpet.evaluate
+    from cpet.evaluate import label_logprobs
+
+    totals, updates = [], []
+
+    class Bar:
+        def __init__(self, total, **kwargs):
+            totals.append(total)
+
+        def update(self, n):
+            updates.append(n)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(cpet.evaluate, "tqdm", Bar)
+    loaded = tiny_model("llama")
+    label_logprobs(loaded.model, loaded.tokenizer, ["a b", "c d e", "f"], [" x y", " z"], batch_size=4)
+    assert totals == [3] and sum(updates) == 3  # 6 (prompt, label) sequences, 3 examples

@@ -27,7 +27,7 @@ def write_task(path, n=240, labels=("pos", "neg"), splits=None):
     rows = []
     for i in range(n):
         label = rng.choice(labels)
-        row = {"text": f"it was {rng.choice(words[label])} {rng.randint(0, 99)}", "label": label}
+        row = {"text": f"it was {rng.choice(words[label])} {i}", "label": label}  # unique: no near-duplicates
         if splits:
             row["split"] = splits[i % len(splits)]
         rows.append(row)
@@ -291,3 +291,160 @@ def test_recovery_checkpoints_are_saved_along_the_way(built, tmp_path):
     assert step2.keys() == final.keys()
     assert any(not torch.equal(step2[k], final[k]) for k in final)  # 3 more steps moved them
     assert json.loads((copy_dir / "recovery-step2" / "recovery.json").read_text())["steps_done"] == 2
+
+
+SHORT = TuneConfig(steps=2, batch_size=8, lr=1e-2, eval_every=1, rank=4, alpha=8, dropout=0.0)
+
+
+def test_copied_pipeline_works_from_any_directory_and_with_plain_transformers(built, tmp_path, monkeypatch):
+    """Adapters name their compressed base relative to themselves, so a copied pipeline still finds it."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from cpet.adapters import load_standalone, resolve_base_reference
+    from cpet.compress.quantize import keep_4bit_layout
+
+    pipeline, task, _, _ = built
+    adapter = pipeline.tune(task, config=SHORT, name="portable", progress=False)
+    copied = tmp_path / "moved" / "pipeline"
+    shutil.copytree(pipeline.work_dir, copied)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    again = CPET.load("../moved/pipeline", original=tiny_model("llama"))
+    assert again.evaluate("portable", task) == pipeline.evaluate(adapter, task)
+
+    moved = copied / "adapters" / "portable" / "adapter"
+    assert json.loads((moved / "adapter_config.json").read_text())["base_model_name_or_path"] == "../../../base"
+    assert resolve_base_reference(moved) == str((copied / "base").resolve())
+    base = AutoModelForCausalLM.from_pretrained(resolve_base_reference(moved), dtype=torch.float32)
+    plain = PeftModel.from_pretrained(keep_4bit_layout(base), str(moved)).eval()
+    standalone, tokenizer = load_standalone(moved)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        ours = again.model_for("portable")(input_ids=ids).logits
+        assert torch.equal(plain(input_ids=ids).logits, ours)
+        assert torch.equal(standalone(input_ids=ids).logits, ours)
+    assert tokenizer("it was good").input_ids == pipeline.original.tokenizer("it was good").input_ids
+
+
+def test_adapters_on_a_hub_model_name_it_and_carry_a_model_card(built, tmp_path):
+    from cpet.models import LoadedBase
+
+    pipeline, task, original, _ = built
+    tiny = tiny_model("llama")
+    hub = CPET(LoadedBase(tiny.model, tiny.tokenizer, "smollm2-135m"), tmp_path / "hub")  # named as the default
+    made = hub.tune(task, on="original", config=SHORT, name="on-hub", progress=False)
+    assert made.meta["source_hub_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    config = json.loads((made.directory / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in (made.directory / "README.md").read_text()
+    assert original.meta["source_hub_id"] is None  # a tiny test model has no hub id
+
+    shared = pipeline.tune(task, recovery="shared", config=SHORT, name="carded", progress=False)
+    card = (shared.directory / "README.md").read_text()
+    assert "Model Card for Model ID" not in card  # peft's empty template is replaced
+    for text in (pipeline.base_id, "`task`", "`pos` → `\" pos\"`", "cpet eval PIPELINE --adapter carded",
+                 "prune(ffn_ratio=0.25", "quantize(", "shared (rank 4 identity bypasses, distilled 5 steps",
+                 f"{shared.meta['metrics']['val_accuracy']:.4f}", "not measured yet"):
+        assert text in card, text
+    pipeline.record_metrics("carded", test_accuracy=0.625, test_n=24, test_split="test")
+    assert "0.6250 on 24 examples (split test)" in (shared.directory / "README.md").read_text()
+
+
+def test_inheriting_from_another_task_is_allowed_and_flagged(built):
+    pipeline, task, original, root = built
+    same = pipeline.tune(task, init="inherit", inherit_from=original, config=SHORT, name="same-task", progress=False)
+    assert same.meta["inherited_task"] == "task" and same.meta["inherited_from_other_task"] is False
+    sibling = write_task(root / "sibling.jsonl", n=120)  # the same labels, another task
+    other = pipeline.tune(sibling, init="inherit", inherit_from=original, config=SHORT, name="cross-task",
+                          progress=False)
+    assert other.meta["task"] == "sibling" and other.meta["inherited_task"] == "task"
+    assert other.meta["inherited_from_other_task"] is True
+    assert json.loads((other.directory / "cpet.json").read_text())["inherited_from_other_task"] is True
+    assert pipeline.log[-1]["inherited_from_other_task"] is True
+    random_init = pipeline.tune(task, config=SHORT, name="no-source", progress=False)
+    assert random_init.meta["inherited_task"] is None and random_init.meta["inherited_from_other_task"] is None
+
+
+def test_pipeline_json_and_manifest_record_configs_times_and_provenance(built):
+    from dataclasses import asdict
+    from datetime import datetime, timedelta
+
+    from cpet.config import stage_config_to_dict
+
+    pipeline, _, original, root = built
+    record = json.loads((pipeline.work_dir / "pipeline.json").read_text())
+    assert record["source_fingerprint"] == pipeline.source_fingerprint
+    steps = {entry["stage"]: entry for entry in reversed(record["log"])}  # the first of each kind
+    assert steps["compress"]["stages"] == [stage_config_to_dict(PruneConfig(ffn_ratio=0.25, importance="activation")),
+                                           stage_config_to_dict(QuantizeConfig("nf4"))]
+    calibration = {"corpus": str(root / "corpus.txt"), "samples": 4, "seq_len": 32}
+    assert steps["compress"]["calibration"] == calibration
+    assert steps["recover"]["config"] == asdict(RecoveryConfig(rank=4, alpha=4, activation="identity", init="svd"))
+    assert steps["recover"]["distill"] == asdict(DistillConfig(steps=5, seq_len=32))
+    first_tune = next(entry for entry in record["log"] if entry["stage"] == "tune")
+    assert first_tune["tune_config"] == TUNE.to_dict()
+    assert (first_tune["on"], first_tune["init"], first_tune["recovery"]) == ("original", "random", "none")
+    assert first_tune["keep_optimizer_state"] is False and first_tune["adapter"] == original.directory.parent.name
+    for entry in record["log"]:
+        started, finished = (datetime.fromisoformat(entry[key]) for key in ("started_at", "finished_at"))
+        assert started.utcoffset() == timedelta(0) and started <= finished
+    manifest = json.loads((pipeline.base_dir / "manifest.json").read_text())
+    assert manifest["calibration"] == calibration and manifest["libraries"]["torch"] == torch.__version__
+
+
+def test_finished_runs_drop_optimizer_moments_unless_kept(built):
+    pipeline, task, _, _ = built
+    config = TuneConfig(steps=4, batch_size=8, lr=1e-2, eval_every=2, rank=4, alpha=8, dropout=0.0)
+    slim = pipeline.tune(task, config=config, name="slim", progress=False)
+    kept = pipeline.tune(task, config=config, name="kept", keep_optimizer_state=True, progress=False)
+
+    def state(adapter):
+        resume = adapter.directory.parent / "resume"
+        return load_file(str(resume / "state.safetensors")), json.loads((resume / "state.json").read_text())
+
+    (slim_tensors, slim_json), (kept_tensors, kept_json) = state(slim), state(kept)
+    assert not any(key.startswith("optim/") for key in slim_tensors) and slim_json["optimizer_state"] is False
+    assert any(key.startswith("optim/") for key in kept_tensors) and kept_json["optimizer_state"] is True
+    params = {key for key in kept_tensors if key.startswith("param/")}
+    assert params and params == set(slim_tensors)  # what extending the run needs
+    assert slim_json["step"] == 4 and slim_json["best"] == kept_json["best"]
+    longer = pipeline.tune(task, config=TuneConfig(**{**config.to_dict(), "steps": 6}), name="slim", progress=False)
+    assert [h["step"] for h in longer.meta["metrics"]["history"]] == [0, 2, 4, 6]
+
+
+def test_work_on_the_compressed_base_never_loads_the_original(built, tmp_path, monkeypatch):
+    import cpet.pipeline
+
+    pipeline, task, original, _ = built
+    source = tmp_path / "source"
+    tiny = tiny_model("llama")
+    tiny.model.save_pretrained(source)
+    tiny.tokenizer.save_pretrained(source)
+    copied = pipeline.save(tmp_path / "lazy")
+    loads = []
+    real_load_base = cpet.pipeline.load_base
+    monkeypatch.setattr(cpet.pipeline, "load_base", lambda *args, **kwargs: loads.append(args) or real_load_base(
+        *args, **kwargs))
+
+    lazy = CPET.load(copied, original=str(source))
+    for recovery in ("none", "shared"):
+        adapter = lazy.tune(task, recovery=recovery, config=SHORT, name=f"lazy-{recovery}", progress=False)
+        assert lazy.evaluate(adapter, task) == pipeline.evaluate(adapter, task)  # the base's tokenizer = the original's
+        assert adapter.meta["source_fingerprint"] == pipeline.source_fingerprint
+    assert loads == [] and not lazy.original_loaded
+
+    source_adapter = copied / "adapters" / original.directory.parent.name / "adapter"
+    for kwargs in (dict(init="inherit"), dict(recovery="per_task")):
+        again = CPET.load(copied, original=str(source))
+        again.tune(task, inherit_from=source_adapter, config=SHORT, name=f"lazy-{kwargs}", progress=False, **kwargs)
+        assert loads[-1] == (str(source),) and again.original_loaded
+    assert len(loads) == 2
+
+    other = tmp_path / "other"
+    tiny_model("llama", seed=7).model.save_pretrained(other)
+    tiny.tokenizer.save_pretrained(other)
+    wrong = CPET.load(copied, original=str(other))  # nothing loaded yet: checked when it is
+    with pytest.raises(ValueError, match="built from source model"):
+        wrong.tune(task, init="inherit", inherit_from=source_adapter, config=SHORT, name="wrong", progress=False)

@@ -267,13 +267,13 @@ def test_tune_with_both_recoveries_trains_saves_and_serves_the_same_model(both_p
     at_save = []
     save_adapter = cpet.pipeline.save_adapter
 
-    def spy(peft_model, directory, meta):  # the model as validation scored it, when its checkpoint is written
+    def spy(peft_model, directory, meta, **kwargs):  # the model as validation scored it at checkpoint time
         was_training = peft_model.training
         peft_model.eval()  # as in validation: no LoRA dropout
         with torch.no_grad():
             at_save.append((sorted(attached_recovery(peft_model)), peft_model(input_ids=ids).logits.clone()))
         peft_model.train(was_training)
-        save_adapter(peft_model, directory, meta)
+        save_adapter(peft_model, directory, meta, **kwargs)
 
     monkeypatch.setattr(cpet.pipeline, "save_adapter", spy)
     adapter = pipeline.tune(task, init="inherit", recovery="both", inherit_from=original, name="both",

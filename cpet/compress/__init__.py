@@ -72,7 +72,8 @@ def _geometry_dict(model: nn.Module) -> dict:
 
 def compress(model: nn.Module, stages: Sequence, *, calibration: torch.Tensor | None = None,
              tokenizer=None, source_name: str = "", inplace: bool = False, progress: bool = True,
-             after_stage: Callable[[int, nn.Module], None] | None = None) -> CompressedBase:
+             after_stage: Callable[[int, nn.Module], None] | None = None,
+             source_fingerprint: str | None = None) -> CompressedBase:
     """Apply ``stages`` in order and return the frozen :class:`CompressedBase` with its manifest.
 
     Args:
@@ -82,6 +83,8 @@ def compress(model: nn.Module, stages: Sequence, *, calibration: torch.Tensor | 
         tokenizer: saved beside the weights when given.
         inplace: modify ``model`` itself instead of a deep copy.
         after_stage: called as ``after_stage(i, model)`` after stage ``i`` (reports measure each stage).
+        source_fingerprint: the source model's content fingerprint when the caller knows it (e.g. taken on
+            its fp32 weights before a cast: ``LoadedBase.content_fingerprint``); else computed from ``model``.
     Raises:
         ValueError: unknown or misordered stages, or any stage's own validation (before any work).
         UnsupportedArchitectureError: a model without a CPET module map.
@@ -96,7 +99,7 @@ def compress(model: nn.Module, stages: Sequence, *, calibration: torch.Tensor | 
                 isinstance(s, PruneConfig) and s.layer_schedule for s in stages))
     if not inplace:
         model = copy.deepcopy(model)
-    source = {"name": source_name, "fingerprint": model_fingerprint(model),
+    source = {"name": source_name, "fingerprint": source_fingerprint or model_fingerprint(model),
               "model_type": model.config.model_type}
     geometry_before = _geometry_dict(model)
     maps = IndexMaps.identity(geometry(model))

@@ -125,12 +125,40 @@ class StageRecord:
     seconds: float = 0.0
 
 
+LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "torch-pruning", "cpet")
+
+
+def library_versions(names: tuple[str, ...] = LIBRARIES) -> dict[str, str | None]:
+    """Installed version of each distribution in ``names`` (None when it is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found: dict[str, str | None] = {}
+    for name in names:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    if found.get("cpet") is None:  # a source checkout run without installing it
+        from .. import __version__
+
+        found["cpet"] = __version__
+    return found
+
+
 @dataclass
 class Manifest:
     """Everything needed to identify and rebuild a compressed base.
 
     ``base_id`` is the SHA-256 of the canonical JSON of all other fields plus the index maps' digest, so
-    it changes whenever the source, any stage config, or any kept channel changes. Timings are excluded.
+    it changes whenever the source, any stage config, or any kept channel changes. Timings are excluded,
+    and so is provenance that describes how the base was made rather than what it is (:data:`PROVENANCE`:
+    calibration settings, library versions): a library upgrade must not rename an unchanged base, and what
+    calibration selected is already in the index maps' digest.
+
+    Attributes (provenance, outside ``base_id``):
+        calibration: ``{"corpus", "samples", "seq_len"}`` of the calibration text (empty when the caller
+            passed token ids directly).
+        libraries: versions of the libraries that made the base (:func:`library_versions`).
     """
 
     source: dict
@@ -142,10 +170,16 @@ class Manifest:
     version: int = MANIFEST_VERSION
     index_digest: str = ""
     base_id: str = field(default="")
+    calibration: dict = field(default_factory=dict)
+    libraries: dict = field(default_factory=dict)
+
+    PROVENANCE = ("calibration", "libraries")
 
     def identity_payload(self) -> dict:
+        """Every field that identifies the base: all but ``base_id``, stage timings and :data:`PROVENANCE`."""
         payload = asdict(self)
-        payload.pop("base_id")
+        for key in ("base_id", *self.PROVENANCE):
+            payload.pop(key)
         for stage in payload["stages"]:
             stage.pop("seconds", None)
         return payload
@@ -155,8 +189,10 @@ class Manifest:
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     def finalize(self, index_maps: IndexMaps) -> "Manifest":
+        """Set ``index_digest`` and ``base_id``, and record the library versions of this process."""
         self.index_digest = index_maps.digest()
         self.base_id = self.compute_base_id()
+        self.libraries = self.libraries or library_versions()
         return self
 
     def to_json(self) -> str:

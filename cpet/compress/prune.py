@@ -17,6 +17,7 @@ A group's importance is the sum of an element score over all weights in the grou
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import HeadMode, Importance, PruneConfig
-from ..models import family_of, geometry, iter_layer_linears, layer_linears
+from ..models import UnsupportedArchitectureError, family_of, geometry, iter_layer_linears, layer_linears
 from .calibration import input_rms
 from .manifest import IndexMaps, LayerIndex
 
@@ -58,13 +59,39 @@ def validate(model: nn.Module, config: PruneConfig, calibration: torch.Tensor | 
             raise ValueError(f"layer_schedule names layers {bad}; the model has layers 0..{geo.num_layers - 1}")
     if config.head_ratio > 0:
         if not family.head_pruning:
-            raise ValueError(f"family {family.name!r} derives its head width from hidden_size / num_heads, so "
-                             "its heads cannot be pruned; use head_ratio=0")
+            raise ValueError(f"family {family.name!r}: its heads cannot be pruned (the attention derives its head "
+                             "width from hidden_size / num_heads, or holds head-indexed tensors besides q/k/v/o, "
+                             "such as norms over all heads or attention sinks); use head_ratio=0")
         valid = valid_head_ratios(geo.num_heads, geo.num_kv_heads, config.head_mode)
         if not any(abs(config.head_ratio - v) < 1e-6 for v in valid):
             raise ValueError(
                 f"head_ratio {config.head_ratio} does not fit {geo.num_heads} query heads in {geo.num_kv_heads} "
                 f"KV groups with head_mode={config.head_mode.value!r}; valid ratios: {valid}")
+        _check_pruned_heads_build(model, geo, config)
+
+
+def pruned_head_counts(num_heads: int, num_kv_heads: int, config: PruneConfig) -> tuple[int, int]:
+    """``(query heads, KV heads)`` left after pruning heads with ``config``."""
+    per_group = num_heads // num_kv_heads
+    if config.head_mode == HeadMode.QUERY:
+        return round(per_group * (1 - config.head_ratio)) * num_kv_heads, num_kv_heads
+    kv = round(num_kv_heads * (1 - config.head_ratio))
+    return kv * per_group, kv
+
+
+def _check_pruned_heads_build(model: nn.Module, geo, config: PruneConfig) -> None:
+    # Some architectures constrain head counts (DiffLlama needs an even number of KV heads): find out from
+    # the pruned config before cutting anything, since the result must rebuild from its config.
+    heads, kv = pruned_head_counts(geo.num_heads, geo.num_kv_heads, config)
+    try:
+        target = copy.deepcopy(model.config)
+        target.num_attention_heads, target.head_dim = heads, geo.head_dim
+        if hasattr(target, "num_key_value_heads"):
+            target.num_key_value_heads = kv
+        family_of(target)
+    except (UnsupportedArchitectureError, ValueError) as exc:
+        raise ValueError(f"head_ratio {config.head_ratio} (head_mode={config.head_mode.value!r}) leaves {heads} query "
+                         f"/ {kv} KV heads, which this architecture cannot be built with: {exc}") from None
 
 
 # --------------------------------------------------------------------------------------------------

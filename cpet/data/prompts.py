@@ -51,13 +51,36 @@ class Verbalizer:
 
 DEFAULT_TEMPLATES = {
     "sentiment": PromptTemplate("Review: {text}\nSentiment (positive or negative):"),
+    "genre": PromptTemplate("Passage: {text}\nGenre (news, prose, academic or fiction):"),
+    "spam": PromptTemplate("Email: {text}\nSpam or ham:"),
     "generic": PromptTemplate("Text: {text}\nLabel:"),
 }
 
 
 def template_for(task) -> PromptTemplate:
+    """The prompt template of the task's ``family`` (``generic`` when unknown)."""
     return DEFAULT_TEMPLATES.get(getattr(task, "family", "generic"), DEFAULT_TEMPLATES["generic"])
 
 
 def verbalizer_for(task) -> Verbalizer:
-    return Verbalizer.default_for(task.labels)
+    """The task's own ``label_words`` if it has them, else each label as its own word."""
+    words = getattr(task, "label_words", None)
+    return Verbalizer(dict(words)) if words else Verbalizer.default_for(task.labels)
+
+
+def check_single_token_labels(tokenizer, verbalizer: Verbalizer) -> None:
+    """Raise ValueError unless every label word is exactly one token under ``tokenizer``.
+
+    Words are tokenised alone, without special tokens, as training and scoring encode them
+    (:func:`cpet.evaluate.encode_prompt_and_label`). Single-token words score all labels in one forward pass
+    and weigh every label alike; the error names each offending word and its token count.
+    """
+    bad = {}
+    for label, word in verbalizer.label_words.items():
+        n_tokens = len(tokenizer(word, add_special_tokens=False)["input_ids"])
+        if n_tokens != 1:
+            bad[label] = (word, n_tokens)
+    if bad:
+        listed = ", ".join(f"{word!r} (label {label!r}) has {n} tokens" for label, (word, n) in bad.items())
+        raise ValueError(f"label words must be single tokens for this tokenizer: {listed}; choose words "
+                         "(with their leading space) that the tokenizer keeps whole")

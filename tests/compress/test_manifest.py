@@ -87,3 +87,32 @@ def test_identity_maps_and_row_expansion():
     local = IndexMaps.identity(geometry(tiny_model("llama").model))
     local.layers[0].q_heads = torch.tensor([1, 3])
     assert maps.compose(local).q_rows(0).tolist() == list(range(16, 32)) + list(range(48, 64))
+
+
+def test_provenance_is_recorded_outside_base_id():
+    """Calibration settings and library versions are recorded, but a library upgrade (or a manifest written
+    before they were recorded) keeps the base_id of an unchanged config."""
+    import hashlib
+    from dataclasses import asdict
+
+    from cpet import __version__
+
+    base = compress(tiny_model("llama").model, [PruneConfig(ffn_ratio=0.5, importance="magnitude")], progress=False)
+    manifest = base.manifest
+    assert manifest.libraries["torch"] == torch.__version__ and manifest.libraries["cpet"] == __version__
+    assert {"transformers", "peft", "bitsandbytes", "torch-pruning"} <= set(manifest.libraries)
+    manifest.calibration = {"corpus": "brown", "samples": 16, "seq_len": 128}
+    # the base_id as computed before provenance was recorded: every field but base_id, minus stage timings
+    payload = asdict(manifest)
+    for key in ("base_id", "calibration", "libraries"):
+        payload.pop(key)
+    for stage in payload["stages"]:
+        stage.pop("seconds")
+    old_id = hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    assert manifest.base_id == manifest.compute_base_id() == old_id
+    data = json.loads(manifest.to_json())
+    assert data["calibration"] == {"corpus": "brown", "samples": 16, "seq_len": 128}
+    upgraded = Manifest.from_json(json.dumps({**data, "libraries": {**data["libraries"], "torch": "9.9"}}))
+    older = Manifest.from_json(json.dumps({k: v for k, v in data.items() if k not in ("calibration", "libraries")}))
+    assert upgraded.compute_base_id() == older.compute_base_id() == manifest.base_id
+    assert older.calibration == {} and older.libraries == {}

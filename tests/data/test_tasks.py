@@ -1,11 +1,24 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
-from cpet.data import PromptTemplate, Verbalizer, load_task, split_examples, template_for, verbalizer_for
+from cpet.data import (
+    TASKS,
+    VADER_DOMAINS,
+    PromptTemplate,
+    Verbalizer,
+    check_single_token_labels,
+    load_task,
+    split_examples,
+    template_for,
+    verbalizer_for,
+)
+from cpet.data.genre import LABEL_WORDS
 from cpet.data.tasks import Example
+from cpet.models import byte_tokenizer
 
 
 def write_jsonl(path, rows):
@@ -23,7 +36,7 @@ def test_jsonl_task_with_any_label_strings(tmp_path):
 
 def test_jsonl_split_field_and_int_labels(tmp_path):
     rows = [{"sentence": "a", "y": 0, "split": "train"}, {"sentence": "b", "y": 1, "split": "dev"},
-            {"sentence": "c", "y": 1, "split": "test"}, {"sentence": "d", "y": 0, "split": "train"}]
+            {"sentence": "c", "y": 1, "split": "test"}, {"sentence": "d", "y": 1, "split": "train"}]
     task = load_task(write_jsonl(tmp_path / "t.jsonl", rows), text_field="sentence", label_field="y")
     assert task.labels == ("0", "1")
     assert [e.text for e in task.split("train")] == ["a", "d"]
@@ -90,3 +103,86 @@ def test_prompts_and_verbalizers():
     sentiment = type("T", (), {"family": "sentiment", "labels": ("negative", "positive")})()
     assert "Sentiment (positive or negative):" in template_for(sentiment).template
     assert verbalizer_for(sentiment).label_words == {"negative": " negative", "positive": " positive"}
+
+
+def test_label_missing_from_train_is_refused(tmp_path):
+    rows = [{"text": f"t{i}", "label": "ab"[i % 2], "split": "train"} for i in range(4)]
+    rows += [{"text": "v", "label": "c", "split": "dev"}, {"text": "w", "label": "d", "split": "test"},
+             {"text": "x", "label": "e", "split": "test"}]
+    with pytest.raises(ValueError, match=r"label\(s\) \['c'\] appear in the validation split but never in "
+                                         r"train.*add train examples"):
+        load_task(write_jsonl(tmp_path / "t.jsonl", rows))
+    with pytest.raises(ValueError, match=r"\['d', 'e'\] appear in the test split"):
+        load_task(write_jsonl(tmp_path / "t.jsonl", rows[:4] + rows[5:]))
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("e.jsonl", '{"text": "a", "label": "x"}\n{"text": "  ", "label": "y"}\n',
+     r"e.jsonl line 2: field 'text' is empty"),
+    ("e.jsonl", '{"text": "a", "label": "x"}\n\n{"text": "b", "label": ""}\n',
+     r"e.jsonl line 3: field 'label' is empty"),
+    ("e.csv", "text,label\na,x\n,y\n", r"e.csv row 3: field 'text' is empty"),
+    ("e.tsv", "text\tlabel\na\tx\nb\t \n", r"e.tsv row 3: field 'label' is empty"),
+])
+def test_empty_text_or_label_is_refused(tmp_path, name, content, message):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(ValueError, match=message):
+        load_task(str(tmp_path / name))
+
+
+@pytest.mark.parametrize("name, data, where", [
+    ("l.jsonl", b'{"text": "ok", "label": "x"}\n{"text": "caf\xe9", "label": "y"}\n', "byte 42 (line 2)"),
+    ("l.csv", b"text,label\nna\xefve,x\nb,y\n", "byte 13 (line 2)"),
+])
+def test_non_utf8_file_names_path_and_offset(tmp_path, name, data, where):
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(ValueError, match=rf"{name} is not UTF-8: {re.escape(where)}.*re-save the file as UTF-8"):
+        load_task(str(tmp_path / name))
+
+
+def test_utf8_byte_order_mark_is_accepted(tmp_path):
+    (tmp_path / "bom.csv").write_bytes("text,label\nnaïve,x\nb,y\n".encode("utf-8-sig"))
+    assert load_task(str(tmp_path / "bom.csv")).labels == ("x", "y")
+
+
+def test_single_token_labels_with_byte_tokenizer():
+    tokenizer = byte_tokenizer()  # one token per byte
+    check_single_token_labels(tokenizer, Verbalizer({"yes": "y", "no": "n"}))
+    with pytest.raises(ValueError, match=r"' news' \(label 'press'\) has 5 tokens, 'é' \(label 'e'\) has 2 "
+                                         r"tokens"):
+        check_single_token_labels(tokenizer, Verbalizer({"press": " news", "ok": "k", "e": "é"}))
+
+
+def _smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    from cpet.models import embedded_cache_path
+
+    path = embedded_cache_path()
+    if not (path / "tokenizer.json").exists():
+        pytest.skip("SmolLM2 is not converted in the cache yet (`cpet fetch`)")
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def test_builtin_label_words_are_single_smollm2_tokens():
+    tokenizer = _smollm2_tokenizer()
+    genre = type("T", (), {"labels": tuple(sorted(LABEL_WORDS)), "label_words": LABEL_WORDS})()
+    for task in (genre, *(type("T", (), {"labels": labels})() for labels in (("ham", "spam"),
+                                                                             ("negative", "positive")))):
+        check_single_token_labels(tokenizer, verbalizer_for(task))
+    with pytest.raises(ValueError, match=r"' Spam' \(label 'spam'\) has 2 tokens"):
+        check_single_token_labels(tokenizer, Verbalizer({"spam": " Spam", "ham": " ham"}))
+
+
+def test_task_label_words_and_family_templates():
+    task = type("T", (), {"family": "genre", "labels": tuple(sorted(LABEL_WORDS)), "label_words": LABEL_WORDS})()
+    assert verbalizer_for(task).words_for(["press", "learned"]) == [" news", " academic"]
+    assert template_for(task).format("x") == "Passage: x\nGenre (news, prose, academic or fiction):"
+    spam = type("T", (), {"family": "spam", "labels": ("ham", "spam")})()
+    assert template_for(spam).format("x") == "Email: x\nSpam or ham:"
+    assert verbalizer_for(spam).label_words == {"ham": " ham", "spam": " spam"}
+
+
+def test_registry_lists_every_builtin_task():
+    assert {name for name in TASKS if name.startswith("vader-")} == {f"vader-{d}" for d in VADER_DOMAINS}
+    assert {"brown-genre", "spam-assassin"} <= set(TASKS)

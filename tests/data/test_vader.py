@@ -5,6 +5,7 @@ import tarfile
 
 import pytest
 
+from cpet.data.dedup import normalised_key
 from cpet.data.vader import VADER_DOMAINS, load_vader_task, parse_ground_truth
 from tests.conftest import real_asset
 
@@ -28,25 +29,32 @@ def make_sdist(path, ground_truth: str) -> None:
 RATED = "\r\n".join(
     [f"{i}\t{2.0 + i / 100}\tgreat day number {i} &amp; more" for i in range(30)]
     + [f"{100 + i}\t{-1.5}\tawful night {i}" for i in range(20)]
-    + ["200\t0.49\tmeh", "201\t-0.2\tfine I guess", "202\t3.0\tgreat day number 0 & more"]  # neutral, duplicate
+    + ["200\t0.49\tmeh", "201\t-0.2\tfine I guess",  # neutral
+       "202\t3.0\tgreat day number 0 & more",  # exact duplicate
+       "203\t2.5\tGREAT day, number 1 & more!!",  # near-duplicate (case, punctuation)
+       "204\t2.0\tAwful night 19."]  # near-duplicate with the other label: both go
 )
 
 
-def test_labels_drop_neutral_and_duplicates():
+def test_parse_keeps_duplicates_for_make_task():
     examples = parse_ground_truth(RATED)
-    assert len(examples) == 50
-    assert sum(e.label == "positive" for e in examples) == 30
+    assert len(examples) == 53  # 55 lines - 2 neutral; duplicates are left to make_task
+    assert sum(e.label == "positive" for e in examples) == 33
     assert examples[0].text == "great day number 0 & more"  # HTML entity unescaped
 
 
-def test_fixture_task_splits_are_stratified_and_deterministic(tmp_path):
+def test_fixture_task_drops_near_duplicates_then_splits(tmp_path):
     make_sdist(tmp_path / "vader.tar.gz", RATED)
     task = load_vader_task("tweets", tmp_path / "vader.tar.gz")
     again = load_vader_task("tweets", tmp_path / "vader.tar.gz")
     assert task.splits == again.splits
-    assert {s: len(v) for s, v in task.splits.items()} == {"train": 40, "validation": 5, "test": 5}
-    assert task.label_counts("train") == {"negative": 16, "positive": 24}
+    assert task.dedup_report == {"duplicates_dropped": 2, "conflicting_dropped": 2, "conflicting_keys": 1,
+                                 "cross_split_dropped": 0}
+    assert {s: len(v) for s, v in task.splits.items()} == {"train": 39, "validation": 5, "test": 5}
+    assert task.label_counts("train") == {"negative": 15, "positive": 24}
+    assert "awful night 19" not in {e.text for v in task.splits.values() for e in v}
     assert task.name == "vader-tweets" and task.labels == ("negative", "positive")
+    assert "dropped 2 near-duplicates, 2 with conflicting labels" in task.description
 
 
 def test_unknown_domain_and_wrong_archive(tmp_path):
@@ -57,7 +65,9 @@ def test_unknown_domain_and_wrong_archive(tmp_path):
         load_vader_task("movie", tmp_path / "other.tar.gz")
 
 
-EXPECTED = {"movie": (4995, 5075), "product": (1744, 1233), "news": (1175, 1756), "tweets": (2345, 1087)}
+# positive, negative, near-duplicates dropped (no VADER domain has a text with conflicting labels)
+EXPECTED = {"movie": (4995, 5075, 2), "product": (1738, 1231, 16), "news": (1175, 1756, 39),
+            "tweets": (2270, 1012, 150)}
 
 
 @pytest.mark.parametrize("domain", list(VADER_DOMAINS))
@@ -65,9 +75,11 @@ def test_real_vader_tasks(domain):
     archive = real_asset("vader-sdist")
     task = load_vader_task(domain, archive)
     totals = {label: sum(task.label_counts(s)[label] for s in task.splits) for label in task.labels}
-    assert (totals["positive"], totals["negative"]) == EXPECTED[domain]
-    texts = {s: {e.text for e in v} for s, v in task.splits.items()}
-    assert not texts["train"] & texts["test"] and not texts["train"] & texts["validation"]
+    assert (totals["positive"], totals["negative"], task.dedup_report["duplicates_dropped"]) == EXPECTED[domain]
+    assert task.dedup_report["conflicting_dropped"] == 0 and task.dedup_report["cross_split_dropped"] == 0
+    keys = {s: {normalised_key(e.text) for e in v} for s, v in task.splits.items()}
+    assert not keys["train"] & keys["test"] and not keys["train"] & keys["validation"]
+    assert not keys["validation"] & keys["test"]
     n = sum(totals.values())
     assert abs(len(task.split("test")) - n / 10) <= 2
     share = totals["positive"] / n

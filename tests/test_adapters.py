@@ -1,0 +1,82 @@
+"""Adapter directories: the model card, the portable base reference, loading outside a pipeline."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cpet.adapters import load_standalone, model_card, resolve_base_reference
+
+META = {"task": "vader-movie", "task_source": "vader-movie", "labels": ["negative", "positive"],
+        "label_words": {"negative": " bad", "positive": " good"}, "template": "Review: {text}\nSentiment:",
+        "max_prompt_tokens": 128, "base_id": "ab" * 32, "source_name": "smollm2-135m",
+        "source_hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct", "source_fingerprint": "cd" * 32,
+        "on": "compressed", "init": "random", "recovery": "none", "inherited_task": None,
+        "compression": {"stages": [{"stage": "prune", "ffn_ratio": 0.25}, {"stage": "quantize", "method": "nf4"}],
+                        "uniform": True},
+        "tune_config": {"rank": 8, "alpha": 16, "steps": 200, "batch_size": 8, "lr": 1e-3, "seed": 0},
+        "metrics": {"val_accuracy": 0.8125, "step": 150}}
+
+
+@pytest.mark.parametrize("changes, present, absent", [
+    ({}, ["../../../base", "PeftModel.from_pretrained", "keep_4bit_layout", "prune(ffn_ratio=0.25)",
+          "quantize(method='nf4')", "0.8125 (best checkpoint, step 150)", "not measured yet", "`\" good\"`",
+          "`\"Review: {text}\\nSentiment:\"`", "| recovery | none |"],
+     ["base_model:", "cpet eval PIPELINE --adapter vader-cpet"]),
+    ({"on": "original", "base_id": "original", "compression": None},
+     ["base_model: HuggingFaceTB/SmolLM2-135M-Instruct", 'from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")',
+      'cpet.load_base("smollm2-135m")', "the original model"],
+     ["compression", "keep_4bit_layout"]),
+    ({"compression": {"stages": [{"stage": "prune", "layer_schedule": {"0": 0.5}}], "uniform": False}},
+     ["CompressedBase.load", "per-layer FFN widths"], ["AutoModelForCausalLM"]),
+    ({"recovery": "both", "shared_recovery": {"config": {"rank": 16, "activation": "identity"}, "distill_steps": 100},
+      "per_task_recovery": {"rank": 8, "activation": "gelu"}, "init": "inherit", "inherited_task": "vader-tweets",
+      "inherited_from_other_task": True, "metrics": {"val_accuracy": 0.9, "step": 10, "test_accuracy": 0.875,
+                                                     "test_n": 200, "test_split": "test"}},
+     ["cpet eval PIPELINE --adapter vader-cpet", 'pipeline.model_for("vader-cpet")',
+      "shared (rank 16 identity bypasses, distilled 100 steps", "per-task (rank 8 gelu",
+      "inherit (from an adapter for task `vader-tweets`) — another task", "0.8750 on 200 examples (split test)"],
+     ["PeftModel.from_pretrained", "not measured yet"]),
+])
+def test_model_card_says_what_the_adapter_is_and_how_to_load_it(changes, present, absent):
+    meta = {**META, **changes}
+    card = model_card(meta, "HuggingFaceTB/SmolLM2-135M-Instruct" if meta["on"] == "original" else "../../../base",
+                      "vader-cpet")
+    assert card.startswith("---\nlibrary_name: peft\n") and "# vader-cpet" in card
+    for key in ("`vader-movie`", "`negative` → `\" bad\"`", "smollm2-135m", "cdcdcdcdcdcdcdcd"):
+        assert key in card
+    assert all(line.count("|") == 3 for line in card.splitlines() if line.startswith("| ") and "→" in line)
+    for text in present:
+        assert text in card, text
+    for text in absent:
+        assert text not in card, text
+
+
+def write_config(directory, **fields):
+    directory.mkdir(parents=True)
+    (directory / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", **fields}))
+    return directory
+
+
+def test_base_reference_resolves_against_the_adapter_directory(tmp_path, monkeypatch):
+    adapter = write_config(tmp_path / "p" / "adapters" / "a" / "adapter", base_model_name_or_path="../../../base")
+    (tmp_path / "p" / "base").mkdir()
+    monkeypatch.chdir(tmp_path / "p" / "adapters")  # where "../../../base" means something else
+    assert resolve_base_reference(adapter.relative_to(tmp_path / "p" / "adapters")) == str(tmp_path / "p" / "base")
+    hub = write_config(tmp_path / "hub", base_model_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert resolve_base_reference(hub) == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    absolute = write_config(tmp_path / "abs", base_model_name_or_path="/models/x")
+    assert resolve_base_reference(absolute) == "/models/x"
+    assert resolve_base_reference(write_config(tmp_path / "none", base_model_name_or_path=None)) is None
+
+
+def test_standalone_loading_refuses_adapters_that_need_recovery(tmp_path):
+    adapter = write_config(tmp_path / "adapters" / "cpet" / "adapter", base_model_name_or_path="../../../base")
+    (adapter / "cpet.json").write_text(json.dumps({"recovery": "shared", "base_id": "x"}))
+    with pytest.raises(ValueError, match=r"shared recovery modules, which live in its pipeline: use "
+                                         r"CPET.load\(PIPELINE\).model_for\('cpet'\)"):
+        load_standalone(adapter)
+    bare = write_config(tmp_path / "bare")
+    with pytest.raises(ValueError, match="does not name its base model"):
+        load_standalone(bare)
