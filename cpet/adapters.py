@@ -24,6 +24,7 @@ from typing import Sequence
 from torch import nn
 
 from .assets import write_text_atomic
+from .compress.manifest import ORIGINAL_BASE_ID, describe_base
 from .models import target_module_suffixes
 
 ADAPTER_META = "cpet.json"
@@ -72,6 +73,18 @@ def check_inheritable(config: dict, directory: str | Path) -> None:
                          "re-deriving after pruning/quantization. Train a plain LoRA (use_dora: false) instead")
 
 
+def adapter_weights_sha256(directory: str | Path) -> str:
+    """SHA-256 of an adapter's weights file: which adapter exactly a run inherited from."""
+    from .assets import sha256_of
+
+    return sha256_of(Path(directory) / "adapter_model.safetensors")
+
+
+def target_module_names(target_modules) -> list[str] | str:
+    """peft's ``target_modules`` (a set of names or one regex) in a stable, JSON-able form."""
+    return target_modules if isinstance(target_modules, str) else sorted(target_modules)
+
+
 def is_cpet_adapter(directory: str | Path) -> bool:
     return (Path(directory) / ADAPTER_META).exists()
 
@@ -85,13 +98,33 @@ def read_adapter_meta(directory: str | Path) -> dict:
 
 
 def check_adapter_base(meta: dict, *, base_id: str | None = None, source_fingerprint: str | None = None,
-                       where: str = "adapter") -> None:
-    """Refuse an adapter made for another base (``base_id``) or another source model (fingerprint)."""
+                       where: str | None = None, directory: str | Path | None = None,
+                       inheriting: bool = False) -> None:
+    """Refuse an adapter made for another base (``base_id``) or another source model (fingerprint).
+
+    The message names both bases (ids cut to 12 hex characters) and what to do instead; ``inheriting`` says
+    the adapter was given as an inheritance source, which must be tuned on the original model. ``where``
+    names the adapter in messages (default: ``adapter DIRECTORY``).
+    """
+    where = where or (f"adapter {directory}" if directory is not None else "adapter")
     if source_fingerprint is not None and meta.get("source_fingerprint") not in (None, source_fingerprint):
         raise ValueError(f"{where} was trained on source model {meta.get('source_fingerprint')[:16]}… "
                          f"({meta.get('source_name')}), not on this source model {source_fingerprint[:16]}…")
-    if base_id is not None and meta.get("base_id") != base_id:
-        raise ValueError(f"{where} was trained on base {meta.get('base_id')}, not on this base {base_id}")
+    made = meta.get("base_id")
+    if base_id is None or made == base_id:
+        return
+    if inheriting:
+        raise ValueError(f"`--inherit-from` needs an adapter tuned with `--on original` ({where} was tuned on "
+                         f"{describe_base(made)}); tune one with `cpet tune PIPELINE --on original --task T`")
+    if base_id == ORIGINAL_BASE_ID:
+        raise ValueError(f"{where} was made for {describe_base(made)}, and this is the original model: use it on "
+                         "the base it was made for (`cpet eval PIPELINE --adapter NAME` in its pipeline), or tune one "
+                         "on the original with `cpet tune PIPELINE --on original --task T`")
+    source = directory if made == ORIGINAL_BASE_ID and directory is not None else "DIR"
+    raise ValueError(f"{where} was made for {describe_base(made)}, and this is {describe_base(base_id)}: an adapter "
+                     "runs only on the base it was tuned on, so it must be re-tuned on this base (`cpet tune "
+                     f"PIPELINE --task T`), or inherited: `--init inherit --inherit-from {source}`"
+                     + ("" if source != "DIR" else " with DIR an adapter tuned with `--on original`"))
 
 
 def save_adapter(peft_model, directory: str | Path, meta: dict, *, base_reference: str | None = None,
@@ -169,7 +202,7 @@ def load_standalone(directory: str | Path):
         base = CompressedBase.load(reference)
         model, tokenizer = base.model, base.tokenizer
         if meta:
-            check_adapter_base(meta, base_id=base.base_id, where=f"adapter {directory}")
+            check_adapter_base(meta, base_id=base.base_id, directory=directory)
     else:
         from .models import load_base
 
@@ -186,7 +219,7 @@ def load_adapter(model: nn.Module, directory: str | Path, *, base_id: str | None
     from peft import PeftModel
 
     meta = read_adapter_meta(directory)
-    check_adapter_base(meta, base_id=base_id, where=f"adapter {directory}")
+    check_adapter_base(meta, base_id=base_id, directory=directory)
     return PeftModel.from_pretrained(model, str(directory), adapter_name=adapter_name,
                                      is_trainable=is_trainable)
 

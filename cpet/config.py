@@ -1,13 +1,34 @@
 """Compression stage configs: small dataclasses, validated on construction, JSON round trip.
 
-Stages are identified in JSON by a ``"stage"`` key (``"prune"``, ``"quantize"``), so a manifest can be
-read back into the same config objects with :func:`stage_config_from_dict`.
+Stages are identified in JSON by a ``"stage"`` key (``"prune"``, ``"quantize"``): each config type names it
+in a ``stage`` class attribute and is registered under it (:func:`register_stage_config`, done for every stage
+by :func:`cpet.compress.register_stage`), so a manifest can be read back into the same config objects with
+:func:`stage_config_from_dict`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, is_dataclass
 from enum import Enum
+from typing import ClassVar
+
+STAGE_CONFIGS: dict[str, type] = {}  # "stage" name -> config dataclass; filled by register_stage_config
+
+
+def register_stage_config(cls: type) -> type:
+    """Make dataclass ``cls`` readable from JSON under its ``stage`` class attribute; returns ``cls``.
+
+    Raises:
+        TypeError: ``cls`` is not a dataclass or names no ``stage``.
+        ValueError: another type already holds that name.
+    """
+    name = getattr(cls, "stage", None)
+    if not is_dataclass(cls) or not isinstance(name, str) or not name:
+        raise TypeError(f"{cls!r}: a stage config is a dataclass naming its stage in a `stage: ClassVar[str]`")
+    known = STAGE_CONFIGS.setdefault(name, cls)
+    if known is not cls:
+        raise ValueError(f"stage name {name!r} is taken by {known.__module__}.{known.__qualname__}")
+    return cls
 
 
 class QuantMethod(str, Enum):
@@ -38,6 +59,7 @@ def _check_ratio(name: str, value: float) -> None:
         raise ValueError(f"{name} must be in [0, 1), got {value}")
 
 
+@register_stage_config
 @dataclass(frozen=True)
 class QuantizeConfig:
     """Quantize linear layers with bitsandbytes.
@@ -56,6 +78,8 @@ class QuantizeConfig:
     skip_modules: tuple[str, ...] = ("lm_head", "embed_tokens", "embed_positions")
     modules: tuple[str, ...] | None = None
 
+    stage: ClassVar[str] = "quantize"
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", QuantMethod(self.method))
         object.__setattr__(self, "skip_modules", tuple(self.skip_modules))
@@ -64,11 +88,8 @@ class QuantizeConfig:
         if self.compute_dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"compute_dtype must be float32, float16 or bfloat16, got {self.compute_dtype!r}")
 
-    @property
-    def stage(self) -> str:
-        return "quantize"
 
-
+@register_stage_config
 @dataclass(frozen=True)
 class PruneConfig:
     """Structured pruning of FFN channels and attention heads with torch-pruning.
@@ -90,6 +111,8 @@ class PruneConfig:
     layer_schedule: dict[int, float] | None = None
     round_to: int = 1
 
+    stage: ClassVar[str] = "prune"
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "importance", Importance(self.importance))
         object.__setattr__(self, "head_mode", HeadMode(self.head_mode))
@@ -106,15 +129,8 @@ class PruneConfig:
             raise ValueError("PruneConfig prunes nothing: set ffn_ratio, head_ratio or layer_schedule")
 
     @property
-    def stage(self) -> str:
-        return "prune"
-
-    @property
     def needs_calibration(self) -> bool:
         return self.importance in (Importance.TAYLOR, Importance.ACTIVATION)
-
-
-STAGE_CONFIGS = {"quantize": QuantizeConfig, "prune": PruneConfig}
 
 
 def stage_config_to_dict(config) -> dict:
@@ -143,11 +159,8 @@ def stage_config_from_dict(data: dict):
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"{cls.__name__} has no fields {unknown}")
-    for key in ("skip_modules", "modules"):
-        if isinstance(data.get(key), list):
-            data[key] = tuple(data[key])
-    return cls(**data)
+    return cls(**data)  # configs normalise JSON forms themselves (lists to tuples, strings to enums)
 
 
 __all__ = ["QuantMethod", "Importance", "HeadMode", "QuantizeConfig", "PruneConfig", "stage_config_to_dict",
-           "stage_config_from_dict"]
+           "stage_config_from_dict", "register_stage_config", "STAGE_CONFIGS"]

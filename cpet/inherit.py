@@ -1,16 +1,14 @@
 """Knowledge inheritance: map a LoRA trained on the original model onto a compressed base.
 
 A LoRA delta on linear ``W: [d_out, d_in]`` is ``B A`` with ``A: [r, d_in]`` and ``B: [d_out, r]``.
-Compression keeps a subset of rows and/or columns of each linear (structured pruning) and/or changes how
-the kept values are stored (quantization). The inherited LoRA is the original one restricted to what was
-kept, so on the kept coordinates it adds exactly the delta it added before:
+Compression keeps (a subset or permutation of) the rows and/or columns of each linear and/or changes how the
+kept values are stored. The base's index maps say, per layer and role, which original rows and columns the
+compressed weight holds and in which order (:class:`cpet.compress.index_maps.IndexMaps`), so the inherited
+LoRA is the original one restricted to them, whichever stage made them:
 
-- quantization: identity;
-- FFN channel pruning: ``gate``/``up`` keep the B rows of the kept channels, ``down`` keeps the A columns;
-- head pruning: ``q`` keeps the B rows of the kept query heads, ``k``/``v`` the B rows of the kept KV heads,
-  ``o`` the A columns of the kept query heads.
+    B_new = B[rows(layer, role)]        A_new = A[:, cols(layer, role)]       (None: the axis is unchanged)
 
-The hidden size is never pruned, so the other side of each pair is copied unchanged.
+On the kept coordinates it then adds exactly the delta it added before: ``B_new A_new = (B A)[rows][:, cols]``.
 """
 
 from __future__ import annotations
@@ -38,17 +36,7 @@ def _role_of(key: str, suffix_to_role: dict[str, str]) -> tuple[int, str] | None
 
 def kept_indices(index_maps, layer: int, role: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(kept output rows, kept input columns)`` of a role's weight in original coordinates (None = all)."""
-    if role in ("gate", "up"):
-        return index_maps.ffn_rows(layer), None
-    if role == "down":
-        return None, index_maps.ffn_rows(layer)
-    if role == "q":
-        return index_maps.q_rows(layer), None
-    if role in ("k", "v"):
-        return index_maps.kv_rows(layer), None
-    if role == "o":
-        return None, index_maps.q_rows(layer)
-    raise ValueError(f"unknown role {role!r}")
+    return index_maps.rows(layer, role), index_maps.cols(layer, role)
 
 
 def inherit_lora_state(state: dict[str, torch.Tensor], config, index_maps) -> dict[str, torch.Tensor]:
@@ -58,7 +46,7 @@ def inherit_lora_state(state: dict[str, torch.Tensor], config, index_maps) -> di
         state: ``{"...q_proj.lora_A.weight": [r, d_in], "...q_proj.lora_B.weight": [d_out, r], ...}``
             as saved in ``adapter_model.safetensors``.
         config: the (original) model config; it names the family and thus the role of every module.
-        index_maps: the compressed base's index maps (``ffn_rows``, ``q_rows``, ``kv_rows`` per layer).
+        index_maps: the compressed base's index maps (``rows(layer, role)`` / ``cols(layer, role)``).
     Returns:
         a state dict with the same keys whose tensors have the compressed shapes.
     Raises:

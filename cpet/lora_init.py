@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .adapters import check_inheritable
-from .inherit import inherit_lora_state, kept_indices, load_lora_state
+from .inherit import inherit_lora_state, load_lora_state
 from .models import iter_layer_linears, unwrap
 from .recovery import compression_residual, low_rank_factors, relative_error
 
@@ -80,7 +80,7 @@ def apply_residual_svd_lora(peft_model, original_model: nn.Module, index_maps, a
         for role, module in layer.modules.items():
             if not hasattr(module, "lora_A") or adapter_name not in module.lora_A:
                 continue
-            rows, cols = kept_indices(index_maps, layer.index, role)
+            rows, cols = index_maps.rows(layer.index, role), index_maps.cols(layer.index, role)
             residual = compression_residual(originals[layer.index][role], _base_layer(module), rows, cols)
             lora_A, lora_B = module.lora_A[adapter_name].weight, module.lora_B[adapter_name].weight
             B, A = low_rank_factors(residual, lora_A.shape[0])

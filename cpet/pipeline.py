@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import copy
 import datetime
-import hashlib
 import json
 import os
-import re
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -33,18 +31,21 @@ from typing import Sequence
 
 import torch
 
-from .adapters import (add_lora, check_adapter_base, inheritance_facts, is_cpet_adapter, plain_peft_meta,
-                       read_adapter_meta, save_adapter, write_adapter_meta)
+from .adapters import (add_lora, adapter_weights_sha256, check_adapter_base, inheritance_facts, is_cpet_adapter,
+                       load_adapter, plain_peft_meta, read_adapter_meta, save_adapter, target_module_names,
+                       write_adapter_meta)
 from .assets import atomic_path, write_text_atomic
-from .config import stage_config_to_dict
-from .models import EMBEDDED, LoadedBase, load_base, model_fingerprint
 from .compress.calibration import input_rms
+from .compress.manifest import ORIGINAL_BASE_ID
+from .config import stage_config_to_dict
+from .data import template_for, verbalizer_for
+from .data.tasks import as_task, examples_sha256, task_key, task_source_of  # noqa: F401  (task_key: re-exported)
+from .models import EMBEDDED, LoadedBase, hub_id_of, load_base, saved_tokenizer
 from .recovery import PER_TASK, SHARED, RecoveryConfig, RecoverySet, init_from_residuals
 from .train import DistillConfig, TuneConfig, distill_on_text, train_classifier
 
 INIT_MODES = ("random", "inherit", "svd")
 RECOVERY_MODES = ("none", "shared", "per_task", "both")
-ORIGINAL_BASE_ID = "original"
 
 
 @dataclass
@@ -57,24 +58,6 @@ class TaskAdapter:
     @property
     def name(self) -> str:
         return self.directory.name
-
-
-def _task_source(task) -> str | None:
-    """How to load a task again: its registered name, hub spec, or absolute file path (None: an object)."""
-    if not isinstance(task, (str, Path)):
-        return None
-    from .data import TASKS
-
-    spec = str(task)
-    if spec in TASKS or spec.startswith("hf:") or not Path(spec).exists():
-        return spec
-    return str(Path(spec).resolve())
-
-
-def _task(task):
-    from .data import load_task
-
-    return load_task(task) if isinstance(task, str) else task
 
 
 class CPET:
@@ -313,8 +296,8 @@ class CPET:
         """
         config = config or TuneConfig()
         started_at = utc_now()
-        task_source = _task_source(task)
-        task = _task(task)
+        task_source = task_source_of(task)
+        task = as_task(task)
         recovery = recovery.replace("-", "_")  # "per-task", as the CLI and the docs write it, is "per_task"
         inherit_from = self.resolve_adapter(inherit_from)
         self._check_tune_args(task, on, init, inherit_from, recovery)
@@ -355,12 +338,11 @@ class CPET:
             if config.distill_weight == 0:
                 config = TuneConfig(**{**config.to_dict(), "distill_weight": 1.0})
 
-        from .data import template_for, verbalizer_for
-
         template, verbalizer = template_for(task), verbalizer_for(task)
         meta = {"base_id": base_id, "source_name": self.source_name, "source_hub_id": self.source_hub_id,
-                "source_fingerprint": self.source_fingerprint, "task": task.name, "task_source": task_source, "labels": list(task.labels),
-                "label_words": verbalizer.label_words, "template": template.template, "on": on, "init": init,
+                "source_fingerprint": self.source_fingerprint, "task": task.name, "task_source": task_source,
+                "labels": list(task.labels), "label_words": verbalizer.label_words,
+                "template": template.template, "on": on, "init": init,
                 "recovery": recovery, "tune_config": config.to_dict(), "max_prompt_tokens": config.max_prompt_tokens,
                 "inherited_from": str(_dir(inherit_from)) if inherit_from else None,
                 "inherited_sha256": adapter_weights_sha256(_dir(inherit_from)) if inherit_from else None,
@@ -369,7 +351,7 @@ class CPET:
         identity = {"task": task.name, "train_sha256": examples_sha256(task.split("train")), "base_id": base_id,
                     "source_fingerprint": self.source_fingerprint, "init": init, "recovery": recovery,
                     "inherited_sha256": meta["inherited_sha256"],
-                    "target_modules": _targets(peft_model.peft_config["default"].target_modules)}
+                    "target_modules": target_module_names(peft_model.peft_config["default"].target_modules)}
 
         base_reference = self._base_reference(on, out_dir / "adapter")
 
@@ -489,14 +471,12 @@ class CPET:
             return plain_peft_meta(directory, self.original.model, self.source_aliases)
         meta = read_adapter_meta(directory)
         check_adapter_base(meta, base_id=ORIGINAL_BASE_ID, source_fingerprint=self.source_fingerprint,
-                           where=f"adapter {directory}")
+                           directory=directory, inheriting=True)
         return meta
 
     def _teacher(self, inherit_from):
         """The uncompressed model with the original task adapter (a separate copy: never the student)."""
         from peft import PeftModel
-
-        from .adapters import load_adapter
 
         directory = _dir(inherit_from)
         if not is_cpet_adapter(directory):  # a plain PEFT adapter, checked by _inheritance_meta
@@ -506,8 +486,6 @@ class CPET:
     # ------------------------------------------------------------------ evaluate
     def model_for(self, adapter: TaskAdapter | str | Path | None = None, *, on: str = "compressed"):
         """The model an adapter runs on (with shared / per-task recovery as it was trained), ready to use."""
-        from .adapters import load_adapter
-
         adapter = self.resolve_adapter(adapter)
         meta = read_adapter_meta(_dir(adapter)) if adapter is not None else {"on": on, "recovery": "none"}
         if meta["on"] == "original":
@@ -534,10 +512,9 @@ class CPET:
         the majority-class share of the scored examples and, with ``with_predictions``, the predicted and
         gold label of every example in split order (for paired comparisons).
         """
-        from .data import template_for, verbalizer_for
         from .evaluate import DEFAULT_MAX_PROMPT_TOKENS, classification_accuracy
 
-        task = _task(task)
+        task = as_task(task)
         adapter = self.resolve_adapter(adapter)
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be >= 1 (or None for the whole split), got {limit}")
@@ -614,49 +591,6 @@ def _recorded_fingerprint(directory: Path, record: dict) -> str | None:
 def utc_now() -> str:
     """The current time, ISO 8601 in UTC to the second (``2025-01-31T12:00:00Z``)."""
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def hub_id_of(name: str) -> str | None:
-    """The hub id of a source model name: an embedded model's, or the name itself when it is hub-shaped
-    (``org/name``, not a local path); None otherwise (local directories, GGUF files, tiny test models)."""
-    if name in EMBEDDED:
-        return EMBEDDED[name].hub_id
-    local = name.startswith((".", "/", "~")) or name.endswith(".gguf") or Path(name).expanduser().exists()
-    return name if name.count("/") == 1 and not local else None
-
-
-def saved_tokenizer(directory: Path):
-    """The tokenizer saved in ``directory`` (a compressed base), set up as :func:`load_base` sets one up."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(directory))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"
-    return tokenizer
-
-
-def task_key(task: str) -> str:
-    """A file-name-safe key for a task name or a path to a task file (``data/my task.jsonl`` -> ``my_task``)."""
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", Path(task).stem if Path(task).suffix else task)
-
-
-def adapter_weights_sha256(directory: str | Path) -> str:
-    """SHA-256 of an adapter's weights file: which adapter exactly a run inherited from."""
-    from .assets import sha256_of
-
-    return sha256_of(Path(directory) / "adapter_model.safetensors")
-
-
-def examples_sha256(examples) -> str:
-    """SHA-256 of a split's ``(text, label)`` pairs in order: which training data exactly a run saw."""
-    payload = json.dumps([[e.text, e.label] for e in examples], ensure_ascii=False)
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
-
-
-def _targets(target_modules) -> list[str] | str:
-    """peft's ``target_modules`` (a set of names or one regex) in a stable, JSON-able form."""
-    return target_modules if isinstance(target_modules, str) else sorted(target_modules)
 
 
 def _dir(adapter: TaskAdapter | str | Path | None) -> Path | None:

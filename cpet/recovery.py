@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .assets import atomic_path
+from .compress.manifest import short_base_id
 from .models import linear_roles, unwrap
 
 RECOVERY_FILE = "recovery.safetensors"
@@ -204,8 +205,11 @@ class RecoverySet(nn.Module):
         directory = Path(directory)
         meta = json.loads((directory / RECOVERY_META).read_text())
         if expected_base_id is not None and meta.get("base_id") != expected_base_id:
-            raise ValueError(f"recovery modules in {directory} were made for base {meta.get('base_id')}, "
-                             f"not for this base {expected_base_id}")
+            raise ValueError(f"recovery modules in {directory} were made for base "
+                             f"{short_base_id(meta.get('base_id'))}, not for this base "
+                             f"{short_base_id(expected_base_id)}: recovery modules run only on the "
+                             "base they were made for; make shared ones for this base with `cpet recover PIPELINE` "
+                             "(per-task ones are made with their adapter: re-tune it on this base)")
         config = RecoveryConfig(**meta["config"])
         recovery = cls(model, config)
         if recovery.targets != meta["targets"]:
@@ -295,7 +299,6 @@ def init_from_residuals(recovery: RecoverySet, original: nn.Module, compressed: 
     ``input_scales`` are per-feature input RMS of the *original* linears (:func:`input_rms`); they are
     restricted to the kept input features. Returns ``{module name: relative residual error left}``.
     """
-    from .inherit import kept_indices
     from .models import iter_layer_linears
 
     errors = {}
@@ -304,7 +307,7 @@ def init_from_residuals(recovery: RecoverySet, original: nn.Module, compressed: 
         for role, name in layer.names.items():
             if name not in recovery.targets:
                 continue
-            rows, cols = kept_indices(index_maps, layer.index, role)
+            rows, cols = index_maps.rows(layer.index, role), index_maps.cols(layer.index, role)
             residual = compression_residual(originals[layer.index][role],
                                             getattr(layer[role], "base_layer", layer[role]), rows, cols)
             scale = None

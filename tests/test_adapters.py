@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from cpet.adapters import load_standalone, model_card, resolve_base_reference
+from cpet.adapters import check_adapter_base, load_standalone, model_card, resolve_base_reference
 
 META = {"task": "vader-movie", "task_source": "vader-movie", "labels": ["negative", "positive"],
         "label_words": {"negative": " bad", "positive": " good"}, "template": "Review: {text}\nSentiment:",
@@ -80,3 +80,27 @@ def test_standalone_loading_refuses_adapters_that_need_recovery(tmp_path):
     bare = write_config(tmp_path / "bare")
     with pytest.raises(ValueError, match="does not name its base model"):
         load_standalone(bare)
+
+
+BASE_X, BASE_Y = "1a2b3c4d5e6f" + "0" * 52, "abcdef012345" + "9" * 52  # two compressed bases' 64-hex ids
+
+
+@pytest.mark.parametrize("made, this, inheriting, message", [
+    (BASE_X, "original", True,
+     r"`--inherit-from` needs an adapter tuned with `--on original` \(adapter runs/a was tuned on compressed base "
+     r"1a2b3c4d5e6f\); tune one with `cpet tune PIPELINE --on original --task T`"),
+    ("original", BASE_Y, False,
+     r"adapter runs/a was made for the original model, and this is compressed base abcdef012345: .* must be "
+     r"re-tuned on this base \(`cpet tune PIPELINE --task T`\), or inherited: `--init inherit --inherit-from runs/a`"),
+    (BASE_X, BASE_Y, False,
+     r"was made for compressed base 1a2b3c4d5e6f, and this is compressed base abcdef012345: .* re-tuned on this "
+     r"base .* `--init inherit --inherit-from DIR` with DIR an adapter tuned with `--on original`"),
+    (BASE_X, "original", False,
+     r"was made for compressed base 1a2b3c4d5e6f, and this is the original model: use it on the base it was made "
+     r"for .* `cpet tune PIPELINE --on original --task T`"),
+])
+def test_an_adapter_for_another_base_is_refused_saying_what_to_do(made, this, inheriting, message):
+    with pytest.raises(ValueError, match=message) as refused:
+        check_adapter_base({**META, "base_id": made}, base_id=this, directory="runs/a", inheriting=inheriting)
+    assert BASE_X not in str(refused.value) and BASE_Y not in str(refused.value)  # ids shown as 12 hex
+    check_adapter_base({**META, "base_id": made}, base_id=made, directory="runs/a", inheriting=inheriting)

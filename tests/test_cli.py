@@ -42,6 +42,15 @@ def test_info(capsys, model_dir):
     assert info["memory_bytes"] == 4 * info["parameters"]
 
 
+def test_info_says_where_the_module_map_came_from(capsys, model_dir, tmp_path):
+    assert run_json(capsys, "info", str(model_dir))["module_map"] == "table"  # qwen2: in the family table
+    loaded = tiny_model("olmo")  # outside the table: its map is read from its structure
+    loaded.model.save_pretrained(tmp_path / "olmo")
+    loaded.tokenizer.save_pretrained(tmp_path / "olmo")
+    info = run_json(capsys, "info", str(tmp_path / "olmo"))
+    assert (info["family"], info["module_map"]) == ("olmo", "derived")
+
+
 def test_eval_task_and_corpus(capsys, model_dir, task_file, tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text("a small corpus of plain words. " * 30)

@@ -113,6 +113,40 @@ def plain_peft_adapter(model, directory, seed=3):
     return directory
 
 
+def copied_adapter(adapter, directory, **meta):
+    """A copy of ``adapter``'s directory with ``meta`` written over its ``cpet.json``."""
+    import shutil
+
+    shutil.copytree(adapter.directory, directory)
+    saved = json.loads((directory / "cpet.json").read_text())
+    (directory / "cpet.json").write_text(json.dumps({**saved, **meta}))
+    return directory
+
+
+def test_inheriting_from_an_adapter_of_the_compressed_base_says_to_tune_one_on_the_original(built, tmp_path):
+    pipeline, task, original, _ = built
+    compressed = copied_adapter(original, tmp_path / "a", on="compressed", base_id=pipeline.base_id)
+    with pytest.raises(ValueError) as refused:
+        pipeline.tune(task, init="inherit", inherit_from=compressed, config=TUNE, progress=False)
+    assert str(refused.value) == (
+        f"`--inherit-from` needs an adapter tuned with `--on original` (adapter {compressed} was tuned on compressed "
+        f"base {pipeline.base_id[:12]}); tune one with `cpet tune PIPELINE --on original --task T`")
+
+
+@pytest.mark.parametrize("made_for, said", [
+    ("original", "the original model"), ("9f" * 32, "compressed base 9f9f9f9f9f9f")])
+def test_an_adapter_of_another_base_is_refused_saying_to_tune_or_inherit_on_this_one(built, tmp_path, made_for, said):
+    pipeline, task, original, _ = built
+    foreign = copied_adapter(original, tmp_path / "a", on="compressed", base_id=made_for)
+    with pytest.raises(ValueError) as refused:
+        pipeline.evaluate(foreign, task, limit=2)
+    message = str(refused.value)
+    assert f"adapter {foreign} was made for {said}, and this is compressed base {pipeline.base_id[:12]}:" in message
+    assert "must be re-tuned on this base (`cpet tune PIPELINE --task T`)" in message
+    assert "`--init inherit --inherit-from " + (str(foreign) if made_for == "original" else "DIR") in message
+    assert pipeline.base_id not in message and "9f" * 32 not in message  # 64-hex ids shown as 12
+
+
 def test_plain_peft_adapter_trained_elsewhere_is_inherited(built, tmp_path):
     pipeline, task, _, _ = built
     plain = plain_peft_adapter(pipeline.original.model, tmp_path / "plain")

@@ -63,6 +63,14 @@ def test_save_load_round_trip_and_base_id_check(tmp_path):
         RecoverySet.load(tmp_path / "rec", other.model, expected_base_id="xyz")
 
 
+def test_recovery_for_another_base_is_refused_with_short_ids_and_what_to_do(tmp_path):
+    loaded = tiny_model("qwen2")
+    RecoverySet(loaded.model, RecoveryConfig(rank=2)).save(tmp_path / "rec", {"base_id": "12" * 32})
+    with pytest.raises(ValueError, match=r"made for base 121212121212, not for this base 343434343434: .* make "
+                                         r"shared ones for this base with `cpet recover PIPELINE`"):
+        RecoverySet.load(tmp_path / "rec", loaded.model, expected_base_id="34" * 32)
+
+
 def test_residual_svd_init_recovers_a_low_rank_residual_exactly():
     torch.manual_seed(0)
     residual = torch.randn(48, 3) @ torch.randn(3, 32)  # rank 3

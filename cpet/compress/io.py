@@ -10,21 +10,23 @@ base/
 
 Uniform bases (pruned and/or bitsandbytes-quantized) reload with plain
 ``AutoModelForCausalLM.from_pretrained(dir)``: transformers serializes bnb int8 and 4-bit weights with their
-quantization state, on CPU too. Bases with per-layer FFN widths need :meth:`CompressedBase.load`, which
-builds the architecture from ``config.json`` and resizes each layer's FFN from the index maps first.
+quantization state, on CPU too. Other bases (``manifest.uniform`` false: per-layer widths, replaced modules)
+need :meth:`CompressedBase.load`, which builds the architecture from ``config.json`` and lets every recorded
+stage rebuild what it changed (:meth:`cpet.compress.stages.Stage.rebuild`) before loading the weights.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import nn
 
 from ..assets import atomic_path
-from .manifest import INDEX_MAPS_FILE, MANIFEST_FILE, IndexMaps, Manifest
-from .quantize import keep_4bit_layout
+from .manifest import INDEX_MAPS_FILE, MANIFEST_FILE, IndexMaps, Manifest, short_base_id
+from .stages import registration
 
 
 @dataclass
@@ -58,11 +60,16 @@ class CompressedBase:
         if not (directory / MANIFEST_FILE).exists():
             raise FileNotFoundError(f"{directory} has no {MANIFEST_FILE}: not a CPET compressed base")
         manifest = Manifest.from_json((directory / MANIFEST_FILE).read_text())
-        index_maps = IndexMaps.load(directory / INDEX_MAPS_FILE)
+        index_maps = IndexMaps.load(directory / INDEX_MAPS_FILE, SimpleNamespace(**manifest.geometry_before))
         if index_maps.digest() != manifest.index_digest or manifest.compute_base_id() != manifest.base_id:
-            raise ValueError(f"{directory}: manifest and index maps do not match base_id {manifest.base_id}; "
-                             "the directory was modified after it was written")
-        model = _load_uniform(directory, device) if manifest.uniform else _load_per_layer(directory, index_maps)
+            raise ValueError(f"{directory}: manifest and index maps do not match base_id "
+                             f"{short_base_id(manifest.base_id)}; the directory was modified after it was written: "
+                             "restore it, or compress again (`cpet compress --model MODEL --out PIPELINE ...`)")
+        stages = _stage_configs(directory, manifest)
+        if manifest.uniform:
+            model = _rebuild(_load_plain(directory, device), stages, index_maps)
+        else:
+            model = _load_rebuilt(directory, stages, index_maps)
         model.requires_grad_(False)
         model.eval()
         tokenizer = None
@@ -73,33 +80,38 @@ class CompressedBase:
         return cls(model, manifest, index_maps, tokenizer)
 
 
-def _load_uniform(directory: Path, device) -> nn.Module:
+def _stage_configs(directory: Path, manifest: Manifest) -> list:
+    try:
+        configs = manifest.stage_configs()
+        for config in configs:
+            registration(config)
+    except ValueError as exc:
+        raise ValueError(f"{directory} was compressed with a stage this process has not registered ({exc}): import "
+                         "the module that registers it (`cpet.compress.register_stage`), or compress again") from None
+    return configs
+
+
+def _rebuild(model: nn.Module, stages: list, index_maps: IndexMaps) -> nn.Module:
+    for config in stages:
+        model = registration(config).stage.rebuild(model, config, index_maps)
+    return model
+
+
+def _load_plain(directory: Path, device) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     device = torch.device(device)
     device_map = {"": device.index or 0} if device.type == "cuda" else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32, device_map=device_map)
-    return keep_4bit_layout(model)
+    return AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32, device_map=device_map)
 
 
-def _load_per_layer(directory: Path, index_maps: IndexMaps) -> nn.Module:
-    """Build from config.json, give every layer its own FFN width, then load the safetensors weights."""
+def _load_rebuilt(directory: Path, stages: list, index_maps: IndexMaps) -> nn.Module:
+    """Build from config.json, let every stage rebuild what it changed, then load the safetensors weights."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..models import layer_linears
-
     config = AutoConfig.from_pretrained(str(directory))
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    for index, kept in enumerate(index_maps.layers):
-        linears = layer_linears(model, index)
-        width = len(kept.ffn)
-        for role in ("gate", "up"):
-            if role in linears.modules:
-                old = linears[role]
-                _replace(model, linears.names[role], nn.Linear(old.in_features, width, bias=old.bias is not None))
-        old = linears["down"]
-        _replace(model, linears.names["down"], nn.Linear(width, old.out_features, bias=old.bias is not None))
+    model = _rebuild(AutoModelForCausalLM.from_config(config, dtype=torch.float32), stages, index_maps)
     state = {}
     for path in sorted(directory.glob("*.safetensors")):
         if path.name != INDEX_MAPS_FILE:
@@ -107,7 +119,7 @@ def _load_per_layer(directory: Path, index_maps: IndexMaps) -> nn.Module:
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in _tied_keys(model)]
     if missing or unexpected:
-        raise ValueError(f"{directory}: weights do not fit the per-layer shapes (missing {missing[:3]}, "
+        raise ValueError(f"{directory}: weights do not fit the rebuilt shapes (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]})")
     model.tie_weights()
     return model
@@ -115,8 +127,3 @@ def _load_per_layer(directory: Path, index_maps: IndexMaps) -> nn.Module:
 
 def _tied_keys(model: nn.Module) -> set[str]:
     return {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
-
-
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), attr, module)

@@ -1,5 +1,5 @@
-"""What compression changed: index maps (kept channels and heads, in original coordinates) and the
-manifest (source identity, ordered stages with configs and sizes, geometry, ``base_id``).
+"""What compression changed: the manifest (source identity, ordered stages with configs and sizes, geometry,
+``base_id``); the index maps it hashes live in :mod:`cpet.compress.index_maps` (re-exported here).
 
 Index maps are what later stages read: LoRA inheritance slices A/B with them, residual-SVD recovery
 restricts the original weights with them, and the loader of non-uniform bases resizes modules with them.
@@ -9,108 +9,28 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
-
-from ..models import Geometry
+from ..config import stage_config_from_dict
+from .index_maps import IndexMaps, LayerIndex  # noqa: F401  (re-exported: where they lived before)
 
 MANIFEST_VERSION = 1
 INDEX_MAPS_FILE = "index_maps.safetensors"
 MANIFEST_FILE = "manifest.json"
+ORIGINAL_BASE_ID = "original"  # the base_id recorded by what was made on the uncompressed source model
 
 
-@dataclass
-class LayerIndex:
-    """Kept FFN channels, query heads and KV heads of one layer, sorted, in original coordinates."""
-
-    ffn: torch.Tensor
-    q_heads: torch.Tensor
-    kv_heads: torch.Tensor
+def short_base_id(base_id: str | None) -> str:
+    """A base id as messages show it: a 64-hex id cut to its first 12 characters, anything else as is."""
+    return base_id[:12] if isinstance(base_id, str) and re.fullmatch(r"[0-9a-f]{64}", base_id) else str(base_id)
 
 
-class IndexMaps:
-    """Per-layer index maps of a compressed base, always in the *original* model's coordinates.
-
-    Args:
-        layers: one :class:`LayerIndex` per decoder layer.
-        head_dim: width of one attention head (rows of q/k/v per head).
-    """
-
-    def __init__(self, layers: list[LayerIndex], head_dim: int):
-        self.layers = layers
-        self.head_dim = head_dim
-
-    @classmethod
-    def identity(cls, geo: Geometry) -> "IndexMaps":
-        """Maps of an uncompressed model: everything kept."""
-        layer = lambda: LayerIndex(torch.arange(geo.intermediate_size), torch.arange(geo.num_heads),  # noqa: E731
-                                   torch.arange(geo.num_kv_heads))
-        return cls([layer() for _ in range(geo.num_layers)], geo.head_dim)
-
-    def __len__(self) -> int:
-        return len(self.layers)
-
-    # ------------------------------------------------------------------ views used by later stages
-    def ffn_rows(self, layer: int) -> torch.Tensor:
-        """Original FFN channel of each kept channel: gate/up rows, down columns. ``[kept]`` int64."""
-        return self.layers[layer].ffn
-
-    def _head_rows(self, heads: torch.Tensor) -> torch.Tensor:
-        offsets = torch.arange(self.head_dim)
-        return (heads.unsqueeze(1) * self.head_dim + offsets).reshape(-1)
-
-    def q_rows(self, layer: int) -> torch.Tensor:
-        """Original rows of q_proj (= columns of o_proj) that were kept. ``[kept_heads * head_dim]``."""
-        return self._head_rows(self.layers[layer].q_heads)
-
-    def kv_rows(self, layer: int) -> torch.Tensor:
-        """Original rows of k_proj / v_proj that were kept."""
-        return self._head_rows(self.layers[layer].kv_heads)
-
-    def widths(self) -> list[dict[str, int]]:
-        return [{"ffn": len(li.ffn), "q_heads": len(li.q_heads), "kv_heads": len(li.kv_heads)}
-                for li in self.layers]
-
-    # ------------------------------------------------------------------ composition
-    def compose(self, local: "IndexMaps") -> "IndexMaps":
-        """Maps after a further stage whose ``local`` maps index into *this* stage's output."""
-        if len(local) != len(self):
-            raise ValueError(f"cannot compose index maps of {len(self)} and {len(local)} layers")
-        return IndexMaps([LayerIndex(mine.ffn[new.ffn], mine.q_heads[new.q_heads], mine.kv_heads[new.kv_heads])
-                          for mine, new in zip(self.layers, local.layers)], self.head_dim)
-
-    # ------------------------------------------------------------------ persistence
-    def tensors(self) -> dict[str, torch.Tensor]:
-        out = {"head_dim": torch.tensor([self.head_dim])}
-        for i, li in enumerate(self.layers):
-            out[f"layers.{i}.ffn"] = li.ffn.to(torch.int64).contiguous()
-            out[f"layers.{i}.q_heads"] = li.q_heads.to(torch.int64).contiguous()
-            out[f"layers.{i}.kv_heads"] = li.kv_heads.to(torch.int64).contiguous()
-        return out
-
-    def digest(self) -> str:
-        digest = hashlib.sha256()
-        for key, value in sorted(self.tensors().items()):
-            digest.update(key.encode())
-            digest.update(value.numpy().tobytes())
-        return digest.hexdigest()
-
-    def save(self, path: str | Path) -> None:
-        save_file(self.tensors(), str(path))
-
-    @classmethod
-    def load(cls, path: str | Path) -> "IndexMaps":
-        tensors = load_file(str(path))
-        n = len([k for k in tensors if k.endswith(".ffn")])
-        layers = [LayerIndex(tensors[f"layers.{i}.ffn"], tensors[f"layers.{i}.q_heads"],
-                             tensors[f"layers.{i}.kv_heads"]) for i in range(n)]
-        return cls(layers, int(tensors["head_dim"][0]))
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, IndexMaps) and self.digest() == other.digest()
+def describe_base(base_id: str | None) -> str:
+    """A base as messages name it: ``the original model`` or ``compressed base 1a2b3c4d5e6f``."""
+    if base_id == ORIGINAL_BASE_ID:
+        return "the original model"
+    return f"compressed base {short_base_id(base_id)}" if base_id else "a base it does not record"
 
 
 @dataclass
@@ -194,6 +114,10 @@ class Manifest:
         self.base_id = self.compute_base_id()
         self.libraries = self.libraries or library_versions()
         return self
+
+    def stage_configs(self) -> list:
+        """The stage config objects, in order (each stage's type must be registered: ``register_stage``)."""
+        return [stage_config_from_dict(record.config) for record in self.stages]
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 from ..config import HeadMode, Importance, PruneConfig
 from ..models import UnsupportedArchitectureError, family_of, geometry, iter_layer_linears, layer_linears
 from .calibration import input_rms
-from .manifest import IndexMaps, LayerIndex
+from .index_maps import FFN_CHANNELS, KV_HEADS, QUERY_HEADS, IndexMaps, head_rows
+from .stages import StageContext, register_stage
 
 
 def kept_ffn_width(width: int, ratio: float, round_to: int) -> int:
@@ -224,11 +225,10 @@ def prune_ffn(model: nn.Module, kept_per_layer: list[torch.Tensor], progress: bo
 
 def prune_heads(model: nn.Module, kept_q: list[torch.Tensor], kept_kv: list[torch.Tensor], head_dim: int) -> None:
     """Cut query heads (q rows, o columns) and KV heads (k/v rows) with torch-pruning's functions."""
-    rows = lambda heads: (heads.unsqueeze(1) * head_dim + torch.arange(head_dim)).reshape(-1)  # noqa: E731
     for index, (q_heads, kv_heads) in enumerate(zip(kept_q, kept_kv)):
         linears = layer_linears(model, index)
-        removed_q = _complement(rows(q_heads), linears["q"].out_features)
-        removed_kv = _complement(rows(kv_heads), linears["k"].out_features)
+        removed_q = _complement(head_rows(q_heads, head_dim), linears["q"].out_features)
+        removed_kv = _complement(head_rows(kv_heads, head_dim), linears["k"].out_features)
         if removed_q:
             tp.prune_linear_out_channels(linears["q"], removed_q)
             tp.prune_linear_in_channels(linears["o"], removed_q)
@@ -244,43 +244,96 @@ def prune(model: nn.Module, config: PruneConfig, calibration: torch.Tensor | Non
           progress: bool = False) -> IndexMaps:
     """Prune ``model`` in place; returns the stage's index maps (into the model as it was given).
 
-    Updates the config (FFN width, head counts, explicit ``head_dim``) when widths are uniform.
+    Every layer gets an explicit FFN map (gate/up rows, down columns; ``arange`` where nothing is cut); the
+    attention maps (q/o and k/v rows, whole heads) only when heads are pruned. Updates the config (FFN width,
+    head counts, explicit ``head_dim``) when widths are uniform.
     """
     validate(model, config, calibration)
     geo = geometry(model)
     family = family_of(model)
+    maps = IndexMaps.identity(geo, family.roles)
     scores = element_scores(model, config.importance, calibration, progress=progress)
-    layers: list[LayerIndex] = []
+    kept_ffn, kept_q, kept_kv = [], [], []
     for layer in iter_layer_linears(model):
         ratio = (config.layer_schedule or {}).get(layer.index, config.ffn_ratio)
         width = layer["up"].out_features
         ffn = (top_k_sorted(ffn_channel_importance(scores, layer.names), kept_ffn_width(width, ratio, config.round_to))
                if ratio > 0 else torch.arange(width))
-        q_heads, kv_heads = torch.arange(geo.num_heads), torch.arange(geo.num_kv_heads)
+        maps.select(layer.index, FFN_CHANNELS, ffn)
+        kept_ffn.append(ffn)
         if config.head_ratio > 0:
             importance = head_importance(scores, layer.names, geo.num_heads, geo.num_kv_heads, geo.head_dim,
                                          config.head_mode)
+            per_group = geo.num_heads // geo.num_kv_heads
             if config.head_mode == HeadMode.QUERY:
-                per_group = geo.num_heads // geo.num_kv_heads
-                keep = round(per_group * (1 - config.head_ratio))
-                q_heads = select_query_heads(importance, geo.num_kv_heads, keep)
+                q_heads = select_query_heads(importance, geo.num_kv_heads, round(per_group * (1 - config.head_ratio)))
+                kv_heads = torch.arange(geo.num_kv_heads)
             else:
                 kv_heads = top_k_sorted(importance, round(geo.num_kv_heads * (1 - config.head_ratio)))
-                per_group = geo.num_heads // geo.num_kv_heads
                 q_heads = (kv_heads.unsqueeze(1) * per_group + torch.arange(per_group)).reshape(-1)
-        layers.append(LayerIndex(ffn, q_heads, kv_heads))
+            maps.select(layer.index, QUERY_HEADS, head_rows(q_heads, geo.head_dim))
+            maps.select(layer.index, KV_HEADS, head_rows(kv_heads, geo.head_dim))
+            kept_q.append(q_heads)
+            kept_kv.append(kv_heads)
     del scores
     with torch.no_grad():
-        prune_ffn(model, [li.ffn for li in layers], progress)
+        prune_ffn(model, kept_ffn, progress)
         if config.head_ratio > 0:
-            prune_heads(model, [li.q_heads for li in layers], [li.kv_heads for li in layers], geo.head_dim)
-    widths = {len(li.ffn) for li in layers}
+            prune_heads(model, kept_q, kept_kv, geo.head_dim)
+    widths = {len(ffn) for ffn in kept_ffn}
     if len(widths) == 1:
         setattr(model.config, family.intermediate_attr, widths.pop())
     if config.head_ratio > 0:
-        model.config.num_attention_heads = len(layers[0].q_heads)
+        model.config.num_attention_heads = len(kept_q[0])
         if hasattr(model.config, "num_key_value_heads"):
-            model.config.num_key_value_heads = len(layers[0].kv_heads)
+            model.config.num_key_value_heads = len(kept_kv[0])
     if family.head_pruning:  # derived head_dim would be wrong once heads are gone (DESIGN.md §6)
         model.config.head_dim = geo.head_dim
-    return IndexMaps(layers, geo.head_dim)
+    return maps
+
+
+# --------------------------------------------------------------------------------------------------
+# The registered stage
+# --------------------------------------------------------------------------------------------------
+
+
+def resize_linears(model: nn.Module, index_maps: IndexMaps) -> nn.Module:
+    """Give every mapped linear the widths its index maps state (fresh ``nn.Linear`` where they differ).
+
+    For bases with per-layer widths, which transformers builds from ``config.json`` with one width for all
+    layers. Linears that already have their widths are left alone (so a loaded model is unchanged).
+    """
+    for layer in iter_layer_linears(model):
+        for role, module in layer.modules.items():
+            rows, cols = index_maps.rows(layer.index, role), index_maps.cols(layer.index, role)
+            out_features = module.out_features if rows is None else len(rows)
+            in_features = module.in_features if cols is None else len(cols)
+            if (out_features, in_features) != (module.out_features, module.in_features):
+                _replace(model, layer.names[role], nn.Linear(in_features, out_features, bias=module.bias is not None))
+    return model
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), attr, module)
+
+
+class PruneStage:
+    """:class:`~cpet.compress.stages.Stage` for :class:`~cpet.config.PruneConfig` (rank 100)."""
+
+    PER_LAYER = "per-layer FFN widths (layer_schedule)"
+
+    def validate(self, model: nn.Module, config: PruneConfig, context: StageContext, previous) -> None:
+        validate(model, config, context.calibration)
+        if config.layer_schedule:
+            context.custom_layout = context.custom_layout or self.PER_LAYER
+
+    def apply(self, model: nn.Module, config: PruneConfig, context: StageContext):
+        return model, prune(model, config, context.calibration, progress=context.progress)
+
+    def rebuild(self, model: nn.Module, config: PruneConfig, index_maps: IndexMaps) -> nn.Module:
+        return resize_linears(model, index_maps)
+
+
+PRUNE_RANK = 100
+register_stage(PruneConfig, PruneStage(), rank=PRUNE_RANK)

@@ -15,13 +15,20 @@ import torch
 from torch import nn
 
 from ..config import QuantizeConfig, QuantMethod
+from .index_maps import IndexMaps
+from .stages import StageContext, register_stage
 
 
-def validate(model: nn.Module, config: QuantizeConfig, uniform: bool = True) -> None:
-    """Every check that can fail, before any expensive work."""
-    if not uniform:
-        raise ValueError("a base with per-layer FFN widths (layer_schedule) cannot be quantized: transformers "
-                         "reloads it with uniform shapes; prune with a uniform ffn_ratio to quantize")
+def validate(model: nn.Module, config: QuantizeConfig, custom_layout: str | None = None) -> None:
+    """Every check that can fail, before any expensive work.
+
+    ``custom_layout``: what the stages before this one made that transformers cannot rebuild from
+    ``config.json`` (:attr:`cpet.compress.stages.StageContext.custom_layout`), or None.
+    """
+    if custom_layout:
+        raise ValueError(f"a base with {custom_layout} cannot be quantized: bitsandbytes quantization reloads the "
+                         "model with transformers, which builds it from config.json alone (one width for all "
+                         "layers); keep the stages before QuantizeConfig to a plain transformers checkpoint")
     if any(type(m).__module__.startswith("bitsandbytes") for m in model.modules()):
         raise ValueError("the model is already quantized; a compression pipeline takes one QuantizeConfig")
     for name in config.modules or ():
@@ -78,3 +85,26 @@ def keep_4bit_layout(model: nn.Module) -> nn.Module:
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
     return model
+
+
+class QuantizeStage:
+    """:class:`~cpet.compress.stages.Stage` for :class:`~cpet.config.QuantizeConfig` (rank 900, once).
+
+    Moves no row or column (no index maps); transformers reloads its bitsandbytes weights from
+    ``config.json``'s ``quantization_config``, so rebuilding only keeps CPET's 4-bit layout.
+    """
+
+    def validate(self, model: nn.Module, config: QuantizeConfig, context: StageContext, previous) -> None:
+        validate(model, config, context.custom_layout)
+
+    def apply(self, model: nn.Module, config: QuantizeConfig, context: StageContext):
+        validate(model, config, context.custom_layout)  # what the previous stages actually made
+        return quantize(model, config), None
+
+    def rebuild(self, model: nn.Module, config: QuantizeConfig, index_maps: IndexMaps) -> nn.Module:
+        return keep_4bit_layout(model)
+
+
+QUANTIZE_RANK = 900
+register_stage(QuantizeConfig, QuantizeStage(), rank=QUANTIZE_RANK, repeatable=False,
+               order_note="stages that select or move weights need them in full precision")

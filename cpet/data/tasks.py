@@ -11,9 +11,11 @@ refuses labels that validation or test has but train lacks.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -286,3 +288,29 @@ def load_task(spec: str, **kwargs) -> ClassificationTask:
         return load_csv_task(spec, **kwargs)
     raise ValueError(f"unknown task {spec!r}: use a registered name ({', '.join(sorted(TASKS))}), a .jsonl/"
                      ".csv/.tsv file with text and label columns, or hf:<dataset>")
+
+
+def task_source_of(task) -> str | None:
+    """How to load a task again: its registered name, hub spec, or absolute file path (None: an object)."""
+    if not isinstance(task, (str, Path)):
+        return None
+    spec = str(task)
+    if spec in TASKS or spec.startswith("hf:") or not Path(spec).exists():
+        return spec
+    return str(Path(spec).resolve())
+
+
+def task_key(task: str) -> str:
+    """A file-name-safe key for a task name or a path to a task file (``data/my task.jsonl`` -> ``my_task``)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", Path(task).stem if Path(task).suffix else task)
+
+
+def examples_sha256(examples) -> str:
+    """SHA-256 of a split's ``(text, label)`` pairs in order: which training data exactly a run saw."""
+    payload = json.dumps([[e.text, e.label] for e in examples], ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def as_task(task) -> ClassificationTask:
+    """``task`` itself, or the task a name / path / ``hf:`` spec string loads (:func:`load_task`)."""
+    return load_task(task) if isinstance(task, str) else task

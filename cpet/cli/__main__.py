@@ -1,0 +1,7 @@
+"""``python -m cpet.cli``: the same as the ``cpet`` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

@@ -1,0 +1,82 @@
+"""``--config FILE``: flags read from a YAML/JSON file, and the run configs saved beside results."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Sequence
+
+
+def config_file_args(argv: Sequence[str], commands: dict[str, argparse.ArgumentParser]) -> list[str]:
+    """``argv`` with the flags of its ``--config FILE`` put before the command line's own, which win.
+
+    ``commands`` maps each subcommand name to its parser (the flags a file may set).
+
+    The file is a YAML or JSON mapping from flag names (``max-prompt-tokens`` or ``max_prompt_tokens``) to
+    values; lists fill repeatable flags (``task: [a, b]``) unless the command line gives that flag itself.
+    Positional arguments (a pipeline directory) stay on the command line: the file's are ignored.
+    Raises ValueError for an unreadable file or a key the command does not have.
+    """
+    argv = list(argv)
+    if not argv or argv[0] not in commands or not any(a == "--config" or a.startswith("--config=") for a in argv):
+        return argv
+    at = next(i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config="))
+    path = argv[at].split("=", 1)[1] if "=" in argv[at] else (argv[at + 1] if at + 1 < len(argv) else "")
+    values = read_config_file(path)
+    flags = {}
+    for action in commands[argv[0]]._actions:  # argparse keeps no public list of a parser's flags
+        for option in action.option_strings:
+            if option.startswith("--"):
+                flags[option[2:].replace("-", "_")] = (option, action)
+    positional = {action.dest for action in commands[argv[0]]._actions if not action.option_strings}
+    values = {key: value for key, value in values.items() if key not in positional}  # given on the command line
+    unknown = sorted(key for key in values if key.replace("-", "_") not in flags or key in ("config", "help"))
+    if unknown:
+        raise ValueError(f"config file {path}: cpet {argv[0]} has no flag {', '.join(unknown)}; its flags: "
+                         f"{', '.join(sorted(k.replace('_', '-') for k in flags if k not in ('config', 'help')))}")
+    given = {a.split("=", 1)[0] for a in argv[1:] if a.startswith("--")}
+    injected: list[str] = []
+    for key, value in values.items():
+        option, action = flags[key.replace("-", "_")]
+        if option in given:
+            continue
+        if isinstance(action, argparse._StoreTrueAction):
+            injected += [option] if value else []
+        else:
+            for item in value if isinstance(value, list) else [value]:
+                injected += [option, str(item)]
+    return [argv[0], *injected, *argv[1:]]
+
+
+def read_config_file(path: str) -> dict:
+    """The mapping in a YAML or JSON file (FileNotFoundError / ValueError naming the file otherwise)."""
+    from pathlib import Path
+
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    try:
+        values = yaml.safe_load(file.read_text(encoding="utf-8"))  # JSON is YAML too
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ValueError(f"config file {path} is not valid YAML/JSON: {exc}") from exc
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path} must hold a mapping of flag names to values")
+    return values
+
+
+def save_run_config(args: argparse.Namespace, directory) -> None:
+    """Write the command's effective flags to ``DIRECTORY/configs/<command>-<UTC time>.json`` (atomically).
+
+    The file can be given back with ``--config`` to run the same command again.
+    """
+    import datetime
+    import json
+    from pathlib import Path
+
+    from ..assets import write_text_atomic
+
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    values = {key: value for key, value in sorted(vars(args).items())
+              if key not in ("func", "command", "config", "runtime", "json") and value is not None}
+    write_text_atomic(Path(directory) / "configs" / f"{args.command}-{stamp}.json", json.dumps(values, indent=2))

@@ -1,0 +1,277 @@
+"""``cpet info``, ``cpet eval`` and ``cpet list``: what a model, an adapter or a pipeline is and scores."""
+
+from __future__ import annotations
+
+import argparse
+
+from .output import emit, human_bytes, print_table
+
+
+def load_model(args: argparse.Namespace):
+    """``args.model`` loaded on the command's device and dtype (``--device``, ``--dtype``)."""
+    from ..models import load_base
+
+    return load_base(args.model, dtype=args.runtime.dtype, device=args.runtime.device)
+
+
+def model_info(loaded) -> dict:
+    """Architecture, sizes and costs of a loaded base; ``module_map`` says where its q/k/v/o and FFN map came
+    from: ``"table"`` (CPET's fixed family table) or ``"derived"`` (read from the model's structure)."""
+    from ..evaluate import count_parameters, flops_per_token, memory_bytes
+    from ..models import geometry
+
+    geo = geometry(loaded.model)
+    return {
+        "model": loaded.name,
+        "family": loaded.family.name,
+        "module_map": "derived" if loaded.family.derived else "table",
+        "model_type": loaded.model.config.model_type,
+        "layers": geo.num_layers,
+        "hidden_size": geo.hidden_size,
+        "intermediate_size": geo.intermediate_size,
+        "heads": geo.num_heads,
+        "kv_heads": geo.num_kv_heads,
+        "head_dim": geo.head_dim,
+        "vocab_size": loaded.model.config.vocab_size,
+        "parameters": count_parameters(loaded.model),
+        "memory_bytes": memory_bytes(loaded.model),
+        "flops_per_token_ctx128": flops_per_token(loaded.model, 128),
+        "load_seconds": loaded.timings,
+    }
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    info = model_info(load_model(args))
+    emit(info, args.json, lambda r: print_table(["field", "value"], [[k, _readable(k, v)] for k, v in r.items()]))
+    return 0
+
+
+def _readable(field: str, value) -> str:
+    """A model-info value in human units (``--json`` keeps the raw numbers)."""
+    if field == "parameters":
+        return f"{value / 1e6:.1f} M"
+    if field == "memory_bytes":
+        return human_bytes(value)
+    if field.startswith("flops"):
+        return f"{value / 1e6:.1f} MFLOPs"
+    if field == "load_seconds":
+        return ", ".join(f"{step} {seconds:.2f} s" for step, seconds in value.items()) or "–"
+    return str(value)
+
+
+def evaluate_task(loaded, task, *, split: str, limit: int | None, batch_size: int, max_prompt_tokens: int,
+                  progress: bool = True) -> dict:
+    """Zero-shot (or adapted) accuracy of a loaded model on one split of a loaded task."""
+    from ..data import template_for, verbalizer_for
+    from ..evaluate import classification_accuracy
+
+    examples = task.split(split)[:limit] if limit else task.split(split)
+    result = classification_accuracy(
+        loaded.model, loaded.tokenizer, [e.text for e in examples], [e.label for e in examples],
+        template=template_for(task), verbalizer=verbalizer_for(task), labels=task.labels,
+        batch_size=batch_size, max_prompt_tokens=max_prompt_tokens, progress=progress)
+    counts = {label: sum(e.label == label for e in examples) for label in task.labels}
+    majority = max(counts.values()) / len(examples)
+    return {"task": task.name, "split": split, **result.to_dict(), "majority_baseline": majority}
+
+
+def evaluate_corpus(loaded, corpus: str, *, max_tokens: int | None, max_length: int, progress: bool = True
+                    ) -> dict:
+    from ..data import load_corpus
+    from ..evaluate import perplexity
+
+    text = load_corpus(corpus, split="heldout")
+    result = perplexity(loaded.model, loaded.tokenizer, text, max_length=max_length, stride=max_length,
+                        max_tokens=max_tokens, progress=progress)
+    return {"corpus": corpus, "split": "heldout", **result.to_dict()}
+
+
+def _eval_target(args: argparse.Namespace) -> str:
+    """What ``cpet eval`` scores: ``"pipeline"`` (its adapters or compressed base), ``"peft"`` or ``"model"``."""
+    from pathlib import Path
+
+    if args.pipeline is None and (Path(args.model) / "pipeline.json").exists():
+        args.pipeline = args.model  # `--model runs/demo`: the user meant the pipeline
+    if args.pipeline is not None:
+        if not (Path(args.pipeline) / "pipeline.json").exists():
+            raise ValueError(f"{args.pipeline} is not a CPET pipeline directory (no pipeline.json)")
+        return "pipeline"
+    if args.adapter:
+        raise ValueError("--adapter names an adapter of a pipeline: give the pipeline directory first "
+                         "(`cpet eval PIPELINE --adapter NAME`), or use --model BASE --peft DIR")
+    if (Path(args.model) / "adapter_config.json").exists():
+        raise ValueError(f"{args.model} is an adapter, not a model: `cpet eval --model BASE --peft {args.model}`, or "
+                         "`cpet eval PIPELINE --adapter NAME` for an adapter of a CPET pipeline")
+    return "peft" if args.peft else "model"
+
+
+def _peft_on_base(args: argparse.Namespace):
+    """``--model BASE --peft DIR``: the adapter on the base with plain peft, and its ``cpet.json`` if any."""
+    from pathlib import Path
+
+    from peft import PeftModel
+
+    from ..adapters import is_cpet_adapter, read_adapter_meta
+
+    meta = read_adapter_meta(args.peft) if is_cpet_adapter(args.peft) else {}
+    if meta.get("recovery", "none") != "none":
+        raise ValueError(f"adapter {args.peft} was trained with {meta['recovery']} recovery modules, which plain "
+                         "peft does not load: evaluate it in its pipeline, `cpet eval PIPELINE --adapter NAME`")
+    if not (Path(args.peft) / "adapter_config.json").exists():
+        raise FileNotFoundError(f"{args.peft} is not a PEFT adapter directory (no adapter_config.json)")
+    loaded = load_model(args)
+    loaded.model = PeftModel.from_pretrained(loaded.model, str(args.peft)).eval()
+    return loaded, meta
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ..data import load_task
+
+    target = _eval_target(args)
+    if not args.task and not args.corpus and not args.adapter and not args.peft:
+        raise SystemExit("cpet eval: give --task T (accuracy) and/or --corpus C (perplexity), or --adapter NAME "
+                         "with a pipeline")
+    tasks = [load_task(name) for name in args.task or []]  # every name checked before any model work
+    for task in tasks:
+        task.split(args.split)
+    if target == "pipeline":
+        results = _eval_pipeline(args, tasks)
+    else:
+        results = _eval_model(args, tasks, target)
+
+    def render(r: dict) -> None:
+        if "perplexity" in r:
+            p = r["perplexity"]
+            note = (f" of {p['requested_tokens']}: the first token of each {args.max_length}-token window has no "
+                    "context" if p.get("requested_tokens", p["tokens"]) != p["tokens"] else "")
+            print(f"perplexity on {p['corpus']} ({p['split']}, {p['tokens']} tokens scored{note}): {p['ppl']:.3f}")
+        if "tasks" in r:
+            print_table(["adapter", "task", "split", "n", "accuracy", "majority"],
+                         [[t.get("adapter", "–"), t["task"], t["split"], t["n"], t["accuracy"],
+                           t["majority_baseline"]] for t in r["tasks"]])
+
+    emit(results, args.json, render)
+    return 0
+
+
+def _eval_model(args: argparse.Namespace, tasks: list, target: str) -> dict:
+    """A bare model (zero-shot), or a PEFT adapter on it (``--peft``)."""
+    meta = {}
+    if target == "peft":
+        loaded, meta = _peft_on_base(args)
+        if not tasks and meta.get("task"):
+            tasks = [_trained_task(meta, str(args.peft))]
+    else:
+        loaded = load_model(args)
+    max_prompt = meta.get("max_prompt_tokens", args.max_prompt_tokens)
+    results: dict = {"model": args.model, **({"peft": str(args.peft)} if args.peft else {})}
+    if args.corpus:
+        results["perplexity"] = evaluate_corpus(loaded, args.corpus, max_tokens=args.max_tokens,
+                                                max_length=args.max_length, progress=not args.json)
+    if tasks:
+        results["tasks"] = [evaluate_task(loaded, t, split=args.split, limit=args.limit, batch_size=args.batch_size,
+                                          max_prompt_tokens=max_prompt, progress=not args.json) for t in tasks]
+    return results
+
+
+def _trained_task(meta: dict, name: str):
+    """The task an adapter was trained for, loaded again from where ``cpet.json`` says it came from."""
+    from ..data import load_task
+
+    source = meta.get("task_source") or meta.get("task")
+    try:
+        return load_task(source)
+    except (ValueError, FileNotFoundError) as exc:
+        raise ValueError(f"adapter {name} was trained for task {meta.get('task')!r} ({source}), which cannot be "
+                         f"loaded here ({exc}): name the task with --task") from exc
+
+
+def _eval_pipeline(args: argparse.Namespace, tasks: list) -> dict:
+    """Adapters of a pipeline with the recovery they were trained with, or its compressed base zero-shot."""
+    from ..adapters import read_adapter_meta
+    from ..data import load_corpus
+    from ..evaluate import perplexity
+    from ..pipeline import CPET
+
+    pipeline = CPET.load(args.pipeline)
+    directories = {name: pipeline.resolve_adapter(name) for name in args.adapter or []}  # all checked first
+    results: dict = {"pipeline": str(args.pipeline), "tasks": []}
+    for name, directory in directories.items():
+        meta = read_adapter_meta(directory)
+        for task in tasks or [_trained_task(meta, name)]:
+            result = pipeline.evaluate(directory, task, split=args.split, limit=args.limit,
+                                       batch_size=args.batch_size)
+            results["tasks"].append({"adapter": name, **result})
+    if not directories:
+        for task in tasks:
+            result = pipeline.evaluate(None, task, split=args.split, limit=args.limit, batch_size=args.batch_size,
+                                       max_prompt_tokens=args.max_prompt_tokens)
+            results["tasks"].append({"adapter": "compressed base (zero-shot)", **result})
+    if args.corpus:
+        model = (pipeline.model_for(next(iter(directories.values()))) if directories
+                 else pipeline.model_for(None))
+        text = load_corpus(args.corpus, split="heldout")
+        ppl = perplexity(model, pipeline.tokenizer, text, max_length=args.max_length,
+                         stride=args.max_length, max_tokens=args.max_tokens, progress=not args.json)
+        results["perplexity"] = {"corpus": args.corpus, "split": "heldout", **ppl.to_dict(),
+                                 "requested_tokens": args.max_tokens}
+    return results
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """Base, stages, recovery and adapters (task, metrics) of a pipeline, read from its files (no model load)."""
+    import json
+    from pathlib import Path
+
+    from ..adapters import read_adapter_meta
+
+    root = Path(args.pipeline)
+    if not (root / "pipeline.json").exists():
+        raise ValueError(f"{root} is not a CPET pipeline directory (no pipeline.json)")
+    record = json.loads((root / "pipeline.json").read_text())
+    result: dict = {"pipeline": str(root), "source": record.get("source"), "base": None, "recovery": None,
+                    "adapters": []}
+    manifest_path = root / "base" / "manifest.json"
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        stages = manifest.get("stages", [])
+        result["base"] = {"base_id": manifest.get("base_id"),
+                          "stages": [s.get("config", {}).get("stage", "?") for s in stages],
+                          "configs": [s.get("config") for s in stages],
+                          "bytes": stages[-1].get("bytes_after") if stages else None,
+                          "dense_bytes": stages[0].get("bytes_before") if stages else None}
+    recovery_meta = root / "recovery" / "recovery.json"
+    if recovery_meta.exists():
+        meta = json.loads(recovery_meta.read_text())
+        result["recovery"] = {"rank": meta.get("config", {}).get("rank"), "targets": len(meta.get("targets", [])),
+                              "distill_steps": meta.get("distill", {}).get("steps")}
+    for directory in sorted((root / "adapters").glob("*/adapter")):
+        meta = read_adapter_meta(directory) if (directory / "cpet.json").exists() else {}
+        metrics = meta.get("metrics", {})
+        result["adapters"].append({"name": directory.parent.name, "task": meta.get("task"), "on": meta.get("on"),
+                                   "init": meta.get("init"), "recovery": meta.get("recovery"),
+                                   "val_accuracy": metrics.get("val_accuracy"),
+                                   "test_accuracy": metrics.get("test_accuracy")})
+
+    def render(r: dict) -> None:
+        print(f"pipeline {r['pipeline']} (source model {r['source']})")
+        base = r["base"]
+        if base is None:
+            print("base: none yet (cpet compress)")
+        else:
+            size = (f", {human_bytes(base['bytes'])} ({base['bytes'] / base['dense_bytes']:.2f}x of dense)"
+                    if base["bytes"] and base["dense_bytes"] else "")
+            print(f"base: {base['base_id'][:16]}…, stages {' -> '.join(map(str, base['stages']))}{size}")
+        rec = r["recovery"]
+        print("shared recovery: " + (f"rank {rec['rank']} on {rec['targets']} linears, {rec['distill_steps']} "
+                                     "distillation steps" if rec else "none (cpet recover)"))
+        if r["adapters"]:
+            print_table(["adapter", "task", "on", "init", "recovery", "val acc", "test acc"],
+                         [[a["name"], a["task"], a["on"], a["init"], a["recovery"],
+                           "–" if a["val_accuracy"] is None else a["val_accuracy"],
+                           "–" if a["test_accuracy"] is None else a["test_accuracy"]] for a in r["adapters"]])
+        else:
+            print("adapters: none yet (cpet tune)")
+
+    emit(result, args.json, render)
+    return 0

@@ -1,0 +1,127 @@
+"""``cpet compress``, ``cpet recover`` and ``cpet tune``: the steps of a pipeline directory, one per command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config_file import save_run_config
+from .output import emit, print_table
+
+
+def stages_from_args(args: argparse.Namespace) -> list:
+    """PruneConfig / QuantizeConfig objects from ``cpet compress`` flags (validated on construction)."""
+    from ..config import PruneConfig, QuantizeConfig
+
+    stages = []
+    if args.prune_ffn or args.prune_heads:
+        stages.append(PruneConfig(ffn_ratio=args.prune_ffn, head_ratio=args.prune_heads,
+                                  importance=args.importance, head_mode=args.head_mode))
+    if args.quantize != "none":
+        stages.append(QuantizeConfig(method=args.quantize, double_quant=not args.no_double_quant,
+                                     compute_dtype=args.compute_dtype))
+    if not stages:
+        raise ValueError("nothing to do: give --prune-ffn, --prune-heads and/or --quantize")
+    return stages
+
+
+def open_pipeline(directory: str, model: str | None, *, may_create: bool, first_step: str, runtime=None):
+    """The pipeline in ``directory``; a new one on ``model`` when ``may_create`` and there is none yet.
+
+    Any step may come first where it can (compress, or tuning on the original model); otherwise the error
+    names the command that starts the directory.
+    """
+    from pathlib import Path
+
+    from ..models import EMBEDDED_DEFAULT, load_base
+    from ..pipeline import CPET
+
+    if (Path(directory) / "pipeline.json").exists():
+        return CPET.load(directory, original=model)
+    if may_create:
+        placement = {"dtype": runtime.dtype, "device": runtime.device} if runtime is not None else {}
+        return CPET(load_base(model or EMBEDDED_DEFAULT, **placement), directory)
+    model = model or EMBEDDED_DEFAULT
+    raise ValueError(f"{directory} is not a CPET pipeline yet, and {first_step} needs a compressed base: start it "
+                     f"with `cpet compress --model {model} --out {directory} --prune-ffn 0.25 --quantize nf4` "
+                     f"(or `cpet tune {directory} --on original --model {model} --task T` for the inheritance "
+                     "source first)")
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    """Compress into a pipeline directory and report size, perplexity and speed after every stage."""
+    from ..data import load_corpus
+    from ..evaluate import count_parameters, memory_bytes, perplexity, throughput
+
+    stages = stages_from_args(args)  # bad flags fail here, before the model is loaded
+    pipeline = open_pipeline(args.out, args.model, may_create=True, first_step="compress", runtime=args.runtime)
+    text = load_corpus("brown", split="heldout")
+    rows = []
+
+    def measure(name: str, model) -> None:
+        ppl = perplexity(model, pipeline.tokenizer, text, max_tokens=args.eval_tokens,
+                         progress=not args.json)
+        speed = throughput(model, batch_size=4, prompt_len=128, new_tokens=8)
+        rows.append({"stage": name, "params": count_parameters(model), "memory_bytes": memory_bytes(model),
+                     "brown_ppl": ppl.ppl, "prefill_tok_s": speed.prefill_tokens_per_s})
+
+    measure("original", pipeline.original.model)
+    names = [type(s).__name__ for s in stages]
+    pipeline.compress(stages, calibration_samples=args.calibration_samples, progress=not args.json,
+                      after_stage=lambda i, model: measure(f"+ {names[i]}", model))
+    save_run_config(args, args.out)
+    result = {"out": str(pipeline.base_dir), "base_id": pipeline.base_id, "stages": rows}
+
+    def render(r: dict) -> None:
+        print_table(["after", "params (M)", "memory (MB)", "Brown ppl", "prefill tok/s"],
+                     [[x["stage"], x["params"] / 1e6, x["memory_bytes"] / 1e6, x["brown_ppl"], x["prefill_tok_s"]]
+                      for x in r["stages"]])
+        print(f"\ncompressed base {r['base_id'][:16]}… written to {r['out']}")
+
+    emit(result, args.json, render)
+    return 0
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    from ..recovery import RecoveryConfig
+    from ..train import DistillConfig
+
+    pipeline = open_pipeline(args.pipeline, None, may_create=False, first_step="recover")
+    pipeline.recover(RecoveryConfig(rank=args.rank, alpha=float(args.rank), activation="identity", init="svd"),
+                     DistillConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                                   seed=args.seed),
+                     progress=not args.json)
+    save_run_config(args, args.pipeline)
+    result = pipeline.log[-1]
+    emit(result, args.json, lambda r: print(f"shared recovery written to {pipeline.recovery_dir}: distillation "
+                                             f"loss {r['loss_first']:.4f} -> {r['loss_last']:.4f}"))
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from ..train import TuneConfig
+
+    config = TuneConfig(rank=args.rank, alpha=args.alpha, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                        warmup_ratio=args.warmup_ratio, eval_every=args.eval_every, eval_limit=args.val_limit,
+                        max_prompt_tokens=args.max_prompt_tokens, seed=args.seed)
+    pipeline = open_pipeline(args.pipeline, args.model, may_create=args.on == "original",
+                             first_step="tuning on the compressed model", runtime=args.runtime)
+    save_run_config(args, args.pipeline)
+    adapter = pipeline.tune(args.task, on=args.on, init=args.init, inherit_from=args.inherit_from,
+                            recovery=args.recovery, config=config, name=args.name, progress=not args.json,
+                            keep_optimizer_state=args.keep_optimizer_state)
+    if adapter.meta.get("inherited_from_other_task") and not args.json:
+        print(f"note: inherited from an adapter tuned for task {adapter.meta['inherited_task']!r}, not "
+              f"{adapter.meta['task']!r} (allowed: it can help; recorded in cpet.json)", file=sys.stderr)
+    test = pipeline.evaluate(adapter, args.task, limit=args.limit)
+    pipeline.record_metrics(adapter, test_accuracy=test["accuracy"], test_n=test["n"], test_split=test["split"])
+    zero_shot = pipeline.evaluate(None, args.task, limit=args.limit, on=args.on,
+                                  max_prompt_tokens=config.max_prompt_tokens)
+    result = {"adapter": str(adapter.directory), "best_val_accuracy": adapter.meta["metrics"]["val_accuracy"],
+              "best_step": adapter.meta["metrics"]["step"], "test": test,
+              "zero_shot_test_accuracy": zero_shot["accuracy"], "majority_baseline": test["majority_baseline"]}
+    emit(result, args.json, lambda r: print(
+        f"adapter {r['adapter']}: validation {r['best_val_accuracy']:.4f} (step {r['best_step']}), "
+        f"test {r['test']['accuracy']:.4f} on {r['test']['n']} examples (the {args.on} model zero-shot: "
+        f"{r['zero_shot_test_accuracy']:.4f}; majority class: {r['majority_baseline']:.4f})"))
+    return 0
