@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import ClassVar
 
 import pytest
 import torch
 
-from cpet.adapters import add_lora, save_adapter
+from cpet.adapters import add_lora
 from cpet.compress import CompressedBase, IndexMaps, compress, register_stage, unregister_stage
 from cpet.config import PruneConfig, QuantizeConfig, stage_config_from_dict
 from cpet.lora_init import apply_inherited_lora
 from cpet.models import family_of, geometry, iter_layer_linears, tiny_model
+from tests.test_inherit import trained_lora
 
 IDS = torch.tensor([[5, 17, 99, 3, 42, 8, 120]])
 
@@ -61,19 +61,6 @@ def permute_stage():
     unregister_stage(PermuteFFNConfig)
 
 
-def original_lora(family, tmp_path):
-    """A LoRA with non-zero A and B on the tiny model (as after training), saved as a PEFT directory."""
-    loaded = tiny_model(family)
-    peft_model = add_lora(copy.deepcopy(loaded.model), rank=4, alpha=8, dropout=0.0)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.2)
-    save_adapter(peft_model, tmp_path / "orig", {"labels": ["a", "b"]})
-    return loaded, peft_model
-
-
 def delta(module):
     return module.lora_B["default"].weight @ module.lora_A["default"].weight * module.scaling["default"]
 
@@ -85,7 +72,7 @@ def delta(module):
 ])
 def test_inheritance_through_a_registered_stage_equals_the_permuted_original(tmp_path, permute_stage, family,
                                                                             before):
-    loaded, original = original_lora(family, tmp_path)
+    loaded, original = trained_lora(family, tmp_path)
     base = compress(loaded.model, [*before, permute_stage(seed=1)], progress=False)
     maps = base.index_maps
     rows = maps.rows(0, "up")
