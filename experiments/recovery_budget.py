@@ -90,12 +90,15 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="runs/recovery-budget", help="work directories (not tracked)")
     parser.add_argument("--cells", default=str(RESULTS))
     parser.add_argument("--report", help="also write the markdown table to this file")
+    parser.add_argument("--report-only", action="store_true", help="only tabulate the finished cells (no runs)")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--allow-dirty", action="store_true")
     # the grid's task budget (experiments/grid.py), so that these cells compare with the grid's
     parser.add_argument("--tune-steps", type=int, default=40)
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args(argv)
+    if args.report_only:
+        return write_report(Path(args.cells), args.report)
     grid_args = argparse.Namespace(steps=args.tune_steps, batch_size=8, lr=1e-3, eval_every=20, eval_limit=100,
                                    max_prompt_tokens=128, test_limit=None, progress=args.progress,
                                    commit=code_commit(allow_dirty=args.allow_dirty))
@@ -136,10 +139,15 @@ def main(argv=None) -> int:
                     write_text_atomic(path, json.dumps(result, indent=2))
                     print(f"[budget] {path.stem}: test accuracy {result['test_accuracy']:.3f} "
                           f"({result['seconds']:.0f} s)", flush=True)
+    return write_report(cells_dir, args.report)
+
+
+def write_report(cells_dir: Path, path: str | None) -> int:
+    """Print the markdown table of the finished cells and, given ``path``, write it there too."""
     table = report(cells_dir)
     print(table)
-    if args.report:
-        write_text_atomic(Path(args.report), table + "\n")
+    if path:
+        write_text_atomic(Path(path), table + "\n")
     return 0
 
 

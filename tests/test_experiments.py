@@ -184,3 +184,17 @@ def test_cells_store_the_adapters_effective_config_and_predictions(tmp_path):
     source = sha256_of(original.work_dir / "adapters" / "toy-s0" / "adapter" / "adapter_model.safetensors")
     assert inherit["inherited_sha256"] == result["inherited_sha256"] == source
     assert vanilla["inherited_sha256"] is None and vanilla["cumulative_task_steps"] == 2
+
+
+def test_recovery_budget_report_tabulates_perplexity_and_accuracy(tmp_path):
+    from experiments.recovery_budget import report
+
+    (tmp_path / "ppl.json").write_text(json.dumps({"ffn25-nf4@step0": 148.9, "ffn25-nf4@step40": 91.7,
+                                                   "ffn25-nf4@step360": 82.5}))
+    for seed, acc in ((0, 0.90), (1, 0.92)):
+        (tmp_path / f"ffn25-nf4@step40__t__cpet-shared__s{seed}.json").write_text(
+            json.dumps(cell("ffn25-nf4@step40", "t", "cpet-shared", seed, acc)))
+    lines = report(tmp_path).splitlines()
+    assert lines[2] == "| ffn25-nf4 | 0 | 148.90 | – | – |"
+    assert lines[3] == "| ffn25-nf4 | 40 | 91.70 | 91.0 ± 1.4 (2) | 91.0 |"
+    assert lines[4] == "| ffn25-nf4 | 360 | 82.50 | – | – |"  # steps sort as numbers, not text
