@@ -45,11 +45,16 @@ def model_device(model: nn.Module) -> torch.device:
 
 @dataclass(frozen=True)
 class PerplexityResult:
-    """Perplexity = exp(nll / tokens) over the scored tokens."""
+    """Perplexity = exp(nll / tokens) over the scored tokens.
+
+    ``read_tokens`` is how many tokens of the text were read; the first token of each non-overlapping
+    window has no context and is not scored, so ``tokens`` can be smaller (510 of 512 in two windows).
+    """
 
     ppl: float
     nll: float
     tokens: int
+    read_tokens: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -119,7 +124,7 @@ def perplexity(model: nn.Module, tokenizer, text: str, *, max_length: int = 256,
             picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
             nll -= picked[mask].sum().item()
             scored += int(mask.sum())
-    return PerplexityResult(ppl=math.exp(nll / scored), nll=nll, tokens=scored)
+    return PerplexityResult(ppl=math.exp(nll / scored), nll=nll, tokens=scored, read_tokens=len(ids))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -286,3 +286,11 @@ def test_scoring_progress_counts_examples(monkeypatch):
     loaded = tiny_model("llama")
     label_logprobs(loaded.model, loaded.tokenizer, ["a b", "c d e", "f"], [" x y", " z"], batch_size=4)
     assert totals == [3] and sum(updates) == 3  # 6 (prompt, label) sequences, 3 examples
+
+
+def test_perplexity_says_why_fewer_tokens_were_scored(capsys, model_dir, tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("a small corpus of plain words. " * 30)  # 930 byte tokens
+    assert main(["eval", "--model", str(model_dir), "--corpus", str(corpus), "--max-tokens", "512"]) == 0
+    out = capsys.readouterr().out
+    assert "510 tokens scored of 512 read: the first token of each 256-token window has no context" in out

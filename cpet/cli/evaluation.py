@@ -142,8 +142,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     def render(r: dict) -> None:
         if "perplexity" in r:
             p = r["perplexity"]
-            note = (f" of {p['requested_tokens']}: the first token of each {args.max_length}-token window has no "
-                    "context" if p.get("requested_tokens", p["tokens"]) != p["tokens"] else "")
+            note = (f" of {p['read_tokens']} read: the first token of each {args.max_length}-token window has no "
+                    "context" if p["read_tokens"] != p["tokens"] else "")
             print(f"perplexity on {p['corpus']} ({p['split']}, {p['tokens']} tokens scored{note}): {p['ppl']:.3f}")
         if "tasks" in r:
             print_table(["adapter", "task", "split", "n", "accuracy", "majority"],
@@ -213,8 +213,7 @@ def _eval_pipeline(args: argparse.Namespace, tasks: list) -> dict:
         text = load_corpus(args.corpus, split="heldout")
         ppl = perplexity(model, pipeline.tokenizer, text, max_length=args.max_length,
                          stride=args.max_length, max_tokens=args.max_tokens, progress=not args.json)
-        results["perplexity"] = {"corpus": args.corpus, "split": "heldout", **ppl.to_dict(),
-                                 "requested_tokens": args.max_tokens}
+        results["perplexity"] = {"corpus": args.corpus, "split": "heldout", **ppl.to_dict()}
     return results
 
 
