@@ -148,7 +148,8 @@ def encode_prompt_and_label(tokenizer, prompt: str, label_word: str,
 
 
 def label_logprobs(model: nn.Module, tokenizer, prompts: Sequence[str], label_words: Sequence[str], *,
-                   batch_size: int = 8, max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS, progress: bool = False) -> torch.Tensor:
+                   batch_size: int = 8, max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
+                   progress: bool = False) -> torch.Tensor:
     """Log-probability of each label word after each prompt: a float tensor ``[len(prompts), len(labels)]``.
 
     Multi-token label words are scored as the sum of their tokens' log-probabilities. When every label

@@ -405,7 +405,8 @@ class CPET:
             return _dir(adapter)
         path = Path(adapter)
         if (path / "adapter" / "adapter_config.json").exists() and not (path / "adapter_config.json").exists():
-            raise FileNotFoundError(f"{path} is a tuning run directory, not an adapter directory: use {path / 'adapter'}")
+            raise FileNotFoundError(f"{path} is a tuning run directory, not an adapter directory: "
+                                    f"use {path / 'adapter'}")
         known = self.adapters()
         if str(adapter) in known and not (path / "adapter_config.json").exists():  # a name, not a local path
             return known[str(adapter)]
