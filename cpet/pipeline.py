@@ -234,28 +234,28 @@ class CPET:
 
         config = config or RecoveryConfig(rank=16, alpha=16.0, activation="identity", init="svd")
         distill = distill or DistillConfig()
+        wanted = {int(step) for step in checkpoints}
+        if any(not 0 < step < distill.steps for step in wanted):  # before any work
+            raise ValueError(f"checkpoints {sorted(wanted)} must lie between 0 and the {distill.steps} distillation "
+                             "steps (the last step is saved anyway)")
         start, started_at = time.perf_counter(), utc_now()
+        corpus = load_corpus(text, split="train")
         base = self.load_compressed()
         recovery = RecoverySet(base.model, config)
         if config.init == "svd":
             scales = None
             if activation_weighted:
-                ids = calibration_ids(self.original.tokenizer, load_corpus(text, split="train"), 8, 128)
+                ids = calibration_ids(self.original.tokenizer, corpus, 8, 128)
                 scales = input_rms(self.original.model, ids, recovery.targets)
             init_errors = init_from_residuals(recovery, self.original.model, base.model, base.index_maps, scales)
         recovery.attach(base.model, slot=SHARED, trainable=True)
-        wanted = {int(step) for step in checkpoints}
-        if any(not 0 < step < distill.steps for step in wanted):
-            raise ValueError(f"checkpoints {sorted(wanted)} must lie between 0 and the {distill.steps} distillation "
-                             "steps (the last step is saved anyway)")
-
         def save_checkpoint(done: int) -> None:
             if done in wanted:
                 recovery.save(self.work_dir / f"recovery-step{done}",
                               {"base_id": base.manifest.base_id, "distill": asdict(distill), "steps_done": done})
 
-        losses = distill_on_text(base.model, self.original.model, self.original.tokenizer,
-                                 load_corpus(text, split="train"), distill, progress=progress,
+        losses = distill_on_text(base.model, self.original.model, self.original.tokenizer, corpus, distill,
+                                 progress=progress,
                                  after_step=save_checkpoint)
         recovery.save(self.recovery_dir, {"base_id": base.manifest.base_id, "distill": asdict(distill),
                                           "losses": losses})
