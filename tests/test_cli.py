@@ -294,3 +294,22 @@ def test_perplexity_says_why_fewer_tokens_were_scored(capsys, model_dir, tmp_pat
     assert main(["eval", "--model", str(model_dir), "--corpus", str(corpus), "--max-tokens", "512"]) == 0
     out = capsys.readouterr().out
     assert "510 tokens scored of 512 read: the first token of each 256-token window has no context" in out
+
+
+def test_sparsity_writes_a_json_report_and_a_png(capsys, model_dir, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("A plain sentence about the weather and the sea, told once more. " * 60)
+    out = tmp_path / "sparsity"
+    report = run_json(capsys, "sparsity", "--model", str(model_dir), "--corpus", str(corpus), "--calibration-samples",
+                      "2", "--seq-len", "32", "--max-tokens", "256", "--ppl-p", "5", "--out", str(out))
+    assert json.loads((out / "sparsity.json").read_text()) == report
+    assert (out / "sparsity.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(report["layers"]) == 2 and report["tokens"] == 64 and report["ppl_p"]["p"] == 5.0
+    assert report["baseline"]["ppl"] > 0
+
+
+@pytest.mark.parametrize("argv, message", [(["--cett", "1.5"], r"--cett .* in \[0, 1\]"),
+                                           (["--ppl-p", "-1"], r"--ppl-p .* \(> 0\)")])
+def test_sparsity_refuses_bad_targets_before_loading(capsys, argv, message):
+    assert main(["sparsity", "--model", "no-such-model", *argv]) == 2
+    assert re.search(message, capsys.readouterr().err)

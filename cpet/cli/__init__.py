@@ -15,6 +15,7 @@ from .demo import cmd_demo
 from .evaluation import cmd_eval, cmd_info, cmd_list, evaluate_corpus, evaluate_task, model_info
 from .fetch import cmd_fetch
 from .pipeline_commands import cmd_compress, cmd_recover, cmd_tune, open_pipeline, stages_from_args
+from .sparsity import cmd_sparsity
 
 __all__ = ["main", "build_parser", "model_info", "evaluate_task", "evaluate_corpus", "config_file_args",
            "save_run_config", "open_pipeline", "stages_from_args"]
@@ -105,6 +106,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "list", "what a pipeline holds: base, stages, recovery, adapters with task and metrics", cmd_list,
                  runs_models=False)
     p.add_argument("pipeline", help="a CPET pipeline directory")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = _command(sub, "sparsity", "FFN activation sparsity: activation ratio and CETT per layer, PPL-p% sparsity, "
+                                  "and a magnitude-threshold baseline at the same active share (JSON + PNG)",
+                 cmd_sparsity)
+    p.add_argument("--model", default=EMBEDDED_DEFAULT, help="embedded name, local directory, .gguf file or hub id")
+    p.add_argument("--corpus", default="brown", help="brown (thresholds from its training documents, perplexity "
+                                                     "on the held-out ones) or a local .txt file (used for both)")
+    p.add_argument("--calibration-samples", type=positive_int, default=16, help="windows whose activations set "
+                                                                                "the thresholds")
+    p.add_argument("--seq-len", type=positive_int, default=128, help="tokens per calibration window")
+    p.add_argument("--cett", type=float, default=0.2, help="CETT target of the per-layer table")
+    p.add_argument("--ppl-p", type=float, default=1.0, help="perplexity rise in percent for PPL-p%% sparsity")
+    p.add_argument("--max-tokens", type=positive_int, default=2048, help="held-out tokens for perplexity")
+    p.add_argument("--out", default="runs/sparsity", help="directory for sparsity.json and sparsity.png")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = _command(sub, "compress", "compress a model into a pipeline directory, with a report", cmd_compress)

@@ -1,0 +1,51 @@
+"""``cpet sparsity``: activation ratio, CETT and PPL-p% sparsity of a model's FFNs (:mod:`cpet.sparsity`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .output import emit, print_table
+
+
+def cmd_sparsity(args: argparse.Namespace) -> int:
+    from ..assets import write_text_atomic
+    from ..compress import calibration_ids
+    from ..data import load_corpus
+    from ..sparsity import plot_activation_ratios, sparsity_report
+    from .evaluation import load_model
+
+    if not 0.0 <= args.cett <= 1.0:  # before the model is loaded
+        raise ValueError(f"--cett is a share of the FFN output norm in [0, 1], got {args.cett}")
+    if args.ppl_p is not None and args.ppl_p <= 0:
+        raise ValueError(f"--ppl-p is a perplexity rise in percent (> 0), got {args.ppl_p}")
+    loaded = load_model(args)
+    brown = args.corpus == "brown"  # thresholds from Brown's training documents, perplexity on held-out ones
+    calibration = calibration_ids(loaded.tokenizer, load_corpus(args.corpus, split="train" if brown else "all"),
+                                  args.calibration_samples, args.seq_len, seed=args.seed)
+    text = load_corpus(args.corpus, split="heldout" if brown else "all")
+    report = sparsity_report(loaded.model, loaded.tokenizer, calibration, text, cett=args.cett, ppl_p=args.ppl_p,
+                             max_tokens=args.max_tokens, progress=not args.json)
+    report = {"model": loaded.name, "corpus": args.corpus, **report}
+    out = Path(args.out)
+    write_text_atomic(out / "sparsity.json", json.dumps(report, indent=2))
+    plot_activation_ratios(report, out / "sparsity.png", title=f"{loaded.name}: FFN activation ratio per layer")
+    emit(report, args.json, render)
+    return 0
+
+
+def render(report: dict) -> None:
+    print_table(["layer", "non-zero", f"active at CETT {report['cett_target']:g}", "threshold"],
+                [[e["layer"], e["nonzero_ratio"], e["activation_ratio"], e["threshold"]] for e in report["layers"]])
+    overall = report["overall"]
+    print(f"\noverall: {overall['nonzero_ratio']:.4f} non-zero, {overall['activation_ratio']:.4f} active at CETT "
+          f"{report['cett_target']:g} ({report['tokens']} calibration tokens)")
+    found = report["ppl_p"]
+    if found:
+        print(f"PPL-{found['p']:g}% sparsity: {found['sparsity']:.4f} (activation ratio {found['activation_ratio']:.4f} "
+              f"at CETT {found['cett']:.4f}; perplexity {found['dense_ppl']:.2f} -> {found['ppl']:.2f}, "
+              f"+{found['rise_percent']:.2f}%)")
+        base = report["baseline"]
+        print(f"magnitude-threshold baseline at activation ratio {base['activation_ratio']:.4f}: perplexity "
+              f"{base['ppl']:.2f} (+{base['rise_percent']:.2f}%)")

@@ -1,0 +1,333 @@
+"""Activation sparsity of FFNs, measured the way the Sparsing Law paper (Luo et al., 2024) measures it.
+
+Every mapped FFN computes ``y = W_down a`` with ``a = act(W_gate x) * (W_up x)`` (gated) or ``act(W_up x)``;
+``a`` ``[n]`` is the input of the down linear, read here with a forward pre-hook, so this works for every family
+CPET maps (SiLU/GLU, ReLU, GELU) and for compressed bases. Neuron ``i`` adds ``a_i W_down[:, i]`` to ``y``; its
+*contribution* is ``c_i = |a_i| * ||W_down[:, i]||``. For a threshold ``eps``:
+
+- neuron ``i`` is **active** when ``c_i > eps``; the **activation ratio** is the share of active neurons
+  (at ``eps = 0``: the share of non-zero activations, the classic ReLU measure);
+- **CETT** (cumulative errors of tail truncation) is ``||sum_{c_i <= eps} a_i W_down[:, i]|| / ||y||``, averaged
+  over tokens: the relative error of dropping the inactive neurons. It is 0 at ``eps = 0`` and 1 above the
+  largest contribution;
+- per layer, the threshold for a target CETT is found by bisection (CETT grows with ``eps``, up to
+  cancellation between dropped neurons);
+- **PPL-p% sparsity**: the global CETT target whose per-layer thresholds raise perplexity by ``p`` percent
+  (bisection on the target), and the activation ratio reached there.
+
+The training-free baseline (:func:`magnitude_thresholds`, as TEAL / CATS do) thresholds ``|a_i|`` per layer at
+the quantile that keeps a given share of neurons active, so that other methods (MoEfication) can be compared
+with it at the same share of active neurons. :class:`ActivationMask` applies either kind of threshold while a
+model runs (dense computation followed by a mask: it measures quality, not speed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .evaluate import evaluating, model_device, perplexity
+from .models import iter_layer_linears, unwrap
+
+CONTRIBUTION, MAGNITUDE = "contribution", "magnitude"
+
+
+def down_weight(module: nn.Module) -> torch.Tensor:
+    """The effective fp32 ``[hidden, n]`` weight of an FFN's down linear (dequantized, experts joined)."""
+    full = getattr(module, "full_weight", None)  # an expert bank of a MoEfied FFN (cpet.moe)
+    if callable(full):
+        return full().float()
+    from .recovery import dequantized_weight
+
+    return dequantized_weight(module)
+
+
+@dataclass
+class FFNActivations:
+    """FFN intermediate activations of a model on calibration tokens.
+
+    Attributes:
+        acts: per layer ``[tokens, n_layer]`` fp32 (``a``, the down linear's input).
+        down: per layer ``[hidden, n_layer]`` fp32 effective down weights.
+    """
+
+    acts: list[torch.Tensor]
+    down: list[torch.Tensor]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.acts)
+
+    @property
+    def tokens(self) -> int:
+        return self.acts[0].shape[0]
+
+    def column_norms(self, layer: int) -> torch.Tensor:
+        """``[n]``: ``||W_down[:, i]||``."""
+        return self.down[layer].norm(dim=0)
+
+    def contributions(self, layer: int) -> torch.Tensor:
+        """``[tokens, n]``: ``c_i = |a_i| * ||W_down[:, i]||``."""
+        return self.acts[layer].abs() * self.column_norms(layer)
+
+    def cett(self, layer: int, eps: float) -> float:
+        """Mean over tokens of ``||tail(eps)|| / ||y||`` (tokens with ``y = 0`` are skipped)."""
+        a, w = self.acts[layer], self.down[layer]
+        dropped = self.contributions(layer) <= eps
+        full = (a @ w.T).norm(dim=1)
+        tail = ((a * dropped) @ w.T).norm(dim=1)
+        keep = full > 0
+        return float((tail[keep] / full[keep]).mean()) if keep.any() else 0.0
+
+    def activation_ratio(self, layer: int, eps: float = 0.0) -> float:
+        """Share of (token, neuron) pairs with ``c_i > eps``."""
+        return float((self.contributions(layer) > eps).float().mean())
+
+    def subsample(self, tokens: int | None) -> "FFNActivations":
+        """The same measurement on at most ``tokens`` evenly strided tokens (None: all)."""
+        if tokens is None or tokens >= self.tokens:
+            return self
+        step = -(-self.tokens // tokens)
+        return FFNActivations([a[::step] for a in self.acts], self.down)
+
+    def threshold_for_cett(self, layer: int, target: float, iterations: int = 24) -> float:
+        """The largest ``eps`` (to bisection precision) whose CETT does not exceed ``target`` in ``[0, 1]``."""
+        if not 0.0 <= target <= 1.0:
+            raise ValueError(f"a CETT target is in [0, 1], got {target}")
+        low, high = 0.0, float(self.contributions(layer).max()) * (1 + 1e-6) + 1e-12
+        if target >= 1.0:
+            return high
+        for _ in range(iterations):
+            middle = (low + high) / 2
+            if self.cett(layer, middle) <= target:
+                low = middle
+            else:
+                high = middle
+        return low
+
+    def thresholds_for_cett(self, target: float, iterations: int = 24, search_tokens: int | None = 512
+                            ) -> list[float]:
+        """Per-layer thresholds for ``target``, searched on ``search_tokens`` tokens (each CETT probe is a
+        ``[tokens, n] x [n, hidden]`` matmul per layer: on SmolLM2-135M, all 2,048 tokens cost ~2.5 s a layer)."""
+        sample = self.subsample(search_tokens)
+        return [sample.threshold_for_cett(layer, target, iterations) for layer in range(self.num_layers)]
+
+
+def _down_modules(model: nn.Module) -> list[nn.Module]:
+    return [layer["down"] for layer in iter_layer_linears(unwrap(model))]
+
+
+@torch.no_grad()
+def collect_ffn_activations(model: nn.Module, token_ids: torch.Tensor, *, batch_size: int = 4,
+                            progress: bool = False) -> FFNActivations:
+    """Run ``token_ids`` ``[n, seq]`` (no padding) through ``model`` and keep every FFN's ``a`` (fp32, CPU).
+
+    Memory: ``n * seq * sum(n_layer) * 4`` bytes (SmolLM2-135M, 2,048 tokens: ~380 MB).
+    """
+    downs = _down_modules(model)
+    store: list[list[torch.Tensor]] = [[] for _ in downs]
+    handles = [module.register_forward_pre_hook(
+        lambda module, inputs, i=i: store[i].append(inputs[0].detach().float().reshape(-1, inputs[0].shape[-1]).cpu()))
+        for i, module in enumerate(downs)]
+    device = model_device(model)
+    try:
+        with evaluating(model):
+            for chunk in tqdm(token_ids.split(batch_size), desc="activations", disable=not progress, leave=False):
+                model(input_ids=chunk.to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return FFNActivations([torch.cat(parts) for parts in store], [down_weight(m).cpu() for m in downs])
+
+
+def magnitude_thresholds(activations: FFNActivations, active_share: float) -> list[float]:
+    """Per-layer ``t`` with a share ``active_share`` of ``|a_i|`` above it on the calibration tokens (TEAL/CATS)."""
+    if not 0.0 < active_share <= 1.0:
+        raise ValueError(f"active_share is in (0, 1], got {active_share}")
+    out = []
+    for acts in activations.acts:
+        magnitudes = acts.abs().flatten()
+        if magnitudes.numel() > 1 << 24:  # torch.quantile's input limit; a strided sample is exact enough
+            magnitudes = magnitudes[:: magnitudes.numel() // (1 << 24) + 1]
+        out.append(float(torch.quantile(magnitudes, 1.0 - active_share)) if active_share < 1 else -1.0)
+    return out
+
+
+class ActivationMask:
+    """Zero every FFN activation at or below its layer's threshold while the model runs, counting the active ones.
+
+    ``mode``: ``"contribution"`` compares ``|a_i| * ||W_down[:, i]||`` with the threshold (CETT thresholds),
+    ``"magnitude"`` compares ``|a_i|`` (:func:`magnitude_thresholds`). Use as a context manager; afterwards
+    :attr:`active_share` is the share of activations kept over everything that ran (padding included).
+    """
+
+    def __init__(self, model: nn.Module, thresholds: Sequence[float], mode: str = CONTRIBUTION):
+        downs = _down_modules(model)
+        if len(thresholds) != len(downs):
+            raise ValueError(f"{len(thresholds)} thresholds for {len(downs)} FFN layers")
+        if mode not in (CONTRIBUTION, MAGNITUDE):
+            raise ValueError(f"mode is {CONTRIBUTION!r} or {MAGNITUDE!r}, got {mode!r}")
+        self.mode, self.thresholds, self._downs = mode, list(thresholds), downs
+        self._norms = [down_weight(m).norm(dim=0) if mode == CONTRIBUTION else None for m in downs]
+        self._handles: list = []
+        self.kept, self.total = 0, 0
+
+    def _hook(self, layer: int):
+        def hook(module, inputs):
+            a = inputs[0]
+            score = a.abs() if self._norms[layer] is None else a.abs() * self._norms[layer].to(a.device, a.dtype)
+            keep = score > self.thresholds[layer]
+            self.kept += int(keep.sum())
+            self.total += keep.numel()
+            return (a * keep,) + tuple(inputs[1:])
+        return hook
+
+    def __enter__(self) -> "ActivationMask":
+        self._handles = [m.register_forward_pre_hook(self._hook(i)) for i, m in enumerate(self._downs)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    @property
+    def active_share(self) -> float:
+        return self.kept / self.total if self.total else float("nan")
+
+
+@dataclass
+class PPLPoint:
+    """One probe of the PPL-p% search: a global CETT target and what it gave on the evaluation text."""
+
+    cett: float
+    ppl: float
+    rise_percent: float
+    activation_ratio: float
+
+
+@dataclass
+class PPLPResult:
+    """PPL-p% sparsity: the probe whose perplexity rise is closest to ``p`` (``points``: every probe, in order)."""
+
+    p: float
+    dense_ppl: float
+    cett: float
+    ppl: float
+    rise_percent: float
+    activation_ratio: float
+    thresholds: list[float]
+    points: list[PPLPoint] = field(default_factory=list)
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.activation_ratio
+
+
+def ppl_p_sparsity(model: nn.Module, tokenizer, activations: FFNActivations, text: str, p: float = 1.0, *,
+                   max_tokens: int | None = 2048, tolerance: float = 0.1, max_probes: int = 16,
+                   search_tokens: int | None = 512, progress: bool = False) -> PPLPResult:
+    """Bisect the global CETT target so that perplexity on ``text`` rises by ``p`` percent over the dense model.
+
+    Per-layer thresholds come from ``activations`` (calibration tokens); perplexity and the activation ratio are
+    measured on ``text`` (first ``max_tokens`` tokens) with :class:`ActivationMask`. Stops when the rise is
+    within ``tolerance`` percentage points of ``p`` or after ``max_probes``; returns the closest probe.
+    """
+    if p <= 0:
+        raise ValueError(f"p is a perplexity rise in percent (> 0), got {p}")
+    dense = perplexity(model, tokenizer, text, max_tokens=max_tokens).ppl
+    low, high, points, best = 0.0, 1.0, [], None
+    for _ in tqdm(range(max_probes), desc=f"PPL-{p:g}%", disable=not progress, leave=False):
+        target = (low + high) / 2
+        thresholds = activations.thresholds_for_cett(target, search_tokens=search_tokens)
+        with ActivationMask(model, thresholds) as mask:
+            ppl = perplexity(model, tokenizer, text, max_tokens=max_tokens).ppl
+        point = PPLPoint(target, ppl, 100 * (ppl / dense - 1), mask.active_share)
+        points.append(point)
+        if best is None or abs(point.rise_percent - p) < abs(best[0].rise_percent - p):
+            best = (point, thresholds)
+        if abs(point.rise_percent - p) <= tolerance:
+            break
+        low, high = (target, high) if point.rise_percent < p else (low, target)
+    point, thresholds = best
+    return PPLPResult(p, dense, point.cett, point.ppl, point.rise_percent, point.activation_ratio, thresholds, points)
+
+
+def sparsity_report(model: nn.Module, tokenizer, calibration: torch.Tensor, text: str, *, cett: float = 0.2,
+                    ppl_p: float | None = 1.0, max_tokens: int | None = 2048, search_tokens: int | None = 512,
+                    progress: bool = False) -> dict:
+    """The whole measurement as a JSON-ready dict.
+
+    Args:
+        calibration: ``[n, seq]`` token ids whose activations set the thresholds.
+        text: held-out text for perplexity (PPL-p% and the magnitude baseline at the same active share).
+        cett: the CETT target of the per-layer report.
+        ppl_p: the perplexity rise in percent for PPL-p% sparsity (None: skip the perplexity search).
+        search_tokens: calibration tokens the threshold bisections read (ratios and CETT are reported on all).
+    Returns:
+        ``{"tokens", "cett_target", "layers": [{"layer", "neurons", "nonzero_ratio", "threshold",
+        "activation_ratio", "cett"}], "overall": {...}, "ppl_p": {...} | None, "baseline": {...} | None}``.
+    """
+    activations = collect_ffn_activations(model, calibration, progress=progress)
+    layers = []
+    sample = activations.subsample(search_tokens)
+    for layer in tqdm(range(activations.num_layers), desc="CETT thresholds", disable=not progress, leave=False):
+        eps = sample.threshold_for_cett(layer, cett)
+        layers.append({"layer": layer, "neurons": activations.acts[layer].shape[1],
+                       "nonzero_ratio": activations.activation_ratio(layer, 0.0), "threshold": eps,
+                       "activation_ratio": activations.activation_ratio(layer, eps),
+                       "cett": activations.cett(layer, eps)})
+    neurons = sum(entry["neurons"] for entry in layers)
+    overall = {key: sum(e[key] * e["neurons"] for e in layers) / neurons for key in ("nonzero_ratio", "activation_ratio")}
+    report = {"tokens": activations.tokens, "cett_target": cett, "layers": layers, "overall": overall,
+              "ppl_p": None, "baseline": None}
+    if ppl_p is not None:
+        result = ppl_p_sparsity(model, tokenizer, activations, text, ppl_p, max_tokens=max_tokens,
+                                search_tokens=search_tokens, progress=progress)
+        found = asdict(result)
+        found["sparsity"] = result.sparsity
+        report["ppl_p"] = found
+        thresholds = magnitude_thresholds(activations, result.activation_ratio)
+        with ActivationMask(model, thresholds, MAGNITUDE) as mask:
+            ppl = perplexity(model, tokenizer, text, max_tokens=max_tokens).ppl
+        report["baseline"] = {"method": "per-layer |a| quantile thresholds (TEAL/CATS-style)",
+                              "target_active_share": result.activation_ratio, "activation_ratio": mask.active_share,
+                              "ppl": ppl, "rise_percent": 100 * (ppl / result.dense_ppl - 1), "thresholds": thresholds}
+    return report
+
+
+def plot_activation_ratios(report: dict, path: str | Path, title: str = "") -> Path:
+    """A PNG of the per-layer activation ratio at the CETT target (and non-zero ratio), written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .assets import atomic_path
+
+    layers = [entry["layer"] for entry in report["layers"]]
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.plot(layers, [e["nonzero_ratio"] for e in report["layers"]], "o-", label="non-zero activations")
+    ax.plot(layers, [e["activation_ratio"] for e in report["layers"]], "s-",
+            label=f"active at CETT {report['cett_target']:g}")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("activation ratio")
+    ax.set_ylim(0, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left")
+    ax.set_title(title or "FFN activation ratio per layer")
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return path
+
+
+__all__ = ["FFNActivations", "collect_ffn_activations", "magnitude_thresholds", "ActivationMask",
+           "ppl_p_sparsity", "PPLPResult", "PPLPoint", "sparsity_report", "plot_activation_ratios", "down_weight"]

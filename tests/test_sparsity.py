@@ -1,0 +1,112 @@
+"""Activation sparsity tools (cpet.sparsity) on tiny models: CETT, thresholds, PPL-p%, the magnitude baseline."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cpet.models import tiny_model
+from cpet.sparsity import (ActivationMask, collect_ffn_activations, magnitude_thresholds, plot_activation_ratios,
+                           ppl_p_sparsity, sparsity_report)
+
+TEXT = ("The quick brown fox jumps over the lazy dog while the sun sets slowly behind the hills. " * 40)
+
+
+def calibration(vocab: int, n: int = 4, seq: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, vocab, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module", params=["llama", "opt"])  # SiLU/GLU and ReLU FFNs
+def measured(request):
+    loaded = tiny_model(request.param)
+    return loaded, collect_ffn_activations(loaded.model, calibration(loaded.model.config.vocab_size))
+
+
+def test_activations_are_the_down_inputs_of_every_layer(measured):
+    loaded, acts = measured
+    assert acts.num_layers == loaded.model.config.num_hidden_layers and acts.tokens == 4 * 32
+    assert acts.acts[0].shape[1] == acts.down[0].shape[1]
+    if loaded.model.config.model_type == "opt":  # ReLU: many exact zeros; SiLU: none
+        assert 0.2 < acts.activation_ratio(0, 0.0) < 0.8
+    else:
+        assert acts.activation_ratio(0, 0.0) > 0.99
+
+
+def test_cett_is_zero_at_zero_and_one_above_the_largest_contribution(measured):
+    _, acts = measured
+    for layer in range(acts.num_layers):
+        assert acts.cett(layer, 0.0) == pytest.approx(0.0, abs=1e-7)
+        top = float(acts.contributions(layer).max())
+        assert acts.cett(layer, top * 1.0001) == pytest.approx(1.0, abs=1e-6)
+        assert acts.activation_ratio(layer, top * 1.0001) == 0.0
+
+
+def test_threshold_search_lands_on_the_target_cett_and_sparsifies(measured):
+    _, acts = measured
+    for target in (0.05, 0.2, 0.5):
+        eps = acts.threshold_for_cett(0, target)
+        assert acts.cett(0, eps) <= target + 1e-6
+        assert acts.cett(0, eps) == pytest.approx(target, abs=0.03)  # 128 tokens x 128 neurons: fine steps
+    assert acts.activation_ratio(0, acts.threshold_for_cett(0, 0.5)) < acts.activation_ratio(
+        0, acts.threshold_for_cett(0, 0.05))
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        acts.threshold_for_cett(0, 1.5)
+
+
+def test_magnitude_thresholds_keep_the_asked_share_and_the_mask_applies_them(measured):
+    loaded, acts = measured
+    thresholds = magnitude_thresholds(acts, 0.3)
+    ids = calibration(loaded.model.config.vocab_size)
+    with torch.no_grad():
+        dense = loaded.model(input_ids=ids).logits
+        with ActivationMask(loaded.model, thresholds, "magnitude") as mask:
+            sparse = loaded.model(input_ids=ids).logits
+        again = loaded.model(input_ids=ids).logits
+    assert mask.active_share == pytest.approx(0.3, abs=0.02)  # the calibration tokens themselves
+    assert not torch.allclose(dense, sparse)
+    assert torch.equal(dense, again)  # hooks removed on exit
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        magnitude_thresholds(acts, 0.0)
+    with pytest.raises(ValueError, match="thresholds for"):
+        ActivationMask(loaded.model, thresholds[:1])
+
+
+def trained_tiny_llama(steps: int = 80):
+    """A tiny llama fitted to TEXT, so that dropping FFN neurons costs perplexity (a random one gains)."""
+    loaded = tiny_model("llama")
+    ids = torch.tensor(loaded.tokenizer(TEXT, add_special_tokens=False)["input_ids"])
+    optimizer = torch.optim.Adam(loaded.model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    loaded.model.train()
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - 64, (8,), generator=generator)
+        batch = torch.stack([ids[s:s + 64] for s in starts.tolist()])
+        loaded.model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    loaded.model.eval().requires_grad_(False)
+    return loaded
+
+
+def test_ppl_p_search_lands_within_half_a_point_of_its_target():
+    loaded = trained_tiny_llama()
+    acts = collect_ffn_activations(loaded.model, calibration(loaded.model.config.vocab_size, n=8))
+    result = ppl_p_sparsity(loaded.model, loaded.tokenizer, acts, TEXT, p=5.0, max_tokens=512)
+    assert abs(result.rise_percent - 5.0) <= 0.5, result.points
+    assert 0.0 < result.activation_ratio < 1.0 and result.sparsity == pytest.approx(1 - result.activation_ratio)
+    assert len(result.thresholds) == acts.num_layers and result.dense_ppl < result.ppl
+
+
+def test_report_is_json_with_a_baseline_at_the_same_share_and_plots(tmp_path):
+    loaded = trained_tiny_llama()
+    report = sparsity_report(loaded.model, loaded.tokenizer, calibration(loaded.model.config.vocab_size), TEXT,
+                             cett=0.2, ppl_p=5.0, max_tokens=256)
+    json.dumps(report)  # JSON-ready
+    assert [e["layer"] for e in report["layers"]] == list(range(loaded.model.config.num_hidden_layers))
+    assert all(e["cett"] <= 0.2 + 1e-6 and 0 < e["activation_ratio"] < 1 for e in report["layers"])
+    baseline = report["baseline"]
+    assert baseline["activation_ratio"] == pytest.approx(report["ppl_p"]["activation_ratio"], abs=0.1)
+    png = plot_activation_ratios(report, tmp_path / "ratios.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
