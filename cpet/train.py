@@ -395,7 +395,7 @@ class DistillConfig:
         seed: seeds window sampling.
     """
 
-    steps: int = 100
+    steps: int = 120
     batch_size: int = 4
     seq_len: int = 128
     lr: float = 1e-3
