@@ -99,6 +99,11 @@ def cell_name(setting: str, task: str, row: str, seed: int) -> str:
     return f"{setting}__{task_key(task)}__{row}__s{seed}"
 
 
+def is_done(path: Path, commit: str) -> bool:
+    """Whether the cell at ``path`` was measured by the code at ``commit`` (a cell of other code is redone)."""
+    return path.exists() and json.loads(path.read_text()).get("commit") == commit
+
+
 def code_commit(repo: Path = REPO, allow_dirty: bool = False) -> str:
     """The commit the grid runs from; refuses uncommitted changes to what it measures (unless allowed)."""
     head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -218,7 +223,7 @@ def main(argv=None) -> int:
                 for row in rows:
                     key = "original" if row in ORIGINAL_ROWS else setting
                     path = cells_dir / f"{cell_name(key, task, row, seed)}.json"
-                    if path.exists():
+                    if is_done(path, args.commit):
                         continue
                     if key != "original" and setting not in pipelines:
                         pipelines[setting] = prepare_setting(setting, out, args)

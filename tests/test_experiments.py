@@ -198,3 +198,12 @@ def test_recovery_budget_report_tabulates_perplexity_and_accuracy(tmp_path):
     assert lines[2] == "| ffn25-nf4 | 0 | 148.90 | – | – |"
     assert lines[3] == "| ffn25-nf4 | 40 | 91.70 | 91.0 ± 1.4 (2) | 91.0 |"
     assert lines[4] == "| ffn25-nf4 | 360 | 82.50 | – | – |"  # steps sort as numbers, not text
+
+
+def test_a_cell_of_other_code_is_redone_not_skipped(tmp_path):
+    from experiments.grid import is_done
+
+    path = tmp_path / "cell.json"
+    assert not is_done(path, "aaa111")
+    path.write_text(json.dumps({**cell("nf4", "a", "vanilla", 0, 0.5), "commit": "aaa111"}))
+    assert is_done(path, "aaa111") and not is_done(path, "bbb222")
