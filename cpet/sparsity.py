@@ -301,8 +301,20 @@ def sparsity_report(model: nn.Module, tokenizer, calibration: torch.Tensor, text
     return report
 
 
+def require_matplotlib() -> None:
+    """Raise ImportError saying how to install matplotlib (the ``plots`` extra) when it is missing.
+
+    Callers that write the PNG check this before any measurement, so a missing plotting library never costs a run.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ImportError("the activation-ratio plot needs matplotlib: pip install 'cpet[plots]' (or matplotlib)")
+
+
 def plot_activation_ratios(report: dict, path: str | Path, title: str = "") -> Path:
     """A PNG of the per-layer activation ratio at the CETT target (and non-zero ratio), written atomically."""
+    require_matplotlib()
     import matplotlib
 
     matplotlib.use("Agg")
@@ -330,4 +342,5 @@ def plot_activation_ratios(report: dict, path: str | Path, title: str = "") -> P
 
 
 __all__ = ["FFNActivations", "collect_ffn_activations", "magnitude_thresholds", "ActivationMask",
-           "ppl_p_sparsity", "PPLPResult", "PPLPoint", "sparsity_report", "plot_activation_ratios", "down_weight"]
+           "ppl_p_sparsity", "PPLPResult", "PPLPoint", "sparsity_report", "plot_activation_ratios",
+           "require_matplotlib", "down_weight"]

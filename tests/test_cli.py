@@ -313,3 +313,12 @@ def test_sparsity_writes_a_json_report_and_a_png(capsys, model_dir, tmp_path):
 def test_sparsity_refuses_bad_targets_before_loading(capsys, argv, message):
     assert main(["sparsity", "--model", "no-such-model", *argv]) == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_sparsity_without_matplotlib_says_how_to_install_it_before_any_work(capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    assert main(["sparsity", "--model", "no-such-model"]) == 2  # an unknown model would fail later, at loading
+    assert "pip install 'cpet[plots]'" in capsys.readouterr().err

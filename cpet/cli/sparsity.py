@@ -13,9 +13,13 @@ def cmd_sparsity(args: argparse.Namespace) -> int:
     from ..assets import write_text_atomic
     from ..compress import calibration_ids
     from ..data import load_corpus
-    from ..sparsity import plot_activation_ratios, sparsity_report
+    from ..sparsity import plot_activation_ratios, require_matplotlib, sparsity_report
     from .evaluation import load_model
 
+    try:
+        require_matplotlib()  # the PNG is written at the end: fail before the measurement, not after it
+    except ImportError as exc:
+        raise ValueError(str(exc)) from None
     if not 0.0 <= args.cett <= 1.0:  # before the model is loaded
         raise ValueError(f"--cett is a share of the FFN output norm in [0, 1], got {args.cett}")
     if args.ppl_p is not None and args.ppl_p <= 0:
