@@ -283,7 +283,8 @@ def sparsity_report(model: nn.Module, tokenizer, calibration: torch.Tensor, text
                        "activation_ratio": activations.activation_ratio(layer, eps),
                        "cett": activations.cett(layer, eps)})
     neurons = sum(entry["neurons"] for entry in layers)
-    overall = {key: sum(e[key] * e["neurons"] for e in layers) / neurons for key in ("nonzero_ratio", "activation_ratio")}
+    overall = {key: sum(e[key] * e["neurons"] for e in layers) / neurons
+               for key in ("nonzero_ratio", "activation_ratio")}
     report = {"tokens": activations.tokens, "cett_target": cett, "layers": layers, "overall": overall,
               "ppl_p": None, "baseline": None}
     if ppl_p is not None:

@@ -205,7 +205,8 @@ def main(argv=None) -> int:
     parser.add_argument("--test-limit", type=int, default=None, help="test examples scored (default: all)")
     parser.add_argument("--max-prompt-tokens", type=int, default=128, help="prompt cut, training and scoring")
     parser.add_argument("--recovery-steps", type=int, default=120,
-                        help="shared recovery distillation steps (docs/recovery_budget.md: 120 beat 40 at 50%% pruning)")
+                        help="shared recovery distillation steps "
+                             "(docs/recovery_budget.md: 120 beat 40 at 50%% pruning)")
     parser.add_argument("--progress", action="store_true")
     parser.add_argument("--allow-dirty", action="store_true", help="run uncommitted code (cells say so)")
     args = parser.parse_args(argv)

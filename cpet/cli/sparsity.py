@@ -47,7 +47,8 @@ def render(report: dict) -> None:
           f"{report['cett_target']:g} ({report['tokens']} calibration tokens)")
     found = report["ppl_p"]
     if found:
-        print(f"PPL-{found['p']:g}% sparsity: {found['sparsity']:.4f} (activation ratio {found['activation_ratio']:.4f} "
+        print(f"PPL-{found['p']:g}% sparsity: {found['sparsity']:.4f} "
+              f"(activation ratio {found['activation_ratio']:.4f} "
               f"at CETT {found['cett']:.4f}; perplexity {found['dense_ppl']:.2f} -> {found['ppl']:.2f}, "
               f"+{found['rise_percent']:.2f}%)")
         base = report["baseline"]
