@@ -249,14 +249,14 @@ class CPET:
                 scales = input_rms(self.original.model, ids, recovery.targets)
             init_errors = init_from_residuals(recovery, self.original.model, base.model, base.index_maps, scales)
         recovery.attach(base.model, slot=SHARED, trainable=True)
+
         def save_checkpoint(done: int) -> None:
             if done in wanted:
                 recovery.save(self.work_dir / f"recovery-step{done}",
                               {"base_id": base.manifest.base_id, "distill": asdict(distill), "steps_done": done})
 
         losses = distill_on_text(base.model, self.original.model, self.original.tokenizer, corpus, distill,
-                                 progress=progress,
-                                 after_step=save_checkpoint)
+                                 progress=progress, after_step=save_checkpoint)
         recovery.save(self.recovery_dir, {"base_id": base.manifest.base_id, "distill": asdict(distill),
                                           "losses": losses})
         self._record("recover", started_at, config=asdict(config), distill=asdict(distill), text=text,

@@ -33,18 +33,17 @@ from tqdm.auto import tqdm
 
 from .evaluate import evaluating, model_device, perplexity
 from .models import iter_layer_linears, unwrap
+from .recovery import dequantized_weight
 
 CONTRIBUTION, MAGNITUDE = "contribution", "magnitude"
 
 
-def down_weight(module: nn.Module) -> torch.Tensor:
-    """The effective fp32 ``[hidden, n]`` weight of an FFN's down linear (dequantized, experts joined)."""
-    full = getattr(module, "full_weight", None)  # an expert bank of a MoEfied FFN (cpet.moe)
-    if callable(full):
-        return full().float()
-    from .recovery import dequantized_weight
-
-    return dequantized_weight(module)
+def _tail_share(acts: torch.Tensor, down: torch.Tensor, contributions: torch.Tensor, output_norms: torch.Tensor,
+                eps: float) -> float:
+    """CETT of one layer at ``eps``, given its ``[tokens, n]`` contributions and ``[tokens]`` output norms."""
+    tail = ((acts * (contributions <= eps)) @ down.T).norm(dim=1)
+    keep = output_norms > 0
+    return float((tail[keep] / output_norms[keep]).mean()) if keep.any() else 0.0
 
 
 @dataclass
@@ -75,14 +74,14 @@ class FFNActivations:
         """``[tokens, n]``: ``c_i = |a_i| * ||W_down[:, i]||``."""
         return self.acts[layer].abs() * self.column_norms(layer)
 
+    def output_norms(self, layer: int) -> torch.Tensor:
+        """``[tokens]``: ``||y||``, the norm of the FFN output of each token."""
+        return (self.acts[layer] @ self.down[layer].T).norm(dim=1)
+
     def cett(self, layer: int, eps: float) -> float:
         """Mean over tokens of ``||tail(eps)|| / ||y||`` (tokens with ``y = 0`` are skipped)."""
-        a, w = self.acts[layer], self.down[layer]
-        dropped = self.contributions(layer) <= eps
-        full = (a @ w.T).norm(dim=1)
-        tail = ((a * dropped) @ w.T).norm(dim=1)
-        keep = full > 0
-        return float((tail[keep] / full[keep]).mean()) if keep.any() else 0.0
+        return _tail_share(self.acts[layer], self.down[layer], self.contributions(layer), self.output_norms(layer),
+                           eps)
 
     def activation_ratio(self, layer: int, eps: float = 0.0) -> float:
         """Share of (token, neuron) pairs with ``c_i > eps``."""
@@ -99,12 +98,14 @@ class FFNActivations:
         """The largest ``eps`` (to bisection precision) whose CETT does not exceed ``target`` in ``[0, 1]``."""
         if not 0.0 <= target <= 1.0:
             raise ValueError(f"a CETT target is in [0, 1], got {target}")
-        low, high = 0.0, float(self.contributions(layer).max()) * (1 + 1e-6) + 1e-12
+        contributions = self.contributions(layer)
+        low, high = 0.0, float(contributions.max()) * (1 + 1e-6) + 1e-12
         if target >= 1.0:
             return high
+        output_norms = self.output_norms(layer)  # independent of eps: computed once, not per probe
         for _ in range(iterations):
             middle = (low + high) / 2
-            if self.cett(layer, middle) <= target:
+            if _tail_share(self.acts[layer], self.down[layer], contributions, output_norms, middle) <= target:
                 low = middle
             else:
                 high = middle
@@ -142,7 +143,7 @@ def collect_ffn_activations(model: nn.Module, token_ids: torch.Tensor, *, batch_
     finally:
         for handle in handles:
             handle.remove()
-    return FFNActivations([torch.cat(parts) for parts in store], [down_weight(m).cpu() for m in downs])
+    return FFNActivations([torch.cat(parts) for parts in store], [dequantized_weight(m).cpu() for m in downs])
 
 
 def magnitude_thresholds(activations: FFNActivations, active_share: float) -> list[float]:
@@ -162,18 +163,24 @@ class ActivationMask:
     """Zero every FFN activation at or below its layer's threshold while the model runs, counting the active ones.
 
     ``mode``: ``"contribution"`` compares ``|a_i| * ||W_down[:, i]||`` with the threshold (CETT thresholds),
-    ``"magnitude"`` compares ``|a_i|`` (:func:`magnitude_thresholds`). Use as a context manager; afterwards
+    ``"magnitude"`` compares ``|a_i|`` (:func:`magnitude_thresholds`); ``column_norms`` (per layer ``[n]``) saves
+    dequantizing the down weights again. Use as a context manager; afterwards
     :attr:`active_share` is the share of activations kept over everything that ran (padding included).
     """
 
-    def __init__(self, model: nn.Module, thresholds: Sequence[float], mode: str = CONTRIBUTION):
+    def __init__(self, model: nn.Module, thresholds: Sequence[float], mode: str = CONTRIBUTION,
+                 column_norms: Sequence[torch.Tensor] | None = None):
         downs = _down_modules(model)
         if len(thresholds) != len(downs):
             raise ValueError(f"{len(thresholds)} thresholds for {len(downs)} FFN layers")
         if mode not in (CONTRIBUTION, MAGNITUDE):
             raise ValueError(f"mode is {CONTRIBUTION!r} or {MAGNITUDE!r}, got {mode!r}")
         self.mode, self.thresholds, self._downs = mode, list(thresholds), downs
-        self._norms = [down_weight(m).norm(dim=0) if mode == CONTRIBUTION else None for m in downs]
+        if mode == MAGNITUDE:
+            self._norms = [None] * len(downs)
+        else:  # ``column_norms``: ``||W_down[:, i]||`` per layer when the caller has them (FFNActivations)
+            self._norms = list(column_norms) if column_norms is not None else [
+                dequantized_weight(m).norm(dim=0) for m in downs]
         self._handles: list = []
         self.kept, self.total = 0, 0
 
@@ -241,11 +248,12 @@ def ppl_p_sparsity(model: nn.Module, tokenizer, activations: FFNActivations, tex
     if p <= 0:
         raise ValueError(f"p is a perplexity rise in percent (> 0), got {p}")
     dense = perplexity(model, tokenizer, text, max_tokens=max_tokens).ppl
+    norms = [activations.column_norms(layer) for layer in range(activations.num_layers)]
     low, high, points, best = 0.0, 1.0, [], None
     for _ in tqdm(range(max_probes), desc=f"PPL-{p:g}%", disable=not progress, leave=False):
         target = (low + high) / 2
         thresholds = activations.thresholds_for_cett(target, search_tokens=search_tokens)
-        with ActivationMask(model, thresholds) as mask:
+        with ActivationMask(model, thresholds, column_norms=norms) as mask:
             ppl = perplexity(model, tokenizer, text, max_tokens=max_tokens).ppl
         point = PPLPoint(target, ppl, 100 * (ppl / dense - 1), mask.active_share)
         points.append(point)
@@ -344,4 +352,4 @@ def plot_activation_ratios(report: dict, path: str | Path, title: str = "") -> P
 
 __all__ = ["FFNActivations", "collect_ffn_activations", "magnitude_thresholds", "ActivationMask",
            "ppl_p_sparsity", "PPLPResult", "PPLPoint", "sparsity_report", "plot_activation_ratios",
-           "require_matplotlib", "down_weight"]
+           "require_matplotlib"]

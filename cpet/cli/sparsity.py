@@ -22,7 +22,7 @@ def cmd_sparsity(args: argparse.Namespace) -> int:
         raise ValueError(str(exc)) from None
     if not 0.0 <= args.cett <= 1.0:  # before the model is loaded
         raise ValueError(f"--cett is a share of the FFN output norm in [0, 1], got {args.cett}")
-    if args.ppl_p is not None and args.ppl_p <= 0:
+    if args.ppl_p <= 0:
         raise ValueError(f"--ppl-p is a perplexity rise in percent (> 0), got {args.ppl_p}")
     loaded = load_model(args)
     brown = args.corpus == "brown"  # thresholds from Brown's training documents, perplexity on held-out ones
