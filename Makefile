@@ -10,11 +10,13 @@ PY := $(VENV)/bin/python
 
 .PHONY: install demo test bench clean-venv
 
-$(STAMP): setup.cfg setup.py
+# constraints.txt pins every other dependency to the versions the suite last passed with, so that a fresh
+# machine (and CI) installs what was tested, whatever PyPI released since; setup.cfg keeps the open ranges.
+$(STAMP): setup.cfg setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)

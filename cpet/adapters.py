@@ -48,11 +48,15 @@ def add_lora(model: nn.Module, *, rank: int, alpha: float, dropout: float,
     """
     from peft import LoraConfig, get_peft_model
 
+    from .moe.peft_lora import has_expert_banks, register_bank_lora
+
     if target_modules is None:
         target_modules = target_module_suffixes(model, None if target_roles is None else tuple(target_roles))
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
                         target_modules=target_modules, use_rslora=use_rslora,
                         rank_pattern=dict(rank_pattern or {}), alpha_pattern=dict(alpha_pattern or {}))
+    if has_expert_banks(model):
+        register_bank_lora(config)
     return get_peft_model(model, config, adapter_name=adapter_name)
 
 
@@ -210,7 +214,10 @@ def load_standalone(directory: str | Path):
         model, tokenizer = loaded.model, loaded.tokenizer
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, str(directory)).eval(), tokenizer
+    from .moe.peft_lora import peft_config_for
+
+    peft_model = PeftModel.from_pretrained(model, str(directory), config=peft_config_for(model, directory))
+    return peft_model.eval(), tokenizer
 
 
 def load_adapter(model: nn.Module, directory: str | Path, *, base_id: str | None = None,
@@ -218,10 +225,12 @@ def load_adapter(model: nn.Module, directory: str | Path, *, base_id: str | None
     """Load a CPET adapter onto ``model`` with plain peft after checking its ``base_id``."""
     from peft import PeftModel
 
+    from .moe.peft_lora import peft_config_for
+
     meta = read_adapter_meta(directory)
     check_adapter_base(meta, base_id=base_id, directory=directory)
-    return PeftModel.from_pretrained(model, str(directory), adapter_name=adapter_name,
-                                     is_trainable=is_trainable)
+    return PeftModel.from_pretrained(model, str(directory), adapter_name=adapter_name, is_trainable=is_trainable,
+                                     config=peft_config_for(model, directory))
 
 
 def inheritance_facts(task_name: str, source: str | Path | None) -> dict:

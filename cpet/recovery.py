@@ -9,7 +9,8 @@ the compressed linear it sits beside. Two ways to get one:
   compression residual ``W_orig[kept] - dequant(W_compressed)`` (optionally weighted by input-activation
   scales, as in EoRA), then distilled on calibration text against the uncompressed model.
 
-Bypasses are attached with forward hooks on the compressed linears, never by replacing modules, so they
+Bypasses are attached with forward hooks on the compressed linears (on a MoEfied FFN's expert banks, as side
+paths each expert reads its slice of), never by replacing modules, so they
 compose with peft's LoRA wrappers (which keep the compressed linear as ``base_layer``) and can be switched
 on and off. A model carries at most one :class:`RecoverySet` per slot (``"shared"``, ``"per_task"``), all in
 one ``nn.ModuleDict`` registered on the model as ``cpet_recovery``, so that every attached set trains,
@@ -30,6 +31,7 @@ from torch import nn
 from .assets import atomic_path
 from .compress.manifest import short_base_id
 from .models import linear_roles, unwrap
+from .moe.experts import LowRankPath, bank_of
 
 RECOVERY_FILE = "recovery.safetensors"
 RECOVERY_META = "recovery.json"
@@ -157,7 +159,12 @@ class RecoverySet(nn.Module):
         if slot in sets:
             sets[slot].detach()
         for name in self.targets:
-            self._handles.append(base.get_submodule(name).register_forward_hook(self._hook(self.bypass(name))))
+            module = base.get_submodule(name)
+            bank = bank_of(module)
+            if bank is not None:  # a MoEfied FFN calls its banks per expert, not through forward: a side path
+                self._handles.append(bank.add_side_path(self._side_path(self.bypass(name))))
+            else:
+                self._handles.append(module.register_forward_hook(self._hook(self.bypass(name))))
         self.to(next(base.parameters()).device)
         self.requires_grad_(trainable)
         sets[slot] = self
@@ -172,6 +179,15 @@ class RecoverySet(nn.Module):
             return output + bypass(inputs[0]).to(output.dtype)
 
         return hook
+
+    def _side_path(self, bypass: RecoveryBypass):
+        """An expert-bank side path reading ``bypass``'s factors while this set is enabled."""
+        def path() -> LowRankPath | None:
+            if not self.enabled:
+                return None
+            return LowRankPath(bypass.A.weight, bypass.B.weight, bypass.scale, bypass.act, nn.Identity())
+
+        return path
 
     def detach(self) -> None:
         """Remove the hooks and the registration (the model then computes without this set)."""
@@ -228,7 +244,10 @@ def read_recovery_meta(directory: str | Path) -> dict:
 
 
 def dequantized_weight(module: nn.Module) -> torch.Tensor:
-    """The effective fp32 weight ``[out, in]`` of a linear, dequantizing bitsandbytes 4/8-bit storage."""
+    """The effective fp32 weight ``[out, in]`` of a linear, dequantizing bitsandbytes 4/8-bit storage (an expert
+    bank gives its experts' weights joined in whole-FFN order)."""
+    if hasattr(module, "dense_weight"):
+        return module.dense_weight()
     weight = module.weight
     quant_state = getattr(weight, "quant_state", None)
     if quant_state is not None:  # bitsandbytes Params4bit
@@ -310,6 +329,9 @@ def init_from_residuals(recovery: RecoverySet, original: nn.Module, compressed: 
             rows, cols = index_maps.rows(layer.index, role), index_maps.cols(layer.index, role)
             residual = compression_residual(originals[layer.index][role],
                                             getattr(layer[role], "base_layer", layer[role]), rows, cols)
+            if not residual.any():  # unchanged weights (e.g. MoEfication moves, not changes, them): keep the
+                errors[name] = 0.0  # zero-start init, which distillation can move (an SVD of 0 would stay 0)
+                continue
             scale = None
             if input_scales is not None:
                 scale = input_scales[name] if cols is None else input_scales[name].index_select(0, cols)

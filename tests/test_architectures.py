@@ -39,9 +39,9 @@ from cpet.recovery import RecoveryConfig
 from cpet.train import DistillConfig, TuneConfig
 
 FITS = (
-    "apertus", "arcee", "biogpt", "cohere", "cohere2", "cwm", "diffllama", "ernie4_5", "exaone4", "falcon_h1",
-    "flint", "gemma", "gemma2", "gemma3_text", "granite", "granite_swa", "helium", "hunyuan_v1_dense",
-    "hyperclovax", "internlm3", "iquestcoder", "jais2", "llama", "ministral", "ministral3", "mistral",
+    "apertus", "apertus1p5_text", "arcee", "biogpt", "cohere", "cohere2", "cwm", "diffllama", "ernie4_5", "exaone",
+    "exaone4", "falcon_h1", "flint", "gemma", "gemma2", "gemma3_text", "granite", "granite_swa", "helium",
+    "hunyuan_v1_dense", "hyperclovax", "internlm3", "iquestcoder", "jais2", "llama", "ministral", "ministral3", "mistral",
     "nanochat", "nemotron", "olmo", "olmo2", "olmo3", "opt", "phi", "qwen2", "qwen3", "seed_oss", "smollm3",
     "stablelm", "starcoder2", "vaultgemma", "xglm",
 )
@@ -58,7 +58,8 @@ REFUSED = {  # model type -> the module (or fact) the refusal names
     "beam": "model.layers.0.self_attn.gate_proj", "bloom": "transformer.h.0.self_attention.query_key_value",
     "codegen": "transformer.h.0.attn.qkv_proj", "ctrl": "transformer.h.0.multi_head_attention.Wq",
     "deepseek_v2": "model.layers.0.self_attn.q_a_proj", "deepseek_v3": "model.layers.0.self_attn.q_a_proj",
-    "doge": "model.layers.0.self_attn.dt_proj", "falcon": "transformer.h.0.self_attention.query_key_value",
+    "doge": "model.layers.0.self_attn.dt_proj", "dory": "model.layers.0.self_attn.gate_proj",
+    "falcon": "transformer.h.0.self_attention.query_key_value",
     "glm": "model.layers.0.mlp.gate_up_proj", "glm4": "model.layers.0.mlp.gate_up_proj",
     "glm4_moe_lite": "model.layers.0.self_attn.q_a_proj", "gpt-sw3": "transformer.h.0.attn.c_attn",
     "gpt2": "transformer.h.0.attn.c_attn", "gpt_bigcode": "transformer.h.0.attn.c_attn",
@@ -69,7 +70,7 @@ REFUSED = {  # model type -> the module (or fact) the refusal names
     "mpt": "transformer.blocks.0.attn.Wqkv", "openai-gpt": "transformer.h.0.attn.c_attn",
     "persimmon": "model.layers.0.self_attn.query_key_value", "phi3": "model.layers.0.self_attn.qkv_proj",
     "phi4_multimodal": "model.layers.0.self_attn.qkv_proj", "rwkv": "rwkv.blocks.0.attention.receptance",
-    "youtu": "model.layers.0.self_attn.q_a_proj",
+    "youtu": "model.layers.0.self_attn.q_a_proj", "sarvam_mla": "model.layers.0.self_attn.kv_a_proj_with_mqa",
     # mixtures of experts and other FFN blocks that are not a plain MLP
     "aria_text": "model.layers.0.mlp", "cohere2_moe": "model.layers.0.mlp",
     "ernie4_5_moe": "model.layers.1.mlp", "exaone_moe": "model.layers.1.mlp",
@@ -82,6 +83,7 @@ REFUSED = {  # model type -> the module (or fact) the refusal names
     "minimax_m3_vl_text": "model.layers.0.mlp", "mixtral": "model.layers.0.mlp",
     "olmoe": "model.layers.0.mlp", "phimoe": "model.layers.0.mlp", "qwen2_moe": "model.layers.0.mlp",
     "qwen3_moe": "model.layers.0.mlp", "solar_open": "model.layers.0.mlp",
+    "sarvam_moe": "model.layers.1.mlp",
     # projections nested below the attention block (encoder-style blocks, wrapped linears, indexers)
     "axk2": "model.layers.0.self_attn.indexer.wq_b",
     "bailing_hybrid": "model.layers.0.self_attn.forget_gate.f_proj",
@@ -105,7 +107,8 @@ REFUSED = {  # model type -> the module (or fact) the refusal names
     "zaya": "model.layers.0.self_attn.qkv_proj.q_proj",
     # layers without exactly one attention block (state-space, hybrid, cross-attention)
     "bamba": "model.layers.0", "falcon_mamba": "backbone.layers.0", "granitemoehybrid": "model.layers.0",
-    "inkling2_text": "model.layers.0", "jamba": "model.layers.0", "lfm3": "model.layers.0",
+    "inkling2_text": "model.layers.0", "inkling2_loop_text": "model.layers.0", "lara_mini": "model.layers.0",
+    "jamba": "model.layers.0", "lfm3": "model.layers.0",
     "mamba": "backbone.layers.0", "nemotron_h": "model.layers.0", "olmo_hybrid": "model.layers.0",
     "qwen3_5_moe_text": "model.layers.0", "qwen3_5_text": "model.layers.0", "qwen3_next": "model.layers.0",
     "qwen4_exp_text": "model.layers.0", "recurrent_gemma": "model.layers.0",
@@ -116,6 +119,7 @@ REFUSED = {  # model type -> the module (or fact) the refusal names
     "blt": "BltForCausalLM", "dots3_note": "Dots3NoteForCausalLM", "emu3": "Emu3ForCausalLM",
     "fuyu": "FuyuForCausalLM", "gemma3": "Gemma3ForConditionalGeneration",
     "gemma4": "Gemma4ForConditionalGeneration", "gemma4_unified": "Gemma4UnifiedForConditionalGeneration",
+    "gemma4_unified_assistant": "Gemma4UnifiedAssistantForCausalLM",
     "got_ocr2": "GotOcr2ForConditionalGeneration", "hrm_text": "HrmTextForCausalLM",
     "llama4": "Llama4ForCausalLM", "longcat_flash": "LongcatFlashForCausalLM", "marian": "MarianForCausalLM",
     "mbart": "MBartForCausalLM", "mllama": "MllamaForCausalLM",
@@ -132,7 +136,7 @@ REFUSED = {  # model type -> the module (or fact) the refusal names
 }
 NOT_TINY = (  # transformers itself cannot build a tiny random one with the shared sizes
     "camembert", "cohere_compass_text", "data2vec-text", "dbrx", "dots1", "gemma3n", "gemma4_assistant",
-    "gemma4_unified_assistant", "lfm2_moe", "mamba2", "musicgen", "musicgen_melody", "plbart", "prophetnet",
+    "lfm2_moe", "mamba2", "musicgen", "musicgen_melody", "plbart", "prophetnet",
     "qwen4_exp", "reformer", "roberta", "roberta-prelayernorm", "whisper", "xlm-roberta", "xlm-roberta-xl",
     "xlnet", "xmod", "zamba", "zamba2",
 )

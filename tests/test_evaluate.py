@@ -138,3 +138,29 @@ def test_throughput_reports_positive_rates():
     result = throughput(loaded.model, batch_size=2, prompt_len=16, new_tokens=4)
     assert result.prefill_tokens_per_s > 0 and result.decode_tokens_per_s > 0
     assert (result.batch_size, result.prompt_len, result.new_tokens) == (2, 16, 4)
+
+
+def test_flops_of_a_moefied_model_count_the_share_of_experts_it_ran():
+    from cpet.compress import compress
+    from cpet.compress.moefy import MoEfyConfig, moe_blocks
+
+    model = tiny_model("llama").model
+    calibration = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    base = compress(model, [MoEfyConfig(num_experts=4, top_k=4)], calibration=calibration, progress=False)
+    config = model.config
+    ffn = 2 * 3 * config.hidden_size * config.intermediate_size * config.num_hidden_layers
+    router = sum(2 * (b.router.proj.in_features * b.router.proj.out_features
+                      + b.router.out.in_features * b.router.out.out_features) for b in moe_blocks(base.model))
+    dense = flops_per_token(model)
+    assert flops_per_token(base.model) == pytest.approx(dense + router)
+    for block in moe_blocks(base.model):
+        block.top_k = 1
+    assert flops_per_token(base.model) == pytest.approx(dense + router - 0.75 * ffn)  # top-1 of 4, before running
+    for block in moe_blocks(base.model):
+        block.tau, block.top_k = 0.9, None
+    with torch.no_grad():
+        base.model(input_ids=calibration[:1])
+    share = sum(b.chosen_experts for b in moe_blocks(base.model)) / sum(4 * b.routed_tokens
+                                                                        for b in moe_blocks(base.model))
+    assert 0.25 <= share <= 1.0
+    assert flops_per_token(base.model) == pytest.approx(dense + router - (1 - share) * ffn)

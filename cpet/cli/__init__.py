@@ -131,8 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pruning importance (taylor and activation read Brown calibration windows)")
     p.add_argument("--head-mode", default="query", choices=["query", "kv_group"],
                    help="prune query heads within each KV group, or whole KV groups")
+    p.add_argument("--moefy-experts", type=positive_int, default=None,
+                   help="MoEfication after pruning: split each FFN into this many equal experts with a router")
+    p.add_argument("--moefy-top-k", type=positive_int, default=None,
+                   help="experts per token (default: half of --moefy-experts; with --moefy-tau, the cap)")
+    p.add_argument("--moefy-tau", type=float, default=None,
+                   help="dynamic-k: per token the fewest experts whose predicted norms reach this share, (0, 1]")
+    p.add_argument("--moefy-clustering", default="weights", choices=["weights", "coactivation"],
+                   help="group neurons by their weight vectors or by co-activation on calibration text")
     p.add_argument("--quantize", default="none", choices=["none", "int8", "nf4", "fp4"],
-                   help="bitsandbytes quantization after pruning")
+                   help="bitsandbytes quantization after pruning and MoEfication")
     p.add_argument("--no-double-quant", action="store_true", help="4-bit: do not quantize the scales again")
     p.add_argument("--compute-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="dtype of quantized matmuls")

@@ -10,18 +10,24 @@ from .output import emit, print_table
 
 
 def stages_from_args(args: argparse.Namespace) -> list:
-    """PruneConfig / QuantizeConfig objects from ``cpet compress`` flags (validated on construction)."""
+    """PruneConfig / MoEfyConfig / QuantizeConfig objects from ``cpet compress`` flags (validated on construction)."""
+    from ..compress.moefy import MoEfyConfig
     from ..config import PruneConfig, QuantizeConfig
 
     stages = []
     if args.prune_ffn or args.prune_heads:
         stages.append(PruneConfig(ffn_ratio=args.prune_ffn, head_ratio=args.prune_heads,
                                   importance=args.importance, head_mode=args.head_mode))
+    if args.moefy_experts is not None:
+        stages.append(MoEfyConfig(num_experts=args.moefy_experts, top_k=args.moefy_top_k, tau=args.moefy_tau,
+                                  clustering=args.moefy_clustering))
+    elif args.moefy_top_k is not None or args.moefy_tau is not None:
+        raise ValueError("--moefy-top-k and --moefy-tau need --moefy-experts (the number of experts per FFN)")
     if args.quantize != "none":
         stages.append(QuantizeConfig(method=args.quantize, double_quant=not args.no_double_quant,
                                      compute_dtype=args.compute_dtype))
     if not stages:
-        raise ValueError("nothing to do: give --prune-ffn, --prune-heads and/or --quantize")
+        raise ValueError("nothing to do: give --prune-ffn, --prune-heads, --moefy-experts and/or --quantize")
     return stages
 
 

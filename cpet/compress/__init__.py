@@ -8,8 +8,8 @@ base.save("runs/base")            # plain AutoModelForCausalLM.from_pretrained("
 
 Stages are looked up by config type in a registry (:mod:`cpet.compress.stages`): each registered stage
 validates before any work, applies ``(model, config, context) -> (model, index maps relative to its input)``
-and rebuilds what it changed when a saved base is loaded. Pruning and quantization register themselves on
-import; a new stage is one ``register_stage(MyConfig, MyStage(), rank=...)`` away.
+and rebuilds what it changed when a saved base is loaded. Pruning, MoEfication and quantization register
+themselves on import; a new stage is one ``register_stage(MyConfig, MyStage(), rank=...)`` away.
 """
 
 from __future__ import annotations
@@ -26,12 +26,14 @@ from .. import __version__
 from ..config import stage_config_to_dict
 from ..evaluate import count_parameters, memory_bytes
 from ..models import family_of, geometry, model_fingerprint
+from . import moefy as moefy_mod  # noqa: F401  (registers MoEfyConfig)
 from . import prune as prune_mod  # noqa: F401  (registers PruneConfig)
 from . import quantize as quantize_mod  # noqa: F401  (registers QuantizeConfig)
 from .calibration import calibration_ids
 from .index_maps import IndexMaps
 from .io import CompressedBase
 from .manifest import Manifest, StageRecord
+from .moefy import MoEfyConfig
 from .stages import STAGES, Stage, StageContext, check_order, register_stage, registration, unregister_stage
 
 
@@ -91,5 +93,5 @@ def compress(model: nn.Module, stages: Sequence, *, calibration: torch.Tensor | 
     return CompressedBase(model, manifest, maps, tokenizer)
 
 
-__all__ = ["compress", "CompressedBase", "Manifest", "IndexMaps", "StageRecord", "STAGES", "Stage", "StageContext",
-           "register_stage", "unregister_stage", "registration", "calibration_ids"]
+__all__ = ["compress", "MoEfyConfig", "CompressedBase", "Manifest", "IndexMaps", "StageRecord", "STAGES", "Stage",
+           "StageContext", "register_stage", "unregister_stage", "registration", "calibration_ids"]

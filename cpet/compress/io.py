@@ -116,8 +116,13 @@ def _load_rebuilt(directory: Path, stages: list, index_maps: IndexMaps) -> nn.Mo
     for path in sorted(directory.glob("*.safetensors")):
         if path.name != INDEX_MAPS_FILE:
             state.update(load_file(str(path)))
+    loaded = set(_tied_keys(model))
+    for config in stages:  # stages whose modules cannot read their weights through load_state_dict
+        load_weights = getattr(registration(config).stage, "load_weights", None)
+        if load_weights is not None:
+            loaded |= set(load_weights(model, config, state))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in _tied_keys(model)]
+    missing = [k for k in missing if k not in loaded]
     if missing or unexpected:
         raise ValueError(f"{directory}: weights do not fit the rebuilt shapes (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]})")

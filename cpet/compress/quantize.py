@@ -1,10 +1,20 @@
-"""Quantization with bitsandbytes (int8, nf4, fp4) through transformers' ``BitsAndBytesConfig``.
+"""Quantization with bitsandbytes (int8, nf4, fp4).
 
-The in-memory model is written to a temporary safetensors directory and read back with a
-``quantization_config``: that is transformers' own bnb path, so the result serializes with
-``save_pretrained`` and reloads with plain ``from_pretrained`` (quantization state included), on CPU
-(bitsandbytes >= 0.48) and CUDA. Gradients flow through the quantized layers to their inputs, which is
-what LoRA and recovery modules need; the quantized weights themselves are frozen.
+Two paths, one result per linear (a bitsandbytes ``Linear8bitLt`` / ``Linear4bit``):
+
+- **transformers' own path** for bases that transformers can build from ``config.json``: the in-memory model is
+  written to a temporary safetensors directory and read back with a ``BitsAndBytesConfig``, so the result
+  serializes with ``save_pretrained`` and reloads with plain ``from_pretrained`` (quantization state included),
+  on CPU (bitsandbytes >= 0.48) and CUDA;
+- **in place** for bases transformers cannot build (per-layer widths, MoEfied FFNs: ``context.custom_layout``):
+  each target ``nn.Linear`` inside the decoder layers (expert slices included, routers not) is replaced by a
+  bitsandbytes layer quantized from its weight. Such a base reloads with CPET's loader, which puts empty
+  bitsandbytes layers in place (:meth:`QuantizeStage.rebuild`) and reads the 4-bit weights with their
+  quantization state (:meth:`QuantizeStage.load_weights`): transformers cannot, having no ``quantization_config``
+  for modules it does not know.
+
+Gradients flow through the quantized layers to their inputs, which is what LoRA and recovery modules need;
+the quantized weights themselves are frozen.
 """
 
 from __future__ import annotations
@@ -19,16 +29,8 @@ from .index_maps import IndexMaps
 from .stages import StageContext, register_stage
 
 
-def validate(model: nn.Module, config: QuantizeConfig, custom_layout: str | None = None) -> None:
-    """Every check that can fail, before any expensive work.
-
-    ``custom_layout``: what the stages before this one made that transformers cannot rebuild from
-    ``config.json`` (:attr:`cpet.compress.stages.StageContext.custom_layout`), or None.
-    """
-    if custom_layout:
-        raise ValueError(f"a base with {custom_layout} cannot be quantized: bitsandbytes quantization reloads the "
-                         "model with transformers, which builds it from config.json alone (one width for all "
-                         "layers); keep the stages before QuantizeConfig to a plain transformers checkpoint")
+def validate(model: nn.Module, config: QuantizeConfig) -> None:
+    """Every check that can fail, before any expensive work."""
     if any(type(m).__module__.startswith("bitsandbytes") for m in model.modules()):
         raise ValueError("the model is already quantized; a compression pipeline takes one QuantizeConfig")
     for name in config.modules or ():
@@ -87,22 +89,119 @@ def keep_4bit_layout(model: nn.Module) -> nn.Module:
     return model
 
 
+# ---------------------------------------------------------------------------------------------- in place
+
+def in_place_targets(model: nn.Module, config: QuantizeConfig) -> list[str]:
+    """Names of the linears the in-place path quantizes: every ``nn.Linear`` inside the decoder layers (expert
+    slices included), except routers, ``skip_modules`` fragments, and, with ``modules`` set, any not named."""
+    from ..models import decoder_layers, family_of
+
+    prefix = family_of(model).layers
+    names = []
+    for index, layer in enumerate(decoder_layers(model)):
+        for name, module in layer.named_modules():
+            full = f"{prefix}.{index}.{name}"
+            if not isinstance(module, nn.Linear) or ".router." in f".{name}.":
+                continue
+            if any(fragment in full for fragment in config.skip_modules):
+                continue
+            if config.modules is not None and full not in config.modules:
+                continue
+            names.append(full)
+    return names
+
+
+def _bnb_layer(linear: nn.Linear, config: QuantizeConfig, weight: torch.Tensor | None) -> nn.Module:
+    """A bitsandbytes layer of ``linear``'s shape, quantized from ``weight`` (None: from zeros, a shell whose
+    weights the loader replaces)."""
+    import bitsandbytes as bnb
+
+    device = linear.weight.device
+    data = (weight if weight is not None else torch.zeros(linear.out_features, linear.in_features)).detach()
+    data = data.float().cpu().clone()
+    bias = linear.bias is not None
+    if config.method == QuantMethod.INT8:
+        # threshold 6.0: transformers' BitsAndBytesConfig default (LLM.int8() outlier decomposition)
+        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=bias, has_fp16_weights=False,
+                                    threshold=6.0)
+        layer.weight = bnb.nn.Int8Params(data, requires_grad=False, has_fp16_weights=False)
+    else:
+        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=bias,
+                                  compute_dtype=getattr(torch, config.compute_dtype), quant_type=config.method.value,
+                                  compress_statistics=config.double_quant)
+        layer.weight = bnb.nn.Params4bit(data, requires_grad=False, quant_type=config.method.value,
+                                         compress_statistics=config.double_quant)
+    if bias:
+        layer.bias = nn.Parameter(linear.bias.detach().float().clone(), requires_grad=False)
+    return keep_4bit_layout(layer.to(device))
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+
+
+def quantize_in_place(model: nn.Module, config: QuantizeConfig, progress: bool = False) -> nn.Module:
+    """Replace every :func:`in_place_targets` linear of ``model`` by its bitsandbytes layer; returns ``model``."""
+    from tqdm.auto import tqdm
+
+    for name in tqdm(in_place_targets(model, config), desc="quantize", disable=not progress):
+        linear = model.get_submodule(name)
+        _replace(model, name, _bnb_layer(linear, config, linear.weight))
+    return model.eval()
+
+
+def load_prequantized(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Give every bitsandbytes 4-bit layer of ``model`` its saved weight and quantization state, consuming those
+    keys of ``state``; returns the weight names filled. (``Linear4bit`` cannot read them through
+    ``load_state_dict``; int8 layers can, as shells quantized from zeros, so they are left to it.)"""
+    import bitsandbytes as bnb
+
+    filled = []
+    for name, module in model.named_modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        prefix = f"{name}.weight"
+        if prefix not in state:
+            continue
+        stats = {key[len(prefix) + 1:]: state.pop(key) for key in [k for k in state if k.startswith(prefix + ".")]}
+        module.weight = bnb.nn.Params4bit.from_prequantized(data=state.pop(prefix), quantized_stats=stats,
+                                                            requires_grad=False, device=module.weight.device)
+        keep_4bit_layout(module)
+        filled.append(prefix)
+    return filled
+
+
+def _is_quantized(model: nn.Module) -> bool:
+    return any(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
+
+
 class QuantizeStage:
     """:class:`~cpet.compress.stages.Stage` for :class:`~cpet.config.QuantizeConfig` (rank 900, once).
 
-    Moves no row or column (no index maps); transformers reloads its bitsandbytes weights from
-    ``config.json``'s ``quantization_config``, so rebuilding only keeps CPET's 4-bit layout.
+    Moves no row or column (no index maps). Bases transformers can build go through its bitsandbytes path and
+    reload from ``config.json``'s ``quantization_config`` (rebuilding only keeps CPET's 4-bit layout); others
+    are quantized in place and rebuilt with empty bitsandbytes layers that :meth:`load_weights` fills.
     """
 
     def validate(self, model: nn.Module, config: QuantizeConfig, context: StageContext, previous) -> None:
-        validate(model, config, context.custom_layout)
+        validate(model, config)
 
     def apply(self, model: nn.Module, config: QuantizeConfig, context: StageContext):
-        validate(model, config, context.custom_layout)  # what the previous stages actually made
+        if context.custom_layout:
+            validate(model, config)  # what the previous stages actually made
+            return quantize_in_place(model, config, context.progress), None
         return quantize(model, config), None
 
     def rebuild(self, model: nn.Module, config: QuantizeConfig, index_maps: IndexMaps) -> nn.Module:
-        return keep_4bit_layout(model)
+        if _is_quantized(model):  # transformers loaded it with its quantization_config
+            return keep_4bit_layout(model)
+        for name in in_place_targets(model, config):  # a custom layout: shells, filled by load_weights
+            _replace(model, name, _bnb_layer(model.get_submodule(name), config, None))
+        return model
+
+    def load_weights(self, model: nn.Module, config: QuantizeConfig, state: dict[str, torch.Tensor]) -> list[str]:
+        return load_prequantized(model, state)
 
 
 QUANTIZE_RANK = 900

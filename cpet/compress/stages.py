@@ -82,6 +82,11 @@ class Stage(Protocol):
         the saved weights by name). Must return a model that already has the structure unchanged.
         """
 
+    # Optional: ``load_weights(model, config, state)`` for a base reloaded through the stages (not plain
+    # ``from_pretrained``), called after every rebuild and before ``load_state_dict``: load the weights of modules
+    # that cannot read them through ``load_state_dict`` (e.g. bitsandbytes 4-bit layers), pop their keys and return
+    # the parameter names it filled.
+
 
 @dataclass(frozen=True)
 class Registration:

@@ -7,6 +7,7 @@ import torch
 
 from cpet.compress import CompressedBase, compress
 from cpet.compress.manifest import IndexMaps, Manifest
+from cpet.compress.moefy import MoEfyConfig
 from cpet.config import PruneConfig, QuantizeConfig, stage_config_from_dict, stage_config_to_dict
 from cpet.models import geometry, model_fingerprint, tiny_model
 
@@ -15,6 +16,7 @@ from cpet.models import geometry, model_fingerprint, tiny_model
     QuantizeConfig(method="fp4", double_quant=False, skip_modules=("lm_head",)),
     PruneConfig(ffn_ratio=0.3, head_ratio=0.5, importance="activation", head_mode="kv_group"),
     PruneConfig(layer_schedule={0: 0.5, 1: 0.1}, importance="magnitude", round_to=8),
+    MoEfyConfig(num_experts=8, tau=0.7, top_k=6, clustering="coactivation"),
 ])
 def test_stage_configs_round_trip_through_json(config):
     data = json.loads(json.dumps(stage_config_to_dict(config)))
@@ -22,8 +24,8 @@ def test_stage_configs_round_trip_through_json(config):
 
 
 def test_unknown_stage_dict():
-    with pytest.raises(ValueError, match="unknown compression stage 'moefy'"):
-        stage_config_from_dict({"stage": "moefy"})
+    with pytest.raises(ValueError, match="unknown compression stage 'sparsify'"):  # no stage has this name
+        stage_config_from_dict({"stage": "sparsify"})
     with pytest.raises(ValueError, match=r"no fields \['bits'\]"):
         stage_config_from_dict({"stage": "quantize", "bits": 3})
 

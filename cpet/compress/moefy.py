@@ -1,0 +1,306 @@
+"""MoEfication stage: split every FFN into equal experts with a learned router (:class:`MoEfyConfig`).
+
+Per decoder layer:
+
+1. cluster the FFN's intermediate neurons into E equal groups (balanced k-means on normalised neuron weight
+   vectors, or on their co-activation over calibration tokens: :mod:`cpet.moe.clustering`);
+2. permute the neurons so that each expert is a contiguous slice (``gate``/``up`` rows and ``down`` columns;
+   the permutation is this stage's index map, so inheritance and recovery read it like a pruning map);
+3. replace the FFN block by a :class:`~cpet.moe.layer.MoEFFN` with one :class:`~cpet.moe.experts.ExpertBank`
+   per linear and a router, first layer from the cluster centres, trained on the calibration tokens' FFN
+   inputs to predict each expert's output norm (MSE, normalised by the mean squared target).
+
+The partition needs no storage of its own: expert ``e`` holds the permuted neurons ``e*m .. (e+1)*m - 1``.
+A MoEfied base is not a transformers architecture: it saves with ``save_pretrained`` (the banks' per-expert
+weights by module name) and reloads only with :meth:`cpet.compress.CompressedBase.load`, which builds the model
+from ``config.json`` and lets this stage put the MoE blocks back before loading the weights.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import PruneConfig
+from ..models import decoder_layers, family_of, geometry, layer_linears, submodule, unwrap
+from ..moe.clustering import balanced_kmeans, expert_order
+from ..moe.experts import COLS, ROWS, ExpertBank
+from ..moe.layer import MoEFFN, Router
+from .index_maps import FFN_CHANNELS, IndexMaps
+from .stages import StageContext, register_stage
+
+CLUSTERINGS = ("weights", "coactivation")
+LAYOUT_NOTE = "MoEfied FFNs (expert banks and routers)"
+
+
+@dataclass(frozen=True)
+class MoEfyConfig:
+    """Split each FFN into ``num_experts`` equal experts chosen per token by a trained router.
+
+    Attributes:
+        num_experts: E; every layer's FFN width (after pruning) must divide by it.
+        top_k: experts per token (top-k choice); None without ``tau``: half of the experts. With ``tau`` set, the
+            cap of dynamic-k (None: no cap).
+        tau: dynamic-k: per token the fewest experts whose predicted output norms reach this share of the
+            total, in (0, 1] (1 chooses all). None: plain top-k.
+        clustering: ``weights`` (normalised gate rows; up rows for a non-gated FFN) or ``coactivation``
+            (neuron magnitudes over calibration tokens).
+        router_width: hidden units of each layer's router MLP (>= num_experts: the first E start at the
+            cluster centres).
+        router_steps, router_lr: Adam steps and learning rate of router training (full batch of calibration
+            tokens).
+        seed: seeds clustering and router training.
+    """
+
+    num_experts: int = 16
+    top_k: int | None = None
+    tau: float | None = None
+    clustering: str = "weights"
+    router_width: int = 64
+    router_steps: int = 300
+    router_lr: float = 3e-3
+    seed: int = 0
+
+    stage: ClassVar[str] = "moefy"
+
+    def __post_init__(self) -> None:
+        if self.num_experts < 2:
+            raise ValueError(f"num_experts must be >= 2, got {self.num_experts}")
+        if self.top_k is None and self.tau is None:
+            object.__setattr__(self, "top_k", max(1, self.num_experts // 2))
+        if self.top_k is not None and not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"top_k must be in 1..num_experts ({self.num_experts}), got {self.top_k}")
+        if self.tau is not None and not 0.0 < self.tau <= 1.0:
+            raise ValueError(f"tau (dynamic-k share) must be in (0, 1], got {self.tau}")
+        if self.clustering not in CLUSTERINGS:
+            raise ValueError(f"clustering must be one of {CLUSTERINGS}, got {self.clustering!r}")
+        if self.router_width < self.num_experts:
+            raise ValueError(f"router_width ({self.router_width}) must be >= num_experts ({self.num_experts}): "
+                             "the router's first units start at the cluster centres")
+        if self.router_steps < 0 or self.router_lr <= 0:
+            raise ValueError(f"need router_steps >= 0 and router_lr > 0, got {self.router_steps}, {self.router_lr}")
+
+    @property
+    def expert_share(self) -> float | None:
+        """Share of experts a top-k router uses (None under dynamic-k, where it varies per token)."""
+        return None if self.tau is not None else self.top_k / self.num_experts
+
+
+# ---------------------------------------------------------------------------------------------- structure
+
+def _ffn_parent(model: nn.Module, index: int) -> tuple[nn.Module, str]:
+    """The module holding layer ``index``'s FFN block, and the block's attribute name."""
+    fam = family_of(model)
+    path = fam.mlp.split(".")
+    layer = decoder_layers(model)[index]
+    return submodule(layer, ".".join(path[:-1])), path[-1]
+
+
+def _activation(block: nn.Module, config) -> nn.Module:
+    """The FFN's activation: the block's own ``act_fn`` / ``act`` / ``activation_fn``, else transformers'
+    ``ACT2FN`` of the config's ``hidden_act`` / ``hidden_activation``."""
+    for name in ("act_fn", "act", "activation_fn"):
+        act = getattr(block, name, None)
+        if isinstance(act, nn.Module):
+            return copy.deepcopy(act)
+    from transformers.activations import ACT2FN
+
+    name = getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", None)
+    if name is None:
+        raise ValueError("cannot tell this FFN's activation: its block has no act_fn and the config no hidden_act")
+    return ACT2FN[name]
+
+
+def moe_block(model: nn.Module, index: int, config: MoEfyConfig, order: torch.Tensor | None = None) -> MoEFFN:
+    """A :class:`MoEFFN` from layer ``index``'s dense FFN, its neurons taken in ``order`` (None: as they are).
+
+    The router is freshly initialised; the dense block is left untouched.
+    """
+    fam = family_of(model)
+    linears = layer_linears(model, index)
+    block = submodule(decoder_layers(model)[index], fam.mlp)
+
+    def bank(role: str, split: str) -> ExpertBank | None:
+        if role not in linears.modules:
+            return None
+        linear = copy.deepcopy(linears[role])
+        if order is not None:
+            with torch.no_grad():
+                if split == ROWS:
+                    linear.weight.data = linear.weight.data.index_select(0, order)
+                    if linear.bias is not None:
+                        linear.bias.data = linear.bias.data.index_select(0, order)
+                else:
+                    linear.weight.data = linear.weight.data.index_select(1, order)
+        return ExpertBank.from_linear(linear, config.num_experts, split)
+
+    up = bank("up", ROWS)
+    router = Router(up.in_features, config.num_experts, config.router_width).to(linears["up"].weight.device)
+    names = {role: fam.linears[role] for role in ("gate", "up", "down") if role in fam.linears}
+    return MoEFFN(bank("gate", ROWS), up, bank("down", COLS), _activation(block, unwrap(model).config), router,
+                  top_k=config.top_k, tau=config.tau, names=names)
+
+
+def _check_ffn_formula(model: nn.Module) -> None:
+    """Refuse an FFN block that is not ``down(act(gate(x)) * up(x))`` / ``down(act(up(x)))`` (checked on numbers,
+    with one expert holding every neuron), before any work."""
+    fam = family_of(model)
+    if not fam.mlp:
+        raise ValueError(f"family {fam.name!r} keeps its FFN linears in the decoder layer itself, not in an FFN "
+                         "block that MoEfication could replace; MoEfication supports families with an MLP block")
+    block = submodule(decoder_layers(model)[0], fam.mlp)
+    if layer_linears(model, 0)["up"].out_features % 2:
+        return  # an odd width: no two-expert probe (the width check refuses it anyway)
+    probe = moe_block(model, 0, MoEfyConfig(num_experts=2, top_k=2), order=None)
+    weight = layer_linears(model, 0)["up"].weight
+    x = torch.randn(4, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
+    with torch.no_grad():
+        dense = block(x)
+        routed = probe(x, chosen=torch.ones(4, 2, dtype=torch.bool, device=x.device))
+    if not torch.allclose(dense, routed, atol=1e-4, rtol=1e-3):
+        raise ValueError(f"family {fam.name!r}: its FFN block ({type(block).__name__}) computes something other "
+                         "than down(act(gate(x)) * up(x)) or down(act(up(x))) "
+                         f"(max difference {float((dense - routed).abs().max()):.3g}); MoEfication cannot split it")
+
+
+def planned_ffn_widths(model: nn.Module, previous) -> list[int]:
+    """Each layer's FFN width after the pruning configs among ``previous``."""
+    from .prune import kept_ffn_width
+
+    widths = [layer_linears(model, i)["up"].out_features for i in range(len(decoder_layers(model)))]
+    for config in previous:
+        if isinstance(config, PruneConfig):
+            schedule = config.layer_schedule or {}
+            widths = [kept_ffn_width(w, schedule.get(i, config.ffn_ratio), config.round_to)
+                      for i, w in enumerate(widths)]
+    return widths
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+@torch.no_grad()
+def ffn_inputs(model: nn.Module, calibration: torch.Tensor, batch_size: int = 4) -> list[torch.Tensor]:
+    """Every layer's FFN block input over the calibration batches: ``[n * seq, hidden]`` fp32 per layer."""
+    base = unwrap(model)
+    fam = family_of(base)
+    captured: list[list[torch.Tensor]] = [[] for _ in decoder_layers(base)]
+    handles = []
+    for i, layer in enumerate(decoder_layers(base)):
+        def hook(module, inputs, i=i):
+            captured[i].append(inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float().cpu())
+        handles.append(submodule(layer, fam.mlp).register_forward_pre_hook(hook))
+    try:
+        device = next(base.parameters()).device
+        for chunk in calibration.split(batch_size):
+            base(input_ids=chunk.to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [torch.cat(parts) for parts in captured]
+
+
+def _neuron_vectors(model: nn.Module, index: int, tokens: torch.Tensor, clustering: str) -> torch.Tensor:
+    """``[I, d]`` vectors to cluster: gate (or up) rows, or per-token neuron magnitudes (co-activation)."""
+    linears = layer_linears(model, index)
+    reader = linears["gate"] if "gate" in linears.modules else linears["up"]
+    if clustering == "weights":
+        return reader.weight.detach().float().cpu()
+    act = _activation(submodule(decoder_layers(model)[index], family_of(model).mlp), unwrap(model).config)
+    with torch.no_grad():
+        x = tokens.to(reader.weight.device, reader.weight.dtype)
+        hidden = linears["up"](x)
+        hidden = act(reader(x)) * hidden if "gate" in linears.modules else act(hidden)
+    return hidden.abs().float().T.cpu()
+
+
+def train_router(block: MoEFFN, tokens: torch.Tensor, steps: int, lr: float, seed: int) -> float:
+    """Fit ``block.router`` to the true expert norms on ``tokens`` ``[N, hidden]``; returns the final
+    normalised MSE (0 = perfect, 1 = as bad as predicting zero)."""
+    device = block.router.proj.weight.device
+    x = tokens.to(device)
+    with torch.no_grad():
+        target = block.expert_norms(x).float()
+    scale = target.pow(2).mean().clamp(min=1e-12)
+    torch.manual_seed(seed)
+    optimizer = torch.optim.Adam(block.router.parameters(), lr=lr)
+    block.router.requires_grad_(True)
+    loss = torch.tensor(0.0)
+    with torch.enable_grad():
+        for _ in range(steps):
+            optimizer.zero_grad()
+            loss = (block.router(x).float() - target).pow(2).mean() / scale
+            loss.backward()
+            optimizer.step()
+    block.router.requires_grad_(False)
+    with torch.no_grad():
+        return float((block.router(x).float() - target).pow(2).mean() / scale)
+
+
+# ---------------------------------------------------------------------------------------------- the stage
+
+class MoEfyStage:
+    """:class:`~cpet.compress.stages.Stage` for :class:`MoEfyConfig` (rank 500: after pruning, before
+    quantization, which then quantizes every expert slice like any linear)."""
+
+    def validate(self, model: nn.Module, config: MoEfyConfig, context: StageContext, previous) -> None:
+        if any(isinstance(m, MoEFFN) for m in model.modules()):
+            raise ValueError("the model is already MoEfied; a compression pipeline takes one MoEfyConfig")
+        if context.calibration is None:
+            raise ValueError("MoEfication trains its routers on calibration text: pass calibration batches "
+                             "(compress(..., calibration=calibration_ids(...)); `cpet compress` does by default)")
+        _check_ffn_formula(model)
+        widths = planned_ffn_widths(model, previous)
+        bad = sorted({w for w in widths if w % config.num_experts})
+        if bad:
+            divisors = [d for d in range(2, min(widths) + 1) if all(w % d == 0 for w in widths)][:12]
+            raise ValueError(f"FFN widths {bad} do not split into {config.num_experts} equal experts; expert counts "
+                             f"that divide every layer's width: {divisors} (or prune with round_to a multiple "
+                             "of num_experts)")
+        context.custom_layout = context.custom_layout or LAYOUT_NOTE
+
+    def apply(self, model: nn.Module, config: MoEfyConfig, context: StageContext):
+        inputs = ffn_inputs(model, context.calibration)
+        local = IndexMaps.identity(geometry(model), family_of(model).roles)
+        layers = range(len(decoder_layers(model)))
+        for i in tqdm(layers, desc="moefy", disable=not context.progress):
+            vectors = _neuron_vectors(model, i, inputs[i], config.clustering)
+            assignment, _ = balanced_kmeans(vectors, config.num_experts, seed=config.seed + i)
+            order = expert_order(assignment, config.num_experts)
+            block = moe_block(model, i, config, order)
+            block.router.init_from_centres(_centres(block, config.num_experts))
+            train_router(block, inputs[i], config.router_steps, config.router_lr, config.seed + i)
+            parent, name = _ffn_parent(model, i)
+            setattr(parent, name, block)
+            local.select(i, FFN_CHANNELS, order)
+        context.custom_layout = LAYOUT_NOTE
+        return model, local
+
+    def rebuild(self, model: nn.Module, config: MoEfyConfig, index_maps: IndexMaps) -> nn.Module:
+        for i in range(len(decoder_layers(model))):
+            block = moe_block(model, i, config, order=None)  # weights, order included, come from the checkpoint
+            parent, name = _ffn_parent(model, i)
+            setattr(parent, name, block)
+        return model
+
+
+def _centres(block: MoEFFN, num_experts: int) -> torch.Tensor:
+    """Normalised mean of each expert's (normalised) gate rows, up rows for a non-gated FFN: ``[E, hidden]``."""
+    reader = block.bank("gate") or block.bank("up")
+    rows = torch.nn.functional.normalize(reader.dense_weight(), dim=1)
+    centres = rows.reshape(num_experts, -1, rows.shape[1]).mean(dim=1)
+    return torch.nn.functional.normalize(centres, dim=1).to(block.router.proj.weight.dtype)
+
+
+def moe_blocks(model: nn.Module) -> list[MoEFFN]:
+    """The MoEfied FFN blocks of ``model`` (empty for a dense model)."""
+    return [m for m in unwrap(model).modules() if isinstance(m, MoEFFN)]
+
+
+MOEFY_RANK = 500
+register_stage(MoEfyConfig, MoEfyStage(), rank=MOEFY_RANK, repeatable=False,
+               order_note="pruning after MoEfication would cut across experts")

@@ -1,0 +1,159 @@
+"""The MoEfied FFN: a router picks experts per token, and only the chosen experts are computed.
+
+For a gated FFN ``down(act(gate(x)) * up(x))`` (a plain one: ``down(act(up(x)))``) whose intermediate neurons
+were permuted so that expert ``e`` owns neurons ``e*m .. (e+1)*m - 1``, the output is exactly the sum of the
+experts' outputs; choosing every expert reproduces the dense FFN (float rounding aside). The router is a small
+MLP ``hidden -> width -> E`` trained to predict each expert's output norm ``||W_down[:, e] h_e(x)||`` (this
+works for SiLU/GELU-gated FFNs, where the sign-based targets of classic ReLU MoEfication do not).
+
+Expert choice per token: **top-k** (the k largest predicted norms) or **dynamic-k** (the fewest experts whose
+predicted norms reach a share ``tau`` of their sum; ``tau >= 1`` chooses all). Compute is grouped by expert:
+each expert's slices run on exactly the tokens routed to it (gathered with ``index_select``), and the down bank
+scatters the results back (:class:`~cpet.moe.experts.ExpertBank`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .experts import ExpertBank, Routed
+
+
+class Router(nn.Module):
+    """``x [T, hidden] -> predicted expert output norms [T, E]`` through one hidden ReLU layer."""
+
+    def __init__(self, hidden_size: int, num_experts: int, width: int):
+        super().__init__()
+        self.proj = nn.Linear(hidden_size, width)
+        self.out = nn.Linear(width, num_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.proj(x.to(self.proj.weight.dtype))))
+
+    def init_from_centres(self, centres: torch.Tensor) -> None:
+        """First layer's first E units from the cluster centres ``[E, hidden]``; the output starts reading them
+        one to one (unit e -> expert e), other units start at zero weight out."""
+        num_experts = centres.shape[0]
+        with torch.no_grad():
+            self.proj.weight[:num_experts].copy_(centres)
+            self.proj.bias[:num_experts].zero_()
+            self.out.weight.zero_()
+            self.out.weight[:, :num_experts].copy_(torch.eye(num_experts))
+            self.out.bias.zero_()
+
+
+def choose_experts(scores: torch.Tensor, top_k: int | None, tau: float | None) -> torch.Tensor:
+    """Boolean ``[T, E]`` of chosen experts from predicted norms ``scores`` ``[T, E]``.
+
+    ``tau`` set: dynamic-k, the fewest experts (largest first) whose clamped-at-zero scores reach ``tau`` of the
+    token's total, at least one, capped at ``top_k`` when that is set too; ``tau >= 1`` chooses all.
+    Otherwise the ``top_k`` largest.
+    """
+    num_tokens, num_experts = scores.shape
+    if tau is None:
+        k = min(int(top_k), num_experts)
+        chosen = torch.zeros_like(scores, dtype=torch.bool)
+        return chosen.scatter_(1, scores.topk(k, dim=1).indices, True)
+    if tau >= 1.0:
+        counts = torch.full((num_tokens,), num_experts, device=scores.device)
+    else:
+        ordered, _ = scores.clamp(min=0).sort(dim=1, descending=True)
+        cumulative = ordered.cumsum(dim=1)
+        reached = cumulative >= tau * cumulative[:, -1:]
+        counts = reached.float().argmax(dim=1) + 1  # first position that reaches the share
+    if top_k is not None:
+        counts = counts.clamp(max=int(top_k))
+    rank = scores.argsort(dim=1, descending=True).argsort(dim=1)  # 0 = largest
+    return rank < counts.unsqueeze(1)
+
+
+class MoEFFN(nn.Module):
+    """A MoEfied FFN block, replacing the family's MLP module under the same name.
+
+    Args:
+        gate, up, down: expert banks (``gate`` None for a non-gated FFN); attribute names follow the family
+            (``gate_attr`` etc.) so that the module map finds them where the dense linears were.
+        act: the FFN's activation.
+        router: the :class:`Router`.
+        top_k, tau: expert choice (see :func:`choose_experts`).
+
+    Attributes:
+        chosen_experts, routed_tokens: running counts of expert choices and tokens (for the share of experts
+            used); :meth:`reset_counts` zeroes them.
+    """
+
+    def __init__(self, gate: ExpertBank | None, up: ExpertBank, down: ExpertBank, act: nn.Module, router: Router,
+                 *, top_k: int | None, tau: float | None, names: dict[str, str]):
+        super().__init__()
+        self._names = dict(names)  # role -> attribute name (gate_proj, up_proj, down_proj)
+        for role, bank in (("gate", gate), ("up", up), ("down", down)):
+            if bank is not None:
+                self.add_module(names[role], bank)
+        self.act_fn = act
+        self.router = router
+        self.top_k, self.tau = top_k, tau
+        self.reset_counts()
+
+    def bank(self, role: str) -> nn.Module | None:
+        """The bank of ``role`` as the model holds it now (a peft LoRA wrapper around it, if any)."""
+        name = self._names.get(role)
+        return getattr(self, name) if name is not None else None
+
+    @property
+    def num_experts(self) -> int:
+        return self.router.out.out_features
+
+    def reset_counts(self) -> None:
+        self.chosen_experts, self.routed_tokens = 0, 0
+
+    def expert_share(self) -> float:
+        """Share of experts chosen per token: measured over the tokens routed since :meth:`reset_counts`, else
+        what top-k implies (dynamic-k without tokens yet: all, its upper bound)."""
+        if self.routed_tokens:
+            return self.chosen_experts / (self.routed_tokens * self.num_experts)
+        return (self.top_k if self.tau is None else self.top_k or self.num_experts) / self.num_experts
+
+    def choose(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Chosen experts ``[T, E]`` (bool) for ``tokens`` ``[T, hidden]``."""
+        with torch.no_grad():
+            return choose_experts(self.router(tokens.detach()), self.top_k, self.tau)
+
+    def forward(self, x: torch.Tensor, chosen: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [..., hidden] -> [..., hidden]``; ``chosen`` ``[T, E]`` overrides the router (oracle, tests)."""
+        shape = x.shape
+        tokens = x.reshape(-1, shape[-1])
+        if chosen is None:
+            chosen = self.choose(tokens)
+        self.chosen_experts += int(chosen.sum())
+        self.routed_tokens += tokens.shape[0]
+        gate, up, down = self.bank("gate"), self.bank("up"), self.bank("down")
+        parts = []
+        for e in range(chosen.shape[1]):
+            rows = chosen[:, e].nonzero(as_tuple=True)[0]
+            if rows.numel() == 0:
+                continue
+            inputs = tokens.index_select(0, rows)
+            hidden = up.expert(e, inputs)
+            hidden = self.act_fn(gate.expert(e, inputs)) * hidden if gate is not None else self.act_fn(hidden)
+            parts.append(Routed(e, rows, hidden))
+        return down.combine(parts, tokens.shape[0]).reshape(*shape[:-1], -1)
+
+    def expert_norms(self, x: torch.Tensor) -> torch.Tensor:
+        """True per-expert output norms ``[T, E]`` of the dense computation (router targets, oracle choice)."""
+        tokens = x.reshape(-1, x.shape[-1])
+        gate, up, down = self.bank("gate"), self.bank("up"), self.bank("down")
+        bank = getattr(down, "base_layer", down)
+        norms = []
+        for e in range(self.num_experts):
+            hidden = up.expert(e, tokens)
+            hidden = self.act_fn(gate.expert(e, tokens)) * hidden if gate is not None else self.act_fn(hidden)
+            norms.append(bank.experts[e](hidden).float().norm(dim=-1))
+        return torch.stack(norms, dim=1)
+
+    def extra_repr(self) -> str:
+        choice = f"tau={self.tau}" if self.tau is not None else f"top_k={self.top_k}"
+        return f"experts={self.num_experts}, {choice}"
+
+
+__all__ = ["MoEFFN", "Router", "choose_experts"]

@@ -1,0 +1,99 @@
+"""peft LoRA on expert banks: one whole-FFN adapter per gate / up / down, read by slices per expert.
+
+peft wraps the linears it targets; an :class:`~cpet.moe.experts.ExpertBank` is not an ``nn.Linear``, so it is
+registered as a custom module (``LoraConfig._register_custom_module``, peft's documented hook for layer types
+it does not know) with :class:`ExpertBankLora` as its LoRA layer. The adapter tensors keep peft's names and
+whole-FFN shapes (``lora_A [r, d_in]``, ``lora_B [d_out, r]``), so an adapter on a MoEfied base saves, loads and
+inherits like any other; the MoEfied FFN calls :meth:`ExpertBankLora.expert` / :meth:`ExpertBankLora.combine`
+and each expert reads its slice of the factors.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from .experts import ExpertBank, LowRankPath, Routed
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+class ExpertBankLora(nn.Module, LoraLayer):
+    """LoRA around an :class:`ExpertBank` (constructed by peft's custom-module dispatch)."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config, r: int = 0, lora_alpha: int = 1,
+                 **kwargs) -> None:
+        super().__init__()
+        LoraLayer.__init__(self, base_layer, **kwargs)
+        if config.use_dora:
+            raise ValueError("DoRA is not supported on MoEfied FFNs (its magnitude vector spans every expert)")
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+
+    def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
+        return module.in_features, module.out_features
+
+    @property
+    def bank(self) -> ExpertBank:
+        return self.get_base_layer()
+
+    def _paths(self) -> list[LowRankPath]:
+        if self.disable_adapters or self.merged:
+            return []
+        return [LowRankPath(self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], _identity,
+                            self.lora_dropout[name])
+                for name in self.active_adapters if name in self.lora_A]
+
+    def expert(self, expert: int, x: torch.Tensor, extra: Sequence[LowRankPath] = ()) -> torch.Tensor:
+        return self.bank.expert(expert, x, (*self._paths(), *extra))
+
+    def combine(self, parts: Sequence[Routed], num_tokens: int, extra: Sequence[LowRankPath] = ()) -> torch.Tensor:
+        return self.bank.combine(parts, num_tokens, (*self._paths(), *extra))
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The dense bank plus every active adapter (for callers that treat the bank as one linear)."""
+        result = self.bank(x)
+        for path in self._paths():
+            low = F.linear(path.dropout(x).to(path.A.dtype), path.A)
+            result = result + (F.linear(low, path.B) * path.scale).to(result.dtype)
+        return result
+
+    def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
+        raise ValueError("LoRA cannot be merged into a MoEfied FFN's expert banks (quantized experts and "
+                         "per-expert slices); keep the adapter unmerged")
+
+    def unmerge(self) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return "lora." + super().__repr__()
+
+
+def register_bank_lora(lora_config) -> None:
+    """Tell peft how to put LoRA on expert banks (a no-op for models without any)."""
+    lora_config._register_custom_module({ExpertBank: ExpertBankLora})
+
+
+def has_expert_banks(model: nn.Module) -> bool:
+    return any(isinstance(m, ExpertBank) for m in model.modules())
+
+
+def peft_config_for(model: nn.Module, directory) -> object | None:
+    """The saved ``LoraConfig`` of ``directory`` with banks registered when ``model`` has any, else None (peft
+    then reads the config itself)."""
+    if not has_expert_banks(model):
+        return None
+    from peft import PeftConfig
+
+    config = PeftConfig.from_pretrained(str(directory))
+    register_bank_lora(config)
+    return config
+
+
+__all__ = ["ExpertBankLora", "register_bank_lora", "has_expert_banks", "peft_config_for"]

@@ -1,0 +1,256 @@
+"""Benchmark MoEfication side by side in one run: quality against the share of experts, router recall,
+FLOPs and speed against the dense model and the pruned model of the same FFN FLOPs.
+
+    python scripts/bench_moefy.py                          # SmolLM2-135M, 16 experts (~40 min on 2 cores)
+    python scripts/bench_moefy.py --top-k 4 8 --tau 0.8 --recovery-steps 20 --max-tokens 512 --limit 100
+
+One MoEfied base (E experts, routers trained once) is measured at every expert choice: top-k for each
+``--top-k`` and dynamic-k for each ``--tau``. For each: Brown held-out perplexity, zero-shot accuracy on the
+vader-tweets test split, the share of experts used (measured), router recall (the share of the true FFN
+output norm that the chosen experts carry, beside random and oracle choices of as many experts per token)
+and FLOPs per token. Then one shared recovery set is distilled at ``--recovery-share`` of the experts and the
+quality columns are measured again at every choice with it. Beside them, the training-free threshold
+baseline (per-layer magnitude thresholds on the dense model's FFN activations, TEAL/CATS-style) at the share
+of neurons each top-k row computes. Speed (prefill 8 x 128, decode 32 tokens) compares the dense model, the
+MoEfied model at ``--speed-share`` and the model with that share of FFN channels pruned (same FFN FLOPs).
+
+``--pause PID ...`` stops those processes (SIGSTOP) while speed is timed and resumes them after (SIGCONT),
+so that timings are taken alone on the machine while e.g. an experiment grid shares it otherwise.
+Writes ``docs/bench_moefy.json`` and ``docs/bench_moefy.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cpet.assets import write_text_atomic  # noqa: E402
+from cpet.compress import calibration_ids, compress  # noqa: E402
+from cpet.compress.moefy import MoEfyConfig, ffn_inputs, moe_blocks  # noqa: E402
+from cpet.config import PruneConfig  # noqa: E402
+from cpet.data import load_corpus, template_for, verbalizer_for  # noqa: E402
+from cpet.data.tasks import as_task  # noqa: E402
+from cpet.evaluate import classification_accuracy, flops_per_token, perplexity, throughput  # noqa: E402
+from cpet.models import load_base  # noqa: E402
+from cpet.moe import choose_experts  # noqa: E402
+from cpet.recovery import SHARED, RecoveryConfig, RecoverySet  # noqa: E402
+from cpet.sparsity import MAGNITUDE, ActivationMask, collect_ffn_activations, magnitude_thresholds  # noqa: E402
+from cpet.train import DistillConfig, distill_on_text  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@contextmanager
+def paused(pids: list[int]):
+    """SIGSTOP ``pids`` for the duration (SIGCONT afterwards, also on errors); missing processes are skipped."""
+    stopped = []
+    try:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGSTOP)
+                stopped.append(pid)
+            except ProcessLookupError:
+                print(f"[bench] process {pid} not found, not paused", file=sys.stderr)
+        yield
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+
+
+def set_choice(blocks, top_k: int | None, tau: float | None) -> None:
+    for block in blocks:
+        block.top_k, block.tau = top_k, tau
+        block.reset_counts()
+
+
+def measured_share(blocks) -> float:
+    chosen = sum(b.chosen_experts for b in blocks)
+    routed = sum(b.routed_tokens * b.num_experts for b in blocks)
+    return chosen / routed
+
+
+@torch.no_grad()
+def router_recall(blocks, inputs: list[torch.Tensor], seed: int = 0) -> dict:
+    """Mean over layers of the share of the true expert-norm total carried by the router's choice, by a random
+    choice of as many experts per token, and by the oracle choice (the largest true norms), same counts."""
+    generator = torch.Generator().manual_seed(seed)
+    sums = {"router": 0.0, "random": 0.0, "oracle": 0.0}
+    for block, tokens in zip(blocks, inputs):
+        norms = block.expert_norms(tokens)
+        chosen = block.choose(tokens)
+        counts = chosen.sum(1, keepdim=True)
+        rank_random = torch.rand(norms.shape, generator=generator).argsort(1).argsort(1)
+        rank_oracle = norms.argsort(1, descending=True).argsort(1)
+        total = norms.sum(1)
+        for name, mask in (("router", chosen), ("random", rank_random < counts), ("oracle", rank_oracle < counts)):
+            sums[name] += float(((norms * mask).sum(1) / total).mean())
+    return {name: value / len(blocks) for name, value in sums.items()}
+
+
+def quality(model, tokenizer, text: str, task, examples, max_tokens: int) -> dict:
+    ppl = perplexity(model, tokenizer, text, max_tokens=max_tokens).ppl
+    accuracy = classification_accuracy(model, tokenizer, [e.text for e in examples], [e.label for e in examples],
+                                       template=template_for(task), verbalizer=verbalizer_for(task),
+                                       labels=task.labels, batch_size=16).accuracy
+    return {"ppl": ppl, "accuracy": accuracy}
+
+
+def choices(args) -> list[dict]:
+    rows = [{"choice": f"top-{k}", "top_k": k, "tau": None} for k in args.top_k]
+    rows += [{"choice": f"tau {t}", "top_k": None, "tau": t} for t in args.tau]
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--experts", type=int, default=16)
+    parser.add_argument("--top-k", type=int, nargs="*", default=[2, 4, 6, 8, 10])
+    parser.add_argument("--tau", type=float, nargs="*", default=[0.5, 0.7, 0.8, 0.9])
+    parser.add_argument("--clustering", default="weights", choices=["weights", "coactivation"])
+    parser.add_argument("--calibration-samples", type=int, default=16, help="Brown windows of 128 tokens")
+    parser.add_argument("--max-tokens", type=int, default=2048, help="Brown held-out tokens for perplexity")
+    parser.add_argument("--limit", type=int, default=None, help="score only the first N tweets (default: all)")
+    parser.add_argument("--recovery-steps", type=int, default=120)
+    parser.add_argument("--recovery-rank", type=int, default=16)
+    parser.add_argument("--recovery-share", type=float, default=0.5, help="share of experts recovery trains at")
+    parser.add_argument("--speed-share", type=float, default=0.5)
+    parser.add_argument("--speed-repeats", type=int, default=3)
+    parser.add_argument("--pause", type=int, nargs="*", default=[], help="PIDs to stop while speed is timed")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "bench_moefy.json"))
+    args = parser.parse_args(argv)
+    for share in (args.recovery_share, args.speed_share):
+        if round(share * args.experts) < 1 or share > 1:
+            raise SystemExit(f"share {share} of {args.experts} experts is not a whole number of experts >= 1")
+
+    started = time.perf_counter()
+    original = load_base(args.model)
+    model, tokenizer = original.model.eval(), original.tokenizer
+    heldout, train_text = load_corpus("brown", split="heldout"), load_corpus("brown", split="train")
+    task = as_task("vader-tweets")
+    examples = task.split("test")[:args.limit] if args.limit else task.split("test")
+    calibration = calibration_ids(tokenizer, train_text, args.calibration_samples, 128)
+    recall_ids = calibration_ids(tokenizer, heldout, 4, 128, seed=1)
+
+    report = {"model": args.model, "experts": args.experts, "clustering": args.clustering,
+              "tweets_examples": len(examples), "max_tokens": args.max_tokens,
+              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+              "command": "python scripts/bench_moefy.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+    print("[bench] dense", flush=True)
+    report["dense"] = {**quality(model, tokenizer, heldout, task, examples, args.max_tokens),
+                       "flops_per_token": flops_per_token(model)}
+
+    print("[bench] moefy", flush=True)
+    start = time.perf_counter()
+    base = compress(model, [MoEfyConfig(num_experts=args.experts, clustering=args.clustering)],
+                    calibration=calibration, progress=False)
+    report["moefy_seconds"] = time.perf_counter() - start
+    blocks = moe_blocks(base.model)
+    recall_inputs = ffn_inputs(model, recall_ids)
+
+    rows = []
+    for choice in choices(args):
+        print(f"[bench] {choice['choice']}", flush=True)
+        set_choice(blocks, choice["top_k"], choice["tau"])
+        row = {**choice, **quality(base.model, tokenizer, heldout, task, examples, args.max_tokens)}
+        row["expert_share"] = measured_share(blocks)
+        row["flops_per_token"] = flops_per_token(base.model)
+        row["recall"] = router_recall(blocks, recall_inputs)
+        rows.append(row)
+
+    print("[bench] threshold baseline", flush=True)
+    activations = collect_ffn_activations(model, calibration)
+    for row in rows:
+        if row["tau"] is not None:
+            continue
+        mask = ActivationMask(model, magnitude_thresholds(activations, row["expert_share"]), MAGNITUDE)
+        with mask:
+            row["threshold"] = quality(model, tokenizer, heldout, task, examples, args.max_tokens)
+        row["threshold"]["active_share"] = mask.active_share
+
+    print("[bench] shared recovery", flush=True)
+    set_choice(blocks, round(args.recovery_share * args.experts), None)
+    recovery = RecoverySet(base.model, RecoveryConfig(rank=args.recovery_rank, alpha=float(args.recovery_rank),
+                                                      activation="identity", init="zero"))
+    recovery.attach(base.model, slot=SHARED, trainable=True)
+    start = time.perf_counter()
+    distill_on_text(base.model, model, tokenizer, train_text, DistillConfig(steps=args.recovery_steps), progress=False)
+    recovery.requires_grad_(False)
+    report["recovery"] = {"steps": args.recovery_steps, "rank": args.recovery_rank, "share": args.recovery_share,
+                          "seconds": time.perf_counter() - start}
+    for row in rows:
+        set_choice(blocks, row["top_k"], row["tau"])
+        row["recovered"] = quality(base.model, tokenizer, heldout, task, examples, args.max_tokens)
+    recovery.detach()
+    report["rows"] = rows
+
+    print("[bench] speed", flush=True)
+    set_choice(blocks, round(args.speed_share * args.experts), None)
+    pruned = compress(model, [PruneConfig(ffn_ratio=1 - args.speed_share, importance="magnitude")], progress=False)
+    speed = {}
+    with paused(args.pause):
+        for name, candidate in (("dense", model), ("moefied", base.model), ("pruned", pruned.model)):
+            result = throughput(candidate, batch_size=8, prompt_len=128, new_tokens=32, repeats=args.speed_repeats)
+            speed[name] = {"prefill_tok_s": result.prefill_tokens_per_s, "decode_tok_s": result.decode_tokens_per_s,
+                           "flops_per_token": flops_per_token(candidate)}
+    report["speed"] = {"share": args.speed_share, **speed}
+    report["seconds"] = time.perf_counter() - started
+
+    out = Path(args.out)
+    write_text_atomic(out, json.dumps(report, indent=2) + "\n")
+    write_text_atomic(out.with_suffix(".md"), markdown(report))
+    print(markdown(report))
+    return 0
+
+
+def markdown(report: dict) -> str:
+    dense = report["dense"]
+    lines = [f"MoEfication of {report['model']} into {report['experts']} experts per FFN ({report['clustering']} "
+             f"clustering); Brown held-out perplexity on {report['max_tokens']} tokens, zero-shot accuracy on "
+             f"{report['tweets_examples']} vader-tweets test examples. Dense: perplexity {dense['ppl']:.2f}, "
+             f"accuracy {dense['accuracy']:.3f}. Recovery: one shared set (rank {report['recovery']['rank']}, "
+             f"{report['recovery']['steps']} distillation steps at {report['recovery']['share']:.0%} of the experts) "
+             "reused at every choice. Threshold baseline: the dense model with per-layer magnitude thresholds "
+             "keeping the same share of FFN neurons.",
+             "",
+             "| choice | experts used | FLOPs/token vs dense | ppl | ppl + recovery | threshold ppl | accuracy | "
+             "accuracy + recovery | threshold accuracy | recall router / random / oracle |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in report["rows"]:
+        threshold = row.get("threshold")
+        lines.append(
+            f"| {row['choice']} | {row['expert_share']:.1%} | {row['flops_per_token'] / dense['flops_per_token']:.2f} "
+            f"| {row['ppl']:.1f} | {row['recovered']['ppl']:.1f} | "
+            f"{'-' if threshold is None else format(threshold['ppl'], '.1f')} | {row['accuracy']:.3f} | "
+            f"{row['recovered']['accuracy']:.3f} | {'-' if threshold is None else format(threshold['accuracy'], '.3f')} "
+            f"| {row['recall']['router']:.3f} / {row['recall']['random']:.3f} / {row['recall']['oracle']:.3f} |")
+    speed = report["speed"]
+    lines += ["", f"Speed at {speed['share']:.0%} of the experts (pruned: the same share of FFN channels kept), "
+              "batch 8 x 128 prefill, 32 decode steps, best of repeats, alone on the machine "
+              f"({report['machine']}):", "",
+              "| model | FLOPs/token | FLOP ratio | prefill tok/s | prefill ratio | decode tok/s | decode ratio |",
+              "|---|---|---|---|---|---|---|"]
+    base = speed["dense"]
+    for name in ("dense", "moefied", "pruned"):
+        s = speed[name]
+        lines.append(f"| {name} | {s['flops_per_token'] / 1e6:.0f} M | {base['flops_per_token'] / s['flops_per_token']:.2f}x "
+                     f"| {s['prefill_tok_s']:.0f} | {s['prefill_tok_s'] / base['prefill_tok_s']:.2f}x | "
+                     f"{s['decode_tok_s']:.0f} | {s['decode_tok_s'] / base['decode_tok_s']:.2f}x |")
+    lines += ["", f"Command: `{report['command']}` ({report['seconds'] / 60:.0f} min)", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

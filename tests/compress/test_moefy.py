@@ -1,0 +1,186 @@
+"""MoEfication as a compression stage: equivalence, sparse compute, save/reload, composition, pipeline rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cpet.compress import CompressedBase, compress
+from cpet.compress.moefy import MoEfyConfig, moe_blocks
+from cpet.config import PruneConfig, QuantizeConfig
+from cpet.models import tiny_model
+from cpet.moe import MoEFFN
+
+from tests.test_pipeline import TUNE, write_task
+
+
+def _calibration(model, n=4, seq=32):
+    return torch.randint(0, model.config.vocab_size, (n, seq), generator=torch.Generator().manual_seed(0))
+
+
+def _ids(model):
+    return torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma", "mistral"])
+def test_with_every_expert_chosen_the_moefied_model_equals_the_dense_one(family):
+    model = tiny_model(family).model
+    base = compress(model, [MoEfyConfig(num_experts=4, top_k=4)], calibration=_calibration(model), progress=False)
+    blocks = moe_blocks(base.model)
+    assert len(blocks) == model.config.num_hidden_layers and all(b.num_experts == 4 for b in blocks)
+    ids = _ids(model)
+    with torch.no_grad():
+        dense, moe = model(input_ids=ids).logits, base.model(input_ids=ids).logits
+        for block in blocks:
+            block.top_k = 2
+        half = base.model(input_ids=ids).logits
+    assert torch.allclose(dense, moe, atol=1e-4)
+    assert (dense - half).abs().max() > 1e-2  # half of the experts is a real change
+
+
+def test_the_permutation_is_the_index_map_and_experts_partition_the_neurons():
+    model = tiny_model("llama").model
+    base = compress(model, [MoEfyConfig(num_experts=4, top_k=2)], calibration=_calibration(model), progress=False)
+    width = model.config.intermediate_size
+    for layer in range(model.config.num_hidden_layers):
+        order = base.index_maps.ffn_rows(layer)
+        assert sorted(order.tolist()) == list(range(width))  # every neuron exactly once
+        assert not torch.equal(order, torch.arange(width))  # clustering moved neurons
+        block = moe_blocks(base.model)[layer]
+        original_gate = model.model.layers[layer].mlp.gate_proj.weight
+        for e in range(4):
+            neurons = order[e * width // 4:(e + 1) * width // 4]
+            assert torch.equal(block.gate_proj.experts[e].weight, original_gate[neurons])
+            assert torch.equal(block.down_proj.experts[e].weight,
+                               model.model.layers[layer].mlp.down_proj.weight[:, neurons])
+
+
+def test_only_the_chosen_experts_run_on_exactly_their_tokens():
+    model = tiny_model("llama").model
+    base = compress(model, [MoEfyConfig(num_experts=4, top_k=1)], calibration=_calibration(model), progress=False)
+    block = moe_blocks(base.model)[0]
+    seen = {}
+    for role in ("gate_proj", "up_proj", "down_proj"):
+        for e, expert in enumerate(getattr(block, role).experts):
+            expert.register_forward_pre_hook(lambda m, inputs, key=(role, e): seen.__setitem__(key, inputs[0].shape))
+    dense_calls = []
+    for role in ("gate_proj", "up_proj", "down_proj"):
+        getattr(block, role).register_forward_pre_hook(lambda m, inputs: dense_calls.append(1))
+    x = torch.randn(10, model.config.hidden_size)
+    chosen = block.choose(x)
+    assert chosen.sum(1).tolist() == [1] * 10
+    with torch.no_grad():
+        block(x)
+    assert not dense_calls  # no bank ran as one dense linear
+    for e in range(4):
+        routed = int(chosen[:, e].sum())
+        if routed == 0:
+            assert ("gate_proj", e) not in seen and ("down_proj", e) not in seen
+        else:
+            assert seen[("gate_proj", e)] == (routed, model.config.hidden_size)
+            assert seen[("down_proj", e)] == (routed, model.config.intermediate_size // 4)
+
+
+def test_the_router_learns_to_predict_expert_norms():
+    model = tiny_model("llama").model
+    calibration = _calibration(model, n=8)
+    untrained = compress(model, [MoEfyConfig(num_experts=4, top_k=2, router_steps=0)], calibration=calibration,
+                         progress=False)
+    trained = compress(model, [MoEfyConfig(num_experts=4, top_k=2)], calibration=calibration, progress=False)
+    from cpet.compress.moefy import ffn_inputs
+
+    tokens = ffn_inputs(model, _calibration(model, n=2, seq=16))[1]
+    errors = []
+    for base in (untrained, trained):
+        block = moe_blocks(base.model)[1]
+        with torch.no_grad():
+            target = block.expert_norms(tokens)
+            errors.append(float((block.router(tokens) - target).pow(2).mean() / target.pow(2).mean()))
+    assert errors[1] < 0.5 * errors[0]
+
+
+@pytest.mark.parametrize("stages", [
+    [MoEfyConfig(num_experts=4, top_k=2)],
+    [PruneConfig(ffn_ratio=0.25, importance="magnitude"), MoEfyConfig(num_experts=4, top_k=2),
+     QuantizeConfig("nf4")],
+    [MoEfyConfig(num_experts=4, tau=0.8), QuantizeConfig("int8")],
+], ids=["moefy", "prune-moefy-nf4", "moefy-dynamic-int8"])
+def test_save_and_reload_give_the_same_logits(stages, tmp_path):
+    model = tiny_model("llama").model
+    base = compress(model, stages, calibration=_calibration(model), progress=False)
+    assert not base.manifest.uniform
+    base.save(tmp_path / "base")
+    again = CompressedBase.load(tmp_path / "base")
+    assert again.base_id == base.base_id
+    ids = _ids(model)
+    with torch.no_grad():
+        assert torch.equal(base.model(input_ids=ids).logits, again.model(input_ids=ids).logits)
+
+
+def test_quantization_after_moefication_quantizes_every_expert_but_not_the_routers():
+    model = tiny_model("llama").model
+    base = compress(model, [MoEfyConfig(num_experts=4, top_k=2), QuantizeConfig("nf4")],
+                    calibration=_calibration(model), progress=False)
+    import bitsandbytes as bnb
+
+    block = moe_blocks(base.model)[0]
+    assert all(isinstance(expert, bnb.nn.Linear4bit) for expert in block.gate_proj.experts)
+    assert isinstance(block.router.proj, torch.nn.Linear) and not isinstance(block.router.proj, bnb.nn.Linear4bit)
+    assert isinstance(base.model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+
+
+@pytest.mark.parametrize("config, message", [
+    (dict(num_experts=5, top_k=2), "do not split into 5 equal experts"),
+    (dict(num_experts=1), "num_experts must be >= 2"),
+    (dict(num_experts=4, top_k=5), "top_k must be in 1..num_experts"),
+    (dict(num_experts=4, router_width=2), "router_width"),
+    (dict(num_experts=4, tau=1.5), "tau"),
+    (dict(num_experts=4, clustering="spectral"), "clustering must be one of"),
+])
+def test_bad_moefy_configs_are_refused_before_any_work(config, message):
+    model = tiny_model("llama").model
+    with pytest.raises(ValueError, match=message):
+        compress(model, [MoEfyConfig(**config)], calibration=_calibration(model), progress=False)
+
+
+def test_moefication_needs_calibration_and_comes_before_quantization_after_pruning():
+    model = tiny_model("llama").model
+    with pytest.raises(ValueError, match="calibration"):
+        compress(model, [MoEfyConfig(num_experts=4)], progress=False)
+    with pytest.raises(ValueError, match="PruneConfig cannot run after MoEfyConfig"):
+        compress(model, [MoEfyConfig(num_experts=4), PruneConfig(ffn_ratio=0.25)], calibration=_calibration(model))
+    with pytest.raises(ValueError, match="MoEfyConfig cannot run after QuantizeConfig"):
+        compress(model, [QuantizeConfig("nf4"), MoEfyConfig(num_experts=4)], calibration=_calibration(model))
+    opt = tiny_model("opt").model  # FFN linears live in the decoder layer itself: no block to replace
+    with pytest.raises(ValueError, match="MoEfication supports families with an MLP block"):
+        compress(opt, [MoEfyConfig(num_experts=4)], calibration=_calibration(opt), progress=False)
+
+
+def test_widths_after_pruning_are_checked_before_any_work():
+    model = tiny_model("llama").model  # 128 channels; 25% pruning keeps 96, which 64 experts do not divide
+    with pytest.raises(ValueError, match="96"):
+        compress(model, [PruneConfig(ffn_ratio=0.25, importance="magnitude"), MoEfyConfig(num_experts=64, top_k=8)],
+                 calibration=_calibration(model), progress=False)
+
+
+def test_moefied_pipeline_inherits_recovers_and_tunes(tmp_path):
+    from cpet.pipeline import CPET
+    from cpet.recovery import RecoveryConfig
+    from cpet.train import DistillConfig
+
+    (tmp_path / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    task = write_task(tmp_path / "task.jsonl")
+    pipeline = CPET(tiny_model("llama"), tmp_path / "work")
+    pipeline.compress([PruneConfig(ffn_ratio=0.25, importance="magnitude"), MoEfyConfig(num_experts=4, top_k=2),
+                       QuantizeConfig("nf4")], calibration=str(tmp_path / "corpus.txt"), calibration_samples=4,
+                      seq_len=32, progress=False)
+    pipeline.recover(RecoveryConfig(rank=4, alpha=4, activation="identity", init="svd"),
+                     DistillConfig(steps=3, seq_len=32), text=str(tmp_path / "corpus.txt"), progress=False)
+    original = pipeline.tune(task, on="original", config=TUNE, progress=False)
+    inherited = pipeline.tune(task, init="inherit", inherit_from=original, recovery="both", config=TUNE,
+                              progress=False)
+    history = inherited.meta["metrics"]["history"]
+    assert history[0]["val_accuracy"] >= 0.6  # the inherited LoRA works through the permutation from step 0
+    model = pipeline.model_for(inherited)
+    assert any(isinstance(m, MoEFFN) for m in model.modules())
+    assert 0.0 <= pipeline.evaluate(inherited, task)["accuracy"] <= 1.0
