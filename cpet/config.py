@@ -70,6 +70,8 @@ class QuantizeConfig:
         compute_dtype: dtype of the 4-bit matmul (``float32`` on CPU; ``bfloat16`` on GPUs).
         skip_modules: module-name fragments left in full precision (embeddings and ``lm_head`` by default).
         modules: if set, quantize only these linears (full names); each must be an ``nn.Linear``.
+        embeddings: also quantize the token embedding and the LM head with ``method`` (one tensor for both where
+            the model ties them); such a base reloads with CPET's loader only.
     """
 
     method: QuantMethod = QuantMethod.NF4
@@ -77,8 +79,10 @@ class QuantizeConfig:
     compute_dtype: str = "float32"
     skip_modules: tuple[str, ...] = ("lm_head", "embed_tokens", "embed_positions")
     modules: tuple[str, ...] | None = None
+    embeddings: bool = False
 
     stage: ClassVar[str] = "quantize"
+    added_fields: ClassVar[tuple[str, ...]] = ("embeddings",)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", QuantMethod(self.method))
@@ -134,10 +138,18 @@ class PruneConfig:
 
 
 def stage_config_to_dict(config) -> dict:
-    """JSON-ready dict with a ``"stage"`` key; enums become their strings."""
+    """JSON-ready dict with a ``"stage"`` key; enums become their strings.
+
+    Fields a config lists in ``added_fields`` (added after bases were first saved with it) are written only
+    when they differ from their default, so that the dict (and the ``base_id`` hashed from it) of an unchanged
+    configuration stays what it was.
+    """
     out = {"stage": config.stage}
+    added = getattr(type(config), "added_fields", ())
     for f in fields(config):
         value = getattr(config, f.name)
+        if f.name in added and value == f.default:
+            continue
         if isinstance(value, Enum):
             value = value.value
         elif isinstance(value, tuple):

@@ -28,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cpet.assets import write_text_atomic  # noqa: E402
+from cpet.compress.moefy import MoEfyConfig  # noqa: E402
 from cpet.config import PruneConfig, QuantizeConfig  # noqa: E402
 from cpet.pipeline import CPET, task_key  # noqa: E402,F401  (task_key: part of this script's API)
 from cpet.train import DistillConfig, TuneConfig  # noqa: E402
@@ -40,7 +41,12 @@ SETTINGS = {
     "nf4": lambda: [QuantizeConfig(method="nf4")],
     "ffn25-nf4": lambda: [PruneConfig(ffn_ratio=0.25, importance="taylor"), QuantizeConfig(method="nf4")],
     "ffn50-nf4": lambda: [PruneConfig(ffn_ratio=0.5, importance="taylor"), QuantizeConfig(method="nf4")],
+    # MoEfied: 25% of the FFN channels pruned, the remaining 1,152 split into 16 experts of which 8 run per token
+    "ffn25-moe50-nf4": lambda: [PruneConfig(ffn_ratio=0.25, importance="taylor"),
+                                MoEfyConfig(num_experts=16, top_k=8), QuantizeConfig(method="nf4")],
 }
+# what a run without --settings covers (the MoEfied setting is run on its own: see the README)
+DEFAULT_SETTINGS = ("nf4", "ffn25-nf4", "ffn50-nf4")
 
 # row name -> tune() arguments and a step multiplier; "original" rows run on the uncompressed model
 ROWS = {
@@ -194,7 +200,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cells", default=str(CELLS_DIR), help="finished cells (JSON)")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS))
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--settings", nargs="+", default=list(DEFAULT_SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=40)

@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
-from experiments.grid import CELLS_DIR, ORIGINAL_ROWS, ROW_MEANING, ROWS, SETTINGS, TASKS  # noqa: E402
+from experiments.grid import (  # noqa: E402
+    CELLS_DIR, DEFAULT_SETTINGS, ORIGINAL_ROWS, ROW_MEANING, ROWS, SETTINGS, TASKS)
 
 from cpet.assets import write_text_atomic  # noqa: E402
 
@@ -268,7 +269,7 @@ def main(argv=None) -> int:
     parser.add_argument("--doc", default="docs/results.md")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), help="task keys (file stem for task files)")
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--settings", nargs="+", default=list(DEFAULT_SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--commit", help="use only cells made by this code commit (a prefix is enough)")
     args = parser.parse_args(argv)
     cells = [c for c in load_cells(Path(args.cells), args.commit) if c["task"] in args.tasks]

@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchtools import paused  # noqa: E402
 from cpet.assets import write_text_atomic  # noqa: E402
 from cpet.compress import calibration_ids, compress  # noqa: E402
 from cpet.config import PruneConfig, QuantizeConfig  # noqa: E402
@@ -36,13 +37,18 @@ VARIANTS = {
     **{f"ffn{int(r * 100)}-{imp}": [PruneConfig(ffn_ratio=r, importance=imp)]
        for r in (0.25, 0.5) for imp in ("magnitude", "taylor", "activation")},
     "ffn25-taylor+nf4": [PruneConfig(ffn_ratio=0.25, importance="taylor"), QuantizeConfig(method="nf4")],
+    "int8+emb": [QuantizeConfig(method="int8", embeddings=True)],
+    "nf4+emb": [QuantizeConfig(method="nf4", embeddings=True)],
+    "ffn25-taylor+nf4+emb": [PruneConfig(ffn_ratio=0.25, importance="taylor"),
+                             QuantizeConfig(method="nf4", embeddings=True)],
 }
 
 
 def measure(model, tokenizer, text: str, args) -> dict:
     ppl = perplexity(model, tokenizer, text, max_length=256, stride=256, max_tokens=args.max_tokens)
-    speed = throughput(model, batch_size=args.batch_size, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                       repeats=args.repeats)
+    with paused(args.pause):
+        speed = throughput(model, batch_size=args.batch_size, prompt_len=args.prompt_len,
+                           new_tokens=args.new_tokens, repeats=args.repeats)
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         on_disk = disk_bytes(tmp)
@@ -53,7 +59,8 @@ def measure(model, tokenizer, text: str, args) -> dict:
 
 def markdown(results: dict, meta: dict) -> str:
     dense = results.get("dense")
-    header = ["variant", "params (M)", "memory (MB)", "disk (MB)", "Brown ppl", "prefill tok/s", "decode tok/s"]
+    header = ["variant", "params (M)", "memory (MB)", "vs dense bf16", "disk (MB)", "Brown ppl", "prefill tok/s",
+              "decode tok/s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, r in results.items():
         def cell(key: str, scale: float = 1.0, fmt: str = "{:.1f}") -> str:
@@ -62,12 +69,15 @@ def markdown(results: dict, meta: dict) -> str:
                 value += f" ({r[key] / dense[key]:.2f}x)"
             return value
 
-        lines.append(f"| {name} | {cell('params', 1e6)} | {cell('memory_bytes', 1e6)} | {cell('disk_bytes', 1e6)} | "
+        bf16 = f"{r['memory_bytes'] / (2 * dense['params']):.2f}x" if dense else "-"
+        lines.append(f"| {name} | {cell('params', 1e6)} | {cell('memory_bytes', 1e6)} | {bf16} | "
+                     f"{cell('disk_bytes', 1e6)} | "
                      f"{cell('ppl', 1, '{:.2f}')} | {cell('prefill_tok_s')} | {cell('decode_tok_s')} |")
     notes = (f"\nModel {meta['model']}, {meta['ppl_tokens']} Brown held-out tokens (windows of 256), prefill "
              f"batch {meta['batch_size']} x {meta['prompt_len']} tokens, decode {meta['new_tokens']} greedy "
              f"steps with KV cache, best of {meta['repeats']}; {meta['machine']}, torch {meta['torch']}, "
-             f"{meta['threads']} threads. Ratios are to dense.\n")
+             f"{meta['threads']} threads. Ratios are to dense (fp32); \"vs dense bf16\" divides memory by 2 bytes per "
+             "parameter of the dense model.\n")
     return "\n".join(lines) + "\n" + notes
 
 
@@ -81,6 +91,7 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--pause", type=int, nargs="*", default=[], help="PIDs to stop while speed is timed")
     parser.add_argument("--out", default="docs/bench_compress")
     args = parser.parse_args(argv)
 

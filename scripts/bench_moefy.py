@@ -26,16 +26,15 @@ import copy
 import json
 import os
 import platform
-import signal
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchtools import paused  # noqa: E402
 from cpet.assets import write_text_atomic  # noqa: E402
 from cpet.compress import calibration_ids, compress  # noqa: E402
 from cpet.compress.moefy import MoEfyConfig, ffn_inputs, moe_blocks  # noqa: E402
@@ -50,23 +49,6 @@ from cpet.sparsity import MAGNITUDE, ActivationMask, collect_ffn_activations, ma
 from cpet.train import DistillConfig, distill_on_text  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@contextmanager
-def paused(pids: list[int]):
-    """SIGSTOP ``pids`` for the duration (SIGCONT afterwards, also on errors); missing processes are skipped."""
-    stopped = []
-    try:
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGSTOP)
-                stopped.append(pid)
-            except ProcessLookupError:
-                print(f"[bench] process {pid} not found, not paused", file=sys.stderr)
-        yield
-    finally:
-        for pid in stopped:
-            os.kill(pid, signal.SIGCONT)
 
 
 def set_choice(blocks, top_k: int | None, tau: float | None) -> None:
@@ -230,12 +212,14 @@ def markdown(report: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in report["rows"]:
         threshold = row.get("threshold")
+        flop_ratio = row["flops_per_token"] / dense["flops_per_token"]
+        t_ppl = "-" if threshold is None else f"{threshold['ppl']:.1f}"
+        t_acc = "-" if threshold is None else f"{threshold['accuracy']:.3f}"
+        recall = row["recall"]
         lines.append(
-            f"| {row['choice']} | {row['expert_share']:.1%} | {row['flops_per_token'] / dense['flops_per_token']:.2f} "
-            f"| {row['ppl']:.1f} | {row['recovered']['ppl']:.1f} | "
-            f"{'-' if threshold is None else format(threshold['ppl'], '.1f')} | {row['accuracy']:.3f} | "
-            f"{row['recovered']['accuracy']:.3f} | {'-' if threshold is None else format(threshold['accuracy'], '.3f')} "
-            f"| {row['recall']['router']:.3f} / {row['recall']['random']:.3f} / {row['recall']['oracle']:.3f} |")
+            f"| {row['choice']} | {row['expert_share']:.1%} | {flop_ratio:.2f} | {row['ppl']:.1f} | "
+            f"{row['recovered']['ppl']:.1f} | {t_ppl} | {row['accuracy']:.3f} | {row['recovered']['accuracy']:.3f} | "
+            f"{t_acc} | {recall['router']:.3f} / {recall['random']:.3f} / {recall['oracle']:.3f} |")
     speed = report["speed"]
     lines += ["", f"Speed at {speed['share']:.0%} of the experts (pruned: the same share of FFN channels kept), "
               "batch 8 x 128 prefill, 32 decode steps, best of repeats, alone on the machine "
@@ -245,9 +229,10 @@ def markdown(report: dict) -> str:
     base = speed["dense"]
     for name in ("dense", "moefied", "pruned"):
         s = speed[name]
-        lines.append(f"| {name} | {s['flops_per_token'] / 1e6:.0f} M | {base['flops_per_token'] / s['flops_per_token']:.2f}x "
-                     f"| {s['prefill_tok_s']:.0f} | {s['prefill_tok_s'] / base['prefill_tok_s']:.2f}x | "
-                     f"{s['decode_tok_s']:.0f} | {s['decode_tok_s'] / base['decode_tok_s']:.2f}x |")
+        flop_ratio = base["flops_per_token"] / s["flops_per_token"]
+        lines.append(f"| {name} | {s['flops_per_token'] / 1e6:.0f} M | {flop_ratio:.2f}x | {s['prefill_tok_s']:.0f} | "
+                     f"{s['prefill_tok_s'] / base['prefill_tok_s']:.2f}x | {s['decode_tok_s']:.0f} | "
+                     f"{s['decode_tok_s'] / base['decode_tok_s']:.2f}x |")
     lines += ["", f"Command: `{report['command']}` ({report['seconds'] / 60:.0f} min)", ""]
     return "\n".join(lines)
 

@@ -41,9 +41,9 @@ from cpet.train import DistillConfig, TuneConfig
 FITS = (
     "apertus", "apertus1p5_text", "arcee", "biogpt", "cohere", "cohere2", "cwm", "diffllama", "ernie4_5", "exaone",
     "exaone4", "falcon_h1", "flint", "gemma", "gemma2", "gemma3_text", "granite", "granite_swa", "helium",
-    "hunyuan_v1_dense", "hyperclovax", "internlm3", "iquestcoder", "jais2", "llama", "ministral", "ministral3", "mistral",
-    "nanochat", "nemotron", "olmo", "olmo2", "olmo3", "opt", "phi", "qwen2", "qwen3", "seed_oss", "smollm3",
-    "stablelm", "starcoder2", "vaultgemma", "xglm",
+    "hunyuan_v1_dense", "hyperclovax", "internlm3", "iquestcoder", "jais2", "llama", "ministral", "ministral3",
+    "mistral", "nanochat", "nemotron", "olmo", "olmo2", "olmo3", "opt", "phi", "qwen2", "qwen3", "seed_oss",
+    "smollm3", "stablelm", "starcoder2", "vaultgemma", "xglm",
 )
 HEADS_FIXED = {  # fitting architectures whose attention heads cannot be pruned, and why
     "biogpt": "head width = hidden / heads", "opt": "head width = hidden / heads",

@@ -76,9 +76,27 @@ def test_compress_then_tune(capsys, model_dir, task_file, tmp_path):
     assert tuned["test"]["n"] == 4 and (work / "adapters").exists()
 
 
+def test_compress_moefy_and_quantized_embeddings_then_tune(capsys, model_dir, task_file, tmp_path):
+    real_asset("brown-npm")
+    work = tmp_path / "work"
+    report = run_json(capsys, "compress", "--model", str(model_dir), "--moefy-experts", "4", "--moefy-top-k", "2",
+                      "--quantize", "nf4", "--quantize-embeddings", "--calibration-samples", "2",
+                      "--eval-tokens", "256", "--out", str(work))
+    assert [s["stage"] for s in report["stages"]] == ["original", "+ MoEfyConfig", "+ QuantizeConfig"]
+    manifest = json.loads((work / "base" / "manifest.json").read_text())
+    assert [s["config"]["stage"] for s in manifest["stages"]] == ["moefy", "quantize"]
+    assert manifest["stages"][1]["config"]["embeddings"] is True and manifest["uniform"] is False
+    tuned = run_json(capsys, "tune", str(work), "--task", str(task_file), "--steps", "2", "--eval-every", "1",
+                     "--limit", "4")
+    assert tuned["test"]["n"] == 4
+
+
 @pytest.mark.parametrize("argv, message", [
     (["compress", "--prune-ffn", "1.2", "--out", "x"], r"ffn_ratio must be in \[0, 1\)"),
     (["compress", "--out", "x"], "nothing to do"),
+    (["compress", "--moefy-experts", "1", "--out", "x"], "num_experts must be >= 2"),
+    (["compress", "--moefy-top-k", "4", "--out", "x"], "need --moefy-experts"),
+    (["compress", "--prune-ffn", "0.25", "--quantize-embeddings", "--out", "x"], "needs --quantize"),
     (["eval", "--model", "no-such-model", "--corpus", "brown"], "unknown model 'no-such-model'"),
     (["eval"], None),
 ])

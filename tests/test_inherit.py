@@ -254,3 +254,25 @@ def test_pipeline_refuses_dora_before_any_work(quantized_pipeline, tmp_path):
     with pytest.raises(ValueError, match="does not support DoRA inheritance"):
         pipeline.tune(task, init="inherit", inherit_from=tmp_path / "dora", name="dora", progress=False)
     assert not (pipeline.work_dir / "adapters" / "dora").exists()
+
+
+def test_inheritance_through_moefication_permutes_rows_and_columns(tmp_path):
+    from cpet.compress.moefy import MoEfyConfig
+
+    loaded, original_lora = trained_lora("llama", tmp_path)
+    calibration = torch.randint(0, 259, (4, 32), generator=torch.Generator().manual_seed(0))
+    base = compress(loaded.model, [MoEfyConfig(num_experts=4, top_k=4)], calibration=calibration, progress=False)
+    student = add_lora(base.model, rank=4, alpha=8, dropout=0.0)
+    apply_inherited_lora(student, tmp_path / "orig", base.index_maps, loaded.model.config)
+    for mine, theirs in zip(iter_layer_linears(student), iter_layer_linears(original_lora)):
+        order = base.index_maps.ffn_rows(mine.index)
+        assert not torch.equal(order, torch.arange(len(order)))
+        for role in mine.modules:
+            expected = delta(theirs[role])
+            if role in ("gate", "up"):
+                expected = expected[order]
+            elif role == "down":
+                expected = expected[:, order]
+            assert torch.equal(delta(mine[role]), expected), role
+    with torch.no_grad():  # every expert chosen: the MoEfied model with the inherited LoRA is the original one
+        assert torch.allclose(student(IDS).logits, original_lora(IDS).logits, atol=1e-4)

@@ -142,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", default="none", choices=["none", "int8", "nf4", "fp4"],
                    help="bitsandbytes quantization after pruning and MoEfication")
     p.add_argument("--no-double-quant", action="store_true", help="4-bit: do not quantize the scales again")
+    p.add_argument("--quantize-embeddings", action="store_true",
+                   help="also quantize the token embedding and LM head (one tensor where tied; CPET's loader only)")
     p.add_argument("--compute-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="dtype of quantized matmuls")
     p.add_argument("--calibration-samples", type=positive_int, default=16, help="Brown windows of 128 tokens")

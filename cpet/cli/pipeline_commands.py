@@ -25,7 +25,9 @@ def stages_from_args(args: argparse.Namespace) -> list:
         raise ValueError("--moefy-top-k and --moefy-tau need --moefy-experts (the number of experts per FFN)")
     if args.quantize != "none":
         stages.append(QuantizeConfig(method=args.quantize, double_quant=not args.no_double_quant,
-                                     compute_dtype=args.compute_dtype))
+                                     compute_dtype=args.compute_dtype, embeddings=args.quantize_embeddings))
+    elif args.quantize_embeddings:
+        raise ValueError("--quantize-embeddings needs --quantize (int8, nf4 or fp4: the format of the embeddings)")
     if not stages:
         raise ValueError("nothing to do: give --prune-ffn, --prune-heads, --moefy-experts and/or --quantize")
     return stages

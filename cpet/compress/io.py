@@ -126,7 +126,8 @@ def _load_rebuilt(directory: Path, stages: list, index_maps: IndexMaps) -> nn.Mo
     if missing or unexpected:
         raise ValueError(f"{directory}: weights do not fit the rebuilt shapes (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]})")
-    model.tie_weights()
+    if type(model.get_output_embeddings()) is nn.Linear:  # a quantized tied head shares the table already
+        model.tie_weights()
     return model
 
 

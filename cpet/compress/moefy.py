@@ -51,7 +51,7 @@ class MoEfyConfig:
         clustering: ``weights`` (normalised gate rows; up rows for a non-gated FFN) or ``coactivation``
             (neuron magnitudes over calibration tokens).
         router_width: hidden units of each layer's router MLP (>= num_experts: the first E start at the
-            cluster centres).
+            cluster centres); None: ``max(64, num_experts)``.
         router_steps, router_lr: Adam steps and learning rate of router training (full batch of calibration
             tokens).
         seed: seeds clustering and router training.
@@ -61,7 +61,7 @@ class MoEfyConfig:
     top_k: int | None = None
     tau: float | None = None
     clustering: str = "weights"
-    router_width: int = 64
+    router_width: int | None = None
     router_steps: int = 300
     router_lr: float = 3e-3
     seed: int = 0
@@ -79,6 +79,8 @@ class MoEfyConfig:
             raise ValueError(f"tau (dynamic-k share) must be in (0, 1], got {self.tau}")
         if self.clustering not in CLUSTERINGS:
             raise ValueError(f"clustering must be one of {CLUSTERINGS}, got {self.clustering!r}")
+        if self.router_width is None:
+            object.__setattr__(self, "router_width", max(64, self.num_experts))
         if self.router_width < self.num_experts:
             raise ValueError(f"router_width ({self.router_width}) must be >= num_experts ({self.num_experts}): "
                              "the router's first units start at the cluster centres")
@@ -255,6 +257,9 @@ class MoEfyStage:
                              "(compress(..., calibration=calibration_ids(...)); `cpet compress` does by default)")
         _check_ffn_formula(model)
         widths = planned_ffn_widths(model, previous)
+        if config.num_experts > min(widths):
+            raise ValueError(f"{config.num_experts} experts are more than the {min(widths)} FFN neurons of the "
+                             "narrowest layer: use fewer experts")
         bad = sorted({w for w in widths if w % config.num_experts})
         if bad:
             divisors = [d for d in range(2, min(widths) + 1) if all(w % d == 0 for w in widths)][:12]

@@ -31,6 +31,10 @@ from .stages import StageContext, register_stage
 
 def validate(model: nn.Module, config: QuantizeConfig) -> None:
     """Every check that can fail, before any expensive work."""
+    if config.embeddings:
+        from .quantized_embeddings import check_embeddings
+
+        check_embeddings(model)
     if any(type(m).__module__.startswith("bitsandbytes") for m in model.modules()):
         raise ValueError("the model is already quantized; a compression pipeline takes one QuantizeConfig")
     for name in config.modules or ():
@@ -186,24 +190,43 @@ class QuantizeStage:
 
     def validate(self, model: nn.Module, config: QuantizeConfig, context: StageContext, previous) -> None:
         validate(model, config)
+        if config.embeddings:  # transformers' bitsandbytes path never quantizes embeddings: in place, CPET's loader
+            context.custom_layout = context.custom_layout or EMBEDDINGS_LAYOUT
 
     def apply(self, model: nn.Module, config: QuantizeConfig, context: StageContext):
-        if context.custom_layout:
-            validate(model, config)  # what the previous stages actually made
-            return quantize_in_place(model, config, context.progress), None
-        return quantize(model, config), None
+        if config.embeddings:
+            context.custom_layout = context.custom_layout or EMBEDDINGS_LAYOUT
+        if not context.custom_layout:
+            return quantize(model, config), None
+        validate(model, config)  # what the previous stages actually made
+        model = quantize_in_place(model, config, context.progress)
+        if config.embeddings:
+            from .quantized_embeddings import quantize_embeddings
+
+            quantize_embeddings(model, config)
+        return model, None
 
     def rebuild(self, model: nn.Module, config: QuantizeConfig, index_maps: IndexMaps) -> nn.Module:
         if _is_quantized(model):  # transformers loaded it with its quantization_config
             return keep_4bit_layout(model)
         for name in in_place_targets(model, config):  # a custom layout: shells, filled by load_weights
             _replace(model, name, _bnb_layer(model.get_submodule(name), config, None))
+        if config.embeddings:
+            from .quantized_embeddings import quantize_embeddings
+
+            quantize_embeddings(model, config, from_weights=False)
         return model
 
     def load_weights(self, model: nn.Module, config: QuantizeConfig, state: dict[str, torch.Tensor]) -> list[str]:
-        return load_prequantized(model, state)
+        filled = load_prequantized(model, state)
+        if config.embeddings:
+            from .quantized_embeddings import load_quantized_embeddings
+
+            filled += load_quantized_embeddings(model, state)
+        return filled
 
 
+EMBEDDINGS_LAYOUT = "quantized token embeddings"
 QUANTIZE_RANK = 900
 register_stage(QuantizeConfig, QuantizeStage(), rank=QUANTIZE_RANK, repeatable=False,
                order_note="stages that select or move weights need them in full precision")

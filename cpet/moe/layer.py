@@ -128,15 +128,21 @@ class MoEFFN(nn.Module):
         self.chosen_experts += int(chosen.sum())
         self.routed_tokens += tokens.shape[0]
         gate, up, down = self.bank("gate"), self.bank("up"), self.bank("down")
+        # Group (token, expert) pairs by expert with one sort and one gather, then run each expert on its
+        # contiguous slice: a handful of tensor ops per expert, whatever the number of tokens.
+        pairs = chosen.nonzero()                                   # [P, 2] (token, expert), by token
+        by_expert = pairs[:, 1].argsort(stable=True)
+        rows, experts = pairs[by_expert, 0], pairs[by_expert, 1]
+        counts = torch.bincount(experts, minlength=chosen.shape[1]).tolist()
+        inputs = tokens.index_select(0, rows).split(counts)
+        token_rows = rows.split(counts)
         parts = []
-        for e in range(chosen.shape[1]):
-            rows = chosen[:, e].nonzero(as_tuple=True)[0]
-            if rows.numel() == 0:
+        for e, count in enumerate(counts):
+            if count == 0:
                 continue
-            inputs = tokens.index_select(0, rows)
-            hidden = up.expert(e, inputs)
-            hidden = self.act_fn(gate.expert(e, inputs)) * hidden if gate is not None else self.act_fn(hidden)
-            parts.append(Routed(e, rows, hidden))
+            hidden = up.expert(e, inputs[e])
+            hidden = self.act_fn(gate.expert(e, inputs[e])) * hidden if gate is not None else self.act_fn(hidden)
+            parts.append(Routed(e, token_rows[e], hidden))
         return down.combine(parts, tokens.shape[0]).reshape(*shape[:-1], -1)
 
     def expert_norms(self, x: torch.Tensor) -> torch.Tensor:

@@ -130,7 +130,9 @@ def test_quantization_after_moefication_quantizes_every_expert_but_not_the_route
 
 
 @pytest.mark.parametrize("config, message", [
-    (dict(num_experts=5, top_k=2), "do not split into 5 equal experts"),
+    (dict(num_experts=5, top_k=2), r"do not split into 5 equal experts; expert counts that divide every layer's "
+                                   r"width: \[2, 4, 8, 16, 32, 64, 128\]"),
+    (dict(num_experts=256, top_k=2), "more than the 128 FFN neurons"),
     (dict(num_experts=1), "num_experts must be >= 2"),
     (dict(num_experts=4, top_k=5), "top_k must be in 1..num_experts"),
     (dict(num_experts=4, router_width=2), "router_width"),

@@ -1,0 +1,28 @@
+"""Helpers shared by the benchmark scripts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from contextlib import contextmanager
+
+
+@contextmanager
+def paused(pids: list[int]):
+    """SIGSTOP ``pids`` for the duration (SIGCONT afterwards, also on errors); missing processes are skipped.
+
+    Lets a benchmark time its runs alone on the machine while e.g. an experiment grid shares it otherwise.
+    """
+    stopped = []
+    try:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGSTOP)
+                stopped.append(pid)
+            except ProcessLookupError:
+                print(f"[bench] process {pid} not found, not paused", file=sys.stderr)
+        yield
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)

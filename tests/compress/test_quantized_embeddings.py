@@ -1,0 +1,70 @@
+"""Quantized token embeddings and LM head: one tensor for a tied pair, exact lookups, save/reload, refusals."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from cpet.compress import CompressedBase, compress
+from cpet.compress.quantized_embeddings import QuantizedEmbedding4bit, QuantizedEmbedding8bit, TiedQuantizedHead
+from cpet.config import QuantizeConfig
+from cpet.evaluate import memory_bytes
+from cpet.models import tiny_model
+
+IDS = torch.tensor([[5, 17, 99, 3, 42, 8, 120, 250]])
+
+
+@pytest.mark.parametrize("method, table_type, tolerance", [("nf4", QuantizedEmbedding4bit, 0.25),
+                                                            ("int8", QuantizedEmbedding8bit, 0.01)])
+def test_a_tied_pair_becomes_one_quantized_tensor_and_reloads(method, table_type, tolerance, tmp_path):
+    model = tiny_model("llama", tie_word_embeddings=True).model
+    plain = compress(model, [QuantizeConfig(method)], progress=False)
+    base = compress(model, [QuantizeConfig(method, embeddings=True)], progress=False)
+    table, head = base.model.get_input_embeddings(), base.model.get_output_embeddings()
+    assert isinstance(table, table_type) and isinstance(head, TiedQuantizedHead) and head.embedding is table
+    assert not [k for k in base.model.state_dict() if k.startswith("lm_head")]  # stored once, under the embedding
+    assert memory_bytes(base.model) < memory_bytes(plain.model)
+    original = model.get_input_embeddings().weight
+    dequantized = table.dequantized()
+    assert torch.equal(table(IDS)[0], dequantized[IDS[0]])  # a lookup reads exactly the quantized rows
+    assert (dequantized - original).abs().max() < tolerance * original.abs().max()
+    with torch.no_grad():
+        hidden = torch.randn(3, model.config.hidden_size)
+        assert torch.allclose(head(hidden), hidden @ dequantized.T, atol=1e-3, rtol=1e-3)
+    base.save(tmp_path / "base")
+    again = CompressedBase.load(tmp_path / "base")
+    assert again.model.get_output_embeddings().embedding is again.model.get_input_embeddings()
+    twin = copy.deepcopy(again.model)  # CPET copies bases per adapter: the copy stays tied to its own table
+    assert twin.get_output_embeddings().embedding is twin.get_input_embeddings()
+    with torch.no_grad():
+        logits = base.model(input_ids=IDS).logits
+        assert torch.equal(logits, again.model(input_ids=IDS).logits)
+        assert torch.equal(logits, twin(input_ids=IDS).logits)
+
+
+def test_an_untied_head_is_quantized_as_a_linear_of_its_own():
+    import bitsandbytes as bnb
+
+    model = tiny_model("llama").model
+    assert not model.config.tie_word_embeddings
+    base = compress(model, [QuantizeConfig("nf4", embeddings=True)], progress=False)
+    assert isinstance(base.model.get_output_embeddings(), bnb.nn.Linear4bit)
+    assert isinstance(base.model.get_input_embeddings(), QuantizedEmbedding4bit)
+    assert not base.manifest.uniform  # transformers' bitsandbytes path never quantizes embeddings
+
+
+def test_embeddings_that_cannot_be_quantized_faithfully_are_refused_before_work():
+    class ScaledEmbedding(nn.Embedding):
+        def forward(self, ids):
+            return super().forward(ids) * 8.0
+
+    model = tiny_model("llama").model
+    model.model.embed_tokens = ScaledEmbedding(model.config.vocab_size, model.config.hidden_size)
+    with pytest.raises(ValueError, match="not a plain nn.Embedding"):
+        compress(model, [QuantizeConfig("nf4", embeddings=True)], progress=False)
+    narrow = tiny_model("llama", hidden_size=48, head_dim=12).model
+    with pytest.raises(ValueError, match="not a multiple of 64"):
+        compress(narrow, [QuantizeConfig("nf4", embeddings=True)], progress=False)
