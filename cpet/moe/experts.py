@@ -154,27 +154,21 @@ class ExpertBank(nn.Module):
         return out
 
     def combine(self, parts: Sequence[Routed], num_tokens: int, extra: Sequence[LowRankPath] = ()) -> torch.Tensor:
-        """Column bank: ``sum_e down_e(h_e)`` scattered back to ``[num_tokens, d_out]`` (+ bias, side paths).
-
-        One scatter for all experts (their outputs are joined first), not one per expert.
-        """
+        """Column bank: ``sum_e down_e(h_e)`` scattered back to ``[num_tokens, d_out]`` (+ bias, side paths)."""
         if self.split != COLS:
             raise TypeError("combine() is for the column bank (down); row banks compute one expert at a time")
         dtype = parts[0].values.dtype if parts else self.experts[0].weight.dtype
         device = parts[0].values.device if parts else None
         out = torch.zeros(num_tokens, self.out_features, dtype=dtype, device=device)
-        if parts:
-            rows = torch.cat([part.tokens for part in parts])
-            outputs = torch.cat([self.experts[part.expert](part.values).to(dtype) for part in parts])
-            out.index_add_(0, rows, outputs)
+        for part in parts:  # one scatter per expert: joining the outputs first would copy them once more
+            out.index_add_(0, part.tokens, self.experts[part.expert](part.values).to(dtype))
         if self.bias is not None:
             out = out + self.bias.to(dtype)
         for path in (*self.active_side_paths(), *extra):
             low = torch.zeros(num_tokens, path.A.shape[0], dtype=path.A.dtype, device=out.device)
-            if parts:
-                pieces = [F.linear(path.dropout(part.values).to(path.A.dtype),
-                                   path.A[:, self.expert_slice(part.expert)]) for part in parts]
-                low.index_add_(0, rows, torch.cat(pieces))
+            for part in parts:
+                cols = self.expert_slice(part.expert)
+                low.index_add_(0, part.tokens, F.linear(path.dropout(part.values).to(path.A.dtype), path.A[:, cols]))
             out = out + (F.linear(path.act(low), path.B) * path.scale).to(dtype)
         return out
 

@@ -128,20 +128,20 @@ class MoEFFN(nn.Module):
         self.chosen_experts += int(chosen.sum())
         self.routed_tokens += tokens.shape[0]
         gate, up, down = self.bank("gate"), self.bank("up"), self.bank("down")
-        # Group (token, expert) pairs by expert with one sort and one gather, then run each expert on its
-        # contiguous slice: a handful of tensor ops per expert, whatever the number of tokens.
+        # Group (token, expert) pairs by expert with one sort, then gather each expert's tokens on their own: a
+        # handful of tensor ops per expert whatever the number of tokens, and no joined copy of all gathers
+        # (on CPU, copying is a large part of a MoE layer's time; see docs/moefication.md).
         pairs = chosen.nonzero()                                   # [P, 2] (token, expert), by token
         by_expert = pairs[:, 1].argsort(stable=True)
-        rows, experts = pairs[by_expert, 0], pairs[by_expert, 1]
-        counts = torch.bincount(experts, minlength=chosen.shape[1]).tolist()
-        inputs = tokens.index_select(0, rows).split(counts)
-        token_rows = rows.split(counts)
+        counts = torch.bincount(pairs[:, 1], minlength=chosen.shape[1]).tolist()
+        token_rows = pairs[by_expert, 0].split(counts)
         parts = []
         for e, count in enumerate(counts):
             if count == 0:
                 continue
-            hidden = up.expert(e, inputs[e])
-            hidden = self.act_fn(gate.expert(e, inputs[e])) * hidden if gate is not None else self.act_fn(hidden)
+            inputs = tokens.index_select(0, token_rows[e])
+            hidden = up.expert(e, inputs)
+            hidden = self.act_fn(gate.expert(e, inputs)) * hidden if gate is not None else self.act_fn(hidden)
             parts.append(Routed(e, token_rows[e], hidden))
         return down.combine(parts, tokens.shape[0]).reshape(*shape[:-1], -1)
 
