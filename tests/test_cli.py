@@ -76,6 +76,23 @@ def test_compress_then_tune(capsys, model_dir, task_file, tmp_path):
     assert tuned["test"]["n"] == 4 and (work / "adapters").exists()
 
 
+def test_export_folds_shared_recovery_and_matches_cpet(capsys, model_dir, task_file, tmp_path):
+    real_asset("brown-npm")
+    work = tmp_path / "work"
+    run_json(capsys, "compress", "--model", str(model_dir), "--prune-ffn", "0.5", "--importance", "magnitude",
+             "--quantize", "nf4", "--eval-tokens", "256", "--out", str(work))
+    run_json(capsys, "recover", str(work), "--steps", "2", "--seq-len", "32", "--rank", "4")
+    run_json(capsys, "tune", str(work), "--task", str(task_file), "--steps", "2", "--eval-every", "1",
+             "--limit", "4", "--recovery", "shared", "--name", "with-recovery")
+    report = run_json(capsys, "export", str(work), "--out", str(tmp_path / "out"))
+    entry = report["adapters"]["with-recovery"]
+    assert entry["recovery"] == "shared" and entry["max_abs_diff"] < 1e-4
+    assert (tmp_path / "out" / "adapters" / "with-recovery" / "adapter_model.safetensors").exists()
+    (tmp_path / "mine").mkdir()
+    assert main(["export", str(work), "--out", str(tmp_path / "mine")]) == 2  # never over a non-export directory
+    assert "is not a CPET export" in capsys.readouterr().err
+
+
 def test_compress_moefy_and_quantized_embeddings_then_tune(capsys, model_dir, task_file, tmp_path):
     real_asset("brown-npm")
     work = tmp_path / "work"

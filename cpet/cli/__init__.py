@@ -14,7 +14,7 @@ from .config_file import config_file_args, save_run_config
 from .demo import cmd_demo
 from .evaluation import cmd_eval, cmd_info, cmd_list, evaluate_corpus, evaluate_task, model_info
 from .fetch import cmd_fetch
-from .pipeline_commands import cmd_compress, cmd_recover, cmd_tune, open_pipeline, stages_from_args
+from .pipeline_commands import cmd_compress, cmd_export, cmd_recover, cmd_tune, open_pipeline, stages_from_args
 from .sparsity import cmd_sparsity
 
 __all__ = ["main", "build_parser", "model_info", "evaluate_task", "evaluate_corpus", "config_file_args",
@@ -159,6 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=distill_defaults.batch_size, help="windows per step")
     p.add_argument("--seq-len", type=positive_int, default=distill_defaults.seq_len, help="tokens per window")
     p.add_argument("--lr", type=float, default=distill_defaults.lr, help="AdamW learning rate")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = _command(sub, "export", "the base and plain PEFT adapters (shared recovery folded in) for other engines",
+                 cmd_export)
+    p.add_argument("pipeline", help="pipeline directory with a compressed base and adapters")
+    p.add_argument("--out", required=True, help="export directory (written atomically)")
+    p.add_argument("--adapter", action="append", help="an adapter to export (repeatable; default: all on the base)")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip reloading each adapter with plain transformers + peft to compare logits with CPET's")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = _command(sub, "tune", "tune a task adapter in a pipeline directory", cmd_tune)

@@ -133,3 +133,23 @@ def cmd_tune(args: argparse.Namespace) -> int:
         f"test {r['test']['accuracy']:.4f} on {r['test']['n']} examples (the {args.on} model zero-shot: "
         f"{r['zero_shot_test_accuracy']:.4f}; majority class: {r['majority_baseline']:.4f})"))
     return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Base + plain PEFT adapters (shared recovery folded in) for standard engines, checked against CPET."""
+    from ..export import export_pipeline
+
+    pipeline = open_pipeline(args.pipeline, None, may_create=False, first_step="export")
+    report = export_pipeline(pipeline, args.out, args.adapter or None, check=not args.no_check)
+
+    def render(result: dict) -> None:
+        print(f"exported {args.pipeline} to {result['out']}: the base in base/, adapters in adapters/")
+        rows = [(name, a["recovery"], a["rank"], a["modules"], a.get("max_abs_diff", "not checked"))
+                for name, a in result["adapters"].items()]
+        if rows:
+            print_table(["adapter", "recovery", "rank", "modules", "max |logit diff| vs CPET"], rows)
+        for name, why in result["skipped"].items():
+            print(f"skipped {name}: {why}")
+
+    emit(report.to_dict(), args.json, render)
+    return 0

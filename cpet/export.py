@@ -1,0 +1,226 @@
+"""Export a pipeline for standard engines: the compressed base as a transformers checkpoint, one plain PEFT
+LoRA directory per task adapter, with linear shared recovery folded in exactly.
+
+```
+out/
+  base/                    transformers checkpoint (bitsandbytes weights with their quantization state)
+  adapters/<name>/         adapter_config.json + adapter_model.safetensors (+ README.md): a standard PEFT LoRA
+  export.json              what was exported, what was skipped and why, and the logit check of each adapter
+```
+
+**Folding shared recovery.** A task LoRA adds ``s_l B_l A_l x`` and a linear (identity-activation) shared
+recovery bypass on the same linear adds ``s_r B_r A_r x``; their sum is one LoRA of rank ``r_l + r_r`` with
+``A = [A_l; A_r]`` and ``B = [s_l B_l, s_r B_r]`` at scale 1. Recovery usually sits on linears the task LoRA
+does not target: there the LoRA part is zero. Every module gets the same rank (zero-padded where one part is
+missing or narrower), so the directory needs no ``rank_pattern`` (which engines such as vLLM do not read), and
+``lora_alpha == r`` makes peft's scale exactly 1. The result reproduces CPET's outputs up to float rounding;
+:func:`export_pipeline` checks this by reloading each adapter with plain transformers + peft.
+
+Not exportable, refused by name: bases transformers cannot build (per-layer widths, MoEfied FFNs, quantized
+embeddings: ``manifest.json`` says ``"uniform": false``), and per-task recovery (a GELU bypass is not linear,
+so no LoRA reproduces it; CA-LoRA's per-task recovery stays inside CPET). Adapters tuned on the uncompressed
+original are plain PEFT adapters of the source model already and are not part of the export.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .adapters import read_adapter_meta
+from .assets import atomic_path
+from .models import unwrap
+from .recovery import SHARED, attached_recovery
+
+EXPORT_META = "export.json"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+@dataclass
+class ExportReport:
+    """What :func:`export_pipeline` wrote: ``adapters`` ``{name: {...}}`` with the folded rank, the modules and
+    the largest logit difference against CPET; ``skipped`` ``{name: reason}``."""
+
+    out: str
+    base_id: str
+    adapters: dict[str, dict] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def base_refusal(manifest) -> str | None:
+    """Why a base cannot leave CPET as a transformers checkpoint, or None when it can."""
+    if manifest.uniform:
+        return None
+    names = {record.config.get("stage") for record in manifest.stages}
+    if "moefy" in names:
+        return ("the base is MoEfied: its FFN blocks are CPET's expert banks and routers, which no transformers "
+                "architecture (and so no serving engine) knows")
+    if any(record.config.get("embeddings") for record in manifest.stages):
+        return ("the base has quantized token embeddings, which transformers' bitsandbytes integration cannot "
+                "load; compress with QuantizeConfig(embeddings=False) to export")
+    return "the base has per-layer FFN widths, which a transformers config.json cannot state"
+
+
+def folded_lora(model: nn.Module) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int]:
+    """``({module name: (A [r, in], B [out, r])}, r)`` at scale 1: every active LoRA layer of the peft ``model``
+    plus its attached shared recovery, zero-padded to one rank ``r`` (module names relative to the causal LM).
+
+    Raises:
+        ValueError: recovery that is not linear (only identity-activation bypasses fold exactly).
+    """
+    base = unwrap(model)
+    parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for name, module in base.named_modules():
+        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+            A = module.lora_A["default"].weight.detach().float()
+            B = module.lora_B["default"].weight.detach().float() * module.scaling["default"]
+            parts.setdefault(name, []).append((A, B))
+    for slot, recovery in attached_recovery(model).items():
+        if slot != SHARED:
+            raise ValueError(f"{slot} recovery cannot be folded into a LoRA")
+        if recovery.config.activation != "identity":
+            raise ValueError(f"shared recovery with activation {recovery.config.activation!r} is not linear: it "
+                             "cannot be folded into a LoRA")
+        for name in recovery.targets:
+            bypass = recovery.bypass(name)
+            parts.setdefault(name, []).append((bypass.A.weight.detach().float(),
+                                               bypass.B.weight.detach().float() * bypass.scale))
+    rank = max(sum(A.shape[0] for A, _ in pieces) for pieces in parts.values())
+    folded = {}
+    for name, pieces in parts.items():
+        A = torch.cat([a for a, _ in pieces])
+        B = torch.cat([b for _, b in pieces], dim=1)
+        pad = rank - A.shape[0]
+        if pad:
+            A = torch.cat([A, A.new_zeros(pad, A.shape[1])])
+            B = torch.cat([B, B.new_zeros(B.shape[0], pad)], dim=1)
+        folded[name] = (A.contiguous(), B.contiguous())
+    return folded, rank
+
+
+def write_peft_adapter(directory: Path, folded: dict[str, tuple[torch.Tensor, torch.Tensor]], rank: int,
+                       base_reference: str) -> None:
+    """A standard PEFT LoRA directory for ``folded`` factors (``lora_alpha == r``: scale 1; uniform rank)."""
+    from peft import LoraConfig
+
+    suffixes = sorted({name.rsplit(".", 1)[-1] for name in folded})
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=suffixes, lora_dropout=0.0, bias="none",
+                        task_type="CAUSAL_LM", base_model_name_or_path=base_reference)
+    directory.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(directory))
+    tensors = {}
+    for name, (A, B) in folded.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = A
+        tensors[f"base_model.model.{name}.lora_B.weight"] = B
+    save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def export_pipeline(pipeline, out: str | Path, names: list[str] | None = None, *, check: bool = True,
+                    check_ids: torch.Tensor | None = None) -> ExportReport:
+    """Export ``pipeline`` (a :class:`~cpet.pipeline.CPET`) to ``out``, written atomically.
+
+    ``names``: adapters to export (default: every adapter tuned on the compressed base). With ``check``, each
+    exported adapter is reloaded with plain transformers + peft and its logits on ``check_ids`` compared with
+    CPET's (``max_abs_diff`` in the report).
+
+    Raises:
+        ValueError: a base that cannot be exported (named), or a named adapter that cannot (with why).
+        FileNotFoundError: an unknown adapter name (the known ones listed).
+        ValueError: ``out`` exists and is not a previous export (never overwritten).
+    """
+    from .compress.manifest import MANIFEST_FILE, Manifest
+
+    out = Path(out)
+    if out.exists() and not (out / EXPORT_META).exists():
+        raise ValueError(f"{out} exists and is not a CPET export (no {EXPORT_META}): choose a new --out directory "
+                         "(a previous export is replaced, anything else is left alone)")
+    base_dir = pipeline.work_dir / "base"
+    if not (base_dir / MANIFEST_FILE).exists():
+        raise FileNotFoundError(f"{pipeline.work_dir} has no compressed base: run `cpet compress` first")
+    manifest = Manifest.from_json((base_dir / MANIFEST_FILE).read_text())
+    refusal = base_refusal(manifest)
+    if refusal:
+        raise ValueError(f"cannot export {pipeline.work_dir}: {refusal}")
+    available = pipeline.adapters()
+    if names:
+        chosen = {name: pipeline.resolve_adapter(name) for name in names}
+    else:
+        chosen = {name: path for name, path in available.items() if read_adapter_meta(path).get("on") != "original"}
+    reasons = {name: _adapter_refusal(read_adapter_meta(path)) for name, path in chosen.items()}
+    if names:
+        refused = {name: why for name, why in reasons.items() if why}
+        if refused:
+            raise ValueError("cannot export " + "; ".join(f"{name}: {why}" for name, why in refused.items()))
+    report = ExportReport(str(out), manifest.base_id)
+    with atomic_path(out) as tmp:
+        shutil.copytree(base_dir, tmp / "base")
+        for name, path in chosen.items():
+            if reasons[name]:
+                report.skipped[name] = reasons[name]
+                continue
+            model = pipeline.model_for(path)
+            folded, rank = folded_lora(model)
+            target = tmp / "adapters" / name
+            write_peft_adapter(target, folded, rank, "../../base")
+            meta = read_adapter_meta(path)
+            (target / "README.md").write_text(_card(name, meta, rank, sorted(folded)))
+            entry = {"rank": rank, "modules": len(folded), "recovery": meta.get("recovery", "none"),
+                     "task": meta.get("task")}
+            if check:
+                entry["max_abs_diff"] = _check(tmp / "base", target, model, check_ids)
+            report.adapters[name] = entry
+        (tmp / EXPORT_META).write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True))
+    return report
+
+
+def _adapter_refusal(meta: dict) -> str | None:
+    recovery = meta.get("recovery", "none")
+    if meta.get("on") == "original":
+        return "tuned on the uncompressed original: it is a plain PEFT adapter of the source model already"
+    if recovery in ("per_task", "both"):
+        return ("trained with per-task recovery, a GELU bypass that is not linear: no LoRA reproduces it "
+                "(keep it in CPET: `cpet eval PIPELINE --adapter NAME`)")
+    return None
+
+
+def load_exported(base: str | Path, adapter: str | Path):
+    """Plain transformers + peft, as an engine-side user would load the export (CPET's 4-bit layout kept)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from .compress.quantize import keep_4bit_layout
+
+    model = keep_4bit_layout(AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32))
+    return PeftModel.from_pretrained(model, str(adapter)).eval()
+
+
+@torch.no_grad()
+def _check(base: Path, adapter: Path, reference: nn.Module, ids: torch.Tensor | None) -> float:
+    if ids is None:
+        ids = torch.tensor([[1, 42, 7, 300, 12, 5, 99, 17]]) % unwrap(reference).config.vocab_size
+    plain = load_exported(base, adapter)
+    return float((plain(input_ids=ids).logits - reference.eval()(input_ids=ids).logits).abs().max())
+
+
+def _card(name: str, meta: dict, rank: int, modules: list[str]) -> str:
+    recovery = meta.get("recovery", "none")
+    folded = ("its LoRA and the pipeline's shared recovery, folded into one LoRA (the two ranks concatenated, "
+              "zero-padded to one rank for every module, scale 1)") if recovery == "shared" else "its LoRA"
+    return (f"# {name} (exported by CPET)\n\nA standard PEFT LoRA adapter of rank {rank} on {len(modules)} linears "
+            f"of the compressed base in `../../base`, holding {folded}. Load it with plain transformers + peft:\n\n"
+            "```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
+            "base = AutoModelForCausalLM.from_pretrained(\"EXPORT/base\")\n"
+            f"model = PeftModel.from_pretrained(base, \"EXPORT/adapters/{name}\")\n```\n\n"
+            f"Task: {meta.get('task')}. Labels: {meta.get('labels')}.\n")
+
+
+__all__ = ["export_pipeline", "folded_lora", "write_peft_adapter", "base_refusal", "load_exported", "ExportReport"]

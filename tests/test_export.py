@@ -1,0 +1,104 @@
+"""Export: base + plain PEFT adapters with shared recovery folded in, reproducing CPET's logits outside CPET."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from cpet.compress.moefy import MoEfyConfig
+from cpet.config import PruneConfig, QuantizeConfig
+from cpet.export import export_pipeline, folded_lora, load_exported
+from cpet.models import tiny_model
+from cpet.pipeline import CPET
+from cpet.recovery import RecoveryConfig
+from cpet.train import DistillConfig, TuneConfig
+from tests.test_pipeline import write_task
+
+TUNE = TuneConfig(steps=4, batch_size=8, lr=2e-2, eval_every=2, rank=4, alpha=8, dropout=0.0,
+                  target_roles=("q", "v"))
+IDS = torch.tensor([[5, 17, 99, 3, 42, 8, 120, 250]])
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    (root / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    task = write_task(root / "task.jsonl")
+    pipeline = CPET(tiny_model("llama"), root / "work")
+    pipeline.compress([PruneConfig(ffn_ratio=0.25, importance="magnitude"), QuantizeConfig("nf4")],
+                      calibration=str(root / "corpus.txt"), calibration_samples=4, seq_len=32, progress=False)
+    pipeline.recover(RecoveryConfig(rank=4, alpha=4, activation="identity", init="svd"),
+                     DistillConfig(steps=3, seq_len=32), text=str(root / "corpus.txt"), progress=False)
+    original = pipeline.tune(task, on="original", config=TUNE, progress=False, name="orig")
+    pipeline.tune(task, recovery="shared", config=TUNE, progress=False, name="shared")
+    pipeline.tune(task, recovery="none", config=TUNE, progress=False, name="plain")
+    pipeline.tune(task, init="inherit", inherit_from=original, recovery="per_task", config=TUNE, progress=False,
+                  name="per-task")
+    report = export_pipeline(pipeline, root / "out", check_ids=IDS)
+    return pipeline, report, root
+
+
+def test_shared_recovery_is_folded_and_plain_peft_reproduces_cpet(exported):
+    pipeline, report, root = exported
+    assert set(report.adapters) == {"shared", "plain"}
+    shared = report.adapters["shared"]
+    # LoRA rank 4 on q/v + recovery rank 4 on every linear: one rank 8 on all 7 roles of both layers
+    assert shared["rank"] == 8 and shared["modules"] == 14
+    assert report.adapters["plain"]["rank"] == 4 and report.adapters["plain"]["modules"] == 4
+    for name in ("shared", "plain"):
+        assert report.adapters[name]["max_abs_diff"] < 1e-4
+        plain = load_exported(root / "out" / "base", root / "out" / "adapters" / name)
+        with torch.no_grad():
+            reference = pipeline.model_for(name)(input_ids=IDS).logits
+            assert torch.allclose(plain(input_ids=IDS).logits, reference, atol=1e-4)
+    config = json.loads((root / "out" / "adapters" / "shared" / "adapter_config.json").read_text())
+    assert config["r"] == config["lora_alpha"] == 8 and not config.get("rank_pattern")
+
+
+def test_without_folding_the_recovery_the_logits_differ(exported):
+    pipeline, _, root = exported
+    # the unfolded adapter on the exported base: what plain peft gave before export existed
+    base = AutoModelForCausalLM.from_pretrained(str(root / "out" / "base"), dtype=torch.float32)
+    from cpet.compress.quantize import keep_4bit_layout
+
+    unfolded = PeftModel.from_pretrained(keep_4bit_layout(base), str(pipeline.adapters()["shared"])).eval()
+    with torch.no_grad():
+        reference = pipeline.model_for("shared")(input_ids=IDS).logits
+        assert (unfolded(input_ids=IDS).logits - reference).abs().max() > 1e-3
+
+
+def test_what_cannot_be_exported_is_skipped_or_refused_with_why(exported, tmp_path):
+    pipeline, report, root = exported
+    assert "GELU bypass" in report.skipped["per-task"]
+    assert "orig" not in report.adapters and "orig" not in report.skipped  # original adapters: not exported
+    meta = json.loads((root / "out" / "export.json").read_text())
+    assert meta["skipped"]["per-task"] == report.skipped["per-task"]
+    with pytest.raises(ValueError, match="per-task: trained with per-task recovery"):
+        export_pipeline(pipeline, tmp_path / "x", ["per-task"])
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(FileNotFoundError, match="shared"):
+        export_pipeline(pipeline, tmp_path / "y", ["no-such-adapter"])
+
+
+def test_a_moefied_base_is_refused_by_name(tmp_path):
+    (tmp_path / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    pipeline = CPET(tiny_model("llama"), tmp_path / "work")
+    pipeline.compress([MoEfyConfig(num_experts=4, top_k=2)], calibration=str(tmp_path / "corpus.txt"),
+                      calibration_samples=4, seq_len=32, progress=False)
+    with pytest.raises(ValueError, match="the base is MoEfied"):
+        export_pipeline(pipeline, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_folding_refuses_nonlinear_recovery():
+    from cpet.adapters import add_lora
+    from cpet.recovery import RecoverySet
+
+    model = add_lora(tiny_model("llama").model, rank=2, alpha=2, dropout=0.0)
+    RecoverySet(model, RecoveryConfig(rank=2, activation="gelu")).attach(model, slot="shared")
+    with pytest.raises(ValueError, match="is not linear"):
+        folded_lora(model)
