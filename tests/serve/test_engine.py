@@ -1,0 +1,104 @@
+"""Mixed-adapter batches on one base equal each adapter alone, as CPET assembles it; the registry's checks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from cpet.config import PruneConfig, QuantizeConfig
+from cpet.models import iter_layer_linears, tiny_model
+from cpet.pipeline import CPET
+from cpet.recovery import RecoveryConfig
+from cpet.serve import AdapterError, Engine, UnknownAdapterError
+from cpet.train import DistillConfig, TuneConfig
+from tests.test_pipeline import write_task
+
+TUNE = TuneConfig(steps=4, batch_size=8, lr=2e-2, eval_every=2, rank=4, alpha=8, dropout=0.0)
+IDS = torch.tensor([[5, 17, 99, 3, 42, 8, 120, 250], [7, 7, 1, 90, 4, 33, 2, 11], [1, 2, 3, 4, 5, 6, 7, 8],
+                    [200, 100, 50, 25, 12, 6, 3, 1], [9, 8, 7, 6, 5, 4, 3, 2]])
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    (root / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    task = write_task(root / "task.jsonl")
+    pipeline = CPET(tiny_model("llama"), root / "work")
+    pipeline.compress([PruneConfig(ffn_ratio=0.25, importance="magnitude"), QuantizeConfig("nf4")],
+                      calibration=str(root / "corpus.txt"), calibration_samples=4, seq_len=32, progress=False)
+    pipeline.recover(RecoveryConfig(rank=4, alpha=4, activation="identity", init="svd"),
+                     DistillConfig(steps=3, seq_len=32), text=str(root / "corpus.txt"), progress=False)
+    original = pipeline.tune(task, on="original", config=TUNE, progress=False, name="orig")
+    pipeline.tune(task, config=TUNE, progress=False, name="plain")
+    pipeline.tune(task, recovery="shared", config=TUNE, progress=False, name="shared")
+    pipeline.tune(task, init="inherit", inherit_from=original, recovery="both", config=TUNE, progress=False,
+                  name="both")
+    engine = Engine.from_pipeline(root / "work")
+    for name in ("plain", "shared", "both"):
+        engine.registry.load(name, pipeline.adapters()[name])
+    return pipeline, engine, root
+
+
+def test_a_mixed_batch_equals_each_adapter_alone_as_cpet_assembles_it(served):
+    pipeline, engine, _ = served
+    rows = ["plain", "shared", None, "both", "shared"]
+    mixed = engine.forward(rows, input_ids=IDS).logits
+    with torch.no_grad():
+        for i, name in enumerate(rows):
+            alone = pipeline.model_for(name)(input_ids=IDS[i:i + 1]).logits[0]
+            assert torch.allclose(mixed[i], alone, atol=1e-4), name
+    assert torch.allclose(mixed, engine.reference_logits(rows, IDS), atol=1e-5)
+
+
+def test_each_base_linear_runs_once_per_step_whatever_the_adapters(served):
+    _, engine, _ = served
+    linears = sum(len(layer.names) for layer in iter_layer_linears(engine.model))
+    for rows in (["plain"] * 5, ["plain", "shared", None, "both", "shared"]):
+        engine.base_calls = 0
+        engine.forward(rows, input_ids=IDS)
+        assert engine.base_calls == linears
+
+
+def test_the_registry_refuses_bad_adapters_with_what_was_wrong(served, tmp_path):
+    pipeline, engine, root = served
+    registry = engine.registry
+    with pytest.raises(UnknownAdapterError) as unknown:
+        engine.forward(["nope"], input_ids=IDS[:1])
+    assert unknown.value.name == "nope" and sorted(unknown.value.known) == ["both", "plain", "shared"]
+    with pytest.raises(AdapterError, match="is not allowed"):
+        registry.load("../escape", pipeline.adapters()["plain"])
+    with pytest.raises(AdapterError, match="does not exist"):
+        registry.load("missing", tmp_path / "missing")
+    broken = tmp_path / "broken"
+    shutil.copytree(pipeline.adapters()["plain"], broken)
+    (broken / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(AdapterError, match="not a readable safetensors file"):
+        registry.load("broken", broken)
+    other = tmp_path / "other-base"
+    shutil.copytree(pipeline.adapters()["plain"], other)
+    meta = json.loads((other / "cpet.json").read_text())
+    meta["base_id"] = "0" * 64
+    (other / "cpet.json").write_text(json.dumps(meta))
+    with pytest.raises(AdapterError, match="was tuned on base 000000000000"):
+        registry.load("other", other)
+    with pytest.raises(AdapterError, match="is not a linear of this base|another base"):
+        registry.load("original", pipeline.adapters()["orig"])  # tuned on the unpruned original: other shapes
+    assert sorted(registry.names()) == ["both", "plain", "shared"]
+
+
+def test_lru_eviction_keeps_pinned_adapters_and_root_confines_paths(served, tmp_path):
+    pipeline, engine, _ = served
+    from cpet.serve import AdapterRegistry
+
+    registry = AdapterRegistry(engine.registry.module_shapes, engine.base_id, capacity=2, has_shared_recovery=True,
+                               root=pipeline.work_dir / "adapters")
+    registry.load("a", pipeline.adapters()["plain"], pin=True)
+    registry.load("b", pipeline.adapters()["shared"])
+    registry.get("a")
+    registry.load("c", pipeline.adapters()["both"])  # evicts b: the least recently used unpinned one
+    assert registry.names() == ["a", "c"]
+    with pytest.raises(AdapterError, match="outside the adapter root"):
+        registry.load("d", tmp_path)
