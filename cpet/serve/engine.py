@@ -116,6 +116,119 @@ class Engine:
             finally:
                 self._batch = None
 
+    # ------------------------------------------------------------------ requests
+    @torch.no_grad()
+    def classify(self, requests: Sequence[tuple[str, str]]) -> list[dict]:
+        """``[(adapter, text)]`` -> ``[{"label", "probabilities"}]`` with each adapter's own template, verbalizer and
+        prompt length (its ``cpet.json``), scored as CPET scores (:func:`cpet.evaluate.label_logprobs`: a label's
+        log-probability is the sum over its tokens), all rows in one mixed batch; probabilities are the softmax
+        of the label scores."""
+        from ..data.prompts import PromptTemplate
+        from ..evaluate import DEFAULT_MAX_PROMPT_TOKENS, encode_prompt_and_label
+
+        sequences = []  # (adapter, ids, request index, label column or -1 for all single-token labels, label ids)
+        labels_of = []
+        for index, (name, text) in enumerate(requests):
+            meta = self.registry.get(name).meta
+            if not meta.get("labels") or not meta.get("label_words"):
+                raise ValueError(f"adapter {name} is not a classification adapter (its cpet.json names no labels)")
+            labels = list(meta["labels"])
+            words = [meta["label_words"][label] for label in labels]
+            word_ids = [encode_prompt_and_label(self.tokenizer, "", w)[1] for w in words]
+            prompt = PromptTemplate(meta.get("template") or PromptTemplate.template).format(text)
+            limit = meta.get("max_prompt_tokens") or DEFAULT_MAX_PROMPT_TOKENS
+            ids = encode_prompt_and_label(self.tokenizer, prompt, words[0], limit)[0]
+            labels_of.append((labels, word_ids))
+            if all(len(w) == 1 for w in word_ids):
+                sequences.append((name, ids, index, -1, []))
+            else:
+                sequences += [(name, ids + w, index, col, w) for col, w in enumerate(word_ids)]
+        width = max(len(seq[1]) for seq in sequences)
+        pad = self.tokenizer.pad_token_id or 0
+        input_ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+        attention = torch.zeros_like(input_ids)
+        for i, (_, ids, *_rest) in enumerate(sequences):
+            input_ids[i, :len(ids)] = torch.tensor(ids)
+            attention[i, :len(ids)] = 1
+        device = next(self.model.parameters()).device
+        logits = self.forward([seq[0] for seq in sequences], input_ids=input_ids.to(device),
+                              attention_mask=attention.to(device)).logits.float()
+        logp = torch.log_softmax(logits, dim=-1).cpu()
+        scores = [torch.zeros(len(labels)) for labels, _ in labels_of]
+        for i, (_, ids, index, col, label_ids) in enumerate(sequences):
+            if col < 0:
+                scores[index] = logp[i, len(ids) - 1, torch.tensor([w[0] for w in labels_of[index][1]])]
+            else:
+                positions = torch.arange(len(ids) - len(label_ids) - 1, len(ids) - 1)
+                scores[index][col] = logp[i, positions, torch.tensor(label_ids)].sum()
+        out = []
+        for (labels, _), score in zip(labels_of, scores):
+            probabilities = torch.softmax(score, dim=-1).tolist()
+            out.append({"label": labels[int(score.argmax())], "probabilities": dict(zip(labels, probabilities))})
+        return out
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], adapters: Sequence[str | None], *, max_tokens: int = 32,
+                 temperature: float = 0.0, seed: int | None = None, stop: Sequence[str] = ()) -> list[dict]:
+        """Greedy (``temperature`` 0) or sampled completions of a mixed-adapter batch with one KV cache.
+
+        Prompts are left-padded; each row stops at ``max_tokens``, at the tokenizer's end-of-sequence token or
+        when its text contains one of ``stop`` (cut before it). Returns ``[{"text", "tokens", "finish_reason"}]``.
+        """
+        if len(prompts) != len(adapters):
+            raise ValueError(f"{len(prompts)} prompts for {len(adapters)} adapters")
+        encoded = [self.tokenizer(p, add_special_tokens=False)["input_ids"] or [self.tokenizer.eos_token_id or 0]
+                   for p in prompts]
+        width = max(map(len, encoded))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        device = next(self.model.parameters()).device
+        input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+        attention = torch.zeros_like(input_ids)
+        for i, ids in enumerate(encoded):
+            input_ids[i, width - len(ids):] = torch.tensor(ids)
+            attention[i, width - len(ids):] = 1
+        input_ids, attention = input_ids.to(device), attention.to(device)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+        eos = self.tokenizer.eos_token_id
+        tokens: list[list[int]] = [[] for _ in encoded]
+        finish = [None] * len(encoded)
+        cache = None
+        step_ids, step_positions = input_ids, positions
+        for _ in range(max_tokens):
+            out = self.forward(list(adapters), input_ids=step_ids, attention_mask=attention,
+                               position_ids=step_positions, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            logits = out.logits[:, -1].float()
+            if temperature > 0:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                chosen = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            else:
+                chosen = logits.argmax(-1)
+            for i, token in enumerate(chosen.tolist()):
+                if finish[i] is not None:
+                    continue
+                if eos is not None and token == eos:
+                    finish[i] = "stop"
+                    continue
+                tokens[i].append(token)
+                text = self.tokenizer.decode(tokens[i])
+                if any(s and s in text for s in stop):
+                    finish[i] = "stop"
+            if all(f is not None for f in finish):
+                break
+            step_ids = chosen.unsqueeze(1)
+            step_positions = step_positions[:, -1:] + 1
+            attention = torch.cat([attention, attention.new_ones(len(encoded), 1)], dim=1)
+        results = []
+        for i, ids in enumerate(tokens):
+            text = self.tokenizer.decode(ids)
+            for s in stop:
+                if s and s in text:
+                    text = text[:text.index(s)]
+            results.append({"text": text, "tokens": len(ids), "finish_reason": finish[i] or "length"})
+        return results
+
     # ------------------------------------------------------------------ reference (plain, one adapter at a time)
     @torch.no_grad()
     def reference_logits(self, adapters: Sequence[str | None], input_ids: torch.Tensor,

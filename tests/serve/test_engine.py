@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from cpet.config import PruneConfig, QuantizeConfig
+from cpet.data.prompts import PromptTemplate
+from cpet.evaluate import label_logprobs
 from cpet.models import iter_layer_linears, tiny_model
 from cpet.pipeline import CPET
 from cpet.recovery import RecoveryConfig
@@ -102,3 +104,42 @@ def test_lru_eviction_keeps_pinned_adapters_and_root_confines_paths(served, tmp_
     assert registry.names() == ["a", "c"]
     with pytest.raises(AdapterError, match="outside the adapter root"):
         registry.load("d", tmp_path)
+
+
+def test_classification_uses_each_adapters_template_and_matches_cpet_scoring(served):
+    pipeline, engine, root = served
+    texts = ["it was good 3", "it was awful 7", "it was nice 11"]
+    requests = [("plain", texts[0]), ("shared", texts[1]), ("both", texts[2]), ("plain", texts[1])]
+    results = engine.classify(requests)
+    from cpet.data.tasks import as_task
+
+    task = as_task(str(root / "task.jsonl"))
+    for (name, text), result in zip(requests, results):
+        assert set(result["probabilities"]) == set(task.labels)
+        assert abs(sum(result["probabilities"].values()) - 1) < 1e-5
+        alone = engine.classify([(name, text)])[0]
+        assert alone["label"] == result["label"]
+        assert all(abs(alone["probabilities"][k] - v) < 1e-4 for k, v in result["probabilities"].items())
+        meta = json.loads((pipeline.adapters()[name] / "cpet.json").read_text())
+        words = [meta["label_words"][label] for label in meta["labels"]]
+        prompt = PromptTemplate(meta["template"]).format(text)
+        cpet_scores = label_logprobs(pipeline.model_for(name), engine.tokenizer, [prompt], words,
+                                     max_prompt_tokens=meta["max_prompt_tokens"])[0]
+        expected = dict(zip(meta["labels"], torch.softmax(cpet_scores, -1).tolist()))
+        assert all(abs(expected[k] - v) < 1e-4 for k, v in result["probabilities"].items()), name
+
+
+def test_mixed_generation_equals_each_row_alone_and_sampling_is_seeded(served):
+    _, engine, _ = served
+    prompts = ["the quick brown", "a", "it was good 12 and"]
+    adapters = ["shared", None, "both"]
+    together = engine.generate(prompts, adapters, max_tokens=6)
+    for prompt, adapter, result in zip(prompts, adapters, together):
+        assert engine.generate([prompt], [adapter], max_tokens=6)[0] == result
+        assert result["tokens"] <= 6
+    first = engine.generate(prompts, adapters, max_tokens=6, temperature=1.0, seed=3)
+    assert first == engine.generate(prompts, adapters, max_tokens=6, temperature=1.0, seed=3)
+    text = together[0]["text"]
+    if len(text) > 2:  # a stop string cuts the text before it and ends the row
+        stopped = engine.generate(prompts[:1], adapters[:1], max_tokens=6, stop=[text[1:3]])[0]
+        assert stopped["text"] == text[:text.index(text[1:3])] and stopped["finish_reason"] == "stop"
