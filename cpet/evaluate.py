@@ -340,6 +340,9 @@ def throughput(model: nn.Module, tokenizer=None, *, batch_size: int = 8, prompt_
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    from .models import cache_argument, output_cache
+
+    cache_key = cache_argument(model)
     best_prefill, best_decode = math.inf, math.inf
     with evaluating(model):
         model(input_ids=ids[:, :8])  # warm-up
@@ -349,12 +352,12 @@ def throughput(model: nn.Module, tokenizer=None, *, batch_size: int = 8, prompt_
             out = model(input_ids=ids, use_cache=True)
             sync()
             best_prefill = min(best_prefill, time.perf_counter() - start)
-            cache = out.past_key_values
+            cache = output_cache(out)
             token = out.logits[:, -1:].argmax(-1)
             start = time.perf_counter()
             for _ in range(new_tokens):
                 out = model(input_ids=token, past_key_values=cache, use_cache=True)
-                cache = out.past_key_values
+                cache = output_cache(out)
                 token = out.logits[:, -1:].argmax(-1)
             sync()
             best_decode = min(best_decode, time.perf_counter() - start)

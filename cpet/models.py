@@ -141,6 +141,19 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return submodule(unwrap(model), family_of(unwrap(model)).layers)
 
 
+def cache_argument(model: nn.Module) -> str:
+    """The keyword a causal LM's ``forward`` takes its KV cache by: ``cache`` (transformers >= 5.24, where
+    ``past_key_values`` is deprecated) or ``past_key_values`` (before)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(unwrap(model).forward).parameters else "past_key_values"
+
+
+def output_cache(output):
+    """The KV cache a forward returned (``output.cache`` or, before transformers 5.24, ``past_key_values``)."""
+    return output["cache"] if "cache" in output else output["past_key_values"]
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The transformers model inside a peft ``PeftModel`` / tuner wrapper (or the model itself)."""
     from peft import PeftModel

@@ -15,6 +15,7 @@ from .demo import cmd_demo
 from .evaluation import cmd_eval, cmd_info, cmd_list, evaluate_corpus, evaluate_task, model_info
 from .fetch import cmd_fetch
 from .pipeline_commands import cmd_compress, cmd_export, cmd_recover, cmd_tune, open_pipeline, stages_from_args
+from .serve import add_serve_parser
 from .sparsity import cmd_sparsity
 
 __all__ = ["main", "build_parser", "model_info", "evaluate_task", "evaluate_corpus", "config_file_args",
@@ -169,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-check", action="store_true",
                    help="skip reloading each adapter with plain transformers + peft to compare logits with CPET's")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    add_serve_parser(sub, _command)
 
     p = _command(sub, "tune", "tune a task adapter in a pipeline directory", cmd_tune)
     p.add_argument("pipeline", help="pipeline directory (made by `cpet compress`, or created here by --on original)")

@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..models import iter_layer_linears
+from ..models import cache_argument, iter_layer_linears, output_cache
 from .registry import AdapterRegistry, LoadedAdapter, LowRank, module_shapes, read_recovery
 
 
@@ -65,6 +65,7 @@ class Engine:
                                         has_shared_recovery=bool(self.shared))
         self._batch: _Batch | None = None
         self._lock = threading.Lock()  # one batch through the hooks at a time
+        self._cache_key = cache_argument(model)
         self.base_calls = 0  # base-linear forward calls (checks: one per linear per step, whatever the adapters)
         for layer in iter_layer_linears(model):
             for role, name in layer.names.items():
@@ -197,8 +198,8 @@ class Engine:
         step_ids, step_positions = input_ids, positions
         for _ in range(max_tokens):
             out = self.forward(list(adapters), input_ids=step_ids, attention_mask=attention,
-                               position_ids=step_positions, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+                               position_ids=step_positions, use_cache=True, **{self._cache_key: cache})
+            cache = output_cache(out)
             logits = out.logits[:, -1].float()
             if temperature > 0:
                 probs = torch.softmax(logits / temperature, dim=-1)

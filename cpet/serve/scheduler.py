@@ -1,0 +1,250 @@
+"""The scheduler: one worker thread, a bounded queue, and continuous batching of generation requests.
+
+Every step the worker (1) takes what arrived (up to a batch limit), (2) answers all pending classification
+requests in one mixed batch, (3) prefills the new generation requests together and merges their KV caches
+into the running batch (left-padded to a common length), and (4) runs one decode step for every running
+sequence, whatever its adapter. So a request that arrives while others generate joins them at the next
+step: a short request is not held back by a long one. Finished sequences leave the batch (their cache rows
+are dropped) and the next step runs without them. A full queue refuses new requests at once
+(:class:`QueueFull`, HTTP 429), never blocks.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from ..models import output_cache
+from .engine import Engine
+
+
+class QueueFull(RuntimeError):
+    """The request queue is full: retry later."""
+
+
+@dataclass
+class GenerationRequest:
+    """A completion request; ``events`` receives text pieces as they are produced, then None."""
+
+    prompt_ids: list[int]
+    adapter: str | None
+    max_tokens: int
+    temperature: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    future: Future = field(default_factory=Future)
+    events: "queue.Queue[str | None]" = field(default_factory=queue.Queue)
+    cancelled: bool = False
+    arrived: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class ClassifyRequest:
+    adapter: str
+    text: str
+    future: Future = field(default_factory=Future)
+    cancelled: bool = False
+    arrived: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class _Running:
+    request: GenerationRequest
+    tokens: list[int] = field(default_factory=list)
+    sent: int = 0  # characters of text already streamed
+    generator: torch.Generator | None = None
+
+
+class Scheduler:
+    """Runs an :class:`Engine` on a worker thread (see the module docstring).
+
+    Args:
+        max_queue: requests waiting at most (beyond them :meth:`submit` raises :class:`QueueFull`).
+        max_batch: sequences in one step at most (new ones wait in the queue until rows free up).
+        on_step: called after every step with ``(batch size, new tokens)`` (metrics).
+    """
+
+    def __init__(self, engine: Engine, *, max_queue: int = 64, max_batch: int = 16, on_step=None):
+        self.engine, self.max_batch, self.on_step = engine, max_batch, on_step
+        self.queue: "queue.Queue" = queue.Queue(maxsize=max_queue)
+        self.running: list[_Running] = []
+        self._cache = None
+        self._mask: torch.Tensor | None = None       # [rows, length] 1 = real token
+        self._positions: torch.Tensor | None = None  # [rows] position of the next token
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="cpet-scheduler", daemon=True)
+        self._thread.start()
+
+    def submit(self, request) -> Future:
+        try:
+            self.queue.put_nowait(request)
+        except queue.Full:
+            raise QueueFull(f"the request queue is full ({self.queue.maxsize} waiting): retry later") from None
+        return request.future
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    # ------------------------------------------------------------------ the loop
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._step()
+            except Exception as exc:  # fail the requests in flight, keep serving the next ones
+                for run in self.running:
+                    self._finish(run, error=exc)
+                self.running, self._cache = [], None
+
+    def _take(self) -> list:
+        taken = []
+        room = self.max_batch - len(self.running)
+        block = not self.running
+        while room > 0:
+            try:
+                request = self.queue.get(timeout=0.05) if block and not taken else self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if not request.cancelled:
+                taken.append(request)
+                room -= isinstance(request, GenerationRequest)
+        return taken
+
+    def _step(self) -> None:
+        taken = self._take()
+        classify = [r for r in taken if isinstance(r, ClassifyRequest)]
+        generate = [r for r in taken if isinstance(r, GenerationRequest)]
+        if classify:
+            try:
+                results = self.engine.classify([(r.adapter, r.text) for r in classify])
+                for request, result in zip(classify, results):
+                    request.future.set_result(result)
+            except Exception as exc:
+                for request in classify:
+                    request.future.set_exception(exc)
+        new_tokens = 0
+        if generate:
+            new_tokens += self._prefill(generate)
+        if self.running and not generate:
+            new_tokens += self._decode()
+        if self.on_step is not None and (generate or self.running):
+            self.on_step(len(self.running), new_tokens)
+
+    def _prefill(self, requests: list[GenerationRequest]) -> int:
+        """Prefill the new requests together and merge them into the running batch."""
+        width = max(len(r.prompt_ids) for r in requests)
+        pad = self.engine.tokenizer.pad_token_id if self.engine.tokenizer.pad_token_id is not None else 0
+        device = next(self.engine.model.parameters()).device
+        ids = torch.full((len(requests), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(requests):
+            ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
+            mask[i, width - len(r.prompt_ids):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        try:
+            out = self.engine.forward([r.adapter for r in requests], input_ids=ids, attention_mask=mask,
+                                      position_ids=positions, use_cache=True)
+        except Exception as exc:
+            for r in requests:
+                r.future.set_exception(exc)
+            return 0
+        runs = [_Running(r, generator=torch.Generator(device=device).manual_seed(r.seed)
+                         if r.seed is not None else None) for r in requests]
+        self._merge(output_cache(out), mask, positions[:, -1] + 1, runs)
+        return self._advance(runs, out.logits[:, -1].float(), offset=len(self.running) - len(runs))
+
+    def _merge(self, cache, mask: torch.Tensor, positions: torch.Tensor, runs: list[_Running]) -> None:
+        if self._cache is None:
+            self._cache, self._mask, self._positions, self.running = cache, mask, positions, runs
+            return
+        old, new = self._mask.shape[1], mask.shape[1]
+        length = max(old, new)
+        for mine, theirs in zip(self._cache.layers, cache.layers):
+            mine.keys = torch.cat([_left_pad(mine.keys, length), _left_pad(theirs.keys, length)])
+            mine.values = torch.cat([_left_pad(mine.values, length), _left_pad(theirs.values, length)])
+        self._mask = torch.cat([_left_pad(self._mask, length, dim=1), _left_pad(mask, length, dim=1)])
+        self._positions = torch.cat([self._positions, positions])
+        self.running = self.running + runs
+
+    def _decode(self) -> int:
+        last = torch.tensor([run.tokens[-1] for run in self.running], device=self._mask.device).unsqueeze(1)
+        self._mask = torch.cat([self._mask, self._mask.new_ones(len(self.running), 1)], dim=1)
+        out = self.engine.forward([run.request.adapter for run in self.running], input_ids=last,
+                                  attention_mask=self._mask, position_ids=self._positions.unsqueeze(1),
+                                  use_cache=True, **{self.engine._cache_key: self._cache})
+        self._cache = output_cache(out)
+        self._positions = self._positions + 1
+        return self._advance(self.running, out.logits[:, -1].float(), offset=0)
+
+    def _advance(self, runs: list[_Running], logits: torch.Tensor, offset: int) -> int:
+        """Choose each row's next token, stream it, and drop the rows that are done."""
+        eos = self.engine.tokenizer.eos_token_id
+        done = []
+        for i, run in enumerate(runs):
+            request = run.request
+            if request.temperature > 0:
+                probs = torch.softmax(logits[i] / request.temperature, dim=-1)
+                token = int(torch.multinomial(probs, 1, generator=run.generator))
+            else:
+                token = int(logits[i].argmax())
+            if request.cancelled or (eos is not None and token == eos):
+                done.append((offset + i, run, "stop"))
+                continue
+            run.tokens.append(token)
+            text = self.engine.tokenizer.decode(run.tokens)
+            cut = min((text.index(s) for s in request.stop if s and s in text), default=None)
+            visible = text if cut is None else text[:cut]
+            if len(visible) > run.sent and not visible.endswith("\ufffd"):  # whole characters only
+                request.events.put(visible[run.sent:])
+                run.sent = len(visible)
+            if cut is not None:
+                done.append((offset + i, run, "stop"))
+            elif len(run.tokens) >= request.max_tokens:
+                done.append((offset + i, run, "length"))
+        if done:
+            for _, run, reason in done:
+                self._finish(run, reason=reason)
+            finished = {index for index, _, _ in done}
+            keep = [i for i in range(len(self.running)) if i not in finished]
+            self.running = [self.running[i] for i in keep]
+            if not keep:
+                self._cache = None
+            else:
+                self._cache.batch_select_indices(torch.tensor(keep, device=self._mask.device))
+                self._mask, self._positions = self._mask[keep], self._positions[keep]
+        return len(runs)
+
+    def _finish(self, run: _Running, reason: str = "stop", error: Exception | None = None) -> None:
+        request = run.request
+        if error is not None:
+            request.events.put(None)
+            if not request.future.done():
+                request.future.set_exception(error)
+            return
+        text = self.engine.tokenizer.decode(run.tokens)
+        cut = min((text.index(s) for s in request.stop if s and s in text), default=None)
+        text = text if cut is None else text[:cut]
+        if len(text) > run.sent:
+            request.events.put(text[run.sent:])
+        request.events.put(None)
+        if not request.future.done():
+            request.future.set_result({"text": text, "tokens": len(run.tokens), "finish_reason": reason,
+                                       "prompt_tokens": len(request.prompt_ids)})
+
+
+def _left_pad(tensor: torch.Tensor, length: int, dim: int = 2) -> torch.Tensor:
+    missing = length - tensor.shape[dim]
+    if missing <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+__all__ = ["Scheduler", "GenerationRequest", "ClassifyRequest", "QueueFull"]

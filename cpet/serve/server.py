@@ -1,0 +1,296 @@
+"""The HTTP server: OpenAI-compatible completions and chat, classification, runtime adapter loading, metrics.
+
+``model`` in a request names an adapter, or the bare base by its served name (the vLLM / LoRAX convention).
+Endpoints: ``GET /health``, ``GET /metrics`` (Prometheus), ``GET /v1/models``, ``POST /v1/completions``,
+``POST /v1/chat/completions`` (both streamed with ``"stream": true``), ``POST /v1/classify``, and, with the bearer
+token, ``POST /v1/load_lora_adapter`` / ``POST /v1/unload_lora_adapter`` (vLLM's names). Limits: prompt and
+output tokens, a bounded queue (429 when full), a per-request timeout (504).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+
+from fastapi import Request  # at module level: FastAPI resolves the handlers' (string) annotations here
+
+from .engine import Engine
+from .registry import AdapterError, UnknownAdapterError
+from .scheduler import ClassifyRequest, GenerationRequest, QueueFull, Scheduler
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """What one request may ask for, and how long the server waits for it."""
+
+    max_prompt_tokens: int = 1024
+    max_tokens: int = 256
+    max_queue: int = 64
+    max_batch: int = 16
+    timeout_s: float = 60.0
+
+
+class ServingError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+
+
+def create_app(engine: Engine, *, served_name: str = "cpet-base", api_key: str | None = None,
+               limits: ServerLimits = ServerLimits()):
+    """The FastAPI application around ``engine`` (a scheduler thread starts with it)."""
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+    metrics = CollectorRegistry()
+    queue_depth = Gauge("cpet_queue_depth", "requests waiting", registry=metrics)
+    batch_size = Histogram("cpet_batch_size", "sequences per step", registry=metrics,
+                           buckets=(1, 2, 4, 8, 16, 32, 64))
+    tokens = Counter("cpet_generated_tokens", "tokens generated", registry=metrics)
+    tokens_per_s = Gauge("cpet_tokens_per_second", "tokens per second over the last step", registry=metrics)
+    latency = Histogram("cpet_request_seconds", "request latency", ["adapter", "kind"], registry=metrics)
+    errors = Counter("cpet_request_errors", "refused or failed requests", ["status"], registry=metrics)
+    last_step = [time.perf_counter()]
+
+    def on_step(size: int, new: int) -> None:
+        now = time.perf_counter()
+        batch_size.observe(size)
+        tokens.inc(new)
+        tokens_per_s.set(new / max(now - last_step[0], 1e-6))
+        last_step[0] = now
+
+    scheduler = Scheduler(engine, max_queue=limits.max_queue, max_batch=limits.max_batch, on_step=on_step)
+    app = FastAPI(title="CPET", description="Many task adapters on one compressed base")
+    app.state.scheduler, app.state.engine = scheduler, engine
+
+    @app.on_event("shutdown")
+    def _shutdown() -> None:
+        scheduler.close()
+
+    @app.exception_handler(ServingError)
+    async def _serving_error(request: Request, exc: ServingError):
+        errors.labels(str(exc.status)).inc()
+        return JSONResponse({"error": {"message": exc.message, "type": exc.kind, "code": exc.status}},
+                            status_code=exc.status)
+
+    async def body(request: Request) -> dict:
+        try:
+            data = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ServingError(400, f"the request body is not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise ServingError(400, "the request body must be a JSON object")
+        return data
+
+    def adapter_of(data: dict) -> str | None:
+        name = data.get("model")
+        if name is None or name == served_name:
+            return None
+        if name not in engine.registry.names():
+            raise ServingError(404, f"unknown model {name!r}; known: {[served_name, *sorted(engine.registry.names())]}",
+                               "not_found_error")
+        return name
+
+    def integer(data: dict, key: str, default: int, low: int, high: int) -> int:
+        value = data.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise ServingError(400, f"{key} must be an integer in {low}..{high}, got {value!r}")
+        return value
+
+    def prompt_ids(text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise ServingError(400, "the prompt must be a string")
+        ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > limits.max_prompt_tokens:
+            raise ServingError(400, f"the prompt has {len(ids)} tokens, over the limit of {limits.max_prompt_tokens}")
+        return ids or [engine.tokenizer.eos_token_id or 0]
+
+    def submit(request) -> None:
+        try:
+            scheduler.submit(request)
+        except QueueFull as exc:
+            raise ServingError(429, str(exc), "rate_limit_error") from None
+        queue_depth.set(scheduler.queue.qsize())
+
+    def wait(request):
+        try:
+            return request.future.result(timeout=limits.timeout_s)
+        except FutureTimeout:
+            request.cancelled = True
+            raise ServingError(504, f"the request did not finish within {limits.timeout_s:g} s", "timeout") from None
+        except UnknownAdapterError as exc:
+            raise ServingError(404, str(exc), "not_found_error") from None
+        except (AdapterError, ValueError) as exc:
+            raise ServingError(400, str(exc)) from None
+
+    def generation(data: dict, text: str) -> GenerationRequest:
+        stop = data.get("stop") or ()
+        stop = (stop,) if isinstance(stop, str) else tuple(stop)
+        temperature = data.get("temperature", 0.0)
+        if not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
+            raise ServingError(400, f"temperature must be in [0, 2], got {temperature!r}")
+        seed = data.get("seed")
+        if seed is not None and not isinstance(seed, int):
+            raise ServingError(400, f"seed must be an integer, got {seed!r}")
+        return GenerationRequest(prompt_ids(text), adapter_of(data),
+                                 integer(data, "max_tokens", 16, 1, limits.max_tokens), float(temperature), seed,
+                                 stop)
+
+    def stream(request: GenerationRequest, chunk):
+        def events():
+            while True:
+                piece = request.events.get(timeout=limits.timeout_s)
+                if piece is None:
+                    break
+                yield f"data: {json.dumps(chunk(piece, None))}\n\n"
+            result = wait(request)
+            yield f"data: {json.dumps(chunk('', result['finish_reason']))}\n\n"
+            yield "data: [DONE]\n\n"
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok", "base_id": engine.base_id, "adapters": len(engine.registry),
+                "running": len(scheduler.running), "queued": scheduler.queue.qsize()}
+
+    @app.get("/metrics")
+    def prometheus():
+        queue_depth.set(scheduler.queue.qsize())
+        return PlainTextResponse(generate_latest(metrics).decode(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    def models():
+        created = int(time.time())
+        data = [{"id": served_name, "object": "model", "created": created, "owned_by": "cpet", "root": served_name}]
+        data += [{"id": name, "object": "model", "created": created, "owned_by": "cpet", "root": served_name,
+                  "parent": served_name} for name in sorted(engine.registry.names())]
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        data = await body(request)
+        prompts = data.get("prompt", "")
+        prompts = [prompts] if isinstance(prompts, str) else prompts
+        if not isinstance(prompts, list) or not prompts:
+            raise ServingError(400, "prompt must be a string or a non-empty list of strings")
+        model, start, rid = data.get("model", served_name), time.perf_counter(), f"cmpl-{uuid.uuid4().hex[:24]}"
+        requests = [generation(data, p) for p in prompts]
+        if data.get("stream"):
+            if len(requests) != 1:
+                raise ServingError(400, "streaming takes one prompt")
+            submit(requests[0])
+            return stream(requests[0], lambda text, reason: {
+                "id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+                "choices": [{"index": 0, "text": text, "finish_reason": reason, "logprobs": None}]})
+        for r in requests:
+            submit(r)
+        results = [await _in_thread(wait, r) for r in requests]
+        latency.labels(str(model), "completion").observe(time.perf_counter() - start)
+        return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+                "choices": [{"index": i, "text": r["text"], "finish_reason": r["finish_reason"], "logprobs": None}
+                            for i, r in enumerate(results)],
+                "usage": _usage(results)}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        data = await body(request)
+        messages = data.get("messages")
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
+            raise ServingError(400, "messages must be a non-empty list of {role, content} objects")
+        model, start, rid = data.get("model", served_name), time.perf_counter(), f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        r = generation(data, chat_prompt(engine.tokenizer, messages))
+        submit(r)
+        if data.get("stream"):
+            return stream(r, lambda text, reason: {
+                "id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+                "choices": [{"index": 0, "delta": {"role": "assistant", "content": text} if text else {},
+                             "finish_reason": reason}]})
+        result = await _in_thread(wait, r)
+        latency.labels(str(model), "chat").observe(time.perf_counter() - start)
+        return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": result["text"]},
+                             "finish_reason": result["finish_reason"]}],
+                "usage": _usage([result])}
+
+    @app.post("/v1/classify")
+    async def classify(request: Request):
+        data = await body(request)
+        name = adapter_of(data)
+        if name is None:
+            raise ServingError(400, "classification needs an adapter in model (the bare base has no labels)")
+        texts = data.get("input")
+        texts = [texts] if isinstance(texts, str) else texts
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            raise ServingError(400, "input must be a string or a non-empty list of strings")
+        for text in texts:
+            prompt_ids(text)  # the prompt-length limit
+        start = time.perf_counter()
+        requests = [ClassifyRequest(name, text) for text in texts]
+        for r in requests:
+            submit(r)
+        results = [await _in_thread(wait, r) for r in requests]
+        latency.labels(name, "classify").observe(time.perf_counter() - start)
+        return {"object": "list", "model": name, "data": [{"index": i, **r} for i, r in enumerate(results)]}
+
+    def admin(request: Request) -> None:
+        if api_key is None:
+            raise ServingError(403, "runtime adapter loading is off: start the server with --api-key", "permission")
+        if request.headers.get("authorization") != f"Bearer {api_key}":
+            raise ServingError(401, "this call needs the server's bearer token (Authorization: Bearer ...)",
+                               "authentication_error")
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_adapter(request: Request):
+        admin(request)
+        data = await body(request)
+        name, path = data.get("lora_name"), data.get("lora_path")
+        if not isinstance(name, str) or not isinstance(path, str):
+            raise ServingError(400, "give lora_name and lora_path (strings)")
+        if name == served_name:
+            raise ServingError(400, f"{name!r} is the base's name")
+        try:
+            start = time.perf_counter()
+            adapter = await _in_thread(engine.registry.load, name, path)
+        except AdapterError as exc:
+            raise ServingError(400, str(exc)) from None
+        return {"lora_name": name, "rank": adapter.rank, "modules": len(adapter.lora),
+                "load_ms": (time.perf_counter() - start) * 1000}
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_adapter(request: Request):
+        admin(request)
+        data = await body(request)
+        try:
+            engine.registry.unload(data.get("lora_name"))
+        except UnknownAdapterError as exc:
+            raise ServingError(404, str(exc), "not_found_error") from None
+        return {"lora_name": data.get("lora_name"), "unloaded": True}
+
+    return app
+
+
+async def _in_thread(func, *args):
+    from starlette.concurrency import run_in_threadpool
+
+    return await run_in_threadpool(func, *args)
+
+
+def _usage(results: list[dict]) -> dict:
+    prompt = sum(r["prompt_tokens"] for r in results)
+    completion = sum(r["tokens"] for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def chat_prompt(tokenizer, messages: list[dict]) -> str:
+    """The tokenizer's chat template when it has one, else ``role: content`` lines and ``assistant:``."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "".join(f"{m.get('role', 'user')}: {m['content']}\n" for m in messages) + "assistant:"
+
+
+__all__ = ["create_app", "ServerLimits", "chat_prompt"]
