@@ -66,6 +66,8 @@ class Engine:
         self._batch: _Batch | None = None
         self._lock = threading.Lock()  # one batch through the hooks at a time
         self._cache_key = cache_argument(model)
+        self.fast = True  # stacked batched matmuls; False: the plain per-adapter loop (the reference)
+        self._stacks: dict[str, tuple] = {}
         self.base_calls = 0  # base-linear forward calls (checks: one per linear per step, whatever the adapters)
         for layer in iter_layer_linears(model):
             for role, name in layer.names.items():
@@ -96,6 +98,8 @@ class Engine:
                 users = torch.tensor([a is not None and a.shared for a in batch.rows], device=x.device)
                 if users.any():  # once for the whole batch, kept on the rows that were trained with it
                     delta += shared(x).to(output.dtype) * users.view(-1, *[1] * (x.dim() - 1))
+            if self.fast and x.dim() == 3:
+                return output + delta + self._stacked_delta(name, batch, x).to(output.dtype)
             for adapter, rows in batch.groups():
                 rows = rows.to(x.device)
                 parts: list[LowRank] = [p for p in (adapter.lora.get(name), adapter.per_task.get(name)) if p]
@@ -105,6 +109,29 @@ class Engine:
             return output + delta
 
         return hook
+
+    def _stacked_delta(self, name: str, batch: "_Batch", x: torch.Tensor) -> torch.Tensor:
+        """The fast path: every row's factors gathered into ``[rows, r, in]`` / ``[rows, out, r]`` stacks (ranks
+        zero-padded, scales folded into B), then two batched matmuls for LoRA and two for per-task recovery,
+        whatever the number of distinct adapters. Stacks are reused while the batch's adapters stay the same
+        (every decode step)."""
+        key = (name, tuple(id(a) for a in batch.rows))
+        stacks = self._stacks.get(name)
+        if stacks is None or stacks[0] != key:
+            stacks = (key, _stack([a.lora.get(name) if a else None for a in batch.rows], x),
+                      _stack([a.per_task.get(name) if a else None for a in batch.rows], x))
+            self._stacks[name] = stacks
+        out = None
+        for stacked, gelu in ((stacks[1], False), (stacks[2], True)):
+            if stacked is None:
+                continue
+            A, B = stacked
+            low = torch.bmm(x.to(A.dtype), A.transpose(1, 2))
+            if gelu:
+                low = torch.nn.functional.gelu(low)
+            part = torch.bmm(low, B.transpose(1, 2))
+            out = part if out is None else out + part
+        return out if out is not None else x.new_zeros(())
 
     @torch.no_grad()
     def forward(self, adapters: Sequence[str | None], **model_inputs):
@@ -241,6 +268,23 @@ class Engine:
             mask = attention_mask[i:i + 1] if attention_mask is not None else None
             outs.append(self.forward([name], input_ids=input_ids[i:i + 1], attention_mask=mask).logits)
         return torch.cat(outs)
+
+
+def _stack(parts: list[LowRank | None], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(A [rows, r, in], B*scale [rows, out, r])`` with zeros for rows without a factor; None if no row has one."""
+    present = [p for p in parts if p is not None]
+    if not present:
+        return None
+    rank = max(p.A.shape[0] for p in present)
+    d_in, d_out = present[0].A.shape[1], present[0].B.shape[0]
+    A = x.new_zeros(len(parts), rank, d_in, dtype=present[0].A.dtype)
+    B = x.new_zeros(len(parts), d_out, rank, dtype=present[0].B.dtype)
+    for i, p in enumerate(parts):
+        if p is not None:
+            r = p.A.shape[0]
+            A[i, :r] = p.A
+            B[i, :, :r] = p.B * p.scale
+    return A, B
 
 
 __all__ = ["Engine"]

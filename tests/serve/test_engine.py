@@ -53,6 +53,11 @@ def test_a_mixed_batch_equals_each_adapter_alone_as_cpet_assembles_it(served):
             alone = pipeline.model_for(name)(input_ids=IDS[i:i + 1]).logits[0]
             assert torch.allclose(mixed[i], alone, atol=1e-4), name
     assert torch.allclose(mixed, engine.reference_logits(rows, IDS), atol=1e-5)
+    engine.fast = False  # the plain per-adapter loop computes the same
+    try:
+        assert torch.allclose(engine.forward(rows, input_ids=IDS).logits, mixed, atol=1e-5)
+    finally:
+        engine.fast = True
 
 
 def test_each_base_linear_runs_once_per_step_whatever_the_adapters(served):
