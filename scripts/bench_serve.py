@@ -1,0 +1,273 @@
+"""Benchmark serving many adapters on one compressed base, side by side in one run.
+
+    python scripts/bench_serve.py --pipeline runs/p           # a pipeline with a base and trained adapters
+
+Measured on the pipeline's compressed base (SmolLM2-135M in the README), with its trained adapters plus
+copies whose weights are perturbed (same shapes) to reach the counts below:
+
+- throughput of a batch of 8 rows (prefill 8 x 128 tokens, then 32 decode steps with the KV cache): the bare
+  base, all rows on one adapter, 8 distinct adapters (CPET's engine), and the same 8 adapters through peft's
+  own mixed batches (``adapter_names``);
+- with 1, 10 and 100 adapters loaded: the 8-adapter batch's throughput, the adapters' memory, and the time
+  to hot-load one more adapter;
+- a load test: concurrent clients on loopback against ``cpet serve``'s application, each sending completion
+  requests; p50 / p99 latency, tokens/s and errors.
+
+``--pause PID ...`` stops those processes while timing (see scripts/benchtools.py). Writes
+``docs/bench_serve.json`` and ``docs/bench_serve.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchtools import paused  # noqa: E402
+from cpet.assets import write_text_atomic  # noqa: E402
+from cpet.models import output_cache  # noqa: E402
+from cpet.serve import Engine  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def perturbed_copy(source: Path, target: Path, seed: int) -> Path:
+    """A copy of adapter ``source`` with every LoRA tensor perturbed (same shapes, another adapter's weights)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, target)
+    tensors = load_file(str(target / "adapter_model.safetensors"))
+    generator = torch.Generator().manual_seed(seed)
+    noisy = {k: (v + 0.01 * torch.randn(v.shape, generator=generator)).contiguous() for k, v in tensors.items()}
+    save_file(noisy, str(target / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return target
+
+
+def timed_steps(step, batch: int, prompt_len: int, new_tokens: int, repeats: int, vocab: int) -> dict:
+    """Best-of-``repeats`` prefill and decode tokens/s of ``step(input_ids, attention_mask, cache) -> output``."""
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, prompt_len), generator=generator)
+    best_prefill = best_decode = float("inf")
+    with torch.no_grad():
+        step(ids[:, :8], torch.ones(batch, 8, dtype=torch.long), None)  # warm-up
+        for _ in range(repeats):
+            mask = torch.ones(batch, prompt_len, dtype=torch.long)
+            start = time.perf_counter()
+            out = step(ids, mask, None)
+            best_prefill = min(best_prefill, time.perf_counter() - start)
+            cache, token = output_cache(out), out.logits[:, -1:].argmax(-1)
+            start = time.perf_counter()
+            for _ in range(new_tokens):
+                mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+                out = step(token, mask, cache)
+                cache, token = output_cache(out), out.logits[:, -1:].argmax(-1)
+            best_decode = min(best_decode, time.perf_counter() - start)
+    return {"prefill_tok_s": batch * prompt_len / best_prefill, "decode_tok_s": batch * new_tokens / best_decode}
+
+
+def engine_step(engine: Engine, adapters: list):
+    def step(ids, mask, cache):
+        kwargs = {engine._cache_key: cache} if cache is not None else {}
+        return engine.forward(adapters, input_ids=ids, attention_mask=mask, use_cache=True, **kwargs)
+    return step
+
+
+def peft_step(model, names: list[str], cache_key: str):
+    def step(ids, mask, cache):
+        kwargs = {cache_key: cache} if cache is not None else {}
+        return model(input_ids=ids, attention_mask=mask, use_cache=True, adapter_names=names, **kwargs)
+    return step
+
+
+def load_test(app, prompts: int, clients: int, max_tokens: int, adapters: list[str]) -> dict:
+    import httpx
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(400):
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    latencies, tokens, failures = [], [0], [0]
+    lock = threading.Lock()
+
+    def client(index: int) -> None:
+        with httpx.Client(timeout=120) as http:
+            for j in range(prompts):
+                start = time.perf_counter()
+                try:
+                    response = http.post(f"{url}/v1/completions", json={
+                        "model": adapters[(index + j) % len(adapters)], "max_tokens": max_tokens,
+                        "prompt": f"Request {index}-{j}: the news today is"})
+                    ok = response.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                with lock:
+                    latencies.append(time.perf_counter() - start)
+                    if ok:
+                        tokens[0] += response.json()["usage"]["completion_tokens"]
+                    else:
+                        failures[0] += 1
+
+    start = time.perf_counter()
+    workers = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    seconds = time.perf_counter() - start
+    server.should_exit = True
+    thread.join(timeout=10)
+    ordered = sorted(latencies)
+    return {"clients": clients, "requests": len(latencies), "errors": failures[0], "seconds": seconds,
+            "p50_s": statistics.median(ordered), "p99_s": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
+            "tokens_per_s": tokens[0] / seconds}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pipeline", default="runs/p", help="pipeline directory with a base and adapters")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--counts", type=int, nargs="+", default=[1, 10, 100])
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--requests-per-client", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--pause", type=int, nargs="*", default=[])
+    parser.add_argument("--out", default=str(ROOT / "docs" / "bench_serve.json"))
+    args = parser.parse_args(argv)
+
+    from peft import PeftModel
+
+    from cpet.adapters import read_adapter_meta
+    from cpet.compress import CompressedBase
+    from cpet.models import cache_argument
+    from cpet.pipeline import CPET
+    from cpet.serve.server import ServerLimits, create_app
+
+    started = time.perf_counter()
+    pipeline = CPET.load(args.pipeline)
+    trained = {n: p for n, p in pipeline.adapters().items() if read_adapter_meta(p).get("on") != "original"}
+    plain = [p for p in trained.values() if read_adapter_meta(p).get("recovery", "none") == "none"]
+    if not plain:
+        raise SystemExit(f"{args.pipeline} has no adapter tuned on its base without recovery (peft's comparison "
+                         "needs plain LoRA adapters): tune one with `cpet tune PIPELINE --task T`")
+    engine = Engine.from_pipeline(args.pipeline, capacity=max(args.counts) + 16)
+    vocab = engine.model.config.vocab_size
+    report = {"pipeline": args.pipeline, "base_id": engine.base_id, "trained_adapters": sorted(trained),
+              "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+              "machine": f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
+              "command": "python scripts/bench_serve.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+    with tempfile.TemporaryDirectory(prefix="cpet-bench-serve-") as tmp:
+        copies = [perturbed_copy(plain[i % len(plain)], Path(tmp) / f"copy{i}", seed=i)
+                  for i in range(max(max(args.counts), args.batch))]
+        names = [f"copy{i}" for i in range(args.batch)]
+        for name, path in zip(names, copies):
+            engine.registry.load(name, path)
+        sizes = (args.batch, args.prompt_len, args.new_tokens, args.repeats, vocab)
+        print("[bench] throughput", flush=True)
+        base = CompressedBase.load(Path(args.pipeline) / "base")
+        model = PeftModel.from_pretrained(base.model, str(copies[0]), adapter_name=names[0]).eval()
+        for name, path in zip(names[1:], copies[1:args.batch]):
+            model.load_adapter(str(path), adapter_name=name)
+        steps = {"bare base": engine_step(engine, [None] * args.batch),
+                 "one adapter": engine_step(engine, [names[0]] * args.batch),
+                 f"{args.batch} adapters (CPET)": engine_step(engine, names),
+                 f"{args.batch} adapters (peft adapter_names)": peft_step(model, names, cache_argument(model))}
+        rows = {}
+        with paused(args.pause):
+            for _ in range(2):  # two rounds, best of both: no configuration pays the others' warm-up
+                for label, step in steps.items():
+                    result = timed_steps(step, *sizes)
+                    best = rows.get(label, {"prefill_tok_s": 0.0, "decode_tok_s": 0.0})
+                    rows[label] = {k: max(best[k], result[k]) for k in result}
+        del model, base
+        report["throughput"] = rows
+
+        print("[bench] adapters loaded", flush=True)
+        scaling = []
+        for count in args.counts:
+            for name in engine.registry.names():
+                engine.registry.unload(name)
+            loads = []
+            for i in range(count):
+                start = time.perf_counter()
+                engine.registry.load(f"copy{i}", copies[i])
+                loads.append(time.perf_counter() - start)
+            with paused(args.pause):
+                start = time.perf_counter()
+                engine.registry.load("extra", copies[0])  # one more, with `count` already loaded
+                hot_load = time.perf_counter() - start
+                engine.registry.unload("extra")
+                mixed = [f"copy{i % count}" for i in range(args.batch)]
+                speed = timed_steps(engine_step(engine, mixed), *sizes)
+            adapter_bytes = sum(engine.registry.get(n).nbytes for n in engine.registry.names())
+            scaling.append({"loaded": count, "hot_load_ms": hot_load * 1000,
+                            "mean_load_ms": 1000 * sum(loads) / len(loads), "adapter_mb": adapter_bytes / 1e6,
+                            **speed})
+        report["scaling"] = scaling
+
+        print("[bench] load test", flush=True)
+        for name in engine.registry.names():
+            engine.registry.unload(name)
+        for name, path in zip(names, copies):
+            engine.registry.load(name, path)
+        app = create_app(engine, limits=ServerLimits(max_queue=4 * args.clients, max_batch=args.batch))
+        with paused(args.pause):
+            report["load_test"] = load_test(app, args.requests_per_client, args.clients, args.max_tokens, names)
+        app.state.scheduler.close()
+    report["seconds"] = time.perf_counter() - started
+    out = Path(args.out)
+    write_text_atomic(out, json.dumps(report, indent=2) + "\n")
+    write_text_atomic(out.with_suffix(".md"), markdown(report))
+    print(markdown(report))
+    return 0
+
+
+def markdown(report: dict) -> str:
+    rows = report["throughput"]
+    single = rows["one adapter"]
+    lines = [f"Batch of {report['batch']} rows on the compressed base of `{report['pipeline']}` "
+             f"(prefill {report['batch']} x {report['prompt_len']} tokens, {report['new_tokens']} decode steps, best "
+             f"of repeats; {report['machine']}):", "",
+             "| batch | prefill tok/s | vs one adapter | decode tok/s | vs one adapter |", "|---|---|---|---|---|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['prefill_tok_s']:.0f} | {r['prefill_tok_s'] / single['prefill_tok_s']:.2f}x | "
+                     f"{r['decode_tok_s']:.0f} | {r['decode_tok_s'] / single['decode_tok_s']:.2f}x |")
+    lines += ["", "| adapters loaded | hot-load one more (ms) | mean load (ms) | adapter memory (MB) | "
+              "8-adapter prefill tok/s | decode tok/s |", "|---|---|---|---|---|---|"]
+    for r in report["scaling"]:
+        lines.append(f"| {r['loaded']} | {r['hot_load_ms']:.1f} | {r['mean_load_ms']:.1f} | {r['adapter_mb']:.1f} | "
+                     f"{r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.0f} |")
+    load = report["load_test"]
+    lines += ["", f"Load test: {load['clients']} concurrent clients, {load['requests']} completion requests on "
+              f"loopback: p50 {load['p50_s']:.2f} s, p99 {load['p99_s']:.2f} s, {load['tokens_per_s']:.1f} "
+              f"generated tokens/s, {load['errors']} errors.", "",
+              f"Command: `{report['command']}` ({report['seconds'] / 60:.0f} min)", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
