@@ -23,7 +23,6 @@ import argparse
 import json
 import platform
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -93,21 +92,10 @@ def peft_step(model, names: list[str], cache_key: str):
 
 def load_test(app, prompts: int, clients: int, max_tokens: int, adapters: list[str]) -> dict:
     import httpx
-    import uvicorn
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(400):
-        try:
-            if httpx.get(f"{url}/health").status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.05)
+    from cpet.serve.server import serve_in_thread
+
+    url, stop = serve_in_thread(app)
     latencies, tokens, failures = [], [0], [0]
     lock = threading.Lock()
 
@@ -136,8 +124,7 @@ def load_test(app, prompts: int, clients: int, max_tokens: int, adapters: list[s
     for worker in workers:
         worker.join()
     seconds = time.perf_counter() - start
-    server.should_exit = True
-    thread.join(timeout=10)
+    stop()
     ordered = sorted(latencies)
     return {"clients": clients, "requests": len(latencies), "errors": failures[0], "seconds": seconds,
             "p50_s": statistics.median(ordered), "p99_s": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],

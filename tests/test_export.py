@@ -10,13 +10,12 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from cpet.compress.moefy import MoEfyConfig
-from cpet.config import PruneConfig, QuantizeConfig
 from cpet.export import export_pipeline, folded_lora, load_exported
 from cpet.models import tiny_model
 from cpet.pipeline import CPET
 from cpet.recovery import RecoveryConfig
-from cpet.train import DistillConfig, TuneConfig
-from tests.test_pipeline import write_task
+from cpet.train import TuneConfig
+from tests.test_pipeline import recovered_pipeline
 
 TUNE = TuneConfig(steps=4, batch_size=8, lr=2e-2, eval_every=2, rank=4, alpha=8, dropout=0.0,
                   target_roles=("q", "v"))
@@ -26,13 +25,7 @@ IDS = torch.tensor([[5, 17, 99, 3, 42, 8, 120, 250]])
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
-    (root / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog. " * 200)
-    task = write_task(root / "task.jsonl")
-    pipeline = CPET(tiny_model("llama"), root / "work")
-    pipeline.compress([PruneConfig(ffn_ratio=0.25, importance="magnitude"), QuantizeConfig("nf4")],
-                      calibration=str(root / "corpus.txt"), calibration_samples=4, seq_len=32, progress=False)
-    pipeline.recover(RecoveryConfig(rank=4, alpha=4, activation="identity", init="svd"),
-                     DistillConfig(steps=3, seq_len=32), text=str(root / "corpus.txt"), progress=False)
+    pipeline, task = recovered_pipeline(root, importance="magnitude", distill_steps=3)
     original = pipeline.tune(task, on="original", config=TUNE, progress=False, name="orig")
     pipeline.tune(task, recovery="shared", config=TUNE, progress=False, name="shared")
     pipeline.tune(task, recovery="none", config=TUNE, progress=False, name="plain")

@@ -35,16 +35,23 @@ def write_task(path, n=240, labels=("pos", "neg"), splits=None):
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipeline")
+def recovered_pipeline(root, importance: str = "activation", distill_steps: int = 5) -> tuple[CPET, str]:
+    """A tiny-llama pipeline in ``root/work``: 25% FFN pruning + nf4, shared recovery distilled on a toy corpus
+    (``root/corpus.txt``); returns it with the path of a toy task file (``root/task.jsonl``)."""
     (root / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog. " * 200)
     task = write_task(root / "task.jsonl")
     pipeline = CPET(tiny_model("llama"), root / "work")
-    pipeline.compress([PruneConfig(ffn_ratio=0.25, importance="activation"), QuantizeConfig("nf4")],
+    pipeline.compress([PruneConfig(ffn_ratio=0.25, importance=importance), QuantizeConfig("nf4")],
                       calibration=str(root / "corpus.txt"), calibration_samples=4, seq_len=32, progress=False)
     pipeline.recover(RecoveryConfig(rank=4, alpha=4, activation="identity", init="svd"),
-                     DistillConfig(steps=5, seq_len=32), text=str(root / "corpus.txt"), progress=False)
+                     DistillConfig(steps=distill_steps, seq_len=32), text=str(root / "corpus.txt"), progress=False)
+    return pipeline, task
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    pipeline, task = recovered_pipeline(root)
     original = pipeline.tune(task, on="original", config=TUNE, progress=False)
     return pipeline, task, original, root
 

@@ -293,4 +293,34 @@ def chat_prompt(tokenizer, messages: list[dict]) -> str:
     return "".join(f"{m.get('role', 'user')}: {m['content']}\n" for m in messages) + "assistant:"
 
 
-__all__ = ["create_app", "ServerLimits", "chat_prompt"]
+def serve_in_thread(app, host: str = "127.0.0.1") -> tuple[str, "callable"]:
+    """Run ``app`` with uvicorn on a free port in a background thread (tests, benchmarks): returns its URL, once it
+    answers ``/health``, and a function that stops it."""
+    import socket
+    import threading
+
+    import httpx
+    import uvicorn
+
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://{host}:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.05)
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+    return url, stop
+
+
+__all__ = ["create_app", "ServerLimits", "chat_prompt", "serve_in_thread"]

@@ -8,15 +8,12 @@ import shutil
 import pytest
 import torch
 
-from cpet.config import PruneConfig, QuantizeConfig
 from cpet.data.prompts import PromptTemplate
 from cpet.evaluate import label_logprobs
-from cpet.models import iter_layer_linears, tiny_model
-from cpet.pipeline import CPET
-from cpet.recovery import RecoveryConfig
+from cpet.models import iter_layer_linears
 from cpet.serve import AdapterError, Engine, UnknownAdapterError
-from cpet.train import DistillConfig, TuneConfig
-from tests.test_pipeline import write_task
+from cpet.train import TuneConfig
+from tests.test_pipeline import recovered_pipeline
 
 TUNE = TuneConfig(steps=4, batch_size=8, lr=2e-2, eval_every=2, rank=4, alpha=8, dropout=0.0)
 IDS = torch.tensor([[5, 17, 99, 3, 42, 8, 120, 250], [7, 7, 1, 90, 4, 33, 2, 11], [1, 2, 3, 4, 5, 6, 7, 8],
@@ -26,13 +23,7 @@ IDS = torch.tensor([[5, 17, 99, 3, 42, 8, 120, 250], [7, 7, 1, 90, 4, 33, 2, 11]
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
-    (root / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog. " * 200)
-    task = write_task(root / "task.jsonl")
-    pipeline = CPET(tiny_model("llama"), root / "work")
-    pipeline.compress([PruneConfig(ffn_ratio=0.25, importance="magnitude"), QuantizeConfig("nf4")],
-                      calibration=str(root / "corpus.txt"), calibration_samples=4, seq_len=32, progress=False)
-    pipeline.recover(RecoveryConfig(rank=4, alpha=4, activation="identity", init="svd"),
-                     DistillConfig(steps=3, seq_len=32), text=str(root / "corpus.txt"), progress=False)
+    pipeline, task = recovered_pipeline(root, importance="magnitude", distill_steps=3)
     original = pipeline.tune(task, on="original", config=TUNE, progress=False, name="orig")
     pipeline.tune(task, config=TUNE, progress=False, name="plain")
     pipeline.tune(task, recovery="shared", config=TUNE, progress=False, name="shared")

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import threading
-import time
 from argparse import Namespace
 
 import httpx
@@ -18,17 +15,10 @@ from tests.serve.test_engine import served  # noqa: F401  (the module-scoped pip
 KEY = "secret-token"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(served):  # noqa: F811
-    import uvicorn
-
     from cpet.cli.serve import build_app
+    from cpet.serve.server import serve_in_thread
 
     pipeline, _, root = served
     args = Namespace(base=str(pipeline.work_dir), recovery=None, adapter_root=None, served_name="cpet-base",
@@ -36,21 +26,9 @@ def server(served):  # noqa: F811
                      api_key=KEY, max_adapters=8, max_prompt_tokens=200, max_tokens=64, max_queue=16, max_batch=8,
                      timeout=60.0)
     app = build_app(args)
-    port = _free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
-    instance = uvicorn.Server(config)
-    thread = threading.Thread(target=instance.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            if httpx.get(f"{url}/health").status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.05)
+    url, stop = serve_in_thread(app)
     yield url, app, pipeline, root
-    instance.should_exit = True
-    thread.join(timeout=10)
+    stop()
 
 
 def test_openai_client_completions_chat_streaming_and_models(server):
