@@ -62,6 +62,11 @@ class _SidePathHandle:
         self._bank._side_paths.pop(self._key, None)
 
 
+class _RoutedHandle(_SidePathHandle):
+    def remove(self) -> None:
+        self._bank._routed_paths.pop(self._key, None)
+
+
 class ExpertBank(nn.Module):
     """E equal slices of one FFN linear, each an ``nn.Linear`` of its own.
 
@@ -90,6 +95,7 @@ class ExpertBank(nn.Module):
             self.in_features, self.out_features = self.expert_width * len(self.experts), first.out_features
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
         self._side_paths: dict[int, Callable[[], LowRankPath | None]] = {}
+        self._routed_paths: dict[int, Callable] = {}
         self._next_key = 0
 
     @classmethod
@@ -138,12 +144,23 @@ class ExpertBank(nn.Module):
         self._side_paths[key] = path
         return _SidePathHandle(self, key)
 
+    def add_routed_path(self, path: Callable) -> _SidePathHandle:
+        """Register a path that sees which tokens it runs on (per-row deltas, as a server with one adapter per
+        batch row needs): row banks call ``path(expert, x_e, tokens_e)`` and the down bank ``path(parts,
+        num_tokens)``; each returns the delta to add (``[n_e, m]`` / ``[num_tokens, d_out]``) or None."""
+        key = self._next_key
+        self._next_key += 1
+        self._routed_paths[key] = path
+        return _RoutedHandle(self, key)
+
     def active_side_paths(self) -> list[LowRankPath]:
         return [p for p in (path() for path in self._side_paths.values()) if p is not None]
 
     # ------------------------------------------------------------------ compute
-    def expert(self, expert: int, x: torch.Tensor, extra: Sequence[LowRankPath] = ()) -> torch.Tensor:
-        """Row banks: expert ``expert``'s output ``[n, m]`` for its tokens ``x`` ``[n, d_in]``."""
+    def expert(self, expert: int, x: torch.Tensor, extra: Sequence[LowRankPath] = (),
+               tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Row banks: expert ``expert``'s output ``[n, m]`` for its tokens ``x`` ``[n, d_in]`` (``tokens``: their
+        rows in the flattened batch, for routed paths)."""
         if self.split != ROWS:
             raise TypeError("expert() is for row banks (gate / up); the down bank combines experts")
         out = self.experts[expert](x)
@@ -151,6 +168,11 @@ class ExpertBank(nn.Module):
         for path in (*self.active_side_paths(), *extra):
             low = path.act(F.linear(path.dropout(x).to(path.A.dtype), path.A))
             out = out + (F.linear(low, path.B[rows]) * path.scale).to(out.dtype)
+        if tokens is not None:
+            for routed in self._routed_paths.values():
+                delta = routed(expert, x, tokens)
+                if delta is not None:
+                    out = out + delta.to(out.dtype)
         return out
 
     def combine(self, parts: Sequence[Routed], num_tokens: int, extra: Sequence[LowRankPath] = ()) -> torch.Tensor:
@@ -170,6 +192,10 @@ class ExpertBank(nn.Module):
                 cols = self.expert_slice(part.expert)
                 low.index_add_(0, part.tokens, F.linear(path.dropout(part.values).to(path.A.dtype), path.A[:, cols]))
             out = out + (F.linear(path.act(low), path.B) * path.scale).to(dtype)
+        for routed in self._routed_paths.values():
+            delta = routed(parts, num_tokens)
+            if delta is not None:
+                out = out + delta.to(dtype)
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

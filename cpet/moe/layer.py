@@ -140,8 +140,11 @@ class MoEFFN(nn.Module):
             if count == 0:
                 continue
             inputs = tokens.index_select(0, token_rows[e])
-            hidden = up.expert(e, inputs)
-            hidden = self.act_fn(gate.expert(e, inputs)) * hidden if gate is not None else self.act_fn(hidden)
+            hidden = up.expert(e, inputs, tokens=token_rows[e])
+            if gate is not None:
+                hidden = self.act_fn(gate.expert(e, inputs, tokens=token_rows[e])) * hidden
+            else:
+                hidden = self.act_fn(hidden)
             parts.append(Routed(e, token_rows[e], hidden))
         return down.combine(parts, tokens.shape[0]).reshape(*shape[:-1], -1)
 

@@ -50,8 +50,9 @@ class ExpertBankLora(nn.Module, LoraLayer):
                             self.lora_dropout[name])
                 for name in self.active_adapters if name in self.lora_A]
 
-    def expert(self, expert: int, x: torch.Tensor, extra: Sequence[LowRankPath] = ()) -> torch.Tensor:
-        return self.bank.expert(expert, x, (*self._paths(), *extra))
+    def expert(self, expert: int, x: torch.Tensor, extra: Sequence[LowRankPath] = (),
+               tokens: torch.Tensor | None = None) -> torch.Tensor:
+        return self.bank.expert(expert, x, (*self._paths(), *extra), tokens=tokens)
 
     def combine(self, parts: Sequence[Routed], num_tokens: int, extra: Sequence[LowRankPath] = ()) -> torch.Tensor:
         return self.bank.combine(parts, num_tokens, (*self._paths(), *extra))

@@ -8,8 +8,9 @@ whole batch and added only to the rows whose adapter was trained with it. Rows w
 bare base. :meth:`Engine.reference_logits` computes the same thing the plain way (one adapter at a time, the
 model assembled as CPET evaluates it) for tests.
 
-MoEfied bases are not served yet: their expert banks are called per expert, not through ``forward``, so the
-hooks would not see them.
+On a MoEfied base the FFN's expert banks are called per expert, not through ``forward``: there the same
+per-row deltas are registered as the banks' routed paths (:meth:`~cpet.moe.experts.ExpertBank.add_routed_path`),
+which know the batch rows of the tokens routed to each expert; each expert reads its slice of the factors.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class _Batch:
     """The adapter of each row of the batch being computed (None: the bare base)."""
 
     rows: list[LoadedAdapter | None]
+    tokens_per_row: int | None = None
 
     def groups(self) -> list[tuple[LoadedAdapter, torch.Tensor]]:
         """``[(adapter, row indices)]`` for each distinct adapter in the batch, in first-row order."""
@@ -53,11 +55,8 @@ class Engine:
 
     def __init__(self, model: nn.Module, base_id: str, tokenizer=None, *, shared_recovery: str | Path | None = None,
                  capacity: int = 64, root: str | Path | None = None):
-        from ..compress.moefy import moe_blocks
+        from ..moe.experts import bank_of
 
-        if moe_blocks(model):
-            raise ValueError("MoEfied bases are not served yet: their expert banks run per expert, outside the "
-                             "hooks that add each row's adapter")
         self.model, self.base_id, self.tokenizer = model.eval(), base_id, tokenizer
         shapes = module_shapes(model)
         self.shared = read_recovery(Path(shared_recovery), shapes) if shared_recovery is not None else {}
@@ -71,7 +70,11 @@ class Engine:
         self.base_calls = 0  # base-linear forward calls (checks: one per linear per step, whatever the adapters)
         for layer in iter_layer_linears(model):
             for role, name in layer.names.items():
-                layer[role].register_forward_hook(self._hook(name))
+                bank = bank_of(layer[role])
+                if bank is None:
+                    layer[role].register_forward_hook(self._hook(name))
+                else:
+                    bank.add_routed_path(self._routed(name, bank))
 
     @classmethod
     def from_pipeline(cls, directory: str | Path, **kwargs) -> "Engine":
@@ -110,6 +113,59 @@ class Engine:
 
         return hook
 
+    def _row_factors(self, name: str, batch: "_Batch") -> list[tuple[LowRank, torch.Tensor]]:
+        """``[(factor, rows using it [rows] bool)]`` of module ``name`` in this batch: shared recovery for the rows
+        trained with it, each adapter's LoRA and per-task recovery for its rows."""
+        out = []
+        shared = self.shared.get(name)
+        if shared is not None:
+            users = torch.tensor([a is not None and a.shared for a in batch.rows])
+            if users.any():
+                out.append((shared, users))
+        for adapter, rows in batch.groups():
+            mask = torch.zeros(len(batch.rows), dtype=torch.bool)
+            mask[rows] = True
+            out += [(p, mask) for p in (adapter.lora.get(name), adapter.per_task.get(name)) if p is not None]
+        return out
+
+    def _routed(self, name: str, bank):
+        """The expert-bank path adding each token's row's deltas (see the module docstring)."""
+        def path(*args):
+            batch = self._batch
+            if batch is None or batch.tokens_per_row is None:
+                return None
+            factors = self._row_factors(name, batch)
+            if not factors:
+                return None
+            if bank.split == "rows":  # (expert, x_e [n, in], tokens_e [n])
+                expert, x, tokens = args
+                rows = tokens // batch.tokens_per_row
+                part = bank.expert_slice(expert)
+                delta = None
+                for factor, mask in factors:
+                    low = x.to(factor.A.dtype) @ factor.A.T
+                    low = torch.nn.functional.gelu(low) if factor.gelu else low
+                    d = (low @ factor.B[part].T) * factor.scale * mask.to(x.device)[rows].unsqueeze(1)
+                    delta = d if delta is None else delta + d
+                return delta
+            parts, num_tokens = args  # the down bank: accumulate each factor's A over the chosen experts first
+            if not parts:
+                return None
+            token_rows = torch.arange(num_tokens, device=parts[0].values.device) // batch.tokens_per_row
+            delta = None
+            for factor, mask in factors:
+                low = torch.zeros(num_tokens, factor.A.shape[0], dtype=factor.A.dtype, device=token_rows.device)
+                for routed in parts:
+                    cols = bank.expert_slice(routed.expert)
+                    low.index_add_(0, routed.tokens, routed.values.to(factor.A.dtype) @ factor.A[:, cols].T)
+                low = low * mask.to(low.device)[token_rows].unsqueeze(1)
+                low = torch.nn.functional.gelu(low) if factor.gelu else low
+                d = (low @ factor.B.T) * factor.scale
+                delta = d if delta is None else delta + d
+            return delta
+
+        return path
+
     def _stacked_delta(self, name: str, batch: "_Batch", x: torch.Tensor) -> torch.Tensor:
         """The fast path: every row's factors gathered into ``[rows, r, in]`` / ``[rows, out, r]`` stacks (ranks
         zero-padded, scales folded into B), then two batched matmuls for LoRA and two for per-task recovery,
@@ -137,8 +193,9 @@ class Engine:
     def forward(self, adapters: Sequence[str | None], **model_inputs):
         """One model call on a batch whose row ``i`` uses adapter ``adapters[i]`` (None: the bare base)."""
         rows = [self.registry.get(name) if name is not None else None for name in adapters]
+        ids = model_inputs.get("input_ids")
         with self._lock:
-            self._batch = _Batch(rows)
+            self._batch = _Batch(rows, ids.shape[1] if ids is not None else None)
             try:
                 return self.model(**model_inputs)
             finally:

@@ -139,3 +139,34 @@ def test_mixed_generation_equals_each_row_alone_and_sampling_is_seeded(served):
     if len(text) > 2:  # a stop string cuts the text before it and ends the row
         stopped = engine.generate(prompts[:1], adapters[:1], max_tokens=6, stop=[text[1:3]])[0]
         assert stopped["text"] == text[:text.index(text[1:3])] and stopped["finish_reason"] == "stop"
+
+
+def test_a_moefied_base_serves_mixed_batches_like_cpet(tmp_path):
+    from cpet.compress.moefy import MoEfyConfig
+    from cpet.config import QuantizeConfig
+    from cpet.models import tiny_model
+    from cpet.pipeline import CPET
+    from cpet.recovery import RecoveryConfig
+    from cpet.train import DistillConfig
+    from tests.test_pipeline import write_task
+
+    (tmp_path / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    task = write_task(tmp_path / "task.jsonl")
+    pipeline = CPET(tiny_model("llama"), tmp_path / "work")
+    pipeline.compress([MoEfyConfig(num_experts=4, top_k=2), QuantizeConfig("nf4")],
+                      calibration=str(tmp_path / "corpus.txt"), calibration_samples=4, seq_len=32, progress=False)
+    pipeline.recover(RecoveryConfig(rank=4, alpha=4, activation="identity", init="svd"),
+                     DistillConfig(steps=2, seq_len=32), text=str(tmp_path / "corpus.txt"), progress=False)
+    original = pipeline.tune(task, on="original", config=TUNE, progress=False, name="orig")
+    pipeline.tune(task, config=TUNE, progress=False, name="plain")
+    pipeline.tune(task, init="inherit", inherit_from=original, recovery="both", config=TUNE, progress=False,
+                  name="both")
+    engine = Engine.from_pipeline(tmp_path / "work")
+    for name in ("plain", "both"):
+        engine.registry.load(name, pipeline.adapters()[name])
+    rows = ["both", None, "plain", "both"]
+    mixed = engine.forward(rows, input_ids=IDS[:4]).logits
+    with torch.no_grad():
+        for i, name in enumerate(rows):
+            alone = pipeline.model_for(name)(input_ids=IDS[i:i + 1]).logits[0]
+            assert torch.allclose(mixed[i], alone, atol=1e-4), name
