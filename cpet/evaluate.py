@@ -356,7 +356,7 @@ def throughput(model: nn.Module, tokenizer=None, *, batch_size: int = 8, prompt_
             token = out.logits[:, -1:].argmax(-1)
             start = time.perf_counter()
             for _ in range(new_tokens):
-                out = model(input_ids=token, past_key_values=cache, use_cache=True)
+                out = model(input_ids=token, use_cache=True, **{cache_key: cache})
                 cache = output_cache(out)
                 token = out.logits[:, -1:].argmax(-1)
             sync()
