@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import sys
@@ -34,8 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchtools import paused  # noqa: E402
-from cpet.assets import write_text_atomic  # noqa: E402
+from benchtools import paused, write_report  # noqa: E402
 from cpet.compress import calibration_ids, compress  # noqa: E402
 from cpet.compress.moefy import MoEfyConfig, ffn_inputs, moe_blocks  # noqa: E402
 from cpet.config import PruneConfig  # noqa: E402
@@ -190,10 +188,7 @@ def main(argv=None) -> int:
     report["speed"] = {"share": args.speed_share, **speed}
     report["seconds"] = time.perf_counter() - started
 
-    out = Path(args.out)
-    write_text_atomic(out, json.dumps(report, indent=2) + "\n")
-    write_text_atomic(out.with_suffix(".md"), markdown(report))
-    print(markdown(report))
+    write_report(args.out, report, markdown)
     return 0
 
 

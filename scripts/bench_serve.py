@@ -20,7 +20,6 @@ copies whose weights are perturbed (same shapes) to reach the counts below:
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shutil
 import statistics
@@ -34,8 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchtools import paused  # noqa: E402
-from cpet.assets import write_text_atomic  # noqa: E402
+from benchtools import paused, write_report  # noqa: E402
 from cpet.models import output_cache  # noqa: E402
 from cpet.serve import Engine  # noqa: E402
 
@@ -226,10 +224,7 @@ def main(argv=None) -> int:
             report["load_test"] = load_test(app, args.requests_per_client, args.clients, args.max_tokens, names)
         app.state.scheduler.close()
     report["seconds"] = time.perf_counter() - started
-    out = Path(args.out)
-    write_text_atomic(out, json.dumps(report, indent=2) + "\n")
-    write_text_atomic(out.with_suffix(".md"), markdown(report))
-    print(markdown(report))
+    write_report(args.out, report, markdown)
     return 0
 
 

@@ -26,3 +26,16 @@ def paused(pids: list[int]):
     finally:
         for pid in stopped:
             os.kill(pid, signal.SIGCONT)
+
+
+def write_report(out: str, report: dict, markdown) -> None:
+    """Write ``report`` as JSON to ``out`` and ``markdown(report)`` beside it (``.md``), atomically; print the table."""
+    import json
+    from pathlib import Path
+
+    from cpet.assets import write_text_atomic
+
+    path = Path(out)
+    write_text_atomic(path, json.dumps(report, indent=2) + "\n")
+    write_text_atomic(path.with_suffix(".md"), markdown(report))
+    print(markdown(report))
