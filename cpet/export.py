@@ -151,11 +151,10 @@ def export_pipeline(pipeline, out: str | Path, names: list[str] | None = None, *
     if refusal:
         raise ValueError(f"cannot export {pipeline.work_dir}: {refusal}")
     available = pipeline.adapters()
-    if names:
-        chosen = {name: pipeline.resolve_adapter(name) for name in names}
-    else:
-        chosen = {name: path for name, path in available.items() if read_adapter_meta(path).get("on") != "original"}
-    reasons = {name: _adapter_refusal(read_adapter_meta(path)) for name, path in chosen.items()}
+    paths = {name: pipeline.resolve_adapter(name) for name in names} if names else available
+    metas = {name: read_adapter_meta(path) for name, path in paths.items()}
+    chosen = paths if names else {name: path for name, path in paths.items() if metas[name].get("on") != "original"}
+    reasons = {name: _adapter_refusal(metas[name]) for name in chosen}
     if names:
         refused = {name: why for name, why in reasons.items() if why}
         if refused:
@@ -171,7 +170,7 @@ def export_pipeline(pipeline, out: str | Path, names: list[str] | None = None, *
             folded, rank = folded_lora(model)
             target = tmp / "adapters" / name
             write_peft_adapter(target, folded, rank, "../../base")
-            meta = read_adapter_meta(path)
+            meta = metas[name]
             (target / "README.md").write_text(_card(name, meta, rank, sorted(folded)))
             entry = {"rank": rank, "modules": len(folded), "recovery": meta.get("recovery", "none"),
                      "task": meta.get("task")}

@@ -25,6 +25,20 @@ def calibration_ids(tokenizer, text: str, n_samples: int, seq_len: int, seed: in
 
 
 @torch.no_grad()
+def run_batches(model: nn.Module, batches: torch.Tensor, handles: list, batch_size: int = 4) -> None:
+    """Run ``batches`` ``[n, seq]`` of ids through the causal LM in chunks of ``batch_size``, then remove the hook
+    ``handles`` the caller registered to read what it needs (also when the forward fails)."""
+    base = unwrap(model)
+    try:
+        device = next(base.parameters()).device
+        for chunk in batches.split(batch_size):
+            base(input_ids=chunk.to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
 def input_rms(model: nn.Module, batches: torch.Tensor, names: list[str], batch_size: int = 4
               ) -> dict[str, torch.Tensor]:
     """Root-mean-square of each input feature of the named linears over ``batches`` ``[n, seq]`` of ids.
@@ -41,11 +55,5 @@ def input_rms(model: nn.Module, batches: torch.Tensor, names: list[str], batch_s
             sums[name] = sums.get(name, 0) + (x * x).sum(0)
             counts[name] = counts.get(name, 0) + x.shape[0]
         handles.append(base.get_submodule(name).register_forward_hook(hook))
-    try:
-        device = next(base.parameters()).device
-        for chunk in batches.split(batch_size):
-            base(input_ids=chunk.to(device))
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_batches(base, batches, handles, batch_size)
     return {name: (sums[name] / counts[name]).sqrt().cpu() for name in names}

@@ -31,6 +31,7 @@ from ..models import decoder_layers, family_of, geometry, layer_linears, submodu
 from ..moe.clustering import balanced_kmeans, expert_order
 from ..moe.experts import COLS, ROWS, ExpertBank
 from ..moe.layer import MoEFFN, Router
+from .calibration import run_batches
 from .index_maps import FFN_CHANNELS, IndexMaps
 from .stages import StageContext, register_stage
 
@@ -196,13 +197,7 @@ def ffn_inputs(model: nn.Module, calibration: torch.Tensor, batch_size: int = 4)
         def hook(module, inputs, i=i):
             captured[i].append(inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float().cpu())
         handles.append(submodule(layer, fam.mlp).register_forward_pre_hook(hook))
-    try:
-        device = next(base.parameters()).device
-        for chunk in calibration.split(batch_size):
-            base(input_ids=chunk.to(device))
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_batches(base, calibration, handles, batch_size)
     return [torch.cat(parts) for parts in captured]
 
 

@@ -2,8 +2,8 @@
 LoRA on expert banks. The compression stage that uses them is :mod:`cpet.compress.moefy`."""
 
 from .clustering import balanced_assign, balanced_kmeans, expert_order
-from .experts import ExpertBank, LowRankPath, Routed, bank_of, is_expert_bank
+from .experts import ExpertBank, LowRankPath, Routed, bank_of
 from .layer import MoEFFN, Router, choose_experts
 
-__all__ = ["ExpertBank", "LowRankPath", "Routed", "bank_of", "is_expert_bank", "MoEFFN", "Router", "choose_experts",
+__all__ = ["ExpertBank", "LowRankPath", "Routed", "bank_of", "MoEFFN", "Router", "choose_experts",
            "balanced_assign", "balanced_kmeans", "expert_order"]

@@ -122,12 +122,6 @@ class ExpertBank(nn.Module):
         bias = linear.bias if split == COLS else None
         return cls(experts, split, bias)
 
-    @classmethod
-    def empty(cls, in_features: int, out_features: int, num_experts: int, split: str, bias: bool) -> "ExpertBank":
-        """A bank of the given whole shape with uninitialised weights (the loader fills them)."""
-        return cls.from_linear(nn.Linear(in_features, out_features, bias=bias, device="meta"), num_experts,
-                               split).to_empty(device="cpu")
-
     @property
     def num_experts(self) -> int:
         return len(self.experts)
@@ -226,15 +220,10 @@ class ExpertBank(nn.Module):
                 f"split={self.split}")
 
 
-def is_expert_bank(module: nn.Module) -> bool:
-    """True for a bank, or a wrapper (peft) whose ``base_layer`` is one."""
-    return isinstance(getattr(module, "base_layer", module), ExpertBank)
-
-
 def bank_of(module: nn.Module) -> ExpertBank | None:
     """The bank inside ``module`` (itself or its peft ``base_layer``), or None."""
     inner = getattr(module, "base_layer", module)
     return inner if isinstance(inner, ExpertBank) else None
 
 
-__all__ = ["ExpertBank", "Routed", "LowRankPath", "is_expert_bank", "bank_of", "ROWS", "COLS"]
+__all__ = ["ExpertBank", "Routed", "LowRankPath", "bank_of", "ROWS", "COLS"]

@@ -127,7 +127,6 @@ class MoEFFN(nn.Module):
             chosen = self.choose(tokens)
         self.chosen_experts += int(chosen.sum())
         self.routed_tokens += tokens.shape[0]
-        gate, up, down = self.bank("gate"), self.bank("up"), self.bank("down")
         # Group (token, expert) pairs by expert with one sort, then gather each expert's tokens on their own: a
         # handful of tensor ops per expert whatever the number of tokens, and no joined copy of all gathers
         # (on CPU, copying is a large part of a MoE layer's time; see docs/moefication.md).
@@ -139,26 +138,26 @@ class MoEFFN(nn.Module):
         for e, count in enumerate(counts):
             if count == 0:
                 continue
-            inputs = tokens.index_select(0, token_rows[e])
-            hidden = up.expert(e, inputs, tokens=token_rows[e])
-            if gate is not None:
-                hidden = self.act_fn(gate.expert(e, inputs, tokens=token_rows[e])) * hidden
-            else:
-                hidden = self.act_fn(hidden)
+            hidden = self.expert_hidden(e, tokens.index_select(0, token_rows[e]), token_rows[e])
             parts.append(Routed(e, token_rows[e], hidden))
-        return down.combine(parts, tokens.shape[0]).reshape(*shape[:-1], -1)
+        return self.bank("down").combine(parts, tokens.shape[0]).reshape(*shape[:-1], -1)
+
+    def expert_hidden(self, expert: int, x: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Expert ``expert``'s intermediate activations ``act(gate_e(x)) * up_e(x)`` (``act(up_e(x))`` without a
+        gate) for its inputs ``x`` ``[n, hidden]`` -> ``[n, m]``; ``tokens``: their rows in the batch."""
+        gate, up = self.bank("gate"), self.bank("up")
+        hidden = up.expert(expert, x, tokens=tokens)
+        if gate is None:
+            return self.act_fn(hidden)
+        return self.act_fn(gate.expert(expert, x, tokens=tokens)) * hidden
 
     def expert_norms(self, x: torch.Tensor) -> torch.Tensor:
         """True per-expert output norms ``[T, E]`` of the dense computation (router targets, oracle choice)."""
         tokens = x.reshape(-1, x.shape[-1])
-        gate, up, down = self.bank("gate"), self.bank("up"), self.bank("down")
+        down = self.bank("down")
         bank = getattr(down, "base_layer", down)
-        norms = []
-        for e in range(self.num_experts):
-            hidden = up.expert(e, tokens)
-            hidden = self.act_fn(gate.expert(e, tokens)) * hidden if gate is not None else self.act_fn(hidden)
-            norms.append(bank.experts[e](hidden).float().norm(dim=-1))
-        return torch.stack(norms, dim=1)
+        return torch.stack([bank.experts[e](self.expert_hidden(e, tokens)).float().norm(dim=-1)
+                            for e in range(self.num_experts)], dim=1)
 
     def extra_repr(self) -> str:
         choice = f"tau={self.tau}" if self.tau is not None else f"top_k={self.top_k}"

@@ -95,23 +95,26 @@ class Engine:
             if batch is None:
                 return output
             x = inputs[0]
-            delta = torch.zeros_like(output)
-            shared = self.shared.get(name)
-            if shared is not None:
-                users = torch.tensor([a is not None and a.shared for a in batch.rows], device=x.device)
-                if users.any():  # once for the whole batch, kept on the rows that were trained with it
-                    delta += shared(x).to(output.dtype) * users.view(-1, *[1] * (x.dim() - 1))
             if self.fast and x.dim() == 3:
-                return output + delta + self._stacked_delta(name, batch, x).to(output.dtype)
-            for adapter, rows in batch.groups():
-                rows = rows.to(x.device)
-                parts: list[LowRank] = [p for p in (adapter.lora.get(name), adapter.per_task.get(name)) if p]
-                if parts:
-                    picked = x.index_select(0, rows)
-                    delta.index_add_(0, rows, sum(p(picked) for p in parts).to(output.dtype))
+                return output + self._fast_delta(name, batch, x).to(output.dtype)
+            delta = torch.zeros_like(output)  # the reference: each factor on the rows that use it
+            for factor, mask in self._row_factors(name, batch):
+                rows = mask.nonzero(as_tuple=True)[0].to(x.device)
+                delta.index_add_(0, rows, factor(x.index_select(0, rows)).to(output.dtype))
             return output + delta
 
         return hook
+
+    def _fast_delta(self, name: str, batch: "_Batch", x: torch.Tensor) -> torch.Tensor:
+        """Shared recovery once for the whole batch, kept on the rows trained with it, plus every row's own
+        factors through the stacked batched matmuls (:meth:`_stacked_delta`)."""
+        delta = self._stacked_delta(name, batch, x)
+        shared = self.shared.get(name)
+        if shared is not None:
+            users = torch.tensor([a is not None and a.shared for a in batch.rows], device=x.device)
+            if users.any():
+                delta = delta + shared(x) * users.view(-1, *[1] * (x.dim() - 1))
+        return delta
 
     def _row_factors(self, name: str, batch: "_Batch") -> list[tuple[LowRank, torch.Tensor]]:
         """``[(factor, rows using it [rows] bool)]`` of module ``name`` in this batch: shared recovery for the rows
@@ -264,16 +267,8 @@ class Engine:
             raise ValueError(f"{len(prompts)} prompts for {len(adapters)} adapters")
         encoded = [self.tokenizer(p, add_special_tokens=False)["input_ids"] or [self.tokenizer.eos_token_id or 0]
                    for p in prompts]
-        width = max(map(len, encoded))
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         device = next(self.model.parameters()).device
-        input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-        attention = torch.zeros_like(input_ids)
-        for i, ids in enumerate(encoded):
-            input_ids[i, width - len(ids):] = torch.tensor(ids)
-            attention[i, width - len(ids):] = 1
-        input_ids, attention = input_ids.to(device), attention.to(device)
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        input_ids, attention, positions = self.left_padded(encoded, device)
         generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
         eos = self.tokenizer.eos_token_id
         tokens: list[list[int]] = [[] for _ in encoded]
@@ -297,22 +292,28 @@ class Engine:
                     finish[i] = "stop"
                     continue
                 tokens[i].append(token)
-                text = self.tokenizer.decode(tokens[i])
-                if any(s and s in text for s in stop):
+                if cut_at_stop(self.tokenizer.decode(tokens[i]), stop)[1]:
                     finish[i] = "stop"
             if all(f is not None for f in finish):
                 break
             step_ids = chosen.unsqueeze(1)
             step_positions = step_positions[:, -1:] + 1
             attention = torch.cat([attention, attention.new_ones(len(encoded), 1)], dim=1)
-        results = []
-        for i, ids in enumerate(tokens):
-            text = self.tokenizer.decode(ids)
-            for s in stop:
-                if s and s in text:
-                    text = text[:text.index(s)]
-            results.append({"text": text, "tokens": len(ids), "finish_reason": finish[i] or "length"})
-        return results
+        return [{"text": cut_at_stop(self.tokenizer.decode(ids), stop)[0], "tokens": len(ids),
+                 "finish_reason": finish[i] or "length"} for i, ids in enumerate(tokens)]
+
+    def left_padded(self, encoded: Sequence[list[int]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Prompts ``encoded`` as one left-padded batch: ``(input_ids, attention_mask, position_ids)``, each
+        ``[rows, longest]``, positions counting each row's real tokens from 0."""
+        width = max(map(len, encoded))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+        attention = torch.zeros_like(input_ids)
+        for i, ids in enumerate(encoded):
+            input_ids[i, width - len(ids):] = torch.tensor(ids)
+            attention[i, width - len(ids):] = 1
+        input_ids, attention = input_ids.to(device), attention.to(device)
+        return input_ids, attention, (attention.cumsum(-1) - 1).clamp(min=0)
 
     # ------------------------------------------------------------------ reference (plain, one adapter at a time)
     @torch.no_grad()
@@ -325,6 +326,12 @@ class Engine:
             mask = attention_mask[i:i + 1] if attention_mask is not None else None
             outs.append(self.forward([name], input_ids=input_ids[i:i + 1], attention_mask=mask).logits)
         return torch.cat(outs)
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """``text`` cut before the earliest occurrence of any (non-empty) stop string, and whether one occurred."""
+    cut = min((text.index(s) for s in stop if s and s in text), default=None)
+    return (text, False) if cut is None else (text[:cut], True)
 
 
 def _stack(parts: list[LowRank | None], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -344,4 +351,4 @@ def _stack(parts: list[LowRank | None], x: torch.Tensor) -> tuple[torch.Tensor, 
     return A, B
 
 
-__all__ = ["Engine"]
+__all__ = ["Engine", "cut_at_stop"]

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..models import output_cache
-from .engine import Engine
+from .engine import Engine, cut_at_stop
 
 
 class QueueFull(RuntimeError):
@@ -137,16 +137,8 @@ class Scheduler:
 
     def _prefill(self, requests: list[GenerationRequest]) -> int:
         """Prefill the new requests together and merge them into the running batch."""
-        width = max(len(r.prompt_ids) for r in requests)
-        pad = self.engine.tokenizer.pad_token_id if self.engine.tokenizer.pad_token_id is not None else 0
         device = next(self.engine.model.parameters()).device
-        ids = torch.full((len(requests), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, r in enumerate(requests):
-            ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-            mask[i, width - len(r.prompt_ids):] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask, positions = self.engine.left_padded([r.prompt_ids for r in requests], device)
         try:
             out = self.engine.forward([r.adapter for r in requests], input_ids=ids, attention_mask=mask,
                                       position_ids=positions, use_cache=True)
@@ -197,13 +189,11 @@ class Scheduler:
                 done.append((offset + i, run, "stop"))
                 continue
             run.tokens.append(token)
-            text = self.engine.tokenizer.decode(run.tokens)
-            cut = min((text.index(s) for s in request.stop if s and s in text), default=None)
-            visible = text if cut is None else text[:cut]
+            visible, stopped = cut_at_stop(self.engine.tokenizer.decode(run.tokens), request.stop)
             if len(visible) > run.sent and not visible.endswith("\ufffd"):  # whole characters only
                 request.events.put(visible[run.sent:])
                 run.sent = len(visible)
-            if cut is not None:
+            if stopped:
                 done.append((offset + i, run, "stop"))
             elif len(run.tokens) >= request.max_tokens:
                 done.append((offset + i, run, "length"))
@@ -227,9 +217,7 @@ class Scheduler:
             if not request.future.done():
                 request.future.set_exception(error)
             return
-        text = self.engine.tokenizer.decode(run.tokens)
-        cut = min((text.index(s) for s in request.stop if s and s in text), default=None)
-        text = text if cut is None else text[:cut]
+        text = cut_at_stop(self.engine.tokenizer.decode(run.tokens), request.stop)[0]
         if len(text) > run.sent:
             request.events.put(text[run.sent:])
         request.events.put(None)
