@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from torch import nn
 
 from .assets import write_text_atomic
 from .compress.manifest import ORIGINAL_BASE_ID, describe_base
 from .models import target_module_suffixes
+
+if TYPE_CHECKING:
+    from .assembly import AdapterSource
 
 ADAPTER_META = "cpet.json"
 MODEL_CARD = "README.md"
@@ -221,28 +224,32 @@ def load_standalone(directory: str | Path):
 
 
 def load_adapter(model: nn.Module, directory: str | Path, *, base_id: str | None = None,
-                 adapter_name: str = "default", is_trainable: bool = False):
-    """Load a CPET adapter onto ``model`` with plain peft after checking its ``base_id``."""
+                 adapter_name: str = "default", is_trainable: bool = False, meta: dict | None = None):
+    """Load a CPET adapter onto ``model`` with plain peft after checking its ``base_id`` (``meta``: its
+    ``cpet.json`` when already read)."""
     from peft import PeftModel
 
     from .moe.peft_lora import peft_config_for
 
-    meta = read_adapter_meta(directory)
+    meta = meta if meta is not None else read_adapter_meta(directory)
     check_adapter_base(meta, base_id=base_id, directory=directory)
     return PeftModel.from_pretrained(model, str(directory), adapter_name=adapter_name, is_trainable=is_trainable,
                                      config=peft_config_for(model, directory))
 
 
-def inheritance_facts(task_name: str, source: str | Path | None) -> dict:
+def inheritance_facts(task_name: str, source: "AdapterSource | str | Path | None") -> dict:
     """Which task an inheritance source was trained for, and whether that is another task than this one.
 
     ``inherited_task`` is None for a plain PEFT source (no ``cpet.json``) or no source; so is
     ``inherited_from_other_task`` then, since nothing says. Tuning from another task's adapter is allowed
     (its labels were checked) but recorded, so reports can say so.
     """
-    if source is None or not is_cpet_adapter(source):
+    from .assembly import as_source
+
+    meta = as_source(source).meta if source is not None else {}
+    if not meta:
         return {"inherited_task": None, "inherited_from_other_task": None}
-    inherited = read_adapter_meta(source).get("task")
+    inherited = meta.get("task")
     return {"inherited_task": inherited, "inherited_from_other_task": inherited != task_name}
 
 
@@ -254,12 +261,12 @@ def _same_model_name(name: str, aliases: Sequence[str]) -> bool:
     return key(name) in {key(alias) for alias in aliases}
 
 
-def plain_peft_meta(directory: str | Path, model: nn.Module, aliases: Sequence[str]) -> dict:
+def plain_peft_meta(directory: "AdapterSource | str | Path", model: nn.Module, aliases: Sequence[str]) -> dict:
     """Check a plain PEFT LoRA directory (trained outside CPET) against the source model; describe it.
 
     Args:
         directory: holds ``adapter_config.json`` and ``adapter_model.safetensors`` (pickled ``.bin``
-            weights are refused).
+            weights are refused); or the :class:`~cpet.assembly.AdapterSource` already read from it.
         model: the uncompressed source model the adapter must fit.
         aliases: names of the source model (embedded name, hub id, local path); the adapter's recorded
             ``base_model_name_or_path``, if any, must name one of them.
@@ -270,14 +277,15 @@ def plain_peft_meta(directory: str | Path, model: nn.Module, aliases: Sequence[s
         ValueError: not a LoRA (or a DoRA, see :func:`check_inheritable`), made for another model (by name
             or by shapes), or LoRA on missing modules.
     """
-    from .inherit import load_lora_state
+    from .assembly import AdapterSource
 
-    directory = Path(directory)
-    config_path = directory / "adapter_config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{directory} is neither a CPET adapter ({ADAPTER_META}) nor a PEFT adapter "
-                                "(adapter_config.json)")
-    config = json.loads(config_path.read_text())
+    if not isinstance(directory, AdapterSource):
+        if not (Path(directory) / "adapter_config.json").exists():
+            raise FileNotFoundError(f"{directory} is neither a CPET adapter ({ADAPTER_META}) nor a PEFT adapter "
+                                    "(adapter_config.json)")
+        directory = AdapterSource(directory)
+    source, directory = directory, directory.directory
+    config = source.config
     check_inheritable(config, directory)
     trained_on = config.get("base_model_name_or_path")
     known = [alias for alias in aliases if alias]
@@ -286,7 +294,7 @@ def plain_peft_meta(directory: str | Path, model: nn.Module, aliases: Sequence[s
                          f"model ({', '.join(known)}); if it is the same model under another name, set "
                          "base_model_name_or_path in its adapter_config.json to one of these")
     modules = dict(model.named_modules())
-    for key, tensor in load_lora_state(directory).items():
+    for key, tensor in source.tensors.items():
         kind = "lora_A" if ".lora_A." in key else "lora_B" if ".lora_B." in key else None
         if kind is None:
             continue

@@ -147,50 +147,74 @@ def encode_prompt_and_label(tokenizer, prompt: str, label_word: str,
     return prompt_ids, label_ids
 
 
+def label_token_ids(tokenizer, label_words: Sequence[str]) -> list[list[int]]:
+    """The token ids of each label word, tokenised alone (as training and scoring encode them)."""
+    return [encode_prompt_and_label(tokenizer, "", w)[1] for w in label_words]
+
+
+def label_sequences(prompt_ids: list[int], label_ids: list[list[int]]) -> list[tuple[list[int], int, list[int]]]:
+    """The sequences that score every label after one prompt, as ``(ids, label column, label ids)``.
+
+    When every label word is one token, one sequence (the prompt; column -1) scores all labels at once;
+    otherwise one sequence per label (prompt + label tokens), its log-probability the sum over its tokens.
+    """
+    if all(len(ids) == 1 for ids in label_ids):
+        return [(prompt_ids, -1, [])]
+    return [(prompt_ids + ids, col, ids) for col, ids in enumerate(label_ids)]
+
+
+def sequence_score(logp: torch.Tensor, ids: list[int], col: int, lab: list[int],
+                   label_ids: list[list[int]]) -> torch.Tensor:
+    """What a sequence of :func:`label_sequences` scores, from its log-probabilities ``logp [T, vocab]``: every
+    label's log-probability ``[labels]`` (column -1), or its own label's summed log-probability (a scalar)."""
+    if col < 0:
+        return logp[len(ids) - 1, torch.tensor([w[0] for w in label_ids])]
+    positions = torch.arange(len(ids) - len(lab) - 1, len(ids) - 1)
+    return logp[positions, torch.tensor(lab)].sum()
+
+
+def right_padded(sequences: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)``, each ``[len(sequences), longest]``, sequences right-padded with ``pad``."""
+    width = max(map(len, sequences))
+    input_ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    for i, ids in enumerate(sequences):
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        attention[i, :len(ids)] = 1
+    return input_ids, attention
+
+
 def label_logprobs(model: nn.Module, tokenizer, prompts: Sequence[str], label_words: Sequence[str], *,
                    batch_size: int = 8, max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
                    progress: bool = False) -> torch.Tensor:
     """Log-probability of each label word after each prompt: a float tensor ``[len(prompts), len(labels)]``.
 
     Multi-token label words are scored as the sum of their tokens' log-probabilities. When every label
-    word is one token, one forward pass per prompt scores all labels at once.
+    word is one token, one forward pass per prompt scores all labels at once (:func:`label_sequences`).
     """
-    label_ids = [encode_prompt_and_label(tokenizer, "", w)[1] for w in label_words]
-    single_token = all(len(ids) == 1 for ids in label_ids)
+    label_ids = label_token_ids(tokenizer, label_words)
     device = model_device(model)
-    # one sequence per prompt (single-token labels) or per (prompt, label) pair
     sequences: list[tuple[list[int], int, int, list[int]]] = []  # ids, prompt row, label column, label ids
     for row, prompt in enumerate(prompts):
         prompt_ids = encode_prompt_and_label(tokenizer, prompt, label_words[0], max_prompt_tokens)[0]
-        if single_token:
-            sequences.append((prompt_ids, row, -1, []))
-        else:
-            for col, ids in enumerate(label_ids):
-                sequences.append((prompt_ids + ids, row, col, ids))
+        sequences += [(ids, row, col, lab) for ids, col, lab in label_sequences(prompt_ids, label_ids)]
     scores = torch.zeros(len(prompts), len(label_words))
-    single_cols = torch.tensor([ids[0] for ids in label_ids]) if single_token else None
     pad = tokenizer.pad_token_id or 0
     with evaluating(model):
         bar = tqdm(total=len(prompts), desc="scoring", unit="example", disable=not progress, leave=False)
         for start in range(0, len(sequences), batch_size):
             chunk = sequences[start:start + batch_size]
-            width = max(len(s[0]) for s in chunk)
-            input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            attention = torch.zeros_like(input_ids)
-            for i, (ids, *_rest) in enumerate(chunk):
-                input_ids[i, :len(ids)] = torch.tensor(ids)
-                attention[i, :len(ids)] = 1
+            input_ids, attention = right_padded([ids for ids, *_rest in chunk], pad)
             logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits.float()
             logp = torch.log_softmax(logits, dim=-1).cpu()
             for i, (ids, row, col, lab) in enumerate(chunk):
-                if single_token:
-                    scores[row] = logp[i, len(ids) - 1, single_cols]
+                score = sequence_score(logp[i], ids, col, lab, label_ids)
+                if col < 0:
+                    scores[row] = score
                 else:
-                    first = len(ids) - len(lab)
-                    positions = torch.arange(first - 1, len(ids) - 1)
-                    scores[row, col] = logp[i, positions, torch.tensor(lab)].sum()
+                    scores[row, col] = score
             # count examples, not batches: a prompt is done when its last label sequence is scored
-            bar.update(len({row for _, row, col, _ in chunk if single_token or col == len(label_ids) - 1}))
+            bar.update(len({row for _, row, col, _ in chunk if col in (-1, len(label_ids) - 1)}))
     bar.close()
     return scores
 

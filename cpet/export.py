@@ -14,7 +14,8 @@ recovery bypass on the same linear adds ``s_r B_r A_r x``; their sum is one LoRA
 does not target: there the LoRA part is zero. Every module gets the same rank (zero-padded where one part is
 missing or narrower), so the directory needs no ``rank_pattern`` (which engines such as vLLM do not read), and
 ``lora_alpha == r`` makes peft's scale exactly 1. The result reproduces CPET's outputs up to float rounding;
-:func:`export_pipeline` checks this by reloading each adapter with plain transformers + peft.
+:func:`export_pipeline` checks this by reloading each adapter with plain transformers + peft. The folding reads the
+adapter as the serving engine and evaluation assemble it (:meth:`cpet.assembly.Assembly.folded_lora`).
 
 Not exportable, refused by name: bases transformers cannot build (per-layer widths, MoEfied FFNs, quantized
 embeddings: ``manifest.json`` says ``"uniform": false``), and per-task recovery (a GELU bypass is not linear,
@@ -35,8 +36,6 @@ from torch import nn
 
 from .adapters import read_adapter_meta
 from .assets import atomic_path
-from .models import unwrap
-from .recovery import SHARED, attached_recovery
 
 EXPORT_META = "export.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -68,43 +67,6 @@ def base_refusal(manifest) -> str | None:
         return ("the base has quantized token embeddings, which transformers' bitsandbytes integration cannot "
                 "load; compress with QuantizeConfig(embeddings=False) to export")
     return "the base has per-layer FFN widths, which a transformers config.json cannot state"
-
-
-def folded_lora(model: nn.Module) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int]:
-    """``({module name: (A [r, in], B [out, r])}, r)`` at scale 1: every active LoRA layer of the peft ``model``
-    plus its attached shared recovery, zero-padded to one rank ``r`` (module names relative to the causal LM).
-
-    Raises:
-        ValueError: recovery that is not linear (only identity-activation bypasses fold exactly).
-    """
-    base = unwrap(model)
-    parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-    for name, module in base.named_modules():
-        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
-            A = module.lora_A["default"].weight.detach().float()
-            B = module.lora_B["default"].weight.detach().float() * module.scaling["default"]
-            parts.setdefault(name, []).append((A, B))
-    for slot, recovery in attached_recovery(model).items():
-        if slot != SHARED:
-            raise ValueError(f"{slot} recovery cannot be folded into a LoRA")
-        if recovery.config.activation != "identity":
-            raise ValueError(f"shared recovery with activation {recovery.config.activation!r} is not linear: it "
-                             "cannot be folded into a LoRA")
-        for name in recovery.targets:
-            bypass = recovery.bypass(name)
-            parts.setdefault(name, []).append((bypass.A.weight.detach().float(),
-                                               bypass.B.weight.detach().float() * bypass.scale))
-    rank = max(sum(A.shape[0] for A, _ in pieces) for pieces in parts.values())
-    folded = {}
-    for name, pieces in parts.items():
-        A = torch.cat([a for a, _ in pieces])
-        B = torch.cat([b for _, b in pieces], dim=1)
-        pad = rank - A.shape[0]
-        if pad:
-            A = torch.cat([A, A.new_zeros(pad, A.shape[1])])
-            B = torch.cat([B, B.new_zeros(B.shape[0], pad)], dim=1)
-        folded[name] = (A.contiguous(), B.contiguous())
-    return folded, rank
 
 
 def write_peft_adapter(directory: Path, folded: dict[str, tuple[torch.Tensor, torch.Tensor]], rank: int,
@@ -160,14 +122,14 @@ def export_pipeline(pipeline, out: str | Path, names: list[str] | None = None, *
         if refused:
             raise ValueError("cannot export " + "; ".join(f"{name}: {why}" for name, why in refused.items()))
     report = ExportReport(str(out), manifest.base_id)
-    with atomic_path(out) as tmp:
+    with atomic_path(out) as tmp, pipeline.engine() as engine:
         shutil.copytree(base_dir, tmp / "base")
         for name, path in chosen.items():
             if reasons[name]:
                 report.skipped[name] = reasons[name]
                 continue
-            model = pipeline.model_for(path)
-            folded, rank = folded_lora(model)
+            engine.load("exported", path)  # the adapter as serving and evaluation assemble it
+            folded, rank = engine.assembly("exported").folded_lora()
             target = tmp / "adapters" / name
             write_peft_adapter(target, folded, rank, "../../base")
             meta = metas[name]
@@ -175,7 +137,7 @@ def export_pipeline(pipeline, out: str | Path, names: list[str] | None = None, *
             entry = {"rank": rank, "modules": len(folded), "recovery": meta.get("recovery", "none"),
                      "task": meta.get("task")}
             if check:
-                entry["max_abs_diff"] = _check(tmp / "base", target, model, check_ids)
+                entry["max_abs_diff"] = _check(tmp / "base", target, engine.view("exported"), check_ids)
             report.adapters[name] = entry
         (tmp / EXPORT_META).write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True))
     return report
@@ -205,7 +167,7 @@ def load_exported(base: str | Path, adapter: str | Path):
 @torch.no_grad()
 def _check(base: Path, adapter: Path, reference: nn.Module, ids: torch.Tensor | None) -> float:
     if ids is None:
-        ids = torch.tensor([[1, 42, 7, 300, 12, 5, 99, 17]]) % unwrap(reference).config.vocab_size
+        ids = torch.tensor([[1, 42, 7, 300, 12, 5, 99, 17]]) % reference.config.vocab_size
     plain = load_exported(base, adapter)
     return float((plain(input_ids=ids).logits - reference.eval()(input_ids=ids).logits).abs().max())
 
@@ -222,4 +184,4 @@ def _card(name: str, meta: dict, rank: int, modules: list[str]) -> str:
             f"Task: {meta.get('task')}. Labels: {meta.get('labels')}.\n")
 
 
-__all__ = ["export_pipeline", "folded_lora", "write_peft_adapter", "base_refusal", "load_exported", "ExportReport"]
+__all__ = ["export_pipeline", "write_peft_adapter", "base_refusal", "load_exported", "ExportReport"]

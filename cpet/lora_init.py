@@ -12,19 +12,19 @@ Both functions take a peft ``PeftModel`` built on the compressed base and overwr
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .adapters import check_inheritable
+from .assembly import AdapterSource, as_source
 from .inherit import inherit_lora_state, load_lora_state
 from .models import iter_layer_linears, unwrap
 from .recovery import compression_residual, low_rank_factors, relative_error
 
 
-def lora_shape_of(adapter_dir: str | Path) -> dict:
+def lora_shape_of(adapter_dir: AdapterSource | str | Path) -> dict:
     """The LoRA structure of a PEFT adapter, as keyword arguments of :func:`cpet.adapters.add_lora`.
 
     ``{"rank", "alpha", "target_modules", "use_rslora", "rank_pattern", "alpha_pattern"}``: a LoRA built
@@ -37,8 +37,9 @@ def lora_shape_of(adapter_dir: str | Path) -> dict:
         ValueError: an adapter CPET cannot inherit (not a LoRA, or a DoRA: see
             :func:`cpet.adapters.check_inheritable`).
     """
-    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
-    check_inheritable(config, adapter_dir)
+    source = as_source(adapter_dir)
+    config = source.config
+    check_inheritable(config, source.directory)
     targets = config["target_modules"]
     return {"rank": config["r"], "alpha": config["lora_alpha"],
             "target_modules": targets if isinstance(targets, str) else sorted(targets),
@@ -47,14 +48,15 @@ def lora_shape_of(adapter_dir: str | Path) -> dict:
             "alpha_pattern": dict(config.get("alpha_pattern") or {})}
 
 
-def apply_inherited_lora(peft_model, adapter_dir: str | Path, index_maps, original_config) -> int:
+def apply_inherited_lora(peft_model, adapter_dir: AdapterSource | str | Path, index_maps, original_config) -> int:
     """Load the original model's LoRA from ``adapter_dir`` into ``peft_model``, restricted to kept weights.
 
     Returns the number of LoRA tensors set. Raises ValueError if ``peft_model`` lacks any of them.
     """
     from peft import set_peft_model_state_dict
 
-    state = inherit_lora_state(load_lora_state(adapter_dir), original_config, index_maps)
+    lora_state = adapter_dir.tensors if isinstance(adapter_dir, AdapterSource) else load_lora_state(adapter_dir)
+    state = inherit_lora_state(lora_state, original_config, index_maps)
     result = set_peft_model_state_dict(peft_model, state)
     unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
     if unexpected:

@@ -155,10 +155,14 @@ def output_cache(output):
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model inside a peft ``PeftModel`` / tuner wrapper (or the model itself)."""
+    """The transformers model inside a peft ``PeftModel`` / tuner wrapper, or inside a view that runs one
+    (``causal_lm``: the serving engine's adapter views), or the model itself."""
     from peft import PeftModel
     from peft.tuners.tuners_utils import BaseTuner
 
+    inner = getattr(model, "causal_lm", None)
+    if isinstance(inner, nn.Module):
+        return unwrap(inner)
     if isinstance(model, PeftModel):
         model = model.base_model
     if isinstance(model, BaseTuner):

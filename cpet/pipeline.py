@@ -13,12 +13,16 @@ recovery modules), ``adapters/<name>/`` (PEFT directories + ``cpet.json`` + a mo
 the compressed base is named relative to each adapter, so the directory can be copied anywhere) and
 ``pipeline.json`` (every step with its configs and UTC times). Each tuning run starts from a fresh copy of
 the frozen base read back from ``base/`` (about a second), so runs never leak state into each other.
+Evaluation does not copy anything: the base is read once per pipeline object and each adapter runs on it
+through :meth:`CPET.engine` (the serving engine's hooks, removed afterwards), assembled as the server and the
+export assemble it (:mod:`cpet.assembly`).
 :meth:`CPET.load` reopens a directory without loading the original model: steps that need its weights
 load it on first use.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import json
@@ -27,13 +31,13 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 
-from .adapters import (add_lora, adapter_weights_sha256, check_adapter_base, inheritance_facts, is_cpet_adapter,
-                       load_adapter, plain_peft_meta, read_adapter_meta, save_adapter, target_module_names,
-                       write_adapter_meta)
+from .adapters import (add_lora, check_adapter_base, inheritance_facts, is_cpet_adapter, load_adapter, plain_peft_meta,
+                       read_adapter_meta, save_adapter, target_module_names, write_adapter_meta)
+from .assembly import AdapterSource
 from .assets import atomic_path, write_text_atomic
 from .compress.calibration import input_rms
 from .compress.manifest import ORIGINAL_BASE_ID
@@ -43,6 +47,9 @@ from .data.tasks import as_task, examples_sha256, task_key, task_source_of  # no
 from .models import EMBEDDED, LoadedBase, hub_id_of, load_base, saved_tokenizer
 from .recovery import PER_TASK, SHARED, RecoveryConfig, RecoverySet, init_from_residuals
 from .train import DistillConfig, TuneConfig, distill_on_text, train_classifier
+
+if TYPE_CHECKING:
+    from .serve.engine import AdapterView, Engine
 
 INIT_MODES = ("random", "inherit", "svd")
 RECOVERY_MODES = ("none", "shared", "per_task", "both")
@@ -85,6 +92,7 @@ class CPET:
         self._fingerprint: str | None = None
         self._recorded_fingerprint: str | None = None  # of a saved pipeline: the original must match it
         self._tokenizer = None
+        self._served_base: tuple[str, torch.nn.Module] | None = None  # (base_id, model) that evaluation runs on
         self.log: list[dict] = []
 
     # ------------------------------------------------------------------ construction
@@ -212,6 +220,7 @@ class CPET:
         # provenance outside base_id: the kept channels it selected are in the index maps' digest already
         base.manifest.calibration = {"corpus": calibration, "samples": calibration_samples, "seq_len": seq_len}
         base.save(self.base_dir)
+        self._served_base = None
         if self.recovery_dir.exists():  # recovery made for a previous base no longer applies
             shutil.rmtree(self.recovery_dir)
         self._record("compress", started_at, base_id=base.manifest.base_id,
@@ -300,7 +309,7 @@ class CPET:
         task = as_task(task)
         recovery = recovery.replace("-", "_")  # "per-task", as the CLI and the docs write it, is "per_task"
         inherit_from = self.resolve_adapter(inherit_from)
-        self._check_tune_args(task, on, init, inherit_from, recovery)
+        source = self._check_tune_args(task, on, init, inherit_from, recovery)  # the source, read once
         # before anything random (LoRA A, recovery init): the same seed gives the same run whatever ran before
         torch.manual_seed(config.seed)
         name = name or f"{task.name}-{on}-{init}-{recovery}-s{config.seed}"
@@ -317,7 +326,7 @@ class CPET:
         if init == "inherit":  # the inherited LoRA's structure (targets, ranks, scaling), whatever the config says
             from .lora_init import lora_shape_of
 
-            structure = lora_shape_of(_dir(inherit_from))
+            structure = lora_shape_of(source)
             config = TuneConfig(**{**config.to_dict(), "rank": structure.pop("rank"),
                                    "alpha": structure.pop("alpha")})
         peft_model = add_lora(model, rank=config.rank, alpha=config.alpha, dropout=config.dropout,
@@ -325,7 +334,7 @@ class CPET:
         if init == "inherit":
             from .lora_init import apply_inherited_lora
 
-            apply_inherited_lora(peft_model, Path(_dir(inherit_from)), index_maps, self.original.model.config)
+            apply_inherited_lora(peft_model, source, index_maps, self.original.model.config)
         elif init == "svd":
             from .lora_init import apply_residual_svd_lora
 
@@ -334,7 +343,7 @@ class CPET:
         if recovery in ("per_task", "both"):
             per_task = RecoverySet(peft_model, per_task_recovery or RecoveryConfig(rank=8, activation="gelu"))
             per_task.attach(peft_model, slot=PER_TASK, trainable=True)
-            teacher = self._teacher(inherit_from)
+            teacher = self._teacher(source)
             if config.distill_weight == 0:
                 config = TuneConfig(**{**config.to_dict(), "distill_weight": 1.0})
 
@@ -344,9 +353,9 @@ class CPET:
                 "labels": list(task.labels), "label_words": verbalizer.label_words,
                 "template": template.template, "on": on, "init": init,
                 "recovery": recovery, "tune_config": config.to_dict(), "max_prompt_tokens": config.max_prompt_tokens,
-                "inherited_from": str(_dir(inherit_from)) if inherit_from else None,
-                "inherited_sha256": adapter_weights_sha256(_dir(inherit_from)) if inherit_from else None,
-                **inheritance_facts(task.name, inherit_from if init == "inherit" or per_task is not None else None),
+                "inherited_from": str(source.directory) if source else None,
+                "inherited_sha256": source.weights_sha256 if source else None,
+                **inheritance_facts(task.name, source if init == "inherit" or per_task is not None else None),
                 **self._base_facts(on, recovery, per_task)}
         identity = {"task": task.name, "train_sha256": examples_sha256(task.split("train")), "base_id": base_id,
                     "source_fingerprint": self.source_fingerprint, "init": init, "recovery": recovery,
@@ -439,7 +448,8 @@ class CPET:
             return Path(os.path.relpath(self.base_dir.resolve(), adapter_dir.resolve())).as_posix()
         return self.source_hub_id
 
-    def _check_tune_args(self, task, on, init, inherit_from, recovery) -> None:
+    def _check_tune_args(self, task, on, init, inherit_from, recovery) -> AdapterSource | None:
+        """Refuse bad options before any work; return the inheritance source, read once (None without one)."""
         if on not in ("original", "compressed"):
             raise ValueError(f"on must be 'original' or 'compressed', got {on!r}")
         if init not in INIT_MODES:
@@ -456,37 +466,95 @@ class CPET:
             if inherit_from is None:
                 raise ValueError("init='inherit' and per-task recovery need inherit_from: an adapter trained "
                                  "on the original model (tune(task, on='original'))")
-            meta = self._inheritance_meta(_dir(inherit_from))
-            unknown = sorted(set(task.labels) - set(meta["labels"])) if meta["labels"] is not None else []
+            source = self._inheritance_source(_dir(inherit_from))
+            labels = source.meta["labels"] if source.is_cpet else None  # a plain PEFT source: the task's own
+            unknown = sorted(set(task.labels) - set(labels)) if labels is not None else []
             if unknown:
                 raise ValueError(f"task {task.name!r} has labels {unknown} that adapter {_dir(inherit_from)} "
-                                 f"does not know (it knows {meta.get('labels')})")
+                                 f"does not know (it knows {labels})")
+            return source
+        return None
 
-    def _inheritance_meta(self, directory: Path) -> dict:
-        """What an inheritance source is, after checking it was trained on this source model.
+    def _inheritance_source(self, directory: Path) -> AdapterSource:
+        """An inheritance source, read once, after checking it was trained on this source model.
 
         A CPET adapter must come from the original model of this source (``base_id`` and fingerprint);
         a plain PEFT LoRA trained elsewhere must name this model (if it names one) and fit its shapes.
         """
         if not is_cpet_adapter(directory):
-            return plain_peft_meta(directory, self.original.model, self.source_aliases)
-        meta = read_adapter_meta(directory)
-        check_adapter_base(meta, base_id=ORIGINAL_BASE_ID, source_fingerprint=self.source_fingerprint,
+            if not (Path(directory) / "adapter_config.json").exists():
+                raise FileNotFoundError(f"{directory} is neither a CPET adapter (cpet.json) nor a PEFT adapter "
+                                        "(adapter_config.json)")
+            source = AdapterSource(directory)
+            plain_peft_meta(source, self.original.model, self.source_aliases)
+            return source
+        source = AdapterSource(directory)
+        check_adapter_base(source.meta, base_id=ORIGINAL_BASE_ID, source_fingerprint=self.source_fingerprint,
                            directory=directory, inheriting=True)
-        return meta
+        return source
 
-    def _teacher(self, inherit_from):
+    def _teacher(self, source: AdapterSource):
         """The uncompressed model with the original task adapter (a separate copy: never the student)."""
         from peft import PeftModel
 
-        directory = _dir(inherit_from)
-        if not is_cpet_adapter(directory):  # a plain PEFT adapter, checked by _inheritance_meta
-            return PeftModel.from_pretrained(copy.deepcopy(self.original.model), str(directory)).eval()
-        return load_adapter(copy.deepcopy(self.original.model), directory, base_id=ORIGINAL_BASE_ID).eval()
+        if not source.is_cpet:  # a plain PEFT adapter, checked by _inheritance_source
+            return PeftModel.from_pretrained(copy.deepcopy(self.original.model), str(source.directory)).eval()
+        # peft reads the weights again here: PeftModel.from_pretrained is the loader that builds peft's layers
+        return load_adapter(copy.deepcopy(self.original.model), source.directory, base_id=ORIGINAL_BASE_ID,
+                            meta=source.meta).eval()
 
     # ------------------------------------------------------------------ evaluate
+    @contextlib.contextmanager
+    def engine(self, on: str = "compressed") -> Iterator["Engine"]:
+        """The serving engine on this pipeline's base, for the block: the compressed base (read once per pipeline
+        object, with the shared recovery when there is one) or the original model (``on="original"``).
+
+        Adapters loaded into it run as they were trained (:mod:`cpet.assembly`); nothing is copied, and the
+        engine's hooks are removed when the block ends.
+        """
+        from .serve.engine import Engine
+
+        if on == "original":
+            model, base_id, shared = self.original.model, ORIGINAL_BASE_ID, None
+        elif on == "compressed":
+            base_id = self.base_id if self.has_base else None
+            if base_id is None:
+                raise ValueError(f"no compressed base in {self.base_dir}: call compress(...) first")
+            if self._served_base is None or self._served_base[0] != base_id:
+                self._served_base = (base_id, self.load_compressed().model)
+            model = self._served_base[1]
+            shared = self.recovery_dir if (self.recovery_dir / "recovery.json").exists() else None
+        else:
+            raise ValueError(f"on must be 'original' or 'compressed', got {on!r}")
+        engine = Engine(model, base_id, self.tokenizer, shared_recovery=shared)
+        try:
+            yield engine
+        finally:
+            engine.close()
+
+    @contextlib.contextmanager
+    def running(self, adapter: AdapterSource | TaskAdapter | str | Path | None = None, *, on: str = "compressed"
+                ) -> Iterator["AdapterView"]:
+        """An adapter as a model for the block, on the base it was tuned on with the recovery it was trained with
+        (None: the bare base ``on``), through :meth:`engine`: ``model(input_ids=...)`` gives its logits.
+        ``model.nbytes`` is what it holds: the base's tensors plus the adapter's and recovery's factors."""
+        source = adapter
+        if adapter is not None and not isinstance(adapter, AdapterSource):
+            source = AdapterSource(self.resolve_adapter(adapter))
+        if source is not None:
+            on = source.meta.get("on", "compressed")
+        with self.engine(on) as engine:
+            if source is not None:
+                engine.load("running", source)
+            yield engine.view("running" if source is not None else None)
+
     def model_for(self, adapter: TaskAdapter | str | Path | None = None, *, on: str = "compressed"):
-        """The model an adapter runs on (with shared / per-task recovery as it was trained), ready to use."""
+        """A standalone PEFT model of an adapter as it was trained: a copy of its base with the shared / per-task
+        recovery attached and the adapter loaded by peft (to keep training it, or to use it as a ``PeftModel``).
+
+        Evaluation, serving and export do not need this copy: they run adapters on one base through
+        :meth:`engine`. The two compute the same (tested).
+        """
         adapter = self.resolve_adapter(adapter)
         meta = read_adapter_meta(_dir(adapter)) if adapter is not None else {"on": on, "recovery": "none"}
         if meta["on"] == "original":
@@ -519,8 +587,9 @@ class CPET:
         adapter = self.resolve_adapter(adapter)
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be >= 1 (or None for the whole split), got {limit}")
-        if adapter is not None:
-            meta = read_adapter_meta(_dir(adapter))
+        source = AdapterSource(_dir(adapter)) if adapter is not None else None  # read once, run below
+        if source is not None:
+            meta = source.meta or read_adapter_meta(source.directory)  # (a plain PEFT directory: says what is missing)
             unknown = sorted(set(task.labels) - set(meta["labels"]))
             if unknown:
                 raise ValueError(f"task {task.name!r} has labels {unknown} that the adapter does not know "
@@ -532,12 +601,12 @@ class CPET:
             max_prompt_tokens = trained_with or max_prompt_tokens
         max_prompt_tokens = max_prompt_tokens or DEFAULT_MAX_PROMPT_TOKENS
         examples = task.split(split)[:limit] if limit else task.split(split)
-        model = self.model_for(adapter, on=on)
         gold = [e.label for e in examples]
-        result = classification_accuracy(model, self.tokenizer, [e.text for e in examples], gold,
-                                         template=template_for(task), verbalizer=verbalizer_for(task),
-                                         labels=task.labels, batch_size=batch_size,
-                                         max_prompt_tokens=max_prompt_tokens)
+        with self.running(source, on=on) as model:
+            result = classification_accuracy(model, self.tokenizer, [e.text for e in examples], gold,
+                                             template=template_for(task), verbalizer=verbalizer_for(task),
+                                             labels=task.labels, batch_size=batch_size,
+                                             max_prompt_tokens=max_prompt_tokens)
         out = {"task": task.name, "split": split, **result.to_dict(), "max_prompt_tokens": max_prompt_tokens,
                "majority_baseline": max(gold.count(label) for label in task.labels) / len(gold)}
         if with_predictions:

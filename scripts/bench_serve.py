@@ -34,7 +34,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchtools import paused, write_report  # noqa: E402
-from cpet.models import output_cache  # noqa: E402
+from cpet.evaluate import throughput  # noqa: E402
+from cpet.models import unwrap  # noqa: E402
 from cpet.serve import Engine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,40 +53,30 @@ def perturbed_copy(source: Path, target: Path, seed: int) -> Path:
     return target
 
 
-def timed_steps(step, batch: int, prompt_len: int, new_tokens: int, repeats: int, vocab: int) -> dict:
-    """Best-of-``repeats`` prefill and decode tokens/s of ``step(input_ids, attention_mask, cache) -> output``."""
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (batch, prompt_len), generator=generator)
-    best_prefill = best_decode = float("inf")
-    with torch.no_grad():
-        step(ids[:, :8], torch.ones(batch, 8, dtype=torch.long), None)  # warm-up
-        for _ in range(repeats):
-            mask = torch.ones(batch, prompt_len, dtype=torch.long)
-            start = time.perf_counter()
-            out = step(ids, mask, None)
-            best_prefill = min(best_prefill, time.perf_counter() - start)
-            cache, token = output_cache(out), out.logits[:, -1:].argmax(-1)
-            start = time.perf_counter()
-            for _ in range(new_tokens):
-                mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
-                out = step(token, mask, cache)
-                cache, token = output_cache(out), out.logits[:, -1:].argmax(-1)
-            best_decode = min(best_decode, time.perf_counter() - start)
-    return {"prefill_tok_s": batch * prompt_len / best_prefill, "decode_tok_s": batch * new_tokens / best_decode}
+def speed(model, args) -> dict:
+    """Best-of-``--repeats`` prefill and decode tokens/s of ``model`` (:func:`cpet.evaluate.throughput`)."""
+    result = throughput(model, batch_size=args.batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                        repeats=args.repeats)
+    return {"prefill_tok_s": result.prefill_tokens_per_s, "decode_tok_s": result.decode_tokens_per_s}
 
 
-def engine_step(engine: Engine, adapters: list):
-    def step(ids, mask, cache):
-        kwargs = {engine._cache_key: cache} if cache is not None else {}
-        return engine.forward(adapters, input_ids=ids, attention_mask=mask, use_cache=True, **kwargs)
-    return step
+class PeftMixed(torch.nn.Module):
+    """peft's own mixed batches as a model: batch row ``i`` runs adapter ``names[i]`` (``adapter_names``)."""
 
+    def __init__(self, model, names: list[str]):
+        super().__init__()
+        self.model, self.names = model, names
 
-def peft_step(model, names: list[str], cache_key: str):
-    def step(ids, mask, cache):
-        kwargs = {cache_key: cache} if cache is not None else {}
-        return model(input_ids=ids, attention_mask=mask, use_cache=True, adapter_names=names, **kwargs)
-    return step
+    @property
+    def causal_lm(self):
+        return unwrap(self.model)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def forward(self, **inputs):
+        return self.model(adapter_names=self.names, **inputs)
 
 
 def load_test(app, prompts: int, clients: int, max_tokens: int, adapters: list[str]) -> dict:
@@ -148,7 +139,6 @@ def main(argv=None) -> int:
 
     from cpet.adapters import read_adapter_meta
     from cpet.compress import CompressedBase
-    from cpet.models import cache_argument
     from cpet.pipeline import CPET
     from cpet.serve.server import ServerLimits, create_app
 
@@ -160,7 +150,6 @@ def main(argv=None) -> int:
         raise SystemExit(f"{args.pipeline} has no adapter tuned on its base without recovery (peft's comparison "
                          "needs plain LoRA adapters): tune one with `cpet tune PIPELINE --task T`")
     engine = Engine.from_pipeline(args.pipeline, capacity=max(args.counts) + 16)
-    vocab = engine.model.config.vocab_size
     report = {"pipeline": args.pipeline, "base_id": engine.base_id, "trained_adapters": sorted(trained),
               "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
               "machine": f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
@@ -171,21 +160,19 @@ def main(argv=None) -> int:
         names = [f"copy{i}" for i in range(args.batch)]
         for name, path in zip(names, copies):
             engine.registry.load(name, path)
-        sizes = (args.batch, args.prompt_len, args.new_tokens, args.repeats, vocab)
         print("[bench] throughput", flush=True)
         base = CompressedBase.load(Path(args.pipeline) / "base")
         model = PeftModel.from_pretrained(base.model, str(copies[0]), adapter_name=names[0]).eval()
         for name, path in zip(names[1:], copies[1:args.batch]):
             model.load_adapter(str(path), adapter_name=name)
-        steps = {"bare base": engine_step(engine, [None] * args.batch),
-                 "one adapter": engine_step(engine, [names[0]] * args.batch),
-                 f"{args.batch} adapters (CPET)": engine_step(engine, names),
-                 f"{args.batch} adapters (peft adapter_names)": peft_step(model, names, cache_argument(model))}
+        models = {"bare base": engine.view(None), "one adapter": engine.view(names[0]),
+                  f"{args.batch} adapters (CPET)": engine.view(names),
+                  f"{args.batch} adapters (peft adapter_names)": PeftMixed(model, names)}
         rows = {}
         with paused(args.pause):
             for _ in range(2):  # two rounds, best of both: no configuration pays the others' warm-up
-                for label, step in steps.items():
-                    result = timed_steps(step, *sizes)
+                for label, each in models.items():
+                    result = speed(each, args)
                     best = rows.get(label, {"prefill_tok_s": 0.0, "decode_tok_s": 0.0})
                     rows[label] = {k: max(best[k], result[k]) for k in result}
         del model, base
@@ -207,11 +194,11 @@ def main(argv=None) -> int:
                 hot_load = time.perf_counter() - start
                 engine.registry.unload("extra")
                 mixed = [f"copy{i % count}" for i in range(args.batch)]
-                speed = timed_steps(engine_step(engine, mixed), *sizes)
+                mixed_speed = speed(engine.view(mixed), args)
             adapter_bytes = sum(engine.registry.get(n).nbytes for n in engine.registry.names())
             scaling.append({"loaded": count, "hot_load_ms": hot_load * 1000,
                             "mean_load_ms": 1000 * sum(loads) / len(loads), "adapter_mb": adapter_bytes / 1e6,
-                            **speed})
+                            **mixed_speed})
         report["scaling"] = scaling
 
         print("[bench] load test", flush=True)

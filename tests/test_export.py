@@ -10,7 +10,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from cpet.compress.moefy import MoEfyConfig
-from cpet.export import export_pipeline, folded_lora, load_exported
+from cpet.export import export_pipeline, load_exported
 from cpet.models import tiny_model
 from cpet.pipeline import CPET
 from cpet.recovery import RecoveryConfig
@@ -88,10 +88,35 @@ def test_a_moefied_base_is_refused_by_name(tmp_path):
 
 
 def test_folding_refuses_nonlinear_recovery():
-    from cpet.adapters import add_lora
-    from cpet.recovery import RecoverySet
+    import torch
 
-    model = add_lora(tiny_model("llama").model, rank=2, alpha=2, dropout=0.0)
-    RecoverySet(model, RecoveryConfig(rank=2, activation="gelu")).attach(model, slot="shared")
-    with pytest.raises(ValueError, match="is not linear"):
-        folded_lora(model)
+    from cpet.assembly import Assembly, LoadedAdapter, LowRank
+
+    lora = {"q": LowRank(torch.randn(2, 4), torch.randn(3, 2), 0.5)}
+    gelu_shared = {"q": LowRank(torch.randn(2, 4), torch.randn(3, 2), 1.0, gelu=True)}
+    adapter = LoadedAdapter("a", None, lora, shared=True)
+    with pytest.raises(ValueError, match="shared recovery on q has a GELU and is not linear"):
+        Assembly.of("base", adapter, gelu_shared).folded_lora()
+    per_task = LoadedAdapter("b", None, lora, per_task={"q": gelu_shared["q"]})
+    with pytest.raises(ValueError, match="per-task recovery on q has a GELU"):
+        Assembly.of("base", per_task, {}).folded_lora()
+
+
+def test_folding_concatenates_linear_terms_exactly():
+    import torch
+
+    from cpet.assembly import Assembly, LoadedAdapter, LowRank
+
+    torch.manual_seed(0)
+    lora = {"q": LowRank(torch.randn(2, 4), torch.randn(3, 2), 0.5)}
+    shared = {"q": LowRank(torch.randn(3, 4), torch.randn(3, 3), 2.0), "v": LowRank(torch.randn(1, 4),
+                                                                                     torch.randn(5, 1), 1.0)}
+    assembly = Assembly.of("base", LoadedAdapter("a", None, lora, shared=True), shared)
+    folded, rank = assembly.folded_lora()
+    assert rank == 5 and set(folded) == {"q", "v"}
+    x = torch.randn(7, 4)
+    for module, (A, B) in folded.items():
+        expected = sum(term(x) for term in assembly.terms(module))
+        assert A.shape == (5, 4) and torch.allclose(x @ A.T @ B.T, expected, atol=1e-5)
+    # trained without shared recovery: the base's shared factors are not part of its assembly
+    assert Assembly.of("base", LoadedAdapter("b", None, lora), shared).folded_lora()[0].keys() == {"q"}

@@ -19,7 +19,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """
     from ..config import PruneConfig, QuantizeConfig
     from ..data import load_corpus
-    from ..evaluate import memory_bytes, perplexity
+    from ..evaluate import perplexity
     from ..pipeline import CPET, task_key
     from ..recovery import RecoveryConfig
     from ..train import DistillConfig, TuneConfig
@@ -35,25 +35,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     names = {row: f"{task_key(args.task)}-{row}" for row in ("original", "vanilla", "cpet")}  # one set per task
     rows = []
 
-    def row(name: str, model, adapter=None, on: str = "compressed") -> None:
-        ppl = perplexity(model, pipeline.tokenizer, text, max_tokens=args.max_tokens).ppl
+    def row(name: str, adapter=None, on: str = "compressed") -> None:
+        with pipeline.running(adapter, on=on) as model:  # the base read once; nothing copied per row
+            ppl = perplexity(model, pipeline.tokenizer, text, max_tokens=args.max_tokens).ppl
+            memory = model.nbytes
         acc = pipeline.evaluate(adapter, args.task, limit=args.limit, on=on,
                                 max_prompt_tokens=args.max_prompt_tokens)["accuracy"]
-        rows.append({"model": name, "memory_mb": memory_bytes(model) / 1e6, "brown_ppl": ppl, "accuracy": acc,
+        rows.append({"model": name, "memory_mb": memory / 1e6, "brown_ppl": ppl, "accuracy": acc,
                      "minutes": (time.perf_counter() - start) / 60})
         say(f"[{rows[-1]['minutes']:.1f} min] {name}: Brown ppl {ppl:.2f}, {args.task} accuracy {acc:.4f}")
 
     say(f"1/5 original {args.model}")
-    row("original, zero-shot", pipeline.original.model, on="original")
+    row("original, zero-shot", on="original")
     original = pipeline.tune(args.task, on="original", config=tune, name=names["original"], progress=not args.json)
-    row("original + LoRA", pipeline.model_for(original), original)
+    row("original + LoRA", original)
     say("2/5 compress: 25% FFN channels (Taylor) + nf4")
     pipeline.compress([PruneConfig(ffn_ratio=0.25, importance="taylor"), QuantizeConfig(method="nf4")],
                       progress=not args.json)
-    row("compressed, zero-shot", pipeline.model_for(None))
+    row("compressed, zero-shot")
     say("3/5 vanilla LoRA on the compressed base (random init)")
     vanilla = pipeline.tune(args.task, config=tune, name=names["vanilla"], progress=not args.json)
-    row("compressed + LoRA (vanilla)", pipeline.model_for(vanilla), vanilla)
+    row("compressed + LoRA (vanilla)", vanilla)
     say("4/5 shared recovery: residual-SVD init, distilled on Brown")
     pipeline.recover(RecoveryConfig(rank=16, alpha=16.0, activation="identity", init="svd"),
                      DistillConfig(steps=args.recovery_steps, batch_size=4, seq_len=128, seed=args.seed),
@@ -61,7 +63,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     say("5/5 CPET: inherited LoRA on the recovered base")
     cpet = pipeline.tune(args.task, init="inherit", inherit_from=original, recovery="shared", config=tune,
                          name=names["cpet"], progress=not args.json)
-    row("compressed + recovery + inherited LoRA (CPET)", pipeline.model_for(cpet), cpet)
+    row("compressed + recovery + inherited LoRA (CPET)", cpet)
     results = {"model": args.model, "task": args.task, "test_examples": args.limit, "rows": rows,
                "work_dir": str(pipeline.work_dir), "minutes": (time.perf_counter() - start) / 60}
 

@@ -208,11 +208,10 @@ def _eval_pipeline(args: argparse.Namespace, tasks: list) -> dict:
                                        max_prompt_tokens=args.max_prompt_tokens)
             results["tasks"].append({"adapter": "compressed base (zero-shot)", **result})
     if args.corpus:
-        model = (pipeline.model_for(next(iter(directories.values()))) if directories
-                 else pipeline.model_for(None))
         text = load_corpus(args.corpus, split="heldout")
-        ppl = perplexity(model, pipeline.tokenizer, text, max_length=args.max_length,
-                         stride=args.max_length, max_tokens=args.max_tokens, progress=not args.json)
+        with pipeline.running(next(iter(directories.values()), None)) as model:
+            ppl = perplexity(model, pipeline.tokenizer, text, max_length=args.max_length,
+                             stride=args.max_length, max_tokens=args.max_tokens, progress=not args.json)
         results["perplexity"] = {"corpus": args.corpus, "split": "heldout", **ppl.to_dict()}
     return results
 

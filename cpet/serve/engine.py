@@ -5,8 +5,10 @@ per layer per step, whatever the adapters in it); the hook then adds, row by row
 adds to the linear: its LoRA and its per-task recovery, computed for each distinct adapter on the rows that
 use it (a segmented matmul: rows grouped by adapter), and the base's shared recovery, computed once for the
 whole batch and added only to the rows whose adapter was trained with it. Rows without an adapter get the
-bare base. :meth:`Engine.reference_logits` computes the same thing the plain way (one adapter at a time, the
-model assembled as CPET evaluates it) for tests.
+bare base. What a row runs is its adapter's :class:`~cpet.assembly.Assembly` (:meth:`Engine.assembly`), the one
+description evaluation and export read too. :meth:`Engine.reference_logits` computes the same thing the plain
+way (one adapter at a time, each factor on its own rows) for tests. :meth:`Engine.view` is one adapter on the
+engine as a model (what :meth:`cpet.pipeline.CPET.evaluate` scores); :meth:`Engine.close` removes the hooks.
 
 On a MoEfied base the FFN's expert banks are called per expert, not through ``forward``: there the same
 per-row deltas are registered as the banks' routed paths (:meth:`~cpet.moe.experts.ExpertBank.add_routed_path`),
@@ -23,8 +25,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..assembly import AdapterSource, Assembly, LoadedAdapter, LowRank, read_recovery
 from ..models import cache_argument, iter_layer_linears, output_cache
-from .registry import AdapterRegistry, LoadedAdapter, LowRank, module_shapes, read_recovery
+from .registry import AdapterRegistry, module_shapes
 
 
 @dataclass
@@ -68,13 +71,44 @@ class Engine:
         self.fast = True  # stacked batched matmuls; False: the plain per-adapter loop (the reference)
         self._stacks: dict[str, tuple] = {}
         self.base_calls = 0  # base-linear forward calls (checks: one per linear per step, whatever the adapters)
+        self._handles = []
         for layer in iter_layer_linears(model):
             for role, name in layer.names.items():
                 bank = bank_of(layer[role])
                 if bank is None:
-                    layer[role].register_forward_hook(self._hook(name))
+                    self._handles.append(layer[role].register_forward_hook(self._hook(name)))
                 else:
-                    bank.add_routed_path(self._routed(name, bank))
+                    self._handles.append(bank.add_routed_path(self._routed(name, bank)))
+
+    def close(self) -> None:
+        """Remove the hooks: the base computes as it did before the engine (the registry stays readable)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def load(self, name: str, directory: AdapterSource | str | Path, *, pin: bool = False) -> LoadedAdapter:
+        """Read, check and register an adapter directory under ``name`` (see :class:`AdapterRegistry`)."""
+        return self.registry.load(name, directory, pin=pin)
+
+    def assembly(self, name: str | None) -> Assembly:
+        """What a row using adapter ``name`` (None: the bare base) runs: the adapter's factors, plus the shared
+        recovery when the adapter was trained with it."""
+        return Assembly.of(self.base_id, self.registry.get(name) if name is not None else None, self.shared)
+
+    def view(self, name: str | None | Sequence[str | None]) -> "AdapterView":
+        """Adapter ``name`` (None: the bare base) on this engine as a model: ``view(input_ids=...)`` runs every
+        row with it; a list of names gives each batch row its own. Nothing is copied; the view works while the
+        engine is open."""
+        for each in ([name] if name is None or isinstance(name, str) else name):
+            if each is not None:
+                self.registry.get(each)  # unknown names fail here, not at the first call
+        return AdapterView(self, name)
 
     @classmethod
     def from_pipeline(cls, directory: str | Path, **kwargs) -> "Engine":
@@ -212,43 +246,35 @@ class Engine:
         log-probability is the sum over its tokens), all rows in one mixed batch; probabilities are the softmax
         of the label scores."""
         from ..data.prompts import PromptTemplate
-        from ..evaluate import DEFAULT_MAX_PROMPT_TOKENS, encode_prompt_and_label
+        from ..evaluate import (DEFAULT_MAX_PROMPT_TOKENS, encode_prompt_and_label, label_sequences, label_token_ids,
+                                right_padded, sequence_score)
 
-        sequences = []  # (adapter, ids, request index, label column or -1 for all single-token labels, label ids)
-        labels_of = []
+        sequences = []  # (adapter, request index, ids, label column or -1 for all single-token labels, label ids)
+        labels_of = []  # (labels, label token ids) per request
         for index, (name, text) in enumerate(requests):
             meta = self.registry.get(name).meta
             if not meta.get("labels") or not meta.get("label_words"):
                 raise ValueError(f"adapter {name} is not a classification adapter (its cpet.json names no labels)")
             labels = list(meta["labels"])
             words = [meta["label_words"][label] for label in labels]
-            word_ids = [encode_prompt_and_label(self.tokenizer, "", w)[1] for w in words]
+            label_ids = label_token_ids(self.tokenizer, words)
             prompt = PromptTemplate(meta.get("template") or PromptTemplate.template).format(text)
             limit = meta.get("max_prompt_tokens") or DEFAULT_MAX_PROMPT_TOKENS
-            ids = encode_prompt_and_label(self.tokenizer, prompt, words[0], limit)[0]
-            labels_of.append((labels, word_ids))
-            if all(len(w) == 1 for w in word_ids):
-                sequences.append((name, ids, index, -1, []))
-            else:
-                sequences += [(name, ids + w, index, col, w) for col, w in enumerate(word_ids)]
-        width = max(len(seq[1]) for seq in sequences)
-        pad = self.tokenizer.pad_token_id or 0
-        input_ids = torch.full((len(sequences), width), pad, dtype=torch.long)
-        attention = torch.zeros_like(input_ids)
-        for i, (_, ids, *_rest) in enumerate(sequences):
-            input_ids[i, :len(ids)] = torch.tensor(ids)
-            attention[i, :len(ids)] = 1
+            prompt_ids = encode_prompt_and_label(self.tokenizer, prompt, words[0], limit)[0]
+            labels_of.append((labels, label_ids))
+            sequences += [(name, index, *seq) for seq in label_sequences(prompt_ids, label_ids)]
+        input_ids, attention = right_padded([seq[2] for seq in sequences], self.tokenizer.pad_token_id or 0)
         device = next(self.model.parameters()).device
         logits = self.forward([seq[0] for seq in sequences], input_ids=input_ids.to(device),
                               attention_mask=attention.to(device)).logits.float()
         logp = torch.log_softmax(logits, dim=-1).cpu()
         scores = [torch.zeros(len(labels)) for labels, _ in labels_of]
-        for i, (_, ids, index, col, label_ids) in enumerate(sequences):
+        for i, (_, index, ids, col, lab) in enumerate(sequences):
+            score = sequence_score(logp[i], ids, col, lab, labels_of[index][1])
             if col < 0:
-                scores[index] = logp[i, len(ids) - 1, torch.tensor([w[0] for w in labels_of[index][1]])]
+                scores[index] = score
             else:
-                positions = torch.arange(len(ids) - len(label_ids) - 1, len(ids) - 1)
-                scores[index][col] = logp[i, positions, torch.tensor(label_ids)].sum()
+                scores[index][col] = score
         out = []
         for (labels, _), score in zip(labels_of, scores):
             probabilities = torch.softmax(score, dim=-1).tolist()
@@ -328,6 +354,53 @@ class Engine:
         return torch.cat(outs)
 
 
+class AdapterView(nn.Module):
+    """Adapters on an :class:`Engine`, as a model: every row of every call runs with adapter ``name`` (None: the
+    bare base), or row ``i`` with ``name[i]`` when ``name`` is a list. ``parameters()``, ``eval()`` and
+    ``train()`` reach the engine's base; :func:`cpet.models.unwrap` gives the base (``causal_lm``)."""
+
+    def __init__(self, engine: Engine, name: str | None | Sequence[str | None]):
+        super().__init__()
+        self.engine, self.name = engine, name
+        self.base = engine.model  # a submodule, so that parameters() and the device are the base's
+        self.train(engine.model.training)  # a view must not flip its base to training mode when restored
+
+    @property
+    def causal_lm(self) -> nn.Module:
+        return self.engine.model
+
+    @property
+    def config(self):
+        return self.engine.model.config
+
+    def row_adapters(self, rows: int) -> list[str | None]:
+        if self.name is None or isinstance(self.name, str):
+            return [self.name] * rows
+        if len(self.name) != rows:
+            raise ValueError(f"this view names {len(self.name)} adapters, one per row, for a batch of {rows} rows")
+        return list(self.name)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this model holds: the base's tensors, plus the factors of its adapters and of the shared recovery
+        when one of them uses it (what a standalone copy of the model would hold)."""
+        from ..evaluate import memory_bytes
+
+        names = self.row_adapters(1) if self.name is None or isinstance(self.name, str) else self.name
+        seen, total = set(), memory_bytes(self.engine.model)
+        for name in dict.fromkeys(names):
+            assembly = self.engine.assembly(name)
+            for term in (t for module in assembly.modules for t in assembly.terms(module)):
+                if id(term) not in seen:
+                    seen.add(id(term))
+                    total += term.A.numel() * term.A.element_size() + term.B.numel() * term.B.element_size()
+        return total
+
+    def forward(self, input_ids: torch.Tensor | None = None, **model_inputs):
+        reference = input_ids if input_ids is not None else model_inputs["inputs_embeds"]
+        return self.engine.forward(self.row_adapters(reference.shape[0]), input_ids=input_ids, **model_inputs)
+
+
 def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     """``text`` cut before the earliest occurrence of any (non-empty) stop string, and whether one occurred."""
     cut = min((text.index(s) for s in stop if s and s in text), default=None)
@@ -351,4 +424,4 @@ def _stack(parts: list[LowRank | None], x: torch.Tensor) -> tuple[torch.Tensor, 
     return A, B
 
 
-__all__ = ["Engine", "cut_at_stop"]
+__all__ = ["AdapterView", "Engine", "cut_at_stop"]

@@ -80,10 +80,15 @@ def test_the_registry_refuses_bad_adapters_with_what_was_wrong(served, tmp_path)
     meta = json.loads((other / "cpet.json").read_text())
     meta["base_id"] = "0" * 64
     (other / "cpet.json").write_text(json.dumps(meta))
-    with pytest.raises(AdapterError, match="was tuned on base 000000000000"):
+    with pytest.raises(AdapterError, match="was made for compressed base 000000000000"):
         registry.load("other", other)
+    with pytest.raises(AdapterError, match="was made for the original model, and this is compressed base"):
+        registry.load("original", pipeline.adapters()["orig"])  # tuned on the unpruned original
+    plain_copy = tmp_path / "plain-peft"  # no cpet.json to say the base: the shapes tell
+    shutil.copytree(pipeline.adapters()["orig"], plain_copy)
+    (plain_copy / "cpet.json").unlink()
     with pytest.raises(AdapterError, match="is not a linear of this base|another base"):
-        registry.load("original", pipeline.adapters()["orig"])  # tuned on the unpruned original: other shapes
+        registry.load("plain-peft", plain_copy)
     assert sorted(registry.names()) == ["both", "plain", "shared"]
 
 

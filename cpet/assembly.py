@@ -1,0 +1,308 @@
+"""Assembly: one step from (base, adapter, recovery) to what runs, shared by evaluation, serving and export.
+
+An adapter directory is read once into a typed :class:`AdapterSource` (its ``adapter_config.json``, its
+``cpet.json`` when it is a CPET adapter, its weights and their hash on first use), and turned once into checked
+low-rank factors, a :class:`LoadedAdapter` (:func:`load_factors`). An :class:`Assembly` is the pure description of
+one runnable model: a base (by ``base_id``), the adapter's factors and the base's shared recovery factors when the
+adapter was trained with them. Nothing here touches a model:
+
+- serving (:class:`cpet.serve.engine.Engine`) adds the factors of each batch row through hooks on one base;
+- evaluation runs the same engine with one adapter (:meth:`cpet.pipeline.CPET.evaluate`), so nothing is
+  reloaded or copied per adapter;
+- export folds an assembly's linear terms into one LoRA (:meth:`Assembly.folded_lora`).
+
+Every low-rank term computes ``act(x A^T) B^T * scale`` with ``A [r, in]``, ``B [out, r]``; ``act`` is the
+identity for LoRA and shared recovery, GELU for CA-LoRA per-task recovery (which therefore cannot be folded).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_LORA_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])(?:\.[^.]+)?\.weight")
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be used here; the message says what was wrong."""
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """``act(x A^T) B^T * scale`` with ``A [r, in]``, ``B [out, r]`` (``act`` identity, or GELU when ``gelu``)."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float
+    gelu: bool = False
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        low = x.to(self.A.dtype) @ self.A.T
+        if self.gelu:
+            low = torch.nn.functional.gelu(low)
+        return (low @ self.B.T) * self.scale
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a missing or unreadable file is an :class:`AdapterError` naming it."""
+    if not path.exists():
+        raise AdapterError(f"{path.parent} has no {path.name} (CPET reads safetensors adapters only; re-save a .bin "
+                           "adapter with `save_pretrained(..., safe_serialization=True)`)")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterError(f"{path} is not a readable safetensors file ({exc}): re-save the adapter") from None
+
+
+class AdapterSource:
+    """An adapter directory, read once: a CPET adapter (``cpet.json``) or a plain PEFT LoRA directory.
+
+    ``config`` (``adapter_config.json``) and ``meta`` (``cpet.json``; empty for a plain PEFT adapter) are read
+    on construction; ``tensors`` and ``weights_sha256`` on first use, then kept. What kind of adapter is
+    acceptable is the user's to check (:func:`load_factors` to run it, :func:`cpet.adapters.check_inheritable`
+    to inherit from it).
+
+    Raises:
+        AdapterError: not an adapter directory, or invalid JSON.
+    """
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        config_path = self.directory / ADAPTER_CONFIG
+        if not config_path.exists():
+            raise AdapterError(f"{self.directory} is not a PEFT adapter directory (no {ADAPTER_CONFIG})")
+        self.config: dict = _read_json(config_path)
+        from .adapters import ADAPTER_META
+
+        meta_path = self.directory / ADAPTER_META
+        self.meta: dict = _read_json(meta_path) if meta_path.exists() else {}
+
+    @property
+    def is_cpet(self) -> bool:
+        return bool(self.meta)
+
+    @property
+    def recovery(self) -> str:
+        """``"none"``, ``"shared"``, ``"per_task"`` or ``"both"`` (a plain PEFT adapter: ``"none"``)."""
+        return self.meta.get("recovery", "none")
+
+    @property
+    def uses_shared_recovery(self) -> bool:
+        return self.recovery in ("shared", "both")
+
+    @property
+    def per_task_recovery_dir(self) -> Path | None:
+        return self.directory / "per_task_recovery" if self.recovery in ("per_task", "both") else None
+
+    @cached_property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return read_safetensors(self.directory / ADAPTER_WEIGHTS)
+
+    @cached_property
+    def weights_sha256(self) -> str:
+        """SHA-256 of the weights file: which adapter exactly a run inherited from."""
+        from .assets import sha256_of
+
+        return sha256_of(self.directory / ADAPTER_WEIGHTS)
+
+    def scale(self, module: str, rank: int) -> float:
+        """peft's scale for ``module``: ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA), alpha patterns honoured."""
+        from peft.utils.other import get_pattern_key
+
+        alpha_pattern = self.config.get("alpha_pattern") or {}
+        key = get_pattern_key(list(alpha_pattern), module)
+        alpha = alpha_pattern.get(key, self.config.get("lora_alpha", rank))
+        return alpha / (math.sqrt(rank) if self.config.get("use_rslora") else rank)
+
+    def __repr__(self) -> str:
+        return f"AdapterSource({str(self.directory)!r}, {'cpet' if self.is_cpet else 'peft'})"
+
+
+def as_source(adapter: "AdapterSource | str | Path") -> AdapterSource:
+    """``adapter`` itself when already resolved, else the directory read into an :class:`AdapterSource`."""
+    return adapter if isinstance(adapter, AdapterSource) else AdapterSource(adapter)
+
+
+@dataclass
+class LoadedAdapter:
+    """One adapter's checked factors, ready to run on its base.
+
+    Attributes:
+        lora: module name (relative to the causal LM) -> its LoRA.
+        per_task: module name -> per-task recovery bypass (empty without per-task recovery).
+        shared: whether the adapter was trained with its base's shared recovery (its ``cpet.json``).
+        meta: ``cpet.json`` (empty for a plain PEFT adapter).
+    """
+
+    name: str
+    directory: Path
+    lora: dict[str, LowRank]
+    per_task: dict[str, LowRank] = field(default_factory=dict)
+    shared: bool = False
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def rank(self) -> int:
+        return max((lr.A.shape[0] for lr in self.lora.values()), default=0)
+
+    @property
+    def nbytes(self) -> int:
+        parts = [*self.lora.values(), *self.per_task.values()]
+        return sum(p.A.numel() * p.A.element_size() + p.B.numel() * p.B.element_size() for p in parts)
+
+
+def load_factors(name: str, source: AdapterSource | str | Path, module_shapes: dict[str, tuple[int, int]], *,
+                 base_id: str, shared_available: bool) -> LoadedAdapter:
+    """Check ``source`` against a base and read its factors (LoRA, and per-task recovery when it has one).
+
+    Args:
+        module_shapes: ``{module name: (in_features, out_features)}`` of the base's mapped linears.
+        base_id: the base's id; a CPET adapter tuned on another base is refused.
+        shared_available: whether the base's shared recovery is at hand (adapters trained with it need it).
+    Raises:
+        AdapterError: not a LoRA (or a DoRA), another base, a module the base lacks, shapes that do not fit, a
+            missing or unreadable weights file, or shared recovery that is not available.
+    """
+    source = as_source(source)
+    directory = source.directory
+    if source.config.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"{directory} is a {source.config.get('peft_type')} adapter; only LoRA adapters run here")
+    if source.config.get("use_dora"):
+        raise AdapterError(f"{directory} is a DoRA adapter (a magnitude vector per module): only LoRA runs here")
+    if source.is_cpet:  # the base first: an adapter of another base is named as such, not by a shape mismatch
+        from .adapters import check_adapter_base
+
+        try:
+            check_adapter_base(source.meta, base_id=base_id, directory=directory)
+        except ValueError as exc:
+            raise AdapterError(str(exc)) from None
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in source.tensors.items():
+        match = _LORA_KEY.fullmatch(key)
+        if match is None:
+            raise AdapterError(f"{directory}: tensor {key!r} is not a LoRA factor (only LoRA A/B are used)")
+        factors.setdefault(match[1], {})[match[2]] = tensor.float()
+    lora = {}
+    for module, pair in factors.items():
+        if set(pair) != {"A", "B"}:
+            raise AdapterError(f"{directory}: module {module} has only lora_{''.join(pair)}")
+        shape = module_shapes.get(module)
+        if shape is None:
+            raise AdapterError(f"{directory}: module {module} is not a linear of this base")
+        A, B = pair["A"], pair["B"]
+        if A.shape[1] != shape[0] or B.shape[0] != shape[1] or A.shape[0] != B.shape[1]:
+            raise AdapterError(f"{directory}: module {module} has LoRA shapes A {tuple(A.shape)}, B "
+                               f"{tuple(B.shape)}; the base linear is {shape[0]} -> {shape[1]}: an adapter of "
+                               "another base")
+        lora[module] = LowRank(A, B, source.scale(module, A.shape[0]))
+    if not lora:
+        raise AdapterError(f"{directory} holds no LoRA factors")
+    adapter = LoadedAdapter(name, directory, lora, meta=source.meta)
+    if source.is_cpet:
+        adapter.shared = source.uses_shared_recovery
+        if adapter.shared and not shared_available:
+            raise AdapterError(f"adapter {name} was trained with shared recovery, which is not loaded here (start "
+                               "from the pipeline directory, which holds recovery/)")
+        if source.per_task_recovery_dir is not None:
+            adapter.per_task = read_recovery(source.per_task_recovery_dir, module_shapes)
+    return adapter
+
+
+def read_recovery(directory: Path, module_shapes: dict[str, tuple[int, int]]) -> dict[str, LowRank]:
+    """A saved :class:`~cpet.recovery.RecoverySet` (``recovery.json`` + safetensors) as plain factors."""
+    from .recovery import RECOVERY_FILE, RECOVERY_META
+
+    meta = _read_json(directory / RECOVERY_META)
+    tensors = read_safetensors(directory / RECOVERY_FILE)
+    config = meta["config"]
+    scale = config["alpha"] / config["rank"]
+    out = {}
+    for module in meta["targets"]:
+        key = module.replace(".", "__")
+        A, B = tensors[f"bypasses.{key}.A.weight"].float(), tensors[f"bypasses.{key}.B.weight"].float()
+        if module not in module_shapes or A.shape[1] != module_shapes[module][0]:
+            raise AdapterError(f"recovery in {directory} does not fit this base (module {module})")
+        out[module] = LowRank(A, B, scale, gelu=config["activation"] == "gelu")
+    return out
+
+
+@dataclass(frozen=True)
+class Assembly:
+    """One runnable model, described: the base ``base_id``, an adapter's factors (None: the bare base) and the
+    base's shared recovery factors when that adapter was trained with them (empty otherwise)."""
+
+    base_id: str
+    adapter: LoadedAdapter | None
+    shared: dict[str, LowRank] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, base_id: str, adapter: LoadedAdapter | None, shared_recovery: dict[str, LowRank]) -> "Assembly":
+        """The assembly of ``adapter`` on a base whose shared recovery is ``shared_recovery`` (kept only when the
+        adapter was trained with it)."""
+        return cls(base_id, adapter, dict(shared_recovery) if adapter is not None and adapter.shared else {})
+
+    def terms(self, module: str) -> list[LowRank]:
+        """The low-rank terms added to ``module``'s output, in order: shared recovery, LoRA, per-task recovery."""
+        if self.adapter is None:
+            return []
+        parts = (self.shared.get(module), self.adapter.lora.get(module), self.adapter.per_task.get(module))
+        return [p for p in parts if p is not None]
+
+    @property
+    def modules(self) -> list[str]:
+        names = set(self.shared)
+        if self.adapter is not None:
+            names |= set(self.adapter.lora) | set(self.adapter.per_task)
+        return sorted(names)
+
+    def folded_lora(self) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int]:
+        """``({module: (A [r, in], B [out, r])}, r)`` at scale 1: every term of every module concatenated along
+        the rank (exact, since each term is linear), zero-padded to one rank ``r`` for all modules.
+
+        Raises:
+            ValueError: a nonlinear term (per-task recovery, or GELU shared recovery): no LoRA reproduces it.
+        """
+        parts: dict[str, list[LowRank]] = {}
+        for module in self.modules:
+            for term in self.terms(module):
+                if term.gelu:
+                    kind = "per-task" if self.adapter and term is self.adapter.per_task.get(module) else "shared"
+                    raise ValueError(f"{kind} recovery on {module} has a GELU and is not linear: it cannot be "
+                                     "folded into a LoRA")
+                parts.setdefault(module, []).append(term)
+        if not parts:
+            raise ValueError("nothing to fold: the assembly has no adapter")
+        rank = max(sum(t.A.shape[0] for t in terms) for terms in parts.values())
+        folded = {}
+        for module, terms in parts.items():
+            A = torch.cat([t.A for t in terms])
+            B = torch.cat([t.B * t.scale for t in terms], dim=1)
+            pad = rank - A.shape[0]
+            if pad:
+                A = torch.cat([A, A.new_zeros(pad, A.shape[1])])
+                B = torch.cat([B, B.new_zeros(B.shape[0], pad)], dim=1)
+            folded[module] = (A.contiguous(), B.contiguous())
+        return folded, rank
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise AdapterError(f"{path} is not valid JSON ({exc})") from None
+    except UnicodeDecodeError:
+        raise AdapterError(f"{path} is not UTF-8 text: is it the right file?") from None
+
+
+__all__ = ["AdapterError", "AdapterSource", "Assembly", "LoadedAdapter", "LowRank", "as_source", "load_factors",
+           "read_recovery", "read_safetensors"]

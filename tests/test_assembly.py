@@ -1,0 +1,121 @@
+"""One assembly step for evaluation, serving and export: adapters read once, nothing copied per adapter."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from cpet.assembly import AdapterError, AdapterSource
+from cpet.data import template_for, verbalizer_for
+from cpet.data.tasks import as_task
+from cpet.evaluate import classification_accuracy, label_logprobs
+from cpet.pipeline import CPET
+from cpet.train import TuneConfig
+from tests.test_pipeline import recovered_pipeline
+
+TUNE = TuneConfig(steps=4, batch_size=8, lr=2e-2, eval_every=2, rank=4, alpha=8, dropout=0.0)
+ROWS = ("orig", "plain", "shared", "both")
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assembly")
+    pipeline, task = recovered_pipeline(root, importance="magnitude", distill_steps=3)
+    original = pipeline.tune(task, on="original", config=TUNE, progress=False, name="orig")
+    pipeline.tune(task, config=TUNE, progress=False, name="plain")
+    pipeline.tune(task, recovery="shared", config=TUNE, progress=False, name="shared")
+    pipeline.tune(task, init="inherit", inherit_from=original, recovery="both", config=TUNE, progress=False,
+                  name="both")
+    return pipeline, task, root
+
+
+@pytest.mark.parametrize("name", ROWS)
+def test_evaluation_scores_what_the_peft_model_of_the_adapter_scores(tuned, name):
+    pipeline, task, _ = tuned
+    task = as_task(task)
+    result = pipeline.evaluate(name, task, with_predictions=True)
+    peft_model = pipeline.model_for(name)  # the independent path: a copy with peft and recovery modules attached
+    expected = classification_accuracy(peft_model, pipeline.tokenizer, [e.text for e in task.split("test")],
+                                       [e.label for e in task.split("test")], template=template_for(task),
+                                       verbalizer=verbalizer_for(task), labels=task.labels)
+    assert result["predictions"] == list(expected.predictions)
+    prompts = [template_for(task).format(e.text) for e in task.split("test")[:6]]
+    words = [verbalizer_for(task).label_words[label] for label in task.labels]
+    with pipeline.engine("original" if name == "orig" else "compressed") as engine:
+        engine.load(name, pipeline.adapters()[name])
+        ours = label_logprobs(engine.view(name), pipeline.tokenizer, prompts, words)
+    assert torch.allclose(ours, label_logprobs(peft_model, pipeline.tokenizer, prompts, words), atol=1e-4)
+
+
+def test_evaluation_reads_the_base_once_copies_nothing_and_leaves_it_untouched(tuned, monkeypatch):
+    pipeline, task, root = tuned
+    again = CPET.load(root / "work", original=pipeline.original)
+    loads, copies = [], []
+    real_load, real_deepcopy = again.load_compressed, copy.deepcopy
+    monkeypatch.setattr(again, "load_compressed", lambda: loads.append(1) or real_load())
+    monkeypatch.setattr(copy, "deepcopy", lambda obj, *a, **k: (
+        copies.append(type(obj).__name__) if isinstance(obj, torch.nn.Module) else None) or real_deepcopy(obj, *a, **k))
+    def hooks(model) -> int:
+        return sum(len(m._forward_hooks) for m in model.modules())
+
+    hooks_before = hooks(again.original.model)
+    accuracies = {name: again.evaluate(name, task)["accuracy"] for name in ROWS}
+    again.evaluate(None, task)
+    assert loads == [1] and copies == []  # one read of base/ for every adapter, no model copied
+    assert accuracies == {name: pipeline.evaluate(name, task)["accuracy"] for name in ROWS}
+    assert not again._served_base[1].training and not again.original.model.training
+    assert hooks(again.original.model) == hooks_before  # the engine's hooks are gone
+    assert hooks(again._served_base[1]) == hooks(again.load_compressed().model)
+
+
+def test_an_assembly_holds_shared_recovery_only_for_adapters_trained_with_it(tuned):
+    pipeline, _, _ = tuned
+    with pipeline.engine() as engine:
+        for name in ("plain", "shared", "both"):
+            engine.load(name, pipeline.adapters()[name])
+        assert engine.shared and not engine.assembly("plain").shared
+        assert engine.assembly("shared").shared.keys() == engine.shared.keys()
+        module = next(iter(engine.assembly("both").adapter.per_task))
+        kinds = [term.gelu for term in engine.assembly("both").terms(module)]
+        assert kinds[-1] is True  # per-task recovery (GELU) comes last, after shared recovery and the LoRA
+        assert engine.assembly(None).terms(module) == []
+
+
+def test_an_inheritance_source_is_read_once_per_tuning_run(tuned, monkeypatch):
+    """Checks, LoRA structure, inherited weights, hash, facts and the teacher all use one read of the source
+    (peft's own loader, building the teacher's layers, reads the weights once more by itself)."""
+    import pathlib
+
+    import cpet.assembly
+    import cpet.inherit
+
+    pipeline, task, _ = tuned
+    directory = pipeline.adapters()["orig"]
+    reads = []
+    for module in (cpet.assembly, cpet.inherit):
+        real = module.load_file
+        monkeypatch.setattr(module, "load_file",
+                            lambda path, *a, real=real, **k: reads.append(str(path)) or real(path, *a, **k))
+    real_read_text = pathlib.Path.read_text
+    monkeypatch.setattr(pathlib.Path, "read_text",
+                        lambda self, *a, **k: reads.append(str(self)) or real_read_text(self, *a, **k))
+    adapter = pipeline.tune(task, init="inherit", inherit_from="orig", recovery="per_task", config=TUNE,
+                            progress=False, name="inherit-once")
+    for file in ("adapter_model.safetensors", "cpet.json", "adapter_config.json"):
+        assert reads.count(str(directory / file)) == 1, file
+    assert adapter.meta["inherited_sha256"] == AdapterSource(directory).weights_sha256
+
+
+def test_adapter_sources_name_what_is_wrong(tmp_path):
+    with pytest.raises(AdapterError, match="not a PEFT adapter directory"):
+        AdapterSource(tmp_path)
+    (tmp_path / "adapter_config.json").write_text("{not json")
+    with pytest.raises(AdapterError, match="adapter_config.json is not valid JSON"):
+        AdapterSource(tmp_path)
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 2, "lora_alpha": 4}')
+    source = AdapterSource(tmp_path)
+    assert not source.is_cpet and source.recovery == "none" and source.scale("q", 2) == 2.0
+    with pytest.raises(AdapterError, match="has no adapter_model.safetensors"):
+        source.tensors
