@@ -19,16 +19,23 @@ TUNE = TuneConfig(steps=4, batch_size=8, lr=2e-2, eval_every=2, rank=4, alpha=8,
 ROWS = ("orig", "plain", "shared", "both")
 
 
-@pytest.fixture(scope="module")
-def tuned(tmp_path_factory):
-    root = tmp_path_factory.mktemp("assembly")
+def pipeline_with_every_assembly(root) -> tuple[CPET, str]:
+    """A recovered tiny pipeline in ``root/work`` with one adapter per kind of assembly: ``orig`` (on the
+    original), ``plain`` (LoRA alone), ``shared`` (with shared recovery), ``both`` (inherited, shared and
+    per-task recovery). Returns it with its task file."""
     pipeline, task = recovered_pipeline(root, importance="magnitude", distill_steps=3)
     original = pipeline.tune(task, on="original", config=TUNE, progress=False, name="orig")
     pipeline.tune(task, config=TUNE, progress=False, name="plain")
     pipeline.tune(task, recovery="shared", config=TUNE, progress=False, name="shared")
     pipeline.tune(task, init="inherit", inherit_from=original, recovery="both", config=TUNE, progress=False,
                   name="both")
-    return pipeline, task, root
+    return pipeline, task
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assembly")
+    return (*pipeline_with_every_assembly(root), root)
 
 
 @pytest.mark.parametrize("name", ROWS)

@@ -12,10 +12,8 @@ from cpet.data.prompts import PromptTemplate
 from cpet.evaluate import label_logprobs
 from cpet.models import iter_layer_linears
 from cpet.serve import AdapterError, Engine, UnknownAdapterError
-from cpet.train import TuneConfig
-from tests.test_pipeline import recovered_pipeline
+from tests.test_assembly import TUNE, pipeline_with_every_assembly
 
-TUNE = TuneConfig(steps=4, batch_size=8, lr=2e-2, eval_every=2, rank=4, alpha=8, dropout=0.0)
 IDS = torch.tensor([[5, 17, 99, 3, 42, 8, 120, 250], [7, 7, 1, 90, 4, 33, 2, 11], [1, 2, 3, 4, 5, 6, 7, 8],
                     [200, 100, 50, 25, 12, 6, 3, 1], [9, 8, 7, 6, 5, 4, 3, 2]])
 
@@ -23,12 +21,7 @@ IDS = torch.tensor([[5, 17, 99, 3, 42, 8, 120, 250], [7, 7, 1, 90, 4, 33, 2, 11]
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
-    pipeline, task = recovered_pipeline(root, importance="magnitude", distill_steps=3)
-    original = pipeline.tune(task, on="original", config=TUNE, progress=False, name="orig")
-    pipeline.tune(task, config=TUNE, progress=False, name="plain")
-    pipeline.tune(task, recovery="shared", config=TUNE, progress=False, name="shared")
-    pipeline.tune(task, init="inherit", inherit_from=original, recovery="both", config=TUNE, progress=False,
-                  name="both")
+    pipeline, task = pipeline_with_every_assembly(root)
     engine = Engine.from_pipeline(root / "work")
     for name in ("plain", "shared", "both"):
         engine.registry.load(name, pipeline.adapters()[name])
