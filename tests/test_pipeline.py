@@ -324,7 +324,8 @@ def test_recovery_checkpoints_are_saved_along_the_way(built, tmp_path):
     again = CPET.load(copy_dir, original=pipeline.original)
     with pytest.raises(ValueError, match=r"checkpoints \[5\] must lie between 0 and the 5"):
         again.recover(RecoveryConfig(rank=4, alpha=4, activation="identity", init="svd"),
-                      DistillConfig(steps=5, seq_len=32), text=str(root / "corpus.txt"), progress=False, checkpoints=[5])
+                      DistillConfig(steps=5, seq_len=32), text=str(root / "corpus.txt"), progress=False,
+                      checkpoints=[5])
     again.recover(RecoveryConfig(rank=4, alpha=4, activation="identity", init="svd"),
                   DistillConfig(steps=5, seq_len=32), text=str(root / "corpus.txt"), progress=False, checkpoints=[2])
     step2 = load_file(str(copy_dir / "recovery-step2" / "recovery.safetensors"))

@@ -52,8 +52,9 @@ def test_base_id_changes_with_every_stage_config_and_source():
         "e": [PruneConfig(ffn_ratio=0.5, importance="magnitude"), QuantizeConfig("nf4", double_quant=False)],
     }.items():
         ids[name] = compress(loaded.model, stages, progress=False).manifest.base_id
-    ids["other-source"] = compress(tiny_model("llama", seed=3).model,
-                                   [PruneConfig(ffn_ratio=0.5, importance="magnitude")], progress=False).manifest.base_id
+    other = compress(tiny_model("llama", seed=3).model, [PruneConfig(ffn_ratio=0.5, importance="magnitude")],
+                     progress=False)
+    ids["other-source"] = other.manifest.base_id
     assert len(set(ids.values())) == len(ids)
     again = compress(loaded.model, [PruneConfig(ffn_ratio=0.5, importance="magnitude")], progress=False)
     assert again.manifest.base_id == ids["a"]  # deterministic
