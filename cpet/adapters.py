@@ -80,13 +80,6 @@ def check_inheritable(config: dict, directory: str | Path) -> None:
                          "re-deriving after pruning/quantization. Train a plain LoRA (use_dora: false) instead")
 
 
-def adapter_weights_sha256(directory: str | Path) -> str:
-    """SHA-256 of an adapter's weights file: which adapter exactly a run inherited from."""
-    from .assets import sha256_of
-
-    return sha256_of(Path(directory) / "adapter_model.safetensors")
-
-
 def target_module_names(target_modules) -> list[str] | str:
     """peft's ``target_modules`` (a set of names or one regex) in a stable, JSON-able form."""
     return target_modules if isinstance(target_modules, str) else sorted(target_modules)
@@ -293,16 +286,24 @@ def plain_peft_meta(directory: "AdapterSource | str | Path", model: nn.Module, a
         raise ValueError(f"adapter {directory} was trained on source model {trained_on!r}, not on this source "
                          f"model ({', '.join(known)}); if it is the same model under another name, set "
                          "base_model_name_or_path in its adapter_config.json to one of these")
-    modules = dict(model.named_modules())
+    from .assembly import module_shapes
+
+    modules, mapped = dict(model.named_modules()), module_shapes(model)
     for key, tensor in source.tensors.items():
         kind = "lora_A" if ".lora_A." in key else "lora_B" if ".lora_B." in key else None
         if kind is None:
+            if "lora_embedding" in key:
+                raise ValueError(f"adapter {directory} has a LoRA on an embedding ({key}); CPET carries LoRA on "
+                                 "the layers' linears only (q/k/v/o and the FFN): train one without it")
             continue
         name = key.split(f".{kind}.")[0].removeprefix("base_model.model.")
         weight = getattr(modules.get(name), "weight", None)
         if weight is None:
             raise ValueError(f"adapter {directory} has a LoRA on {name!r}, which this source model "
                              f"({', '.join(known)}) does not have: it was made for another model")
+        if name not in mapped:
+            raise ValueError(f"adapter {directory} has a LoRA on {name!r}; CPET carries LoRA on the layers' linears "
+                             "only (attention q/k/v/o and the FFN), through compression: train one without it")
         expected = weight.shape[1] if kind == "lora_A" else weight.shape[0]
         got = tensor.shape[1] if kind == "lora_A" else tensor.shape[0]
         if got != expected:

@@ -61,7 +61,8 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise AdapterError(f"{path} is not a readable safetensors file ({exc}): re-save the adapter") from None
+        raise AdapterError(f"{path} is not a readable safetensors file ({exc}): delete it and make it again (re-run "
+                           "the step that wrote it, e.g. `cpet tune` for a pipeline's adapter)") from None
 
 
 class AdapterSource:
@@ -211,29 +212,52 @@ def load_factors(name: str, source: AdapterSource | str | Path, module_shapes: d
     if source.is_cpet:
         adapter.shared = source.uses_shared_recovery
         if adapter.shared and not shared_available:
-            raise AdapterError(f"adapter {name} was trained with shared recovery, which is not loaded here (start "
-                               "from the pipeline directory, which holds recovery/)")
+            raise AdapterError(f"adapter {directory} was trained with its pipeline's shared recovery, which is not "
+                               "at hand: the pipeline has no recovery/ (run `cpet recover`), or the server was not "
+                               "started from the pipeline directory")
         if source.per_task_recovery_dir is not None:
-            adapter.per_task = read_recovery(source.per_task_recovery_dir, module_shapes)
+            adapter.per_task = read_recovery(source.per_task_recovery_dir, module_shapes, base_id=base_id)
     return adapter
 
 
-def read_recovery(directory: Path, module_shapes: dict[str, tuple[int, int]]) -> dict[str, LowRank]:
-    """A saved :class:`~cpet.recovery.RecoverySet` (``recovery.json`` + safetensors) as plain factors."""
+def read_recovery(directory: Path, module_shapes: dict[str, tuple[int, int]], *, base_id: str | None = None
+                  ) -> dict[str, LowRank]:
+    """A saved :class:`~cpet.recovery.RecoverySet` (``recovery.json`` + safetensors) as plain factors, checked
+    against the base (its recorded ``base_id`` when ``base_id`` is given, and every module's shape).
+
+    Raises:
+        AdapterError: missing or unreadable files, a set made for another base, or one that does not fit it.
+    """
     from .recovery import RECOVERY_FILE, RECOVERY_META
 
+    if not (directory / RECOVERY_META).exists():
+        raise AdapterError(f"{directory} holds no recovery modules (no {RECOVERY_META})")
     meta = _read_json(directory / RECOVERY_META)
+    if base_id is not None and meta.get("base_id") not in (None, base_id):
+        raise AdapterError(f"the recovery modules in {directory} were made for base {str(meta['base_id'])[:12]}, not "
+                           f"for this base {base_id[:12]}")
     tensors = read_safetensors(directory / RECOVERY_FILE)
     config = meta["config"]
     scale = config["alpha"] / config["rank"]
     out = {}
     for module in meta["targets"]:
         key = module.replace(".", "__")
-        A, B = tensors[f"bypasses.{key}.A.weight"].float(), tensors[f"bypasses.{key}.B.weight"].float()
+        pair = (tensors.get(f"bypasses.{key}.A.weight"), tensors.get(f"bypasses.{key}.B.weight"))
+        if pair[0] is None or pair[1] is None:
+            raise AdapterError(f"{directory / RECOVERY_FILE} lacks the factors of {module}: make it again")
+        A, B = pair[0].float(), pair[1].float()
         if module not in module_shapes or A.shape[1] != module_shapes[module][0]:
             raise AdapterError(f"recovery in {directory} does not fit this base (module {module})")
         out[module] = LowRank(A, B, scale, gelu=config["activation"] == "gelu")
     return out
+
+
+def module_shapes(model) -> dict[str, tuple[int, int]]:
+    """``{name: (in, out)}`` of every mapped linear of a causal LM (the modules adapters and recovery may target)."""
+    from .models import iter_layer_linears, unwrap
+
+    return {name: (layer[role].in_features, layer[role].out_features)
+            for layer in iter_layer_linears(unwrap(model)) for role, name in layer.names.items()}
 
 
 @dataclass(frozen=True)
@@ -305,4 +329,4 @@ def _read_json(path: Path) -> dict:
 
 
 __all__ = ["AdapterError", "AdapterSource", "Assembly", "LoadedAdapter", "LowRank", "as_source", "load_factors",
-           "read_recovery", "read_safetensors"]
+           "module_shapes", "read_recovery", "read_safetensors"]

@@ -28,6 +28,7 @@ import datetime
 import json
 import os
 import shutil
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -93,6 +94,7 @@ class CPET:
         self._recorded_fingerprint: str | None = None  # of a saved pipeline: the original must match it
         self._tokenizer = None
         self._served_base: tuple[str, torch.nn.Module] | None = None  # (base_id, model) that evaluation runs on
+        self._engine_lock = threading.RLock()  # engines hook the same base modules: one at a time
         self.log: list[dict] = []
 
     # ------------------------------------------------------------------ construction
@@ -473,7 +475,8 @@ class CPET:
                 raise ValueError(f"task {task.name!r} has labels {unknown} that adapter {_dir(inherit_from)} "
                                  f"does not know (it knows {labels})")
             return source
-        return None
+        # an unused source is still recorded (cpet.json, the resume identity), as it always was
+        return AdapterSource(_dir(inherit_from)) if inherit_from is not None else None
 
     def _inheritance_source(self, directory: Path) -> AdapterSource:
         """An inheritance source, read once, after checking it was trained on this source model.
@@ -510,7 +513,9 @@ class CPET:
         object, with the shared recovery when there is one) or the original model (``on="original"``).
 
         Adapters loaded into it run as they were trained (:mod:`cpet.assembly`); nothing is copied, and the
-        engine's hooks are removed when the block ends.
+        engine's hooks are removed when the block ends. Engines on one pipeline hook the same modules, so blocks
+        in other threads wait for each other. The compressed base stays cached for later blocks (about the
+        base's size in memory) until :meth:`compress` replaces it or :meth:`release_base` drops it.
         """
         from .serve.engine import Engine
 
@@ -526,11 +531,16 @@ class CPET:
             shared = self.recovery_dir if (self.recovery_dir / "recovery.json").exists() else None
         else:
             raise ValueError(f"on must be 'original' or 'compressed', got {on!r}")
-        engine = Engine(model, base_id, self.tokenizer, shared_recovery=shared)
-        try:
-            yield engine
-        finally:
-            engine.close()
+        with self._engine_lock:
+            engine = Engine(model, base_id, self.tokenizer, shared_recovery=shared)
+            try:
+                yield engine
+            finally:
+                engine.close()
+
+    def release_base(self) -> None:
+        """Drop the compressed base cached for evaluation (the next evaluation reads ``base/`` again)."""
+        self._served_base = None
 
     @contextlib.contextmanager
     def running(self, adapter: AdapterSource | TaskAdapter | str | Path | None = None, *, on: str = "compressed"
@@ -542,7 +552,7 @@ class CPET:
         if adapter is not None and not isinstance(adapter, AdapterSource):
             source = AdapterSource(self.resolve_adapter(adapter))
         if source is not None:
-            on = source.meta.get("on", "compressed")
+            on = source.meta.get("on", on)  # a CPET adapter runs where it was tuned; a plain PEFT one on ``on``
         with self.engine(on) as engine:
             if source is not None:
                 engine.load("running", source)
@@ -550,7 +560,8 @@ class CPET:
 
     def model_for(self, adapter: TaskAdapter | str | Path | None = None, *, on: str = "compressed"):
         """A standalone PEFT model of an adapter as it was trained: a copy of its base with the shared / per-task
-        recovery attached and the adapter loaded by peft (to keep training it, or to use it as a ``PeftModel``).
+        recovery attached and the adapter loaded by peft, frozen, in eval mode (to use it as a ``PeftModel``:
+        generate with transformers, inspect or merge its layers); None: the bare base's copy.
 
         Evaluation, serving and export do not need this copy: they run adapters on one base through
         :meth:`engine`. The two compute the same (tested).

@@ -126,3 +126,22 @@ def test_adapter_sources_name_what_is_wrong(tmp_path):
     assert not source.is_cpet and source.recovery == "none" and source.scale("q", 2) == 2.0
     with pytest.raises(AdapterError, match="has no adapter_model.safetensors"):
         source.tensors
+
+
+def test_a_closed_engine_refuses_to_run_and_recovery_of_another_base_is_refused(tuned, tmp_path):
+    import json
+    import shutil
+
+    from cpet.serve import Engine
+
+    pipeline, _, _ = tuned
+    with pipeline.engine() as engine:
+        view = engine.view(None)
+    with pytest.raises(RuntimeError, match="closed"):
+        view(input_ids=torch.tensor([[1, 2, 3]]))
+    foreign = tmp_path / "recovery"
+    shutil.copytree(pipeline.recovery_dir, foreign)
+    meta = json.loads((foreign / "recovery.json").read_text())
+    (foreign / "recovery.json").write_text(json.dumps({**meta, "base_id": "ab" * 32}))
+    with pytest.raises(AdapterError, match="were made for base abababababab, not for this base"):
+        Engine(pipeline.load_compressed().model, pipeline.base_id, shared_recovery=foreign)

@@ -246,6 +246,22 @@ def test_pipeline_inherits_rslora_and_patterns_faithfully(quantized_pipeline, tm
         for role, module in mine.modules.items():
             if hasattr(module, "lora_A"):
                 assert (dense_output_delta(module) - dense_output_delta(theirs[role])).abs().max() < 1e-5, role
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with pipeline.running(adapter) as model, torch.no_grad():  # the assembly's scales: rsLoRA and the patterns
+        assert torch.allclose(model(input_ids=ids).logits, served(input_ids=ids).logits, atol=1e-5)
+
+
+def test_pipeline_refuses_a_source_with_lora_outside_the_layers_linears_before_any_work(quantized_pipeline,
+                                                                                        tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    pipeline, task = quantized_pipeline
+    source = get_peft_model(copy.deepcopy(pipeline.original.model),
+                            LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "lm_head"]))
+    source.save_pretrained(str(tmp_path / "head"))
+    with pytest.raises(ValueError, match="has a LoRA on 'lm_head'; CPET carries LoRA on the layers' linears only"):
+        pipeline.tune(task, init="inherit", inherit_from=tmp_path / "head", name="head", progress=False)
+    assert not (pipeline.work_dir / "adapters" / "head").exists()
 
 
 def test_pipeline_refuses_dora_before_any_work(quantized_pipeline, tmp_path):

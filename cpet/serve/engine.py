@@ -50,7 +50,8 @@ class Engine:
     """A compressed base with hooks that apply per-row adapters (see the module docstring).
 
     Args:
-        model: the compressed causal LM (frozen, eval mode); its linears get the hooks.
+        model: the causal LM (a compressed base, or an original model; frozen, eval mode); its linears get the
+            hooks until :meth:`close`.
         base_id: the base's id (adapters are checked against it).
         shared_recovery: directory of the base's shared recovery set, or None.
         capacity, root: the registry's (see :class:`~cpet.serve.registry.AdapterRegistry`).
@@ -62,7 +63,8 @@ class Engine:
 
         self.model, self.base_id, self.tokenizer = model.eval(), base_id, tokenizer
         shapes = module_shapes(model)
-        self.shared = read_recovery(Path(shared_recovery), shapes) if shared_recovery is not None else {}
+        self.shared = (read_recovery(Path(shared_recovery), shapes, base_id=base_id) if shared_recovery is not None
+                       else {})
         self.registry = AdapterRegistry(shapes, base_id, capacity=capacity, root=root,
                                         has_shared_recovery=bool(self.shared))
         self._batch: _Batch | None = None
@@ -72,6 +74,7 @@ class Engine:
         self._stacks: dict[str, tuple] = {}
         self.base_calls = 0  # base-linear forward calls (checks: one per linear per step, whatever the adapters)
         self._handles = []
+        self.closed = False
         for layer in iter_layer_linears(model):
             for role, name in layer.names.items():
                 bank = bank_of(layer[role])
@@ -81,10 +84,12 @@ class Engine:
                     self._handles.append(bank.add_routed_path(self._routed(name, bank)))
 
     def close(self) -> None:
-        """Remove the hooks: the base computes as it did before the engine (the registry stays readable)."""
+        """Remove the hooks: the base computes as it did before the engine (the registry stays readable; running
+        the engine or its views afterwards is an error, not a silent bare base)."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self.closed = True
 
     def __enter__(self) -> "Engine":
         return self
@@ -229,8 +234,11 @@ class Engine:
     @torch.no_grad()
     def forward(self, adapters: Sequence[str | None], **model_inputs):
         """One model call on a batch whose row ``i`` uses adapter ``adapters[i]`` (None: the bare base)."""
+        if self.closed:
+            raise RuntimeError("this engine was closed (its hooks are removed): open a new one")
         rows = [self.registry.get(name) if name is not None else None for name in adapters]
         ids = model_inputs.get("input_ids")
+        ids = ids if ids is not None else model_inputs.get("inputs_embeds")
         with self._lock:
             self._batch = _Batch(rows, ids.shape[1] if ids is not None else None)
             try:

@@ -14,9 +14,8 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 
-from torch import nn
-
-from ..assembly import AdapterError, AdapterSource, LoadedAdapter, LowRank, load_factors, read_recovery
+from ..assembly import (AdapterError, AdapterSource, LoadedAdapter, LowRank, load_factors, module_shapes,
+                        read_recovery)
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -112,14 +111,6 @@ class AdapterRegistry:
 
     def __len__(self) -> int:
         return len(self._adapters)
-
-
-def module_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """``{name: (in, out)}`` of every mapped linear of a causal LM (the modules adapters may target)."""
-    from ..models import iter_layer_linears, unwrap
-
-    return {name: (layer[role].in_features, layer[role].out_features)
-            for layer in iter_layer_linears(unwrap(model)) for role, name in layer.names.items()}
 
 
 __all__ = ["AdapterRegistry", "LoadedAdapter", "LowRank", "AdapterError", "UnknownAdapterError", "read_recovery",
