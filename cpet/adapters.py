@@ -254,6 +254,20 @@ def _same_model_name(name: str, aliases: Sequence[str]) -> bool:
     return key(name) in {key(alias) for alias in aliases}
 
 
+def plain_peft_source(directory: str | Path) -> "AdapterSource":
+    """A plain PEFT LoRA directory, read (:class:`~cpet.assembly.AdapterSource`).
+
+    Raises:
+        FileNotFoundError: neither a CPET adapter nor a PEFT adapter directory (no ``adapter_config.json``).
+    """
+    from .assembly import AdapterSource
+
+    if not (Path(directory) / "adapter_config.json").exists():
+        raise FileNotFoundError(f"{directory} is neither a CPET adapter ({ADAPTER_META}) nor a PEFT adapter "
+                                "(adapter_config.json)")
+    return AdapterSource(directory)
+
+
 def plain_peft_meta(directory: "AdapterSource | str | Path", model: nn.Module, aliases: Sequence[str]) -> dict:
     """Check a plain PEFT LoRA directory (trained outside CPET) against the source model; describe it.
 
@@ -272,12 +286,8 @@ def plain_peft_meta(directory: "AdapterSource | str | Path", model: nn.Module, a
     """
     from .assembly import AdapterSource
 
-    if not isinstance(directory, AdapterSource):
-        if not (Path(directory) / "adapter_config.json").exists():
-            raise FileNotFoundError(f"{directory} is neither a CPET adapter ({ADAPTER_META}) nor a PEFT adapter "
-                                    "(adapter_config.json)")
-        directory = AdapterSource(directory)
-    source, directory = directory, directory.directory
+    source = directory if isinstance(directory, AdapterSource) else plain_peft_source(directory)
+    directory = source.directory
     config = source.config
     check_inheritable(config, directory)
     trained_on = config.get("base_model_name_or_path")

@@ -46,6 +46,10 @@ class LowRank:
     scale: float
     gelu: bool = False
 
+    @property
+    def nbytes(self) -> int:
+        return self.A.numel() * self.A.element_size() + self.B.numel() * self.B.element_size()
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         low = x.to(self.A.dtype) @ self.A.T
         if self.gelu:
@@ -158,8 +162,7 @@ class LoadedAdapter:
 
     @property
     def nbytes(self) -> int:
-        parts = [*self.lora.values(), *self.per_task.values()]
-        return sum(p.A.numel() * p.A.element_size() + p.B.numel() * p.B.element_size() for p in parts)
+        return sum(part.nbytes for part in (*self.lora.values(), *self.per_task.values()))
 
 
 def load_factors(name: str, source: AdapterSource | str | Path, module_shapes: dict[str, tuple[int, int]], *,

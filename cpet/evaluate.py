@@ -163,24 +163,28 @@ def label_sequences(prompt_ids: list[int], label_ids: list[list[int]]) -> list[t
     return [(prompt_ids + ids, col, ids) for col, ids in enumerate(label_ids)]
 
 
-def sequence_score(logp: torch.Tensor, ids: list[int], col: int, lab: list[int],
-                   label_ids: list[list[int]]) -> torch.Tensor:
-    """What a sequence of :func:`label_sequences` scores, from its log-probabilities ``logp [T, vocab]``: every
-    label's log-probability ``[labels]`` (column -1), or its own label's summed log-probability (a scalar)."""
+def store_sequence_score(row_scores: torch.Tensor, logp: torch.Tensor, ids: list[int], col: int, lab: list[int],
+                         label_ids: list[list[int]]) -> None:
+    """Write what a sequence of :func:`label_sequences` scores into its prompt's ``row_scores [labels]``, from the
+    sequence's log-probabilities ``logp [T, vocab]``: every label's log-probability (column -1), or its own
+    label's, summed over the label's tokens, in column ``col``."""
     if col < 0:
-        return logp[len(ids) - 1, torch.tensor([w[0] for w in label_ids])]
-    positions = torch.arange(len(ids) - len(lab) - 1, len(ids) - 1)
-    return logp[positions, torch.tensor(lab)].sum()
+        row_scores[:] = logp[len(ids) - 1, torch.tensor([w[0] for w in label_ids])]
+    else:
+        positions = torch.arange(len(ids) - len(lab) - 1, len(ids) - 1)
+        row_scores[col] = logp[positions, torch.tensor(lab)].sum()
 
 
-def right_padded(sequences: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(input_ids, attention_mask)``, each ``[len(sequences), longest]``, sequences right-padded with ``pad``."""
+def padded(sequences: Sequence[list[int]], pad: int, *, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)``, each ``[len(sequences), longest]``: the sequences padded with ``pad`` on
+    the right (scoring: positions stay 0-based), or on the left (generation: every row ends at the last column)."""
     width = max(map(len, sequences))
     input_ids = torch.full((len(sequences), width), pad, dtype=torch.long)
     attention = torch.zeros_like(input_ids)
     for i, ids in enumerate(sequences):
-        input_ids[i, :len(ids)] = torch.tensor(ids)
-        attention[i, :len(ids)] = 1
+        span = slice(width - len(ids), width) if left else slice(0, len(ids))
+        input_ids[i, span] = torch.tensor(ids)
+        attention[i, span] = 1
     return input_ids, attention
 
 
@@ -204,15 +208,11 @@ def label_logprobs(model: nn.Module, tokenizer, prompts: Sequence[str], label_wo
         bar = tqdm(total=len(prompts), desc="scoring", unit="example", disable=not progress, leave=False)
         for start in range(0, len(sequences), batch_size):
             chunk = sequences[start:start + batch_size]
-            input_ids, attention = right_padded([ids for ids, *_rest in chunk], pad)
+            input_ids, attention = padded([ids for ids, *_rest in chunk], pad)
             logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits.float()
             logp = torch.log_softmax(logits, dim=-1).cpu()
             for i, (ids, row, col, lab) in enumerate(chunk):
-                score = sequence_score(logp[i], ids, col, lab, label_ids)
-                if col < 0:
-                    scores[row] = score
-                else:
-                    scores[row, col] = score
+                store_sequence_score(scores[row], logp[i], ids, col, lab, label_ids)
             # count examples, not batches: a prompt is done when its last label sequence is scored
             bar.update(len({row for _, row, col, _ in chunk if col in (-1, len(label_ids) - 1)}))
     bar.close()

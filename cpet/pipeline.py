@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 import torch
 
 from .adapters import (add_lora, check_adapter_base, inheritance_facts, is_cpet_adapter, load_adapter, plain_peft_meta,
-                       read_adapter_meta, save_adapter, target_module_names, write_adapter_meta)
+                       plain_peft_source, read_adapter_meta, save_adapter, target_module_names, write_adapter_meta)
 from .assembly import AdapterSource
 from .assets import atomic_path, write_text_atomic
 from .compress.calibration import input_rms
@@ -485,10 +485,7 @@ class CPET:
         a plain PEFT LoRA trained elsewhere must name this model (if it names one) and fit its shapes.
         """
         if not is_cpet_adapter(directory):
-            if not (Path(directory) / "adapter_config.json").exists():
-                raise FileNotFoundError(f"{directory} is neither a CPET adapter (cpet.json) nor a PEFT adapter "
-                                        "(adapter_config.json)")
-            source = AdapterSource(directory)
+            source = plain_peft_source(directory)
             plain_peft_meta(source, self.original.model, self.source_aliases)
             return source
         source = AdapterSource(directory)
@@ -522,9 +519,9 @@ class CPET:
         if on == "original":
             model, base_id, shared = self.original.model, ORIGINAL_BASE_ID, None
         elif on == "compressed":
-            base_id = self.base_id if self.has_base else None
-            if base_id is None:
+            if not self.has_base:
                 raise ValueError(f"no compressed base in {self.base_dir}: call compress(...) first")
+            base_id = self.base_id
             if self._served_base is None or self._served_base[0] != base_id:
                 self._served_base = (base_id, self.load_compressed().model)
             model = self._served_base[1]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .experts import ExpertBank, Routed
+from .experts import ExpertBank, Routed, bank_of
 
 
 class Router(nn.Module):
@@ -154,8 +154,7 @@ class MoEFFN(nn.Module):
     def expert_norms(self, x: torch.Tensor) -> torch.Tensor:
         """True per-expert output norms ``[T, E]`` of the dense computation (router targets, oracle choice)."""
         tokens = x.reshape(-1, x.shape[-1])
-        down = self.bank("down")
-        bank = getattr(down, "base_layer", down)
+        bank = bank_of(self.bank("down"))
         return torch.stack([bank.experts[e](self.expert_hidden(e, tokens)).float().norm(dim=-1)
                             for e in range(self.num_experts)], dim=1)
 

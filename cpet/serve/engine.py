@@ -110,10 +110,11 @@ class Engine:
         """Adapter ``name`` (None: the bare base) on this engine as a model: ``view(input_ids=...)`` runs every
         row with it; a list of names gives each batch row its own. Nothing is copied; the view works while the
         engine is open."""
-        for each in ([name] if name is None or isinstance(name, str) else name):
+        view = AdapterView(self, name)
+        for each in view.distinct_names:
             if each is not None:
                 self.registry.get(each)  # unknown names fail here, not at the first call
-        return AdapterView(self, name)
+        return view
 
     @classmethod
     def from_pipeline(cls, directory: str | Path, **kwargs) -> "Engine":
@@ -255,7 +256,7 @@ class Engine:
         of the label scores."""
         from ..data.prompts import PromptTemplate
         from ..evaluate import (DEFAULT_MAX_PROMPT_TOKENS, encode_prompt_and_label, label_sequences, label_token_ids,
-                                right_padded, sequence_score)
+                                padded, store_sequence_score)
 
         sequences = []  # (adapter, request index, ids, label column or -1 for all single-token labels, label ids)
         labels_of = []  # (labels, label token ids) per request
@@ -271,18 +272,14 @@ class Engine:
             prompt_ids = encode_prompt_and_label(self.tokenizer, prompt, words[0], limit)[0]
             labels_of.append((labels, label_ids))
             sequences += [(name, index, *seq) for seq in label_sequences(prompt_ids, label_ids)]
-        input_ids, attention = right_padded([seq[2] for seq in sequences], self.tokenizer.pad_token_id or 0)
+        input_ids, attention = padded([seq[2] for seq in sequences], self.tokenizer.pad_token_id or 0)
         device = next(self.model.parameters()).device
         logits = self.forward([seq[0] for seq in sequences], input_ids=input_ids.to(device),
                               attention_mask=attention.to(device)).logits.float()
         logp = torch.log_softmax(logits, dim=-1).cpu()
         scores = [torch.zeros(len(labels)) for labels, _ in labels_of]
         for i, (_, index, ids, col, lab) in enumerate(sequences):
-            score = sequence_score(logp[i], ids, col, lab, labels_of[index][1])
-            if col < 0:
-                scores[index] = score
-            else:
-                scores[index][col] = score
+            store_sequence_score(scores[index], logp[i], ids, col, lab, labels_of[index][1])
         out = []
         for (labels, _), score in zip(labels_of, scores):
             probabilities = torch.softmax(score, dim=-1).tolist()
@@ -339,13 +336,10 @@ class Engine:
     def left_padded(self, encoded: Sequence[list[int]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Prompts ``encoded`` as one left-padded batch: ``(input_ids, attention_mask, position_ids)``, each
         ``[rows, longest]``, positions counting each row's real tokens from 0."""
-        width = max(map(len, encoded))
+        from ..evaluate import padded
+
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-        attention = torch.zeros_like(input_ids)
-        for i, ids in enumerate(encoded):
-            input_ids[i, width - len(ids):] = torch.tensor(ids)
-            attention[i, width - len(ids):] = 1
+        input_ids, attention = padded(encoded, pad, left=True)
         input_ids, attention = input_ids.to(device), attention.to(device)
         return input_ids, attention, (attention.cumsum(-1) - 1).clamp(min=0)
 
@@ -370,19 +364,24 @@ class AdapterView(nn.Module):
     def __init__(self, engine: Engine, name: str | None | Sequence[str | None]):
         super().__init__()
         self.engine, self.name = engine, name
+        self.per_row = not (name is None or isinstance(name, str))
         self.base = engine.model  # a submodule, so that parameters() and the device are the base's
         self.train(engine.model.training)  # a view must not flip its base to training mode when restored
 
     @property
     def causal_lm(self) -> nn.Module:
-        return self.engine.model
+        return self.base
 
     @property
     def config(self):
-        return self.engine.model.config
+        return self.base.config
+
+    @property
+    def distinct_names(self) -> list[str | None]:
+        return list(dict.fromkeys(self.name)) if self.per_row else [self.name]
 
     def row_adapters(self, rows: int) -> list[str | None]:
-        if self.name is None or isinstance(self.name, str):
+        if not self.per_row:
             return [self.name] * rows
         if len(self.name) != rows:
             raise ValueError(f"this view names {len(self.name)} adapters, one per row, for a batch of {rows} rows")
@@ -391,18 +390,14 @@ class AdapterView(nn.Module):
     @property
     def nbytes(self) -> int:
         """Bytes this model holds: the base's tensors, plus the factors of its adapters and of the shared recovery
-        when one of them uses it (what a standalone copy of the model would hold)."""
+        when one of them uses it (what a standalone copy of the model would hold; each factor counted once)."""
         from ..evaluate import memory_bytes
 
-        names = self.row_adapters(1) if self.name is None or isinstance(self.name, str) else self.name
-        seen, total = set(), memory_bytes(self.engine.model)
-        for name in dict.fromkeys(names):
+        terms = {}
+        for name in self.distinct_names:
             assembly = self.engine.assembly(name)
-            for term in (t for module in assembly.modules for t in assembly.terms(module)):
-                if id(term) not in seen:
-                    seen.add(id(term))
-                    total += term.A.numel() * term.A.element_size() + term.B.numel() * term.B.element_size()
-        return total
+            terms.update((id(t), t) for module in assembly.modules for t in assembly.terms(module))
+        return memory_bytes(self.base) + sum(t.nbytes for t in terms.values())
 
     def forward(self, input_ids: torch.Tensor | None = None, **model_inputs):
         reference = input_ids if input_ids is not None else model_inputs["inputs_embeds"]
