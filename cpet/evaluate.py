@@ -7,6 +7,7 @@ All functions take a transformers causal LM (or a peft wrapper of one) and its t
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -349,12 +350,23 @@ class ThroughputResult:
 
 
 def throughput(model: nn.Module, tokenizer=None, *, batch_size: int = 8, prompt_len: int = 128,
-               new_tokens: int = 32, repeats: int = 1, seed: int = 0) -> ThroughputResult:
+               new_tokens: int = 32, repeats: int = 1, seed: int = 0,
+               last_logits_only: bool = False) -> ThroughputResult:
     """Measure prefill and decode speed on random token ids (best of ``repeats`` after one warm-up).
 
     Decoding feeds the greedy token back one step at a time with the model's KV cache, so decode speed is
-    ``batch_size * new_tokens / seconds`` for the decode steps alone.
+    ``batch_size * new_tokens / seconds`` for the decode steps alone. ``last_logits_only``: the prefill
+    computes the LM head for the last position only (``logits_to_keep=1``), as transformers' ``generate``
+    does; by default it computes logits for every prompt position (as scoring and training do).
     """
+    from .models import unwrap
+
+    prefill_kwargs = {}
+    if last_logits_only:
+        if "logits_to_keep" not in inspect.signature(unwrap(model).forward).parameters:
+            raise ValueError(f"{type(unwrap(model)).__name__}.forward takes no logits_to_keep: time its "
+                             "prefill with last_logits_only=False")
+        prefill_kwargs["logits_to_keep"] = 1
     device = model_device(model)
     vocab = model.config.vocab_size
     generator = torch.Generator().manual_seed(seed)
@@ -373,7 +385,7 @@ def throughput(model: nn.Module, tokenizer=None, *, batch_size: int = 8, prompt_
         for _ in range(repeats):
             sync()
             start = time.perf_counter()
-            out = model(input_ids=ids, use_cache=True)
+            out = model(input_ids=ids, use_cache=True, **prefill_kwargs)
             sync()
             best_prefill = min(best_prefill, time.perf_counter() - start)
             cache = output_cache(out)

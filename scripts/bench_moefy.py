@@ -11,8 +11,11 @@ output norm that the chosen experts carry, beside random and oracle choices of a
 and FLOPs per token. Then one shared recovery set is distilled at ``--recovery-share`` of the experts and the
 quality columns are measured again at every choice with it. Beside them, the training-free threshold
 baseline (per-layer magnitude thresholds on the dense model's FFN activations, TEAL/CATS-style) at the share
-of neurons each top-k row computes. Speed (prefill 8 x 128, decode 32 tokens) compares the dense model, the
-MoEfied model at ``--speed-share`` and the model with that share of FFN channels pruned (same FFN FLOPs).
+of neurons each top-k row computes. Speed (prefill 8 x 128 with the LM head on every position and on the last
+one only, decode 32 tokens) compares the dense model, the MoEfied model at ``--speed-share`` (for each
+``--speed-experts`` count: granularity trades quality for speed) and the model with that share of FFN channels
+pruned (same FFN FLOPs). ``--speed-only`` re-times speed alone and replaces the speed table of the existing
+report (the quality part takes over an hour).
 
 ``--pause PID ...`` stops those processes (SIGSTOP) while speed is timed and resumes them after (SIGCONT),
 so that timings are taken alone on the machine while e.g. an experiment grid shares it otherwise.
@@ -22,7 +25,7 @@ Writes ``docs/bench_moefy.json`` and ``docs/bench_moefy.md``.
 from __future__ import annotations
 
 import argparse
-import copy
+import json
 import os
 import platform
 import sys
@@ -33,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchtools import paused, write_report  # noqa: E402
+from benchtools import git_commit, paused, write_report  # noqa: E402
 from cpet.compress import calibration_ids, compress  # noqa: E402
 from cpet.compress.moefy import MoEfyConfig, ffn_inputs, moe_blocks  # noqa: E402
 from cpet.config import PruneConfig  # noqa: E402
@@ -107,13 +110,28 @@ def main(argv=None) -> int:
     parser.add_argument("--recovery-rank", type=int, default=16)
     parser.add_argument("--recovery-share", type=float, default=0.5, help="share of experts recovery trains at")
     parser.add_argument("--speed-share", type=float, default=0.5)
+    parser.add_argument("--speed-experts", type=int, nargs="+", default=None,
+                        help="expert counts timed at --speed-share (default: --experts)")
+    parser.add_argument("--speed-only", action="store_true",
+                        help="time speed only and replace the speed table of the existing --out report")
     parser.add_argument("--speed-repeats", type=int, default=3)
     parser.add_argument("--pause", type=int, nargs="*", default=[], help="PIDs to stop while speed is timed")
     parser.add_argument("--out", default=str(ROOT / "docs" / "bench_moefy.json"))
     args = parser.parse_args(argv)
-    for share in (args.recovery_share, args.speed_share):
-        if round(share * args.experts) < 1 or share > 1:
-            raise SystemExit(f"share {share} of {args.experts} experts is not a whole number of experts >= 1")
+    args.speed_experts = args.speed_experts or [args.experts]
+    for share, counts in ((args.recovery_share, [args.experts]), (args.speed_share, args.speed_experts)):
+        for experts in counts:
+            if round(share * experts) < 1 or share > 1:
+                raise SystemExit(f"share {share} of {experts} experts is not a whole number of experts >= 1")
+
+    previous = None
+    if args.speed_only:
+        if not Path(args.out).is_file():
+            raise SystemExit(f"--speed-only replaces the speed table of an existing report, and {args.out} does not "
+                             "exist: run the whole benchmark first")
+        previous = json.loads(Path(args.out).read_text())
+        if previous.get("model") != args.model:
+            raise SystemExit(f"{args.out} measured {previous.get('model')!r}, not {args.model!r}: pass --out")
 
     started = time.perf_counter()
     original = load_base(args.model)
@@ -123,6 +141,11 @@ def main(argv=None) -> int:
     examples = task.split("test")[:args.limit] if args.limit else task.split("test")
     calibration = calibration_ids(tokenizer, train_text, args.calibration_samples, 128)
     recall_ids = calibration_ids(tokenizer, heldout, 4, 128, seed=1)
+
+    if previous is not None:
+        previous["speed"] = measure_speed(args, original.model.eval(), calibration, moefied={})
+        write_report(args.out, previous, markdown)
+        return 0
 
     report = {"model": args.model, "experts": args.experts, "clustering": args.clustering,
               "tweets_examples": len(examples), "max_tokens": args.max_tokens,
@@ -176,20 +199,45 @@ def main(argv=None) -> int:
     recovery.detach()
     report["rows"] = rows
 
-    print("[bench] speed", flush=True)
-    set_choice(blocks, round(args.speed_share * args.experts), None)
-    pruned = compress(model, [PruneConfig(ffn_ratio=1 - args.speed_share, importance="magnitude")], progress=False)
-    speed = {}
-    with paused(args.pause):
-        for name, candidate in (("dense", model), ("moefied", base.model), ("pruned", pruned.model)):
-            result = throughput(candidate, batch_size=8, prompt_len=128, new_tokens=32, repeats=args.speed_repeats)
-            speed[name] = {"prefill_tok_s": result.prefill_tokens_per_s, "decode_tok_s": result.decode_tokens_per_s,
-                           "flops_per_token": flops_per_token(candidate)}
-    report["speed"] = {"share": args.speed_share, **speed}
+    report["speed"] = measure_speed(args, model, calibration, moefied={args.experts: base.model})
     report["seconds"] = time.perf_counter() - started
-
     write_report(args.out, report, markdown)
     return 0
+
+
+def measure_speed(args, model, calibration, moefied: dict) -> dict:
+    """Time the dense model, the MoEfied model at ``--speed-share`` for each ``--speed-experts`` count (reusing
+    ``moefied[E]`` where given, MoEfying otherwise) and the model with that share of FFN channels pruned.
+
+    Prefill is timed twice: with logits for every position (as scoring and training run it) and for the last
+    position only (as ``generate`` runs it), since the LM head (49k x 576 for SmolLM2) is a fixed cost that
+    MoEfication does not touch."""
+    started = time.perf_counter()
+    candidates = {"dense": model}
+    for experts in args.speed_experts:
+        top_k = round(args.speed_share * experts)
+        if experts not in moefied:
+            print(f"[bench] moefy {experts} experts for speed", flush=True)
+            config = MoEfyConfig(num_experts=experts, top_k=top_k, clustering=args.clustering)
+            moefied[experts] = compress(model, [config], calibration=calibration, progress=False).model
+        set_choice(moe_blocks(moefied[experts]), top_k, None)
+        candidates[f"moefied, {top_k} of {experts} experts"] = moefied[experts]
+    pruned = compress(model, [PruneConfig(ffn_ratio=1 - args.speed_share, importance="magnitude")], progress=False)
+    candidates["pruned"] = pruned.model
+    print("[bench] speed", flush=True)
+    speed = {}
+    with paused(args.pause):
+        for name, candidate in candidates.items():
+            timing = dict(batch_size=8, prompt_len=128, new_tokens=32, repeats=args.speed_repeats)
+            every = throughput(candidate, **timing)
+            last = throughput(candidate, **timing, last_logits_only=True)
+            speed[name] = {"prefill_tok_s": every.prefill_tokens_per_s,
+                           "prefill_last_logits_tok_s": last.prefill_tokens_per_s,
+                           "decode_tok_s": max(every.decode_tokens_per_s, last.decode_tokens_per_s),
+                           "flops_per_token": flops_per_token(candidate)}
+    command = "python scripts/bench_moefy.py " + " ".join(sys.argv[1:])
+    return {"share": args.speed_share, "models": speed, "command": command, "commit": git_commit(),
+            "seconds": time.perf_counter() - started}
 
 
 def markdown(report: dict) -> str:
@@ -215,20 +263,23 @@ def markdown(report: dict) -> str:
             f"| {row['choice']} | {row['expert_share']:.1%} | {flop_ratio:.2f} | {row['ppl']:.1f} | "
             f"{row['recovered']['ppl']:.1f} | {t_ppl} | {row['accuracy']:.3f} | {row['recovered']['accuracy']:.3f} | "
             f"{t_acc} | {recall['router']:.3f} / {recall['random']:.3f} / {recall['oracle']:.3f} |")
+    lines += ["", f"Command: `{report['command']}` ({report['seconds'] / 60:.0f} min)"]
     speed = report["speed"]
     lines += ["", f"Speed at {speed['share']:.0%} of the experts (pruned: the same share of FFN channels kept), "
-              "batch 8 x 128 prefill, 32 decode steps, best of repeats, alone on the machine "
-              f"({report['machine']}):", "",
-              "| model | FLOPs/token | FLOP ratio | prefill tok/s | prefill ratio | decode tok/s | decode ratio |",
-              "|---|---|---|---|---|---|---|"]
-    base = speed["dense"]
-    for name in ("dense", "moefied", "pruned"):
-        s = speed[name]
+              "batch 8 x 128 prefill (LM head on every position, and on the last one only as `generate` runs "
+              "it), 32 decode steps, best of repeats, alone on the machine "
+              f"({report['machine']}), code commit {speed['commit']}:", "",
+              "| model | FLOPs/token | FLOP ratio | prefill tok/s | ratio | prefill tok/s, last logits | ratio | "
+              "decode tok/s | ratio |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    base = speed["models"]["dense"]
+    for name, s in speed["models"].items():
         flop_ratio = base["flops_per_token"] / s["flops_per_token"]
         lines.append(f"| {name} | {s['flops_per_token'] / 1e6:.0f} M | {flop_ratio:.2f}x | {s['prefill_tok_s']:.0f} | "
-                     f"{s['prefill_tok_s'] / base['prefill_tok_s']:.2f}x | {s['decode_tok_s']:.0f} | "
-                     f"{s['decode_tok_s'] / base['decode_tok_s']:.2f}x |")
-    lines += ["", f"Command: `{report['command']}` ({report['seconds'] / 60:.0f} min)", ""]
+                     f"{s['prefill_tok_s'] / base['prefill_tok_s']:.2f}x | {s['prefill_last_logits_tok_s']:.0f} | "
+                     f"{s['prefill_last_logits_tok_s'] / base['prefill_last_logits_tok_s']:.2f}x | "
+                     f"{s['decode_tok_s']:.0f} | {s['decode_tok_s'] / base['decode_tok_s']:.2f}x |")
+    lines += ["", f"Command: `{speed['command']}` ({speed['seconds'] / 60:.0f} min)", ""]
     return "\n".join(lines)
 
 

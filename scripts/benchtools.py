@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 from contextlib import contextmanager
 
@@ -39,3 +40,18 @@ def write_report(out: str, report: dict, markdown) -> None:
     write_text_atomic(path, json.dumps(report, indent=2) + "\n")
     write_text_atomic(path.with_suffix(".md"), markdown(report))
     print(markdown(report))
+
+
+def git_commit() -> str:
+    """The code commit a benchmark measures (``+dirty`` when ``cpet/`` or ``scripts/`` have uncommitted changes);
+    ``unknown`` outside a git checkout."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "cpet", "scripts"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+

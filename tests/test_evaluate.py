@@ -140,6 +140,25 @@ def test_throughput_reports_positive_rates():
     assert (result.batch_size, result.prompt_len, result.new_tokens) == (2, 16, 4)
 
 
+def test_throughput_with_last_logits_only_runs_the_lm_head_on_one_prefill_position():
+    loaded = tiny_model("llama")
+    head_rows = []
+    hook = loaded.model.lm_head.register_forward_hook(lambda module, args, out: head_rows.append(args[0].shape[1]))
+    throughput(loaded.model, batch_size=2, prompt_len=16, new_tokens=2, last_logits_only=True)
+    hook.remove()
+    # warm-up (8 positions, all logits), then the timed prefill (1 position) and 2 decode steps (1 each)
+    assert head_rows == [8, 1, 1, 1]
+
+    class NoLogitsToKeep(nn.Module):
+        config = loaded.model.config
+
+        def forward(self, input_ids, use_cache=False):
+            return loaded.model(input_ids=input_ids, use_cache=use_cache)
+
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        throughput(NoLogitsToKeep(), batch_size=1, prompt_len=4, new_tokens=1, last_logits_only=True)
+
+
 def test_flops_of_a_moefied_model_count_the_share_of_experts_it_ran():
     from cpet.compress import compress
     from cpet.compress.moefy import MoEfyConfig, moe_blocks
