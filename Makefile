@@ -2,7 +2,9 @@
 # `make test` (the test suite). Both create or update the local virtual environment idempotently.
 PYTHON ?= python3
 VENV ?= .venv
-# CPU build by default: a plain `pip install torch` would pull a multi-GB CUDA build. GPU users:
+# torch first, from pip's configured index (a CPU build where that index serves one; plain PyPI on Linux
+# serves the CUDA build). To choose the build explicitly:
+#   make TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" install
 #   make TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" install
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.cpet-installed

@@ -212,7 +212,7 @@ def measure_speed(args, model, calibration, moefied: dict) -> dict:
     Prefill is timed twice: with logits for every position (as scoring and training run it) and for the last
     position only (as ``generate`` runs it), since the LM head (49k x 576 for SmolLM2) is a fixed cost that
     MoEfication does not touch."""
-    started = time.perf_counter()
+    started, commit = time.perf_counter(), git_commit()  # the code as it was imported, before the long work
     candidates = {"dense": model}
     for experts in args.speed_experts:
         top_k = round(args.speed_share * experts)
@@ -236,7 +236,7 @@ def measure_speed(args, model, calibration, moefied: dict) -> dict:
                            "decode_tok_s": max(every.decode_tokens_per_s, last.decode_tokens_per_s),
                            "flops_per_token": flops_per_token(candidate)}
     command = "python scripts/bench_moefy.py " + " ".join(sys.argv[1:])
-    return {"share": args.speed_share, "models": speed, "command": command, "commit": git_commit(),
+    return {"share": args.speed_share, "models": speed, "command": command, "commit": commit,
             "seconds": time.perf_counter() - started}
 
 

@@ -41,11 +41,12 @@ def _command(sub, name: str, help_text: str, func, *, runs_models: bool = True) 
     if runs_models:
         group = parser.add_argument_group("runtime")
         group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                           help="auto: CUDA when available, else the CPU")
+                           help="where a model loaded by name runs (auto: CUDA when available, else the CPU); a "
+                                "pipeline's compressed base is read onto the CPU")
         group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                            help="weights' dtype; auto: float32 on the CPU, bfloat16 on CUDA")
         group.add_argument("--threads", type=positive_int, default=None,
-                           help="CPU threads (default: the cores not already busy, at least 1)")
+                           help="CPU threads; None: the cores not already busy, at least 1")
         group.add_argument("--seed", type=int, default=0, help="seeds everything random in the command")
         group.add_argument("--config", help="a YAML or JSON file of this command's flags (names as in --help, "
                                             "with - or _); flags given on the command line override it")
@@ -96,11 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", action="append", help="task name, .jsonl/.csv path or hf:NAME (repeatable)")
     p.add_argument("--corpus", help="brown (its held-out documents) or a local .txt file (used whole)")
     p.add_argument("--split", default="test", help="task split to score")
-    p.add_argument("--limit", type=positive_int, default=None, help="score only the first N examples (default: all)")
+    p.add_argument("--limit", type=positive_int, default=None, help="score only the first N examples; None: all")
     p.add_argument("--max-tokens", type=positive_int, default=8192, help="perplexity tokens")
     p.add_argument("--max-length", type=positive_int, default=256, help="perplexity window length")
     p.add_argument("--max-prompt-tokens", type=positive_int, default=tune_defaults.max_prompt_tokens,
-                   help="prompts are left-truncated to this many tokens")
+                   help="prompts are left-truncated to this many tokens (a CPET adapter's own recorded value "
+                        "takes precedence: it is what the adapter was trained with)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="examples per forward pass")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -135,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--moefy-experts", type=positive_int, default=None,
                    help="MoEfication after pruning: split each FFN into this many equal experts with a router")
     p.add_argument("--moefy-top-k", type=positive_int, default=None,
-                   help="experts per token (default: half of --moefy-experts; with --moefy-tau, the cap)")
+                   help="experts per token; None: half of --moefy-experts (with --moefy-tau: no cap)")
     p.add_argument("--moefy-tau", type=float, default=None,
                    help="dynamic-k: per token the fewest experts whose predicted norms reach this share, (0, 1]")
     p.add_argument("--moefy-clustering", default="weights", choices=["weights", "coactivation"],
@@ -182,12 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tune on the compressed base or on the uncompressed model (the inheritance source)")
     p.add_argument("--init", default="random", choices=["random", "inherit", "svd"],
                    help="LoRA start: peft's (B = 0), inherited from --inherit-from, or the residual's SVD")
-    p.add_argument("--inherit-from", help="adapter directory trained on the original model (by CPET, or a plain "
-                                          "PEFT LoRA directory for the same model)")
+    p.add_argument("--inherit-from", help="adapter trained on the original model: its name in this pipeline, or a "
+                                          "directory (by CPET, or a plain PEFT LoRA directory for the same model)")
     p.add_argument("--recovery", default="none", type=lambda value: value.replace("-", "_"),
                    choices=["none", "shared", "per_task", "both"],
                    help="recovery modules used with the adapter (per-task and per_task alike)")
-    p.add_argument("--name", help="adapter name (default: derived from the options)")
+    p.add_argument("--name", help="adapter name; None: derived from the options")
     p.add_argument("--rank", type=positive_int, default=tune_defaults.rank, help="LoRA rank")
     p.add_argument("--alpha", type=float, default=tune_defaults.alpha, help="LoRA alpha (scale = alpha / rank)")
     p.add_argument("--steps", type=positive_int, default=tune_defaults.steps, help="optimizer steps")
@@ -201,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation examples per evaluation")
     p.add_argument("--max-prompt-tokens", type=positive_int, default=tune_defaults.max_prompt_tokens,
                    help="prompts are left-truncated to this many tokens (training and every later scoring)")
-    p.add_argument("--limit", type=positive_int, default=None, help="test examples scored at the end (default: all)")
+    p.add_argument("--limit", type=positive_int, default=None, help="test examples scored at the end; None: all")
     p.add_argument("--keep-optimizer-state", action="store_true",
                    help="keep AdamW's moments when the run finishes (about 3x the adapter's size), so that a longer "
                         "run continues exactly")

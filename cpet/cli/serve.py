@@ -61,19 +61,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def add_serve_parser(sub, command) -> None:
+    from . import positive_int  # here: the package imports this module before it defines positive_int
+
     p = command(sub, "serve", "serve task adapters on one compressed base over an OpenAI-compatible HTTP API",
                 cmd_serve)
     p.add_argument("--base", required=True, help="pipeline directory (its base/ and recovery/) or a base directory")
     p.add_argument("--adapter", action="append", help="NAME=DIR, repeatable: adapters loaded at start (pinned)")
-    p.add_argument("--recovery", help="shared recovery directory (default: the pipeline's recovery/)")
-    p.add_argument("--adapter-root", help="runtime loads must lie inside this directory (default: the pipeline's "
-                                          "adapters/)")
+    p.add_argument("--recovery", help="shared recovery directory; None: the pipeline's recovery/")
+    p.add_argument("--adapter-root", help="runtime loads must lie inside this directory; None: the pipeline's "
+                                          "adapters/")
     p.add_argument("--api-key", help="bearer token for runtime adapter load/unload (or CPET_API_KEY; none: off)")
     p.add_argument("--served-name", default="cpet-base", help="the model name of the bare base")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=positive_int, default=8000, help="TCP port to listen on")
     p.add_argument("--max-adapters", type=int, default=64, help="adapters kept loaded (LRU eviction of unpinned)")
-    p.add_argument("--max-prompt-tokens", type=int, default=1024)
+    p.add_argument("--max-prompt-tokens", type=positive_int, default=1024,
+                   help="longest prompt accepted; a longer one is answered 400 (classification prompts are "
+                        "left-truncated to their adapter's own recorded cut)")
     p.add_argument("--max-tokens", type=int, default=256, help="the most tokens one request may generate")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond which the server answers 429")
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")

@@ -6,9 +6,10 @@ The unit of coupled change is a *group*:
   groups come from torch-pruning's ``DependencyGraph`` traced on the model (with the output reduced to the
   logits, which transformers 5 wraps with a cache object the tracer cannot follow);
 - attention head ``h``: its ``head_dim`` rows of q and columns of o (``query`` mode, the same number per
-  KV group), or a whole KV group: its k/v rows plus all its query heads (``kv_group`` mode). torch-pruning
-  cannot build these groups under GQA (DESIGN.md §6), so they are cut with its low-level
-  ``prune_linear_out_channels`` / ``prune_linear_in_channels``.
+  KV group), or a whole KV group: its k/v rows plus all its query heads (``kv_group`` mode). torch-pruning's
+  dependency graph cannot build these groups under GQA (on SmolLM2 its q/k groups come out incomplete and the
+  v group stops before o_proj), so they are cut with its low-level ``prune_linear_out_channels`` /
+  ``prune_linear_in_channels``.
 
 A group's importance is the sum of an element score over all weights in the group: ``|W|`` (magnitude),
 ``|W * dL/dW|`` (first-order Taylor, LM loss on calibration batches) or ``|W| * ||X||`` (Wanda, with
@@ -287,7 +288,7 @@ def prune(model: nn.Module, config: PruneConfig, calibration: torch.Tensor | Non
         model.config.num_attention_heads = len(kept_q[0])
         if hasattr(model.config, "num_key_value_heads"):
             model.config.num_key_value_heads = len(kept_kv[0])
-    if family.head_pruning:  # derived head_dim would be wrong once heads are gone (DESIGN.md §6)
+    if family.head_pruning:  # hidden_size / heads, transformers' derived head_dim, is wrong once heads are gone
         model.config.head_dim = geo.head_dim
     return maps
 
