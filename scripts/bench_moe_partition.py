@@ -102,7 +102,8 @@ def layer_rows(model, index: int, train_x: torch.Tensor, test_x: torch.Tensor, a
         if experts % 4 or routed < 0:
             continue
         groups = [rest[g] for g in partition(train_h[:, rest].abs().T, experts * 3 // 4, index)]
-        rows[f"{experts} experts: a quarter of the neurons shared"] = expert_oracle(test_h, down, groups, routed, always)
+        name = f"{experts} experts: a quarter of the neurons shared"
+        rows[name] = expert_oracle(test_h, down, groups, routed, always)
     return rows
 
 
@@ -133,7 +134,7 @@ def main(argv=None) -> int:
         print(f"[bench] layer {index}", flush=True)
         per_layer[str(index)] = layer_rows(model, index, train_x[index], test_x[index], args)
     report = {"model": args.model, "share": args.share, "layers": per_layer, "tokens": int(test_x[0].shape[0]),
-              "command": "python scripts/bench_moe_partition.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "command": " ".join(["python scripts/bench_moe_partition.py", *(sys.argv[1:] if argv is None else argv)]),
               "commit": commit, "seconds": time.perf_counter() - started}
     write_report(args.out, report, markdown)
     return 0
