@@ -199,6 +199,18 @@ def test_no_unactionable_third_party_messages():
     assert "kernels-community" not in err and "is_gradient_checkpointing" not in err
 
 
+def test_int8_cast_message_is_shown_once_not_on_every_forward():
+    import subprocess
+    import sys
+
+    code = ("import torch, cpet; from cpet.compress import compress; from cpet.config import QuantizeConfig;"
+            "from cpet.models import tiny_model;"
+            "model = compress(tiny_model('llama').model, [QuantizeConfig('int8')], progress=False).model;"
+            "[model(input_ids=torch.tensor([[1, 2, 3]])) for _ in range(3)]")
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+    assert err.count("MatMul8bitLt: inputs will be cast") == 1  # dozens of int8 matmuls ran
+
+
 @pytest.fixture(scope="module")
 def tuned_pipeline(tmp_path_factory, model_dir, task_file):
     """A pipeline made by the CLI alone, in the demo's order: original adapter, compress, CPET adapter."""
