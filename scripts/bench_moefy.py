@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     parser.add_argument("--experts", type=int, default=16)
     parser.add_argument("--top-k", type=int, nargs="*", default=[2, 4, 6, 8, 10])
     parser.add_argument("--tau", type=float, nargs="*", default=[0.5, 0.7, 0.8, 0.9])
-    parser.add_argument("--clustering", default="weights", choices=["weights", "coactivation"])
+    parser.add_argument("--clustering", default="coactivation", choices=["coactivation", "weights"])
     parser.add_argument("--calibration-samples", type=int, default=16, help="Brown windows of 128 tokens")
     parser.add_argument("--max-tokens", type=int, default=2048, help="Brown held-out tokens for perplexity")
     parser.add_argument("--limit", type=int, default=None, help="score only the first N tweets (default: all)")
@@ -150,7 +150,8 @@ def main(argv=None) -> int:
     report = {"model": args.model, "experts": args.experts, "clustering": args.clustering,
               "tweets_examples": len(examples), "max_tokens": args.max_tokens,
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
-              "command": "python scripts/bench_moefy.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+              "command": " ".join(["python scripts/bench_moefy.py", *(sys.argv[1:] if argv is None else argv)]),
+              "commit": git_commit()}
     print("[bench] dense", flush=True)
     report["dense"] = {**quality(model, tokenizer, heldout, task, examples, args.max_tokens),
                        "flops_per_token": flops_per_token(model)}
@@ -235,7 +236,7 @@ def measure_speed(args, model, calibration, moefied: dict) -> dict:
                            "prefill_last_logits_tok_s": last.prefill_tokens_per_s,
                            "decode_tok_s": max(every.decode_tokens_per_s, last.decode_tokens_per_s),
                            "flops_per_token": flops_per_token(candidate)}
-    command = "python scripts/bench_moefy.py " + " ".join(sys.argv[1:])
+    command = " ".join(["python scripts/bench_moefy.py", *sys.argv[1:]])
     return {"share": args.speed_share, "models": speed, "command": command, "commit": commit,
             "seconds": time.perf_counter() - started}
 
@@ -263,7 +264,8 @@ def markdown(report: dict) -> str:
             f"| {row['choice']} | {row['expert_share']:.1%} | {flop_ratio:.2f} | {row['ppl']:.1f} | "
             f"{row['recovered']['ppl']:.1f} | {t_ppl} | {row['accuracy']:.3f} | {row['recovered']['accuracy']:.3f} | "
             f"{t_acc} | {recall['router']:.3f} / {recall['random']:.3f} / {recall['oracle']:.3f} |")
-    lines += ["", f"Command: `{report['command']}` ({report['seconds'] / 60:.0f} min)"]
+    lines += ["", f"Command: `{report['command']}` ({report['seconds'] / 60:.0f} min, code commit "
+              f"{report.get('commit', 'not recorded')})"]
     speed = report["speed"]
     lines += ["", f"Speed at {speed['share']:.0%} of the experts (pruned: the same share of FFN channels kept), "
               "batch 8 x 128 prefill (LM head on every position, and on the last one only as `generate` runs "

@@ -140,8 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="experts per token; None: half of --moefy-experts (with --moefy-tau: no cap)")
     p.add_argument("--moefy-tau", type=float, default=None,
                    help="dynamic-k: per token the fewest experts whose predicted norms reach this share, (0, 1]")
-    p.add_argument("--moefy-clustering", default="weights", choices=["weights", "coactivation"],
-                   help="group neurons by their weight vectors or by co-activation on calibration text")
+    p.add_argument("--moefy-clustering", default="coactivation", choices=["coactivation", "weights"],
+                   help="group neurons by co-activation on calibration text or by their weight vectors")
     p.add_argument("--quantize", default="none", choices=["none", "int8", "nf4", "fp4"],
                    help="bitsandbytes quantization after pruning and MoEfication")
     p.add_argument("--no-double-quant", action="store_true", help="4-bit: do not quantize the scales again")
