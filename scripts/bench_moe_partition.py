@@ -28,28 +28,18 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchtools import git_commit, write_report  # noqa: E402
 from cpet.compress import calibration_ids  # noqa: E402
-from cpet.compress.moefy import _activation, ffn_inputs  # noqa: E402
+from cpet.compress.moefy import _neuron_vectors  # noqa: E402  (the vectors the stage clusters)
 from cpet.data import load_corpus  # noqa: E402
-from cpet.models import decoder_layers, family_of, layer_linears, load_base, submodule, unwrap  # noqa: E402
+from cpet.models import decoder_layers, load_base  # noqa: E402
 from cpet.moe.clustering import balanced_kmeans  # noqa: E402
+from cpet.sparsity import FFNActivations, collect_ffn_activations  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@torch.no_grad()
-def ffn_hidden(model, index: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Layer ``index``'s intermediate activations ``[T, I]`` for FFN inputs ``x`` ``[T, hidden]``, and W_down."""
-    linears = layer_linears(model, index)
-    act = _activation(submodule(decoder_layers(model)[index], family_of(model).mlp), unwrap(model).config)
-    up = linears["up"](x)
-    hidden = act(linears["gate"](x)) * up if "gate" in linears.modules else act(up)
-    return hidden.float(), linears["down"].weight.detach().float()
 
 
 def relative_error(y: torch.Tensor, kept: torch.Tensor) -> float:
@@ -78,24 +68,23 @@ def partition(vectors: torch.Tensor, experts: int, seed: int) -> list[torch.Tens
     return [(assignment == e).nonzero().flatten() for e in range(experts)]
 
 
-def layer_rows(model, index: int, train_x: torch.Tensor, test_x: torch.Tensor, args) -> dict:
-    train_h, down = ffn_hidden(model, index, train_x)
-    test_h, _ = ffn_hidden(model, index, test_x)
+def layer_rows(model, index: int, train: FFNActivations, test: FFNActivations, args) -> dict:
+    """The oracle errors of layer ``index`` on ``test``, partitions built from ``train`` (or the weights)."""
+    train_h, test_h, down = train.acts[index], test.acts[index], test.down[index]
     width = train_h.shape[1]
     rows = {"neurons": neuron_oracle(test_h, down, args.share)}
     generator = torch.Generator().manual_seed(index)
-    gate_or_up = layer_linears(model, index)["gate" if "gate" in layer_linears(model, index).modules else "up"]
+    weight_vectors = _neuron_vectors(model, index, tokens=None, clustering="weights")
     for experts in args.experts:
         k = round(args.share * experts)
         rows[f"{experts} experts: random"] = expert_oracle(
             test_h, down, list(torch.randperm(width, generator=generator).view(experts, -1)), k)
         rows[f"{experts} experts: weights"] = expert_oracle(
-            test_h, down, partition(gate_or_up.weight.detach().float(), experts, index), k)
+            test_h, down, partition(weight_vectors, experts, index), k)
         rows[f"{experts} experts: coactivation"] = expert_oracle(
             test_h, down, partition(train_h.abs().T, experts, index), k)
     # a quarter of the neurons always on, the rest routed, to the same share in all
-    contributions = (train_h.abs() * down.norm(dim=0)).mean(0)
-    order = contributions.argsort(descending=True)
+    order = train.contributions(index).mean(0).argsort(descending=True)
     always, rest = order[: width // 4], order[width // 4:]
     for experts in args.experts:  # experts as wide as in the rows above: 3/4 of E of them over the other neurons
         routed = round((args.share - 0.25) * experts)
@@ -128,12 +117,12 @@ def main(argv=None) -> int:
         raise SystemExit(f"--layers {bad} are outside 0..{layers - 1}")
     train = calibration_ids(tokenizer, load_corpus("brown", split="train"), args.calibration_samples, 128)
     test = calibration_ids(tokenizer, load_corpus("brown", split="heldout"), args.test_samples, 128, seed=1)
-    train_x, test_x = ffn_inputs(model, train), ffn_inputs(model, test)
+    train_acts, test_acts = collect_ffn_activations(model, train), collect_ffn_activations(model, test)
     per_layer = {}
     for index in args.layers:
         print(f"[bench] layer {index}", flush=True)
-        per_layer[str(index)] = layer_rows(model, index, train_x[index], test_x[index], args)
-    report = {"model": args.model, "share": args.share, "layers": per_layer, "tokens": int(test_x[0].shape[0]),
+        per_layer[str(index)] = layer_rows(model, index, train_acts, test_acts, args)
+    report = {"model": args.model, "share": args.share, "layers": per_layer, "tokens": test_acts.tokens,
               "command": " ".join(["python scripts/bench_moe_partition.py", *(sys.argv[1:] if argv is None else argv)]),
               "commit": commit, "seconds": time.perf_counter() - started}
     write_report(args.out, report, markdown)
