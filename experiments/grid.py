@@ -110,11 +110,13 @@ def is_done(path: Path, commit: str) -> bool:
     return path.exists() and json.loads(path.read_text()).get("commit") == commit
 
 
-def code_commit(repo: Path = REPO, allow_dirty: bool = False) -> str:
-    """The commit the grid runs from; refuses uncommitted changes to what it measures (unless allowed)."""
+def code_commit(repo: Path = REPO, allow_dirty: bool = False,
+                measured: tuple[str, ...] = ("cpet", "experiments/grid.py")) -> str:
+    """The commit the grid runs from; refuses uncommitted changes to what it measures (the ``measured`` paths)
+    unless allowed, and then says ``+dirty``. Raises ``subprocess.CalledProcessError`` outside a git checkout."""
     head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
                           check=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--", "cpet", "experiments/grid.py"],
+    dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--", *measured],
                            capture_output=True, text=True, check=True).stdout.strip()
     if dirty and not allow_dirty:
         raise SystemExit(f"grid: uncommitted changes to the code it measures ({dirty.splitlines()[0]} ...): commit "

@@ -43,15 +43,15 @@ def write_report(out: str, report: dict, markdown) -> None:
 
 
 def git_commit() -> str:
-    """The code commit a benchmark measures (``+dirty`` when ``cpet/`` or ``scripts/`` have uncommitted changes);
-    ``unknown`` outside a git checkout."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    """The code commit a benchmark measures, abbreviated (``+dirty`` when ``cpet/`` or ``scripts/`` have uncommitted
+    changes); ``unknown`` outside a git checkout."""
+    from pathlib import Path
+
+    from experiments.grid import code_commit  # the grid's reader: one definition of "the measured commit"
+
     try:
-        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "cpet", "scripts"],
-                               capture_output=True, text=True, check=True).stdout.strip()
+        commit = code_commit(Path(__file__).resolve().parent.parent, allow_dirty=True, measured=("cpet", "scripts"))
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-    return head + ("+dirty" if dirty else "")
-
+    head, plus, dirty = commit.partition("+")
+    return head[:7] + plus + dirty
