@@ -30,6 +30,9 @@ from cpet.assets import write_text_atomic  # noqa: E402
 
 # the rows that combine inheritance with recovery: each is compared with the original and vanilla
 CPET_ROWS = tuple(row for row, how in ROWS.items() if how["init"] == "inherit" and how["recovery"] != "none")
+# ablations (one ingredient of CPET at a time): the grid runs them on fewer seeds (README: seed 0), so the
+# table expects their cells on --ablation-seeds only
+ABLATION_ROWS = ("svd-init", "per-task-rec", "shared-rec")
 
 
 def load_cells(cells_dir: Path, commit: str | None = None) -> list[dict]:
@@ -74,7 +77,13 @@ def size_line(summary: dict) -> str:
     return line + "."
 
 
-def table(cells: list[dict], settings, tasks, rows, seeds, summaries: dict[str, dict] | None = None) -> str:
+def table(cells: list[dict], settings, tasks, rows, seeds, summaries: dict[str, dict] | None = None,
+          ablation_seeds=None) -> str:
+    """The markdown tables of ``settings`` (one per setting), the CPET deltas and a progress line.
+
+    ``ablation_seeds``: the seeds the :data:`ABLATION_ROWS` are planned on (None: all ``seeds``); only the
+    progress line uses it, the means take whatever finished.
+    """
     by_key = defaultdict(dict)  # (setting, task, row) -> {seed: accuracy}
     for cell in cells:
         by_key[(cell["setting"], cell["task"], cell["row"])][cell["seed"]] = cell["test_accuracy"]
@@ -96,7 +105,7 @@ def table(cells: list[dict], settings, tasks, rows, seeds, summaries: dict[str, 
             lines.append(f"| {row} | {steps_of(cells, row)} | " + " | ".join(cells_txt) + f" | {avg} |")
         for cpet_row in (r for r in CPET_ROWS if r in rows):
             lines.append("\n" + matched_deltas(cells, setting, tasks, seeds, cpet_row))
-    lines.append("\n" + progress_line(by_key, settings, tasks, rows, seeds) +
+    lines.append("\n" + progress_line(by_key, settings, tasks, rows, seeds, ablation_seeds) +
                  " Entries are test accuracy in %, mean ± sd over seeds, seed count in parentheses.")
     return "\n".join(lines)
 
@@ -107,14 +116,18 @@ def steps_of(cells: list[dict], row: str) -> str:
     return "/".join(str(x) for x in steps) or "–"
 
 
-def progress_line(by_key, settings, tasks, rows, seeds) -> str:
-    """How many of the selected cells finished, and which rows are not complete yet."""
+def progress_line(by_key, settings, tasks, rows, seeds, ablation_seeds=None) -> str:
+    """How many of the planned cells finished, and which rows are not complete yet.
+
+    Planned: every (setting, task, seed) of a row, on ``ablation_seeds`` only for the ablation rows.
+    """
     done_total = want_total = 0
     unfinished = []
     for row in rows:
         keys = ["original"] if row in ORIGINAL_ROWS else settings
-        want = len(keys) * len(tasks) * len(seeds)
-        done = sum(seed in by_key[(key, task, row)] for key in keys for task in tasks for seed in seeds)
+        row_seeds = [s for s in seeds if s in ablation_seeds] if row in ABLATION_ROWS and ablation_seeds else seeds
+        want = len(keys) * len(tasks) * len(row_seeds)
+        done = sum(seed in by_key[(key, task, row)] for key in keys for task in tasks for seed in row_seeds)
         done_total, want_total = done_total + done, want_total + want
         if done < want:
             unfinished.append(f"{row} {done} of {want}")
@@ -271,13 +284,18 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), help="task keys (file stem for task files)")
     parser.add_argument("--settings", nargs="+", default=list(DEFAULT_SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS),
+                        help="method rows to show (default: all; a grid run with fewer --rows wants the same list)")
+    parser.add_argument("--ablation-seeds", nargs="+", type=int, default=[0],
+                        help=f"the seeds the ablation rows ({', '.join(ABLATION_ROWS)}) are planned on")
     parser.add_argument("--commit", help="use only cells made by this code commit (a prefix is enough)")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     cells = [c for c in load_cells(Path(args.cells), args.commit) if c["task"] in args.tasks]
-    settings, rows = args.settings, list(ROWS)
+    settings, rows = args.settings, [row for row in ROWS if row in args.rows]
+    cells = [c for c in cells if c["row"] in rows]
     summaries = load_setting_summaries(Path(args.cells).parent / "settings")
-    text = table(cells, settings, args.tasks, rows, args.seeds, summaries)
+    text = table(cells, settings, args.tasks, rows, args.seeds, summaries, args.ablation_seeds)
     # one plot per document: a second table (new tasks, the MoEfied setting) must not overwrite the first's
     plot = Path(args.doc).with_name(f"{Path(args.doc).stem}_curves.png")
     if cells:

@@ -217,3 +217,28 @@ def test_a_cell_of_other_code_is_redone_not_skipped(tmp_path):
     assert not is_done(path, "aaa111")
     path.write_text(json.dumps({**cell("nf4", "a", "vanilla", 0, 0.5), "commit": "aaa111"}))
     assert is_done(path, "aaa111") and not is_done(path, "bbb222")
+
+
+def test_progress_counts_ablation_rows_on_their_seeds_only():
+    cells = [cell("original", "a", "original", 0, 0.9), cell("nf4", "a", "svd-init", 0, 0.5)]
+    rows = ["original", "svd-init"]
+    # planned: original on seeds 0-2 (3 cells), svd-init on seed 0 only (1 cell, finished)
+    assert "Cells finished: 2 of 4 (unfinished rows: original 1 of 3)." in table(
+        cells, ["nf4"], ["a"], rows, [0, 1, 2], ablation_seeds=[0])
+    assert "Cells finished: 2 of 6 (unfinished rows: original 1 of 3, svd-init 1 of 3)." in table(
+        cells, ["nf4"], ["a"], rows, [0, 1, 2])
+
+
+def test_table_script_shows_only_the_rows_asked_for(tmp_path):
+    cells_dir = tmp_path / "cells"
+    cells_dir.mkdir()
+    for i, c in enumerate([cell("original", "a", "original", 0, 0.9), cell("nf4", "a", "vanilla", 0, 0.7),
+                           cell("nf4", "a", "svd-init", 0, 0.6)]):
+        (cells_dir / f"{i}.json").write_text(json.dumps(c))
+    doc = tmp_path / "results.md"
+    table_main(["--cells", str(cells_dir), "--doc", str(doc), "--tasks", "a", "--settings", "nf4", "--seeds", "0",
+                "--rows", "original", "vanilla"])
+    text = doc.read_text()
+    assert "| vanilla | – | 70.0 ± 0.0 (1) | 70.0 ± 0.0 (1) |" in text
+    assert "svd-init" not in text and "| cpet |" not in text
+    assert "Cells finished: 2 of 2 (the grid is complete)." in text
