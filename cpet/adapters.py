@@ -89,12 +89,28 @@ def is_cpet_adapter(directory: str | Path) -> bool:
     return (Path(directory) / ADAPTER_META).exists()
 
 
+def check_adapter_name(name: str) -> str:
+    """``name`` if it can name an adapter: one directory under the pipeline's ``adapters/`` (returned as is).
+
+    A name with a path separator or ``..`` would put the adapter outside ``adapters/``, where neither
+    ``cpet list`` nor a lookup by name finds it, and its relative base reference would point elsewhere.
+    """
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise ValueError(f"adapter name {name!r} must be one directory name (no '/', '\\' or '..'), e.g. "
+                         "'movie-cpet': adapters live in <pipeline>/adapters/<name>")
+    return name
+
+
 def read_adapter_meta(directory: str | Path) -> dict:
-    """The ``cpet.json`` of an adapter directory (clear error when the directory is not one)."""
+    """The ``cpet.json`` of an adapter directory (clear error when the directory is not one or is corrupt)."""
     path = Path(directory) / ADAPTER_META
     if not path.exists():
         raise FileNotFoundError(f"{directory} has no {ADAPTER_META}: not a CPET adapter directory")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{path} is not valid JSON ({err}): the adapter's metadata is damaged; tune the "
+                         "adapter again") from err
 
 
 def check_adapter_base(meta: dict, *, base_id: str | None = None, source_fingerprint: str | None = None,

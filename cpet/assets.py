@@ -142,6 +142,21 @@ def atomic_path(final: Path) -> Iterator[Path]:
         shutil.rmtree(tmp.parent, ignore_errors=True)
 
 
+def check_output_dir(path: Path) -> None:
+    """Refuse, before any work, an output directory that cannot be made: a file on its way, or no write access.
+
+    Raises:
+        ValueError: naming the path that is in the way.
+    """
+    existing = Path(path)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"output directory {path} cannot be made: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"output directory {path} cannot be made: {existing} is not writable")
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temporary file, then rename)."""
     with atomic_path(Path(path)) as tmp:

@@ -92,8 +92,10 @@ def perplexity(model: nn.Module, tokenizer, text: str, *, max_length: int = 256,
         stride: step between window starts; ``stride < max_length`` gives every scored token more context.
         max_tokens: score only the first ``max_tokens`` tokens of the text (None = all).
     Raises:
-        ValueError: empty text, or fewer than two tokens.
+        ValueError: empty text, fewer than two tokens, a window shorter than 2 or a stride below 1.
     """
+    if max_length < 2 or stride < 1:  # a 1-token window predicts nothing: no token would be scored
+        raise ValueError(f"perplexity needs max_length >= 2 and stride >= 1, got {max_length} and {stride}")
     if not text or not text.strip():
         raise ValueError("cannot compute perplexity on an empty corpus")
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -450,7 +450,10 @@ def load_base(name_or_path: str = EMBEDDED_DEFAULT, *, dtype: torch.dtype = torc
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path} is a directory without config.json: not a transformers model")
         local = path
-    elif path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+    elif path.exists():
+        raise ValueError(f"model path {name_or_path!r} is a file but not a .gguf: give a transformers model "
+                         "directory (with config.json), a .gguf file, an embedded name or a hub id")
+    elif name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise FileNotFoundError(f"model path {name_or_path!r} does not exist")
     elif name_or_path.count("/") == 1:
         local = None  # a hub id, for online users

@@ -36,8 +36,9 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 
-from .adapters import (add_lora, check_adapter_base, inheritance_facts, is_cpet_adapter, load_adapter, plain_peft_meta,
-                       plain_peft_source, read_adapter_meta, save_adapter, target_module_names, write_adapter_meta)
+from .adapters import (add_lora, check_adapter_base, check_adapter_name, inheritance_facts, is_cpet_adapter,
+                       load_adapter, plain_peft_meta, plain_peft_source, read_adapter_meta, save_adapter,
+                       target_module_names, write_adapter_meta)
 from .assembly import AdapterSource
 from .assets import atomic_path, write_text_atomic
 from .compress.calibration import input_rms
@@ -86,10 +87,14 @@ class CPET:
         """
         self._original: LoadedBase | None = None
         self._original_spec = original if isinstance(original, str) else original.name
+        self._source_from_record = False  # set by load() when the spec is the one pipeline.json recorded
         if isinstance(original, LoadedBase):
             self._use_original(original)
         self.work_dir = Path(work_dir)
-        self.work_dir.mkdir(parents=True, exist_ok=True)
+        # created by the first step that writes into it (atomic writes make their parents), so that a run
+        # refused before any work leaves no empty directory behind
+        if self.work_dir.exists() and not self.work_dir.is_dir():
+            raise ValueError(f"work directory {self.work_dir} is a file: give a directory (new or a pipeline's)")
         self._fingerprint: str | None = None
         self._recorded_fingerprint: str | None = None  # of a saved pipeline: the original must match it
         self._tokenizer = None
@@ -110,7 +115,14 @@ class CPET:
             ValueError: the loaded model is not the one the saved pipeline was built from.
         """
         if self._original is None:
-            loaded = load_base(self._original_spec)
+            try:
+                loaded = load_base(self._original_spec)
+            except (OSError, ValueError) as err:
+                if not self._source_from_record:  # the caller's own name: the error says all
+                    raise
+                kind = FileNotFoundError if isinstance(err, FileNotFoundError) else ValueError
+                raise kind(f"{err} (the source model recorded in {self.work_dir / 'pipeline.json'}): give the "
+                           "model where it is now with --model (API: CPET.load(directory, original=...))") from err
             self._check_source(loaded)
             self._use_original(loaded)
         return self._original
@@ -199,8 +211,8 @@ class CPET:
         self.log.append({"stage": stage, "started_at": started_at, "finished_at": utc_now(), **facts})
         fingerprint = self._fingerprint or self._recorded_fingerprint
         write_text_atomic(self.work_dir / "pipeline.json", json.dumps(
-            {"source": self.source_name, "source_fingerprint": fingerprint, "log": self.log}, indent=2,
-            default=str))
+            {"source": _lasting_source(self.source_name), "source_fingerprint": fingerprint, "log": self.log},
+            indent=2, default=str))
 
     # ------------------------------------------------------------------ compress
     def compress(self, stages: Sequence, *, calibration: str = "brown", calibration_samples: int = 16,
@@ -210,12 +222,9 @@ class CPET:
         ``after_stage(i, model)`` is called after each stage (see :func:`cpet.compress.compress`).
         """
         from .compress import compress as run_stages
-        from .compress.calibration import calibration_ids
-        from .data import load_corpus
 
         start, started_at = time.perf_counter(), utc_now()
-        ids = calibration_ids(self.original.tokenizer, load_corpus(calibration, split="train"),
-                              calibration_samples, seq_len)
+        ids = self._calibration_ids(calibration, calibration_samples, seq_len)
         base = run_stages(copy.deepcopy(self.original.model), list(stages), calibration=ids,
                           source_name=self.original.name, tokenizer=self.original.tokenizer, progress=progress,
                           after_stage=after_stage, source_fingerprint=self.source_fingerprint)
@@ -229,6 +238,26 @@ class CPET:
                      stages=[stage_config_to_dict(stage) for stage in stages], calibration=base.manifest.calibration,
                      seconds=time.perf_counter() - start)
         return self
+
+    def check_stages(self, stages: Sequence, *, calibration: str = "brown", calibration_samples: int = 16,
+                     seq_len: int = 128) -> None:
+        """Every check :meth:`compress` runs before its work, alone (for callers that measure first).
+
+        Raises:
+            ValueError: what :meth:`compress` would refuse with the same arguments (see
+                :func:`cpet.compress.validate_stages`), or a calibration text too short for the windows.
+        """
+        from .compress import validate_stages
+
+        validate_stages(self.original.model, list(stages),
+                        calibration=self._calibration_ids(calibration, calibration_samples, seq_len))
+
+    def _calibration_ids(self, calibration: str, samples: int, seq_len: int) -> torch.Tensor:
+        """``[samples, seq_len]`` token ids from the training part of the ``calibration`` corpus."""
+        from .compress.calibration import calibration_ids
+        from .data import load_corpus
+
+        return calibration_ids(self.original.tokenizer, load_corpus(calibration, split="train"), samples, seq_len)
 
     # ------------------------------------------------------------------ shared recovery
     def recover(self, config: RecoveryConfig | None = None, distill: DistillConfig | None = None, *,
@@ -306,6 +335,8 @@ class CPET:
                 inherited adapter does not know, or missing prerequisites (base, recovery).
         """
         config = config or TuneConfig()
+        if name is not None:
+            check_adapter_name(name)
         started_at = utc_now()
         task_source = task_source_of(task)
         task = as_task(task)
@@ -475,8 +506,11 @@ class CPET:
                 raise ValueError(f"task {task.name!r} has labels {unknown} that adapter {_dir(inherit_from)} "
                                  f"does not know (it knows {labels})")
             return source
-        # an unused source is still recorded (cpet.json, the resume identity), as it always was
-        return AdapterSource(_dir(inherit_from)) if inherit_from is not None else None
+        if inherit_from is not None:  # it would be recorded as the adapter's source without being read
+            raise ValueError(f"inherit_from ({_dir(inherit_from)}) is read only by init='inherit' or per-task "
+                             f"recovery, but this run has init={init!r} and recovery={recovery!r}: add "
+                             "init='inherit' (CLI: --init inherit) or leave the source out")
+        return None
 
     def _inheritance_source(self, directory: Path) -> AdapterSource:
         """An inheritance source, read once, after checking it was trained on this source model.
@@ -649,11 +683,19 @@ class CPET:
             raise FileNotFoundError(f"{directory} has no pipeline.json: not a saved CPET pipeline")
         record = json.loads((directory / "pipeline.json").read_text())
         pipeline = cls(original or record["source"], directory)
+        pipeline._source_from_record = original is None
         pipeline.log = record["log"]
         pipeline._recorded_fingerprint = _recorded_fingerprint(directory, record)
         if pipeline.original_loaded:  # its weights are here already: checking costs one fingerprint
             pipeline._check_source(pipeline.original)
         return pipeline
+
+
+def _lasting_source(name: str) -> str:
+    """The source as ``pipeline.json`` keeps it: a local path made absolute, so that the pipeline finds its
+    source from any working directory; embedded names and hub ids as they are."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if name not in EMBEDDED and path.exists() else name
 
 
 def _recorded_fingerprint(directory: Path, record: dict) -> str | None:

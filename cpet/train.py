@@ -78,6 +78,8 @@ class TuneConfig:
             raise ValueError("steps, batch_size and eval_every must be >= 1")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not self.alpha > 0:
+            raise ValueError(f"alpha must be > 0 (the LoRA scale is alpha / rank), got {self.alpha}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.warmup_steps is not None and self.warmup_steps < 1:
@@ -201,6 +203,10 @@ def check_resume_config(directory: Path, config: TuneConfig, identity: dict | No
         if differs:
             detail = ", ".join(f"{key} {state['identity'].get(key)!r} -> {now_id.get(key)!r}" for key in differs)
             raise ValueError(f"resume state in {directory} was trained for something else ({detail}): {fix}")
+    if state.get("step", 0) > config.steps:  # the loop would not run: the longer run would come back unchanged
+        raise ValueError(f"resume state in {directory} has already trained {state['step']} steps, more than the "
+                         f"{config.steps} asked for: ask for at least {state['step']} steps (steps may only grow), "
+                         f"or {fix}")
     if saved is None:  # written before configs were recorded
         return
     now = json.loads(json.dumps(config.to_dict()))
@@ -406,6 +412,11 @@ class DistillConfig:
     def __post_init__(self) -> None:
         if min(self.steps, self.batch_size, self.seq_len) < 1:
             raise ValueError("steps, batch_size and seq_len must be >= 1")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if min(self.kl_weight, self.mse_weight) < 0 or self.kl_weight + self.mse_weight == 0:
+            raise ValueError(f"kl_weight and mse_weight must be >= 0 and not both 0, got {self.kl_weight} and "
+                             f"{self.mse_weight}")
 
     # lr_factor reads these two
     @property

@@ -245,13 +245,18 @@ def test_cli_alone_follows_the_demo_order_and_evaluates_adapters(capsys, tuned_p
     assert "toy-cpet, toy-original" in capsys.readouterr().err
 
 
-def test_eval_a_peft_directory_on_a_plain_model(capsys, tuned_pipeline, model_dir):
+def test_eval_a_peft_directory_on_a_plain_model(capsys, tuned_pipeline, model_dir, task_file):
     original = tuned_pipeline / "adapters" / "toy-original" / "adapter"
     plain = run_json(capsys, "eval", "--model", str(model_dir), "--peft", str(original), "--limit", "6")
     inside = run_json(capsys, "eval", str(tuned_pipeline), "--adapter", "toy-original", "--limit", "6")
     assert plain["tasks"][0]["accuracy"] == inside["tasks"][0]["accuracy"]
     assert main(["eval", "--model", str(original)]) == 2
     assert "is an adapter, not a model" in capsys.readouterr().err
+    # an adapter of the pruned base does not fit the unpruned model: an error line, not peft's traceback
+    pruned = tuned_pipeline / "adapters" / "toy-cpet" / "adapter"
+    assert main(["eval", "--model", str(model_dir), "--peft", str(pruned), "--task", str(task_file)]) == 2
+    assert re.search(r"does not fit model .*trained on base [0-9a-f]{16}…\).*cpet eval PIPELINE --adapter NAME",
+                     capsys.readouterr().err)
 
 
 def test_version_names_the_libraries(capsys):
@@ -362,6 +367,18 @@ def test_sparsity_refuses_bad_targets_before_loading(capsys, argv, message):
     assert re.search(message, capsys.readouterr().err)
 
 
+def test_sparsity_refuses_an_output_or_corpus_it_cannot_use_before_loading(capsys, tmp_path):
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    # an unknown model would fail later, at loading: these fail first
+    assert main(["sparsity", "--model", "no-such-model", "--out", str(a_file / "sub")]) == 2
+    assert f"output directory {a_file / 'sub'} cannot be made: {a_file} is a file" in capsys.readouterr().err
+    assert main(["sparsity", "--model", "no-such-model", "--corpus", str(tmp_path / "missing.txt"),
+                 "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "missing.txt" in err and "unknown model" not in err
+
+
 def test_sparsity_without_matplotlib_says_how_to_install_it_before_any_work(capsys, monkeypatch):
     import importlib.util
 
@@ -369,3 +386,97 @@ def test_sparsity_without_matplotlib_says_how_to_install_it_before_any_work(caps
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
     assert main(["sparsity", "--model", "no-such-model"]) == 2  # an unknown model would fail later, at loading
     assert "pip install 'cpet[plots]'" in capsys.readouterr().err
+
+
+def test_stages_that_do_not_fit_the_model_fail_before_it_is_measured(capsys, model_dir, tmp_path, monkeypatch):
+    import cpet.evaluate
+
+    measured = []
+    monkeypatch.setattr(cpet.evaluate, "perplexity", lambda *a, **k: measured.append(a))
+    out = tmp_path / "moe"
+    # the tiny qwen2 FFN has 128 neurons: 7 experts cannot split it into equal parts
+    assert main(["compress", "--model", str(model_dir), "--moefy-experts", "7", "--out", str(out)]) == 2
+    assert "7" in capsys.readouterr().err
+    assert measured == [] and not out.exists()  # refused before any measurement, and no empty directory left
+
+
+def test_os_errors_are_error_lines_not_tracebacks(capsys, model_dir, tmp_path):
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    assert main(["compress", "--model", str(model_dir), "--prune-ffn", "0.5", "--importance", "magnitude",
+                 "--out", str(a_file)]) == 2
+    assert f"work directory {a_file} is a file" in capsys.readouterr().err
+    assert main(["export", str(a_file / "sub"), "--out", str(tmp_path / "exp")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cpet export: error:") and "Traceback" not in err
+
+
+def test_a_refused_tune_saves_no_config_and_names_stay_inside_the_pipeline(capsys, model_dir, task_file, tmp_path):
+    work = tmp_path / "w"
+    assert main(["tune", str(work), "--model", str(model_dir), "--task", str(task_file), "--on", "original",
+                 "--steps", "1", "--name", "../escape"]) == 2
+    assert "must be one directory name" in capsys.readouterr().err
+    assert not list(work.glob("configs/*.json")) and not (tmp_path / "escape").exists()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("keep-optimizer-state: 'false'\n", r"keep-optimizer-state is a switch and takes true or false, got 'false'"),
+    ("steps: [1, 2]\n", r"steps takes one value, got the list \[1, 2\]"),
+])
+def test_config_file_values_of_the_wrong_kind_are_refused(capsys, tmp_path, text, message):
+    config = tmp_path / "run.yaml"
+    config.write_text(text)
+    assert main(["tune", str(tmp_path / "w"), "--config", str(config)]) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_limit_hint_only_on_limit_flags(capsys):
+    with pytest.raises(SystemExit):
+        main(["tune", "w", "--rank", "0"])
+    err = capsys.readouterr().err
+    assert "must be >= 1, got 0" in err and "leave the flag out" not in err
+    with pytest.raises(SystemExit):
+        main(["eval", "--limit", "0"])
+    assert "leave the flag out for all" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "--max-length", "1"])
+    assert "must be >= 2, got 1" in capsys.readouterr().err
+
+
+def test_list_marks_adapters_of_a_replaced_base_and_damaged_ones(capsys, tuned_pipeline, tmp_path):
+    import shutil
+
+    copy = tmp_path / "p"
+    shutil.copytree(tuned_pipeline, copy)
+    meta_path = copy / "adapters" / "toy-cpet" / "adapter" / "cpet.json"
+    meta = json.loads(meta_path.read_text())
+    meta["base_id"] = "0" * 64  # as if a later `cpet compress` had replaced the base it was tuned on
+    meta_path.write_text(json.dumps(meta))
+    by_name = {a["name"]: a for a in run_json(capsys, "list", str(copy))["adapters"]}
+    assert by_name["toy-cpet"]["fits_base"] is False and by_name["toy-original"]["fits_base"] is True
+    assert main(["list", str(copy)]) == 0
+    assert "compressed (a replaced base)" in capsys.readouterr().out
+    meta_path.write_text("{")
+    listed = run_json(capsys, "list", str(copy))["adapters"]
+    assert [a["name"] for a in listed] == ["toy-cpet", "toy-original"]
+    assert "cpet.json is not valid JSON" in listed[0]["error"]
+    assert main(["list", str(tmp_path / "nowhere")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_demo_refuses_an_unknown_task_before_loading_the_model(capsys, tmp_path, monkeypatch):
+    import cpet.cli.demo
+
+    monkeypatch.setattr(cpet.cli.demo, "load_model", lambda args: pytest.fail("the model was loaded"))
+    assert main(["demo", "--task", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "d")]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
+def test_help_shows_no_none_defaults(capsys):
+    from cpet.cli import COMMANDS, build_parser
+
+    build_parser()
+    for name, parser in COMMANDS.items():
+        assert "(default: None)" not in parser.format_help(), name
+    assert "(default: compressed)" in COMMANDS["tune"].format_help()

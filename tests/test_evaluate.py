@@ -65,6 +65,12 @@ def test_perplexity_rejects_empty_corpus():
         perplexity(loaded.model, loaded.tokenizer, "   \n")
 
 
+def test_perplexity_rejects_windows_that_score_nothing():
+    loaded = tiny_model("llama")
+    with pytest.raises(ValueError, match="max_length >= 2 and stride >= 1, got 1 and 256"):
+        perplexity(loaded.model, loaded.tokenizer, "some words to score here", max_length=1)
+
+
 class EchoLM(nn.Module):
     """Predicts that the next token repeats the current one (logit 10 vs 0): a model with known answers."""
 

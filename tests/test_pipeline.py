@@ -73,7 +73,9 @@ def test_original_adapter_learns_and_loads_with_plain_peft(built):
                                             ("random", "shared"), ("inherit", "per_task"), ("inherit", "both")])
 def test_every_method_row_trains_and_evaluates(built, init, recovery):
     pipeline, task, original, _ = built
-    adapter = pipeline.tune(task, init=init, recovery=recovery, inherit_from=original, config=TUNE, progress=False)
+    uses_source = init == "inherit" or recovery in ("per_task", "both")
+    adapter = pipeline.tune(task, init=init, recovery=recovery, inherit_from=original if uses_source else None,
+                            config=TUNE, progress=False)
     meta = adapter.meta
     assert meta["base_id"] == pipeline.base_id and meta["init"] == init and meta["recovery"] == recovery
     assert [h["step"] for h in meta["metrics"]["history"]] == [0, 10, 20, 30]
@@ -293,6 +295,41 @@ def test_resume_for_another_purpose_is_refused_naming_each_difference(built, tmp
         pipeline.tune(task, config=config, name="guarded", progress=False)
 
 
+def test_resume_with_fewer_steps_is_refused(built):
+    pipeline, task, _, _ = built
+    pipeline.tune(task, config=TuneConfig(steps=2, batch_size=8, eval_every=1, rank=4, alpha=8), name="longer",
+                  progress=False)
+    with pytest.raises(ValueError, match=r"has already trained 2 steps, more than the 1 asked for"):
+        pipeline.tune(task, config=TuneConfig(steps=1, batch_size=8, eval_every=1, rank=4, alpha=8), name="longer",
+                      progress=False)
+
+
+def test_bad_adapter_names_and_unused_sources_are_refused_before_any_work(built):
+    pipeline, task, original, _ = built
+    for name in ("../escape", "a/b", "..", ""):
+        with pytest.raises(ValueError, match="must be one directory name"):
+            pipeline.tune(task, config=SHORT, name=name, progress=False)
+    assert not (pipeline.work_dir / "escape").exists() and not (pipeline.work_dir / "adapters" / "a").exists()
+    # a source that random init would not read must not be recorded as the adapter's origin
+    for kwargs in (dict(), dict(init="svd"), dict(recovery="shared")):
+        with pytest.raises(ValueError, match=r"inherit_from \(.*\) is read only by init='inherit' or per-task"):
+            pipeline.tune(task, inherit_from=original, config=SHORT, name="unused-source", progress=False, **kwargs)
+    assert not (pipeline.work_dir / "adapters" / "unused-source").exists()
+
+
+def test_corrupt_adapter_metadata_names_its_file(built, tmp_path):
+    import shutil
+
+    from cpet.adapters import read_adapter_meta
+
+    pipeline, _, original, _ = built
+    copy_dir = tmp_path / "broken"
+    shutil.copytree(original.directory, copy_dir)
+    (copy_dir / "cpet.json").write_text("{")
+    with pytest.raises(ValueError, match=r"broken/cpet.json is not valid JSON .*tune the adapter again"):
+        read_adapter_meta(copy_dir)
+
+
 def test_one_prompt_length_for_training_validation_and_scoring(built, monkeypatch):
     import cpet.evaluate
     import cpet.train
@@ -490,3 +527,20 @@ def test_work_on_the_compressed_base_never_loads_the_original(built, tmp_path, m
     wrong = CPET.load(copied, original=str(other))  # nothing loaded yet: checked when it is
     with pytest.raises(ValueError, match="built from source model"):
         wrong.tune(task, init="inherit", inherit_from=source_adapter, config=SHORT, name="wrong", progress=False)
+
+
+def test_a_local_source_is_recorded_absolute_and_a_moved_one_is_named(tmp_path, monkeypatch):
+    tiny = tiny_model("llama")
+    tiny.model.save_pretrained(tmp_path / "src")
+    tiny.tokenizer.save_pretrained(tmp_path / "src")
+    task = write_task(tmp_path / "task.jsonl", n=40)
+    monkeypatch.chdir(tmp_path)
+    CPET("src", "work").tune(task, on="original", config=SHORT, name="o", progress=False)
+    assert json.loads((tmp_path / "work" / "pipeline.json").read_text())["source"] == str(tmp_path / "src")
+    monkeypatch.chdir(tmp_path / "work")  # elsewhere: the absolute record still finds it
+    assert CPET.load(".").original.model.config.num_hidden_layers == tiny.model.config.num_hidden_layers
+    (tmp_path / "src").rename(tmp_path / "moved")
+    with pytest.raises(FileNotFoundError, match=r"recorded in .*pipeline.json\): give the model where it is now "
+                                                r"with --model"):
+        CPET.load(".").original
+    assert CPET.load(".", original=str(tmp_path / "moved")).original is not None

@@ -15,7 +15,7 @@ import cpet.train
 from cpet.adapters import add_lora, load_adapter, read_adapter_meta, save_adapter
 from cpet.evaluate import classification_accuracy
 from cpet.models import tiny_model
-from cpet.train import TuneConfig, batch_indices, collate, encode_example, train_classifier
+from cpet.train import DistillConfig, TuneConfig, batch_indices, collate, encode_example, train_classifier
 
 LABELS = ["positive", "negative"]
 TEMPLATE = SimpleNamespace(format=lambda text: f"{text} ->")
@@ -170,3 +170,15 @@ def test_two_processes_take_the_same_steps_as_one(tmp_path):
     assert moved > 1e-2  # the steps changed the weights, so agreement below is not trivial
     assert torch.allclose(two_lora, single_lora, atol=1e-4)
     assert ranks[0]["best_accuracy"] == single.best_accuracy
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: TuneConfig(alpha=-4), r"alpha must be > 0 \(the LoRA scale is alpha / rank\), got -4"),
+    (lambda: TuneConfig(lr=0), "lr must be > 0, got 0"),
+    (lambda: DistillConfig(lr=-1), "lr must be > 0, got -1"),
+    (lambda: DistillConfig(kl_weight=0, mse_weight=0), "must be >= 0 and not both 0"),
+    (lambda: DistillConfig(mse_weight=-1), "must be >= 0 and not both 0"),
+])
+def test_bad_hyper_parameters_are_refused_on_construction(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()

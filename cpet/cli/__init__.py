@@ -23,20 +23,44 @@ __all__ = ["main", "build_parser", "model_info", "evaluate_task", "evaluate_corp
 
 
 def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (``--limit 0`` used to mean "all", silently)."""
+    """argparse type: an integer >= 1."""
+    return at_least(1)(text)
+
+
+def limit_int(text: str) -> int:
+    """argparse type of the ``--limit`` flags: an integer >= 1 (``--limit 0`` used to mean "all", silently)."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value} (leave the flag out for all)")
     return value
 
 
+def at_least(minimum: int):
+    """argparse type: an integer >= ``minimum``."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    parse.__name__ = "int"  # argparse names the type in "invalid int value: 'x'"
+    return parse
+
+
 COMMANDS: dict[str, argparse.ArgumentParser] = {}  # subcommand name -> its parser (for --config files)
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except None: for a required flag or one whose absence the help explains,
+    "(default: None)" says nothing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:  # argparse's hook for this (no public one)
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def _command(sub, name: str, help_text: str, func, *, runs_models: bool = True) -> argparse.ArgumentParser:
     """A subcommand whose ``--help`` shows every default; ``runs_models`` adds the runtime flags and --config."""
     parser = sub.add_parser(name, help=help_text, description=help_text,
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=DefaultsHelpFormatter)
     parser.set_defaults(func=func)
     if runs_models:
         group = parser.add_argument_group("runtime")
@@ -97,9 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", action="append", help="task name, .jsonl/.csv path or hf:NAME (repeatable)")
     p.add_argument("--corpus", help="brown (its held-out documents) or a local .txt file (used whole)")
     p.add_argument("--split", default="test", help="task split to score")
-    p.add_argument("--limit", type=positive_int, default=None, help="score only the first N examples; None: all")
+    p.add_argument("--limit", type=limit_int, default=None, help="score only the first N examples; None: all")
     p.add_argument("--max-tokens", type=positive_int, default=8192, help="perplexity tokens")
-    p.add_argument("--max-length", type=positive_int, default=256, help="perplexity window length")
+    p.add_argument("--max-length", type=at_least(2), default=256,
+                   help="perplexity window length (>= 2: each window predicts its tokens after the first)")
     p.add_argument("--max-prompt-tokens", type=positive_int, default=tune_defaults.max_prompt_tokens,
                    help="prompts are left-truncated to this many tokens (a CPET adapter's own recorded value "
                         "takes precedence: it is what the adapter was trained with)")
@@ -199,11 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="linear warm-up over this share of the steps (at least one step)")
     p.add_argument("--eval-every", type=positive_int, default=tune_defaults.eval_every,
                    help="validate (and keep the best) every N steps")
-    p.add_argument("--val-limit", type=positive_int, default=tune_defaults.eval_limit,
+    p.add_argument("--val-limit", type=limit_int, default=tune_defaults.eval_limit,
                    help="validation examples per evaluation")
     p.add_argument("--max-prompt-tokens", type=positive_int, default=tune_defaults.max_prompt_tokens,
                    help="prompts are left-truncated to this many tokens (training and every later scoring)")
-    p.add_argument("--limit", type=positive_int, default=None, help="test examples scored at the end; None: all")
+    p.add_argument("--limit", type=limit_int, default=None, help="test examples scored at the end; None: all")
     p.add_argument("--keep-optimizer-state", action="store_true",
                    help="keep AdamW's moments when the run finishes (about 3x the adapter's size), so that a longer "
                         "run continues exactly")
@@ -248,6 +273,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cpet {args.command}: error: a safetensors file is corrupt or truncated ({exc}); delete it and "
               "make it again (re-run the step that wrote it)", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, AssetError) as exc:
+    except (ValueError, AssetError) as exc:
         print(f"cpet {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a path that is a file where a directory is wanted, unwritable, missing ...
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"cpet {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2

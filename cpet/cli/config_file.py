@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Sequence
 
 
@@ -40,7 +41,12 @@ def config_file_args(argv: Sequence[str], commands: dict[str, argparse.ArgumentP
         if option in given:
             continue
         if isinstance(action, argparse._StoreTrueAction):
+            if not isinstance(value, bool):  # a string "false" would be truthy and turn the flag on
+                raise ValueError(f"config file {path}: {key} is a switch and takes true or false, got {value!r}")
             injected += [option] if value else []
+        elif isinstance(value, list) and not isinstance(action, argparse._AppendAction):
+            raise ValueError(f"config file {path}: {key} takes one value, got the list {value!r} (only repeatable "
+                             "flags take lists)")
         else:
             for item in value if isinstance(value, list) else [value]:
                 injected += [option, str(item)]
@@ -49,8 +55,6 @@ def config_file_args(argv: Sequence[str], commands: dict[str, argparse.ArgumentP
 
 def read_config_file(path: str) -> dict:
     """The mapping in a YAML or JSON file (FileNotFoundError / ValueError naming the file otherwise)."""
-    from pathlib import Path
-
     import yaml
 
     file = Path(path)
@@ -65,18 +69,18 @@ def read_config_file(path: str) -> dict:
     return values
 
 
-def save_run_config(args: argparse.Namespace, directory) -> None:
+def save_run_config(args: argparse.Namespace, directory) -> Path:
     """Write the command's effective flags to ``DIRECTORY/configs/<command>-<UTC time>.json`` (atomically).
 
-    The file can be given back with ``--config`` to run the same command again.
+    The file can be given back with ``--config`` to run the same command again. Returns its path.
     """
     import datetime
     import json
-    from pathlib import Path
-
     from ..assets import write_text_atomic
 
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     values = {key: value for key, value in sorted(vars(args).items())
               if key not in ("func", "command", "config", "runtime", "json") and value is not None}
-    write_text_atomic(Path(directory) / "configs" / f"{args.command}-{stamp}.json", json.dumps(values, indent=2))
+    path = Path(directory) / "configs" / f"{args.command}-{stamp}.json"
+    write_text_atomic(path, json.dumps(values, indent=2))
+    return path

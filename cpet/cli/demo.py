@@ -18,7 +18,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     -> shared recovery -> CPET adapter (inherited LoRA on the recovered base), with a table at the end.
     """
     from ..config import PruneConfig, QuantizeConfig
-    from ..data import load_corpus
+    from ..data import load_corpus, load_task
     from ..evaluate import perplexity
     from ..pipeline import CPET, task_key
     from ..recovery import RecoveryConfig
@@ -26,6 +26,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    load_task(args.task).split("test")  # a bad --task fails here, not after the model has loaded
     pipeline = CPET(load_model(args), args.out)
     save_run_config(args, args.out)
     text = load_corpus("brown", split="heldout")

@@ -120,7 +120,15 @@ def _peft_on_base(args: argparse.Namespace):
     if not (Path(args.peft) / "adapter_config.json").exists():
         raise FileNotFoundError(f"{args.peft} is not a PEFT adapter directory (no adapter_config.json)")
     loaded = load_model(args)
-    loaded.model = PeftModel.from_pretrained(loaded.model, str(args.peft)).eval()
+    try:
+        loaded.model = PeftModel.from_pretrained(loaded.model, str(args.peft)).eval()
+    except RuntimeError as err:  # peft's load_state_dict: the adapter's shapes are another model's
+        if "size mismatch" not in str(err):
+            raise
+        trained_on = f" (it was trained on base {meta['base_id'][:16]}…)" if meta.get("base_id") else ""
+        raise ValueError(f"adapter {args.peft} does not fit model {args.model}: its LoRA shapes are another "
+                         f"model's{trained_on}; an adapter of a compressed base runs in its pipeline, "
+                         "`cpet eval PIPELINE --adapter NAME`, or on that pipeline's `cpet export` output") from err
     return loaded, meta
 
 
@@ -134,6 +142,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     tasks = [load_task(name) for name in args.task or []]  # every name checked before any model work
     for task in tasks:
         task.split(args.split)
+    if args.corpus:  # so is the corpus (scored after the model has loaded)
+        from ..data import load_corpus
+
+        load_corpus(args.corpus, split="heldout")
     if target == "pipeline":
         results = _eval_pipeline(args, tasks)
     else:
@@ -222,11 +234,18 @@ def cmd_list(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..adapters import read_adapter_meta
+    from ..compress.manifest import ORIGINAL_BASE_ID
 
     root = Path(args.pipeline)
+    if not root.exists():
+        raise ValueError(f"{root} does not exist: give a CPET pipeline directory")
     if not (root / "pipeline.json").exists():
         raise ValueError(f"{root} is not a CPET pipeline directory (no pipeline.json)")
-    record = json.loads((root / "pipeline.json").read_text())
+    try:
+        record = json.loads((root / "pipeline.json").read_text())
+    except ValueError as err:
+        raise ValueError(f"{root / 'pipeline.json'} is not valid JSON ({err}): the pipeline's record is "
+                         "damaged") from err
     result: dict = {"pipeline": str(root), "source": record.get("source"), "base": None, "recovery": None,
                     "adapters": []}
     manifest_path = root / "base" / "manifest.json"
@@ -243,13 +262,21 @@ def cmd_list(args: argparse.Namespace) -> int:
         meta = json.loads(recovery_meta.read_text())
         result["recovery"] = {"rank": meta.get("config", {}).get("rank"), "targets": len(meta.get("targets", [])),
                               "distill_steps": meta.get("distill", {}).get("steps")}
+    current_base = result["base"]["base_id"] if result["base"] else None
     for directory in sorted((root / "adapters").glob("*/adapter")):
-        meta = read_adapter_meta(directory) if (directory / "cpet.json").exists() else {}
+        entry = {"name": directory.parent.name}
+        try:
+            meta = read_adapter_meta(directory) if (directory / "cpet.json").exists() else {}
+        except ValueError as err:  # one damaged adapter: say so in its row, list the others
+            result["adapters"].append({**entry, "error": str(err)})
+            continue
         metrics = meta.get("metrics", {})
-        result["adapters"].append({"name": directory.parent.name, "task": meta.get("task"), "on": meta.get("on"),
+        # an adapter of a base that a later `cpet compress` replaced no longer loads here
+        stale = meta.get("base_id") not in (None, ORIGINAL_BASE_ID, current_base)
+        result["adapters"].append({**entry, "task": meta.get("task"), "on": meta.get("on"),
                                    "init": meta.get("init"), "recovery": meta.get("recovery"),
                                    "val_accuracy": metrics.get("val_accuracy"),
-                                   "test_accuracy": metrics.get("test_accuracy")})
+                                   "test_accuracy": metrics.get("test_accuracy"), "fits_base": not stale})
 
     def render(r: dict) -> None:
         print(f"pipeline {r['pipeline']} (source model {r['source']})")
@@ -263,12 +290,20 @@ def cmd_list(args: argparse.Namespace) -> int:
         rec = r["recovery"]
         print("shared recovery: " + (f"rank {rec['rank']} on {rec['targets']} linears, {rec['distill_steps']} "
                                      "distillation steps" if rec else "none (cpet recover)"))
-        if r["adapters"]:
+        listed = [a for a in r["adapters"] if "error" not in a]
+        if listed:
             print_table(["adapter", "task", "on", "init", "recovery", "val acc", "test acc"],
-                         [[a["name"], a["task"], a["on"], a["init"], a["recovery"],
+                         [[a["name"], a["task"], a["on"] if a["fits_base"] else f"{a['on']} (a replaced base)",
+                           a["init"], a["recovery"],
                            "–" if a["val_accuracy"] is None else a["val_accuracy"],
-                           "–" if a["test_accuracy"] is None else a["test_accuracy"]] for a in r["adapters"]])
-        else:
+                           "–" if a["test_accuracy"] is None else a["test_accuracy"]] for a in listed])
+            if not all(a["fits_base"] for a in listed):
+                print("adapters of a replaced base were tuned on a base that a later `cpet compress` overwrote: "
+                      "they no longer load here; tune them again")
+        for a in r["adapters"]:
+            if "error" in a:
+                print(f"adapter {a['name']}: {a['error']}")
+        if not r["adapters"]:
             print("adapters: none yet (cpet tune)")
 
     emit(result, args.json, render)

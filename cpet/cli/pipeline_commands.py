@@ -63,6 +63,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     stages = stages_from_args(args)  # bad flags fail here, before the model is loaded
     pipeline = open_pipeline(args.out, args.model, may_create=True, first_step="compress", runtime=args.runtime)
+    # stages that do not fit this model (expert counts, head ratios) fail before the original is measured
+    pipeline.check_stages(stages, calibration_samples=args.calibration_samples)
     text = load_corpus("brown", split="heldout")
     rows = []
 
@@ -114,10 +116,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
                         max_prompt_tokens=args.max_prompt_tokens, seed=args.seed)
     pipeline = open_pipeline(args.pipeline, args.model, may_create=args.on == "original",
                              first_step="tuning on the compressed model", runtime=args.runtime)
-    save_run_config(args, args.pipeline)
-    adapter = pipeline.tune(args.task, on=args.on, init=args.init, inherit_from=args.inherit_from,
-                            recovery=args.recovery, config=config, name=args.name, progress=not args.json,
-                            keep_optimizer_state=args.keep_optimizer_state)
+    saved = save_run_config(args, args.pipeline)  # before training: a killed run can be replayed from it
+    try:
+        adapter = pipeline.tune(args.task, on=args.on, init=args.init, inherit_from=args.inherit_from,
+                                recovery=args.recovery, config=config, name=args.name, progress=not args.json,
+                                keep_optimizer_state=args.keep_optimizer_state)
+    except ValueError:  # refused (bad option, mismatched resume ...): nothing ran, so there is nothing to replay
+        saved.unlink(missing_ok=True)
+        raise
     if adapter.meta.get("inherited_from_other_task") and not args.json:
         print(f"note: inherited from an adapter tuned for task {adapter.meta['inherited_task']!r}, not "
               f"{adapter.meta['task']!r} (allowed: it can help; recorded in cpet.json)", file=sys.stderr)

@@ -3,16 +3,44 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import socket
 from pathlib import Path
 
 
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (a timeout of 0, a negative one or ``inf`` has no meaning)."""
+    value = float(text)
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be > 0 (a finite number of seconds), got {text}")
+    return value
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, 0..65535 (0: any free port; ``cpet serve`` prints the one it bound)."""
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in 0..65535, got {value} (0: any free port)")
+    return value
+
+
 def build_app(args: argparse.Namespace):
-    """The application ``cpet serve`` runs (separate from starting uvicorn, for tests)."""
+    """The application ``cpet serve`` runs (separate from starting uvicorn, for tests).
+
+    Raises:
+        ValueError: a bad limit or path, or an adapter that does not load; the limits are checked before the
+            base loads.
+    """
     from ..compress import CompressedBase
     from ..serve.engine import Engine
     from ..serve.server import ServerLimits, create_app
 
+    limits = ServerLimits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
+                          max_queue=args.max_queue, max_batch=args.max_batch, timeout_s=args.timeout)
+    if args.max_adapters < 1:
+        raise ValueError(f"--max-adapters must be >= 1, got {args.max_adapters}: it is how many adapters stay "
+                         "loaded")
     base_dir = Path(args.base)
     pipeline = base_dir if (base_dir / "base" / "manifest.json").exists() else None
     if pipeline is not None:
@@ -36,8 +64,6 @@ def build_app(args: argparse.Namespace):
                     root=root)
     for name, path in adapters:  # the operator's own adapters: not confined to the root
         engine.registry.load(name, path, pin=True) if root is None else _load_unconfined(engine, name, path)
-    limits = ServerLimits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
-                          max_queue=args.max_queue, max_batch=args.max_batch, timeout_s=args.timeout)
     return create_app(engine, served_name=args.served_name, api_key=args.api_key or os.environ.get("CPET_API_KEY"),
                       limits=limits)
 
@@ -50,14 +76,40 @@ def _load_unconfined(engine, name: str, path: str) -> None:
         engine.registry.root = root
 
 
+def _bind(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` (as uvicorn binds one: IPv6 when the host has a colon, SO_REUSEADDR).
+
+    Raises:
+        ValueError: the address cannot be bound (in use, not this machine's, an unknown host name).
+    """
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port} ({exc.strerror or exc}): choose another --port (0: any "
+                         "free one), stop what listens there, or check --host") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    """Bind the port (before the model loads, so a busy port fails at once), build the app, say where it is
+    served, then serve until stopped."""
     import uvicorn
 
-    app = build_app(args)
-    print(f"serving {args.base} on http://{args.host}:{args.port} (model names: {args.served_name}, "
-          f"{', '.join(app.state.engine.registry.names()) or 'no adapters yet'})", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-    return 0
+    sock = _bind(args.host, args.port)
+    try:
+        app = build_app(args)
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        print(f"serving {args.base} on http://{host}:{sock.getsockname()[1]} (model names: {args.served_name}, "
+              f"{', '.join(app.state.engine.registry.names()) or 'no adapters yet'})", flush=True)
+        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    return 0 if server.started else 1  # not started: uvicorn has logged why (the app's startup failed)
 
 
 def add_serve_parser(sub, command) -> None:
@@ -73,12 +125,14 @@ def add_serve_parser(sub, command) -> None:
     p.add_argument("--api-key", help="bearer token for runtime adapter load/unload (or CPET_API_KEY; none: off)")
     p.add_argument("--served-name", default="cpet-base", help="the model name of the bare base")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=positive_int, default=8000, help="TCP port to listen on")
-    p.add_argument("--max-adapters", type=int, default=64, help="adapters kept loaded (LRU eviction of unpinned)")
+    p.add_argument("--port", type=port_number, default=8000, help="TCP port to listen on (0: any free port)")
+    p.add_argument("--max-adapters", type=positive_int, default=64,
+                   help="adapters kept loaded (LRU eviction of unpinned)")
     p.add_argument("--max-prompt-tokens", type=positive_int, default=1024,
                    help="longest prompt accepted; a longer one is answered 400 (classification prompts are "
                         "left-truncated to their adapter's own recorded cut)")
-    p.add_argument("--max-tokens", type=int, default=256, help="the most tokens one request may generate")
-    p.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond which the server answers 429")
-    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds before a request is answered 504")
+    p.add_argument("--max-tokens", type=positive_int, default=256, help="the most tokens one request may generate")
+    p.add_argument("--max-queue", type=positive_int, default=64,
+                   help="waiting requests beyond which the server answers 429")
+    p.add_argument("--max-batch", type=positive_int, default=16, help="sequences decoded together")
+    p.add_argument("--timeout", type=positive_float, default=60.0, help="seconds before a request is answered 504")

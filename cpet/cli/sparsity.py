@@ -10,7 +10,7 @@ from .output import emit, print_table
 
 
 def cmd_sparsity(args: argparse.Namespace) -> int:
-    from ..assets import write_text_atomic
+    from ..assets import check_output_dir, write_text_atomic
     from ..compress import calibration_ids
     from ..data import load_corpus
     from ..sparsity import plot_activation_ratios, require_matplotlib, sparsity_report
@@ -24,11 +24,13 @@ def cmd_sparsity(args: argparse.Namespace) -> int:
         raise ValueError(f"--cett is a share of the FFN output norm in [0, 1], got {args.cett}")
     if args.ppl_p <= 0:
         raise ValueError(f"--ppl-p is a perplexity rise in percent (> 0), got {args.ppl_p}")
-    loaded = load_model(args)
+    check_output_dir(Path(args.out))  # the report is written at the end: a bad --out fails now
     brown = args.corpus == "brown"  # thresholds from Brown's training documents, perplexity on held-out ones
-    calibration = calibration_ids(loaded.tokenizer, load_corpus(args.corpus, split="train" if brown else "all"),
-                                  args.calibration_samples, args.seq_len, seed=args.seed)
+    train_text = load_corpus(args.corpus, split="train" if brown else "all")  # a missing file fails here
     text = load_corpus(args.corpus, split="heldout" if brown else "all")
+    loaded = load_model(args)
+    calibration = calibration_ids(loaded.tokenizer, train_text, args.calibration_samples, args.seq_len,
+                                  seed=args.seed)
     report = sparsity_report(loaded.model, loaded.tokenizer, calibration, text, cett=args.cett, ppl_p=args.ppl_p,
                              max_tokens=args.max_tokens, progress=not args.json)
     report = {"model": loaded.name, "corpus": args.corpus, **report}

@@ -41,6 +41,23 @@ def _geometry_dict(model: nn.Module) -> dict:
     return dict(geometry(model).__dict__)
 
 
+def validate_stages(model: nn.Module, stages: Sequence, *, calibration: torch.Tensor | None = None) -> list:
+    """Every check of ``stages`` against ``model``, changing nothing: what :func:`compress` runs first.
+
+    Callers that do expensive work before compressing (measuring the original model) call it beforehand.
+    Returns the stages' registry entries, in order.
+    Raises:
+        ValueError: unregistered or misordered stages, or any stage's own validation.
+        UnsupportedArchitectureError: a model without a CPET module map.
+    """
+    family_of(model)
+    entries = check_order(stages)
+    checks = StageContext(calibration, progress=False)  # validation predicts layouts; it shows no progress
+    for i, (stage, entry) in enumerate(zip(stages, entries)):
+        entry.stage.validate(model, stage, checks, tuple(stages[:i]))
+    return entries
+
+
 def compress(model: nn.Module, stages: Sequence, *, calibration: torch.Tensor | None = None,
              tokenizer=None, source_name: str = "", inplace: bool = False, progress: bool = True,
              after_stage: Callable[[int, nn.Module], None] | None = None,
@@ -61,10 +78,7 @@ def compress(model: nn.Module, stages: Sequence, *, calibration: torch.Tensor | 
         UnsupportedArchitectureError: a model without a CPET module map.
     """
     family = family_of(model)
-    entries = check_order(stages)
-    checks = StageContext(calibration, progress)  # fail early: every check before any stage runs
-    for i, (stage, entry) in enumerate(zip(stages, entries)):
-        entry.stage.validate(model, stage, checks, tuple(stages[:i]))
+    entries = validate_stages(model, stages, calibration=calibration)  # fail early: every check before any work
     if not inplace:
         model = copy.deepcopy(model)
     source = {"name": source_name, "fingerprint": source_fingerprint or model_fingerprint(model),
@@ -93,5 +107,5 @@ def compress(model: nn.Module, stages: Sequence, *, calibration: torch.Tensor | 
     return CompressedBase(model, manifest, maps, tokenizer)
 
 
-__all__ = ["compress", "MoEfyConfig", "CompressedBase", "Manifest", "IndexMaps", "StageRecord", "STAGES", "Stage",
-           "StageContext", "register_stage", "unregister_stage", "registration", "calibration_ids"]
+__all__ = ["compress", "validate_stages", "MoEfyConfig", "CompressedBase", "Manifest", "IndexMaps", "StageRecord",
+           "STAGES", "Stage", "StageContext", "register_stage", "unregister_stage", "registration", "calibration_ids"]

@@ -67,9 +67,17 @@ class Scheduler:
         max_queue: requests waiting at most (beyond them :meth:`submit` raises :class:`QueueFull`).
         max_batch: sequences in one step at most (new ones wait in the queue until rows free up).
         on_step: called after every step with ``(batch size, new tokens)`` (metrics).
+
+    Raises:
+        ValueError: ``max_queue`` or ``max_batch`` below 1 (checked before the worker starts): a batch of 0 would
+            never admit a request, and a queue of 0 would be unbounded, never full.
     """
 
     def __init__(self, engine: Engine, *, max_queue: int = 64, max_batch: int = 16, on_step=None):
+        for name, value in (("max_batch", max_batch), ("max_queue", max_queue)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}: it is the most requests "
+                                 f"{'decoded together' if name == 'max_batch' else 'waiting'}")
         self.engine, self.max_batch, self.on_step = engine, max_batch, on_step
         self.queue: "queue.Queue" = queue.Queue(maxsize=max_queue)
         self.running: list[_Running] = []

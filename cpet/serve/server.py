@@ -10,6 +10,7 @@ output tokens, a bounded queue (429 when full), a per-request timeout (504).
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -24,13 +25,26 @@ from .scheduler import ClassifyRequest, GenerationRequest, QueueFull, Scheduler
 
 @dataclass(frozen=True)
 class ServerLimits:
-    """What one request may ask for, and how long the server waits for it."""
+    """What one request may ask for, and how long the server waits for it.
+
+    Every count is an integer >= 1 and ``timeout_s`` a finite number of seconds > 0; anything else raises
+    ValueError naming the field and the value, at construction (before any model or scheduler exists).
+    """
 
     max_prompt_tokens: int = 1024
     max_tokens: int = 256
     max_queue: int = 64
     max_batch: int = 16
     timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_prompt_tokens", "max_tokens", "max_queue", "max_batch"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ServerLimits.{name} must be an integer >= 1, got {value!r}")
+        timeout = self.timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+            raise ValueError(f"ServerLimits.timeout_s must be a finite number of seconds > 0, got {timeout!r}")
 
 
 class ServingError(Exception):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from argparse import Namespace
 
@@ -160,3 +161,89 @@ def test_the_scheduler_refuses_beyond_its_queue_and_lets_short_requests_pass_lon
         assert long_result["text"] == engine.generate(["the quick"], ["shared"], max_tokens=60)[0]["text"]
     finally:
         scheduler.close()
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--max-batch", "0", "must be >= 1"), ("--max-tokens", "-5", "must be >= 1"), ("--max-queue", "0", "must be >= 1"),
+    ("--max-queue", "-1", "must be >= 1"), ("--max-adapters", "0", "must be >= 1"), ("--timeout", "-1", "must be > 0"),
+    ("--timeout", "inf", "must be > 0"), ("--port", "70000", r"must be in 0\.\.65535"),
+    ("--port", "-1", r"must be in 0\.\.65535"),
+])
+def test_serve_refuses_bad_limits_and_ports_before_loading_anything(capsys, flag, value, message):
+    from cpet.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--base", "no-such-pipeline", flag, value])
+    err = capsys.readouterr().err
+    assert f"argument {flag}" in err and re.search(message, err) and "Traceback" not in err
+
+
+@pytest.mark.parametrize("field, value", [("max_prompt_tokens", 0), ("max_tokens", -5), ("max_queue", 0),
+                                          ("max_queue", -1), ("max_batch", 0), ("timeout_s", -1.0),
+                                          ("timeout_s", 0), ("timeout_s", float("nan")), ("max_batch", 2.5)])
+def test_server_limits_name_the_bad_field_and_value(field, value):
+    from cpet.serve.server import ServerLimits
+
+    with pytest.raises(ValueError, match=rf"ServerLimits\.{field} must be .*, got {re.escape(repr(value))}"):
+        ServerLimits(**{field: value})
+    ServerLimits(max_queue=1, max_batch=1, timeout_s=0.5)  # the smallest sound limits pass
+
+
+def test_build_app_checks_its_limits_before_the_base_loads(tmp_path, monkeypatch):
+    from cpet.cli.serve import build_app
+    from cpet.compress import CompressedBase
+
+    (tmp_path / "manifest.json").write_text("{}")  # passes for a base directory until it is loaded
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the base was loaded before the limits were checked")
+
+    monkeypatch.setattr(CompressedBase, "load", no_load)
+    args = Namespace(base=str(tmp_path), recovery=None, adapter_root=None, served_name="cpet-base",
+                     adapter=[], api_key=None, max_adapters=8, max_prompt_tokens=200, max_tokens=64, max_queue=16,
+                     max_batch=0, timeout=60.0)
+    with pytest.raises(ValueError, match=r"max_batch must be an integer >= 1, got 0"):
+        build_app(args)
+    args.max_batch, args.max_adapters = 8, 0
+    with pytest.raises(ValueError, match=r"--max-adapters must be >= 1, got 0"):
+        build_app(args)
+    args.max_adapters = 8
+    with pytest.raises(AssertionError, match="the base was loaded"):  # sound limits: on to the load
+        build_app(args)
+
+
+@pytest.mark.parametrize("kwargs, message", [({"max_batch": 0}, r"max_batch must be >= 1, got 0"),
+                                             ({"max_queue": 0}, r"max_queue must be >= 1, got 0")])
+def test_the_scheduler_refuses_an_empty_batch_or_queue(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Scheduler(None, **kwargs)  # refused before the engine is touched or the worker starts
+
+
+def test_serve_binds_its_port_before_loading_and_says_so_only_once_bound(capsys, monkeypatch):
+    import socket
+    from types import SimpleNamespace
+
+    import uvicorn
+
+    import cpet.cli.serve
+    from cpet.cli import main
+
+    loaded = []
+    monkeypatch.setattr(cpet.cli.serve, "build_app", lambda args: loaded.append(args) or SimpleNamespace(
+        state=SimpleNamespace(engine=SimpleNamespace(registry=SimpleNamespace(names=lambda: ["plain"])))))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--base", "p", "--port", str(port)]) == 2
+    out, err = capsys.readouterr()
+    assert not loaded and "serving" not in out  # refused before the model loads, and never announced
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "--port" in err
+
+    ran = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: ran.append(
+        [s.getsockname()[1] for s in sockets]) or setattr(self, "started", True))
+    assert main(["serve", "--base", "p", "--port", "0"]) == 0  # 0: any free port, the one bound is announced
+    (bound,), = ran
+    assert loaded and bound != 0 and f"serving p on http://127.0.0.1:{bound} (model names: cpet-base, plain)" \
+        in capsys.readouterr().out
