@@ -54,9 +54,14 @@ class HeadMode(str, Enum):
     KV_GROUP = "kv_group"  # drop whole KV groups (a KV head with all its query heads)
 
 
+# the cpet compress flag that sets each ratio, named in errors for command-line users
+_RATIO_FLAGS = {"ffn_ratio": "--prune-ffn", "head_ratio": "--prune-heads"}
+
+
 def _check_ratio(name: str, value: float) -> None:
     if not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {value}")
+        flag = f" (CLI: {_RATIO_FLAGS[name]})" if name in _RATIO_FLAGS else ""
+        raise ValueError(f"{name} must be in [0, 1), got {value}{flag}: the share of channels pruned")
 
 
 @register_stage_config

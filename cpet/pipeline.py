@@ -199,7 +199,8 @@ class CPET:
         from .compress import CompressedBase
 
         if not self.has_base:
-            raise ValueError(f"no compressed base in {self.base_dir}: call compress(...) first")
+            raise ValueError(f"no compressed base in {self.base_dir}: call compress(...) first (CLI: `cpet compress "
+                             f"--out {self.work_dir} ...`)")
         return CompressedBase.load(self.base_dir)
 
     @property
@@ -490,15 +491,19 @@ class CPET:
         if recovery not in RECOVERY_MODES:
             raise ValueError(f"recovery must be one of {RECOVERY_MODES}, got {recovery!r}")
         if on == "original" and (init != "random" or recovery != "none"):
-            raise ValueError("tuning on the original model takes init='random' and recovery='none'")
+            raise ValueError("tuning on the original model takes init='random' and recovery='none' (CLI: leave "
+                             "--init and --recovery out with --on original)")
         if on == "compressed" and not self.has_base:
-            raise ValueError(f"no compressed base in {self.base_dir}: call compress(...) first")
+            raise ValueError(f"no compressed base in {self.base_dir}: call compress(...) first (CLI: `cpet compress "
+                             f"--out {self.work_dir} ...`)")
         if recovery in ("shared", "both") and not (self.recovery_dir / "recovery.json").exists():
-            raise ValueError(f"no shared recovery modules in {self.recovery_dir}: call recover(...) first")
+            raise ValueError(f"no shared recovery modules in {self.recovery_dir}: call recover(...) first (CLI: "
+                             f"`cpet recover {self.work_dir}`)")
         if init == "inherit" or recovery in ("per_task", "both"):
             if inherit_from is None:
                 raise ValueError("init='inherit' and per-task recovery need inherit_from: an adapter trained "
-                                 "on the original model (tune(task, on='original'))")
+                                 "on the original model (tune(task, on='original')); CLI: --inherit-from NAME, "
+                                 "an adapter of `cpet tune PIPELINE --on original`")
             source = self._inheritance_source(_dir(inherit_from))
             labels = source.meta["labels"] if source.is_cpet else None  # a plain PEFT source: the task's own
             unknown = sorted(set(task.labels) - set(labels)) if labels is not None else []
@@ -554,7 +559,8 @@ class CPET:
             model, base_id, shared = self.original.model, ORIGINAL_BASE_ID, None
         elif on == "compressed":
             if not self.has_base:
-                raise ValueError(f"no compressed base in {self.base_dir}: call compress(...) first")
+                raise ValueError(f"no compressed base in {self.base_dir}: call compress(...) first (CLI: `cpet "
+                                 f"compress --out {self.work_dir} ...`)")
             base_id = self.base_id
             if self._served_base is None or self._served_base[0] != base_id:
                 self._served_base = (base_id, self.load_compressed().model)

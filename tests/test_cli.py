@@ -109,7 +109,7 @@ def test_compress_moefy_and_quantized_embeddings_then_tune(capsys, model_dir, ta
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["compress", "--prune-ffn", "1.2", "--out", "x"], r"ffn_ratio must be in \[0, 1\)"),
+    (["compress", "--prune-ffn", "1.2", "--out", "x"], r"ffn_ratio must be in \[0, 1\), got 1.2 \(CLI: --prune-ffn\)"),
     (["compress", "--out", "x"], "nothing to do"),
     (["compress", "--moefy-experts", "1", "--out", "x"], "num_experts must be >= 2"),
     (["compress", "--moefy-top-k", "4", "--out", "x"], "need --moefy-experts"),

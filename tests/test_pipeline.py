@@ -221,8 +221,8 @@ def test_empty_training_split_writes_nothing(built):
     (dict(on="teacher"), "on must be"),
     (dict(init="loftq"), "init must be one of"),
     (dict(recovery="all"), "recovery must be one of"),
-    (dict(init="inherit"), "need inherit_from"),
-    (dict(on="original", init="svd"), "tuning on the original model"),
+    (dict(init="inherit"), "need inherit_from.*CLI: --inherit-from NAME"),
+    (dict(on="original", init="svd"), "tuning on the original model.*leave --init and --recovery out"),
 ])
 def test_bad_tune_options(built, kwargs, message):
     pipeline, task, _, _ = built
@@ -233,7 +233,7 @@ def test_bad_tune_options(built, kwargs, message):
 def test_missing_prerequisites(tmp_path):
     fresh = CPET(tiny_model("llama"), tmp_path / "w")
     task = write_task(tmp_path / "t.jsonl")
-    with pytest.raises(ValueError, match="call compress"):
+    with pytest.raises(ValueError, match=r"call compress\(\.\.\.\) first \(CLI: `cpet compress --out .*/w \.\.\.`\)"):
         fresh.tune(task, config=TUNE, progress=False)
 
 
