@@ -448,7 +448,9 @@ def load_base(name_or_path: str = EMBEDDED_DEFAULT, *, dtype: torch.dtype = torc
         return _placed(LoadedBase(model, tokenizer, name_or_path, path.parent, timings), dtype, device)
     elif path.is_dir():
         if not (path / "config.json").exists():
-            raise FileNotFoundError(f"{path} is a directory without config.json: not a transformers model")
+            hint = (f"; it is a CPET pipeline: its compressed base is {path / 'base'}, its source model is named "
+                    "in pipeline.json") if (path / "pipeline.json").exists() else ""
+            raise FileNotFoundError(f"{path} is a directory without config.json: not a transformers model{hint}")
         local = path
     elif path.exists():
         raise ValueError(f"model path {name_or_path!r} is a file but not a .gguf: give a transformers model "

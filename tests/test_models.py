@@ -94,8 +94,17 @@ def test_bad_model_names(name, error, message):
 
 
 def test_directory_without_config_is_refused(tmp_path):
-    with pytest.raises(FileNotFoundError, match="without config.json"):
+    with pytest.raises(FileNotFoundError, match="without config.json: not a transformers model$"):
         load_base(str(tmp_path))
+    (tmp_path / "pipeline.json").write_text("{}")  # a pipeline given where a model is wanted: point inside it
+    with pytest.raises(FileNotFoundError, match=r"it is a CPET pipeline: its compressed base is .*/base"):
+        load_base(str(tmp_path))
+
+
+def test_a_file_that_is_not_gguf_is_named_as_such(tmp_path):
+    (tmp_path / "weights.bin").write_text("x")
+    with pytest.raises(ValueError, match="is a file but not a .gguf"):
+        load_base(str(tmp_path / "weights.bin"))
 
 
 def test_not_a_gguf_file(tmp_path):

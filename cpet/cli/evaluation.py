@@ -137,7 +137,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     target = _eval_target(args)
     if not args.task and not args.corpus and not args.adapter and not args.peft:
-        raise SystemExit("cpet eval: give --task T (accuracy) and/or --corpus C (perplexity), or --adapter NAME "
+        raise ValueError("give --task T (accuracy) and/or --corpus C (perplexity), or --adapter NAME "
                          "with a pipeline")
     tasks = [load_task(name) for name in args.task or []]  # every name checked before any model work
     for task in tasks:

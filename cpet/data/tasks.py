@@ -155,9 +155,12 @@ def _rows_to_task(rows: list[tuple[int, dict]], path: Path, text_field: str, lab
     use_split = split_field or ("split" if rows and "split" in rows[0][1] else None)
     for line_no, row in rows:
         for required in (text_field, label_field):
-            if required not in row or row[required] is None:
+            if required not in row:
                 raise ValueError(f"{path} {kind} {line_no}: missing field {required!r}; it has "
                                  f"{sorted(row)}")
+            if row[required] is None:
+                raise ValueError(f"{path} {kind} {line_no}: field {required!r} is null; fill it in or remove "
+                                 f"that {kind}")
             if not str(row[required]).strip():
                 raise ValueError(f"{path} {kind} {line_no}: field {required!r} is empty; fill it in or remove "
                                  f"that {kind}")

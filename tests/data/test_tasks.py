@@ -56,6 +56,7 @@ def test_csv_and_tsv_tasks(tmp_path):
 @pytest.mark.parametrize("content, message", [
     ('{"text": "a", "label": "x"}\n{"text": "b", "label": "y"\n', r"line 2: malformed JSON"),
     ('{"text": "a", "label": "x"}\n{"body": "b", "label": "y"}\n', r"line 2: missing field 'text'.*'body'"),
+    ('{"text": "a", "label": "x"}\n{"text": "b", "label": null}\n', r"line 2: field 'label' is null; fill it in"),
     ('{"text": "a", "label": "x"}\n{"text": "b", "label": "x"}\n', r"only one class \('x'\)"),
     ("\n\n", "is empty"),
     ('{"text": "a", "label": "x", "split": "holdout"}\n', "unknown split 'holdout'"),
