@@ -198,10 +198,14 @@ class CPET:
         """A fresh, frozen copy of the compressed base (``CompressedBase``) read from ``base/``."""
         from .compress import CompressedBase
 
+        self._require_base()
+        return CompressedBase.load(self.base_dir)
+
+    def _require_base(self) -> None:
+        """Refuse work on the compressed base before :meth:`compress` has made one."""
         if not self.has_base:
             raise ValueError(f"no compressed base in {self.base_dir}: call compress(...) first (CLI: `cpet compress "
                              f"--out {self.work_dir} ...`)")
-        return CompressedBase.load(self.base_dir)
 
     @property
     def base_id(self) -> str:
@@ -223,9 +227,13 @@ class CPET:
         ``after_stage(i, model)`` is called after each stage (see :func:`cpet.compress.compress`).
         """
         from .compress import compress as run_stages
+        from .compress.calibration import calibration_ids
+        from .data import load_corpus
 
         start, started_at = time.perf_counter(), utc_now()
-        ids = self._calibration_ids(calibration, calibration_samples, seq_len)
+        self.check_stages(stages)  # before tokenizing the calibration text, which takes a while
+        ids = calibration_ids(self.original.tokenizer, load_corpus(calibration, split="train"),
+                              calibration_samples, seq_len)
         base = run_stages(copy.deepcopy(self.original.model), list(stages), calibration=ids,
                           source_name=self.original.name, tokenizer=self.original.tokenizer, progress=progress,
                           after_stage=after_stage, source_fingerprint=self.source_fingerprint)
@@ -240,25 +248,19 @@ class CPET:
                      seconds=time.perf_counter() - start)
         return self
 
-    def check_stages(self, stages: Sequence, *, calibration: str = "brown", calibration_samples: int = 16,
-                     seq_len: int = 128) -> None:
-        """Every check :meth:`compress` runs before its work, alone (for callers that measure first).
+    def check_stages(self, stages: Sequence) -> None:
+        """Every check of ``stages`` that :meth:`compress` runs before its work, alone and cheap (for callers
+        that measure the original model first).
 
         Raises:
-            ValueError: what :meth:`compress` would refuse with the same arguments (see
-                :func:`cpet.compress.validate_stages`), or a calibration text too short for the windows.
+            ValueError: what :meth:`compress` would refuse for these stages (see
+                :func:`cpet.compress.validate_stages`).
         """
         from .compress import validate_stages
 
-        validate_stages(self.original.model, list(stages),
-                        calibration=self._calibration_ids(calibration, calibration_samples, seq_len))
-
-    def _calibration_ids(self, calibration: str, samples: int, seq_len: int) -> torch.Tensor:
-        """``[samples, seq_len]`` token ids from the training part of the ``calibration`` corpus."""
-        from .compress.calibration import calibration_ids
-        from .data import load_corpus
-
-        return calibration_ids(self.original.tokenizer, load_corpus(calibration, split="train"), samples, seq_len)
+        # the stages' checks read only whether calibration batches will be given (compress always gives them),
+        # not their ids: a zero-row placeholder spares tokenizing the corpus (about 20 s for Brown) for them
+        validate_stages(self.original.model, list(stages), calibration=torch.empty((0, 1), dtype=torch.long))
 
     # ------------------------------------------------------------------ shared recovery
     def recover(self, config: RecoveryConfig | None = None, distill: DistillConfig | None = None, *,
@@ -493,9 +495,8 @@ class CPET:
         if on == "original" and (init != "random" or recovery != "none"):
             raise ValueError("tuning on the original model takes init='random' and recovery='none' (CLI: leave "
                              "--init and --recovery out with --on original)")
-        if on == "compressed" and not self.has_base:
-            raise ValueError(f"no compressed base in {self.base_dir}: call compress(...) first (CLI: `cpet compress "
-                             f"--out {self.work_dir} ...`)")
+        if on == "compressed":
+            self._require_base()
         if recovery in ("shared", "both") and not (self.recovery_dir / "recovery.json").exists():
             raise ValueError(f"no shared recovery modules in {self.recovery_dir}: call recover(...) first (CLI: "
                              f"`cpet recover {self.work_dir}`)")
@@ -558,9 +559,7 @@ class CPET:
         if on == "original":
             model, base_id, shared = self.original.model, ORIGINAL_BASE_ID, None
         elif on == "compressed":
-            if not self.has_base:
-                raise ValueError(f"no compressed base in {self.base_dir}: call compress(...) first (CLI: `cpet "
-                                 f"compress --out {self.work_dir} ...`)")
+            self._require_base()
             base_id = self.base_id
             if self._served_base is None or self._served_base[0] != base_id:
                 self._served_base = (base_id, self.load_compressed().model)

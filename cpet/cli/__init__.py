@@ -27,24 +27,19 @@ def positive_int(text: str) -> int:
     return at_least(1)(text)
 
 
-def limit_int(text: str) -> int:
-    """argparse type of the ``--limit`` flags: an integer >= 1 (``--limit 0`` used to mean "all", silently)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value} (leave the flag out for all)")
-    return value
-
-
-def at_least(minimum: int):
-    """argparse type: an integer >= ``minimum``."""
+def at_least(minimum: int, hint: str = ""):
+    """argparse type: an integer >= ``minimum`` (``hint`` is added to the error)."""
     def parse(text: str) -> int:
         value = int(text)
         if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}{hint}")
         return value
     parse.__name__ = "int"  # argparse names the type in "invalid int value: 'x'"
     return parse
 
+
+# argparse type of the ``--limit`` flags (``--limit 0`` used to mean "all", silently)
+limit_int = at_least(1, hint=" (leave the flag out for all)")
 
 COMMANDS: dict[str, argparse.ArgumentParser] = {}  # subcommand name -> its parser (for --config files)
 

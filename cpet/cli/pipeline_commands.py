@@ -64,7 +64,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     stages = stages_from_args(args)  # bad flags fail here, before the model is loaded
     pipeline = open_pipeline(args.out, args.model, may_create=True, first_step="compress", runtime=args.runtime)
     # stages that do not fit this model (expert counts, head ratios) fail before the original is measured
-    pipeline.check_stages(stages, calibration_samples=args.calibration_samples)
+    pipeline.check_stages(stages)
     text = load_corpus("brown", split="heldout")
     rows = []
 

@@ -216,7 +216,7 @@ def _neuron_vectors(model: nn.Module, index: int, tokens: torch.Tensor, clusteri
     return hidden.abs().float().T.cpu()
 
 
-def train_router(block: MoEFFN, tokens: torch.Tensor, steps: int, lr: float, seed: int) -> float:
+def train_router(block: MoEFFN, tokens: torch.Tensor, steps: int, lr: float) -> float:
     """Fit ``block.router`` to the true expert norms on ``tokens`` ``[N, hidden]``; returns the final
     normalised MSE (0 = perfect, 1 = as bad as predicting zero)."""
     device = block.router.proj.weight.device
@@ -224,7 +224,6 @@ def train_router(block: MoEFFN, tokens: torch.Tensor, steps: int, lr: float, see
     with torch.no_grad():
         target = block.expert_norms(x).float()
     scale = target.pow(2).mean().clamp(min=1e-12)
-    torch.manual_seed(seed)
     optimizer = torch.optim.Adam(block.router.parameters(), lr=lr)
     block.router.requires_grad_(True)
     loss = torch.tensor(0.0)
@@ -272,9 +271,13 @@ class MoEfyStage:
             vectors = _neuron_vectors(model, i, inputs[i], config.clustering)
             assignment, _ = balanced_kmeans(vectors, config.num_experts, seed=config.seed + i)
             order = expert_order(assignment, config.num_experts)
-            block = moe_block(model, i, config, order)
-            block.router.init_from_centres(_centres(block, config.num_experts))
-            train_router(block, inputs[i], config.router_steps, config.router_lr, config.seed + i)
+            # the router's random init is a function of the config's seed alone, not of whatever the caller
+            # drew before (validation builds modules too), and the caller's random stream is left as it was
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.seed + i)
+                block = moe_block(model, i, config, order)
+                block.router.init_from_centres(_centres(block, config.num_experts))
+                train_router(block, inputs[i], config.router_steps, config.router_lr)
             parent, name = _ffn_parent(model, i)
             setattr(parent, name, block)
             local.select(i, FFN_CHANNELS, order)
