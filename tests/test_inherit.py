@@ -292,3 +292,44 @@ def test_inheritance_through_moefication_permutes_rows_and_columns(tmp_path):
             assert torch.equal(delta(mine[role]), expected), role
     with torch.no_grad():  # every expert chosen: the MoEfied model with the inherited LoRA is the original one
         assert torch.allclose(student(IDS).logits, original_lora(IDS).logits, atol=1e-4)
+
+
+def test_training_through_the_routed_experts_equals_training_the_dense_model(tmp_path):
+    """Every expert chosen: the LoRA's gradients through the experts' slices are the dense model's, permuted,
+    and a few optimizer steps keep the two models' losses equal (the routed path trains as the dense one)."""
+    from cpet.compress.moefy import MoEfyConfig
+
+    loaded, dense = trained_lora("llama", tmp_path)
+    calibration = torch.randint(0, 259, (4, 32), generator=torch.Generator().manual_seed(0))
+    base = compress(loaded.model, [MoEfyConfig(num_experts=4, top_k=4)], calibration=calibration, progress=False)
+    routed = add_lora(base.model, rank=4, alpha=8, dropout=0.0)
+    apply_inherited_lora(routed, tmp_path / "orig", base.index_maps, loaded.model.config)
+    batch = torch.randint(0, 259, (3, 16), generator=torch.Generator().manual_seed(2))
+    models = (dense, routed)
+    optimizers = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5) for m in models]
+    history = []
+    for step in range(3):
+        losses = []
+        for model, optimizer in zip(models, optimizers):
+            optimizer.zero_grad()
+            loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            losses.append(loss.item())
+        assert abs(losses[0] - losses[1]) < 1e-4 * abs(losses[0]), (step, losses)
+        if step == 0:
+            for mine, theirs in zip(iter_layer_linears(routed), iter_layer_linears(dense)):
+                order = base.index_maps.ffn_rows(mine.index)
+                for role in ("gate", "up", "down"):
+                    a_grad = theirs[role].lora_A["default"].weight.grad
+                    b_grad = theirs[role].lora_B["default"].weight.grad
+                    if role == "down":
+                        a_grad = a_grad[:, order]
+                    else:
+                        b_grad = b_grad[order]
+                    assert b_grad.abs().max() > 0
+                    assert torch.allclose(mine[role].lora_A["default"].weight.grad, a_grad, atol=1e-5), role
+                    assert torch.allclose(mine[role].lora_B["default"].weight.grad, b_grad, atol=1e-5), role
+        for optimizer in optimizers:
+            optimizer.step()
+        history.append(losses[0])
+    assert history[-1] < history[0]  # the steps did move both models
