@@ -42,7 +42,8 @@ def _geometry_dict(model: nn.Module) -> dict:
 
 
 def validate_stages(model: nn.Module, stages: Sequence, *, calibration: torch.Tensor | None = None) -> list:
-    """Every check of ``stages`` against ``model``, changing nothing: what :func:`compress` runs first.
+    """Every check of ``stages`` against ``model``, changing nothing (the random stream included): what
+    :func:`compress` runs first.
 
     Callers that do expensive work before compressing (measuring the original model) call it beforehand.
     Returns the stages' registry entries, in order.
@@ -53,8 +54,11 @@ def validate_stages(model: nn.Module, stages: Sequence, *, calibration: torch.Te
     family_of(model)
     entries = check_order(stages)
     checks = StageContext(calibration, progress=False)  # validation predicts layouts; it shows no progress
-    for i, (stage, entry) in enumerate(zip(stages, entries)):
-        entry.stage.validate(model, stage, checks, tuple(stages[:i]))
+    # stages may build probe modules to check a model (their random init draws numbers): "changing nothing"
+    # includes the caller's random stream, so that validating first changes no later result
+    with torch.random.fork_rng(devices=[]):
+        for i, (stage, entry) in enumerate(zip(stages, entries)):
+            entry.stage.validate(model, stage, checks, tuple(stages[:i]))
     return entries
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cpet.compress import CompressedBase, compress
+from cpet.compress import CompressedBase, compress, validate_stages
 from cpet.compress.moefy import MoEfyConfig, moe_blocks
 from cpet.config import PruneConfig, QuantizeConfig
 from cpet.models import tiny_model
@@ -63,8 +63,20 @@ def test_routers_are_a_function_of_the_config_seed_not_of_the_callers_random_sta
         base = compress(model, [MoEfyConfig(num_experts=4, top_k=2, seed=moefy_seed)],
                         calibration=_calibration(model), progress=False)
         routers.append({k: v for k, v in base.model.state_dict().items() if "router" in k})
+        after = torch.rand(1)
+        torch.manual_seed(caller_seed)
+        assert torch.equal(after, torch.rand(1))  # and the caller's random stream is left as it was
     assert routers[0].keys() and all(torch.equal(routers[0][k], routers[1][k]) for k in routers[0])
     assert any(not torch.equal(routers[0][k], routers[2][k]) for k in routers[0])  # the config's seed does
+
+
+def test_validation_leaves_the_callers_random_stream_alone():
+    model = tiny_model("llama").model
+    torch.manual_seed(3)
+    validate_stages(model, [MoEfyConfig(num_experts=4, top_k=2)], calibration=_calibration(model))  # builds a probe
+    drawn = torch.rand(1)
+    torch.manual_seed(3)
+    assert torch.equal(drawn, torch.rand(1))
 
 
 def test_only_the_chosen_experts_run_on_exactly_their_tokens():
