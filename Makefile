@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.cpet-installed
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test bench clean-venv
+.PHONY: install demo test clean-venv
 
 # constraints.txt pins every other dependency to the versions the suite last passed with, so that a fresh
 # machine (and CI) installs what was tested, whatever PyPI released since; setup.cfg keeps the open ranges.

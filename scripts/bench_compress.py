@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchtools import paused  # noqa: E402
+from benchtools import git_commit, paused  # noqa: E402
 from cpet.assets import write_text_atomic  # noqa: E402
 from cpet.compress import calibration_ids, compress  # noqa: E402
 from cpet.config import PruneConfig, QuantizeConfig  # noqa: E402
@@ -95,6 +95,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="docs/bench_compress")
     args = parser.parse_args(argv)
 
+    commit = git_commit()  # the code as it was imported, before the long work
     loaded = load_base(args.model)
     text = load_corpus("brown", split="heldout")
     calibration = calibration_ids(loaded.tokenizer, load_corpus("brown", split="train"), args.calibration_samples, 128)
@@ -112,11 +113,11 @@ def main(argv=None) -> int:
     meta = {"model": args.model, "ppl_tokens": args.max_tokens, "batch_size": args.batch_size,
             "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
             "machine": f"{platform.machine()} CPU" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
-            "torch": torch.__version__, "threads": torch.get_num_threads()}
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "commit": commit}
     write_text_atomic(Path(args.out + ".json"), json.dumps({"meta": meta, "results": results}, indent=2))
     table = markdown(results, meta)
     write_text_atomic(Path(args.out + ".md"), "# Compression benchmark\n\nCommand: `python scripts/bench_compress.py "
-                      + " ".join(argv or sys.argv[1:]) + "`\n\n" + table)
+                      + " ".join(argv or sys.argv[1:]) + f"` (code commit {commit})\n\n" + table)
     print(table)
     return 0
 

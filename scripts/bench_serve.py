@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchtools import paused, write_report  # noqa: E402
+from benchtools import git_commit, paused, write_report  # noqa: E402
 from cpet.evaluate import throughput  # noqa: E402
 from cpet.models import unwrap  # noqa: E402
 from cpet.serve import Engine  # noqa: E402
@@ -153,7 +153,8 @@ def main(argv=None) -> int:
     report = {"pipeline": args.pipeline, "base_id": engine.base_id, "trained_adapters": sorted(trained),
               "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
               "machine": f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
-              "command": "python scripts/bench_serve.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+              "command": "python scripts/bench_serve.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "commit": git_commit()}
     with tempfile.TemporaryDirectory(prefix="cpet-bench-serve-") as tmp:
         copies = [perturbed_copy(plain[i % len(plain)], Path(tmp) / f"copy{i}", seed=i)
                   for i in range(max(max(args.counts), args.batch))]
@@ -234,7 +235,8 @@ def markdown(report: dict) -> str:
     lines += ["", f"Load test: {load['clients']} concurrent clients, {load['requests']} completion requests on "
               f"loopback: p50 {load['p50_s']:.2f} s, p99 {load['p99_s']:.2f} s, {load['tokens_per_s']:.1f} "
               f"generated tokens/s, {load['errors']} errors.", "",
-              f"Command: `{report['command']}` ({report['seconds'] / 60:.0f} min)", ""]
+              f"Command: `{report['command']}` ({report['seconds'] / 60:.0f} min, code commit "
+              f"{report.get('commit', 'not recorded')})", ""]
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""Every decoder-only architecture of the installed transformers (5.23): its module map is derived from its
+"""Every decoder-only architecture of the installed transformers (5.24): its module map is derived from its
 structure, or it is refused with an error naming the module that does not fit. Each one that maps runs the
 whole product on a tiny random model: info facts, a local-directory load, compress (50% FFN channels + nf4),
 recover, tune on the original, inherit onto the compressed base, save and reload with identical logits.

@@ -93,6 +93,30 @@ def test_export_folds_shared_recovery_and_matches_cpet(capsys, model_dir, task_f
     assert "is not a CPET export" in capsys.readouterr().err
 
 
+def test_recover_and_eval_take_model_where_the_recorded_source_has_moved(capsys, model_dir, task_file, tmp_path):
+    real_asset("brown-npm")
+    import shutil
+
+    source, work = tmp_path / "src", tmp_path / "work"
+    shutil.copytree(model_dir, source)
+    run_json(capsys, "compress", "--model", str(source), "--prune-ffn", "0.5", "--importance", "magnitude",
+             "--quantize", "nf4", "--eval-tokens", "256", "--out", str(work))
+    run_json(capsys, "tune", str(work), "--on", "original", "--task", str(task_file), "--steps", "2",
+             "--eval-every", "1", "--limit", "4", "--name", "o")
+    source.rename(tmp_path / "moved")
+    moved = str(tmp_path / "moved")
+    assert main(["eval", str(work), "--adapter", "o", "--limit", "4"]) == 2  # an original-model adapter needs it
+    assert re.search(r"pipeline.json\): give the model where it is now with --model", capsys.readouterr().err)
+    scored = run_json(capsys, "eval", str(work), "--adapter", "o", "--limit", "4", "--model", moved)
+    assert scored["tasks"][0]["n"] == 4
+    assert main(["recover", str(work), "--steps", "1", "--seq-len", "32", "--rank", "4"]) == 2  # the teacher
+    assert "give the model where it is now with --model" in capsys.readouterr().err
+    recovered = run_json(capsys, "recover", str(work), "--model", moved, "--steps", "1", "--seq-len", "32",
+                         "--rank", "4")
+    assert recovered["loss_first"] > 0
+    assert json.loads((work / "pipeline.json").read_text())["source"] == moved  # a step records where it is now
+
+
 def test_compress_moefy_and_quantized_embeddings_then_tune(capsys, model_dir, task_file, tmp_path):
     real_asset("brown-npm")
     work = tmp_path / "work"
@@ -477,3 +501,13 @@ def test_help_shows_no_none_defaults(capsys):
     for name, parser in COMMANDS.items():
         assert "(default: None)" not in parser.format_help(), name
     assert "(default: compressed)" in COMMANDS["tune"].format_help()
+
+
+def test_help_prints_a_percent_sign_in_the_listing_and_in_the_description(capsys):
+    from cpet.cli import COMMANDS
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    listing = " ".join(capsys.readouterr().out.split())
+    assert "PPL-p% sparsity" in listing and "{'" not in listing  # "% s" once formatted argparse's dict in
+    assert "PPL-p% sparsity," in " ".join(COMMANDS["sparsity"].format_help().split())

@@ -54,7 +54,8 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def _command(sub, name: str, help_text: str, func, *, runs_models: bool = True) -> argparse.ArgumentParser:
     """A subcommand whose ``--help`` shows every default; ``runs_models`` adds the runtime flags and --config."""
-    parser = sub.add_parser(name, help=help_text, description=help_text,
+    # argparse %-formats a subcommand's help (the `cpet --help` listing) but not its description
+    parser = sub.add_parser(name, help=help_text.replace("%", "%%"), description=help_text,
                             formatter_class=DefaultsHelpFormatter)
     parser.set_defaults(func=func)
     if runs_models:
@@ -111,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pipeline", nargs="?", help="a CPET pipeline directory (its compressed base, or --adapter)")
     p.add_argument("--adapter", action="append", help="an adapter of PIPELINE, by name or directory (repeatable); "
                                                      "default task: the one it was trained for")
-    p.add_argument("--model", default=EMBEDDED_DEFAULT, help="embedded name, local directory, .gguf file or hub id")
+    p.add_argument("--model", default=None,
+                   help=f"embedded name, local directory, .gguf file or hub id (default: {EMBEDDED_DEFAULT}); with "
+                        "PIPELINE: its source model, only where the one recorded in pipeline.json has moved")
     p.add_argument("--peft", help="a PEFT adapter directory to load on --model with plain peft")
     p.add_argument("--task", action="append", help="task name, .jsonl/.csv path or hf:NAME (repeatable)")
     p.add_argument("--corpus", help="brown (its held-out documents) or a local .txt file (used whole)")
@@ -177,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "recover", "shared recovery modules for a compressed pipeline (distilled on Brown)",
                  cmd_recover)
     p.add_argument("pipeline", help="directory made by `cpet compress`")
+    p.add_argument("--model", default=None, help="the source model (the distillation teacher), only where the one "
+                                                 "recorded in pipeline.json has moved")
     p.add_argument("--rank", type=positive_int, default=16, help="rank of each recovery bypass")
     p.add_argument("--steps", type=positive_int, default=distill_defaults.steps, help="distillation steps")
     p.add_argument("--batch-size", type=positive_int, default=distill_defaults.batch_size, help="windows per step")

@@ -90,8 +90,12 @@ def _eval_target(args: argparse.Namespace) -> str:
     """What ``cpet eval`` scores: ``"pipeline"`` (its adapters or compressed base), ``"peft"`` or ``"model"``."""
     from pathlib import Path
 
-    if args.pipeline is None and (Path(args.model) / "pipeline.json").exists():
-        args.pipeline = args.model  # `--model runs/demo`: the user meant the pipeline
+    from ..models import EMBEDDED_DEFAULT
+
+    if args.pipeline is None and args.model and (Path(args.model) / "pipeline.json").exists():
+        args.pipeline, args.model = args.model, None  # `--model runs/demo`: the user meant the pipeline
+    if args.pipeline is None:
+        args.model = args.model or EMBEDDED_DEFAULT
     if args.pipeline is not None:
         if not (Path(args.pipeline) / "pipeline.json").exists():
             raise ValueError(f"{args.pipeline} is not a CPET pipeline directory (no pipeline.json)")
@@ -205,7 +209,7 @@ def _eval_pipeline(args: argparse.Namespace, tasks: list) -> dict:
     from ..evaluate import perplexity
     from ..pipeline import CPET
 
-    pipeline = CPET.load(args.pipeline)
+    pipeline = CPET.load(args.pipeline, original=args.model)  # --model: where the recorded source now is
     directories = {name: pipeline.resolve_adapter(name) for name in args.adapter or []}  # all checked first
     results: dict = {"pipeline": str(args.pipeline), "tasks": []}
     for name, directory in directories.items():

@@ -96,7 +96,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
     from ..recovery import RecoveryConfig
     from ..train import DistillConfig
 
-    pipeline = open_pipeline(args.pipeline, None, may_create=False, first_step="recover")
+    pipeline = open_pipeline(args.pipeline, args.model, may_create=False, first_step="recover")
     pipeline.recover(RecoveryConfig(rank=args.rank, alpha=float(args.rank), activation="identity", init="svd"),
                      DistillConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                                    seed=args.seed),

@@ -59,13 +59,17 @@ def build_app(args: argparse.Namespace):
             raise ValueError(f"--adapter takes NAME=DIR, got {spec!r}")
         adapters.append((name, path))
     root = args.adapter_root or (str(pipeline / "adapters") if pipeline else None)
+    api_key = args.api_key or os.environ.get("CPET_API_KEY")
+    if api_key and root is None:  # runtime loads would read any directory the server can reach
+        raise ValueError(f"{args.base} is a bare base, so there is no pipeline adapters/ to confine runtime adapter "
+                         "loads to: give --adapter-root DIR (loads must lie inside it), or serve the pipeline "
+                         "directory, or leave the API key out (no runtime loads)")
     base = CompressedBase.load(base_dir)
     engine = Engine(base.model, base.base_id, base.tokenizer, shared_recovery=recovery, capacity=args.max_adapters,
                     root=root)
     for name, path in adapters:  # the operator's own adapters: not confined to the root
         engine.registry.load(name, path, pin=True) if root is None else _load_unconfined(engine, name, path)
-    return create_app(engine, served_name=args.served_name, api_key=args.api_key or os.environ.get("CPET_API_KEY"),
-                      limits=limits)
+    return create_app(engine, served_name=args.served_name, api_key=api_key, limits=limits)
 
 
 def _load_unconfined(engine, name: str, path: str) -> None:
@@ -121,7 +125,7 @@ def add_serve_parser(sub, command) -> None:
     p.add_argument("--adapter", action="append", help="NAME=DIR, repeatable: adapters loaded at start (pinned)")
     p.add_argument("--recovery", help="shared recovery directory; None: the pipeline's recovery/")
     p.add_argument("--adapter-root", help="runtime loads must lie inside this directory; None: the pipeline's "
-                                          "adapters/")
+                                          "adapters/ (a bare --base with an API key needs it)")
     p.add_argument("--api-key", help="bearer token for runtime adapter load/unload (or CPET_API_KEY; none: off)")
     p.add_argument("--served-name", default="cpet-base", help="the model name of the bare base")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")

@@ -207,8 +207,15 @@ def test_build_app_checks_its_limits_before_the_base_loads(tmp_path, monkeypatch
     args.max_batch, args.max_adapters = 8, 0
     with pytest.raises(ValueError, match=r"--max-adapters must be >= 1, got 0"):
         build_app(args)
-    args.max_adapters = 8
-    with pytest.raises(AssertionError, match="the base was loaded"):  # sound limits: on to the load
+    args.max_adapters, args.api_key = 8, KEY  # a bare base: runtime loads need a root to stay inside
+    with pytest.raises(ValueError, match=r"is a bare base.*give --adapter-root DIR"):
+        build_app(args)
+    monkeypatch.setenv("CPET_API_KEY", KEY)
+    args.api_key = None
+    with pytest.raises(ValueError, match=r"is a bare base.*give --adapter-root DIR"):
+        build_app(args)
+    args.adapter_root = str(tmp_path / "adapters")
+    with pytest.raises(AssertionError, match="the base was loaded"):  # sound limits and a root: on to the load
         build_app(args)
 
 
