@@ -284,7 +284,9 @@ class CPET:
         start, started_at = time.perf_counter(), utc_now()
         corpus = load_corpus(text, split="train")
         base = self.load_compressed()
-        recovery = RecoverySet(base.model, config)
+        with torch.random.fork_rng(devices=[]):  # a zero-init set's random A: a function of the seed alone
+            torch.manual_seed(distill.seed)
+            recovery = RecoverySet(base.model, config)
         if config.init == "svd":
             scales = None
             if activation_weighted:
