@@ -80,7 +80,10 @@ def test_every_method_row_trains_and_evaluates(built, init, recovery):
     assert meta["base_id"] == pipeline.base_id and meta["init"] == init and meta["recovery"] == recovery
     assert [h["step"] for h in meta["metrics"]["history"]] == [0, 10, 20, 30]
     result = pipeline.evaluate(adapter, task)
-    assert 0.0 <= result["accuracy"] <= 1.0 and result["n"] == 24
+    assert result["accuracy"] >= 0.75 and result["n"] == 24  # the saved (best) checkpoint has learned the task
+    history = meta["metrics"]["history"]
+    if init != "inherit":  # from a chance-level start, training is what lifts it (measured +0.25 to +0.54)
+        assert meta["metrics"]["val_accuracy"] >= history[0]["val_accuracy"] + 0.2
     if init == "inherit":  # the inherited start is already far above chance (0.46 = the random-init start)
         start = meta["metrics"]["history"][0]["val_accuracy"]
         # per-task recovery starts as a no-op, so those rows start exactly from the inherited adapter; shared

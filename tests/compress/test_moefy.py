@@ -38,6 +38,23 @@ def test_with_every_expert_chosen_the_moefied_model_equals_the_dense_one(family)
     assert (dense - half).abs().max() > 1e-2  # half of the experts is a real change
 
 
+def test_weight_clustering_partitions_otherwise_and_keeps_the_dense_function():
+    model = tiny_model("llama").model
+    bases = {clustering: compress(model, [MoEfyConfig(num_experts=4, top_k=4, clustering=clustering)],
+                                  calibration=_calibration(model), progress=False)
+             for clustering in ("weights", "coactivation")}
+    width = model.config.intermediate_size
+    for layer in range(model.config.num_hidden_layers):
+        orders = {c: b.index_maps.ffn_rows(layer) for c, b in bases.items()}
+        assert sorted(orders["weights"].tolist()) == list(range(width))
+        experts = {c: {frozenset(o[e * width // 4:(e + 1) * width // 4].tolist()) for e in range(4)}
+                   for c, o in orders.items()}
+        assert experts["weights"] != experts["coactivation"]  # another grouping of the neurons, not a relabelling
+    ids = _ids(model)
+    with torch.no_grad():
+        assert torch.allclose(bases["weights"].model(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-4)
+
+
 def test_the_permutation_is_the_index_map_and_experts_partition_the_neurons():
     model = tiny_model("llama").model
     base = compress(model, [MoEfyConfig(num_experts=4, top_k=2)], calibration=_calibration(model), progress=False)
@@ -184,7 +201,7 @@ def test_moefication_needs_calibration_and_comes_before_quantization_after_pruni
 
 def test_widths_after_pruning_are_checked_before_any_work():
     model = tiny_model("llama").model  # 128 channels; 25% pruning keeps 96, which 64 experts do not divide
-    with pytest.raises(ValueError, match="96"):
+    with pytest.raises(ValueError, match=r"FFN widths \[96\] do not split into 64 equal experts"):
         compress(model, [PruneConfig(ffn_ratio=0.25, importance="magnitude"), MoEfyConfig(num_experts=64, top_k=8)],
                  calibration=_calibration(model), progress=False)
 
