@@ -111,6 +111,39 @@ def test_magnitude_keeps_the_largest_groups():
     assert 7 in kept and 9 not in kept
 
 
+@pytest.mark.parametrize("importance", ["magnitude", "activation", "taylor"])
+def test_each_importance_keeps_the_channels_its_formula_ranks_highest(importance):
+    """The kept FFN channels of every layer are the top half under the importance computed here by hand:
+    per weight |W|, |W| * rms(input feature) or |W * dL/dW|, summed over gate/up rows and down columns."""
+    loaded = tiny_model("llama")
+    model = loaded.model
+    calibration = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    probe = copy.deepcopy(model)
+    inputs = {}
+    hooks = [m.register_forward_hook(lambda mod, args, out, n=n: inputs.__setitem__(n, args[0].detach()))
+             for n, m in probe.named_modules() if n.endswith(("gate_proj", "up_proj", "down_proj"))]
+    probe(input_ids=calibration, labels=calibration).loss.backward()
+    for hook in hooks:
+        hook.remove()
+    base = compress(model, [PruneConfig(ffn_ratio=0.5, importance=importance)], calibration=calibration,
+                    progress=False)
+    for i, layer in enumerate(probe.model.layers):
+        scores = {}
+        for role in ("gate", "up", "down"):
+            linear = getattr(layer.mlp, f"{role}_proj")
+            weight = linear.weight.detach()
+            if importance == "magnitude":
+                scores[role] = weight.abs()
+            elif importance == "activation":
+                x = inputs[f"model.layers.{i}.mlp.{role}_proj"].reshape(-1, weight.shape[1])
+                scores[role] = weight.abs() * x.pow(2).mean(0).sqrt()
+            else:
+                scores[role] = (weight * linear.weight.grad).abs()
+        channel = scores["gate"].sum(1) + scores["up"].sum(1) + scores["down"].sum(0)
+        expected = sorted(channel.argsort(descending=True)[:channel.numel() // 2].tolist())
+        assert base.index_maps.ffn_rows(i).tolist() == expected, (importance, i)
+
+
 def test_per_layer_schedule_needs_the_cpet_loader(tmp_path):
     loaded = tiny_model("llama")
     config = PruneConfig(layer_schedule={0: 0.5, 1: 0.25}, importance="magnitude")
