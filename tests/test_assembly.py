@@ -77,6 +77,16 @@ def test_evaluation_reads_the_base_once_copies_nothing_and_leaves_it_untouched(t
     assert hooks(again._served_base[1]) == hooks(again.load_compressed().model)
 
 
+def test_the_bare_base_scores_what_a_copy_of_it_scores(tuned):
+    pipeline, task, _ = tuned
+    task = as_task(task)
+    test = task.split("test")
+    expected = classification_accuracy(pipeline.model_for(None), pipeline.tokenizer, [e.text for e in test],
+                                       [e.label for e in test], template=template_for(task),
+                                       verbalizer=verbalizer_for(task), labels=task.labels)
+    assert pipeline.evaluate(None, task, with_predictions=True)["predictions"] == list(expected.predictions)
+
+
 def test_an_assembly_holds_shared_recovery_only_for_adapters_trained_with_it(tuned):
     pipeline, _, _ = tuned
     with pipeline.engine() as engine:

@@ -94,6 +94,8 @@ def test_state_dict_mapping_keeps_untouched_keys(tmp_path):
     assert torch.equal(mapped[key_a], state[key_a])
     key_b = next(k for k in state if "up_proj.lora_B" in k)
     assert mapped[key_b].shape == (64, 4) and state[key_b].shape == (128, 4)
+    layer = int(key_b.split("layers.")[1].split(".")[0])
+    assert torch.equal(mapped[key_b], state[key_b][base.index_maps.ffn_rows(layer)])  # the kept rows, in order
 
 
 def test_non_safetensors_adapters_are_refused(tmp_path):

@@ -40,6 +40,17 @@ def test_recovery_composes_with_peft_lora_and_trains():
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable == lora_params + sum(p.numel() for p in recovery.parameters())
     assert len(recovery.targets) == 14  # 7 roles x 2 layers
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in params.items()}
+    optimizer = torch.optim.SGD(params.values(), lr=0.1)
+    for _ in range(2):  # B = 0 at the start: the second step moves A of both kinds too
+        optimizer.zero_grad()
+        model(input_ids=IDS, labels=IDS).loss.backward()
+        optimizer.step()
+    moved = {n for n in params if not torch.equal(params[n], before[n])}
+    assert any("lora_B" in n for n in moved) and any("lora_A" in n for n in moved)
+    recovery_moved = [n for n in moved if "lora_" not in n]
+    assert recovery_moved and len(recovery_moved) == len([n for n in params if "lora_" not in n])
 
 
 def test_recovery_rejects_unknown_targets():
