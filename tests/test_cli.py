@@ -269,6 +269,15 @@ def test_cli_alone_follows_the_demo_order_and_evaluates_adapters(capsys, tuned_p
     # `--model PIPELINE` means the pipeline; an adapter path one level too high is pointed one level down
     again = run_json(capsys, "eval", "--model", str(tuned_pipeline), "--adapter", "toy-cpet", "--limit", "6")
     assert again["tasks"][0]["accuracy"] == row["accuracy"]
+    from cpet.pipeline import CPET
+
+    validation = run_json(capsys, "eval", str(tuned_pipeline), "--adapter", "toy-cpet", "--split", "validation",
+                          "--limit", "6")["tasks"][0]
+    pipeline = CPET.load(tuned_pipeline)
+    expected = pipeline.evaluate("toy-cpet", str(task_file), split="validation", limit=6, with_predictions=True)
+    assert validation["split"] == "validation" and validation["accuracy"] == expected["accuracy"]
+    test_split = pipeline.evaluate("toy-cpet", str(task_file), limit=6, with_predictions=True)
+    assert expected["gold"] != test_split["gold"]  # other examples were scored
     assert main(["eval", str(tuned_pipeline), "--adapter", str(tuned_pipeline / "adapters" / "toy-cpet")]) == 2
     assert "use " + str(tuned_pipeline / "adapters" / "toy-cpet" / "adapter") in capsys.readouterr().err
     assert main(["eval", str(tuned_pipeline), "--adapter", "nope"]) == 2

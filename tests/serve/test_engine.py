@@ -135,9 +135,9 @@ def test_mixed_generation_equals_each_row_alone_and_sampling_is_seeded(served):
     first = engine.generate(prompts, adapters, max_tokens=6, temperature=1.0, seed=3)
     assert first == engine.generate(prompts, adapters, max_tokens=6, temperature=1.0, seed=3)
     text = together[0]["text"]
-    if len(text) > 2:  # a stop string cuts the text before it and ends the row
-        stopped = engine.generate(prompts[:1], adapters[:1], max_tokens=6, stop=[text[1:3]])[0]
-        assert stopped["text"] == text[:text.index(text[1:3])] and stopped["finish_reason"] == "stop"
+    assert len(text) > 2 and together[0]["finish_reason"] == "length" and together[0]["tokens"] == 6
+    stopped = engine.generate(prompts[:1], adapters[:1], max_tokens=6, stop=[text[1:3]])[0]  # cut before it, ended
+    assert stopped["text"] == text[:text.index(text[1:3])] and stopped["finish_reason"] == "stop"
 
 
 def test_a_moefied_base_serves_mixed_batches_like_cpet(tmp_path):
