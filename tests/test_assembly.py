@@ -155,3 +155,15 @@ def test_a_closed_engine_refuses_to_run_and_recovery_of_another_base_is_refused(
     (foreign / "recovery.json").write_text(json.dumps({**meta, "base_id": "ab" * 32}))
     with pytest.raises(AdapterError, match="were made for base abababababab, not for this base"):
         Engine(pipeline.load_compressed().model, pipeline.base_id, shared_recovery=foreign)
+
+
+@pytest.mark.parametrize("name", ROWS)
+def test_a_running_adapter_holds_what_its_standalone_copy_holds(tuned, name):
+    from cpet.evaluate import memory_bytes
+
+    pipeline, _, _ = tuned
+    with pipeline.running(name) as model:
+        held = model.nbytes
+    assert held == memory_bytes(pipeline.model_for(name))  # base + LoRA + the recovery it was trained with
+    with pipeline.running(None) as bare:
+        assert bare.nbytes < held
