@@ -35,6 +35,8 @@ def server(served):  # noqa: F811
 def test_openai_client_completions_chat_streaming_and_models(server):
     from openai import OpenAI
 
+    from cpet.serve.server import chat_prompt
+
     url, app, pipeline, _ = server
     client = OpenAI(base_url=f"{url}/v1", api_key="unused")
     assert [m.id for m in client.models.list().data] == ["cpet-base", "plain", "shared"]
@@ -47,6 +49,9 @@ def test_openai_client_completions_chat_streaming_and_models(server):
         chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hello"}],
                                               max_tokens=4)
         assert chat.choices[0].message.role == "assistant"
+        prompt = chat_prompt(engine.tokenizer, [{"role": "user", "content": "hello"}])
+        assert prompt == "user: hello\nassistant:"  # the byte tokenizer has no chat template
+        assert chat.choices[0].message.content == engine.generate([prompt], [adapter], max_tokens=4)[0]["text"]
         pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
             model=model, messages=[{"role": "user", "content": "hello"}], max_tokens=4, stream=True)]
         assert "".join(pieces) == chat.choices[0].message.content
@@ -254,3 +259,14 @@ def test_serve_binds_its_port_before_loading_and_says_so_only_once_bound(capsys,
     (bound,), = ran
     assert loaded and bound != 0 and f"serving p on http://127.0.0.1:{bound} (model names: cpet-base, plain)" \
         in capsys.readouterr().out
+
+
+def test_chat_prompts_use_the_tokenizers_template_when_it_has_one():
+    from cpet.models import byte_tokenizer
+    from cpet.serve.server import chat_prompt
+
+    tokenizer = byte_tokenizer()
+    tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+                               "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    assert chat_prompt(tokenizer, messages) == "<|system|>be brief<|user|>hi<|assistant|>"
