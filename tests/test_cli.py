@@ -87,7 +87,11 @@ def test_export_folds_shared_recovery_and_matches_cpet(capsys, model_dir, task_f
     report = run_json(capsys, "export", str(work), "--out", str(tmp_path / "out"))
     entry = report["adapters"]["with-recovery"]
     assert entry["recovery"] == "shared" and entry["max_abs_diff"] < 1e-4
-    assert (tmp_path / "out" / "adapters" / "with-recovery" / "adapter_model.safetensors").exists()
+    written = tmp_path / "out" / "adapters" / "with-recovery" / "adapter_model.safetensors"
+    unchecked = run_json(capsys, "export", str(work), "--out", str(tmp_path / "fast"), "--no-check")
+    assert "max_abs_diff" not in unchecked["adapters"]["with-recovery"]  # not reloaded to compare
+    assert (tmp_path / "fast" / "adapters" / "with-recovery" / "adapter_model.safetensors").read_bytes() == \
+        written.read_bytes()
     (tmp_path / "mine").mkdir()
     assert main(["export", str(work), "--out", str(tmp_path / "mine")]) == 2  # never over a non-export directory
     assert "is not a CPET export" in capsys.readouterr().err

@@ -547,3 +547,21 @@ def test_a_local_source_is_recorded_absolute_and_a_moved_one_is_named(tmp_path, 
                                                 r"with --model"):
         CPET.load(".").original
     assert CPET.load(".", original=str(tmp_path / "moved")).original is not None
+
+
+def test_from_pretrained_reads_a_local_model_and_release_base_drops_the_cached_base(built, tmp_path, monkeypatch):
+    pipeline, task, original, _ = built
+    tiny = tiny_model("llama")
+    tiny.model.save_pretrained(tmp_path / "src")
+    tiny.tokenizer.save_pretrained(tmp_path / "src")
+    fresh = CPET.from_pretrained(str(tmp_path / "src"), work_dir=tmp_path / "work")
+    assert fresh.source_name == str(tmp_path / "src") and not fresh.has_base
+    assert fresh.source_fingerprint == pipeline.source_fingerprint  # the same weights as the built pipeline's
+    reads = []
+    real_load = pipeline.load_compressed
+    monkeypatch.setattr(pipeline, "load_compressed", lambda: reads.append(1) or real_load())
+    pipeline.release_base()
+    first = pipeline.evaluate(None, task)
+    assert pipeline.evaluate(None, task) == first and reads == [1]  # cached between evaluations
+    pipeline.release_base()
+    assert pipeline.evaluate(None, task) == first and reads == [1, 1]  # read again after the release
