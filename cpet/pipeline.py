@@ -688,7 +688,7 @@ class CPET:
         directory = Path(directory)
         if not (directory / "pipeline.json").exists():
             raise FileNotFoundError(f"{directory} has no pipeline.json: not a saved CPET pipeline")
-        record = json.loads((directory / "pipeline.json").read_text())
+        record = read_pipeline_record(directory)
         pipeline = cls(original or record["source"], directory)
         pipeline._source_from_record = original is None
         pipeline.log = record["log"]
@@ -696,6 +696,19 @@ class CPET:
         if pipeline.original_loaded:  # its weights are here already: checking costs one fingerprint
             pipeline._check_source(pipeline.original)
         return pipeline
+
+
+def read_pipeline_record(directory: str | Path) -> dict:
+    """The record (``source``, ``source_fingerprint``, ``log``) in a pipeline's ``pipeline.json``.
+
+    Raises:
+        ValueError: the file is not valid JSON (named, so that a damaged record is not a bare parser error).
+    """
+    path = Path(directory) / "pipeline.json"
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{path} is not valid JSON ({err}): the pipeline's record is damaged") from err
 
 
 def _lasting_source(name: str) -> str:

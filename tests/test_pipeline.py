@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -565,3 +566,14 @@ def test_from_pretrained_reads_a_local_model_and_release_base_drops_the_cached_b
     assert pipeline.evaluate(None, task) == first and reads == [1]  # cached between evaluations
     pipeline.release_base()
     assert pipeline.evaluate(None, task) == first and reads == [1, 1]  # read again after the release
+
+
+def test_a_damaged_pipeline_record_is_named_by_load_and_by_list(tmp_path, capsys):
+    from cpet.cli import main
+
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "pipeline.json").write_text('{"source": ')
+    with pytest.raises(ValueError, match=r"p/pipeline.json is not valid JSON .*the pipeline's record is damaged"):
+        CPET.load(tmp_path / "p")
+    assert main(["list", str(tmp_path / "p")]) == 2
+    assert re.search(r"p/pipeline.json is not valid JSON .*record is damaged", capsys.readouterr().err)

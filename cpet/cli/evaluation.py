@@ -239,17 +239,14 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     from ..adapters import read_adapter_meta
     from ..compress.manifest import ORIGINAL_BASE_ID
+    from ..pipeline import read_pipeline_record
 
     root = Path(args.pipeline)
     if not root.exists():
         raise ValueError(f"{root} does not exist: give a CPET pipeline directory")
     if not (root / "pipeline.json").exists():
         raise ValueError(f"{root} is not a CPET pipeline directory (no pipeline.json)")
-    try:
-        record = json.loads((root / "pipeline.json").read_text())
-    except ValueError as err:
-        raise ValueError(f"{root / 'pipeline.json'} is not valid JSON ({err}): the pipeline's record is "
-                         "damaged") from err
+    record = read_pipeline_record(root)
     result: dict = {"pipeline": str(root), "source": record.get("source"), "base": None, "recovery": None,
                     "adapters": []}
     manifest_path = root / "base" / "manifest.json"
