@@ -17,6 +17,10 @@ one only, decode 32 tokens) compares the dense model, the MoEfied model at ``--s
 pruned (same FFN FLOPs). ``--speed-only`` re-times speed alone and replaces the speed table of the existing
 report (the quality part takes over an hour).
 
+Beside the speed table, where one prefill's time goes (``torch.profiler``, self CPU time of each operator,
+grouped into matrix products, attention, routing and gathers, and element-wise and the rest), so that the
+MoEfied model's gap to the pruned one is measured rather than guessed.
+
 ``--pause PID ...`` stops those processes (SIGSTOP) while speed is timed and resumes them after (SIGCONT),
 so that timings are taken alone on the machine while e.g. an experiment grid shares it otherwise.
 Writes ``docs/bench_moefy.json`` and ``docs/bench_moefy.md``.
@@ -206,6 +210,37 @@ def main(argv=None) -> int:
     return 0
 
 
+# torch operator -> group of the prefill time breakdown; unlisted operators count as "elementwise and other".
+OPERATOR_GROUPS = {
+    "matmul": ("aten::mm", "aten::addmm", "aten::bmm"),
+    "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math",
+                  "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_flash_attention"),
+    # what routing adds: choosing experts, grouping (token, expert) pairs, gathering inputs, scattering outputs
+    "routing and gathers": ("aten::index_select", "aten::index_add_", "aten::scatter_add_", "aten::nonzero",
+                            "aten::sort", "aten::argsort", "aten::topk", "aten::bincount", "aten::index",
+                            "aten::scatter_", "aten::cumsum"),
+}
+BREAKDOWN_GROUPS = (*OPERATOR_GROUPS, "elementwise and other")
+
+
+def prefill_breakdown(model, batch_size: int = 8, prompt_len: int = 128, seed: int = 0) -> dict:
+    """Milliseconds of one prefill (``batch_size x prompt_len`` random ids, logits on every position) per operator
+    group of :data:`OPERATOR_GROUPS`, from ``torch.profiler``'s self CPU times (their sum is the profiled time;
+    the profiler's own overhead makes it somewhat longer than an untimed run). After one warm-up run."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (batch_size, prompt_len), generator=generator)
+    groups = dict.fromkeys(BREAKDOWN_GROUPS, 0.0)
+    group_of = {op: group for group, ops in OPERATOR_GROUPS.items() for op in ops}
+    with torch.no_grad():
+        model(input_ids=ids)
+        for _ in range(2):  # the first profiled run also times the profiler's own start-up: keep the second
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+                model(input_ids=ids)
+    for event in profile.key_averages():
+        groups[group_of.get(event.key, "elementwise and other")] += event.self_cpu_time_total / 1e3
+    return groups
+
+
 def measure_speed(args, model, calibration, moefied: dict) -> dict:
     """Time the dense model, the MoEfied model at ``--speed-share`` for each ``--speed-experts`` count (reusing
     ``moefied[E]`` where given, MoEfying otherwise) and the model with that share of FFN channels pruned.
@@ -235,7 +270,8 @@ def measure_speed(args, model, calibration, moefied: dict) -> dict:
             speed[name] = {"prefill_tok_s": every.prefill_tokens_per_s,
                            "prefill_last_logits_tok_s": last.prefill_tokens_per_s,
                            "decode_tok_s": max(every.decode_tokens_per_s, last.decode_tokens_per_s),
-                           "flops_per_token": flops_per_token(candidate)}
+                           "flops_per_token": flops_per_token(candidate),
+                           "prefill_breakdown_ms": prefill_breakdown(candidate)}
     command = " ".join(["python scripts/bench_moefy.py", *sys.argv[1:]])
     return {"share": args.speed_share, "models": speed, "command": command, "commit": commit,
             "seconds": time.perf_counter() - started}
@@ -282,7 +318,22 @@ def markdown(report: dict) -> str:
                      f"{s['prefill_last_logits_tok_s'] / base['prefill_last_logits_tok_s']:.2f}x | "
                      f"{s['decode_tok_s']:.0f} | {s['decode_tok_s'] / base['decode_tok_s']:.2f}x |")
     lines += ["", f"Command: `{speed['command']}` ({speed['seconds'] / 60:.0f} min)", ""]
+    if all("prefill_breakdown_ms" in s for s in speed["models"].values()):
+        lines += breakdown_markdown(speed)
     return "\n".join(lines)
+
+
+def breakdown_markdown(speed: dict) -> list[str]:
+    """The prefill time breakdown table (ms per operator group, and the difference to the pruned model)."""
+    lines = ["Where one prefill's time goes (batch 8 x 128, logits on every position; `torch.profiler` self CPU "
+             "time per operator group, ms; the profiler's overhead makes totals longer than the timed runs):", "",
+             "| model | " + " | ".join(BREAKDOWN_GROUPS) + " | total |",
+             "|---|" + "---|" * (len(BREAKDOWN_GROUPS) + 1)]
+    for name, s in speed["models"].items():
+        ms = s["prefill_breakdown_ms"]
+        lines.append(f"| {name} | " + " | ".join(f"{ms[g]:.0f}" for g in BREAKDOWN_GROUPS)
+                     + f" | {sum(ms.values()):.0f} |")
+    return lines + [""]
 
 
 if __name__ == "__main__":
