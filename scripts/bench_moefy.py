@@ -324,7 +324,7 @@ def markdown(report: dict) -> str:
 
 
 def breakdown_markdown(speed: dict) -> list[str]:
-    """The prefill time breakdown table (ms per operator group, and the difference to the pruned model)."""
+    """The prefill time breakdown table: ms per operator group and their total, one row per timed model."""
     lines = ["Where one prefill's time goes (batch 8 x 128, logits on every position; `torch.profiler` self CPU "
              "time per operator group, ms; the profiler's overhead makes totals longer than the timed runs):", "",
              "| model | " + " | ".join(BREAKDOWN_GROUPS) + " | total |",
