@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -143,6 +146,24 @@ def original_adapter(original: CPET, task: str, seed: int, args) -> Path:
     return run_dir / "adapter"
 
 
+def machine_record() -> dict:
+    """Where a cell ran: the CPU, the kernel level torch dispatches to, its threads, and any accelerator.
+
+    Training and scoring are bit-reproducible for one seed on one machine type, not across types (MKL and
+    oneDNN pick their kernels by CPU, so float rounding differs: the README's grid status gives a measured
+    case), so each cell says where it ran and a reader can tell float-level differences from code changes.
+    """
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "accelerator": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
 def run_cell(pipelines: dict, original: CPET, setting: str, task: str, row: str, seed: int, args) -> dict:
     config = budget(args, row)
     config.seed = seed
@@ -165,7 +186,7 @@ def run_cell(pipelines: dict, original: CPET, setting: str, task: str, row: str,
             "best_val_accuracy": meta["metrics"]["val_accuracy"], "best_step": meta["metrics"]["step"],
             "history": meta["metrics"]["history"], "cumulative_task_steps": cumulative_task_steps(row, args.steps),
             "tune_config": meta["tune_config"], "inherited_sha256": meta.get("inherited_sha256"),
-            "base_id": meta["base_id"], "seconds": time.perf_counter() - start}
+            "base_id": meta["base_id"], "machine": machine_record(), "seconds": time.perf_counter() - start}
 
 
 def prepare_setting(setting: str, out: Path, args) -> CPET:

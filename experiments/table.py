@@ -35,6 +35,23 @@ CPET_ROWS = tuple(row for row, how in ROWS.items() if how["init"] == "inherit" a
 ABLATION_ROWS = ("svd-init", "per-task-rec", "shared-rec")
 
 
+def machines_line(cells: list[dict]) -> str:
+    """Where the cells ran, with counts (cells of older grid code record no machine); '' when none records one.
+
+    Float rounding differs across CPU types, so a reader comparing cells of two machines should know it."""
+    kinds = defaultdict(int)
+    for c in cells:
+        machine = c.get("machine")
+        kind = "not recorded" if machine is None else f"{machine['cpu']} ({machine['cpu_capability']})"
+        if machine is not None and machine.get("accelerator"):
+            kind += f" + {machine['accelerator']}"
+        kinds[kind] += 1
+    if set(kinds) <= {"not recorded"}:
+        return ""
+    listed = "; ".join(f"{kind}: {n} cell{'s' if n != 1 else ''}" for kind, n in sorted(kinds.items()))
+    return f"Machines the cells ran on: {listed}.\n"
+
+
 def load_cells(cells_dir: Path, commit: str | None = None) -> list[dict]:
     """Finished cells of one code commit (``commit`` None: all of them, which must share one commit)."""
     cells = [json.loads(p.read_text()) for p in sorted(cells_dir.glob("*.json"))]
@@ -307,6 +324,8 @@ def main(argv=None) -> int:
               f"`python experiments/grid.py` (code commit {', '.join(commits) or '–'}). Rows (\"task steps\" counts "
               f"the optimizer steps on task data behind each adapter, the original adapter's included):\n\n"
               f"{legend}\n")
+    machines = machines_line(cells)
+    header += f"\n{machines}" if machines else ""
     curves = (curve_table(cells, settings) + f"\n\n![curves]({plot.name})\n") if cells else "\n"
     write_text_atomic(Path(args.doc), header + text + "\n" + curves)
     print(text)

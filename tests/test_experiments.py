@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from experiments.grid import ROWS, cell_name, setting_summary, task_key
 from experiments.table import main as table_main
 from experiments.table import curve_table, load_setting_summaries, table
@@ -194,6 +196,8 @@ def test_cells_store_the_adapters_effective_config_and_predictions(tmp_path):
     source = sha256_of(original.work_dir / "adapters" / "toy-s0" / "adapter" / "adapter_model.safetensors")
     assert inherit["inherited_sha256"] == result["inherited_sha256"] == source
     assert vanilla["inherited_sha256"] is None and vanilla["cumulative_task_steps"] == 2
+    assert vanilla["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert vanilla["machine"]["threads"] == torch.get_num_threads() and vanilla["machine"]["cpu"]
 
 
 def test_recovery_budget_report_tabulates_perplexity_and_accuracy(tmp_path):
@@ -242,3 +246,15 @@ def test_table_script_shows_only_the_rows_asked_for(tmp_path):
     assert "| vanilla | – | 70.0 ± 0.0 (1) | 70.0 ± 0.0 (1) |" in text
     assert "svd-init" not in text and "| cpet |" not in text
     assert "Cells finished: 2 of 2 (the grid is complete)." in text
+
+
+def test_the_table_says_where_its_cells_ran():
+    from experiments.table import machines_line
+
+    epyc = {"cpu": "AMD EPYC", "cpu_capability": "AVX512", "threads": 1, "torch": "2.13.0", "accelerator": None}
+    xeon = dict(epyc, cpu="Intel Xeon", cpu_capability="AVX2")
+    cells = [dict(cell("nf4", "t", "cpet", s, 0.8), machine=m) for s, m in enumerate([epyc, epyc, xeon])]
+    cells.append(cell("nf4", "t", "vanilla", 0, 0.7))  # grid code before cells recorded their machine
+    assert machines_line(cells) == ("Machines the cells ran on: AMD EPYC (AVX512): 2 cells; Intel Xeon (AVX2): "
+                                    "1 cell; not recorded: 1 cell.\n")
+    assert machines_line([cell("nf4", "t", "vanilla", 0, 0.7)]) == ""  # nothing to say: no line
