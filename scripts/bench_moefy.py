@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchtools import git_commit, paused, write_report  # noqa: E402
 from cpet.compress import calibration_ids, compress  # noqa: E402
-from cpet.compress.moefy import MoEfyConfig, ffn_inputs, moe_blocks  # noqa: E402
+from cpet.compress.moefy import MoEfyConfig, batch_expert_union, ffn_inputs, moe_blocks  # noqa: E402
 from cpet.config import PruneConfig  # noqa: E402
 from cpet.data import load_corpus, template_for, verbalizer_for  # noqa: E402
 from cpet.data.tasks import as_task  # noqa: E402
@@ -247,7 +247,9 @@ def measure_speed(args, model, calibration, moefied: dict) -> dict:
 
     Prefill is timed twice: with logits for every position (as scoring and training run it) and for the last
     position only (as ``generate`` runs it), since the LM head (49k x 576 for SmolLM2) is a fixed cost that
-    MoEfication does not touch."""
+    MoEfication does not touch. Decode is timed at batch 8 and at batch 1; for the MoEfied models the share of
+    experts that any of 8 rows chooses at a position (8 Brown calibration windows) says how much of the FFN
+    weights a batch-8 decode step reads, against the share per token that one row reads."""
     started, commit = time.perf_counter(), git_commit()  # the code as it was imported, before the long work
     candidates = {"dense": model}
     for experts in args.speed_experts:
@@ -267,11 +269,16 @@ def measure_speed(args, model, calibration, moefied: dict) -> dict:
             timing = dict(batch_size=8, prompt_len=128, new_tokens=32, repeats=args.speed_repeats)
             every = throughput(candidate, **timing)
             last = throughput(candidate, **timing, last_logits_only=True)
+            single = throughput(candidate, **{**timing, "batch_size": 1}, last_logits_only=True)
             speed[name] = {"prefill_tok_s": every.prefill_tokens_per_s,
                            "prefill_last_logits_tok_s": last.prefill_tokens_per_s,
                            "decode_tok_s": max(every.decode_tokens_per_s, last.decode_tokens_per_s),
+                           "decode_batch1_tok_s": single.decode_tokens_per_s,
                            "flops_per_token": flops_per_token(candidate),
                            "prefill_breakdown_ms": prefill_breakdown(candidate)}
+            if moe_blocks(candidate):
+                speed[name]["expert_share"] = measured_share(moe_blocks(candidate))
+                speed[name]["batch8_expert_union"] = batch_expert_union(candidate, calibration[:8])
     command = " ".join(["python scripts/bench_moefy.py", *sys.argv[1:]])
     return {"share": args.speed_share, "models": speed, "command": command, "commit": commit,
             "seconds": time.perf_counter() - started}
@@ -320,6 +327,8 @@ def markdown(report: dict) -> str:
     lines += ["", f"Command: `{speed['command']}` ({speed['seconds'] / 60:.0f} min)", ""]
     if all("prefill_breakdown_ms" in s for s in speed["models"].values()):
         lines += breakdown_markdown(speed)
+    if all("decode_batch1_tok_s" in s for s in speed["models"].values()):
+        lines += decode_markdown(speed)
     return "\n".join(lines)
 
 
@@ -333,6 +342,26 @@ def breakdown_markdown(speed: dict) -> list[str]:
         ms = s["prefill_breakdown_ms"]
         lines.append(f"| {name} | " + " | ".join(f"{ms[g]:.0f}" for g in BREAKDOWN_GROUPS)
                      + f" | {sum(ms.values()):.0f} |")
+    return lines + [""]
+
+
+def decode_markdown(speed: dict) -> list[str]:
+    """The decode table: tokens/s at batch 8 and 1 against dense, and the share of the FFN weights a step reads."""
+    lines = ["Decode at batch 8 and batch 1 (32 steps after a 128-token prompt). An expert chosen by any row of a "
+             "step is read whole, so a batch-8 step reads the experts that any of its 8 rows chooses (measured on 8 "
+             "Brown windows, each position standing for one step), one row only its own:", "",
+             "| model | decode tok/s, batch 8 | ratio | FFN weights read per step, batch 8 | decode tok/s, batch 1 "
+             "| ratio | FFN weights read per step, batch 1 |",
+             "|---|---|---|---|---|---|---|"]
+    base = speed["models"]["dense"]
+    for name, s in speed["models"].items():
+        union = f"{s['batch8_expert_union']:.0%}" if "batch8_expert_union" in s else "100%"
+        single = f"{s['expert_share']:.0%}" if "expert_share" in s else "100%"
+        if name == "pruned":  # every step reads the kept channels, whatever the batch
+            union = single = f"{speed['share']:.0%}"
+        batch8, batch1 = s["decode_tok_s"], s["decode_batch1_tok_s"]
+        lines.append(f"| {name} | {batch8:.0f} | {batch8 / base['decode_tok_s']:.2f}x | {union} | {batch1:.1f} | "
+                     f"{batch1 / base['decode_batch1_tok_s']:.2f}x | {single} |")
     return lines + [""]
 
 

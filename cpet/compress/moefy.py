@@ -305,6 +305,37 @@ def moe_blocks(model: nn.Module) -> list[MoEFFN]:
     return [m for m in unwrap(model).modules() if isinstance(m, MoEFFN)]
 
 
+def batch_expert_union(model: nn.Module, input_ids: torch.Tensor) -> float:
+    """Share of experts that at least one row of a batch chooses at a position, over positions and MoEfied layers.
+
+    ``input_ids`` ``[B, L]``: B rows that run together; each position stands for one decode step of the B rows.
+    An expert that any row chooses has its whole slice of the FFN weights read in that step, so this is the
+    share of FFN weight bytes a batched decode step reads: the share of experts per token for one row, up to
+    ``min(1, B x that)`` for B rows (1.0 when the rows' choices never overlap enough to skip an expert).
+    The model's running choice counts (:meth:`MoEFFN.expert_share`) are left as they were.
+    """
+    blocks = moe_blocks(model)
+    if not blocks:
+        raise ValueError("batch_expert_union needs a MoEfied model (compress with a MoEfyConfig)")
+    counts = [(block.chosen_experts, block.routed_tokens) for block in blocks]
+    shares: list[float] = []
+
+    def record(block: MoEFFN, inputs: tuple, _output) -> None:
+        x = inputs[0]
+        chosen = block.choose(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)  # [B, L, E]
+        shares.append(float(chosen.any(dim=0).float().mean()))
+
+    handles = [block.register_forward_hook(record) for block in blocks]
+    try:
+        with torch.no_grad():
+            model(input_ids=input_ids.to(next(unwrap(model).parameters()).device))
+    finally:
+        for handle, block, (chosen, routed) in zip(handles, blocks, counts):
+            handle.remove()
+            block.chosen_experts, block.routed_tokens = chosen, routed
+    return sum(shares) / len(shares)
+
+
 MOEFY_RANK = 500
 register_stage(MoEfyConfig, MoEfyStage(), rank=MOEFY_RANK, repeatable=False,
                order_note="pruning after MoEfication would cut across experts")

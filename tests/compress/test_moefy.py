@@ -240,3 +240,32 @@ def test_moefied_pipeline_inherits_recovers_and_tunes(tmp_path):
                                           template=template_for(loaded), verbalizer=verbalizer_for(loaded),
                                           labels=loaded.labels)
     assert pipeline.evaluate(inherited, task, with_predictions=True)["predictions"] == list(peft_scored.predictions)
+
+
+def test_batch_expert_union_is_the_share_of_experts_any_row_chooses():
+    from cpet.compress.moefy import batch_expert_union
+
+    model = tiny_model("llama").model
+    base = compress(model, [MoEfyConfig(num_experts=8, top_k=2)], calibration=_calibration(model), progress=False)
+    ids = torch.randint(0, model.config.vocab_size, (6, 10), generator=torch.Generator().manual_seed(2))
+    blocks = moe_blocks(base.model)
+    one_row = batch_expert_union(base.model, ids[:1])
+    assert one_row == pytest.approx(2 / 8)  # one row: exactly its top-2 of 8 per position
+    six_rows = batch_expert_union(base.model, ids)
+    # by hand: per layer and position, the experts chosen by any of the six rows
+    unions = []
+    hooks = [b.register_forward_hook(lambda b, i, o: unions.append(
+        b.choose(i[0].reshape(-1, i[0].shape[-1])).reshape(6, 10, 8).any(0).float().mean())) for b in blocks]
+    with torch.no_grad():
+        base.model(input_ids=ids)
+    for hook in hooks:
+        hook.remove()
+    assert six_rows == pytest.approx(float(torch.stack(unions).mean()))
+    assert 2 / 8 < six_rows <= 1.0
+    for block in blocks:
+        block.top_k = 8
+    counts = [(block.chosen_experts, block.routed_tokens) for block in blocks]  # from the forward by hand
+    assert batch_expert_union(base.model, ids[:1]) == 1.0
+    assert counts[0][1] > 0 and [(b.chosen_experts, b.routed_tokens) for b in blocks] == counts  # left alone
+    with pytest.raises(ValueError, match="needs a MoEfied model"):
+        batch_expert_union(model, ids)
