@@ -1,4 +1,4 @@
-"""Where and how a command runs: device, dtype, CPU threads and the global seed.
+"""Where and how a command runs: device, dtype, CPU threads and the global seed; what machine it runs on.
 
 Defaults: CUDA when a device is there, else the CPU; fp32 on the CPU (bf16 matmuls are far slower than fp32
 on the CPUs measured here), bf16 on CUDA; CPU threads from :func:`default_threads`.
@@ -7,6 +7,7 @@ on the CPUs measured here), bf16 on CUDA; CPU threads from :func:`default_thread
 from __future__ import annotations
 
 import os
+import platform
 import random
 from dataclasses import dataclass
 
@@ -67,3 +68,29 @@ def apply(runtime: Runtime) -> Runtime:
         random.seed(runtime.seed)
         torch.manual_seed(runtime.seed)
     return runtime
+
+
+def machine_record() -> dict:
+    """What a measurement depends on beyond code and seed: the CPU model, the kernel level torch dispatches to
+    on it, the CPUs and torch threads, torch's version and any CUDA device.
+
+    Timings differ a lot between CPU types, and float rounding differs too (MKL and oneDNN pick their kernels
+    by CPU), so a result that records where it ran can be compared with one from elsewhere.
+    """
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            names = [line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:  # no /proc (macOS, Windows): platform's answer stands
+        pass
+    return {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpus": os.cpu_count(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "accelerator": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def describe_machine(record: dict | None = None) -> str:
+    """One line for a report: ``"AMD EPYC (AVX512), 2 CPUs, 2 threads, torch 2.13.0+cpu"`` (+ the CUDA device)."""
+    r = record or machine_record()
+    line = f"{r['cpu']} ({r['cpu_capability']}), {r['cpus']} CPUs, {r['threads']} threads, torch {r['torch']}"
+    return line + (f", {r['accelerator']}" if r.get("accelerator") else "")

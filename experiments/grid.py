@@ -20,13 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -34,6 +31,7 @@ from cpet.assets import write_text_atomic  # noqa: E402
 from cpet.compress.moefy import MoEfyConfig  # noqa: E402
 from cpet.config import PruneConfig, QuantizeConfig  # noqa: E402
 from cpet.pipeline import CPET, task_key  # noqa: E402,F401  (task_key: part of this script's API)
+from cpet.runtime import machine_record  # noqa: E402
 from cpet.train import DistillConfig, TuneConfig  # noqa: E402
 
 CELLS_DIR = Path(__file__).resolve().parent / "results" / "cells"
@@ -144,24 +142,6 @@ def original_adapter(original: CPET, task: str, seed: int, args) -> Path:
         original.tune(task, name=f"{task_key(task)}-s{seed}", config=config, progress=args.progress,
                       **tune_args("original"))
     return run_dir / "adapter"
-
-
-def machine_record() -> dict:
-    """Where a cell ran: the CPU, the kernel level torch dispatches to, its threads, and any accelerator.
-
-    Training and scoring are bit-reproducible for one seed on one machine type, not across types (MKL and
-    oneDNN pick their kernels by CPU, so float rounding differs: the README's grid status gives a measured
-    case), so each cell says where it ran and a reader can tell float-level differences from code changes.
-    """
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                 if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    return {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "accelerator": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def run_cell(pipelines: dict, original: CPET, setting: str, task: str, row: str, seed: int, args) -> dict:

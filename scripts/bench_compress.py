@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -28,6 +27,7 @@ from cpet.config import PruneConfig, QuantizeConfig  # noqa: E402
 from cpet.data import load_corpus  # noqa: E402
 from cpet.evaluate import count_parameters, disk_bytes, memory_bytes, perplexity, throughput  # noqa: E402
 from cpet.models import load_base  # noqa: E402
+from cpet.runtime import describe_machine  # noqa: E402
 
 VARIANTS = {
     "dense": [],
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
         del model
     meta = {"model": args.model, "ppl_tokens": args.max_tokens, "batch_size": args.batch_size,
             "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
-            "machine": f"{platform.machine()} CPU" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
+            "machine": describe_machine(),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "commit": commit}
     write_text_atomic(Path(args.out + ".json"), json.dumps({"meta": meta, "results": results}, indent=2))
     table = markdown(results, meta)

@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -50,6 +48,7 @@ from cpet.evaluate import classification_accuracy, flops_per_token, perplexity, 
 from cpet.models import load_base  # noqa: E402
 from cpet.moe import choose_experts  # noqa: E402
 from cpet.recovery import SHARED, RecoveryConfig, RecoverySet  # noqa: E402
+from cpet.runtime import describe_machine  # noqa: E402
 from cpet.sparsity import MAGNITUDE, ActivationMask, collect_ffn_activations, magnitude_thresholds  # noqa: E402
 from cpet.train import DistillConfig, distill_on_text  # noqa: E402
 
@@ -153,7 +152,7 @@ def main(argv=None) -> int:
 
     report = {"model": args.model, "experts": args.experts, "clustering": args.clustering,
               "tweets_examples": len(examples), "max_tokens": args.max_tokens,
-              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+              "machine": describe_machine(),
               "command": " ".join(["python scripts/bench_moefy.py", *(sys.argv[1:] if argv is None else argv)]),
               "commit": git_commit()}
     print("[bench] dense", flush=True)
@@ -281,7 +280,7 @@ def measure_speed(args, model, calibration, moefied: dict) -> dict:
                 speed[name]["batch8_expert_union"] = batch_expert_union(candidate, calibration[:8])
     command = " ".join(["python scripts/bench_moefy.py", *sys.argv[1:]])
     return {"share": args.speed_share, "models": speed, "command": command, "commit": commit,
-            "seconds": time.perf_counter() - started}
+            "machine": describe_machine(), "seconds": time.perf_counter() - started}
 
 
 def markdown(report: dict) -> str:
@@ -313,7 +312,7 @@ def markdown(report: dict) -> str:
     lines += ["", f"Speed at {speed['share']:.0%} of the experts (pruned: the same share of FFN channels kept), "
               "batch 8 x 128 prefill (LM head on every position, and on the last one only as `generate` runs "
               "it), 32 decode steps, best of repeats, alone on the machine "
-              f"({report['machine']}), code commit {speed['commit']}:", "",
+              f"({speed.get('machine', report['machine'])}), code commit {speed['commit']}:", "",
               "| model | FLOPs/token | FLOP ratio | prefill tok/s | ratio | prefill tok/s, last logits | ratio | "
               "decode tok/s | ratio |",
               "|---|---|---|---|---|---|---|---|---|"]

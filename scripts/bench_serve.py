@@ -20,7 +20,6 @@ copies whose weights are perturbed (same shapes) to reach the counts below:
 from __future__ import annotations
 
 import argparse
-import platform
 import shutil
 import statistics
 import sys
@@ -36,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchtools import git_commit, paused, write_report  # noqa: E402
 from cpet.evaluate import throughput  # noqa: E402
 from cpet.models import unwrap  # noqa: E402
+from cpet.runtime import describe_machine  # noqa: E402
 from cpet.serve import Engine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     engine = Engine.from_pipeline(args.pipeline, capacity=max(args.counts) + 16)
     report = {"pipeline": args.pipeline, "base_id": engine.base_id, "trained_adapters": sorted(trained),
               "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-              "machine": f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
+              "machine": describe_machine(),
               "command": "python scripts/bench_serve.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "commit": git_commit()}
     with tempfile.TemporaryDirectory(prefix="cpet-bench-serve-") as tmp:
