@@ -275,8 +275,9 @@ def measure_speed(args, model, calibration, moefied: dict) -> dict:
                            "decode_batch1_tok_s": single.decode_tokens_per_s,
                            "flops_per_token": flops_per_token(candidate),
                            "prefill_breakdown_ms": prefill_breakdown(candidate)}
-            if moe_blocks(candidate):
-                speed[name]["expert_share"] = measured_share(moe_blocks(candidate))
+            blocks = moe_blocks(candidate)
+            if blocks:
+                speed[name]["expert_share"] = measured_share(blocks)
                 speed[name]["batch8_expert_union"] = batch_expert_union(candidate, calibration[:8])
     command = " ".join(["python scripts/bench_moefy.py", *sys.argv[1:]])
     return {"share": args.speed_share, "models": speed, "command": command, "commit": commit,
