@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import shutil
 
 import pytest
 
@@ -288,13 +289,22 @@ def test_cli_alone_follows_the_demo_order_and_evaluates_adapters(capsys, tuned_p
     assert "toy-cpet, toy-original" in capsys.readouterr().err
 
 
-def test_eval_a_peft_directory_on_a_plain_model(capsys, tuned_pipeline, model_dir, task_file):
+def test_eval_a_peft_directory_on_a_plain_model(capsys, tmp_path, tuned_pipeline, model_dir, task_file):
     original = tuned_pipeline / "adapters" / "toy-original" / "adapter"
     plain = run_json(capsys, "eval", "--model", str(model_dir), "--peft", str(original), "--limit", "6")
     inside = run_json(capsys, "eval", str(tuned_pipeline), "--adapter", "toy-original", "--limit", "6")
     assert plain["tasks"][0]["accuracy"] == inside["tasks"][0]["accuracy"]
     assert main(["eval", "--model", str(original)]) == 2
     assert "is an adapter, not a model" in capsys.readouterr().err
+    # a plain PEFT directory (no cpet.json) names no task: an error, not a run that scores nothing
+    plain_peft = tmp_path / "plain-peft"
+    shutil.copytree(original, plain_peft)
+    (plain_peft / "cpet.json").unlink()
+    assert main(["eval", "--model", str(model_dir), "--peft", str(plain_peft)]) == 2
+    assert "plain PEFT adapter (no cpet.json names its task)" in capsys.readouterr().err
+    with_task = run_json(capsys, "eval", "--model", str(model_dir), "--peft", str(plain_peft), "--task",
+                         str(task_file), "--limit", "6")
+    assert with_task["tasks"][0]["n"] == 6
     # an adapter of the pruned base does not fit the unpruned model: an error line, not peft's traceback
     pruned = tuned_pipeline / "adapters" / "toy-cpet" / "adapter"
     assert main(["eval", "--model", str(model_dir), "--peft", str(pruned), "--task", str(task_file)]) == 2

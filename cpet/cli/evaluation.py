@@ -143,6 +143,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not args.task and not args.corpus and not args.adapter and not args.peft:
         raise ValueError("give --task T (accuracy) and/or --corpus C (perplexity), or --adapter NAME "
                          "with a pipeline")
+    if target == "peft" and not args.task and not args.corpus:
+        _check_adapter_names_its_task(args.peft)
     tasks = [load_task(name) for name in args.task or []]  # every name checked before any model work
     for task in tasks:
         task.split(args.split)
@@ -168,6 +170,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     emit(results, args.json, render)
     return 0
+
+
+def _check_adapter_names_its_task(adapter: str) -> None:
+    """Refuse ``--peft DIR`` with nothing to score: only a CPET adapter's ``cpet.json`` names its task."""
+    from ..adapters import is_cpet_adapter, read_adapter_meta
+
+    if not is_cpet_adapter(adapter) or not read_adapter_meta(adapter).get("task"):
+        raise ValueError(f"{adapter} is a plain PEFT adapter (no cpet.json names its task), so there is nothing to "
+                         "score by default: give --task T (accuracy) and/or --corpus C (perplexity)")
 
 
 def _eval_model(args: argparse.Namespace, tasks: list, target: str) -> dict:
