@@ -323,12 +323,16 @@ class Assembly:
 
 
 def _read_json(path: Path) -> dict:
+    """The JSON object in ``path``; AdapterError naming the file when it is not one."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise AdapterError(f"{path} is not valid JSON ({exc})") from None
     except UnicodeDecodeError:
         raise AdapterError(f"{path} is not UTF-8 text: is it the right file?") from None
+    if not isinstance(data, dict):
+        raise AdapterError(f"{path} holds a JSON {type(data).__name__}, not an object: is it the right file?")
+    return data
 
 
 __all__ = ["AdapterError", "AdapterSource", "Assembly", "LoadedAdapter", "LowRank", "as_source", "load_factors",

@@ -152,6 +152,7 @@ class Scheduler:
                                       position_ids=positions, use_cache=True)
         except Exception as exc:
             for r in requests:
+                r.events.put(None)  # ends a stream at once (it then reads the error from the future)
                 r.future.set_exception(exc)
             return 0
         runs = [_Running(r, generator=torch.Generator(device=device).manual_seed(r.seed)

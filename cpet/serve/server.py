@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import queue
 import time
 import uuid
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -140,30 +141,50 @@ def create_app(engine: Engine, *, served_name: str = "cpet-base", api_key: str |
             raise ServingError(404, str(exc), "not_found_error") from None
         except (AdapterError, ValueError) as exc:
             raise ServingError(400, str(exc)) from None
+        except Exception as exc:  # the model failed on this batch: a JSON error (and a stream's error event)
+            raise ServingError(500, f"the request failed: {type(exc).__name__}: {exc}", "server_error") from None
 
     def generation(data: dict, text: str) -> GenerationRequest:
-        stop = data.get("stop") or ()
-        stop = (stop,) if isinstance(stop, str) else tuple(stop)
+        # Every field is checked here, before the request joins a batch: a value that failed inside the scheduler
+        # would fail the whole running batch, other clients' requests included.
+        stop = data.get("stop") or []
+        stop = (stop,) if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+            raise ServingError(400, f"stop must be a string or a list of non-empty strings, got {stop!r}")
         temperature = data.get("temperature", 0.0)
-        if not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
             raise ServingError(400, f"temperature must be in [0, 2], got {temperature!r}")
         seed = data.get("seed")
-        if seed is not None and not isinstance(seed, int):
-            raise ServingError(400, f"seed must be an integer, got {seed!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 64):
+            raise ServingError(400, f"seed must be an integer in 0..2**64-1 (torch's generator range), got {seed!r}")
         return GenerationRequest(prompt_ids(text), adapter_of(data),
                                  integer(data, "max_tokens", 16, 1, limits.max_tokens), float(temperature), seed,
-                                 stop)
+                                 tuple(stop))
 
     def stream(request: GenerationRequest, chunk):
         def events():
-            while True:
-                piece = request.events.get(timeout=limits.timeout_s)
-                if piece is None:
-                    break
-                yield f"data: {json.dumps(chunk(piece, None))}\n\n"
-            result = wait(request)
-            yield f"data: {json.dumps(chunk('', result['finish_reason']))}\n\n"
-            yield "data: [DONE]\n\n"
+            # The status line has gone out with the first chunk, so a failure from here on is told as an error
+            # event (OpenAI's stream format), and the request gives up its batch slot.
+            try:
+                while True:
+                    piece = request.events.get(timeout=limits.timeout_s)
+                    if piece is None:
+                        break
+                    yield f"data: {json.dumps(chunk(piece, None))}\n\n"
+                result = wait(request)
+            except queue.Empty:
+                request.cancelled = True
+                error = ServingError(504, f"no new token within {limits.timeout_s:g} s", "timeout")
+            except ServingError as exc:
+                request.cancelled = True
+                error = exc
+            else:
+                yield f"data: {json.dumps(chunk('', result['finish_reason']))}\n\n"
+                yield "data: [DONE]\n\n"
+                return
+            errors.labels(str(error.status)).inc()
+            detail = {"message": error.message, "type": error.kind, "code": error.status}
+            yield f"data: {json.dumps({'error': detail})}\n\n"
         return StreamingResponse(events(), media_type="text/event-stream")
 
     @app.get("/health")
@@ -214,7 +235,8 @@ def create_app(engine: Engine, *, served_name: str = "cpet-base", api_key: str |
         data = await body(request)
         messages = data.get("messages")
         if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages):
             raise ServingError(400, "messages must be a non-empty list of {role, content} objects")
         model, start, rid = data.get("model", served_name), time.perf_counter(), f"chatcmpl-{uuid.uuid4().hex[:24]}"
         r = generation(data, chat_prompt(engine.tokenizer, messages))
@@ -237,6 +259,9 @@ def create_app(engine: Engine, *, served_name: str = "cpet-base", api_key: str |
         name = adapter_of(data)
         if name is None:
             raise ServingError(400, "classification needs an adapter in model (the bare base has no labels)")
+        meta = engine.registry.get(name).meta  # checked here: in the scheduler it would fail the whole batch
+        if not meta.get("labels") or not meta.get("label_words"):
+            raise ServingError(400, f"adapter {name} is not a classification adapter (its cpet.json names no labels)")
         texts = data.get("input")
         texts = [texts] if isinstance(texts, str) else texts
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
@@ -272,6 +297,8 @@ def create_app(engine: Engine, *, served_name: str = "cpet-base", api_key: str |
             adapter = await _in_thread(engine.registry.load, name, path)
         except AdapterError as exc:
             raise ServingError(400, str(exc)) from None
+        except OSError as exc:  # an unreadable file: the caller's path, not the server, is at fault
+            raise ServingError(400, f"cannot read adapter {path}: {exc}") from None
         return {"lora_name": name, "rank": adapter.rank, "modules": len(adapter.lora),
                 "load_ms": (time.perf_counter() - start) * 1000}
 
@@ -279,6 +306,8 @@ def create_app(engine: Engine, *, served_name: str = "cpet-base", api_key: str |
     async def unload_adapter(request: Request):
         admin(request)
         data = await body(request)
+        if not isinstance(data.get("lora_name"), str):
+            raise ServingError(400, "give lora_name (a string)")
         try:
             engine.registry.unload(data.get("lora_name"))
         except UnknownAdapterError as exc:

@@ -270,3 +270,59 @@ def test_chat_prompts_use_the_tokenizers_template_when_it_has_one():
                                "{% if add_generation_prompt %}<|assistant|>{% endif %}")
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
     assert chat_prompt(tokenizer, messages) == "<|system|>be brief<|user|>hi<|assistant|>"
+
+
+def test_requests_that_would_fail_a_batch_are_refused_before_they_join_it(server):
+    """A value that failed inside the scheduler would fail every request of its batch: each is a 400 up front."""
+    url, _, pipeline, root = server
+    for bad, message in [({"stop": [1]}, "stop must be a string or a list of non-empty strings"),
+                         ({"stop": 5}, "stop must be a string or a list"),
+                         ({"seed": 2 ** 64}, "seed must be an integer in 0..2**64-1"),
+                         ({"seed": True}, "seed must be an integer"),
+                         ({"temperature": True}, "temperature must be in [0, 2]")]:
+        refused = httpx.post(f"{url}/v1/completions", json={"model": "plain", "prompt": "hi", **bad})
+        assert refused.status_code == 400 and message in refused.json()["error"]["message"], (bad, refused.text)
+    no_role = httpx.post(f"{url}/v1/chat/completions", json={"model": "plain", "messages": [{"content": "hi"}]})
+    assert no_role.status_code == 400 and "{role, content}" in no_role.json()["error"]["message"]
+    auth = {"Authorization": f"Bearer {KEY}"}
+    adapters = root / "work" / "adapters"
+    plain_peft = adapters / "peft-only" / "adapter"  # a plain PEFT directory: no cpet.json, so no labels
+    shutil.copytree(pipeline.adapters()["plain"], plain_peft)
+    (plain_peft / "cpet.json").unlink()
+    load = f"{url}/v1/load_lora_adapter"
+    assert httpx.post(load, json={"lora_name": "peft-only", "lora_path": str(plain_peft)}, headers=auth).status_code \
+        == 200
+    unlabelled = httpx.post(f"{url}/v1/classify", json={"model": "peft-only", "input": "it was good"})
+    assert unlabelled.status_code == 400 and "not a classification adapter" in unlabelled.json()["error"]["message"]
+    not_an_object = adapters / "list-config" / "adapter"
+    shutil.copytree(pipeline.adapters()["plain"], not_an_object)
+    (not_an_object / "adapter_config.json").write_text("[]")
+    listed = httpx.post(load, json={"lora_name": "list-config", "lora_path": str(not_an_object)}, headers=auth)
+    assert listed.status_code == 400 and "holds a JSON list, not an object" in listed.json()["error"]["message"]
+    unhashable = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": ["x"]}, headers=auth)
+    assert unhashable.status_code == 400 and "lora_name" in unhashable.json()["error"]["message"]
+    assert httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "peft-only"}, headers=auth).status_code \
+        == 200
+    shutil.rmtree(adapters / "peft-only")
+    shutil.rmtree(adapters / "list-config")
+    assert httpx.post(f"{url}/v1/classify", json={"model": "plain", "input": "it was good"}).status_code == 200
+    assert httpx.post(f"{url}/v1/completions", json={"model": "plain", "prompt": "hi", "max_tokens": 2}).status_code \
+        == 200
+
+
+def test_a_stream_whose_batch_fails_ends_with_an_error_event(server, monkeypatch):
+    url, app, _, _ = server
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(app.state.engine, "forward", broken)
+    body = {"model": "plain", "prompt": "hi", "max_tokens": 3, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=20) as response:
+        lines = [line for line in response.iter_lines() if line]
+    monkeypatch.undo()
+    assert response.status_code == 200  # the status line left before the batch ran
+    event = json.loads(lines[-1].removeprefix("data: "))
+    assert event["error"]["code"] == 500 and "RuntimeError: kernel exploded" in event["error"]["message"]
+    assert httpx.post(f"{url}/v1/completions", json={"model": "plain", "prompt": "hi", "max_tokens": 2}).status_code \
+        == 200
