@@ -136,8 +136,17 @@ def atomic_path(final: Path) -> Iterator[Path]:
     try:
         yield tmp
         if final.is_dir() and not final.is_symlink():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+            # Set the old directory aside by a rename instead of deleting it in place: an interrupt during a
+            # deletion would leave half of it. The set-aside copy goes with the temporary directory below.
+            old = tmp.parent / f"{final.name}.replaced"
+            os.replace(final, old)
+            try:
+                os.replace(tmp, final)
+            except BaseException:
+                os.replace(old, final)
+                raise
+        else:
+            os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp.parent, ignore_errors=True)
 

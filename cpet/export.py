@@ -108,7 +108,7 @@ def export_pipeline(pipeline, out: str | Path, names: list[str] | None = None, *
     base_dir = pipeline.work_dir / "base"
     if not (base_dir / MANIFEST_FILE).exists():
         raise FileNotFoundError(f"{pipeline.work_dir} has no compressed base: run `cpet compress` first")
-    manifest = Manifest.from_json((base_dir / MANIFEST_FILE).read_text())
+    manifest = Manifest.read(base_dir / MANIFEST_FILE)
     refusal = base_refusal(manifest)
     if refusal:
         raise ValueError(f"cannot export {pipeline.work_dir}: {refusal}")

@@ -40,7 +40,7 @@ from .adapters import (add_lora, check_adapter_base, check_adapter_name, inherit
                        load_adapter, plain_peft_meta, plain_peft_source, read_adapter_meta, save_adapter,
                        target_module_names, write_adapter_meta)
 from .assembly import AdapterSource
-from .assets import atomic_path, write_text_atomic
+from .assets import atomic_path, check_output_dir, write_text_atomic
 from .compress.calibration import input_rms
 from .compress.manifest import ORIGINAL_BASE_ID
 from .config import stage_config_to_dict
@@ -94,7 +94,7 @@ class CPET:
         # created by the first step that writes into it (atomic writes make their parents), so that a run
         # refused before any work leaves no empty directory behind
         if self.work_dir.exists() and not self.work_dir.is_dir():
-            raise ValueError(f"work directory {self.work_dir} is a file: give a directory (new or a pipeline's)")
+            raise ValueError(_IS_A_FILE.format(self.work_dir))
         self._fingerprint: str | None = None
         self._recorded_fingerprint: str | None = None  # of a saved pipeline: the original must match it
         self._tokenizer = None
@@ -488,15 +488,7 @@ class CPET:
 
     def _check_tune_args(self, task, on, init, inherit_from, recovery) -> AdapterSource | None:
         """Refuse bad options before any work; return the inheritance source, read once (None without one)."""
-        if on not in ("original", "compressed"):
-            raise ValueError(f"on must be 'original' or 'compressed', got {on!r}")
-        if init not in INIT_MODES:
-            raise ValueError(f"init must be one of {INIT_MODES}, got {init!r}")
-        if recovery not in RECOVERY_MODES:
-            raise ValueError(f"recovery must be one of {RECOVERY_MODES}, got {recovery!r}")
-        if on == "original" and (init != "random" or recovery != "none"):
-            raise ValueError("tuning on the original model takes init='random' and recovery='none' (CLI: leave "
-                             "--init and --recovery out with --on original)")
+        check_tune_options(on, init, recovery)
         if on == "compressed":
             self._require_base()
         if recovery in ("shared", "both") and not (self.recovery_dir / "recovery.json").exists():
@@ -698,17 +690,56 @@ class CPET:
         return pipeline
 
 
+_IS_A_FILE = "work directory {} is a file: give a directory (new or a pipeline's)"
+
+
+def check_work_dir(work_dir: str | Path) -> None:
+    """Refuse a directory that a new pipeline cannot be written to (needs no model: commands that start a
+    pipeline check it before loading one; opening a saved pipeline needs no write access and does not call it).
+
+    Raises:
+        ValueError: ``work_dir`` is a file, or cannot be made (a file on its way, no write access).
+    """
+    work_dir = Path(work_dir)
+    if work_dir.exists() and not work_dir.is_dir():
+        raise ValueError(_IS_A_FILE.format(work_dir))
+    check_output_dir(work_dir)
+
+
+def check_tune_options(on: str, init: str, recovery: str) -> None:
+    """Refuse a combination of tuning options that no pipeline accepts (needs no model: callers check it first).
+
+    Raises:
+        ValueError: naming the option and what it takes.
+    """
+    if on not in ("original", "compressed"):
+        raise ValueError(f"on must be 'original' or 'compressed', got {on!r}")
+    if init not in INIT_MODES:
+        raise ValueError(f"init must be one of {INIT_MODES}, got {init!r}")
+    if recovery not in RECOVERY_MODES:
+        raise ValueError(f"recovery must be one of {RECOVERY_MODES}, got {recovery!r}")
+    if on == "original" and (init != "random" or recovery != "none"):
+        raise ValueError("tuning on the original model takes init='random' and recovery='none' (CLI: leave "
+                         "--init and --recovery out with --on original)")
+
+
 def read_pipeline_record(directory: str | Path) -> dict:
     """The record (``source``, ``source_fingerprint``, ``log``) in a pipeline's ``pipeline.json``.
 
     Raises:
-        ValueError: the file is not valid JSON (named, so that a damaged record is not a bare parser error).
+        ValueError: the file is not valid JSON, or not an object with ``source`` and a ``log`` list (named, so
+            that a damaged record is not a bare parser error or KeyError).
     """
     path = Path(directory) / "pipeline.json"
     try:
-        return json.loads(path.read_text())
+        record = json.loads(path.read_text())
     except ValueError as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ValueError(f"{path} is not valid JSON ({err}): the pipeline's record is damaged") from err
+    if not isinstance(record, dict) or not isinstance(record.get("source"), str) \
+            or not isinstance(record.get("log"), list):
+        raise ValueError(f"{path} is not a pipeline record (an object with a source name and a log list): the "
+                         "pipeline's record is damaged")
+    return record
 
 
 def _lasting_source(name: str) -> str:

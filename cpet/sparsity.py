@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import math
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -245,8 +247,8 @@ def ppl_p_sparsity(model: nn.Module, tokenizer, activations: FFNActivations, tex
     measured on ``text`` (first ``max_tokens`` tokens) with :class:`ActivationMask`. Stops when the rise is
     within ``tolerance`` percentage points of ``p`` or after ``max_probes``; returns the closest probe.
     """
-    if p <= 0:
-        raise ValueError(f"p is a perplexity rise in percent (> 0), got {p}")
+    if not 0 < p < math.inf:  # also refuses nan
+        raise ValueError(f"p is a perplexity rise in percent (a finite number > 0), got {p}")
     dense = perplexity(model, tokenizer, text, max_tokens=max_tokens).ppl
     norms = [activations.column_norms(layer) for layer in range(activations.num_layers)]
     low, high, points, best = 0.0, 1.0, [], None

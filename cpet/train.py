@@ -76,10 +76,10 @@ class TuneConfig:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
         if self.steps < 1 or self.batch_size < 1 or self.eval_every < 1:
             raise ValueError("steps, batch_size and eval_every must be >= 1")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not self.alpha > 0:
-            raise ValueError(f"alpha must be > 0 (the LoRA scale is alpha / rank), got {self.alpha}")
+        if not 0 < self.lr < math.inf:  # also refuses nan
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        if not 0 < self.alpha < math.inf:
+            raise ValueError(f"alpha must be a finite number > 0 (the LoRA scale is alpha / rank), got {self.alpha}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.warmup_steps is not None and self.warmup_steps < 1:
@@ -412,8 +412,8 @@ class DistillConfig:
     def __post_init__(self) -> None:
         if min(self.steps, self.batch_size, self.seq_len) < 1:
             raise ValueError("steps, batch_size and seq_len must be >= 1")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 < self.lr < math.inf:  # also refuses nan
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
         if min(self.kl_weight, self.mse_weight) < 0 or self.kl_weight + self.mse_weight == 0:
             raise ValueError(f"kl_weight and mse_weight must be >= 0 and not both 0, got {self.kl_weight} and "
                              f"{self.mse_weight}")

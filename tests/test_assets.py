@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import pytest
 
@@ -41,6 +42,29 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
     with atomic_path(tmp_path / "out.txt") as tmp:
         tmp.write_text("whole")
     assert (tmp_path / "out.txt").read_text() == "whole" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_replacing_a_directory_never_leaves_it_half_deleted(tmp_path, monkeypatch):
+    import shutil
+
+    final = tmp_path / "adapter"
+    final.mkdir()
+    for name in ("a", "b", "c"):
+        (final / name).write_text("old")
+    real_rmtree = shutil.rmtree
+
+    def interrupted_rmtree(path, *args, **kwargs):  # Ctrl-C after the first file of a deletion
+        next(p for p in Path(path).rglob("*") if p.is_file()).unlink()
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(final) as tmp:
+            tmp.mkdir()
+            for name in ("a", "b", "c"):
+                (tmp / name).write_text("new")
+            monkeypatch.setattr("cpet.assets.shutil.rmtree", interrupted_rmtree)
+    monkeypatch.setattr("cpet.assets.shutil.rmtree", real_rmtree)
+    assert {p.name: p.read_text() for p in final.iterdir()} == {"a": "new", "b": "new", "c": "new"}
 
 
 def test_corrupt_cached_download_is_reported(tmp_path, monkeypatch):

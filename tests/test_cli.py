@@ -296,6 +296,8 @@ def test_eval_a_peft_directory_on_a_plain_model(capsys, tmp_path, tuned_pipeline
     assert plain["tasks"][0]["accuracy"] == inside["tasks"][0]["accuracy"]
     assert main(["eval", "--model", str(original)]) == 2
     assert "is an adapter, not a model" in capsys.readouterr().err
+    assert main(["eval", str(tuned_pipeline), "--peft", str(original)]) == 2  # not silently ignored
+    assert "an adapter of the pipeline is named with --adapter NAME" in capsys.readouterr().err
     # a plain PEFT directory (no cpet.json) names no task: an error, not a run that scores nothing
     plain_peft = tmp_path / "plain-peft"
     shutil.copytree(original, plain_peft)
@@ -414,7 +416,8 @@ def test_sparsity_writes_a_json_report_and_a_png(capsys, model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [(["--cett", "1.5"], r"--cett .* in \[0, 1\]"),
-                                           (["--ppl-p", "-1"], r"--ppl-p .* \(> 0\)")])
+                                           (["--ppl-p", "-1"], r"--ppl-p .* \(a finite number > 0\), got -1"),
+                                           (["--ppl-p", "nan"], r"--ppl-p .* \(a finite number > 0\), got nan")])
 def test_sparsity_refuses_bad_targets_before_loading(capsys, argv, message):
     assert main(["sparsity", "--model", "no-such-model", *argv]) == 2
     assert re.search(message, capsys.readouterr().err)
@@ -475,6 +478,8 @@ def test_a_refused_tune_saves_no_config_and_names_stay_inside_the_pipeline(capsy
 @pytest.mark.parametrize("text, message", [
     ("keep-optimizer-state: 'false'\n", r"keep-optimizer-state is a switch and takes true or false, got 'false'"),
     ("steps: [1, 2]\n", r"steps takes one value, got the list \[1, 2\]"),
+    ("steps: 2\non: original\n", r"a key was read as True .*quote it, e\.g\. \"on\": original"),
+    ("3: 4\n", r"the key 3 is not a flag name"),
 ])
 def test_config_file_values_of_the_wrong_kind_are_refused(capsys, tmp_path, text, message):
     config = tmp_path / "run.yaml"
@@ -565,3 +570,35 @@ def test_every_compress_flag_reaches_its_stage_config():
     assert defaults == [PruneConfig(ffn_ratio=0.5, importance="taylor", head_mode="query"),
                         MoEfyConfig(num_experts=4, clustering="coactivation"),
                         QuantizeConfig(method="int8", double_quant=True, compute_dtype="float32", embeddings=False)]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["compress", "--out", "{file}/p", "--prune-ffn", "0.25"], r"output directory .* cannot be made: .* is a file"),
+    (["tune", "{tmp}/new", "--on", "original", "--init", "inherit", "--task", "{task}"],
+     r"tuning on the original model takes init='random'"),
+    (["tune", "{tmp}/new", "--on", "original", "--lr", "inf", "--task", "{task}"], r"lr must be a finite number"),
+    (["demo", "--out", "{tmp}/demo", "--lr", "0", "--task", "{task}"], r"lr must be a finite number > 0, got 0"),
+    (["demo", "--out", "{file}/demo", "--task", "{task}"], r"output directory .* cannot be made: .* is a file"),
+])
+def test_bad_flags_are_refused_before_a_model_loads(capsys, monkeypatch, tmp_path, task_file, argv, message):
+    import cpet.models
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the flags were checked")
+
+    monkeypatch.setattr(cpet.models, "load_base", no_load)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("in the way")
+    filled = [a.format(file=a_file, tmp=tmp_path, task=task_file) for a in argv]
+    assert main(filled) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "Traceback" not in err, err
+    assert not list(tmp_path.glob("**/configs/*.json"))  # nothing saved for a refused command
+
+
+def test_a_tune_of_a_missing_task_file_saves_no_config(capsys, model_dir, tmp_path):
+    work = tmp_path / "w"
+    assert main(["tune", str(work), "--model", str(model_dir), "--task", str(tmp_path / "missing.jsonl"), "--on",
+                 "original", "--steps", "1"]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err
+    assert not list(work.glob("configs/*.json"))

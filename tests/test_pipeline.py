@@ -72,11 +72,35 @@ def test_original_adapter_learns_and_loads_with_plain_peft(built):
 
 @pytest.mark.parametrize("init, recovery", [("random", "none"), ("svd", "none"), ("inherit", "none"),
                                             ("random", "shared"), ("inherit", "per_task"), ("inherit", "both")])
-def test_every_method_row_trains_and_evaluates(built, init, recovery):
+def test_every_method_row_trains_and_evaluates(built, monkeypatch, init, recovery):
+    import cpet.lora_init
+    import cpet.train
+
     pipeline, task, original, _ = built
+    calls = {"svd": 0, "inherit": 0, "distill": []}  # what each row's options switch on, seen from inside
+    real_svd, real_inherit, real_mse = (cpet.lora_init.apply_residual_svd_lora, cpet.lora_init.apply_inherited_lora,
+                                        cpet.train.hidden_mse)
+
+    def svd(*args, **kwargs):
+        calls["svd"] += 1
+        return real_svd(*args, **kwargs)
+
+    def inherit(*args, **kwargs):
+        calls["inherit"] += 1
+        return real_inherit(*args, **kwargs)
+
+    def mse(*args, **kwargs):
+        loss = real_mse(*args, **kwargs)
+        calls["distill"].append(float(loss))
+        return loss
+
+    monkeypatch.setattr(cpet.lora_init, "apply_residual_svd_lora", svd)
+    monkeypatch.setattr(cpet.lora_init, "apply_inherited_lora", inherit)
+    monkeypatch.setattr(cpet.train, "hidden_mse", mse)
     uses_source = init == "inherit" or recovery in ("per_task", "both")
     adapter = pipeline.tune(task, init=init, recovery=recovery, inherit_from=original if uses_source else None,
                             config=TUNE, progress=False)
+    assert (calls["svd"], calls["inherit"]) == ((1, 0) if init == "svd" else (0, 1) if init == "inherit" else (0, 0))
     meta = adapter.meta
     assert meta["base_id"] == pipeline.base_id and meta["init"] == init and meta["recovery"] == recovery
     assert [h["step"] for h in meta["metrics"]["history"]] == [0, 10, 20, 30]
@@ -90,8 +114,15 @@ def test_every_method_row_trains_and_evaluates(built, init, recovery):
         # per-task recovery starts as a no-op, so those rows start exactly from the inherited adapter; shared
         # recovery (distilled on unrelated toy text) shifts the base under it: measured 0.67-0.79 here
         assert start >= (0.75 if recovery in ("none", "per_task") else 0.6)
-    if recovery in ("per_task", "both"):
+    if recovery in ("per_task", "both"):  # trained: B starts at zero, and the teacher's hidden states are a target
         assert (adapter.directory / "per_task_recovery" / "recovery.safetensors").exists()
+        # the last step's weights (the saved checkpoint is the best one, which may be the untrained start)
+        last = load_file(adapter.directory.parent / "resume" / "state.safetensors")
+        ups = [t for key, t in last.items() if ".per_task.bypasses." in key and key.endswith(".B.weight")]
+        assert ups and max(float(t.abs().max()) for t in ups) > 0
+        assert len(calls["distill"]) == TUNE.steps and max(calls["distill"]) > 0
+    else:
+        assert calls["distill"] == []  # no teacher without per-task recovery
 
 
 def test_save_and_load_pipeline(built, tmp_path):
@@ -577,3 +608,7 @@ def test_a_damaged_pipeline_record_is_named_by_load_and_by_list(tmp_path, capsys
         CPET.load(tmp_path / "p")
     assert main(["list", str(tmp_path / "p")]) == 2
     assert re.search(r"p/pipeline.json is not valid JSON .*record is damaged", capsys.readouterr().err)
+    for valid_but_wrong in ("{}", "[]", '{"source": "m", "log": {}}'):  # valid JSON, not a record: no KeyError
+        (tmp_path / "p" / "pipeline.json").write_text(valid_but_wrong)
+        with pytest.raises(ValueError, match=r"p/pipeline.json is not a pipeline record .*damaged"):
+            CPET.load(tmp_path / "p")

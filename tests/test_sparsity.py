@@ -25,9 +25,21 @@ def measured(request):
 
 
 def test_activations_are_the_down_inputs_of_every_layer(measured):
+    from cpet.models import iter_layer_linears
+
     loaded, acts = measured
     assert acts.num_layers == loaded.model.config.num_hidden_layers and acts.tokens == 4 * 32
     assert acts.acts[0].shape[1] == acts.down[0].shape[1]
+    outputs = []  # what each down linear gives on the same tokens: it must be W_down a (+ bias) of the captured a
+    hooks = [linears["down"].register_forward_hook(lambda m, i, o: outputs.append(o.reshape(-1, o.shape[-1])))
+             for linears in iter_layer_linears(loaded.model)]
+    with torch.no_grad():
+        loaded.model(input_ids=calibration(loaded.model.config.vocab_size))
+    for hook in hooks:
+        hook.remove()
+    for layer, linears in enumerate(iter_layer_linears(loaded.model)):
+        bias = linears["down"].bias if linears["down"].bias is not None else 0
+        assert torch.allclose(acts.acts[layer] @ acts.down[layer].T + bias, outputs[layer], atol=1e-5)
     if loaded.model.config.model_type == "opt":  # ReLU: many exact zeros; SiLU: none
         assert 0.2 < acts.activation_ratio(0, 0.0) < 0.8
     else:
@@ -108,5 +120,9 @@ def test_report_is_json_with_a_baseline_at_the_same_share_and_plots(tmp_path):
     assert all(e["cett"] <= 0.2 + 1e-6 and 0 < e["activation_ratio"] < 1 for e in report["layers"])
     baseline = report["baseline"]
     assert baseline["activation_ratio"] == pytest.approx(report["ppl_p"]["activation_ratio"], abs=0.1)
+    assert baseline["target_active_share"] == report["ppl_p"]["activation_ratio"]
+    dense = report["ppl_p"]["dense_ppl"]  # the baseline's perplexity is measured with its mask on
+    assert abs(baseline["ppl"] - dense) > 1e-3 * dense
+    assert baseline["rise_percent"] == pytest.approx(100 * (baseline["ppl"] / dense - 1))
     png = plot_activation_ratios(report, tmp_path / "ratios.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

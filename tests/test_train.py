@@ -173,9 +173,12 @@ def test_two_processes_take_the_same_steps_as_one(tmp_path):
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda: TuneConfig(alpha=-4), r"alpha must be > 0 \(the LoRA scale is alpha / rank\), got -4"),
-    (lambda: TuneConfig(lr=0), "lr must be > 0, got 0"),
-    (lambda: DistillConfig(lr=-1), "lr must be > 0, got -1"),
+    (lambda: TuneConfig(alpha=-4), r"alpha must be a finite number > 0 \(the LoRA scale is alpha / rank\), got -4"),
+    (lambda: TuneConfig(alpha=float("inf")), r"alpha must be a finite number > 0 .*got inf"),
+    (lambda: TuneConfig(lr=0), "lr must be a finite number > 0, got 0"),
+    (lambda: TuneConfig(lr=float("nan")), "lr must be a finite number > 0, got nan"),
+    (lambda: DistillConfig(lr=-1), "lr must be a finite number > 0, got -1"),
+    (lambda: DistillConfig(lr=float("inf")), "lr must be a finite number > 0, got inf"),
     (lambda: DistillConfig(kl_weight=0, mse_weight=0), "must be >= 0 and not both 0"),
     (lambda: DistillConfig(mse_weight=-1), "must be >= 0 and not both 0"),
 ])

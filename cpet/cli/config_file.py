@@ -66,6 +66,12 @@ def read_config_file(path: str) -> dict:
         raise ValueError(f"config file {path} is not valid YAML/JSON: {exc}") from exc
     if not isinstance(values, dict):
         raise ValueError(f"config file {path} must hold a mapping of flag names to values")
+    for key in values:
+        if isinstance(key, bool):  # YAML 1.1 reads an unquoted on / off / yes / no key as a boolean
+            raise ValueError(f"config file {path}: a key was read as {key} (YAML takes an unquoted on, off, yes "
+                             f"or no for a boolean): quote it, e.g. \"on\": original")
+        if not isinstance(key, str):
+            raise ValueError(f"config file {path}: the key {key!r} is not a flag name")
     return values
 
 

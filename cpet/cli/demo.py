@@ -20,19 +20,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ..config import PruneConfig, QuantizeConfig
     from ..data import load_corpus, load_task
     from ..evaluate import perplexity
-    from ..pipeline import CPET, task_key
+    from ..pipeline import CPET, check_work_dir, task_key
     from ..recovery import RecoveryConfig
     from ..train import DistillConfig, TuneConfig
 
     start = time.perf_counter()
     say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
     load_task(args.task).split("test")  # a bad --task fails here, not after the model has loaded
+    tune = TuneConfig(rank=8, alpha=16, steps=args.steps, batch_size=8, lr=args.lr, seed=args.seed,
+                      eval_every=max(args.steps // 2, 1), eval_limit=args.val_limit,
+                      max_prompt_tokens=args.max_prompt_tokens)  # so do bad tuning flags
+    check_work_dir(args.out)  # and an --out that cannot be made
     pipeline = CPET(load_model(args), args.out)
     save_run_config(args, args.out)
     text = load_corpus("brown", split="heldout")
-    tune = TuneConfig(rank=8, alpha=16, steps=args.steps, batch_size=8, lr=args.lr, seed=args.seed,
-                      eval_every=max(args.steps // 2, 1), eval_limit=args.val_limit,
-                      max_prompt_tokens=args.max_prompt_tokens)
     names = {row: f"{task_key(args.task)}-{row}" for row in ("original", "vanilla", "cpet")}  # one set per task
     rows = []
 

@@ -97,6 +97,9 @@ def _eval_target(args: argparse.Namespace) -> str:
     if args.pipeline is None:
         args.model = args.model or EMBEDDED_DEFAULT
     if args.pipeline is not None:
+        if args.peft:
+            raise ValueError("--peft DIR runs a PEFT adapter on a plain model (--model BASE --peft DIR); an adapter of "
+                             "the pipeline is named with --adapter NAME")
         if not (Path(args.pipeline) / "pipeline.json").exists():
             raise ValueError(f"{args.pipeline} is not a CPET pipeline directory (no pipeline.json)")
         return "pipeline"

@@ -42,11 +42,12 @@ def open_pipeline(directory: str, model: str | None, *, may_create: bool, first_
     from pathlib import Path
 
     from ..models import EMBEDDED_DEFAULT, load_base
-    from ..pipeline import CPET
+    from ..pipeline import CPET, check_work_dir
 
     if (Path(directory) / "pipeline.json").exists():
         return CPET.load(directory, original=model)
     if may_create:
+        check_work_dir(directory)  # a file in the way or no write access: refused before the model loads
         placement = {"dtype": runtime.dtype, "device": runtime.device} if runtime is not None else {}
         return CPET(load_base(model or EMBEDDED_DEFAULT, **placement), directory)
     model = model or EMBEDDED_DEFAULT
@@ -109,8 +110,10 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    from ..pipeline import check_tune_options
     from ..train import TuneConfig
 
+    check_tune_options(args.on, args.init, args.recovery)  # before a model loads
     config = TuneConfig(rank=args.rank, alpha=args.alpha, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                         warmup_ratio=args.warmup_ratio, eval_every=args.eval_every, eval_limit=args.val_limit,
                         max_prompt_tokens=args.max_prompt_tokens, seed=args.seed)
@@ -121,7 +124,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         adapter = pipeline.tune(args.task, on=args.on, init=args.init, inherit_from=args.inherit_from,
                                 recovery=args.recovery, config=config, name=args.name, progress=not args.json,
                                 keep_optimizer_state=args.keep_optimizer_state)
-    except ValueError:  # refused (bad option, mismatched resume ...): nothing ran, so there is nothing to replay
+    except (ValueError, OSError):  # refused (bad option, missing task file ...): nothing ran, nothing to replay
         saved.unlink(missing_ok=True)
         raise
     if adapter.meta.get("inherited_from_other_task") and not args.json:

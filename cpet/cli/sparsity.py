@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from .output import emit, print_table
@@ -22,8 +23,8 @@ def cmd_sparsity(args: argparse.Namespace) -> int:
         raise ValueError(str(exc)) from None
     if not 0.0 <= args.cett <= 1.0:  # before the model is loaded
         raise ValueError(f"--cett is a share of the FFN output norm in [0, 1], got {args.cett}")
-    if args.ppl_p <= 0:
-        raise ValueError(f"--ppl-p is a perplexity rise in percent (> 0), got {args.ppl_p}")
+    if not 0 < args.ppl_p < math.inf:  # also refuses nan
+        raise ValueError(f"--ppl-p is a perplexity rise in percent (a finite number > 0), got {args.ppl_p}")
     check_output_dir(Path(args.out))  # the report is written at the end: a bad --out fails now
     brown = args.corpus == "brown"  # thresholds from Brown's training documents, perplexity on held-out ones
     train_text = load_corpus(args.corpus, split="train" if brown else "all")  # a missing file fails here

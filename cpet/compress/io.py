@@ -59,7 +59,7 @@ class CompressedBase:
         directory = Path(directory)
         if not (directory / MANIFEST_FILE).exists():
             raise FileNotFoundError(f"{directory} has no {MANIFEST_FILE}: not a CPET compressed base")
-        manifest = Manifest.from_json((directory / MANIFEST_FILE).read_text())
+        manifest = Manifest.read(directory / MANIFEST_FILE)
         index_maps = IndexMaps.load(directory / INDEX_MAPS_FILE, SimpleNamespace(**manifest.geometry_before))
         if index_maps.digest() != manifest.index_digest or manifest.compute_base_id() != manifest.base_id:
             raise ValueError(f"{directory}: manifest and index maps do not match base_id "

@@ -11,6 +11,7 @@ import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from ..config import stage_config_from_dict
 from .index_maps import IndexMaps, LayerIndex  # noqa: F401  (re-exported: where they lived before)
@@ -123,10 +124,26 @@ class Manifest:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
     @classmethod
+    def read(cls, path: str | Path) -> "Manifest":
+        """The manifest in file ``path`` (ValueError naming the file when it is damaged or of another version)."""
+        try:
+            return cls.from_json(Path(path).read_text())
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError included
+            raise ValueError(f"{path}: {exc}") from None
+
+    @classmethod
     def from_json(cls, text: str) -> "Manifest":
+        """The manifest in ``text``. Raises ValueError for invalid JSON, another version, or fields that are not
+        a manifest's (a damaged file: a KeyError or TypeError would not say which file is at fault)."""
         data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("the manifest is not a JSON object: the file is damaged")
         if data.get("version") != MANIFEST_VERSION:
             raise ValueError(f"manifest version {data.get('version')} is not supported (this CPET reads "
                              f"version {MANIFEST_VERSION})")
-        data["stages"] = [StageRecord(**s) for s in data["stages"]]
-        return cls(**data)
+        try:
+            data["stages"] = [StageRecord(**s) for s in data["stages"]]
+            return cls(**data)
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"the manifest's fields are not a manifest's ({type(exc).__name__}: {exc}): the file is "
+                             "damaged") from None

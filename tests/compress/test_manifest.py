@@ -119,3 +119,20 @@ def test_provenance_is_recorded_outside_base_id():
     older = Manifest.from_json(json.dumps({k: v for k, v in data.items() if k not in ("calibration", "libraries")}))
     assert upgraded.compute_base_id() == older.compute_base_id() == manifest.base_id
     assert older.calibration == {} and older.libraries == {}
+
+
+def test_a_damaged_manifest_is_named_not_a_key_error(tmp_path):
+    base = compress(tiny_model("llama").model, [PruneConfig(ffn_ratio=0.5, importance="magnitude")], progress=False)
+    data = json.loads(base.manifest.to_json())
+    path = tmp_path / "manifest.json"
+    assert Manifest.read(_written(path, json.dumps(data))).base_id == base.manifest.base_id
+    for damaged, message in [({k: v for k, v in data.items() if k != "stages"}, r"KeyError: 'stages'"),
+                             ({**data, "stages": [{**data["stages"][0], "extra": 1}]}, r"TypeError: .*extra"),
+                             ([data], r"not a JSON object")]:
+        with pytest.raises(ValueError, match=rf"manifest.json: .*{message}"):
+            Manifest.read(_written(path, json.dumps(damaged)))
+
+
+def _written(path, text):
+    path.write_text(text)
+    return path

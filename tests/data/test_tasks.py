@@ -155,13 +155,14 @@ def test_single_token_labels_with_byte_tokenizer():
 
 
 def _smollm2_tokenizer():
+    """SmolLM2's tokenizer, fetched and converted on first use as `cpet fetch` does (skips only offline)."""
     from transformers import AutoTokenizer
 
-    from cpet.models import embedded_cache_path
+    from cpet.models import EMBEDDED, ensure_embedded
+    from tests.conftest import real_asset
 
-    path = embedded_cache_path()
-    if not (path / "tokenizer.json").exists():
-        pytest.skip("SmolLM2 is not converted in the cache yet (`cpet fetch`)")
+    real_asset(EMBEDDED["smollm2-135m"].asset)
+    path, _ = ensure_embedded("smollm2-135m")
     return AutoTokenizer.from_pretrained(str(path))
 
 

@@ -134,6 +134,11 @@ def test_mixed_generation_equals_each_row_alone_and_sampling_is_seeded(served):
         assert result["tokens"] <= 6
     first = engine.generate(prompts, adapters, max_tokens=6, temperature=1.0, seed=3)
     assert first == engine.generate(prompts, adapters, max_tokens=6, temperature=1.0, seed=3)
+    # and it does sample: another seed, or greedy decoding, gives other text (6 tokens of a random model's
+    # near-flat distribution: a coincidence across all three rows is out of reach)
+    other = engine.generate(prompts, adapters, max_tokens=6, temperature=1.0, seed=4)
+    assert [r["text"] for r in other] != [r["text"] for r in first]
+    assert [r["text"] for r in first] != [r["text"] for r in together]
     text = together[0]["text"]
     assert len(text) > 2 and together[0]["finish_reason"] == "length" and together[0]["tokens"] == 6
     stopped = engine.generate(prompts[:1], adapters[:1], max_tokens=6, stop=[text[1:3]])[0]  # cut before it, ended

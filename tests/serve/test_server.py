@@ -220,6 +220,13 @@ def test_build_app_checks_its_limits_before_the_base_loads(tmp_path, monkeypatch
     with pytest.raises(ValueError, match=r"is a bare base.*give --adapter-root DIR"):
         build_app(args)
     args.adapter_root = str(tmp_path / "adapters")
+    args.adapter = [f"gone={tmp_path / 'missing'}"]  # the operator's adapters are checked before the load too
+    with pytest.raises(ValueError, match=r"--adapter gone=.*missing is not an adapter directory"):
+        build_app(args)
+    args.adapter = ["../x=somewhere"]
+    with pytest.raises(ValueError, match=r"the name '\.\./x' is not allowed"):
+        build_app(args)
+    args.adapter = []
     with pytest.raises(AssertionError, match="the base was loaded"):  # sound limits and a root: on to the load
         build_app(args)
 
@@ -326,3 +333,17 @@ def test_a_stream_whose_batch_fails_ends_with_an_error_event(server, monkeypatch
     assert event["error"]["code"] == 500 and "RuntimeError: kernel exploded" in event["error"]["message"]
     assert httpx.post(f"{url}/v1/completions", json={"model": "plain", "prompt": "hi", "max_tokens": 2}).status_code \
         == 200
+
+
+def test_sampling_over_http_is_seeded_and_samples(server):
+    url, _, _, _ = server
+
+    def text(**fields):
+        body = {"model": "plain", "prompt": "the quick brown", "max_tokens": 6, **fields}
+        response = httpx.post(f"{url}/v1/completions", json=body)
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["text"]
+
+    sampled = text(temperature=1.0, seed=3)
+    assert sampled == text(temperature=1.0, seed=3)
+    assert {text(temperature=1.0, seed=seed) for seed in (4, 5)} | {text()} != {sampled}
