@@ -45,6 +45,7 @@ from .compress.calibration import input_rms
 from .compress.manifest import ORIGINAL_BASE_ID
 from .config import stage_config_to_dict
 from .data import template_for, verbalizer_for
+from .data.prompts import PromptTemplate, Verbalizer
 from .data.tasks import as_task, examples_sha256, task_key, task_source_of  # noqa: F401  (task_key: re-exported)
 from .models import EMBEDDED, LoadedBase, hub_id_of, load_base, saved_tokenizer
 from .recovery import PER_TASK, SHARED, RecoveryConfig, RecoverySet, init_from_residuals
@@ -345,12 +346,17 @@ class CPET:
         started_at = utc_now()
         task_source = task_source_of(task)
         task = as_task(task)
+        task.require("train", "validation")  # a file too small to split fails here, before any model work
         recovery = recovery.replace("-", "_")  # "per-task", as the CLI and the docs write it, is "per_task"
         inherit_from = self.resolve_adapter(inherit_from)
+        if per_task_recovery is not None and recovery not in ("per_task", "both"):  # it would be silently unused
+            raise ValueError(f"per_task_recovery is used only with recovery='per_task' or 'both', but this run has "
+                             f"recovery={recovery!r}: set recovery (CLI: --recovery per-task) or leave it out")
         source = self._check_tune_args(task, on, init, inherit_from, recovery)  # the source, read once
         # before anything random (LoRA A, recovery init): the same seed gives the same run whatever ran before
         torch.manual_seed(config.seed)
-        name = name or f"{task.name}-{on}-{init}-{recovery}-s{config.seed}"
+        # the task's file-name-safe key: a hub name such as "stanfordnlp/imdb" would nest the adapter directory
+        name = name or f"{task_key(task.name)}-{on}-{init}-{recovery}-s{config.seed}"
         out_dir = self.work_dir / "adapters" / name
         teacher = None
         if on == "original":
@@ -625,6 +631,7 @@ class CPET:
         from .evaluate import DEFAULT_MAX_PROMPT_TOKENS, classification_accuracy
 
         task = as_task(task)
+        task.require(split)
         adapter = self.resolve_adapter(adapter)
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be >= 1 (or None for the whole split), got {limit}")
@@ -641,11 +648,12 @@ class CPET:
                                  f"scoring it with {max_prompt_tokens} would measure another model")
             max_prompt_tokens = trained_with or max_prompt_tokens
         max_prompt_tokens = max_prompt_tokens or DEFAULT_MAX_PROMPT_TOKENS
+        template, verbalizer = _prompts_for(task, meta if source is not None else {})
         examples = task.split(split)[:limit] if limit else task.split(split)
         gold = [e.label for e in examples]
         with self.running(source, on=on) as model:
             result = classification_accuracy(model, self.tokenizer, [e.text for e in examples], gold,
-                                             template=template_for(task), verbalizer=verbalizer_for(task),
+                                             template=template, verbalizer=verbalizer,
                                              labels=task.labels, batch_size=batch_size,
                                              max_prompt_tokens=max_prompt_tokens)
         out = {"task": task.name, "split": split, **result.to_dict(), "max_prompt_tokens": max_prompt_tokens,
@@ -656,10 +664,23 @@ class CPET:
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | Path) -> Path:
-        """Copy the whole work directory (base, recovery, adapters, log) to ``directory`` atomically."""
+        """Copy the whole work directory (base, recovery, adapters, log) to ``directory`` atomically.
+
+        ``directory`` must be new, empty, or a saved pipeline (which is replaced as a whole).
+
+        Raises:
+            ValueError: ``directory`` holds files that are not a pipeline (they would be deleted), or lies
+                inside the work directory (the copy would copy itself).
+        """
         directory = Path(directory)
         if directory.resolve() == self.work_dir.resolve():
             return directory
+        if self.work_dir.resolve() in directory.resolve().parents:
+            raise ValueError(f"cannot save the pipeline into {directory}, inside its own work directory "
+                             f"{self.work_dir}: choose a directory outside it")
+        if directory.is_dir() and any(directory.iterdir()) and not (directory / "pipeline.json").exists():
+            raise ValueError(f"{directory} holds files and is not a CPET pipeline: saving would replace them; "
+                             "choose a new or empty directory (a saved pipeline there is replaced)")
         with atomic_path(directory) as tmp:
             shutil.copytree(self.work_dir, tmp)
         return directory
@@ -691,6 +712,16 @@ class CPET:
 
 
 _IS_A_FILE = "work directory {} is a file: give a directory (new or a pipeline's)"
+
+
+def _prompts_for(task, meta: dict):
+    """The template and verbalizer to score ``task`` with: the adapter's own (its ``cpet.json``), as serving
+    uses them, when it records them; else the task's. An adapter tuned on one task and scored on another
+    file with the same labels is scored with the prompt it learned, not the other file's generic one."""
+    if meta.get("template") and meta.get("label_words"):
+        return (PromptTemplate(meta["template"]),
+                Verbalizer({label: meta["label_words"][label] for label in task.labels}))
+    return template_for(task), verbalizer_for(task)
 
 
 def check_work_dir(work_dir: str | Path) -> None:

@@ -579,6 +579,8 @@ def test_every_compress_flag_reaches_its_stage_config():
     (["tune", "{tmp}/new", "--on", "original", "--lr", "inf", "--task", "{task}"], r"lr must be a finite number"),
     (["demo", "--out", "{tmp}/demo", "--lr", "0", "--task", "{task}"], r"lr must be a finite number > 0, got 0"),
     (["demo", "--out", "{file}/demo", "--task", "{task}"], r"output directory .* cannot be made: .* is a file"),
+    (["tune", "{tmp}/new", "--on", "original", "--task", "{small}"], r"task 'small': the validation split is empty"),
+    (["eval", "--model", "m", "--task", "{small}", "--split", "validation"], r"the validation split is empty"),
 ])
 def test_bad_flags_are_refused_before_a_model_loads(capsys, monkeypatch, tmp_path, task_file, argv, message):
     import cpet.models
@@ -589,7 +591,9 @@ def test_bad_flags_are_refused_before_a_model_loads(capsys, monkeypatch, tmp_pat
     monkeypatch.setattr(cpet.models, "load_base", no_load)
     a_file = tmp_path / "a-file"
     a_file.write_text("in the way")
-    filled = [a.format(file=a_file, tmp=tmp_path, task=task_file) for a in argv]
+    small = tmp_path / "small.jsonl"  # 5 examples per label: the seeded split leaves validation empty
+    small.write_text("\n".join(json.dumps({"text": f"item {i}", "label": "ab"[i % 2]}) for i in range(10)))
+    filled = [a.format(file=a_file, tmp=tmp_path, task=task_file, small=small) for a in argv]
     assert main(filled) == 2
     err = capsys.readouterr().err
     assert re.search(message, err) and "Traceback" not in err, err

@@ -134,6 +134,15 @@ def test_save_and_load_pipeline(built, tmp_path):
     assert again.evaluate(moved, task)["accuracy"] == pipeline.evaluate(original, task)["accuracy"]
     with pytest.raises(ValueError, match="built from source model"):
         CPET.load(saved, original=tiny_model("llama", seed=7))
+    assert pipeline.save(saved) == saved and CPET.load(saved).base_id == pipeline.base_id  # a pipeline: replaced
+    others = tmp_path / "runs"
+    (others / "another-run").mkdir(parents=True)
+    (others / "another-run" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"runs holds files and is not a CPET pipeline: saving would replace them"):
+        pipeline.save(others)
+    assert (others / "another-run" / "notes.txt").read_text() == "mine"
+    with pytest.raises(ValueError, match=r"inside its own work directory"):
+        pipeline.save(pipeline.work_dir / "backup")
 
 
 def test_adapter_for_another_source_model_is_refused(built, tmp_path):
@@ -349,6 +358,10 @@ def test_bad_adapter_names_and_unused_sources_are_refused_before_any_work(built)
     for kwargs in (dict(), dict(init="svd"), dict(recovery="shared")):
         with pytest.raises(ValueError, match=r"inherit_from \(.*\) is read only by init='inherit' or per-task"):
             pipeline.tune(task, inherit_from=original, config=SHORT, name="unused-source", progress=False, **kwargs)
+    assert not (pipeline.work_dir / "adapters" / "unused-source").exists()
+    with pytest.raises(ValueError, match=r"per_task_recovery is used only with recovery='per_task' or 'both'"):
+        pipeline.tune(task, per_task_recovery=RecoveryConfig(rank=2), config=SHORT, name="unused-source",
+                      progress=False)
     assert not (pipeline.work_dir / "adapters" / "unused-source").exists()
 
 
@@ -612,3 +625,40 @@ def test_a_damaged_pipeline_record_is_named_by_load_and_by_list(tmp_path, capsys
         (tmp_path / "p" / "pipeline.json").write_text(valid_but_wrong)
         with pytest.raises(ValueError, match=r"p/pipeline.json is not a pipeline record .*damaged"):
             CPET.load(tmp_path / "p")
+
+
+def test_a_hub_task_name_gives_a_flat_default_adapter_name(built):
+    from cpet.data import load_task
+
+    pipeline, task, _, _ = built
+    hub_like = load_task(task)
+    hub_like.name = "org/dataset"  # as load_task("hf:org/dataset") names it
+    adapter = pipeline.tune(hub_like, on="original", config=TuneConfig(steps=1, eval_every=1, eval_limit=4),
+                            progress=False)
+    assert adapter.directory.parent.name == "org_dataset-original-random-none-s0"
+    assert adapter.directory.parent.parent == pipeline.work_dir / "adapters"
+    assert "org_dataset-original-random-none-s0" in pipeline.adapters()
+
+
+def test_an_adapter_is_scored_with_the_prompt_it_was_tuned_with(built, monkeypatch):
+    """As serving does: a task of another family (another default template) with the same labels is scored
+    with the adapter's own template and label words, recorded in its cpet.json."""
+    import cpet.evaluate
+    from cpet.data import load_task
+
+    pipeline, task, original, _ = built
+    other_family = load_task(task)
+    other_family.family = "spam"  # its default template would be "Email: ...\nSpam or ham:"
+    seen = []
+    real = cpet.evaluate.classification_accuracy
+
+    def spy(*args, template, verbalizer, **kwargs):
+        seen.append((template.template, dict(verbalizer.label_words)))
+        return real(*args, template=template, verbalizer=verbalizer, **kwargs)
+
+    monkeypatch.setattr(cpet.evaluate, "classification_accuracy", spy)
+    scored = pipeline.evaluate(original, other_family, limit=8)
+    assert seen[-1] == (original.meta["template"], original.meta["label_words"]) and "Label:" in seen[-1][0]
+    assert scored["accuracy"] == pipeline.evaluate(original, task, limit=8)["accuracy"]
+    pipeline.evaluate(None, other_family, limit=8)  # the bare base has no prompt of its own: the task's
+    assert seen[-1][0] == "Email: {text}\nSpam or ham:"

@@ -26,7 +26,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
-    load_task(args.task).split("test")  # a bad --task fails here, not after the model has loaded
+    load_task(args.task).require("train", "validation", "test")  # a bad --task fails here, before the model loads
     tune = TuneConfig(rank=8, alpha=16, steps=args.steps, batch_size=8, lr=args.lr, seed=args.seed,
                       eval_every=max(args.steps // 2, 1), eval_limit=args.val_limit,
                       max_prompt_tokens=args.max_prompt_tokens)  # so do bad tuning flags

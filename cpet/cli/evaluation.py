@@ -150,7 +150,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         _check_adapter_names_its_task(args.peft)
     tasks = [load_task(name) for name in args.task or []]  # every name checked before any model work
     for task in tasks:
-        task.split(args.split)
+        task.require(args.split)
     if args.corpus:  # so is the corpus (scored after the model has loaded)
         from ..data import load_corpus
 

@@ -113,7 +113,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from ..pipeline import check_tune_options
     from ..train import TuneConfig
 
+    from ..data import load_task
+
     check_tune_options(args.on, args.init, args.recovery)  # before a model loads
+    load_task(args.task).require("train", "validation", "test")  # so is the task (scored on test at the end)
     config = TuneConfig(rank=args.rank, alpha=args.alpha, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                         warmup_ratio=args.warmup_ratio, eval_every=args.eval_every, eval_limit=args.val_limit,
                         max_prompt_tokens=args.max_prompt_tokens, seed=args.seed)

@@ -65,6 +65,20 @@ class ClassificationTask:
             raise ValueError(f"task {self.name!r} has no split {name!r}; it has {', '.join(self.splits)}")
         return self.splits[name]
 
+    def require(self, *names: str) -> None:
+        """Refuse, before any model work, a task whose splits ``names`` are empty (a small file: the seeded
+        80/10/10 split per label leaves validation or test empty below about 10 examples of each label).
+
+        Raises:
+            ValueError: naming the task, the empty split(s), every split's size and what to do.
+        """
+        empty = [name for name in names if not self.split(name)]
+        if empty:
+            sizes = ", ".join(f"{name} {len(examples)}" for name, examples in self.splits.items())
+            what = f"the {' and '.join(empty)} split{'s are' if len(empty) > 1 else ' is'} empty"
+            raise ValueError(f"task {self.name!r}: {what} ({sizes}); give it more examples (about 10 of each label "
+                             "for the seeded 80/10/10 split) or rows for that split in a split column")
+
     def label_counts(self, split: str) -> dict[str, int]:
         counts = Counter(e.label for e in self.split(split))
         return {label: counts.get(label, 0) for label in self.labels}
@@ -152,7 +166,7 @@ def _split_value(value: str, where: str) -> str:
 def _rows_to_task(rows: list[tuple[int, dict]], path: Path, text_field: str, label_field: str,
                   split_field: str | None, name: str | None, kind: str) -> ClassificationTask:
     examples, split_of = [], []
-    use_split = split_field or ("split" if rows and "split" in rows[0][1] else None)
+    use_split = split_field or ("split" if any("split" in row for _, row in rows) else None)
     for line_no, row in rows:
         for required in (text_field, label_field):
             if required not in row:
@@ -194,7 +208,9 @@ def load_jsonl_task(path: str | Path, text_field: str = "text", label_field: str
     if not path.exists():
         raise FileNotFoundError(f"task file {path} does not exist")
     rows = []
-    for line_no, line in enumerate(read_utf8(path).splitlines(), start=1):
+    # JSON Lines separates records by "\n" only (a trailing "\r" is whitespace to json.loads): str.splitlines would
+    # also split inside strings that hold U+2028, U+2029 or U+0085, which JSON may carry unescaped
+    for line_no, line in enumerate(read_utf8(path).split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -211,13 +227,16 @@ def load_jsonl_task(path: str | Path, text_field: str = "text", label_field: str
 
 def load_csv_task(path: str | Path, text_column: str = "text", label_column: str = "label",
                   name: str | None = None, split_column: str | None = None) -> ClassificationTask:
-    """A task from a CSV (or TSV, by extension) file with a header row (rows numbered from 2)."""
+    """A task from a CSV (or TSV, by extension) file with a header row (rows named by the line they start on)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"task file {path} does not exist")
-    delimiter = "\t" if path.suffix == ".tsv" else ","
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     reader = csv.DictReader(io.StringIO(read_utf8(path), newline=""), delimiter=delimiter)
-    rows = [(i, row) for i, row in enumerate(reader, start=2)]
+    rows, line = [], 2  # each record named by the line it starts on (a quoted cell may span several lines)
+    for row in reader:
+        rows.append((line, row))
+        line = reader.line_num + 1
     if not rows:
         raise ValueError(f"{path} is empty: no examples")
     return _rows_to_task(rows, path, text_column, label_column, split_column, name, "row")
@@ -241,6 +260,8 @@ def load_hf_task(dataset: str, text_field: str = "text", label_field: str = "lab
         names = getattr(feature, "names", None)
         for row in split:
             if not str(row[text_field] or "").strip():
+                continue
+            if names and not 0 <= row[label_field] < len(names):  # -1: no label (GLUE's test splits); not names[-1]
                 continue
             label = names[row[label_field]] if names else str(row[label_field])
             examples.append(Example(str(row[text_field]), label))

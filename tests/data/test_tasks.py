@@ -188,3 +188,55 @@ def test_task_label_words_and_family_templates():
 def test_registry_lists_every_builtin_task():
     assert {name for name in TASKS if name.startswith("vader-")} == {f"vader-{d}" for d in VADER_DOMAINS}
     assert {"brown-genre", "spam-assassin"} <= set(TASKS)
+
+
+def test_a_task_too_small_to_split_is_refused_before_any_model_work(tmp_path):
+    rows = [{"text": f"item {i}", "label": "ab"[i % 2]} for i in range(10)]  # 5 per label: validation rounds to 0
+    task = load_task(write_jsonl(tmp_path / "small.jsonl", rows))
+    assert {name: len(v) for name, v in task.splits.items()} == {"train": 8, "validation": 0, "test": 2}
+    task.require("train", "test")
+    with pytest.raises(ValueError, match=r"task 'small': the validation split is empty \(train 8, validation 0, "
+                                         r"test 2\); give it more examples"):
+        task.require("train", "validation")
+
+
+def test_a_split_column_is_noticed_when_the_first_row_lacks_it(tmp_path):
+    rows = [{"text": "a", "label": "x"}] + [{"text": f"t{i}", "label": "xy"[i % 2], "split": "train"}
+                                             for i in range(9)]
+    with pytest.raises(ValueError, match=r"line 1: unknown split ''"):  # not silently re-split
+        load_task(write_jsonl(tmp_path / "mixed.jsonl", rows))
+
+
+def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path):
+    rows = [{"text": f"line\u2028break\u2029and\u0085more {i}", "label": "xy"[i % 2]} for i in range(20)]
+    path = tmp_path / "seps.jsonl"
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    task = load_task(str(path))
+    assert sorted(e.text for v in task.splits.values() for e in v) == sorted(r["text"] for r in rows)
+
+
+def test_tsv_by_extension_in_any_case_and_csv_rows_named_by_their_first_line(tmp_path):
+    (tmp_path / "UP.TSV").write_text("text\tlabel\ngood\t5\nbad\t1\n")
+    assert load_task(str(tmp_path / "UP.TSV")).labels == ("1", "5")
+    (tmp_path / "multi.csv").write_text('text,label\n"two\nlines",x\n"three\nmore\nlines",y\n,x\n')
+    with pytest.raises(ValueError, match=r"multi.csv row 7: field 'text' is empty"):
+        load_task(str(tmp_path / "multi.csv"))
+
+
+def test_hub_rows_without_a_label_are_skipped_not_given_the_last_class(monkeypatch):
+    import sys
+    import types
+
+    class ClassLabel:
+        names = ["negative", "positive"]
+
+    class Split(list):
+        features = {"label": ClassLabel()}
+
+    rows = {name: Split({"text": f"{name} {i}", "label": i % 2} for i in range(40)) for name in ("train", "validation")}
+    rows["test"] = Split({"text": f"test {i}", "label": -1} for i in range(40))  # GLUE: test labels withheld
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=lambda name, config: rows))
+    task = load_task("hf:glue-like")
+    texts = {e.text for v in task.splits.values() for e in v}
+    assert not any(t.startswith("test ") for t in texts) and len(texts) == 80
+    assert task.label_counts("test") == {"negative": 4, "positive": 4}  # re-split from the labelled rows
