@@ -75,7 +75,8 @@ class ClassificationTask:
         empty = [name for name in names if not self.split(name)]
         if empty:
             sizes = ", ".join(f"{name} {len(examples)}" for name, examples in self.splits.items())
-            what = f"the {' and '.join(empty)} split{'s are' if len(empty) > 1 else ' is'} empty"
+            words = [{"train": "training"}.get(name, name) for name in empty]
+            what = f"the {' and '.join(words)} split{'s are' if len(empty) > 1 else ' is'} empty"
             raise ValueError(f"task {self.name!r}: {what} ({sizes}); give it more examples (about 10 of each label "
                              "for the seeded 80/10/10 split) or rows for that split in a split column")
 
