@@ -301,8 +301,14 @@ _register_builtin()
 
 
 def load_task(spec: str, **kwargs) -> ClassificationTask:
-    """A task by registered name, local ``.jsonl``/``.json``/``.csv``/``.tsv`` path, or ``hf:<dataset>``."""
+    """A task by registered name, local ``.jsonl``/``.json``/``.csv``/``.tsv`` path, or ``hf:<dataset>``.
+
+    ``kwargs`` go to the loader; ``text_field`` / ``label_field`` / ``split_field`` name the columns of every
+    kind of file (a CSV's ``text_column`` etc. are accepted too). A registered task takes none (ValueError).
+    """
     if spec in TASKS:
+        if kwargs:  # they would be silently ignored: a built-in task's columns are fixed
+            raise ValueError(f"built-in task {spec!r} takes no options, got {sorted(kwargs)}")
         return TASKS[spec]()
     if spec.startswith("hf:"):
         return load_hf_task(spec[3:], **kwargs)
@@ -310,7 +316,9 @@ def load_task(spec: str, **kwargs) -> ClassificationTask:
     if suffix in (".jsonl", ".json"):
         return load_jsonl_task(spec, **kwargs)
     if suffix in (".csv", ".tsv"):
-        return load_csv_task(spec, **kwargs)
+        renamed = {f"{key.removesuffix('_field')}_column" if key.endswith("_field") else key: value
+                   for key, value in kwargs.items()}  # one vocabulary for every file kind
+        return load_csv_task(spec, **renamed)
     raise ValueError(f"unknown task {spec!r}: use a registered name ({', '.join(sorted(TASKS))}), a .jsonl/"
                      ".csv/.tsv file with text and label columns, or hf:<dataset>")
 

@@ -240,3 +240,12 @@ def test_hub_rows_without_a_label_are_skipped_not_given_the_last_class(monkeypat
     texts = {e.text for v in task.splits.values() for e in v}
     assert not any(t.startswith("test ") for t in texts) and len(texts) == 80
     assert task.label_counts("test") == {"negative": 4, "positive": 4}  # re-split from the labelled rows
+
+
+def test_load_task_takes_one_column_vocabulary_and_refuses_options_for_builtin_tasks(tmp_path):
+    (tmp_path / "c.csv").write_text("sentence,y\n" + "".join(f"row {i},{'ab'[i % 2]}\n" for i in range(20)))
+    by_field = load_task(str(tmp_path / "c.csv"), text_field="sentence", label_field="y")
+    by_column = load_task(str(tmp_path / "c.csv"), text_column="sentence", label_column="y")
+    assert by_field.labels == by_column.labels == ("a", "b") and by_field.splits == by_column.splits
+    with pytest.raises(ValueError, match=r"built-in task 'vader-movie' takes no options, got \['text_field'\]"):
+        load_task("vader-movie", text_field="zzz")
