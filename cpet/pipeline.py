@@ -624,7 +624,9 @@ class CPET:
         """Accuracy of an adapter (or of a bare model, zero-shot) on a task split.
 
         Prompts are cut to the adapter's own ``max_prompt_tokens`` (as it was trained); a bare model uses
-        ``max_prompt_tokens`` or the default. ``limit`` None scores the whole split. The result also has
+        ``max_prompt_tokens`` or the default. ``on`` places a bare model or a plain PEFT adapter; a CPET adapter
+        runs on the model it was tuned on (its ``cpet.json``), whatever ``on`` says. ``limit`` None scores the
+        whole split. The result also has
         the majority-class share of the scored examples and, with ``with_predictions``, the predicted and
         gold label of every example in split order (for paired comparisons).
         """

@@ -58,6 +58,16 @@ def test_eval_task_and_corpus(capsys, model_dir, task_file, tmp_path):
     result = run_json(capsys, "eval", "--model", str(model_dir), "--task", str(task_file), "--corpus", str(corpus),
                       "--limit", "5")
     assert result["tasks"][0]["n"] == 5 and 0 <= result["tasks"][0]["accuracy"] <= 1
+    # the same figures as the API's zero-shot scoring and the library's perplexity on that text
+    from cpet.evaluate import perplexity
+    from cpet.models import load_base
+    from cpet.pipeline import CPET
+
+    api = CPET(load_base(str(model_dir)), tmp_path / "api").evaluate(None, str(task_file), on="original", limit=5)
+    assert result["tasks"][0]["accuracy"] == api["accuracy"]
+    loaded = load_base(str(model_dir))
+    direct = perplexity(loaded.model, loaded.tokenizer, corpus.read_text(), max_length=256, stride=256).ppl
+    assert result["perplexity"]["ppl"] == pytest.approx(direct, rel=1e-6)
     # 930 byte tokens in 4 disjoint windows of 256: each window's first token has no context
     assert result["perplexity"]["tokens"] == 930 - 4
     assert result["perplexity"]["ppl"] > 1
