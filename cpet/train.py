@@ -50,7 +50,9 @@ class TuneConfig:
         max_prompt_tokens: prompts are left-truncated to this many tokens, in training, validation and
             every later scoring of the adapter (recorded in its ``cpet.json``).
         seed: seeds LoRA init, data order and dropout.
-        distill_weight: lambda of the hidden-state MSE against a teacher (0 = no distillation).
+        distill_weight: lambda of the hidden-state MSE against a teacher (0 = no distillation). With per-task
+            recovery, ``CPET.tune`` uses 1.0 where this is 0: CA-LoRA's per-task recovery is distilled from the
+            original model (the adapter's ``cpet.json`` records the weight used).
         eval_at_start: also validate the initial adapter (step 0), which can be the best one (inheritance).
     """
 
