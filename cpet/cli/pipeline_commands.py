@@ -110,10 +110,9 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    from ..data import load_task
     from ..pipeline import check_tune_options
     from ..train import TuneConfig
-
-    from ..data import load_task
 
     check_tune_options(args.on, args.init, args.recovery)  # before a model loads
     load_task(args.task).require("train", "validation", "test")  # so is the task (scored on test at the end)

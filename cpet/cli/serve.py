@@ -34,7 +34,7 @@ def build_app(args: argparse.Namespace):
     """
     from ..compress import CompressedBase
     from ..serve.engine import Engine
-    from ..serve.registry import NAME
+    from ..serve.registry import check_served_name
     from ..serve.server import ServerLimits, create_app
 
     limits = ServerLimits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
@@ -58,9 +58,10 @@ def build_app(args: argparse.Namespace):
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
             raise ValueError(f"--adapter takes NAME=DIR, got {spec!r}")
-        if not NAME.fullmatch(name):
-            raise ValueError(f"--adapter {spec}: the name {name!r} is not allowed (1-64 letters, digits, '.', '_' or "
-                             "'-', starting with a letter or digit)")
+        try:  # checked now: the base loads next
+            check_served_name(name)
+        except ValueError as exc:
+            raise ValueError(f"--adapter {spec}: {exc}") from None
         if not (Path(path) / "adapter_config.json").is_file():  # checked now: the base loads next
             raise ValueError(f"--adapter {spec}: {path} is not an adapter directory (no adapter_config.json)")
         adapters.append((name, path))

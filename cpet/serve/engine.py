@@ -248,6 +248,13 @@ class Engine:
                 self._batch = None
 
     # ------------------------------------------------------------------ requests
+    def classifier_meta(self, name: str) -> dict:
+        """The ``cpet.json`` of loaded adapter ``name``; ValueError unless it names labels and label words."""
+        meta = self.registry.get(name).meta
+        if not meta.get("labels") or not meta.get("label_words"):
+            raise ValueError(f"adapter {name} is not a classification adapter (its cpet.json names no labels)")
+        return meta
+
     @torch.no_grad()
     def classify(self, requests: Sequence[tuple[str, str]]) -> list[dict]:
         """``[(adapter, text)]`` -> ``[{"label", "probabilities"}]`` with each adapter's own template, verbalizer and
@@ -261,9 +268,7 @@ class Engine:
         sequences = []  # (adapter, request index, ids, label column or -1 for all single-token labels, label ids)
         labels_of = []  # (labels, label token ids) per request
         for index, (name, text) in enumerate(requests):
-            meta = self.registry.get(name).meta
-            if not meta.get("labels") or not meta.get("label_words"):
-                raise ValueError(f"adapter {name} is not a classification adapter (its cpet.json names no labels)")
+            meta = self.classifier_meta(name)
             labels = list(meta["labels"])
             words = [meta["label_words"][label] for label in labels]
             label_ids = label_token_ids(self.tokenizer, words)

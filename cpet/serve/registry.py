@@ -20,6 +20,14 @@ from ..assembly import (AdapterError, AdapterSource, LoadedAdapter, LowRank, loa
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
+def check_served_name(name) -> str:
+    """``name`` if it may name a served adapter (it becomes a request's ``model``); AdapterError otherwise."""
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise AdapterError(f"the name {name!r} is not allowed for an adapter: 1-64 letters, digits, '.', '_' or "
+                           "'-', starting with a letter or digit")
+    return name
+
+
 class UnknownAdapterError(KeyError):
     """No adapter of that name is loaded; ``known`` lists the loaded ones."""
 
@@ -64,9 +72,7 @@ class AdapterRegistry:
     def load(self, name: str, directory: AdapterSource | str | Path, *, pin: bool = False) -> LoadedAdapter:
         """Read, check and register ``directory`` (or the source already read from it) under ``name``, replacing
         an adapter of that name."""
-        if not isinstance(name, str) or not NAME.fullmatch(name):
-            raise AdapterError(f"adapter name {name!r} is not allowed: 1-64 letters, digits, '.', '_' or '-', "
-                               "starting with a letter or digit")
+        check_served_name(name)
         source = directory if isinstance(directory, AdapterSource) else None
         path = self._directory(source.directory if source is not None else directory)
         adapter = load_factors(name, source or AdapterSource(path), self.module_shapes, base_id=self.base_id,

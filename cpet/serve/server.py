@@ -259,9 +259,10 @@ def create_app(engine: Engine, *, served_name: str = "cpet-base", api_key: str |
         name = adapter_of(data)
         if name is None:
             raise ServingError(400, "classification needs an adapter in model (the bare base has no labels)")
-        meta = engine.registry.get(name).meta  # checked here: in the scheduler it would fail the whole batch
-        if not meta.get("labels") or not meta.get("label_words"):
-            raise ServingError(400, f"adapter {name} is not a classification adapter (its cpet.json names no labels)")
+        try:  # checked here: in the scheduler it would fail the whole batch
+            engine.classifier_meta(name)
+        except ValueError as exc:
+            raise ServingError(400, str(exc)) from None
         texts = data.get("input")
         texts = [texts] if isinstance(texts, str) else texts
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
