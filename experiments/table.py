@@ -152,26 +152,41 @@ def progress_line(by_key, settings, tasks, rows, seeds, ablation_seeds=None) -> 
     return f"Cells finished: {done_total} of {want_total} ({status})."
 
 
-def paired_bootstrap(pairs_a: list[str], pairs_b: list[str], replicates: int = 2000, seed: int = 0
-                     ) -> tuple[float, float, float]:
-    """Mean accuracy difference A − B over (task, seed) pairs, with a paired bootstrap 95% interval.
+def paired_bootstrap(pairs_a: list[str], pairs_b: list[str], tasks: list[str] | None = None,
+                     replicates: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean accuracy difference A − B over (task, seed) pairs, with a paired, two-level bootstrap 95% interval.
 
     Each element of ``pairs_a`` / ``pairs_b`` is one (task, seed) pair's per-example correctness string
-    (``"1"`` correct, ``"0"`` wrong) on the same test examples in the same order. A replicate resamples the
-    test examples of every pair with replacement, the same draw for A and B (paired), and averages the
-    per-pair differences as the point estimate does. Returns ``(delta, low, high)`` in accuracy units.
+    (``"1"`` correct, ``"0"`` wrong) on the same test examples in the same order; ``tasks[j]`` names pair j's
+    task (default: every pair its own task). The seeds of one task score the *same* test examples, so the
+    test-set noise is one draw per task, not one per seed: a replicate draws, per task, one resample of its
+    test examples with replacement, shared by all its seeds and by A and B (paired), and resamples the task's
+    seeds with replacement (training noise), then averages the per-pair differences as the point estimate
+    does. Tasks are fixed (they are what the table reports on), not resampled. Drawing the test examples
+    independently per seed would count the same examples once per seed and narrow the interval by up to
+    the square root of the seed count. Returns ``(delta, low, high)`` in accuracy units.
     """
+    if len(pairs_a) != len(pairs_b):
+        raise ValueError(f"{len(pairs_a)} A pairs against {len(pairs_b)} B pairs")
+    tasks = list(range(len(pairs_a))) if tasks is None else list(tasks)
+    if len(tasks) != len(pairs_a):
+        raise ValueError(f"{len(tasks)} task names for {len(pairs_a)} pairs")
     rng = np.random.default_rng(seed)
-    per_pair = np.zeros((replicates, len(pairs_a)))
-    for j, (a, b) in enumerate(zip(pairs_a, pairs_b)):
-        if len(a) != len(b):
-            raise ValueError(f"paired cells scored different test sets ({len(a)} vs {len(b)} examples)")
-        a_arr = np.frombuffer(a.encode(), dtype=np.uint8) - ord("0")
-        b_arr = np.frombuffer(b.encode(), dtype=np.uint8) - ord("0")
-        idx = rng.integers(0, len(a_arr), size=(replicates, len(a_arr)))
-        per_pair[:, j] = a_arr[idx].mean(axis=1) - b_arr[idx].mean(axis=1)
+    sums = np.zeros(replicates)
+    for task in dict.fromkeys(tasks):
+        members = [j for j, t in enumerate(tasks) if t == task]
+        sizes = {len(pairs_a[j]) for j in members} | {len(pairs_b[j]) for j in members}
+        if len(sizes) != 1:
+            raise ValueError(f"paired cells of task {task!r} scored different test sets ({sorted(sizes)} examples)")
+        # diffs[s, i]: A's correctness minus B's on test example i under the task's s-th seed
+        diffs = np.stack([np.frombuffer(pairs_a[j].encode(), dtype=np.uint8).astype(np.int8)
+                          - np.frombuffer(pairs_b[j].encode(), dtype=np.uint8).astype(np.int8) for j in members])
+        examples = rng.integers(0, diffs.shape[1], size=(replicates, diffs.shape[1]))
+        seeds = rng.integers(0, len(members), size=(replicates, len(members)))
+        per_seed = np.stack([diffs[:, idx].mean(axis=1) for idx in examples])  # (replicates, seeds of task)
+        sums += np.take_along_axis(per_seed, seeds, axis=1).sum(axis=1)
     point = float(np.mean([a.count("1") / len(a) - b.count("1") / len(b) for a, b in zip(pairs_a, pairs_b)]))
-    low, high = np.percentile(per_pair.mean(axis=1), [2.5, 97.5])
+    low, high = np.percentile(sums / len(pairs_a), [2.5, 97.5])
     return point, float(low), float(high)
 
 
@@ -201,7 +216,8 @@ def matched_deltas(cells: list[dict], setting: str, tasks, seeds, cpet_row: str 
         ours = [by_cell[(setting, t, cpet_row, s)] for t, s in pairs]
         theirs = [by_cell[(row_key(ref, setting), t, ref, s)] for t, s in pairs]
         if all("test_correct" in c for c in ours + theirs):
-            delta, low, high = paired_bootstrap([c["test_correct"] for c in ours], [c["test_correct"] for c in theirs])
+            delta, low, high = paired_bootstrap([c["test_correct"] for c in ours], [c["test_correct"] for c in theirs],
+                                                tasks=[t for t, _ in pairs])
             parts.append(f"− {ref} = {100 * delta:+.1f} points [95% CI {100 * low:+.1f}, {100 * high:+.1f}] "
                          f"({len(pairs)} pairs)")
         else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from experiments.grid import ROWS, cell_name, setting_summary, task_key
@@ -123,8 +124,6 @@ def test_cumulative_task_steps_count_the_original_adapter():
 
 
 def test_table_refuses_to_mix_code_commits(tmp_path):
-    import pytest
-
     from experiments.table import load_cells
 
     for i, commit in enumerate(["aaa111", "aaa111", "bbb222"]):
@@ -148,6 +147,28 @@ def test_paired_bootstrap_interval():
     # B right exactly where A is wrong: unpaired noise would be the same, paired differences are larger
     wide = paired_bootstrap(["1" * 50 + "0" * 50], ["0" * 50 + "1" * 50], replicates=4000)
     assert wide[0] == 0.0 and wide[1] < -0.15 and wide[2] > 0.15
+
+
+def test_bootstrap_draws_test_examples_once_per_task_and_resamples_seeds():
+    from experiments.table import paired_bootstrap
+
+    # A beats B on 20 of 200 examples; three seeds of one task that scored the very same test set are no
+    # more evidence about the test examples than one seed: the interval must not narrow
+    a, b = "1" * 20 + "0" * 180, "0" * 200
+    one = paired_bootstrap([a], [b], tasks=["t"], replicates=4000)
+    three = paired_bootstrap([a] * 3, [b] * 3, tasks=["t"] * 3, replicates=4000)
+    assert abs(one[0] - 0.1) < 1e-12 and abs(three[0] - 0.1) < 1e-12
+    assert abs((three[2] - three[1]) - (one[2] - one[1])) < 0.01
+    # drawn as three independent test sets (the earlier, wrong reading) it narrows by about sqrt(3)
+    independent = paired_bootstrap([a] * 3, [b] * 3, tasks=["t1", "t2", "t3"], replicates=4000)
+    assert (independent[2] - independent[1]) < 0.7 * (one[2] - one[1])
+    # seeds that disagree widen it: the same mean delta 0.1 from seeds at 0.0 / 0.1 / 0.2
+    spread = ["0" * 200, a, "1" * 40 + "0" * 160]
+    varied = paired_bootstrap(spread, [b] * 3, tasks=["t"] * 3, replicates=4000)
+    assert abs(varied[0] - 0.1) < 1e-12
+    assert (varied[2] - varied[1]) > 1.5 * (three[2] - three[1])
+    with pytest.raises(ValueError, match="task 't' scored different test sets"):
+        paired_bootstrap(["10", "101"], ["00", "000"], tasks=["t", "t"])
 
 
 def test_bootstrap_intervals_and_equal_budget_rows_in_the_table():
