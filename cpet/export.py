@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,7 +35,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .adapters import read_adapter_meta
+from .adapters import check_adapter_name, read_adapter_meta
 from .assets import atomic_path
 
 EXPORT_META = "export.json"
@@ -113,7 +114,7 @@ def export_pipeline(pipeline, out: str | Path, names: list[str] | None = None, *
     if refusal:
         raise ValueError(f"cannot export {pipeline.work_dir}: {refusal}")
     available = pipeline.adapters()
-    paths = {name: pipeline.resolve_adapter(name) for name in names} if names else available
+    paths = _export_names(pipeline, names) if names else available
     metas = {name: read_adapter_meta(path) for name, path in paths.items()}
     chosen = paths if names else {name: path for name, path in paths.items() if metas[name].get("on") != "original"}
     reasons = {name: _adapter_refusal(metas[name]) for name in chosen}
@@ -141,6 +142,29 @@ def export_pipeline(pipeline, out: str | Path, names: list[str] | None = None, *
             report.adapters[name] = entry
         (tmp / EXPORT_META).write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True))
     return report
+
+
+def _export_names(pipeline, names: Sequence[str | Path]) -> dict[str, Path]:
+    """Each requested adapter (a name of the pipeline's or an adapter directory) under the name it is exported as.
+
+    A directory is exported under its adapter name (``.../adapters/<name>/adapter`` -> ``<name>``; another
+    directory: its own name), never under the path itself: ``out / "adapters" / "/abs/path"`` would be the
+    source directory, and the export would overwrite the adapter it reads.
+    """
+    paths: dict[str, Path] = {}
+    for requested in names:
+        path = pipeline.resolve_adapter(requested)
+        known = pipeline.adapters()
+        if str(requested) in known and known[str(requested)] == path:
+            name = str(requested)
+        else:
+            name = path.resolve().parent.name if path.resolve().name == "adapter" else path.resolve().name
+        check_adapter_name(name)
+        if name in paths and paths[name].resolve() != path.resolve():
+            raise ValueError(f"two adapters would be exported as {name!r} ({paths[name]} and {path}): "
+                             "export them one at a time into different --out directories")
+        paths[name] = path
+    return paths
 
 
 def _adapter_refusal(meta: dict) -> str | None:
@@ -179,8 +203,12 @@ def _card(name: str, meta: dict, rank: int, modules: list[str]) -> str:
     return (f"# {name} (exported by CPET)\n\nA standard PEFT LoRA adapter of rank {rank} on {len(modules)} linears "
             f"of the compressed base in `../../base`, holding {folded}. Load it with plain transformers + peft:\n\n"
             "```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
-            "base = AutoModelForCausalLM.from_pretrained(\"EXPORT/base\")\n"
+            "from cpet.compress.quantize import keep_4bit_layout  # see below\n\n"
+            "base = keep_4bit_layout(AutoModelForCausalLM.from_pretrained(\"EXPORT/base\"))\n"
             f"model = PeftModel.from_pretrained(base, \"EXPORT/adapters/{name}\")\n```\n\n"
+            "`keep_4bit_layout` matters for a 4-bit base only: without it, bitsandbytes on CPUs with AVX512-BF16 "
+            "repacks the 4-bit weights on load, and the logits no longer match CPET's (which is what this export "
+            "was checked against).\n\n"
             f"Task: {meta.get('task')}. Labels: {meta.get('labels')}.\n")
 
 

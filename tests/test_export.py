@@ -77,6 +77,16 @@ def test_what_cannot_be_exported_is_skipped_or_refused_with_why(exported, tmp_pa
         export_pipeline(pipeline, tmp_path / "y", ["no-such-adapter"])
 
 
+def test_an_adapter_given_by_its_directory_is_exported_under_its_name_and_left_alone(exported, tmp_path):
+    pipeline, _, _ = exported
+    source = pipeline.adapters()["plain"]
+    before = {f.name: f.read_bytes() for f in source.iterdir() if f.is_file()}
+    report = export_pipeline(pipeline, tmp_path / "out", [str(source.resolve())], check=False)
+    assert set(report.adapters) == {"plain"}
+    assert (tmp_path / "out" / "adapters" / "plain" / "adapter_model.safetensors").exists()
+    assert {f.name: f.read_bytes() for f in source.iterdir() if f.is_file()} == before  # the source untouched
+
+
 def test_a_moefied_base_is_refused_by_name(tmp_path):
     (tmp_path / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog. " * 200)
     pipeline = CPET(tiny_model("llama"), tmp_path / "work")
