@@ -67,10 +67,11 @@ def check_inheritable(config: dict, directory: str | Path) -> None:
     """Refuse a PEFT ``adapter_config.json`` (as a dict) whose adapter CPET cannot carry to a compressed base.
 
     Raises:
-        ValueError: not a LoRA, or a DoRA. DoRA rescales each output row of ``W + B A * scale`` to a learned
-            magnitude vector ``m: [d_out]`` measured against the row norms of the *full* weight; pruning and
-            quantization change those norms, so ``m`` would have to be re-derived and copying A/B alone
-            would not reproduce the source's delta.
+        ValueError: not a LoRA; a LoRA with trained biases, ``modules_to_save`` or ``lora_bias``, tensors peft
+            would write into the compressed base's frozen weights; or a DoRA. DoRA rescales each output row of
+            ``W + B A * scale`` to a learned magnitude vector ``m: [d_out]`` measured against the row norms of
+            the *full* weight; pruning and quantization change those norms, so ``m`` would have to be
+            re-derived and copying A/B alone would not reproduce the source's delta.
     """
     if config.get("peft_type") != "LORA":
         raise ValueError(f"adapter {directory} is a {config.get('peft_type')} adapter; CPET inherits LoRA only")
@@ -78,6 +79,16 @@ def check_inheritable(config: dict, directory: str | Path) -> None:
         raise ValueError(f"adapter {directory} is a DoRA adapter (use_dora: true); CPET does not support DoRA "
                          "inheritance: its magnitude vector is per output row of the full weight and would need "
                          "re-deriving after pruning/quantization. Train a plain LoRA (use_dora: false) instead")
+    # what a LoRA config may carry beyond A/B that CPET would drop: peft would load the extra tensors into the
+    # compressed base's own frozen weights (biases, a tied lm_head), which the saved adapter cannot reproduce
+    extras = {"bias": config.get("bias", "none") not in (None, "none"),
+              "modules_to_save": bool(config.get("modules_to_save")),
+              "lora_bias": bool(config.get("lora_bias"))}
+    carried = [f"{key}={config.get(key)!r}" for key, present in extras.items() if present]
+    if carried:
+        raise ValueError(f"adapter {directory} trains more than LoRA A/B ({', '.join(carried)}); CPET inherits "
+                         "plain LoRA factors only: train the source with bias='none', no modules_to_save and "
+                         "lora_bias=False")
 
 
 def target_module_names(target_modules) -> list[str] | str:

@@ -166,13 +166,15 @@ class LoadedAdapter:
 
 
 def load_factors(name: str, source: AdapterSource | str | Path, module_shapes: dict[str, tuple[int, int]], *,
-                 base_id: str, shared_available: bool) -> LoadedAdapter:
+                 base_id: str, shared_available: bool, shared_sha256: str | None = None) -> LoadedAdapter:
     """Check ``source`` against a base and read its factors (LoRA, and per-task recovery when it has one).
 
     Args:
         module_shapes: ``{module name: (in_features, out_features)}`` of the base's mapped linears.
         base_id: the base's id; a CPET adapter tuned on another base is refused.
         shared_available: whether the base's shared recovery is at hand (adapters trained with it need it).
+        shared_sha256: the SHA-256 of that recovery's weights; an adapter that recorded another one (trained
+            before ``cpet recover`` was run again) is refused.
     Raises:
         AdapterError: not a LoRA (or a DoRA), another base, a module the base lacks, shapes that do not fit, a
             missing or unreadable weights file, or shared recovery that is not available.
@@ -218,6 +220,13 @@ def load_factors(name: str, source: AdapterSource | str | Path, module_shapes: d
             raise AdapterError(f"adapter {directory} was trained with its pipeline's shared recovery, which is not "
                                "at hand: the pipeline has no recovery/ (run `cpet recover`), or the server was not "
                                "started from the pipeline directory")
+        if adapter.shared and shared_sha256 is not None:
+            from .recovery import check_trained_with
+
+            try:
+                check_trained_with(source.meta, directory, shared_sha256)
+            except ValueError as exc:
+                raise AdapterError(str(exc)) from None
         if source.per_task_recovery_dir is not None:
             adapter.per_task = read_recovery(source.per_task_recovery_dir, module_shapes, base_id=base_id)
     return adapter
@@ -249,7 +258,8 @@ def read_recovery(directory: Path, module_shapes: dict[str, tuple[int, int]], *,
         if pair[0] is None or pair[1] is None:
             raise AdapterError(f"{directory / RECOVERY_FILE} lacks the factors of {module}: make it again")
         A, B = pair[0].float(), pair[1].float()
-        if module not in module_shapes or A.shape[1] != module_shapes[module][0]:
+        fits = module in module_shapes and (A.shape[1], B.shape[0]) == module_shapes[module]
+        if not fits:
             raise AdapterError(f"recovery in {directory} does not fit this base (module {module})")
         out[module] = LowRank(A, B, scale, gelu=config["activation"] == "gelu")
     return out

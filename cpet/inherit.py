@@ -48,10 +48,9 @@ def inherit_lora_state(state: dict[str, torch.Tensor], config, index_maps) -> di
         config: the (original) model config; it names the family and thus the role of every module.
         index_maps: the compressed base's index maps (``rows(layer, role)`` / ``cols(layer, role)``).
     Returns:
-        a state dict with the same keys whose tensors have the compressed shapes.
-    Raises:
-        ValueError: a LoRA on a module outside the family's module map (e.g. ``lm_head``) whose shape
-            compression changed, which CPET cannot map.
+        a state dict with the same keys whose tensors have the compressed shapes. A key outside the family's
+        module map is copied unchanged: callers refuse such LoRAs first (``plain_peft_meta`` names a LoRA on
+        ``lm_head`` or an embedding), since nothing here knows what compression did to those modules.
     """
     family = family_of(config)
     suffix_to_role = {attr: role for role, attr in family.linears.items()}

@@ -5,7 +5,8 @@ Both functions take a peft ``PeftModel`` built on the compressed base and overwr
 - :func:`apply_inherited_lora`: the original model's task LoRA restricted through the index maps
   (:mod:`cpet.inherit`);
 - :func:`apply_residual_svd_lora`: ``B A`` = best rank-r approximation of the compression residual
-  ``W_orig[kept] - dequant(W_compressed)``, so the adapter starts where the original weights were (the
+  ``W_orig[kept] - dequant(W_compressed)`` (less what attached shared recovery already adds), so the adapter
+  starts where the original weights were (the
   training-free starting point of LoftQ, computed once with CPET's own index maps because peft's LoftQ
   re-quantizes the model itself and knows nothing about pruning).
 """
@@ -74,8 +75,19 @@ def apply_residual_svd_lora(peft_model, original_model: nn.Module, index_maps, a
                             ) -> dict[str, float]:
     """Set every LoRA pair of ``peft_model`` to the truncated SVD of its layer's compression residual.
 
-    Returns ``{module name: relative residual error left}``.
+    With shared recovery attached (linear bypasses approximating the same residual), the LoRA takes what they
+    leave: ``W_orig[kept] - dequant(W) - B_rec A_rec * scale``; correcting the full residual on top of them
+    would add the correction twice. Returns ``{module name: relative residual error left}``.
+
+    Raises:
+        ValueError: attached shared recovery with nonlinear (GELU) bypasses, which no weight residual describes.
     """
+    from .recovery import SHARED, attached_recovery
+
+    shared = attached_recovery(peft_model).get(SHARED)
+    if shared is not None and shared.config.activation != "identity":
+        raise ValueError(f"init='svd' with {shared.config.activation} shared recovery: its bypasses are not linear, "
+                         "so the residual they leave is no weight to approximate; use init='random' or 'inherit'")
     errors = {}
     originals = {layer.index: layer for layer in iter_layer_linears(original_model)}
     for layer in iter_layer_linears(unwrap(peft_model)):
@@ -84,6 +96,9 @@ def apply_residual_svd_lora(peft_model, original_model: nn.Module, index_maps, a
                 continue
             rows, cols = index_maps.rows(layer.index, role), index_maps.cols(layer.index, role)
             residual = compression_residual(originals[layer.index][role], _base_layer(module), rows, cols)
+            recovered = shared.weight_delta(layer.names[role]) if shared is not None else None
+            if recovered is not None:
+                residual = residual - recovered.to(residual.device)
             lora_A, lora_B = module.lora_A[adapter_name].weight, module.lora_B[adapter_name].weight
             B, A = low_rank_factors(residual, lora_A.shape[0])
             lora_B.copy_(B / module.scaling[adapter_name])  # peft computes B A * scaling

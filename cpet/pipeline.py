@@ -48,7 +48,8 @@ from .data import template_for, verbalizer_for
 from .data.prompts import PromptTemplate, Verbalizer
 from .data.tasks import as_task, examples_sha256, task_key, task_source_of  # noqa: F401  (task_key: re-exported)
 from .models import EMBEDDED, LoadedBase, hub_id_of, load_base, saved_tokenizer
-from .recovery import PER_TASK, SHARED, RecoveryConfig, RecoverySet, init_from_residuals
+from .recovery import (PER_TASK, SHARED, RecoveryConfig, RecoverySet, check_trained_with, init_from_residuals,
+                       recovery_sha256)
 from .train import DistillConfig, TuneConfig, distill_on_text, train_classifier
 
 if TYPE_CHECKING:
@@ -364,8 +365,6 @@ class CPET:
         else:
             base = self.load_compressed()
             model, base_id, index_maps = base.model, base.manifest.base_id, base.index_maps
-        if recovery in ("shared", "both"):
-            RecoverySet.load(self.recovery_dir, model, expected_base_id=base_id).attach(model, slot=SHARED)
         structure = {}
         if init == "inherit":  # the inherited LoRA's structure (targets, ranks, scaling), whatever the config says
             from .lora_init import lora_shape_of
@@ -375,6 +374,10 @@ class CPET:
                                    "alpha": structure.pop("alpha")})
         peft_model = add_lora(model, rank=config.rank, alpha=config.alpha, dropout=config.dropout,
                               target_roles=config.target_roles, **structure)
+        # after peft wraps the model, so that a regex target_modules cannot match the bypasses, and before the
+        # LoRA init, which reads what the shared bypasses already correct (init="svd")
+        if recovery in ("shared", "both"):
+            RecoverySet.load(self.recovery_dir, peft_model, expected_base_id=base_id).attach(peft_model, slot=SHARED)
         if init == "inherit":
             from .lora_init import apply_inherited_lora
 
@@ -404,6 +407,8 @@ class CPET:
         identity = {"task": task.name, "train_sha256": examples_sha256(task.split("train")), "base_id": base_id,
                     "source_fingerprint": self.source_fingerprint, "init": init, "recovery": recovery,
                     "inherited_sha256": meta["inherited_sha256"],
+                    "shared_recovery_sha256": (meta["shared_recovery"] or {}).get("sha256"),
+                    "per_task_recovery": meta["per_task_recovery"],
                     "target_modules": target_module_names(peft_model.peft_config["default"].target_modules)}
 
         base_reference = self._base_reference(on, out_dir / "adapter")
@@ -423,6 +428,7 @@ class CPET:
         # the best checkpoint was written mid-run; give its cpet.json (and card) the whole learning curve
         final = read_adapter_meta(out_dir / "adapter")
         final["metrics"]["history"] = result.history
+        final["tune_config"] = config.to_dict()  # a resumed, longer run that found no new best: its steps too
         write_adapter_meta(out_dir / "adapter", final)
         self._record("tune", started_at, adapter=name, task=task_source or task.name, on=on, init=init,
                      recovery=recovery, inherit_from=meta["inherited_from"], tune_config=config.to_dict(),
@@ -479,7 +485,8 @@ class CPET:
         if recovery in ("shared", "both"):
             saved = json.loads((self.recovery_dir / "recovery.json").read_text())
             facts["shared_recovery"] = {"config": saved.get("config"),
-                                        "distill_steps": saved.get("distill", {}).get("steps")}
+                                        "distill_steps": saved.get("distill", {}).get("steps"),
+                                        "sha256": recovery_sha256(self.recovery_dir)}
         return facts
 
     def _base_reference(self, on: str, adapter_dir: Path) -> str | None:
@@ -608,11 +615,13 @@ class CPET:
             model, base_id = copy.deepcopy(self.original.model), ORIGINAL_BASE_ID
         else:
             model, base_id = self.load_compressed().model, self.base_id
-        if meta.get("recovery") in ("shared", "both"):
-            RecoverySet.load(self.recovery_dir, model, expected_base_id=base_id).attach(model, slot=SHARED)
         if adapter is None:
             return model
+        if meta.get("recovery") in ("shared", "both"):
+            check_trained_with(meta, _dir(adapter), recovery_sha256(self.recovery_dir))
         peft_model = load_adapter(model, _dir(adapter), base_id=base_id)
+        if meta.get("recovery") in ("shared", "both"):  # after peft, as in tune (a regex target cannot match it)
+            RecoverySet.load(self.recovery_dir, peft_model, expected_base_id=base_id).attach(peft_model, slot=SHARED)
         if meta.get("recovery") in ("per_task", "both"):
             RecoverySet.load(Path(_dir(adapter)) / "per_task_recovery", peft_model,
                              expected_base_id=base_id).attach(peft_model, slot=PER_TASK)

@@ -19,6 +19,7 @@ checkpoints and moves (``.to()``) with the model, and shared and per-task recove
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -143,6 +144,16 @@ class RecoverySet(nn.Module):
     def bypass(self, name: str) -> RecoveryBypass:
         return self.bypasses[_key(name)]
 
+    def weight_delta(self, name: str) -> torch.Tensor | None:
+        """What this set adds to linear ``name``'s weight, ``B A * alpha / rank`` as fp32 ``[out, in]`` (None: no
+        bypass there). Only a linear (``identity``) bypass is a weight; a GELU one is refused."""
+        if _key(name) not in self.bypasses:
+            return None
+        if self.config.activation != "identity":
+            raise ValueError(f"a {self.config.activation} recovery bypass is not linear: it adds no fixed weight")
+        bypass = self.bypass(name)
+        return (bypass.B.weight.detach().float() @ bypass.A.weight.detach().float()) * bypass.scale
+
     def attach(self, model: nn.Module, *, slot: str = SHARED, trainable: bool = False) -> "RecoverySet":
         """Hook every target linear of ``model`` and register this set as ``model.cpet_recovery[slot]``.
 
@@ -155,9 +166,10 @@ class RecoverySet(nn.Module):
             raise ValueError(f"recovery slot must be one of {SLOTS}, got {slot!r}")
         base = unwrap(model)
         self.detach()
+        existing = _recovery_sets(base)
+        if existing is not None and slot in existing:
+            existing[slot].detach()  # the last set leaving drops the container: make it (again) only after this
         sets = _recovery_sets(base, create=True)
-        if slot in sets:
-            sets[slot].detach()
         for name in self.targets:
             module = base.get_submodule(name)
             bank = bank_of(module)
@@ -236,6 +248,31 @@ class RecoverySet(nn.Module):
 
 def read_recovery_meta(directory: str | Path) -> dict:
     return json.loads((Path(directory) / RECOVERY_META).read_text())
+
+
+def recovery_sha256(directory: str | Path) -> str:
+    """SHA-256 of a saved set's weights file: what ties an adapter to the shared recovery it was trained with
+    (``cpet recover`` run again replaces ``recovery/`` under the same base_id)."""
+    digest = hashlib.sha256()
+    with open(Path(directory) / RECOVERY_FILE, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_trained_with(meta: dict, directory: str | Path, recovery_sha: str) -> None:
+    """Refuse an adapter (its ``cpet.json`` ``meta``, stored in ``directory``) trained with other shared recovery
+    than the one whose weights hash to ``recovery_sha``; an adapter saved before CPET recorded the hash passes.
+
+    Raises:
+        ValueError: the pipeline's recovery was made again after the adapter was tuned.
+    """
+    trained = (meta.get("shared_recovery") or {}).get("sha256")
+    if trained is not None and trained != recovery_sha:
+        raise ValueError(f"adapter {directory} was trained with shared recovery {trained[:12]}, but the pipeline's "
+                         f"recovery/ now holds {recovery_sha[:12]} (`cpet recover` was run again after it was tuned): "
+                         "it would run with modules it never saw; re-tune it (or restore the recovery it was "
+                         "trained with)")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -145,7 +145,12 @@ def batch_indices(num_examples: int, batch_size: int, step: int, seed: int) -> l
 
 
 def lr_factor(step: int, config: TuneConfig) -> float:
-    """Learning-rate multiplier of ``step``: linear warm-up over ``config.warmup`` steps, then cosine to 0.1."""
+    """Learning-rate multiplier of ``step`` (0-based): linear warm-up, then cosine decay toward 0.1.
+
+    Step ``s < warmup`` runs at ``(s + 1) / warmup``, so the last warm-up step is at the full rate and
+    ``warmup=1`` means no warm-up; from step ``warmup`` the factor follows a cosine from 1.0 that would reach 0.1
+    at step ``steps``, so the last step (``steps - 1``) runs slightly above 0.1 (0.127 for 10 steps).
+    """
     warmup = config.warmup
     if step < warmup:
         return (step + 1) / warmup

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -207,6 +208,23 @@ def test_dora_adapters_are_refused_with_the_reason(tmp_path):
         plain_peft_meta(tmp_path / "dora", loaded.model, ["tiny-llama"])
     with pytest.raises(ValueError, match=reason):
         lora_shape_of(tmp_path / "dora")
+
+
+@pytest.mark.parametrize("fields, named", [(dict(bias="lora_only"), "bias='lora_only'"),
+                                           (dict(modules_to_save=["lm_head"]), "modules_to_save=['lm_head']"),
+                                           (dict(lora_bias=True), "lora_bias=True")])
+def test_lora_with_more_than_its_factors_is_refused_before_it_reaches_the_base(tmp_path, fields, named):
+    from cpet.adapters import plain_peft_meta
+    from cpet.lora_init import lora_shape_of
+
+    loaded = tiny_model("llama")
+    plain_peft_dir(loaded.model, tmp_path / "extra", **fields)
+    # peft would load these tensors into the compressed base's own frozen biases / lm_head (strict=False)
+    reason = re.escape(named) + r".*CPET inherits plain LoRA factors only"
+    with pytest.raises(ValueError, match=reason):
+        plain_peft_meta(tmp_path / "extra", loaded.model, ["tiny-llama"])
+    with pytest.raises(ValueError, match=reason):
+        lora_shape_of(tmp_path / "extra")
 
 
 @pytest.fixture(scope="module")

@@ -662,3 +662,54 @@ def test_an_adapter_is_scored_with_the_prompt_it_was_tuned_with(built, monkeypat
     assert scored["accuracy"] == pipeline.evaluate(original, task, limit=8)["accuracy"]
     pipeline.evaluate(None, other_family, limit=8)  # the bare base has no prompt of its own: the task's
     assert seen[-1][0] == "Email: {text}\nSpam or ham:"
+
+
+def test_an_adapter_runs_only_with_the_shared_recovery_it_was_trained_with(tmp_path):
+    from cpet.recovery import recovery_sha256
+
+    pipeline, task = recovered_pipeline(tmp_path, distill_steps=2)
+    short = TuneConfig(steps=2, batch_size=8, lr=2e-2, eval_every=2, rank=4, alpha=8, dropout=0.0)
+    tuned = pipeline.tune(task, recovery="shared", config=short, progress=False, name="x")
+    trained_with = recovery_sha256(pipeline.recovery_dir)
+    assert tuned.meta["shared_recovery"]["sha256"] == trained_with
+    assert pipeline.evaluate("x", task, limit=4)["n"] == 4
+    # `cpet recover` again: same base_id, other modules
+    pipeline.recover(RecoveryConfig(rank=2, alpha=2, activation="identity", init="svd"),
+                     DistillConfig(steps=1, seq_len=32), text=str(tmp_path / "corpus.txt"), progress=False)
+    assert recovery_sha256(pipeline.recovery_dir) != trained_with
+    stale = f"trained with shared recovery {trained_with[:12]}"
+    with pytest.raises(ValueError, match=stale):
+        pipeline.model_for("x")
+    with pytest.raises(ValueError, match=stale):  # evaluation, serving and export run through the engine
+        pipeline.evaluate("x", task, limit=4)
+    with pytest.raises(ValueError, match="shared_recovery_sha256"):  # nor is its training resumed
+        pipeline.tune(task, recovery="shared", config=TuneConfig(**{**short.to_dict(), "steps": 4}),
+                      progress=False, name="x")
+
+
+def test_svd_init_takes_what_the_shared_recovery_leaves(built):
+    from cpet.adapters import add_lora
+    from cpet.lora_init import apply_residual_svd_lora
+    from cpet.models import iter_layer_linears, unwrap
+    from cpet.recovery import SHARED, RecoverySet, attached_recovery, dequantized_weight
+
+    pipeline, _, _, _ = built
+    base = pipeline.load_compressed()
+    # q_proj is 64 -> 64: a rank-64 LoRA holds any residual exactly, so the start must be the original weight
+    peft_model = add_lora(base.model, rank=64, alpha=64, dropout=0.0, target_roles=("q", "down"))
+    RecoverySet.load(pipeline.recovery_dir, peft_model, expected_base_id=base.manifest.base_id).attach(
+        peft_model, slot=SHARED)
+    shared = attached_recovery(peft_model)[SHARED]
+    apply_residual_svd_lora(peft_model, pipeline.original.model, base.index_maps)
+    originals = {layer.index: layer for layer in iter_layer_linears(pipeline.original.model)}
+    for layer in iter_layer_linears(unwrap(peft_model)):
+        module, name = layer.modules["q"], layer.names["q"]
+        lora = module.lora_B["default"].weight @ module.lora_A["default"].weight * module.scaling["default"]
+        recovered = shared.weight_delta(name)
+        assert float(recovered.abs().max()) > 1e-3  # the shared bypasses do correct something here
+        effective = dequantized_weight(module.base_layer) + recovered + lora
+        assert torch.allclose(effective, originals[layer.index]["q"].weight, atol=1e-4)
+    # a GELU shared set adds no weight: nothing to subtract, so svd init is refused with why
+    RecoverySet(peft_model, RecoveryConfig(rank=2, alpha=2, activation="gelu")).attach(peft_model, slot=SHARED)
+    with pytest.raises(ValueError, match="init='svd' with gelu shared recovery"):
+        apply_residual_svd_lora(peft_model, pipeline.original.model, base.index_maps)

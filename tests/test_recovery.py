@@ -240,6 +240,9 @@ def test_attaching_to_a_taken_slot_replaces_the_set_there():
         bare = model(IDS).logits
         first = random_set(model, 1, rank=2).attach(model, slot="shared")
         second = random_set(model, 2, rank=2).attach(model, slot="shared")
+        # registered on the model (the first set leaving its slot must not orphan the container): it moves with it
+        assert attached_recovery(model) == {"shared": second}
+        assert any(param is second.bypasses[next(iter(second.bypasses))].A.weight for param in model.parameters())
         alone = model(IDS).logits
         second.detach()
         assert torch.equal(model(IDS).logits, bare)  # the first set's hooks went with its slot

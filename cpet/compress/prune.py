@@ -126,11 +126,15 @@ def element_scores(model: nn.Module, importance: Importance, calibration: torch.
         rms = input_rms(model, calibration, list(linears), batch_size)
         return ElementScores({n: m.weight.detach().abs() * rms[n].to(m.weight.device).unsqueeze(0)
                               for n, m in linears.items()})
-    # first-order Taylor: |W * dL/dW| with the gradient summed over the calibration batches
-    flags = {n: m.weight.requires_grad for n, m in linears.items()}
-    for module in linears.values():
-        module.weight.requires_grad_(True)
-        module.weight.grad = None
+    # first-order Taylor: |W * dL/dW| with the gradient summed over the calibration batches. Only the mapped
+    # linears take gradients: every other parameter is frozen for the pass (and restored), so that no gradient
+    # of the embedding, the norms or lm_head is computed or left behind on the model
+    params = dict(model.named_parameters())
+    flags = {name: param.requires_grad for name, param in params.items()}
+    mapped = {id(m.weight) for m in linears.values()}
+    for param in params.values():
+        param.requires_grad_(id(param) in mapped)
+        param.grad = None
     was_training = model.training
     model.eval()
     try:
@@ -139,9 +143,9 @@ def element_scores(model: nn.Module, importance: Importance, calibration: torch.
             model(input_ids=batch, labels=batch).loss.backward()
         return ElementScores({n: (m.weight.detach() * m.weight.grad).abs() for n, m in linears.items()})
     finally:
-        for name, module in linears.items():
-            module.weight.grad = None
-            module.weight.requires_grad_(flags[name])
+        for name, param in params.items():
+            param.grad = None
+            param.requires_grad_(flags[name])
         model.train(was_training)
 
 

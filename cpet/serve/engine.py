@@ -27,6 +27,7 @@ from torch import nn
 
 from ..assembly import AdapterSource, Assembly, LoadedAdapter, LowRank, read_recovery
 from ..models import cache_argument, iter_layer_linears, output_cache
+from ..recovery import recovery_sha256
 from .registry import AdapterRegistry, module_shapes
 
 
@@ -66,7 +67,9 @@ class Engine:
         self.shared = (read_recovery(Path(shared_recovery), shapes, base_id=base_id) if shared_recovery is not None
                        else {})
         self.registry = AdapterRegistry(shapes, base_id, capacity=capacity, root=root,
-                                        has_shared_recovery=bool(self.shared))
+                                        has_shared_recovery=bool(self.shared),
+                                        shared_recovery_sha256=(recovery_sha256(shared_recovery)
+                                                                if shared_recovery is not None else None))
         self._batch: _Batch | None = None
         self._lock = threading.Lock()  # one batch through the hooks at a time
         self._cache_key = cache_argument(model)

@@ -48,15 +48,18 @@ class AdapterRegistry:
         root: if set, every adapter directory must lie inside it (names and paths cannot leave it).
         has_shared_recovery: whether the server holds the base's shared recovery (adapters trained with it
             are refused otherwise).
+        shared_recovery_sha256: the SHA-256 of that recovery's weights (adapters trained with another are refused).
     """
 
     def __init__(self, module_shapes: dict[str, tuple[int, int]], base_id: str, *, capacity: int = 64,
-                 root: str | Path | None = None, has_shared_recovery: bool = False):
+                 root: str | Path | None = None, has_shared_recovery: bool = False,
+                 shared_recovery_sha256: str | None = None):
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.module_shapes, self.base_id, self.capacity = module_shapes, base_id, capacity
         self.root = Path(root).resolve() if root is not None else None
         self.has_shared_recovery = has_shared_recovery
+        self.shared_recovery_sha256 = shared_recovery_sha256
         self._adapters: OrderedDict[str, LoadedAdapter] = OrderedDict()
         self._pinned: set[str] = set()
         self._lock = threading.Lock()
@@ -76,7 +79,8 @@ class AdapterRegistry:
         source = directory if isinstance(directory, AdapterSource) else None
         path = self._directory(source.directory if source is not None else directory)
         adapter = load_factors(name, source or AdapterSource(path), self.module_shapes, base_id=self.base_id,
-                               shared_available=self.has_shared_recovery)
+                               shared_available=self.has_shared_recovery,
+                               shared_sha256=self.shared_recovery_sha256)
         with self._lock:
             self._adapters.pop(name, None)
             self._adapters[name] = adapter

@@ -190,3 +190,21 @@ def test_bad_prune_configs(kwargs, message):
 def test_family_map_used_by_pruning_covers_every_family():
     for family in ("llama", "qwen2", "gemma", "mistral", "opt"):
         assert family_of(tiny_model(family).model).name == family
+
+
+def test_taylor_importance_takes_gradients_of_the_mapped_linears_only_and_leaves_none_behind():
+    from cpet.compress.prune import element_scores
+
+    model = tiny_model("llama").model
+    model.requires_grad_(True)  # as a freshly loaded model is: everything trainable
+    model.model.norm.weight.requires_grad_(False)  # and one flag that must come back as it was
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    seen = {}
+    hook = model.model.embed_tokens.weight.register_hook(lambda grad: seen.setdefault("embedding", grad))
+    calibration = torch.randint(0, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    scores = element_scores(model, PruneConfig(ffn_ratio=0.5, importance="taylor").importance, calibration)
+    hook.remove()
+    assert float(scores["model.layers.0.mlp.up_proj"].sum()) > 0
+    assert "embedding" not in seen  # no embedding gradient computed (on SmolLM2: 113 MB per batch)
+    assert all(p.grad is None for p in model.parameters())
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
