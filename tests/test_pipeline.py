@@ -713,3 +713,17 @@ def test_svd_init_takes_what_the_shared_recovery_leaves(built):
     RecoverySet(peft_model, RecoveryConfig(rank=2, alpha=2, activation="gelu")).attach(peft_model, slot=SHARED)
     with pytest.raises(ValueError, match="init='svd' with gelu shared recovery"):
         apply_residual_svd_lora(peft_model, pipeline.original.model, base.index_maps)
+
+
+def test_a_regex_target_source_inherits_with_shared_recovery(built, tmp_path):
+    # peft matches a regex target_modules against every module name; the recovery bypasses
+    # (cpet_recovery.shared.bypasses.model__layers__0__self_attn__q_proj) must not be there when it looks
+    pipeline, task, _, _ = built
+    source = get_peft_model(copy.deepcopy(pipeline.original.model),
+                            LoraConfig(r=2, lora_alpha=4, target_modules=r".*(q_proj|v_proj)"))
+    source.save_pretrained(str(tmp_path / "regex"))
+    short = TuneConfig(steps=2, batch_size=8, lr=2e-2, eval_every=2, rank=2, alpha=4, dropout=0.0)
+    adapter = pipeline.tune(task, init="inherit", inherit_from=tmp_path / "regex", recovery="shared", config=short,
+                            progress=False, name="regex-shared")
+    assert adapter.meta["recovery"] == "shared"
+    assert pipeline.evaluate(adapter, task, limit=4)["n"] == 4
