@@ -8,7 +8,8 @@ recovery modules of each setting are built once and reused (``<out>/<setting>/``
 Every cell records the git commit of the code that ran it (run the grid from a pinned checkout, e.g. a
 ``git worktree`` at one commit, so later work cannot change what it measures mid-run; uncommitted changes
 to the package or the experiments are refused), its effective tuning config (read back from the adapter),
-the hash of the adapter it inherited, and every test prediction (for paired bootstrap intervals).
+the hash of the adapter it inherited, and every test prediction (for paired bootstrap intervals). A cell of
+other code is redone, in a work directory of its own: ``--out`` serves one commit (``grid-commit.json``).
 Workers run in parallel only on disjoint cells (split them by seed: the grid has no locks).
 
     python experiments/grid.py                                   # everything (long: run in background)
@@ -125,6 +126,33 @@ def code_commit(repo: Path = REPO, allow_dirty: bool = False,
     return head + ("+dirty" if dirty else "")
 
 
+WORK_COMMIT_FILE = "grid-commit.json"
+
+
+def claim_work_dir(out: Path, commit: str) -> None:
+    """Tie the work directory ``out`` (bases, recovery, adapters) to the code commit that builds in it.
+
+    A cell of other code is redone (:func:`is_done`), but in a work directory of that other code its tuning
+    would resume the old finished adapter on the old base and only re-score it, under the new commit. So a
+    work directory serves one commit: a new one needs a new ``--out``.
+
+    Raises:
+        SystemExit: ``out`` was built by another commit, or holds work that no commit claimed.
+    """
+    marker = out / WORK_COMMIT_FILE
+    if marker.exists():
+        built_by = json.loads(marker.read_text()).get("commit")
+        if built_by != commit:
+            raise SystemExit(f"grid: {out} holds bases and adapters built by commit {built_by}, not by this code "
+                             f"({commit}); its cells would re-score that code's adapters: use a new --out")
+        return
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"grid: {out} already holds work that no commit claimed ({WORK_COMMIT_FILE} missing): "
+                         "use a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(marker, json.dumps({"commit": commit}))
+
+
 def original_adapter(original: CPET, task: str, seed: int, args) -> Path:
     """The original-model adapter that inheritance and per-task recovery start from.
 
@@ -222,6 +250,7 @@ def main(argv=None) -> int:
     args.commit = code_commit(allow_dirty=args.allow_dirty)
 
     out = Path(args.out)
+    claim_work_dir(out, args.commit)
     cells_dir = Path(args.cells)
     cells_dir.mkdir(parents=True, exist_ok=True)
     original = CPET.from_pretrained(args.model, work_dir=out / "original")

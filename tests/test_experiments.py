@@ -244,6 +244,22 @@ def test_a_cell_of_other_code_is_redone_not_skipped(tmp_path):
     assert is_done(path, "aaa111") and not is_done(path, "bbb222")
 
 
+def test_a_work_directory_serves_one_commit(tmp_path):
+    from experiments.grid import claim_work_dir
+
+    out = tmp_path / "runs"
+    claim_work_dir(out, "aaa111")
+    (out / "nf4").mkdir()  # a base built there
+    claim_work_dir(out, "aaa111")  # the same code resumes
+    # other code would resume (and only re-score) the adapters the first code tuned, under its own commit
+    with pytest.raises(SystemExit, match="built by commit aaa111, not by this code \\(bbb222\\).*new --out"):
+        claim_work_dir(out, "bbb222")
+    unclaimed = tmp_path / "old"
+    (unclaimed / "nf4").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="no commit claimed"):
+        claim_work_dir(unclaimed, "bbb222")
+
+
 def test_progress_counts_ablation_rows_on_their_seeds_only():
     cells = [cell("original", "a", "original", 0, 0.9), cell("nf4", "a", "svd-init", 0, 0.5)]
     rows = ["original", "svd-init"]
