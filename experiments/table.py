@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 from experiments.grid import (  # noqa: E402
     CELLS_DIR, DEFAULT_SETTINGS, ORIGINAL_ROWS, ROW_MEANING, ROWS, SETTINGS, TASKS)
 
-from cpet.assets import write_text_atomic  # noqa: E402
+from cpet.assets import atomic_path, write_text_atomic  # noqa: E402
 
 # the rows that combine inheritance with recovery: each is compared with the original and vanilla
 CPET_ROWS = tuple(row for row, how in ROWS.items() if how["init"] == "inherit" and how["recovery"] != "none")
@@ -307,7 +307,9 @@ def plot_curves(cells: list[dict], settings, path: Path) -> None:
             ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:  # a killed run leaves the previous plot, not half of a new one
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
 
 
 def main(argv=None) -> int:
