@@ -167,7 +167,9 @@ class ActivationMask:
     ``mode``: ``"contribution"`` compares ``|a_i| * ||W_down[:, i]||`` with the threshold (CETT thresholds),
     ``"magnitude"`` compares ``|a_i|`` (:func:`magnitude_thresholds`); ``column_norms`` (per layer ``[n]``) saves
     dequantizing the down weights again. Use as a context manager; afterwards
-    :attr:`active_share` is the share of activations kept over everything that ran (padding included).
+    :attr:`active_share` is the share of activations kept over the tokens that ran: positions the model's
+    ``attention_mask`` marks as padding are masked like the rest but not counted (a padded batch would
+    otherwise count activations of tokens that are not text).
     """
 
     def __init__(self, model: nn.Module, thresholds: Sequence[float], mode: str = CONTRIBUTION,
@@ -183,7 +185,9 @@ class ActivationMask:
         else:  # ``column_norms``: ``||W_down[:, i]||`` per layer when the caller has them (FFNActivations)
             self._norms = list(column_norms) if column_norms is not None else [
                 dequantized_weight(m).norm(dim=0) for m in downs]
+        self._model = model
         self._handles: list = []
+        self._attended: torch.Tensor | None = None  # [batch, seq] bool of the running forward, None: all
         self.kept, self.total = 0, 0
 
     def _hook(self, layer: int):
@@ -191,13 +195,25 @@ class ActivationMask:
             a = inputs[0]
             score = a.abs() if self._norms[layer] is None else a.abs() * self._norms[layer].to(a.device, a.dtype)
             keep = score > self.thresholds[layer]
-            self.kept += int(keep.sum())
-            self.total += keep.numel()
+            attended = self._attended
+            # a: [batch, seq, n], or [batch * seq, n] where the family flattens the tokens (OPT)
+            if attended is not None and attended.numel() == keep.shape[:-1].numel():
+                attended = attended.to(keep.device).reshape(keep.shape[:-1])
+                self.kept += int((keep & attended.unsqueeze(-1)).sum())
+                self.total += int(attended.sum()) * keep.shape[-1]
+            else:
+                self.kept += int(keep.sum())
+                self.total += keep.numel()
             return (a * keep,) + tuple(inputs[1:])
         return hook
 
+    def _note_mask(self, module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        self._attended = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
     def __enter__(self) -> "ActivationMask":
         self._handles = [m.register_forward_pre_hook(self._hook(i)) for i, m in enumerate(self._downs)]
+        self._handles.append(self._model.register_forward_pre_hook(self._note_mask, with_kwargs=True))
         return self
 
     def __exit__(self, *exc) -> None:

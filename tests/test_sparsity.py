@@ -85,6 +85,27 @@ def test_magnitude_thresholds_keep_the_asked_share_and_the_mask_applies_them(mea
         ActivationMask(loaded.model, thresholds[:1])
 
 
+def test_the_active_share_counts_tokens_not_padding(measured):
+    from cpet.sparsity import _down_modules
+
+    loaded, acts = measured
+    thresholds = magnitude_thresholds(acts, 0.3)
+    ids = calibration(loaded.model.config.vocab_size)[:2, :16]
+    padded = ids.clone()
+    padded[1, 6:] = 0  # the second row: 6 tokens of text, 10 of padding
+    attention = torch.ones_like(ids)
+    attention[1, 6:] = 0
+    with torch.no_grad():
+        with ActivationMask(loaded.model, thresholds, "magnitude") as batch:
+            loaded.model(input_ids=padded, attention_mask=attention)
+        with ActivationMask(loaded.model, thresholds, "magnitude") as alone:  # the same text, unpadded
+            loaded.model(input_ids=ids[:1])
+            loaded.model(input_ids=ids[1:, :6])
+    width = sum(down.in_features for down in _down_modules(loaded.model))
+    assert batch.total == alone.total == 22 * width
+    assert abs(batch.kept - alone.kept) <= 2  # the same positions (float noise may flip one at a threshold)
+
+
 def trained_tiny_llama(steps: int = 80):
     """A tiny llama fitted to TEXT, so that dropping FFN neurons costs perplexity (a random one gains)."""
     loaded = tiny_model("llama")
