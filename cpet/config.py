@@ -74,7 +74,9 @@ class QuantizeConfig:
         double_quant: 4-bit only: quantize the quantization constants too (saves ~0.4 bit/parameter).
         compute_dtype: dtype of the 4-bit matmul (``float32`` on CPU; ``bfloat16`` on GPUs).
         skip_modules: module-name fragments left in full precision (embeddings and ``lm_head`` by default).
-        modules: if set, quantize only these linears (full names); each must be an ``nn.Linear``.
+        modules: if set, quantize only these linears of the decoder layers (full names; an ``nn.Linear``, or a
+            MoEfied FFN linear, whose expert slices are then quantized); one a ``skip_modules`` fragment matches
+            is refused.
         embeddings: also quantize the token embedding and the LM head with ``method`` (one tensor for both where
             the model ties them); such a base reloads with CPET's loader only.
     """
@@ -110,7 +112,8 @@ class PruneConfig:
         head_mode: ``query`` (drop query heads inside each KV group) or ``kv_group`` (drop whole groups).
         layer_schedule: optional per-layer FFN ratios ``{layer: ratio}`` overriding ``ffn_ratio``; the
             result has non-uniform widths and loads with ``CompressedBase.load`` only.
-        round_to: kept FFN widths are rounded down to a multiple of this (hardware-friendly shapes).
+        round_to: kept FFN widths are rounded down to a multiple of this (hardware-friendly shapes), but
+            never below one multiple; one that would keep a layer's whole width is refused.
     """
 
     ffn_ratio: float = 0.0

@@ -69,7 +69,8 @@ class CompressedBase:
         if manifest.uniform:
             model = _rebuild(_load_plain(directory, device), stages, index_maps)
         else:
-            model = _load_rebuilt(directory, stages, index_maps)
+            # built on the CPU from config.json and filled there; bitsandbytes parameters move with .to()
+            model = _load_rebuilt(directory, stages, index_maps).to(torch.device(device))
         model.requires_grad_(False)
         model.eval()
         tokenizer = None

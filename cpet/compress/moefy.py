@@ -246,7 +246,8 @@ class MoEfyStage:
 
     def validate(self, model: nn.Module, config: MoEfyConfig, context: StageContext, previous) -> None:
         if any(isinstance(m, MoEFFN) for m in model.modules()):
-            raise ValueError("the model is already MoEfied; a compression pipeline takes one MoEfyConfig")
+            raise ValueError("the input model is already MoEfied: compress takes the dense original (load it again "
+                             "from its source)")
         if context.calibration is None:
             raise ValueError("MoEfication trains its routers on calibration text: pass calibration batches "
                              "(compress(..., calibration=calibration_ids(...)); `cpet compress` does by default)")

@@ -19,6 +19,8 @@ A group's importance is the sum of an element score over all weights in the grou
 from __future__ import annotations
 
 import copy
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,13 +29,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import HeadMode, Importance, PruneConfig
-from ..models import UnsupportedArchitectureError, family_of, geometry, iter_layer_linears, layer_linears
+from ..models import Geometry, UnsupportedArchitectureError, family_of, geometry, iter_layer_linears, layer_linears
 from .calibration import input_rms
 from .index_maps import FFN_CHANNELS, KV_HEADS, QUERY_HEADS, IndexMaps, head_rows
 from .stages import StageContext, register_stage
 
 
 def kept_ffn_width(width: int, ratio: float, round_to: int) -> int:
+    """Channels kept of ``width`` at ``ratio``: rounded down to a multiple of ``round_to``, but at least one
+    multiple and at most ``width`` (so a ``round_to`` above what is kept rounds up; :func:`validate` refuses one
+    that would keep a whole layer)."""
     keep = int(round(width * (1.0 - ratio)))
     keep = max((keep // round_to) * round_to, round_to)
     return min(keep, width)
@@ -45,13 +50,18 @@ def valid_head_ratios(num_heads: int, num_kv_heads: int, mode: HeadMode) -> list
     return [round(removed / units, 6) for removed in range(units)]
 
 
-def validate(model: nn.Module, config: PruneConfig, calibration: torch.Tensor | None) -> None:
-    """Every check that can fail, before any expensive work."""
+def validate(model: nn.Module, config: PruneConfig, calibration: torch.Tensor | None, previous: Sequence = ()) -> None:
+    """Every check that can fail, before any expensive work.
+
+    ``model`` is the pipeline's input; ``previous`` the configs of the stages before this one, whose head
+    pruning this stage's head ratio applies to (two ``head_ratio=0.5`` stages: half, then half of the rest).
+    """
     family = family_of(model)
-    geo = geometry(model)
+    geo = geometry_after(model, previous)
     if any(hasattr(m, "quant_state") or type(m).__module__.startswith("bitsandbytes")
            for m in model.modules()):
-        raise ValueError("the model is already quantized: put PruneConfig before QuantizeConfig in the stages")
+        raise ValueError("the input model is already quantized: compress takes the full-precision original "
+                         "(load it again without quantization)")
     if config.needs_calibration and calibration is None:
         raise ValueError(f"importance {config.importance.value!r} needs calibration batches "
                          "(compress(..., calibration=calibration_ids(...))), or use importance='magnitude'")
@@ -70,6 +80,26 @@ def validate(model: nn.Module, config: PruneConfig, calibration: torch.Tensor | 
                 f"head_ratio {config.head_ratio} does not fit {geo.num_heads} query heads in {geo.num_kv_heads} "
                 f"KV groups with head_mode={config.head_mode.value!r}; valid ratios: {valid}")
         _check_pruned_heads_build(model, geo, config)
+    if config.ffn_ratio > 0 or config.layer_schedule:
+        from .moefy import planned_ffn_widths
+
+        schedule = config.layer_schedule or {}
+        for layer, width in enumerate(planned_ffn_widths(model, previous)):
+            ratio = schedule.get(layer, config.ffn_ratio)
+            if ratio > 0 and kept_ffn_width(width, ratio, config.round_to) >= width:
+                raise ValueError(f"round_to {config.round_to} keeps all {width} FFN channels of layer {layer} "
+                                 f"(ffn_ratio {ratio} rounded up to one multiple of {config.round_to}): it would "
+                                 "prune nothing there; use a smaller round_to")
+
+
+def geometry_after(model: nn.Module, previous: Sequence) -> Geometry:
+    """The model's geometry with the head counts the pruning configs among ``previous`` leave."""
+    geo = geometry(model)
+    for config in previous:
+        if isinstance(config, PruneConfig) and config.head_ratio > 0:
+            heads, kv = pruned_head_counts(geo.num_heads, geo.num_kv_heads, config)
+            geo = dataclasses.replace(geo, num_heads=heads, num_kv_heads=kv)
+    return geo
 
 
 def pruned_head_counts(num_heads: int, num_kv_heads: int, config: PruneConfig) -> tuple[int, int]:
@@ -329,7 +359,7 @@ class PruneStage:
     PER_LAYER = "per-layer FFN widths (layer_schedule)"
 
     def validate(self, model: nn.Module, config: PruneConfig, context: StageContext, previous) -> None:
-        validate(model, config, context.calibration)
+        validate(model, config, context.calibration, previous)
         if config.layer_schedule:
             context.custom_layout = context.custom_layout or self.PER_LAYER
 

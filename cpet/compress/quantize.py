@@ -34,26 +34,40 @@ def validate(model: nn.Module, config: QuantizeConfig) -> None:
     if config.embeddings:
         from .quantized_embeddings import check_embeddings
 
-        check_embeddings(model)
+        check_embeddings(model, config.method.value)
     if any(type(m).__module__.startswith("bitsandbytes") for m in model.modules()):
-        raise ValueError("the model is already quantized; a compression pipeline takes one QuantizeConfig")
+        raise ValueError("the input model is already quantized: compress takes the full-precision original "
+                         "(load it again without quantization)")
+    from ..models import family_of
+    from ..moe.experts import ExpertBank
+
+    layers = family_of(model).layers + "."
     for name in config.modules or ():
         try:
             module = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"QuantizeConfig.modules names {name!r}, which is not a module of this model") from None
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, (nn.Linear, ExpertBank)):  # a MoEfied FFN linear: its expert slices
             raise ValueError(f"QuantizeConfig.modules names {name!r}, a {type(module).__name__}: bitsandbytes "
                              "quantizes only nn.Linear layers")
+        skipped_by = [fragment for fragment in config.skip_modules if fragment in name]
+        if skipped_by or not name.startswith(layers):  # it would silently stay in full precision
+            why = (f"skip_modules fragment {skipped_by[0]!r} leaves it in full precision" if skipped_by
+                   else f"it is outside the decoder layers ({layers}*), which are what CPET quantizes")
+            raise ValueError(f"QuantizeConfig.modules names {name!r}, but {why}; name linears of the layers (the "
+                             "token embedding and LM head: embeddings=True)")
 
 
 def bnb_config(model: nn.Module, config: QuantizeConfig):
     from transformers import BitsAndBytesConfig
 
+    # transformers matches each skip entry as a regex from the start of a module name or as a name suffix,
+    # while skip_modules are substrings (as the in-place path reads them): pass every linear they select by
+    # its full name, so that both paths quantize the same linears
     skip = list(config.skip_modules)
-    if config.modules is not None:  # quantize only the named linears: skip every other one
-        wanted = set(config.modules)
-        skip += [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in wanted]
+    skip += [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
+             and (any(fragment in n for fragment in config.skip_modules)
+                  or (config.modules is not None and n not in set(config.modules)))]
     if config.method == QuantMethod.INT8:
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=config.method.value,
@@ -97,7 +111,8 @@ def keep_4bit_layout(model: nn.Module) -> nn.Module:
 
 def in_place_targets(model: nn.Module, config: QuantizeConfig) -> list[str]:
     """Names of the linears the in-place path quantizes: every ``nn.Linear`` inside the decoder layers (expert
-    slices included), except routers, ``skip_modules`` fragments, and, with ``modules`` set, any not named."""
+    slices included), except routers, ``skip_modules`` fragments, and, with ``modules`` set, any not named (a
+    named MoEfied FFN linear stands for its expert slices)."""
     from ..models import decoder_layers, family_of
 
     prefix = family_of(model).layers
@@ -109,7 +124,8 @@ def in_place_targets(model: nn.Module, config: QuantizeConfig) -> list[str]:
                 continue
             if any(fragment in full for fragment in config.skip_modules):
                 continue
-            if config.modules is not None and full not in config.modules:
+            if config.modules is not None and not any(full == wanted or full.startswith(wanted + ".experts.")
+                                                      for wanted in config.modules):
                 continue
             names.append(full)
     return names

@@ -109,8 +109,8 @@ class TiedQuantizedHead(nn.Module):
         return f"tied to the quantized embedding ({self.out_features} x {self.in_features})"
 
 
-def check_embeddings(model: nn.Module) -> None:
-    """Refuse embeddings this module cannot quantize faithfully (before any work)."""
+def check_embeddings(model: nn.Module, method: str = "nf4") -> None:
+    """Refuse embeddings this module cannot quantize faithfully with ``method`` (before any work)."""
     embedding = model.get_input_embeddings()
     if type(embedding) is not nn.Embedding:
         raise ValueError(f"the token embedding is a {type(embedding).__name__}, not a plain nn.Embedding (it may "
@@ -120,7 +120,7 @@ def check_embeddings(model: nn.Module) -> None:
     if head is not None and type(head) is not nn.Linear:
         raise ValueError(f"the LM head is a {type(head).__name__}, not a plain nn.Linear: quantize without "
                          "embeddings=True")
-    if embedding.embedding_dim % BLOCKSIZE:
+    if method != "int8" and embedding.embedding_dim % BLOCKSIZE:  # int8 scales per row: any width
         raise ValueError(f"embedding width {embedding.embedding_dim} is not a multiple of {BLOCKSIZE}, the 4-bit "
                          "block size rows must fill: quantize without embeddings=True")
 

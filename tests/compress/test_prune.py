@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ from cpet.compress import CompressedBase, calibration_ids, compress
 from cpet.compress.prune import valid_head_ratios
 from cpet.config import HeadMode, PruneConfig
 from cpet.models import family_of, geometry, layer_linears, tiny_model
+
+prune_module = importlib.import_module("cpet.compress.prune")  # the package's `prune` is the function
 
 TEXT = "calibration text for tiny models, long enough for a few windows. " * 20
 IDS = torch.tensor([[5, 17, 99, 3, 42, 8, 120]])
@@ -167,12 +170,40 @@ def test_valid_head_ratios_listing():
     ("llama", dict(ffn_ratio=0.25, importance="taylor"), False, "needs calibration batches"),
     ("llama", dict(ffn_ratio=0.25, importance="activation"), False, "needs calibration batches"),
     ("llama", dict(layer_schedule={5: 0.5}, importance="magnitude"), False, r"layers \[5\]"),
+    ("llama", dict(ffn_ratio=0.5, round_to=256, importance="magnitude"), False,
+     "round_to 256 keeps all 128 FFN channels of layer 0.*prune nothing"),
 ])
-def test_bad_prune_input_fails_before_work(family, kwargs, calibrated, message):
+def test_bad_prune_input_fails_before_work(family, kwargs, calibrated, message, monkeypatch):
+    def no_work(*args, **kwargs):
+        raise AssertionError("scoring started before the input was checked")
+
+    monkeypatch.setattr(prune_module, "element_scores", no_work)
     loaded = tiny_model(family)
     with pytest.raises(ValueError, match=message):
         compress(loaded.model, [PruneConfig(**kwargs)], calibration=calib(loaded.tokenizer) if calibrated else None,
                  progress=False)
+
+
+def test_a_second_head_pruning_is_checked_against_the_heads_the_first_leaves(monkeypatch):
+    loaded = tiny_model("llama")  # 4 query heads in 2 KV groups: 0.5 leaves 2 heads, one per group
+    done = []
+    real = prune_module.element_scores
+    monkeypatch.setattr(prune_module, "element_scores", lambda *a, **k: done.append(1) or real(*a, **k))
+    halves = [PruneConfig(head_ratio=0.5, importance="magnitude")] * 2
+    with pytest.raises(ValueError, match=r"head_ratio 0.5 does not fit 2 query heads in 2 KV groups.*\[0.0\]"):
+        compress(loaded.model, halves, progress=False)
+    assert done == []  # refused before the first stage ran
+    base = compress(loaded.model, halves[:1] + [PruneConfig(ffn_ratio=0.5, importance="magnitude")], progress=False)
+    assert base.model.config.num_attention_heads == 2
+
+
+def test_an_already_compressed_input_is_named_as_such():
+    from cpet.config import QuantizeConfig
+
+    quantized = compress(tiny_model("llama").model, [QuantizeConfig("nf4")], progress=False).model
+    for stage in (PruneConfig(ffn_ratio=0.5, importance="magnitude"), QuantizeConfig("nf4")):
+        with pytest.raises(ValueError, match="the input model is already quantized: compress takes the full-preci"):
+            compress(quantized, [stage], progress=False)
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -87,6 +87,10 @@ def test_a_base_transformers_cannot_build_is_quantized_in_place_and_reloads(meth
 @pytest.mark.parametrize("stages, message", [
     ([QuantizeConfig(modules=("model.layers.0.input_layernorm",))], "bitsandbytes quantizes only nn.Linear"),
     ([QuantizeConfig(modules=("model.layers.9.mlp",))], "not a module of this model"),
+    ([QuantizeConfig(modules=("lm_head",))], "skip_modules fragment 'lm_head' leaves it in full precision"),
+    ([QuantizeConfig(modules=("lm_head",), skip_modules=())], "outside the decoder layers"),
+    ([QuantizeConfig(modules=("model.layers.0.self_attn.q_proj",), skip_modules=("self_attn",))],
+     "skip_modules fragment 'self_attn'"),
     ([QuantizeConfig(), PruneConfig(ffn_ratio=0.5, importance="magnitude")], "put PruneConfig before"),
     ([QuantizeConfig(), QuantizeConfig()], "at most one QuantizeConfig"),
     (["nf4"], "unknown compression stages"),
@@ -99,3 +103,32 @@ def test_bad_quantize_input(stages, message):
 def test_bad_compute_dtype():
     with pytest.raises(ValueError, match="compute_dtype"):
         QuantizeConfig(compute_dtype="int4")
+
+
+def test_skip_modules_select_the_same_linears_on_both_quantization_paths():
+    """A fragment is a substring on the transformers path too (which itself reads skip entries as anchored
+    regexes or suffixes), so a plain base and a per-layer-width base (quantized in place) skip alike."""
+    import bitsandbytes as bnb
+
+    config = QuantizeConfig("nf4", skip_modules=("lm_head", "embed_tokens", "self_attn"))
+    plain = compress(tiny_model("llama").model, [config], progress=False).model
+    custom = compress(tiny_model("llama").model, [PruneConfig(layer_schedule={0: 0.5}, importance="magnitude"),
+                                                   config], progress=False).model
+    for model in (plain, custom):
+        kinds = {name: isinstance(module, bnb.nn.Linear4bit) for name, module in model.named_modules()
+                 if name.endswith(("q_proj", "o_proj", "up_proj", "down_proj"))}
+        assert kinds and all(kinds[n] == ("mlp" in n) for n in kinds), kinds
+
+
+def test_a_named_moefied_linear_quantizes_its_expert_slices():
+    import bitsandbytes as bnb
+
+    from cpet.compress.moefy import MoEfyConfig
+
+    loaded = tiny_model("llama")
+    calibration = torch.randint(0, loaded.model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    base = compress(loaded.model, [MoEfyConfig(num_experts=4, top_k=2),
+                                   QuantizeConfig("nf4", modules=("model.layers.0.mlp.up_proj",))],
+                    calibration=calibration, progress=False)
+    quantized = sorted(n for n, m in base.model.named_modules() if isinstance(m, bnb.nn.Linear4bit))
+    assert quantized == [f"model.layers.0.mlp.up_proj.experts.{e}" for e in range(4)]

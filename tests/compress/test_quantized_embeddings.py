@@ -68,3 +68,10 @@ def test_embeddings_that_cannot_be_quantized_faithfully_are_refused_before_work(
     narrow = tiny_model("llama", hidden_size=48, head_dim=12).model
     with pytest.raises(ValueError, match="not a multiple of 64"):
         compress(narrow, [QuantizeConfig("nf4", embeddings=True)], progress=False)
+    # int8 scales each row on its own: a width of 48 is fine there, and the quantized base stays close
+    ids = torch.tensor([[3, 9, 27, 81, 5]])
+    base = compress(narrow, [QuantizeConfig("int8", embeddings=True)], progress=False)
+    assert type(base.model.get_input_embeddings()).__name__ == "QuantizedEmbedding8bit"
+    with torch.no_grad():
+        reference = narrow(input_ids=ids).logits
+        assert (base.model(input_ids=ids).logits - reference).abs().max() < 0.05 * reference.abs().max()
