@@ -298,13 +298,14 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
 
 
 def compression_residual(original_linear: nn.Module, compressed_linear: nn.Module, rows, cols) -> torch.Tensor:
-    """``W_orig[rows][:, cols] - dequant(W_compressed)`` as fp32 ``[out_kept, in_kept]``."""
-    weight = original_linear.weight.detach().float()
-    if rows is not None:
-        weight = weight.index_select(0, rows)
-    if cols is not None:
-        weight = weight.index_select(1, cols)
+    """``W_orig[rows][:, cols] - dequant(W_compressed)`` as fp32 ``[out_kept, in_kept]``, on the compressed
+    weight's device (the original may sit elsewhere; index maps live on the CPU)."""
     compressed = dequantized_weight(compressed_linear)
+    weight = original_linear.weight.detach().float().to(compressed.device)
+    if rows is not None:
+        weight = weight.index_select(0, rows.to(compressed.device))
+    if cols is not None:
+        weight = weight.index_select(1, cols.to(compressed.device))
     if compressed.shape != weight.shape:
         raise ValueError(f"compressed weight {tuple(compressed.shape)} does not match the kept part of the "
                          f"original {tuple(weight.shape)}: the index maps belong to another base")

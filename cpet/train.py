@@ -366,8 +366,8 @@ def train_classifier(model: nn.Module, tokenizer, train_examples, val_examples, 
         loss = out.loss
         if want_hidden:
             with torch.no_grad():
-                target = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                 output_hidden_states=True).hidden_states[-1]
+                target = teacher_outputs(teacher, input_ids=batch["input_ids"],
+                                         attention_mask=batch["attention_mask"]).hidden_states[-1]
             loss = loss + config.distill_weight * hidden_mse(out.hidden_states[-1], target,
                                                              batch["attention_mask"])
         accelerator.backward(loss)
@@ -440,6 +440,19 @@ def text_windows(tokenizer, text: str, seq_len: int) -> torch.Tensor:
     return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
 
 
+def teacher_outputs(teacher: nn.Module, **inputs: torch.Tensor):
+    """The teacher's output (logits and hidden states) on ``inputs``, computed on the teacher's own device and
+    returned on the inputs' device: the original model may sit on a GPU while the compressed student is read
+    onto the CPU, or the other way round."""
+    device = next(iter(inputs.values())).device
+    teacher_device = next(teacher.parameters()).device
+    out = teacher(**{k: v.to(teacher_device) for k, v in inputs.items()}, output_hidden_states=True)
+    if teacher_device != device:
+        out.logits = out.logits.to(device)
+        out.hidden_states = tuple(h.to(device) for h in out.hidden_states)
+    return out
+
+
 def distillation_loss(student_out, teacher_out, kl_weight: float, mse_weight: float) -> torch.Tensor:
     """``kl_weight * KL(teacher || student)`` per token + ``mse_weight * MSE(last hidden states)``."""
     s_logp = torch.log_softmax(student_out.logits.float(), dim=-1)
@@ -470,7 +483,7 @@ def distill_on_text(student: nn.Module, teacher: nn.Module, tokenizer, text: str
         idx = batch_indices(len(windows), config.batch_size, step, config.seed)
         batch = windows[idx].to(device)
         with torch.no_grad():
-            target = teacher(input_ids=batch, output_hidden_states=True)
+            target = teacher_outputs(teacher, input_ids=batch)
         out = student(input_ids=batch, output_hidden_states=True)
         loss = distillation_loss(out, target, config.kl_weight, config.mse_weight)
         loss.backward()

@@ -45,7 +45,8 @@ _LEGACY = re.compile(r"layers\.(\d+)\.(ffn|q_heads|kv_heads)")
 
 def head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     """Rows of every head in ``heads`` ``[h]``: ``[h * head_dim]`` (head ``i`` owns rows ``i*hd .. i*hd+hd-1``)."""
-    return (heads.to(torch.int64).unsqueeze(1) * head_dim + torch.arange(head_dim)).reshape(-1)
+    heads = heads.to("cpu", torch.int64)  # index maps live on the CPU, whatever device scored the heads
+    return (heads.unsqueeze(1) * head_dim + torch.arange(head_dim)).reshape(-1)
 
 
 def rows_to_heads(rows: torch.Tensor, head_dim: int) -> torch.Tensor | None:
@@ -60,7 +61,9 @@ def _as_index(value) -> torch.Tensor:
     index = torch.as_tensor(value)
     if index.dim() != 1 or index.dtype.is_floating_point or index.dtype == torch.bool:
         raise ValueError(f"an index map is a 1-D integer tensor, got {index.dtype} of shape {tuple(index.shape)}")
-    return index.to(torch.int64).clone()  # own storage: safetensors refuses shared tensors, callers may mutate
+    # on the CPU (indices scored on a GPU come here too), own storage: safetensors refuses shared tensors,
+    # callers may mutate
+    return index.to("cpu", torch.int64).clone()
 
 
 class IndexMaps:
@@ -243,7 +246,7 @@ class IndexMaps:
         digest = hashlib.sha256()
         for key, value in sorted(tensors.items()):
             digest.update(key.encode())
-            digest.update(value.numpy().tobytes())
+            digest.update(value.cpu().numpy().tobytes())
         return digest.hexdigest()
 
     def save(self, path: str | Path) -> None:

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from ..config import PruneConfig
 from ..models import decoder_layers, family_of, geometry, layer_linears, submodule, unwrap
 from ..moe.clustering import balanced_kmeans, expert_order
-from ..moe.experts import COLS, ROWS, ExpertBank
+from ..moe.experts import COLS, ROWS, ExpertBank, bank_of
 from ..moe.layer import MoEFFN, Router
 from .calibration import run_batches
 from .index_maps import FFN_CHANNELS, IndexMaps
@@ -135,12 +135,13 @@ def moe_block(model: nn.Module, index: int, config: MoEfyConfig, order: torch.Te
         linear = copy.deepcopy(linears[role])
         if order is not None:
             with torch.no_grad():
+                where = order.to(linear.weight.device)  # clustering ran on the CPU
                 if split == ROWS:
-                    linear.weight.data = linear.weight.data.index_select(0, order)
+                    linear.weight.data = linear.weight.data.index_select(0, where)
                     if linear.bias is not None:
-                        linear.bias.data = linear.bias.data.index_select(0, order)
+                        linear.bias.data = linear.bias.data.index_select(0, where)
                 else:
-                    linear.weight.data = linear.weight.data.index_select(1, order)
+                    linear.weight.data = linear.weight.data.index_select(1, where)
         return ExpertBank.from_linear(linear, config.num_experts, split)
 
     up = bank("up", ROWS)
@@ -160,9 +161,11 @@ def _check_ffn_formula(model: nn.Module) -> None:
     block = submodule(decoder_layers(model)[0], fam.mlp)
     if layer_linears(model, 0)["up"].out_features % 2:
         return  # an odd width: no two-expert probe (the width check refuses it anyway)
-    probe = moe_block(model, 0, MoEfyConfig(num_experts=2, top_k=2), order=None)
+    # in fp32 whatever the model's dtype: a bf16 model's rounding is not a different formula
+    probe = moe_block(model, 0, MoEfyConfig(num_experts=2, top_k=2), order=None).float()
+    block = copy.deepcopy(block).float()
     weight = layer_linears(model, 0)["up"].weight
-    x = torch.randn(4, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
+    x = torch.randn(4, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.device)
     with torch.no_grad():
         dense = block(x)
         routed = probe(x, chosen=torch.ones(4, 2, dtype=torch.bool, device=x.device))
@@ -221,8 +224,8 @@ def train_router(block: MoEFFN, tokens: torch.Tensor, steps: int, lr: float) -> 
     normalised MSE (0 = perfect, 1 = as bad as predicting zero)."""
     device = block.router.proj.weight.device
     x = tokens.to(device)
-    with torch.no_grad():
-        target = block.expert_norms(x).float()
+    with torch.no_grad():  # the experts in their own dtype (a bf16 model's), the router in fp32
+        target = block.expert_norms(x.to(bank_of(block.bank("up")).experts[0].weight.dtype)).float()
     scale = target.pow(2).mean().clamp(min=1e-12)
     optimizer = torch.optim.Adam(block.router.parameters(), lr=lr)
     block.router.requires_grad_(True)

@@ -235,7 +235,7 @@ def _trace_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
 
 def _complement(kept: torch.Tensor, size: int) -> list[int]:
     mask = torch.ones(size, dtype=torch.bool)
-    mask[kept] = False
+    mask[kept.cpu()] = False
     return mask.nonzero().flatten().tolist()
 
 

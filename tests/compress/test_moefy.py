@@ -38,6 +38,17 @@ def test_with_every_expert_chosen_the_moefied_model_equals_the_dense_one(family)
     assert (dense - half).abs().max() > 1e-2  # half of the experts is a real change
 
 
+def test_a_bf16_model_is_moefied_in_its_own_dtype():
+    # the CLI loads bf16 on a GPU: the formula probe and the router targets must not trip over its rounding
+    model = tiny_model("llama").model.to(torch.bfloat16)
+    base = compress(model, [MoEfyConfig(num_experts=4, top_k=4)], calibration=_calibration(model), progress=False)
+    assert all(b.bank("up").experts[0].weight.dtype == torch.bfloat16 for b in moe_blocks(base.model))
+    ids = _ids(model)
+    with torch.no_grad():
+        dense, moe = model(input_ids=ids).logits.float(), base.model(input_ids=ids).logits.float()
+    assert (dense - moe).abs().max() < 0.05 * dense.abs().max()  # the same function, up to bf16 rounding
+
+
 def test_weight_clustering_partitions_otherwise_and_keeps_the_dense_function():
     model = tiny_model("llama").model
     bases = {clustering: compress(model, [MoEfyConfig(num_experts=4, top_k=4, clustering=clustering)],
