@@ -114,6 +114,34 @@ def attached_recovery(model: nn.Module) -> dict[str, "RecoverySet"]:
     return dict(sets.items()) if sets is not None else {}
 
 
+class _AddBypass:
+    """The forward hook of one recovered linear: adds ``bypass(input)`` to its output while ``owner`` is enabled.
+
+    An object, not a closure, so that ``copy.deepcopy`` of a model gives the copy's hooks the copy's set and
+    bypasses (a closure would be shared and keep reading the original's)."""
+
+    def __init__(self, owner: "RecoverySet", bypass: RecoveryBypass):
+        self.owner, self.bypass = owner, bypass
+
+    def __call__(self, module, inputs, output):
+        if not self.owner.enabled:
+            return output
+        return output + self.bypass(inputs[0]).to(output.dtype)
+
+
+class _BypassSidePath:
+    """An expert-bank side path reading one bypass's factors while ``owner`` is enabled (an object, as above)."""
+
+    def __init__(self, owner: "RecoverySet", bypass: RecoveryBypass):
+        self.owner, self.bypass = owner, bypass
+
+    def __call__(self) -> LowRankPath | None:
+        if not self.owner.enabled:
+            return None
+        bypass = self.bypass
+        return LowRankPath(bypass.A.weight, bypass.B.weight, bypass.scale, bypass.act, nn.Identity())
+
+
 class RecoverySet(nn.Module):
     """Bypasses keyed by the compressed linear's module name, attached with forward hooks.
 
@@ -183,23 +211,11 @@ class RecoverySet(nn.Module):
         object.__setattr__(self, "_owner", (base, slot))  # plain attribute: not a submodule (no cycle)
         return self
 
-    def _hook(self, bypass: RecoveryBypass):
-        """A forward hook adding ``bypass(input)`` to a linear's output while this set is enabled."""
-        def hook(module, inputs, output):
-            if not self.enabled:
-                return output
-            return output + bypass(inputs[0]).to(output.dtype)
+    def _hook(self, bypass: RecoveryBypass) -> "_AddBypass":
+        return _AddBypass(self, bypass)
 
-        return hook
-
-    def _side_path(self, bypass: RecoveryBypass):
-        """An expert-bank side path reading ``bypass``'s factors while this set is enabled."""
-        def path() -> LowRankPath | None:
-            if not self.enabled:
-                return None
-            return LowRankPath(bypass.A.weight, bypass.B.weight, bypass.scale, bypass.act, nn.Identity())
-
-        return path
+    def _side_path(self, bypass: RecoveryBypass) -> "_BypassSidePath":
+        return _BypassSidePath(self, bypass)
 
     def detach(self) -> None:
         """Remove the hooks and the registration (the model then computes without this set)."""

@@ -204,6 +204,23 @@ def test_shared_and_per_task_sets_share_one_container_and_move_with_the_model():
         model(IDS)  # the whole model runs in float64 with both sets
 
 
+def test_a_deep_copy_of_a_recovered_model_runs_its_own_bypasses():
+    from cpet.recovery import attached_recovery
+
+    model, shared, per_task, _ = with_both()
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        reference = twin(IDS).logits
+        for recovery in (shared, per_task):  # the original's sets: the copy must not notice
+            for param in recovery.parameters():
+                param.zero_()
+        assert torch.equal(twin(IDS).logits, reference)
+        for recovery in attached_recovery(twin).values():  # the copy's own: it must
+            for param in recovery.parameters():
+                param.zero_()
+        assert (twin(IDS).logits - reference).abs().max() > 1e-4
+
+
 def test_both_sets_give_the_same_outputs_in_either_order_and_after_save_load(tmp_path):
     from cpet.recovery import attached_recovery
 
