@@ -37,6 +37,7 @@ from torch import nn
 
 from .adapters import check_adapter_name, read_adapter_meta
 from .assets import atomic_path
+from .recovery import recovery_sha256, stale_recovery
 
 EXPORT_META = "export.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -117,7 +118,9 @@ def export_pipeline(pipeline, out: str | Path, names: list[str] | None = None, *
     paths = _export_names(pipeline, names) if names else available
     metas = {name: read_adapter_meta(path) for name, path in paths.items()}
     chosen = paths if names else {name: path for name, path in paths.items() if metas[name].get("on") != "original"}
-    reasons = {name: _adapter_refusal(metas[name]) for name in chosen}
+    recovery_sha = (recovery_sha256(pipeline.recovery_dir)
+                    if (pipeline.recovery_dir / "recovery.safetensors").exists() else None)
+    reasons = {name: _adapter_refusal(metas[name], chosen[name], recovery_sha) for name in chosen}
     if names:
         refused = {name: why for name, why in reasons.items() if why}
         if refused:
@@ -167,8 +170,12 @@ def _export_names(pipeline, names: Sequence[str | Path]) -> dict[str, Path]:
     return paths
 
 
-def _adapter_refusal(meta: dict) -> str | None:
+def _adapter_refusal(meta: dict, directory: Path, recovery_sha: str | None) -> str | None:
     recovery = meta.get("recovery", "none")
+    if recovery in ("shared", "both") and recovery_sha is not None:
+        stale = stale_recovery(meta, directory, recovery_sha)
+        if stale:
+            return stale
     if meta.get("on") == "original":
         return "tuned on the uncompressed original: it is a plain PEFT adapter of the source model already"
     if recovery in ("per_task", "both"):
@@ -203,12 +210,14 @@ def _card(name: str, meta: dict, rank: int, modules: list[str]) -> str:
     return (f"# {name} (exported by CPET)\n\nA standard PEFT LoRA adapter of rank {rank} on {len(modules)} linears "
             f"of the compressed base in `../../base`, holding {folded}. Load it with plain transformers + peft:\n\n"
             "```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
-            "from cpet.compress.quantize import keep_4bit_layout  # see below\n\n"
-            "base = keep_4bit_layout(AutoModelForCausalLM.from_pretrained(\"EXPORT/base\"))\n"
+            "base = AutoModelForCausalLM.from_pretrained(\"EXPORT/base\")\n"
+            "for module in base.modules():  # keep the canonical 4-bit layout (see below)\n"
+            "    if hasattr(module, \"support_avx512bf16_for_cpu\"):\n"
+            "        module.support_avx512bf16_for_cpu = False\n"
             f"model = PeftModel.from_pretrained(base, \"EXPORT/adapters/{name}\")\n```\n\n"
-            "`keep_4bit_layout` matters for a 4-bit base only: without it, bitsandbytes on CPUs with AVX512-BF16 "
-            "repacks the 4-bit weights on load, and the logits no longer match CPET's (which is what this export "
-            "was checked against).\n\n"
+            "The loop matters for a 4-bit base only: without it, bitsandbytes (>= 0.50) on CPUs with AVX512-BF16 "
+            "repacks the 4-bit weights into a bf16 layout on the first inference call, and the logits no longer "
+            "match CPET's (which is what this export was checked against).\n\n"
             f"Task: {meta.get('task')}. Labels: {meta.get('labels')}.\n")
 
 

@@ -255,7 +255,10 @@ class RecoverySet(nn.Module):
                              "base they were made for; make shared ones for this base with `cpet recover PIPELINE` "
                              "(per-task ones are made with their adapter: re-tune it on this base)")
         config = RecoveryConfig(**meta["config"])
-        recovery = cls(model, config)
+        # the bypasses' random init is overwritten below: drawing it must not move the caller's random stream
+        # (a LoRA initialised after this load would otherwise depend on whether recovery was loaded first)
+        with torch.random.fork_rng(devices=[]):
+            recovery = cls(model, config)
         if recovery.targets != meta["targets"]:
             raise ValueError(f"recovery modules in {directory} target other modules than this model has")
         recovery.load_state_dict(load_file(str(directory / RECOVERY_FILE)))
@@ -276,19 +279,27 @@ def recovery_sha256(directory: str | Path) -> str:
     return digest.hexdigest()
 
 
+def stale_recovery(meta: dict, directory: str | Path, recovery_sha: str) -> str | None:
+    """Why an adapter (its ``cpet.json`` ``meta``, stored in ``directory``) cannot run with the shared recovery
+    whose weights hash to ``recovery_sha`` (None: it can). An adapter saved before CPET recorded the hash
+    passes: nothing says which set it was trained with."""
+    trained = (meta.get("shared_recovery") or {}).get("sha256")
+    if trained is None or trained == recovery_sha:
+        return None
+    return (f"adapter {directory} was trained with shared recovery {trained[:12]}, but the shared recovery at hand "
+            f"is {recovery_sha[:12]} (`cpet recover` run again since it was tuned, or another pipeline's set): it "
+            "would run with modules it never saw; re-tune it, or use the recovery it was trained with")
+
+
 def check_trained_with(meta: dict, directory: str | Path, recovery_sha: str) -> None:
-    """Refuse an adapter (its ``cpet.json`` ``meta``, stored in ``directory``) trained with other shared recovery
-    than the one whose weights hash to ``recovery_sha``; an adapter saved before CPET recorded the hash passes.
+    """Refuse an adapter trained with other shared recovery (:func:`stale_recovery` says why).
 
     Raises:
-        ValueError: the pipeline's recovery was made again after the adapter was tuned.
+        ValueError: the adapter recorded another set's hash.
     """
-    trained = (meta.get("shared_recovery") or {}).get("sha256")
-    if trained is not None and trained != recovery_sha:
-        raise ValueError(f"adapter {directory} was trained with shared recovery {trained[:12]}, but the pipeline's "
-                         f"recovery/ now holds {recovery_sha[:12]} (`cpet recover` was run again after it was tuned): "
-                         "it would run with modules it never saw; re-tune it (or restore the recovery it was "
-                         "trained with)")
+    reason = stale_recovery(meta, directory, recovery_sha)
+    if reason:
+        raise ValueError(reason)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -194,9 +194,10 @@ def check_resume_config(directory: Path, config: TuneConfig, identity: dict | No
     """Refuse to resume a run made with other hyper-parameters or for something else, naming each difference.
 
     ``config`` must match the saved one except ``steps`` (which may grow). ``identity`` says what the run is
-    for (task and a hash of its training split, base, source model, init, recovery, inheritance source,
-    target modules: see ``CPET.tune``); it must match exactly, and a state written without one is refused
-    when one is given, since nothing says what it was trained for.
+    for (task and a hash of its training split, base, source model, init, recovery mode and modules,
+    inheritance source, target modules: see ``CPET.tune``); every fact the state recorded must match (a fact
+    added to CPET after the state was written is not compared), and a state written without an identity is
+    refused when one is given, since nothing says what it was trained for.
     """
     state = json.loads((directory / "state.json").read_text())
     saved = state.get("config")
@@ -206,7 +207,8 @@ def check_resume_config(directory: Path, config: TuneConfig, identity: dict | No
             raise ValueError(f"resume state in {directory} does not record what it was trained for (written by an "
                              f"older CPET): {fix}")
         now_id = json.loads(json.dumps(identity))
-        differs = sorted(k for k in set(state["identity"]) | set(now_id) if state["identity"].get(k) != now_id.get(k))
+        # a fact the saved state does not record (written by a CPET that did not record it yet) is not compared
+        differs = sorted(k for k in state["identity"] if state["identity"][k] != now_id.get(k))
         if differs:
             detail = ", ".join(f"{key} {state['identity'].get(key)!r} -> {now_id.get(key)!r}" for key in differs)
             raise ValueError(f"resume state in {directory} was trained for something else ({detail}): {fix}")

@@ -164,7 +164,9 @@ def paired_bootstrap(pairs_a: list[str], pairs_b: list[str], tasks: list[str] | 
     seeds with replacement (training noise), then averages the per-pair differences as the point estimate
     does. Tasks are fixed (they are what the table reports on), not resampled. Drawing the test examples
     independently per seed would count the same examples once per seed and narrow the interval by up to
-    the square root of the seed count. Returns ``(delta, low, high)`` in accuracy units.
+    the square root of the seed count. Resampling both levels counts the seed x example interaction more than
+    once (the interval errs wide); a task with one seed adds no training noise. Returns ``(delta, low, high)``
+    in accuracy units.
     """
     if len(pairs_a) != len(pairs_b):
         raise ValueError(f"{len(pairs_a)} A pairs against {len(pairs_b)} B pairs")

@@ -333,6 +333,15 @@ def test_resume_for_another_purpose_is_refused_naming_each_difference(built, tmp
     state_path.write_text(json.dumps(state))
     with pytest.raises(ValueError, match=r"base_id '0{64}' -> '[0-9a-f]{64}'"):
         pipeline.tune(task, config=config, name="guarded", progress=False)
+    # a state written before CPET recorded the recovery facts: what it does record matches, so it resumes
+    state["identity"]["base_id"] = pipeline.base_id
+    for later in ("shared_recovery_sha256", "per_task_recovery"):
+        del state["identity"][later]
+    state_path.write_text(json.dumps(state))
+    resumed = pipeline.tune(task, config=TuneConfig(**{**config.to_dict(), "steps": 3}), name="guarded",
+                            progress=False)
+    assert resumed.meta["tune_config"]["steps"] == 3
+    state = json.loads(state_path.read_text())
     del state["identity"]
     state_path.write_text(json.dumps(state))
     with pytest.raises(ValueError, match="does not record what it was trained for"):
@@ -685,6 +694,13 @@ def test_an_adapter_runs_only_with_the_shared_recovery_it_was_trained_with(tmp_p
     with pytest.raises(ValueError, match="shared_recovery_sha256"):  # nor is its training resumed
         pipeline.tune(task, recovery="shared", config=TuneConfig(**{**short.to_dict(), "steps": 4}),
                       progress=False, name="x")
+    # an export of every adapter skips it, saying why; one that names it is refused
+    from cpet.export import export_pipeline
+
+    report = export_pipeline(pipeline, tmp_path / "export", check=False)
+    assert stale in report.skipped["x"] and "x" not in report.adapters
+    with pytest.raises(ValueError, match=stale):
+        export_pipeline(pipeline, tmp_path / "export-x", ["x"], check=False)
 
 
 def test_svd_init_takes_what_the_shared_recovery_leaves(built):
