@@ -120,7 +120,7 @@ def export_pipeline(pipeline, out: str | Path, names: list[str] | None = None, *
     chosen = paths if names else {name: path for name, path in paths.items() if metas[name].get("on") != "original"}
     recovery_sha = (recovery_sha256(pipeline.recovery_dir)
                     if (pipeline.recovery_dir / "recovery.safetensors").exists() else None)
-    reasons = {name: _adapter_refusal(metas[name], chosen[name], recovery_sha) for name in chosen}
+    reasons = {name: _adapter_refusal(metas[name], chosen[name], recovery_sha, manifest.base_id) for name in chosen}
     if names:
         refused = {name: why for name, why in reasons.items() if why}
         if refused:
@@ -170,8 +170,14 @@ def _export_names(pipeline, names: Sequence[str | Path]) -> dict[str, Path]:
     return paths
 
 
-def _adapter_refusal(meta: dict, directory: Path, recovery_sha: str | None) -> str | None:
+def _adapter_refusal(meta: dict, directory: Path, recovery_sha: str | None, base_id: str) -> str | None:
     recovery = meta.get("recovery", "none")
+    tuned_on = meta.get("base_id")
+    if meta.get("on") == "compressed" and tuned_on not in (None, base_id):
+        from .compress.manifest import short_base_id
+
+        return (f"tuned on base {short_base_id(tuned_on)}, but the pipeline's base is now {short_base_id(base_id)} "
+                "(`cpet compress` was run again since): re-tune it on this base")
     if recovery in ("shared", "both") and recovery_sha is not None:
         stale = stale_recovery(meta, directory, recovery_sha)
         if stale:

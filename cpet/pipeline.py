@@ -223,8 +223,11 @@ class CPET:
 
     # ------------------------------------------------------------------ compress
     def compress(self, stages: Sequence, *, calibration: str = "brown", calibration_samples: int = 16,
-                 seq_len: int = 128, progress: bool = True, after_stage=None) -> "CPET":
+                 seq_len: int = 128, calibration_seed: int = 0, progress: bool = True, after_stage=None) -> "CPET":
         """Compress a copy of the original model with ``stages`` and save it to ``work_dir/base``.
+
+        Calibration: ``calibration_samples`` windows of ``seq_len`` tokens at random offsets (drawn with
+        ``calibration_seed``) of the ``calibration`` corpus's training part.
 
         ``after_stage(i, model)`` is called after each stage (see :func:`cpet.compress.compress`).
         """
@@ -235,12 +238,13 @@ class CPET:
         start, started_at = time.perf_counter(), utc_now()
         self.check_stages(stages)  # before tokenizing the calibration text, which takes a while
         ids = calibration_ids(self.original.tokenizer, load_corpus(calibration, split="train"),
-                              calibration_samples, seq_len)
+                              calibration_samples, seq_len, seed=calibration_seed)
         base = run_stages(copy.deepcopy(self.original.model), list(stages), calibration=ids,
                           source_name=self.original.name, tokenizer=self.original.tokenizer, progress=progress,
                           after_stage=after_stage, source_fingerprint=self.source_fingerprint)
         # provenance outside base_id: the kept channels it selected are in the index maps' digest already
-        base.manifest.calibration = {"corpus": calibration, "samples": calibration_samples, "seq_len": seq_len}
+        base.manifest.calibration = {"corpus": calibration, "samples": calibration_samples, "seq_len": seq_len,
+                                     "seed": calibration_seed}
         base.save(self.base_dir)
         self._served_base = None
         if self.recovery_dir.exists():  # recovery made for a previous base no longer applies

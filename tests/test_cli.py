@@ -132,6 +132,18 @@ def test_recover_and_eval_take_model_where_the_recorded_source_has_moved(capsys,
     assert json.loads((work / "pipeline.json").read_text())["source"] == moved  # a step records where it is now
 
 
+def test_compress_reads_the_recorded_source_and_takes_the_seed(capsys, model_dir, task_file, tmp_path):
+    real_asset("brown-npm")
+    work = tmp_path / "work"
+    run_json(capsys, "tune", str(work), "--on", "original", "--model", str(model_dir), "--task", str(task_file),
+             "--steps", "2", "--eval-every", "1", "--limit", "4", "--name", "o")
+    # no --model: the source this directory recorded (not the embedded default, which it would refuse)
+    run_json(capsys, "compress", "--out", str(work), "--moefy-experts", "4", "--moefy-top-k", "2", "--seed", "3",
+             "--calibration-samples", "2", "--eval-tokens", "256")
+    manifest = json.loads((work / "base" / "manifest.json").read_text())
+    assert manifest["stages"][0]["config"]["seed"] == 3 and manifest["calibration"]["seed"] == 3
+
+
 def test_compress_moefy_and_quantized_embeddings_then_tune(capsys, model_dir, task_file, tmp_path):
     real_asset("brown-npm")
     work = tmp_path / "work"

@@ -130,3 +130,24 @@ def test_folding_concatenates_linear_terms_exactly():
         assert A.shape == (5, 4) and torch.allclose(x @ A.T @ B.T, expected, atol=1e-5)
     # trained without shared recovery: the base's shared factors are not part of its assembly
     assert Assembly.of("base", LoadedAdapter("b", None, lora), shared).folded_lora()[0].keys() == {"q"}
+
+
+def test_an_adapter_of_a_replaced_base_is_skipped_saying_why(tmp_path):
+    from cpet.config import PruneConfig
+    from tests.test_pipeline import write_task
+
+    task = write_task(tmp_path / "task.jsonl")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 50)
+    pipeline = CPET(tiny_model("llama"), tmp_path / "work")
+    pipeline.compress([PruneConfig(ffn_ratio=0.25, importance="magnitude")], calibration=str(corpus),
+                      calibration_samples=2, seq_len=32, progress=False)
+    pipeline.tune(task, config=TUNE, progress=False, name="old-base")
+    pipeline.compress([PruneConfig(ffn_ratio=0.5, importance="magnitude")], calibration=str(corpus),
+                      calibration_samples=2, seq_len=32, progress=False)  # compress again: the adapter stays
+    pipeline.tune(task, config=TUNE, progress=False, name="new-base")
+    report = export_pipeline(pipeline, tmp_path / "out", check=False)
+    assert set(report.adapters) == {"new-base"}
+    assert "but the pipeline's base is now" in report.skipped["old-base"]
+    with pytest.raises(ValueError, match="old-base: tuned on base [0-9a-f]{12}, but the pipeline's base is now"):
+        export_pipeline(pipeline, tmp_path / "named", ["old-base"], check=False)

@@ -150,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = _command(sub, "compress", "compress a model into a pipeline directory, with a report", cmd_compress)
-    p.add_argument("--model", default=EMBEDDED_DEFAULT, help="embedded name, local directory, .gguf file or hub id")
+    p.add_argument("--model", default=None, help="embedded name, local directory, .gguf file or hub id (default: "
+                   f"the one the pipeline recorded; a new pipeline: {EMBEDDED_DEFAULT})")
     p.add_argument("--prune-ffn", type=float, default=0.0, help="share of FFN channels removed per layer")
     p.add_argument("--prune-heads", type=float, default=0.0, help="share of attention heads removed per layer")
     p.add_argument("--importance", default="taylor", choices=["magnitude", "taylor", "activation"],

@@ -20,7 +20,7 @@ def stages_from_args(args: argparse.Namespace) -> list:
                                   importance=args.importance, head_mode=args.head_mode))
     if args.moefy_experts is not None:
         stages.append(MoEfyConfig(num_experts=args.moefy_experts, top_k=args.moefy_top_k, tau=args.moefy_tau,
-                                  clustering=args.moefy_clustering))
+                                  clustering=args.moefy_clustering, seed=getattr(args, "seed", 0)))
     elif args.moefy_top_k is not None or args.moefy_tau is not None:
         raise ValueError("--moefy-top-k and --moefy-tau need --moefy-experts (the number of experts per FFN)")
     if args.quantize != "none":
@@ -78,8 +78,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     measure("original", pipeline.original.model)
     names = [type(s).__name__ for s in stages]
-    pipeline.compress(stages, calibration_samples=args.calibration_samples, progress=not args.json,
-                      after_stage=lambda i, model: measure(f"+ {names[i]}", model))
+    pipeline.compress(stages, calibration_samples=args.calibration_samples, calibration_seed=args.seed,
+                      progress=not args.json, after_stage=lambda i, model: measure(f"+ {names[i]}", model))
     save_run_config(args, args.out)
     result = {"out": str(pipeline.base_dir), "base_id": pipeline.base_id, "stages": rows}
 

@@ -77,7 +77,7 @@ class Manifest:
     calibration selected is already in the index maps' digest.
 
     Attributes (provenance, outside ``base_id``):
-        calibration: ``{"corpus", "samples", "seq_len"}`` of the calibration text (empty when the caller
+        calibration: ``{"corpus", "samples", "seq_len", "seed"}`` of the calibration text (empty when the caller
             passed token ids directly).
         libraries: versions of the libraries that made the base (:func:`library_versions`).
     """

@@ -7,8 +7,8 @@ Per decoder layer:
 2. permute the neurons so that each expert is a contiguous slice (``gate``/``up`` rows and ``down`` columns;
    the permutation is this stage's index map, so inheritance and recovery read it like a pruning map);
 3. replace the FFN block by a :class:`~cpet.moe.layer.MoEFFN` with one :class:`~cpet.moe.experts.ExpertBank`
-   per linear and a router, first layer from the cluster centres, trained on the calibration tokens' FFN
-   inputs to predict each expert's output norm (MSE, normalised by the mean squared target).
+   per linear and a router, first layer from each expert's mean gate direction, trained on the calibration
+   tokens' FFN inputs to predict each expert's output norm (MSE, normalised by the mean squared target).
 
 The partition needs no storage of its own: expert ``e`` holds the permuted neurons ``e*m .. (e+1)*m - 1``.
 A MoEfied base is not a transformers architecture: it saves with ``save_pretrained`` (the banks' per-expert
@@ -53,7 +53,7 @@ class MoEfyConfig:
             halves perplexity at 8 of 16 experts against ``weights``, docs/moefication.md) or ``weights``
             (normalised gate rows; up rows for a non-gated FFN).
         router_width: hidden units of each layer's router MLP (>= num_experts: the first E start at the
-            cluster centres); None: ``max(64, num_experts)``.
+            experts' mean gate directions); None: ``max(64, num_experts)``.
         router_steps, router_lr: Adam steps and learning rate of router training (full batch of calibration
             tokens).
         seed: seeds clustering and router training.
@@ -85,7 +85,7 @@ class MoEfyConfig:
             object.__setattr__(self, "router_width", max(64, self.num_experts))
         if self.router_width < self.num_experts:
             raise ValueError(f"router_width ({self.router_width}) must be >= num_experts ({self.num_experts}): "
-                             "the router's first units start at the cluster centres")
+                             "the router's first units start at the experts' mean gate directions")
         if self.router_steps < 0 or self.router_lr <= 0:
             raise ValueError(f"need router_steps >= 0 and router_lr > 0, got {self.router_steps}, {self.router_lr}")
 
