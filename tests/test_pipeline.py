@@ -515,7 +515,7 @@ def test_pipeline_json_and_manifest_record_configs_times_and_provenance(built):
     steps = {entry["stage"]: entry for entry in reversed(record["log"])}  # the first of each kind
     assert steps["compress"]["stages"] == [stage_config_to_dict(PruneConfig(ffn_ratio=0.25, importance="activation")),
                                            stage_config_to_dict(QuantizeConfig("nf4"))]
-    calibration = {"corpus": str(root / "corpus.txt"), "samples": 4, "seq_len": 32}
+    calibration = {"corpus": str(root / "corpus.txt"), "samples": 4, "seq_len": 32, "seed": 0}
     assert steps["compress"]["calibration"] == calibration
     assert steps["recover"]["config"] == asdict(RecoveryConfig(rank=4, alpha=4, activation="identity", init="svd"))
     assert steps["recover"]["distill"] == asdict(DistillConfig(steps=5, seq_len=32))
