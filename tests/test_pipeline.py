@@ -743,3 +743,21 @@ def test_a_regex_target_source_inherits_with_shared_recovery(built, tmp_path):
                             progress=False, name="regex-shared")
     assert adapter.meta["recovery"] == "shared"
     assert pipeline.evaluate(adapter, task, limit=4)["n"] == 4
+
+
+def test_shared_recovery_moves_the_compressed_model_toward_the_original(built):
+    from cpet.recovery import SHARED, RecoverySet
+
+    pipeline, _, _, root = built
+    text = (root / "corpus.txt").read_text()[:400]
+    ids = torch.tensor([pipeline.tokenizer(text, add_special_tokens=False)["input_ids"][:64]])
+    base = pipeline.load_compressed()
+    with torch.no_grad():
+        original = pipeline.original.model(input_ids=ids).logits
+        bare = base.model(input_ids=ids).logits
+        RecoverySet.load(pipeline.recovery_dir, base.model, expected_base_id=base.manifest.base_id).attach(
+            base.model, slot=SHARED)
+        recovered = base.model(input_ids=ids).logits
+    # a recovery of the wrong sign (or of the wrong residual) moves it away instead
+    ratio = float((recovered - original).norm() / (bare - original).norm())
+    assert ratio < 0.97

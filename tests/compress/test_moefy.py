@@ -131,6 +131,14 @@ def test_only_the_chosen_experts_run_on_exactly_their_tokens():
         else:
             assert seen[("gate_proj", e)] == (routed, model.config.hidden_size)
             assert seen[("down_proj", e)] == (routed, model.config.intermediate_size // 4)
+    # and the right rows: the output is each token's chosen experts, computed densely here and masked
+    for top_k in (1, 2):
+        block.top_k = top_k
+        chosen = block.choose(x)
+        with torch.no_grad():
+            expected = sum(chosen[:, e:e + 1] * block.bank("down").experts[e](block.expert_hidden(e, x))
+                           for e in range(4))
+            assert torch.allclose(block(x), expected, atol=1e-5)
 
 
 def test_the_router_learns_to_predict_expert_norms():
@@ -191,10 +199,22 @@ def test_quantization_after_moefication_quantizes_every_expert_but_not_the_route
     (dict(num_experts=4, tau=1.5), "tau"),
     (dict(num_experts=4, clustering="spectral"), "clustering must be one of"),
 ])
-def test_bad_moefy_configs_are_refused_before_any_work(config, message):
+def test_bad_moefy_configs_are_refused_before_any_work(config, message, monkeypatch):
     model = tiny_model("llama").model
-    with pytest.raises(ValueError, match=message):
+    _no_work(monkeypatch)
+    with pytest.raises(ValueError, match=message):  # by the config itself, or by the stage's checks on the model
         compress(model, [MoEfyConfig(**config)], calibration=_calibration(model), progress=False)
+
+
+def _no_work(monkeypatch):
+    """Make the expensive parts of MoEfication and pruning raise: a check that comes after them fails the test."""
+    import importlib
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("expensive work started before the input was checked")
+
+    monkeypatch.setattr(importlib.import_module("cpet.compress.moefy"), "ffn_inputs", no_work)
+    monkeypatch.setattr(importlib.import_module("cpet.compress.prune"), "element_scores", no_work)
 
 
 def test_moefication_needs_calibration_and_comes_before_quantization_after_pruning():
@@ -210,8 +230,9 @@ def test_moefication_needs_calibration_and_comes_before_quantization_after_pruni
         compress(opt, [MoEfyConfig(num_experts=4)], calibration=_calibration(opt), progress=False)
 
 
-def test_widths_after_pruning_are_checked_before_any_work():
+def test_widths_after_pruning_are_checked_before_any_work(monkeypatch):
     model = tiny_model("llama").model  # 128 channels; 25% pruning keeps 96, which 64 experts do not divide
+    _no_work(monkeypatch)
     with pytest.raises(ValueError, match=r"FFN widths \[96\] do not split into 64 equal experts"):
         compress(model, [PruneConfig(ffn_ratio=0.25, importance="magnitude"), MoEfyConfig(num_experts=64, top_k=8)],
                  calibration=_calibration(model), progress=False)

@@ -92,6 +92,26 @@ def test_query_mode_keeps_heads_per_kv_group_consistent():
         heads = base.index_maps.layers[index].q_heads.tolist()
         assert len(heads) == 2 and heads[0] in (0, 1) and heads[1] in (2, 3)  # one per KV group of 2
 
+    # and the important ones: head 1 made large and head 2 zero in layer 0 (16 rows of q, 16 columns of o each)
+    loaded = tiny_model("llama")
+    with torch.no_grad():
+        q, o = layer_linears(loaded.model, 0)["q"].weight, layer_linears(loaded.model, 0)["o"].weight
+        q[16:32].mul_(100.0), o[:, 16:32].mul_(100.0)
+        q[32:48].zero_(), o[:, 32:48].zero_()
+    base = compress(loaded.model, [PruneConfig(head_ratio=0.5, importance="magnitude")], progress=False)
+    assert base.index_maps.layers[0].q_heads.tolist() == [1, 3]
+
+
+def test_kv_group_mode_keeps_the_important_group():
+    loaded = tiny_model("llama")  # 2 KV groups of 2 query heads; group 1 = KV head 1 and query heads 2, 3
+    with torch.no_grad():
+        for role in ("k", "v"):
+            layer_linears(loaded.model, 0)[role].weight[16:32].mul_(100.0)
+    base = compress(loaded.model, [PruneConfig(head_ratio=0.5, head_mode="kv_group", importance="magnitude")],
+                    progress=False)
+    assert base.index_maps.layers[0].kv_heads.tolist() == [1]
+    assert base.index_maps.layers[0].q_heads.tolist() == [2, 3]
+
 
 def test_two_prune_stages_compose_into_original_coordinates():
     loaded = tiny_model("llama")

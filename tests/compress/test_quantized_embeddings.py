@@ -56,7 +56,18 @@ def test_an_untied_head_is_quantized_as_a_linear_of_its_own():
     assert not base.manifest.uniform  # transformers' bitsandbytes path never quantizes embeddings
 
 
-def test_embeddings_that_cannot_be_quantized_faithfully_are_refused_before_work():
+def test_embeddings_that_cannot_be_quantized_faithfully_are_refused_before_work(monkeypatch):
+    import importlib
+
+    quantize_module = importlib.import_module("cpet.compress.quantize")
+    real = {name: getattr(quantize_module, name) for name in ("quantize", "quantize_in_place")}
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("quantization started before the input was checked")
+
+    for name in real:
+        monkeypatch.setattr(quantize_module, name, no_work)
+
     class ScaledEmbedding(nn.Embedding):
         def forward(self, ids):
             return super().forward(ids) * 8.0
@@ -68,6 +79,8 @@ def test_embeddings_that_cannot_be_quantized_faithfully_are_refused_before_work(
     narrow = tiny_model("llama", hidden_size=48, head_dim=12).model
     with pytest.raises(ValueError, match="not a multiple of 64"):
         compress(narrow, [QuantizeConfig("nf4", embeddings=True)], progress=False)
+    for name, function in real.items():  # now the real work, for the case that is accepted
+        monkeypatch.setattr(quantize_module, name, function)
     # int8 scales each row on its own: a width of 48 is fine there, and the quantized base stays close
     ids = torch.tensor([[3, 9, 27, 81, 5]])
     base = compress(narrow, [QuantizeConfig("int8", embeddings=True)], progress=False)

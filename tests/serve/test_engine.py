@@ -97,6 +97,12 @@ def test_lru_eviction_keeps_pinned_adapters_and_root_confines_paths(served, tmp_
     registry.get("a")
     registry.load("c", pipeline.adapters()["both"])  # evicts b: the least recently used unpinned one
     assert registry.names() == ["a", "c"]
+    lru = AdapterRegistry(engine.registry.module_shapes, engine.base_id, capacity=2, has_shared_recovery=True)
+    lru.load("b", pipeline.adapters()["plain"])
+    lru.load("c", pipeline.adapters()["shared"])
+    lru.get("b")  # used last: c is now the least recently used
+    lru.load("d", pipeline.adapters()["both"])
+    assert lru.names() == ["b", "d"]  # first-in-first-out would have kept c
     with pytest.raises(AdapterError, match="outside the adapter root"):
         registry.load("d", tmp_path)
 
