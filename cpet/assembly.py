@@ -221,12 +221,11 @@ def load_factors(name: str, source: AdapterSource | str | Path, module_shapes: d
                                "at hand: the pipeline has no recovery/ (run `cpet recover`), or the server was not "
                                "started from the pipeline directory")
         if adapter.shared and shared_sha256 is not None:
-            from .recovery import check_trained_with
+            from .recovery import stale_recovery
 
-            try:
-                check_trained_with(source.meta, directory, shared_sha256)
-            except ValueError as exc:
-                raise AdapterError(str(exc)) from None
+            stale = stale_recovery(source.meta, directory, shared_sha256)
+            if stale:
+                raise AdapterError(stale)
         if source.per_task_recovery_dir is not None:
             adapter.per_task = read_recovery(source.per_task_recovery_dir, module_shapes, base_id=base_id)
     return adapter

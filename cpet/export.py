@@ -155,13 +155,14 @@ def _export_names(pipeline, names: Sequence[str | Path]) -> dict[str, Path]:
     source directory, and the export would overwrite the adapter it reads.
     """
     paths: dict[str, Path] = {}
+    known = pipeline.adapters()
     for requested in names:
         path = pipeline.resolve_adapter(requested)
-        known = pipeline.adapters()
         if str(requested) in known and known[str(requested)] == path:
             name = str(requested)
         else:
-            name = path.resolve().parent.name if path.resolve().name == "adapter" else path.resolve().name
+            where = path.resolve()
+            name = where.parent.name if where.name == "adapter" else where.name
         check_adapter_name(name)
         if name in paths and paths[name].resolve() != path.resolve():
             raise ValueError(f"two adapters would be exported as {name!r} ({paths[name]} and {path}): "

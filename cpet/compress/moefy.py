@@ -26,13 +26,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import PruneConfig
 from ..models import decoder_layers, family_of, geometry, layer_linears, submodule, unwrap
 from ..moe.clustering import balanced_kmeans, expert_order
 from ..moe.experts import COLS, ROWS, ExpertBank, bank_of
 from ..moe.layer import MoEFFN, Router
 from .calibration import run_batches
 from .index_maps import FFN_CHANNELS, IndexMaps
+from .prune import planned_ffn_widths
 from .stages import StageContext, register_stage
 
 CLUSTERINGS = ("weights", "coactivation")
@@ -173,19 +173,6 @@ def _check_ffn_formula(model: nn.Module) -> None:
         raise ValueError(f"family {fam.name!r}: its FFN block ({type(block).__name__}) computes something other "
                          "than down(act(gate(x)) * up(x)) or down(act(up(x))) "
                          f"(max difference {float((dense - routed).abs().max()):.3g}); MoEfication cannot split it")
-
-
-def planned_ffn_widths(model: nn.Module, previous) -> list[int]:
-    """Each layer's FFN width after the pruning configs among ``previous``."""
-    from .prune import kept_ffn_width
-
-    widths = [layer_linears(model, i)["up"].out_features for i in range(len(decoder_layers(model)))]
-    for config in previous:
-        if isinstance(config, PruneConfig):
-            schedule = config.layer_schedule or {}
-            widths = [kept_ffn_width(w, schedule.get(i, config.ffn_ratio), config.round_to)
-                      for i, w in enumerate(widths)]
-    return widths
 
 
 # ---------------------------------------------------------------------------------------------- training

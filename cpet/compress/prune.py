@@ -29,7 +29,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import HeadMode, Importance, PruneConfig
-from ..models import Geometry, UnsupportedArchitectureError, family_of, geometry, iter_layer_linears, layer_linears
+from ..models import (Geometry, UnsupportedArchitectureError, decoder_layers, family_of, geometry,
+                      iter_layer_linears, layer_linears)
 from .calibration import input_rms
 from .index_maps import FFN_CHANNELS, KV_HEADS, QUERY_HEADS, IndexMaps, head_rows
 from .stages import StageContext, register_stage
@@ -81,8 +82,6 @@ def validate(model: nn.Module, config: PruneConfig, calibration: torch.Tensor | 
                 f"KV groups with head_mode={config.head_mode.value!r}; valid ratios: {valid}")
         _check_pruned_heads_build(model, geo, config)
     if config.ffn_ratio > 0 or config.layer_schedule:
-        from .moefy import planned_ffn_widths
-
         schedule = config.layer_schedule or {}
         for layer, width in enumerate(planned_ffn_widths(model, previous)):
             ratio = schedule.get(layer, config.ffn_ratio)
@@ -100,6 +99,18 @@ def geometry_after(model: nn.Module, previous: Sequence) -> Geometry:
             heads, kv = pruned_head_counts(geo.num_heads, geo.num_kv_heads, config)
             geo = dataclasses.replace(geo, num_heads=heads, num_kv_heads=kv)
     return geo
+
+
+def planned_ffn_widths(model: nn.Module, previous: Sequence) -> list[int]:
+    """Each layer's FFN width after the pruning configs among ``previous`` (the widths :func:`geometry_after`
+    leaves out, per layer since a schedule may differ between layers)."""
+    widths = [layer_linears(model, i)["up"].out_features for i in range(len(decoder_layers(model)))]
+    for config in previous:
+        if isinstance(config, PruneConfig):
+            schedule = config.layer_schedule or {}
+            widths = [kept_ffn_width(w, schedule.get(i, config.ffn_ratio), config.round_to)
+                      for i, w in enumerate(widths)]
+    return widths
 
 
 def pruned_head_counts(num_heads: int, num_kv_heads: int, config: PruneConfig) -> tuple[int, int]:
