@@ -122,7 +122,21 @@ class FFNActivations:
 
 
 def _down_modules(model: nn.Module) -> list[nn.Module]:
-    return [layer["down"] for layer in iter_layer_linears(unwrap(model))]
+    """Every mapped FFN's down linear (its input is ``a``).
+
+    Raises:
+        ValueError: a MoEfied base, whose experts are called directly by the routed block (never through the
+            bank's ``forward``): pre-hooks on it would see nothing, and the measures would be empty or wrong.
+    """
+    from .moe.experts import bank_of
+
+    downs = [layer["down"] for layer in iter_layer_linears(unwrap(model))]
+    if any(bank_of(module) is not None for module in downs):
+        raise ValueError("the sparsity tools measure dense FFNs, and this base is MoEfied (its FFNs run as routed "
+                         "experts): measure the model before the MoEfy stage (the source model, or a base compressed "
+                         "without MoEfyConfig); the MoEfication benchmark (scripts/bench_moefy.py) measures MoEfied "
+                         "bases")
+    return downs
 
 
 @torch.no_grad()

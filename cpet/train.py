@@ -228,9 +228,11 @@ def check_resume_config(directory: Path, config: TuneConfig, identity: dict | No
 def load_resume_state(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """Restore what :func:`save_resume_state` wrote; returns its JSON part (``step`` etc.).
 
-    A state saved without optimizer moments (a finished run, see ``keep_optimizer_state``) restores the
-    weights only: AdamW starts its moments afresh, so extending such a run is not bit-identical to having
-    trained straight to the longer length.
+    Extending a run (more ``steps`` than it was saved with) is never identical to having trained straight to the
+    longer length: the warm-up and cosine schedule are laid out for the new length, so the learning rate jumps
+    at the resumed step (e.g. from 0.127x at step 9 of 10 to 0.55x at step 10 of 200). A state saved without
+    optimizer moments (a finished run, see ``keep_optimizer_state``) also restores the weights only: AdamW then
+    starts its moments afresh.
     """
     tensors = load_file(str(directory / "state.safetensors"))
     params = _trainable(model)
@@ -321,9 +323,10 @@ def train_classifier(model: nn.Module, tokenizer, train_examples, val_examples, 
     val = list(val_examples)[: config.eval_limit] if config.eval_limit else list(val_examples)
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    if config.batch_size < accelerator.num_processes:
-        raise ValueError(f"batch_size {config.batch_size} is smaller than the {accelerator.num_processes} "
-                         "processes that share each batch: raise batch_size or launch fewer processes")
+    if config.batch_size % accelerator.num_processes:
+        # gradients are averaged over processes with equal weight: unequal shares would weigh examples unequally
+        raise ValueError(f"batch_size {config.batch_size} does not split evenly over the {accelerator.num_processes} "
+                         "processes that share each batch: use a multiple of the process count")
     params = list(_trainable(model).values())
     if not params:
         raise ValueError("the model has no trainable parameters")
@@ -376,7 +379,7 @@ def train_classifier(model: nn.Module, tokenizer, train_examples, val_examples, 
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        running.append(loss.item())
+        running.append(accelerator.reduce(loss.detach(), "mean").item())  # the whole batch's loss, same everywhere
         bar.set_postfix(loss=f"{sum(running[-20:]) / len(running[-20:]):.3f}")
         done = step + 1
         if done % config.eval_every == 0 or done == config.steps:

@@ -48,4 +48,4 @@ if __name__ == "__main__":
     result, lora = tune_tiny(out / "run")
     (out / f"rank{state.process_index}.json").write_text(json.dumps({
         "processes": state.num_processes, "best_accuracy": result.best_accuracy, "best_step": result.best_step,
-        "lora": lora.tolist()}))
+        "train_losses": [entry["train_loss"] for entry in result.history], "lora": lora.tolist()}))

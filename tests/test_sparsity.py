@@ -147,3 +147,18 @@ def test_report_is_json_with_a_baseline_at_the_same_share_and_plots(tmp_path):
     assert baseline["rise_percent"] == pytest.approx(100 * (baseline["ppl"] / dense - 1))
     png = plot_activation_ratios(report, tmp_path / "ratios.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_moefied_base_is_refused_with_a_message_not_measured_as_empty():
+    """The routed block calls its experts directly, so down-input hooks would see nothing (an empty ``torch.cat``,
+    or a mask that masks nothing with an active share of nan): refused, and the message says what to measure."""
+    from cpet.compress import compress
+    from cpet.compress.moefy import MoEfyConfig
+
+    loaded = tiny_model("llama")
+    tokens = calibration(loaded.model.config.vocab_size)
+    base = compress(loaded.model, [MoEfyConfig(num_experts=4, top_k=2)], calibration=tokens, progress=False)
+    with pytest.raises(ValueError, match="MoEfied.*before the MoEfy stage"):
+        collect_ffn_activations(base.model, tokens)
+    with pytest.raises(ValueError, match="MoEfied"):
+        ActivationMask(base.model, [0.0] * base.model.config.num_hidden_layers)

@@ -170,6 +170,11 @@ def test_two_processes_take_the_same_steps_as_one(tmp_path):
     assert moved > 1e-2  # the steps changed the weights, so agreement below is not trivial
     assert torch.allclose(two_lora, single_lora, atol=1e-4)
     assert ranks[0]["best_accuracy"] == single.best_accuracy
+    # the logged loss is the whole batch's (averaged over processes), not each process's half
+    assert ranks[0]["train_losses"] == ranks[1]["train_losses"]
+    single_losses = [entry["train_loss"] for entry in single.history]
+    assert [loss is None for loss in single_losses] == [loss is None for loss in ranks[0]["train_losses"]]
+    assert all(abs(a - b) < 1e-4 for a, b in zip(ranks[0]["train_losses"], single_losses) if a is not None)
 
 
 @pytest.mark.parametrize("make, message", [

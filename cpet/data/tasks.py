@@ -110,6 +110,9 @@ def make_task(name: str, examples: list[Example], *, source: str, split_of: list
               label_words: dict[str, str] | None = None) -> ClassificationTask:
     """Validate examples, drop near-duplicates, and split (``split_of`` per example if given, else seeded).
 
+    Each split is put in a seeded random order either way, so that its prefixes (``eval_limit``, ``--limit``)
+    hold every label even when the source lists its examples sorted by label.
+
     Raises:
         ValueError: no examples, an empty text or label, fewer than two labels, or a label that appears in
             validation/test but not in train.
@@ -127,6 +130,8 @@ def make_task(name: str, examples: list[Example], *, source: str, split_of: list
         splits = {name: [] for name in SPLIT_NAMES}
         for example, split in zip(examples, split_of):
             splits[split].append(example)
+        for name in SPLIT_NAMES:  # files are often sorted by label: a prefix (eval_limit, --limit) must not be one class
+            random.Random(f"{seed}:{name}").shuffle(splits[name])
     _check_labels_in_train(splits, source)
     description = f"{description or source}; {describe_dedup(report)}"
     return ClassificationTask(name, labels, splits, description, family, report, label_words)
