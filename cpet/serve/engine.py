@@ -104,6 +104,15 @@ class Engine:
         """Read, check and register an adapter directory under ``name`` (see :class:`AdapterRegistry`)."""
         return self.registry.load(name, directory, pin=pin)
 
+    def resolve(self, adapter: "str | LoadedAdapter | None") -> LoadedAdapter | None:
+        """The loaded adapter a row runs: ``adapter`` itself when already resolved, the registry's adapter of that
+        name (marked recently used; :class:`~cpet.serve.registry.UnknownAdapterError` if none), None for the bare
+        base. A resolved adapter keeps working after it is unloaded or evicted: a request that resolved it at
+        admission finishes with it."""
+        if adapter is None or isinstance(adapter, LoadedAdapter):
+            return adapter
+        return self.registry.get(adapter)
+
     def assembly(self, name: str | None) -> Assembly:
         """What a row using adapter ``name`` (None: the bare base) runs: the adapter's factors, plus the shared
         recovery when the adapter was trained with it."""
@@ -217,14 +226,16 @@ class Engine:
         zero-padded, scales folded into B), then two batched matmuls for LoRA and two for per-task recovery,
         whatever the number of distinct adapters. Stacks are reused while the batch's adapters stay the same
         (every decode step)."""
-        key = (name, tuple(id(a) for a in batch.rows))
+        key = tuple(id(a) for a in batch.rows)
         stacks = self._stacks.get(name)
         if stacks is None or stacks[0] != key:
-            stacks = (key, _stack([a.lora.get(name) if a else None for a in batch.rows], x),
+            # the entry holds the adapters themselves (stacks[1]): while it lives no id in its key can be reused
+            # by a newly loaded adapter, which would otherwise be served another adapter's stacked factors
+            stacks = (key, tuple(batch.rows), _stack([a.lora.get(name) if a else None for a in batch.rows], x),
                       _stack([a.per_task.get(name) if a else None for a in batch.rows], x))
             self._stacks[name] = stacks
         out = None
-        for stacked, gelu in ((stacks[1], False), (stacks[2], True)):
+        for stacked, gelu in ((stacks[2], False), (stacks[3], True)):
             if stacked is None:
                 continue
             A, B = stacked
@@ -236,11 +247,12 @@ class Engine:
         return out if out is not None else x.new_zeros(())
 
     @torch.no_grad()
-    def forward(self, adapters: Sequence[str | None], **model_inputs):
-        """One model call on a batch whose row ``i`` uses adapter ``adapters[i]`` (None: the bare base)."""
+    def forward(self, adapters: Sequence[str | LoadedAdapter | None], **model_inputs):
+        """One model call on a batch whose row ``i`` uses adapter ``adapters[i]`` (a name, an adapter already
+        resolved by :meth:`resolve`, or None: the bare base)."""
         if self.closed:
             raise RuntimeError("this engine was closed (its hooks are removed): open a new one")
-        rows = [self.registry.get(name) if name is not None else None for name in adapters]
+        rows = [self.resolve(adapter) for adapter in adapters]
         ids = model_inputs.get("input_ids")
         ids = ids if ids is not None else model_inputs.get("inputs_embeds")
         with self._lock:
@@ -251,27 +263,30 @@ class Engine:
                 self._batch = None
 
     # ------------------------------------------------------------------ requests
-    def classifier_meta(self, name: str) -> dict:
-        """The ``cpet.json`` of loaded adapter ``name``; ValueError unless it names labels and label words."""
-        meta = self.registry.get(name).meta
+    def classifier_meta(self, adapter: str | LoadedAdapter) -> dict:
+        """The ``cpet.json`` of a loaded adapter (a name or a resolved one); ValueError unless it names labels and
+        label words."""
+        loaded = self.resolve(adapter)
+        meta = loaded.meta
         if not meta.get("labels") or not meta.get("label_words"):
-            raise ValueError(f"adapter {name} is not a classification adapter (its cpet.json names no labels)")
+            raise ValueError(f"adapter {loaded.name} is not a classification adapter (its cpet.json names no labels)")
         return meta
 
     @torch.no_grad()
-    def classify(self, requests: Sequence[tuple[str, str]]) -> list[dict]:
-        """``[(adapter, text)]`` -> ``[{"label", "probabilities"}]`` with each adapter's own template, verbalizer and
-        prompt length (its ``cpet.json``), scored as CPET scores (:func:`cpet.evaluate.label_logprobs`: a label's
-        log-probability is the sum over its tokens), all rows in one mixed batch; probabilities are the softmax
-        of the label scores."""
+    def classify(self, requests: Sequence[tuple[str | LoadedAdapter, str]]) -> list[dict]:
+        """``[(adapter (a name or resolved), text)]`` -> ``[{"label", "probabilities"}]`` with each adapter's own
+        template, verbalizer and prompt length (its ``cpet.json``), scored as CPET scores
+        (:func:`cpet.evaluate.label_logprobs`: a label's log-probability is the sum over its tokens), all rows in
+        one mixed batch; probabilities are the softmax of the label scores."""
         from ..data.prompts import PromptTemplate
         from ..evaluate import (DEFAULT_MAX_PROMPT_TOKENS, encode_prompt_and_label, label_sequences, label_token_ids,
                                 padded, store_sequence_score)
 
         sequences = []  # (adapter, request index, ids, label column or -1 for all single-token labels, label ids)
         labels_of = []  # (labels, label token ids) per request
-        for index, (name, text) in enumerate(requests):
-            meta = self.classifier_meta(name)
+        for index, (adapter, text) in enumerate(requests):
+            loaded = self.resolve(adapter)  # resolved once: the batch's rows hold the adapter, not its name
+            meta = self.classifier_meta(loaded)
             labels = list(meta["labels"])
             words = [meta["label_words"][label] for label in labels]
             label_ids = label_token_ids(self.tokenizer, words)
@@ -279,7 +294,7 @@ class Engine:
             limit = meta.get("max_prompt_tokens") or DEFAULT_MAX_PROMPT_TOKENS
             prompt_ids = encode_prompt_and_label(self.tokenizer, prompt, words[0], limit)[0]
             labels_of.append((labels, label_ids))
-            sequences += [(name, index, *seq) for seq in label_sequences(prompt_ids, label_ids)]
+            sequences += [(loaded, index, *seq) for seq in label_sequences(prompt_ids, label_ids)]
         input_ids, attention = padded([seq[2] for seq in sequences], self.tokenizer.pad_token_id or 0)
         device = next(self.model.parameters()).device
         logits = self.forward([seq[0] for seq in sequences], input_ids=input_ids.to(device),

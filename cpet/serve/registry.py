@@ -4,7 +4,9 @@ Reading and checking an adapter directory is :func:`cpet.assembly.load_factors` 
 export use): a CPET adapter with ``cpet.json`` or a plain PEFT LoRA directory for the same base, its
 ``base_id``, every module present in the base with matching shapes, readable safetensors, no DoRA. The
 registry adds what serving needs on top: safe names, an optional root that adapter paths may not leave, and
-at most ``capacity`` adapters, evicting the least recently used one that is not pinned.
+at most ``capacity`` adapters: loading one more evicts the least recently used one that is not pinned (never the
+adapter being loaded); when every other one is pinned the load is refused and nothing changes. A running
+request holds its adapter, so evicting or unloading one never fails the requests that use it.
 """
 
 from __future__ import annotations
@@ -82,19 +84,27 @@ class AdapterRegistry:
                                shared_available=self.has_shared_recovery,
                                shared_sha256=self.shared_recovery_sha256)
         with self._lock:
+            self._make_room(name)  # before inserting: the new adapter is never the one evicted
             self._adapters.pop(name, None)
             self._adapters[name] = adapter
             if pin:
                 self._pinned.add(name)
-            self._evict()
         return adapter
 
-    def _evict(self) -> None:
-        while len(self._adapters) > self.capacity:
-            victim = next((n for n in self._adapters if n not in self._pinned), None)
-            if victim is None:
-                raise AdapterError(f"all {len(self._adapters)} loaded adapters are pinned; capacity is "
-                                   f"{self.capacity}: unpin or unload one first")
+    def _make_room(self, name: str) -> None:
+        """Evict least recently used unpinned adapters (never ``name``, which is being loaded) until ``name`` fits;
+        nothing changes if it cannot fit."""
+        others = [n for n in self._adapters if n != name]
+        excess = len(others) + 1 - self.capacity
+        if excess <= 0:
+            return
+        victims = [n for n in others if n not in self._pinned][:excess]  # oldest first: LRU order
+        if len(victims) < excess:
+            pinned = sum(n in self._pinned for n in others)
+            raise AdapterError(f"cannot load {name}: capacity is {self.capacity} and {pinned} of the {len(others)} "
+                               "other loaded adapters are pinned (never evicted): unload one first, or serve with a larger "
+                               "capacity (`cpet serve --max-adapters`)")
+        for victim in victims:
             del self._adapters[victim]
 
     def unload(self, name: str) -> None:

@@ -1,12 +1,17 @@
 """The scheduler: one worker thread, a bounded queue, and continuous batching of generation requests.
 
 Every step the worker (1) takes what arrived (up to a batch limit), (2) answers all pending classification
-requests in one mixed batch, (3) prefills the new generation requests together and merges their KV caches
-into the running batch (left-padded to a common length), and (4) runs one decode step for every running
-sequence, whatever its adapter. So a request that arrives while others generate joins them at the next
-step: a short request is not held back by a long one. Finished sequences leave the batch (their cache rows
-are dropped) and the next step runs without them. A full queue refuses new requests at once
-(:class:`QueueFull`, HTTP 429), never blocks.
+requests in one mixed batch, (3) runs one decode step for every running sequence, whatever its adapter, and
+(4) prefills the new generation requests together and merges their KV caches into the running batch
+(left-padded to a common length). So a request that arrives while others generate joins them at the next
+step: a short request is not held back by a long one, and a stream of new requests never stalls the running
+ones (they decode every step). Finished sequences leave the batch (their cache rows are dropped) and the next
+step runs without them. A full queue refuses new requests at once (:class:`QueueFull`, HTTP 429), never blocks.
+
+A request's adapter is resolved once, when it is admitted (:meth:`Engine.resolve`): an unknown name fails that
+request alone, and an adapter unloaded or evicted later keeps serving the requests that hold it until they
+finish. A stream never sends text that a stop string could still cut off: the end of the text that could be
+the start of a stop string is held back until the next tokens decide.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..assembly import LoadedAdapter
 from ..models import output_cache
 from .engine import Engine, cut_at_stop
 
@@ -32,7 +38,7 @@ class GenerationRequest:
     """A completion request; ``events`` receives text pieces as they are produced, then None."""
 
     prompt_ids: list[int]
-    adapter: str | None
+    adapter: str | LoadedAdapter | None  # a name until admitted, then the adapter it resolved to
     max_tokens: int
     temperature: float = 0.0
     seed: int | None = None
@@ -45,7 +51,7 @@ class GenerationRequest:
 
 @dataclass
 class ClassifyRequest:
-    adapter: str
+    adapter: str | LoadedAdapter  # a name until admitted, then the adapter it resolved to
     text: str
     future: Future = field(default_factory=Future)
     cancelled: bool = False
@@ -128,23 +134,49 @@ class Scheduler:
         classify = [r for r in taken if isinstance(r, ClassifyRequest)]
         generate = [r for r in taken if isinstance(r, GenerationRequest)]
         if classify:
-            try:
-                results = self.engine.classify([(r.adapter, r.text) for r in classify])
-                for request, result in zip(classify, results):
-                    request.future.set_result(result)
-            except Exception as exc:
-                for request in classify:
-                    request.future.set_exception(exc)
+            self._classify(classify)
         new_tokens = 0
+        if self.running:  # before the new requests join: the running ones advance every step
+            new_tokens += self._decode()
         if generate:
             new_tokens += self._prefill(generate)
-        if self.running and not generate:
-            new_tokens += self._decode()
         if self.on_step is not None and (generate or self.running):
             self.on_step(len(self.running), new_tokens)
 
+    def _admit(self, requests: list) -> list:
+        """The requests whose adapter resolves (now held by the request); the others fail alone."""
+        admitted = []
+        for request in requests:
+            try:
+                request.adapter = self.engine.resolve(request.adapter)
+                if isinstance(request, ClassifyRequest):
+                    self.engine.classifier_meta(request.adapter)
+            except Exception as exc:
+                if isinstance(request, GenerationRequest):
+                    request.events.put(None)  # ends a stream at once (it then reads the error from the future)
+                request.future.set_exception(exc)
+            else:
+                admitted.append(request)
+        return admitted
+
+    def _classify(self, requests: list[ClassifyRequest]) -> None:
+        requests = self._admit(requests)
+        if not requests:
+            return
+        try:
+            results = self.engine.classify([(r.adapter, r.text) for r in requests])
+        except Exception as exc:  # the model failed on this batch
+            for request in requests:
+                request.future.set_exception(exc)
+            return
+        for request, result in zip(requests, results):
+            request.future.set_result(result)
+
     def _prefill(self, requests: list[GenerationRequest]) -> int:
         """Prefill the new requests together and merge them into the running batch."""
+        requests = self._admit(requests)
+        if not requests:
+            return 0
         device = next(self.engine.model.parameters()).device
         ids, mask, positions = self.engine.left_padded([r.prompt_ids for r in requests], device)
         try:
@@ -199,9 +231,10 @@ class Scheduler:
                 continue
             run.tokens.append(token)
             visible, stopped = cut_at_stop(self.engine.tokenizer.decode(run.tokens), request.stop)
-            if len(visible) > run.sent and not visible.endswith("\ufffd"):  # whole characters only
-                request.events.put(visible[run.sent:])
-                run.sent = len(visible)
+            ready = len(visible) if stopped else len(visible) - stop_prefix_length(visible, request.stop)
+            if ready > run.sent and not visible[:ready].endswith("\ufffd"):  # whole characters only
+                request.events.put(visible[run.sent:ready])
+                run.sent = ready
             if stopped:
                 done.append((offset + i, run, "stop"))
             elif len(run.tokens) >= request.max_tokens:
@@ -233,6 +266,18 @@ class Scheduler:
         if not request.future.done():
             request.future.set_result({"text": text, "tokens": len(run.tokens), "finish_reason": reason,
                                        "prompt_tokens": len(request.prompt_ids)})
+
+
+def stop_prefix_length(text: str, stop: tuple[str, ...]) -> int:
+    """Length of the longest end of ``text`` that is the start of a stop string (what a stream must hold back:
+    the next tokens may complete the stop, and the text from its start on is then cut off)."""
+    longest = 0
+    for s in stop:
+        for n in range(min(len(s) - 1, len(text)), longest, -1):
+            if text.endswith(s[:n]):
+                longest = n
+                break
+    return longest
 
 
 def _left_pad(tensor: torch.Tensor, length: int, dim: int = 2) -> torch.Tensor:

@@ -131,9 +131,31 @@ def create_app(engine: Engine, *, served_name: str = "cpet-base", api_key: str |
             raise ServingError(429, str(exc), "rate_limit_error") from None
         queue_depth.set(scheduler.queue.qsize())
 
-    def wait(request):
+    def submit_all(requests: list) -> None:
+        """Submit requests that answer one call: if one is refused, the ones already queued are cancelled."""
         try:
-            return request.future.result(timeout=limits.timeout_s)
+            for r in requests:
+                submit(r)
+        except ServingError:
+            for r in requests:
+                r.cancelled = True
+            raise
+
+    def wait_all(requests: list) -> list[dict]:
+        """The results of requests that answer one call, all within one timeout (they run side by side); when one
+        fails, the others are cancelled: nobody reads their answers any more."""
+        deadline = time.monotonic() + limits.timeout_s
+        try:
+            return [wait(r, deadline) for r in requests]
+        except ServingError:
+            for r in requests:
+                r.cancelled = True
+            raise
+
+    def wait(request, deadline: float | None = None):
+        timeout = limits.timeout_s if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            return request.future.result(timeout=timeout)
         except FutureTimeout:
             request.cancelled = True
             raise ServingError(504, f"the request did not finish within {limits.timeout_s:g} s", "timeout") from None
@@ -182,6 +204,9 @@ def create_app(engine: Engine, *, served_name: str = "cpet-base", api_key: str |
                 yield f"data: {json.dumps(chunk('', result['finish_reason']))}\n\n"
                 yield "data: [DONE]\n\n"
                 return
+            finally:  # the client went away (the generator is closed mid-stream): free its batch slot
+                if not request.future.done():
+                    request.cancelled = True
             errors.labels(str(error.status)).inc()
             detail = {"message": error.message, "type": error.kind, "code": error.status}
             yield f"data: {json.dumps({'error': detail})}\n\n"
@@ -221,9 +246,8 @@ def create_app(engine: Engine, *, served_name: str = "cpet-base", api_key: str |
             return stream(requests[0], lambda text, reason: {
                 "id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
                 "choices": [{"index": 0, "text": text, "finish_reason": reason, "logprobs": None}]})
-        for r in requests:
-            submit(r)
-        results = [await _in_thread(wait, r) for r in requests]
+        submit_all(requests)
+        results = await _in_thread(wait_all, requests)
         latency.labels(str(model), "completion").observe(time.perf_counter() - start)
         return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
                 "choices": [{"index": i, "text": r["text"], "finish_reason": r["finish_reason"], "logprobs": None}
@@ -271,9 +295,8 @@ def create_app(engine: Engine, *, served_name: str = "cpet-base", api_key: str |
             prompt_ids(text)  # the prompt-length limit
         start = time.perf_counter()
         requests = [ClassifyRequest(name, text) for text in texts]
-        for r in requests:
-            submit(r)
-        results = [await _in_thread(wait, r) for r in requests]
+        submit_all(requests)
+        results = await _in_thread(wait_all, requests)
         latency.labels(name, "classify").observe(time.perf_counter() - start)
         return {"object": "list", "model": name, "data": [{"index": i, **r} for i, r in enumerate(results)]}
 

@@ -107,6 +107,25 @@ def test_lru_eviction_keeps_pinned_adapters_and_root_confines_paths(served, tmp_
         registry.load("d", tmp_path)
 
 
+def test_a_full_registry_never_evicts_the_adapter_it_loads_and_refuses_without_changing(served):
+    pipeline, engine, _ = served
+    from cpet.serve import AdapterRegistry
+
+    one = AdapterRegistry(engine.registry.module_shapes, engine.base_id, capacity=1, has_shared_recovery=True)
+    one.load("a", pipeline.adapters()["plain"], pin=True)
+    with pytest.raises(AdapterError, match=r"cannot load b: capacity is 1 and 1 of the 1 other loaded adapters are "
+                                           r"pinned .*--max-adapters"):
+        one.load("b", pipeline.adapters()["shared"])
+    assert one.names() == ["a"]  # refused: not loaded, and nothing else changed
+    one.load("a", pipeline.adapters()["both"])  # replacing a loaded name needs no room
+    assert one.names() == ["a"] and one.get("a").per_task  # "both" carries per-task recovery
+    two = AdapterRegistry(engine.registry.module_shapes, engine.base_id, capacity=2, has_shared_recovery=True)
+    two.load("a", pipeline.adapters()["plain"], pin=True)
+    two.load("b", pipeline.adapters()["shared"])
+    two.load("c", pipeline.adapters()["both"])  # evicts b, the only unpinned other one; c itself stays
+    assert two.names() == ["a", "c"]
+
+
 def test_classification_uses_each_adapters_template_and_matches_cpet_scoring(served):
     pipeline, engine, root = served
     texts = ["it was good 3", "it was awful 7", "it was nice 11"]

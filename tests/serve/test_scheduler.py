@@ -1,0 +1,118 @@
+"""The scheduler stepped by hand: running requests decode every step, adapters are held from admission on, a
+bad request fails alone, and streams never send text that a stop string cuts off."""
+
+from __future__ import annotations
+
+import queue
+
+import pytest
+
+from cpet.serve import UnknownAdapterError
+from cpet.serve.scheduler import GenerationRequest, Scheduler, stop_prefix_length
+from tests.serve.test_engine import served  # noqa: F401  (the module-scoped pipeline fixture)
+
+
+class SteppedScheduler(Scheduler):
+    """No worker loop: the test calls ``_step`` itself, so what one step does is observable."""
+
+    def _loop(self) -> None:
+        return None
+
+
+def ids_of(engine, text: str) -> list[int]:
+    return engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def streamed(request: GenerationRequest) -> str:
+    pieces = []
+    while True:
+        piece = request.events.get_nowait()
+        if piece is None:
+            return "".join(pieces)
+        pieces.append(piece)
+
+
+def test_running_requests_decode_every_step_while_new_ones_keep_arriving(served):  # noqa: F811
+    _, engine, _ = served
+    scheduler = SteppedScheduler(engine, max_batch=4)
+    long = GenerationRequest(ids_of(engine, "the quick"), "shared", 40)
+    scheduler.submit(long)
+    scheduler._step()  # prefill: the first token
+    for step in range(10):  # a one-token request arrives before every step and finishes inside it
+        short = GenerationRequest(ids_of(engine, f"q{step}"), "plain", 1)
+        scheduler.submit(short)
+        scheduler._step()
+        assert short.future.result(timeout=0)["tokens"] == 1
+        assert len(scheduler.running[0].tokens) == step + 2  # the long one advanced in this step too
+    while not long.future.done():
+        scheduler._step()
+    # decoding before the newcomers join changes nothing in what the long request generates
+    assert long.future.result()["text"] == engine.generate(["the quick"], ["shared"], max_tokens=40)[0]["text"]
+
+
+def test_an_adapter_unloaded_mid_generation_keeps_serving_its_request_and_a_bad_name_fails_alone(served):  # noqa: F811
+    pipeline, engine, _ = served
+    engine.registry.load("leaving", pipeline.adapters()["both"])
+    expected = {name: engine.generate(["the quick"], [name], max_tokens=12)[0]["text"] for name in ("leaving", "plain")}
+    scheduler = SteppedScheduler(engine, max_batch=4)
+    leaving = GenerationRequest(ids_of(engine, "the quick"), "leaving", 12)
+    staying = GenerationRequest(ids_of(engine, "the quick"), "plain", 12)
+    unknown = GenerationRequest(ids_of(engine, "the quick"), "never-loaded", 12)
+    for request in (leaving, staying, unknown):
+        scheduler.submit(request)
+    scheduler._step()  # one prefill for all three: the unknown name fails alone
+    with pytest.raises(UnknownAdapterError):
+        unknown.future.result(timeout=0)
+    assert len(scheduler.running) == 2
+    engine.registry.unload("leaving")  # while its request is in the batch
+    while scheduler.running:
+        scheduler._step()
+    assert leaving.future.result(timeout=0)["text"] == expected["leaving"]  # it finished with the adapter it held
+    assert staying.future.result(timeout=0)["text"] == expected["plain"]
+    assert "leaving" not in engine.registry.names()
+    late = GenerationRequest(ids_of(engine, "the quick"), "leaving", 4)  # new requests no longer find it
+    scheduler.submit(late)
+    scheduler._step()
+    with pytest.raises(UnknownAdapterError):
+        late.future.result(timeout=0)
+
+
+def test_a_stream_holds_back_text_until_it_cannot_be_the_start_of_a_stop_string(served):  # noqa: F811
+    _, engine, _ = served
+    full = engine.generate(["long one"], ["both"], max_tokens=30)[0]["text"]
+    # a two-character stop whose characters come from two tokens (byte tokenizer, ASCII) and first occurs at i
+    i = next(i for i in range(1, len(full) - 1) if full[:i + 2].isascii() and full.find(full[i:i + 2]) == i)
+    scheduler = SteppedScheduler(engine, max_batch=4)
+    request = GenerationRequest(ids_of(engine, "long one"), "both", 30, stop=(full[i:i + 2],))
+    scheduler.submit(request)
+    while not request.future.done():
+        scheduler._step()
+    result = request.future.result(timeout=0)
+    assert result["text"] == full[:i] and result["finish_reason"] == "stop"
+    assert streamed(request) == full[:i]  # the stop's first character was never sent
+
+
+def test_stop_prefix_length_is_the_longest_end_that_starts_a_stop():
+    assert stop_prefix_length("hello wor", ("world",)) == 3
+    assert stop_prefix_length("hello w", ("world", "xyz")) == 1
+    assert stop_prefix_length("hello", ("world",)) == 0
+    assert stop_prefix_length("a\n", ("\n\n", "a\nb")) == 2  # the longer candidate wins
+    assert stop_prefix_length("", ("ab",)) == 0
+    assert stop_prefix_length("abab", ("abac",)) == 2  # "ab" ends the text and starts the stop; "bab" does not
+    assert stop_prefix_length("xaba", ("abac",)) == 3
+
+
+def test_classification_with_a_bad_adapter_fails_alone(served):  # noqa: F811
+    from cpet.serve.scheduler import ClassifyRequest
+
+    _, engine, _ = served
+    scheduler = SteppedScheduler(engine)
+    good, bad = ClassifyRequest("plain", "a fine day"), ClassifyRequest("missing", "a fine day")
+    scheduler.submit(good)
+    scheduler.submit(bad)
+    scheduler._step()
+    assert good.future.result(timeout=0) == engine.classify([("plain", "a fine day")])[0]
+    with pytest.raises(UnknownAdapterError):
+        bad.future.result(timeout=0)
+    with pytest.raises(queue.Empty):
+        scheduler.queue.get_nowait()
