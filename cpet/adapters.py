@@ -37,14 +37,17 @@ MODEL_CARD = "README.md"
 def add_lora(model: nn.Module, *, rank: int, alpha: float, dropout: float,
              target_roles: Sequence[str] | None = None, target_modules: Sequence[str] | str | None = None,
              use_rslora: bool = False, rank_pattern: dict[str, int] | None = None,
-             alpha_pattern: dict[str, float] | None = None, adapter_name: str = "default"):
+             alpha_pattern: dict[str, float] | None = None, layers_to_transform: int | list[int] | None = None,
+             layers_pattern: str | list[str] | None = None, exclude_modules: list[str] | str | None = None,
+             adapter_name: str = "default"):
     """Wrap a frozen causal LM with a fresh peft LoRA adapter on the given module-map roles.
 
     ``target_roles`` None means every mapped linear; ``target_modules`` (peft's module-name suffixes or
     regex, e.g. from an inherited adapter's config) overrides the roles. Each LoRA computes
     ``B A * scale`` with ``A: [r, d_in]``, ``B: [d_out, r]`` and ``scale = alpha / r`` (``alpha / sqrt(r)``
     with ``use_rslora``); ``rank_pattern`` / ``alpha_pattern`` (peft's ``{module-name pattern: value}``)
-    override r / alpha per module. Inheritance passes the source adapter's values
+    override r / alpha per module; ``layers_to_transform`` / ``layers_pattern`` / ``exclude_modules`` (peft's)
+    restrict which layers and modules get a LoRA. Inheritance passes the source adapter's values
     (:func:`cpet.lora_init.lora_shape_of`) so every copied pair keeps its shape and scale.
     Returns the ``PeftModel``; only the LoRA tensors (and modules registered as trainable afterwards)
     require grad. peft's default init is used: A Kaiming-uniform, B zero (the adapter starts as a no-op).
@@ -57,7 +60,9 @@ def add_lora(model: nn.Module, *, rank: int, alpha: float, dropout: float,
         target_modules = target_module_suffixes(model, None if target_roles is None else tuple(target_roles))
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
                         target_modules=target_modules, use_rslora=use_rslora,
-                        rank_pattern=dict(rank_pattern or {}), alpha_pattern=dict(alpha_pattern or {}))
+                        rank_pattern=dict(rank_pattern or {}), alpha_pattern=dict(alpha_pattern or {}),
+                        layers_to_transform=layers_to_transform, layers_pattern=layers_pattern,
+                        exclude_modules=exclude_modules)
     if has_expert_banks(model):
         register_bank_lora(config)
     return get_peft_model(model, config, adapter_name=adapter_name)
@@ -67,8 +72,10 @@ def check_inheritable(config: dict, directory: str | Path) -> None:
     """Refuse a PEFT ``adapter_config.json`` (as a dict) whose adapter CPET cannot carry to a compressed base.
 
     Raises:
-        ValueError: not a LoRA; a LoRA with trained biases, ``modules_to_save`` or ``lora_bias``, tensors peft
-            would write into the compressed base's frozen weights; or a DoRA. DoRA rescales each output row of
+        ValueError: not a LoRA; a LoRA with trained biases, ``modules_to_save``, ``lora_bias`` or trainable
+            tokens, tensors peft would write into the compressed base's frozen weights or embedding; a LoRA
+            saved with a PiSSA-family init (``pissa``, ``olora``, ``corda``, ``loftq``) and not converted, whose
+            ``B A`` is a delta against a modified base rather than the source model; or a DoRA. DoRA rescales each output row of
             ``W + B A * scale`` to a learned magnitude vector ``m: [d_out]`` measured against the row norms of
             the *full* weight; pruning and quantization change those norms, so ``m`` would have to be
             re-derived and copying A/B alone would not reproduce the source's delta.
@@ -83,12 +90,21 @@ def check_inheritable(config: dict, directory: str | Path) -> None:
     # compressed base's own frozen weights (biases, a tied lm_head), which the saved adapter cannot reproduce
     extras = {"bias": config.get("bias", "none") not in (None, "none"),
               "modules_to_save": bool(config.get("modules_to_save")),
-              "lora_bias": bool(config.get("lora_bias"))}
+              "lora_bias": bool(config.get("lora_bias")),
+              "trainable_token_indices": bool(config.get("trainable_token_indices"))}
     carried = [f"{key}={config.get(key)!r}" for key, present in extras.items() if present]
     if carried:
         raise ValueError(f"adapter {directory} trains more than LoRA A/B ({', '.join(carried)}); CPET inherits "
-                         "plain LoRA factors only: train the source with bias='none', no modules_to_save and "
-                         "lora_bias=False")
+                         "plain LoRA factors only: train the source with bias='none', no modules_to_save, "
+                         "lora_bias=False and no trainable_token_indices")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "loftq")):
+        # these inits move the principal part of W into A/B and subtract it from the base: unless converted on
+        # save, the saved B A is a delta against that modified base, not against the source model's weights
+        raise ValueError(f"adapter {directory} was saved with init_lora_weights={init!r} and not converted to a "
+                         "plain LoRA: its factors are a delta against a modified base. Save it with peft's "
+                         "path_initial_model_for_weight_conversion (a plain LoRA of twice the rank) and inherit "
+                         "that")
 
 
 def target_module_names(target_modules) -> list[str] | str:
@@ -326,12 +342,14 @@ def plain_peft_meta(directory: "AdapterSource | str | Path", model: nn.Module, a
     from .assembly import module_shapes
 
     modules, mapped = dict(model.named_modules()), module_shapes(model)
+    stray = []
     for key, tensor in source.tensors.items():
         kind = "lora_A" if ".lora_A." in key else "lora_B" if ".lora_B." in key else None
         if kind is None:
             if "lora_embedding" in key:
                 raise ValueError(f"adapter {directory} has a LoRA on an embedding ({key}); CPET carries LoRA on "
                                  "the layers' linears only (q/k/v/o and the FFN): train one without it")
+            stray.append(key)  # refused below, after what a LoRA tensor can say more precisely
             continue
         name = key.split(f".{kind}.")[0].removeprefix("base_model.model.")
         weight = getattr(modules.get(name), "weight", None)
@@ -347,6 +365,9 @@ def plain_peft_meta(directory: "AdapterSource | str | Path", model: nn.Module, a
             raise ValueError(f"adapter {directory} was made for another model ({trained_on or 'unnamed'}): its "
                              f"LoRA on {name} has {got} {'input' if kind == 'lora_A' else 'output'} features, "
                              f"this source model ({', '.join(known)}) has {expected}")
+    if stray:
+        raise ValueError(f"adapter {directory} holds {stray[0]!r}, which is not a LoRA A/B factor: CPET inherits "
+                         "plain LoRA factors only (inheriting would drop it silently)")
     return {"source_name": trained_on, "labels": None}
 
 

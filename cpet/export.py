@@ -17,10 +17,14 @@ missing or narrower), so the directory needs no ``rank_pattern`` (which engines 
 :func:`export_pipeline` checks this by reloading each adapter with plain transformers + peft. The folding reads the
 adapter as the serving engine and evaluation assemble it (:meth:`cpet.assembly.Assembly.folded_lora`).
 
+Per-task recovery with an identity activation is linear too and folds the same way.
+
 Not exportable, refused by name: bases transformers cannot build (per-layer widths, MoEfied FFNs, quantized
-embeddings: ``manifest.json`` says ``"uniform": false``), and per-task recovery (a GELU bypass is not linear,
-so no LoRA reproduces it; CA-LoRA's per-task recovery stays inside CPET). Adapters tuned on the uncompressed
-original are plain PEFT adapters of the source model already and are not part of the export.
+embeddings: ``manifest.json`` says ``"uniform": false``), and recovery with a GELU (per-task recovery's default,
+CA-LoRA's; or a GELU shared set): a GELU bypass is not linear, so no LoRA reproduces it, and such adapters stay
+inside CPET. Adapters tuned on the uncompressed original are plain PEFT adapters of the source model already and
+are not part of the export. An exported adapter whose plain-peft logits differ from CPET's by more than
+:data:`CHECK_TOLERANCE` (relative to the largest logit) fails the export: nothing is written.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from torch import nn
 
 from .adapters import check_adapter_name, read_adapter_meta
 from .assets import atomic_path
-from .recovery import recovery_sha256, stale_recovery
+from .recovery import read_recovery_meta, recovery_sha256, stale_recovery
 
 EXPORT_META = "export.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -55,6 +59,9 @@ class ExportReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+CHECK_TOLERANCE = 1e-3  # largest |logit difference| / max(1, largest |logit|) an export may show
 
 
 def base_refusal(manifest) -> str | None:
@@ -118,9 +125,11 @@ def export_pipeline(pipeline, out: str | Path, names: list[str] | None = None, *
     paths = _export_names(pipeline, names) if names else available
     metas = {name: read_adapter_meta(path) for name, path in paths.items()}
     chosen = paths if names else {name: path for name, path in paths.items() if metas[name].get("on") != "original"}
-    recovery_sha = (recovery_sha256(pipeline.recovery_dir)
-                    if (pipeline.recovery_dir / "recovery.safetensors").exists() else None)
-    reasons = {name: _adapter_refusal(metas[name], chosen[name], recovery_sha, manifest.base_id) for name in chosen}
+    has_recovery = (pipeline.recovery_dir / "recovery.safetensors").exists()
+    recovery_sha = recovery_sha256(pipeline.recovery_dir) if has_recovery else None
+    shared_activation = read_recovery_meta(pipeline.recovery_dir)["config"]["activation"] if has_recovery else None
+    reasons = {name: _adapter_refusal(metas[name], chosen[name], recovery_sha, shared_activation, manifest.base_id)
+               for name in chosen}
     if names:
         refused = {name: why for name, why in reasons.items() if why}
         if refused:
@@ -132,8 +141,14 @@ def export_pipeline(pipeline, out: str | Path, names: list[str] | None = None, *
             if reasons[name]:
                 report.skipped[name] = reasons[name]
                 continue
-            engine.load("exported", path)  # the adapter as serving and evaluation assemble it
-            folded, rank = engine.assembly("exported").folded_lora()
+            try:  # a backstop: _adapter_refusal names what is known to fail before any work
+                engine.load("exported", path)  # the adapter as serving and evaluation assemble it
+                folded, rank = engine.assembly("exported").folded_lora()
+            except ValueError as exc:  # AdapterError included
+                if names:
+                    raise ValueError(f"cannot export {name}: {exc}") from None
+                report.skipped[name] = str(exc)
+                continue
             target = tmp / "adapters" / name
             write_peft_adapter(target, folded, rank, "../../base")
             meta = metas[name]
@@ -141,7 +156,7 @@ def export_pipeline(pipeline, out: str | Path, names: list[str] | None = None, *
             entry = {"rank": rank, "modules": len(folded), "recovery": meta.get("recovery", "none"),
                      "task": meta.get("task")}
             if check:
-                entry["max_abs_diff"] = _check(tmp / "base", target, engine.view("exported"), check_ids)
+                entry["max_abs_diff"] = _check(name, tmp / "base", target, engine.view("exported"), check_ids)
             report.adapters[name] = entry
         (tmp / EXPORT_META).write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True))
     return report
@@ -171,7 +186,10 @@ def _export_names(pipeline, names: Sequence[str | Path]) -> dict[str, Path]:
     return paths
 
 
-def _adapter_refusal(meta: dict, directory: Path, recovery_sha: str | None, base_id: str) -> str | None:
+def _adapter_refusal(meta: dict, directory: Path, recovery_sha: str | None, shared_activation: str | None,
+                     base_id: str) -> str | None:
+    """Why an adapter (its ``cpet.json``) cannot be exported, or None; ``recovery_sha`` / ``shared_activation``
+    describe the pipeline's shared recovery (None: it has none)."""
     recovery = meta.get("recovery", "none")
     tuned_on = meta.get("base_id")
     if meta.get("on") == "compressed" and tuned_on not in (None, base_id):
@@ -179,15 +197,23 @@ def _adapter_refusal(meta: dict, directory: Path, recovery_sha: str | None, base
 
         return (f"tuned on base {short_base_id(tuned_on)}, but the pipeline's base is now {short_base_id(base_id)} "
                 "(`cpet compress` was run again since): re-tune it on this base")
-    if recovery in ("shared", "both") and recovery_sha is not None:
+    if meta.get("on") == "original":
+        return "tuned on the uncompressed original: it is a plain PEFT adapter of the source model already"
+    if recovery in ("shared", "both"):
+        if recovery_sha is None:
+            return ("trained with the pipeline's shared recovery, which is gone (no recovery/): it cannot run "
+                    "without it; run `cpet recover` and re-tune it")
         stale = stale_recovery(meta, directory, recovery_sha)
         if stale:
             return stale
-    if meta.get("on") == "original":
-        return "tuned on the uncompressed original: it is a plain PEFT adapter of the source model already"
-    if recovery in ("per_task", "both"):
-        return ("trained with per-task recovery, a GELU bypass that is not linear: no LoRA reproduces it "
-                "(keep it in CPET: `cpet eval PIPELINE --adapter NAME`)")
+        if shared_activation != "identity":
+            return (f"trained with shared recovery whose bypasses have a {str(shared_activation).upper()} "
+                    "activation, which is not linear: no LoRA reproduces it (keep it in CPET: `cpet eval PIPELINE "
+                    "--adapter NAME`)")
+    per_task_activation = (meta.get("per_task_recovery") or {}).get("activation", "gelu")
+    if recovery in ("per_task", "both") and per_task_activation != "identity":
+        return (f"trained with per-task recovery, a {per_task_activation.upper()} bypass that is not linear: no LoRA "
+                "reproduces it (keep it in CPET: `cpet eval PIPELINE --adapter NAME`)")
     return None
 
 
@@ -203,17 +229,32 @@ def load_exported(base: str | Path, adapter: str | Path):
 
 
 @torch.no_grad()
-def _check(base: Path, adapter: Path, reference: nn.Module, ids: torch.Tensor | None) -> float:
+def _check(name: str, base: Path, adapter: Path, reference: nn.Module, ids: torch.Tensor | None) -> float:
+    """Largest |logit difference| between plain transformers + peft on the export and CPET.
+
+    Raises:
+        ValueError: above :data:`CHECK_TOLERANCE` of the largest logit: the export would not compute what CPET
+            does, and is not written.
+    """
     if ids is None:
         ids = torch.tensor([[1, 42, 7, 300, 12, 5, 99, 17]]) % reference.config.vocab_size
     plain = load_exported(base, adapter)
-    return float((plain(input_ids=ids).logits - reference.eval()(input_ids=ids).logits).abs().max())
+    expected = reference.eval()(input_ids=ids).logits
+    diff = float((plain(input_ids=ids).logits - expected).abs().max())
+    tolerance = CHECK_TOLERANCE * max(1.0, float(expected.abs().max()))
+    if not diff <= tolerance:
+        raise ValueError(f"the export of {name} does not reproduce CPET's logits with plain transformers + peft "
+                         f"(largest difference {diff:.3g}, tolerance {tolerance:.3g}); nothing was written. This "
+                         "is a bug: please report it with the pipeline's manifest.json and the adapter's cpet.json")
+    return diff
 
 
 def _card(name: str, meta: dict, rank: int, modules: list[str]) -> str:
     recovery = meta.get("recovery", "none")
-    folded = ("its LoRA and the pipeline's shared recovery, folded into one LoRA (the two ranks concatenated, "
-              "zero-padded to one rank for every module, scale 1)") if recovery == "shared" else "its LoRA"
+    parts = {"shared": "the pipeline's shared recovery", "per_task": "its own (linear) per-task recovery",
+             "both": "the pipeline's shared recovery and its own (linear) per-task recovery"}.get(recovery)
+    folded = (f"its LoRA and {parts}, folded into one LoRA (the ranks concatenated, zero-padded to one rank for "
+              "every module, scale 1)") if parts else "its LoRA"
     return (f"# {name} (exported by CPET)\n\nA standard PEFT LoRA adapter of rank {rank} on {len(modules)} linears "
             f"of the compressed base in `../../base`, holding {folded}. Load it with plain transformers + peft:\n\n"
             "```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"

@@ -28,11 +28,12 @@ from .recovery import compression_residual, low_rank_factors, relative_error
 def lora_shape_of(adapter_dir: AdapterSource | str | Path) -> dict:
     """The LoRA structure of a PEFT adapter, as keyword arguments of :func:`cpet.adapters.add_lora`.
 
-    ``{"rank", "alpha", "target_modules", "use_rslora", "rank_pattern", "alpha_pattern"}``: a LoRA built
-    with them on the compressed model has, module by module, the source's rank and scale (``alpha / r``,
-    or ``alpha / sqrt(r)`` with rsLoRA), so the tensors :func:`apply_inherited_lora` copies compute the
-    source's delta on the kept weights. ``target_modules`` stays as peft wrote it: a list of module-name
-    suffixes or one regex string.
+    ``{"rank", "alpha", "target_modules", "use_rslora", "rank_pattern", "alpha_pattern", "layers_to_transform",
+    "layers_pattern", "exclude_modules"}``: a LoRA built with them on the compressed model has, module by
+    module, the source's modules, rank and scale (``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA), so the
+    tensors :func:`apply_inherited_lora` copies compute the source's delta on the kept weights, and no module
+    gets a LoRA the source did not have (compression keeps every layer, so layer indices still match).
+    ``target_modules`` stays as peft wrote it: a list of module-name suffixes or one regex string.
 
     Raises:
         ValueError: an adapter CPET cannot inherit (not a LoRA, or a DoRA: see
@@ -46,7 +47,10 @@ def lora_shape_of(adapter_dir: AdapterSource | str | Path) -> dict:
             "target_modules": targets if isinstance(targets, str) else sorted(targets),
             "use_rslora": bool(config.get("use_rslora", False)),
             "rank_pattern": dict(config.get("rank_pattern") or {}),
-            "alpha_pattern": dict(config.get("alpha_pattern") or {})}
+            "alpha_pattern": dict(config.get("alpha_pattern") or {}),
+            "layers_to_transform": config.get("layers_to_transform"),
+            "layers_pattern": config.get("layers_pattern"),
+            "exclude_modules": config.get("exclude_modules")}
 
 
 def apply_inherited_lora(peft_model, adapter_dir: AdapterSource | str | Path, index_maps, original_config) -> int:
@@ -63,6 +67,11 @@ def apply_inherited_lora(peft_model, adapter_dir: AdapterSource | str | Path, in
     if unexpected:
         raise ValueError(f"the compressed model's LoRA lacks {len(unexpected)} inherited tensors, e.g. "
                          f"{unexpected[0]}: create it with the same target modules as {adapter_dir}")
+    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+    if missing:  # a LoRA the source never trained would start fresh: not what "inherited" promises
+        raise ValueError(f"the compressed model has {len(missing)} LoRA tensors that {adapter_dir} does not hold, "
+                         f"e.g. {missing[0]}: create it with lora_shape_of({adapter_dir!s}) (the source's modules "
+                         "and layers)")
     return len(state)
 
 

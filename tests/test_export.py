@@ -31,18 +31,23 @@ def exported(tmp_path_factory):
     pipeline.tune(task, recovery="none", config=TUNE, progress=False, name="plain")
     pipeline.tune(task, init="inherit", inherit_from=original, recovery="per_task", config=TUNE, progress=False,
                   name="per-task")
+    pipeline.tune(task, init="inherit", inherit_from=original, recovery="per_task",
+                  per_task_recovery=RecoveryConfig(rank=4, activation="identity"), config=TUNE, progress=False,
+                  name="per-task-linear")
     report = export_pipeline(pipeline, root / "out", check_ids=IDS)
     return pipeline, report, root
 
 
 def test_shared_recovery_is_folded_and_plain_peft_reproduces_cpet(exported):
     pipeline, report, root = exported
-    assert set(report.adapters) == {"shared", "plain"}
+    assert set(report.adapters) == {"shared", "plain", "per-task-linear"}
     shared = report.adapters["shared"]
     # LoRA rank 4 on q/v + recovery rank 4 on every linear: one rank 8 on all 7 roles of both layers
     assert shared["rank"] == 8 and shared["modules"] == 14
     assert report.adapters["plain"]["rank"] == 4 and report.adapters["plain"]["modules"] == 4
-    for name in ("shared", "plain"):
+    # identity per-task recovery is linear: folded like shared recovery (LoRA rank 4 on q/v + rank 4 everywhere)
+    assert report.adapters["per-task-linear"]["rank"] == 8 and report.adapters["per-task-linear"]["modules"] == 14
+    for name in ("shared", "plain", "per-task-linear"):
         assert report.adapters[name]["max_abs_diff"] < 1e-4
         plain = load_exported(root / "out" / "base", root / "out" / "adapters" / name)
         with torch.no_grad():
@@ -151,3 +156,47 @@ def test_an_adapter_of_a_replaced_base_is_skipped_saying_why(tmp_path):
     assert "but the pipeline's base is now" in report.skipped["old-base"]
     with pytest.raises(ValueError, match="old-base: tuned on base [0-9a-f]{12}, but the pipeline's base is now"):
         export_pipeline(pipeline, tmp_path / "named", ["old-base"], check=False)
+
+
+def test_nonlinear_shared_recovery_skips_its_adapters_and_exports_the_others(exported, tmp_path, monkeypatch):
+    import cpet.export
+
+    pipeline, _, _ = exported
+    real = cpet.export.read_recovery_meta
+
+    def gelu_meta(directory):
+        meta = real(directory)
+        return {**meta, "config": {**meta["config"], "activation": "gelu"}}
+
+    monkeypatch.setattr(cpet.export, "read_recovery_meta", gelu_meta)
+    report = export_pipeline(pipeline, tmp_path / "out", check=False)
+    assert "GELU activation, which is not linear" in report.skipped["shared"]
+    assert "plain" in report.adapters and "shared" not in report.adapters
+    with pytest.raises(ValueError, match="shared: trained with shared recovery whose bypasses have a GELU"):
+        export_pipeline(pipeline, tmp_path / "named", ["shared"], check=False)
+    assert not (tmp_path / "named").exists()
+
+
+def test_what_folding_refuses_is_skipped_by_name_not_a_failed_export(exported, tmp_path, monkeypatch):
+    """The backstop: an adapter the up-front checks let through but folding refuses (here: GELU per-task
+    recovery with the checks switched off) is skipped with folding's reason; named, it fails the export."""
+    import cpet.export
+
+    pipeline, _, _ = exported
+    monkeypatch.setattr(cpet.export, "_adapter_refusal", lambda *args: None)
+    report = export_pipeline(pipeline, tmp_path / "out", check=False)
+    assert "has a GELU and is not linear" in report.skipped["per-task"]
+    assert {"shared", "plain"} <= set(report.adapters)
+    with pytest.raises(ValueError, match="cannot export per-task: per-task recovery on .* has a GELU"):
+        export_pipeline(pipeline, tmp_path / "named", ["per-task"], check=False)
+    assert not (tmp_path / "named").exists()
+
+
+def test_an_export_that_does_not_reproduce_cpet_fails_and_writes_nothing(exported, tmp_path, monkeypatch):
+    import cpet.export
+
+    pipeline, _, _ = exported
+    monkeypatch.setattr(cpet.export, "CHECK_TOLERANCE", 0.0)  # the folded shared adapter differs by ~1e-5
+    with pytest.raises(ValueError, match="export of shared does not reproduce CPET's logits"):
+        export_pipeline(pipeline, tmp_path / "out", ["shared"], check_ids=IDS)
+    assert not (tmp_path / "out").exists()

@@ -212,7 +212,8 @@ def test_dora_adapters_are_refused_with_the_reason(tmp_path):
 
 @pytest.mark.parametrize("fields, named", [(dict(bias="lora_only"), "bias='lora_only'"),
                                            (dict(modules_to_save=["lm_head"]), "modules_to_save=['lm_head']"),
-                                           (dict(lora_bias=True), "lora_bias=True")])
+                                           (dict(lora_bias=True), "lora_bias=True"),
+                                           (dict(trainable_token_indices=[0, 1]), "trainable_token_indices=[0, 1]")])
 def test_lora_with_more_than_its_factors_is_refused_before_it_reaches_the_base(tmp_path, fields, named):
     from cpet.adapters import plain_peft_meta
     from cpet.lora_init import lora_shape_of
@@ -225,6 +226,49 @@ def test_lora_with_more_than_its_factors_is_refused_before_it_reaches_the_base(t
         plain_peft_meta(tmp_path / "extra", loaded.model, ["tiny-llama"])
     with pytest.raises(ValueError, match=reason):
         lora_shape_of(tmp_path / "extra")
+
+
+def test_unconverted_pissa_family_sources_and_stray_tensors_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from cpet.adapters import plain_peft_meta
+    from cpet.lora_init import lora_shape_of
+
+    loaded = tiny_model("llama")
+    plain_peft_dir(loaded.model, tmp_path / "pissa", init_lora_weights="pissa")
+    reason = r"init_lora_weights='pissa' and not converted.*path_initial_model_for_weight_conversion"
+    with pytest.raises(ValueError, match=reason):
+        plain_peft_meta(tmp_path / "pissa", loaded.model, ["tiny-llama"])
+    with pytest.raises(ValueError, match=reason):
+        lora_shape_of(tmp_path / "pissa")
+    plain_peft_dir(loaded.model, tmp_path / "stray")
+    weights = tmp_path / "stray" / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    tensors["base_model.model.model.norm.extra_delta"] = torch.ones(4)  # something no LoRA layer would read
+    save_file(tensors, str(weights))
+    with pytest.raises(ValueError, match=r"holds 'base_model.model.model.norm.extra_delta', which is not a LoRA A/B"):
+        plain_peft_meta(tmp_path / "stray", loaded.model, ["tiny-llama"])
+
+
+def test_a_source_on_some_layers_only_is_inherited_on_those_layers_only(tmp_path):
+    from cpet.lora_init import lora_shape_of
+
+    loaded = tiny_model("llama")
+    source = plain_peft_dir(loaded.model, tmp_path / "layer1", layers_to_transform=[1])
+    base = compress(loaded.model, COMPRESSIONS["pruned"], progress=False)
+    student = add_lora(base.model, dropout=0.0, **lora_shape_of(tmp_path / "layer1"))
+    apply_inherited_lora(student, tmp_path / "layer1", base.index_maps, loaded.model.config)
+    for mine, theirs in zip(iter_layer_linears(student), iter_layer_linears(source)):
+        has = {role for role, module in mine.modules.items() if hasattr(module, "lora_A")}
+        assert has == ({role for role, module in theirs.modules.items() if hasattr(module, "lora_A")}), mine.index
+        assert bool(has) == (mine.index == 1)  # no fresh, never-trained LoRA on layer 0
+        for role in has:
+            rows, cols = kept_indices(base.index_maps, mine.index, role)
+            reference = dense_output_delta(theirs[role])
+            reference = reference if rows is None else reference[rows]
+            reference = reference if cols is None else reference[:, cols]
+            assert (dense_output_delta(mine[role]) - reference).abs().max() < 1e-5, role
+    assert student.peft_config["default"].layers_to_transform == [1]
 
 
 @pytest.fixture(scope="module")

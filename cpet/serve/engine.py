@@ -223,19 +223,23 @@ class Engine:
 
     def _stacked_delta(self, name: str, batch: "_Batch", x: torch.Tensor) -> torch.Tensor:
         """The fast path: every row's factors gathered into ``[rows, r, in]`` / ``[rows, out, r]`` stacks (ranks
-        zero-padded, scales folded into B), then two batched matmuls for LoRA and two for per-task recovery,
-        whatever the number of distinct adapters. Stacks are reused while the batch's adapters stay the same
+        zero-padded, scales folded into B), then two batched matmuls for LoRA and two for each kind of per-task
+        recovery present (GELU or linear), whatever the number of distinct adapters. Stacks are reused while the batch's adapters stay the same
         (every decode step)."""
         key = tuple(id(a) for a in batch.rows)
         stacks = self._stacks.get(name)
         if stacks is None or stacks[0] != key:
             # the entry holds the adapters themselves (stacks[1]): while it lives no id in its key can be reused
             # by a newly loaded adapter, which would otherwise be served another adapter's stacked factors
-            stacks = (key, tuple(batch.rows), _stack([a.lora.get(name) if a else None for a in batch.rows], x),
-                      _stack([a.per_task.get(name) if a else None for a in batch.rows], x))
+            per_task = [a.per_task.get(name) if a else None for a in batch.rows]
+            stacks = (key, tuple(batch.rows), (
+                (_stack([a.lora.get(name) if a else None for a in batch.rows], x), False),
+                # per-task recovery is GELU (CA-LoRA's default) or linear, per adapter: one stack of each kind
+                (_stack([p if p is not None and p.gelu else None for p in per_task], x), True),
+                (_stack([p if p is not None and not p.gelu else None for p in per_task], x), False)))
             self._stacks[name] = stacks
         out = None
-        for stacked, gelu in ((stacks[2], False), (stacks[3], True)):
+        for stacked, gelu in stacks[2]:
             if stacked is None:
                 continue
             A, B = stacked

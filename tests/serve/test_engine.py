@@ -44,6 +44,33 @@ def test_a_mixed_batch_equals_each_adapter_alone_as_cpet_assembles_it(served):
         engine.fast = True
 
 
+def test_linear_and_gelu_per_task_recovery_in_one_batch_match_the_per_adapter_loop(served):
+    """Per-task recovery is GELU (the default) or linear (identity) per adapter; the stacked fast path must apply
+    each its own activation (it once applied GELU to every per-task stack)."""
+    from cpet.assembly import LowRank
+
+    pipeline, engine, _ = served
+    generator = torch.Generator().manual_seed(0)
+    kinds = {"pt-gelu": True, "pt-linear": False}
+    for name, gelu in kinds.items():  # the fixture's per-task B may still be zero (best step 0): give it weight
+        adapter = engine.registry.load(name, pipeline.adapters()["both"])
+        adapter.per_task = {module: LowRank(f.A, torch.randn(f.B.shape, generator=generator), f.scale, gelu=gelu)
+                            for module, f in adapter.per_task.items()}
+    try:
+        rows, ids = ["pt-gelu", "pt-linear", None, "plain", "pt-linear"], IDS[[0, 0, 2, 3, 4]]
+        fast = engine.forward(rows, input_ids=ids).logits
+        engine.fast = False
+        try:
+            loop = engine.forward(rows, input_ids=ids).logits
+        finally:
+            engine.fast = True
+        assert torch.allclose(fast, loop, atol=1e-5)
+        assert (fast[1] - fast[0]).abs().max() > 1e-3  # same input: the activation matters, the test can tell
+    finally:
+        for name in kinds:
+            engine.registry.unload(name)
+
+
 def test_each_base_linear_runs_once_per_step_whatever_the_adapters(served):
     _, engine, _ = served
     linears = sum(len(layer.names) for layer in iter_layer_linears(engine.model))
