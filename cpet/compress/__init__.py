@@ -33,7 +33,7 @@ from .calibration import calibration_ids
 from .index_maps import IndexMaps
 from .io import CompressedBase
 from .manifest import Manifest, StageRecord
-from .moefy import MoEfyConfig
+from .moefy import MoEfyConfig, router_digest
 from .stages import STAGES, Stage, StageContext, check_order, register_stage, registration, unregister_stage
 
 
@@ -107,7 +107,7 @@ def compress(model: nn.Module, stages: Sequence, *, calibration: torch.Tensor | 
     model.eval()
     manifest = Manifest(source=source, stages=records, geometry_before=geometry_before,
                         geometry_after=_geometry_dict(model), uniform=context.uniform,
-                        cpet_version=__version__).finalize(maps)
+                        cpet_version=__version__).finalize(maps, router_digest(model))
     return CompressedBase(model, manifest, maps, tokenizer)
 
 

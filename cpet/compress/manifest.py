@@ -73,13 +73,18 @@ class Manifest:
     ``base_id`` is the SHA-256 of the canonical JSON of all other fields plus the index maps' digest, so
     it changes whenever the source, any stage config, or any kept channel changes. Timings are excluded,
     and so is provenance that describes how the base was made rather than what it is (:data:`PROVENANCE`:
-    calibration settings, library versions): a library upgrade must not rename an unchanged base, and what
-    calibration selected is already in the index maps' digest.
+    calibration settings, library versions): a library upgrade must not rename an unchanged base (CPET's own
+    version is part of the identity: another CPET may compress differently), what calibration selected is
+    already in the index maps' digest, and what compression trained on it (MoEfy routers) is in
+    ``trained_digest``.
 
-    Attributes (provenance, outside ``base_id``):
-        calibration: ``{"corpus", "samples", "seq_len", "seed"}`` of the calibration text (empty when the caller
-            passed token ids directly).
-        libraries: versions of the libraries that made the base (:func:`library_versions`).
+    Attributes:
+        trained_digest: SHA-256 of the weights compression trained (:func:`cpet.compress.moefy.router_digest`);
+            empty when no stage trains any, and then left out of ``base_id`` (bases made before the field keep
+            their id).
+        calibration: (provenance, outside ``base_id``) ``{"corpus", "samples", "seq_len", "seed"}`` of the
+            calibration text (empty when the caller passed token ids directly).
+        libraries: (provenance) versions of the libraries that made the base (:func:`library_versions`).
     """
 
     source: dict
@@ -90,6 +95,7 @@ class Manifest:
     cpet_version: str = ""
     version: int = MANIFEST_VERSION
     index_digest: str = ""
+    trained_digest: str = ""
     base_id: str = field(default="")
     calibration: dict = field(default_factory=dict)
     libraries: dict = field(default_factory=dict)
@@ -101,6 +107,8 @@ class Manifest:
         payload = asdict(self)
         for key in ("base_id", *self.PROVENANCE):
             payload.pop(key)
+        if not payload["trained_digest"]:
+            payload.pop("trained_digest")
         for stage in payload["stages"]:
             stage.pop("seconds", None)
         return payload
@@ -109,9 +117,11 @@ class Manifest:
         canonical = json.dumps(self.identity_payload(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
-    def finalize(self, index_maps: IndexMaps) -> "Manifest":
-        """Set ``index_digest`` and ``base_id``, and record the library versions of this process."""
+    def finalize(self, index_maps: IndexMaps, trained_digest: str = "") -> "Manifest":
+        """Set ``index_digest``, ``trained_digest`` and ``base_id``, and record the library versions of this
+        process."""
         self.index_digest = index_maps.digest()
+        self.trained_digest = trained_digest
         self.base_id = self.compute_base_id()
         self.libraries = self.libraries or library_versions()
         return self

@@ -48,7 +48,7 @@ class MoEfyConfig:
         top_k: experts per token (top-k choice); None without ``tau``: half of the experts. With ``tau`` set, the
             cap of dynamic-k (None: no cap).
         tau: dynamic-k: per token the fewest experts whose predicted output norms reach this share of the
-            total, in (0, 1] (1 chooses all). None: plain top-k.
+            total, in (0, 1] (1 chooses all, up to the ``top_k`` cap). None: plain top-k.
         clustering: ``coactivation`` (neuron magnitudes over calibration tokens; the default: on SmolLM2-135M it
             halves perplexity at 8 of 16 experts against ``weights``, docs/moefication.md) or ``weights``
             (normalised gate rows; up rows for a non-gated FFN).
@@ -294,6 +294,25 @@ def _centres(block: MoEFFN, num_experts: int) -> torch.Tensor:
 def moe_blocks(model: nn.Module) -> list[MoEFFN]:
     """The MoEfied FFN blocks of ``model`` (empty for a dense model)."""
     return [m for m in unwrap(model).modules() if isinstance(m, MoEFFN)]
+
+
+def router_digest(model: nn.Module) -> str:
+    """SHA-256 of every MoEfied layer's router weights, in layer order ("" for a dense model).
+
+    Routers are trained on calibration text, so two bases with the same configs and the same expert partition
+    (``clustering="weights"`` does not read calibration) may still route differently: this digest is part of
+    the base's identity (:attr:`Manifest.trained_digest`)."""
+    import hashlib
+
+    blocks = moe_blocks(model)
+    if not blocks:
+        return ""
+    digest = hashlib.sha256()
+    for index, block in enumerate(blocks):
+        for name, tensor in sorted(block.router.state_dict().items()):
+            digest.update(f"{index}.{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+            digest.update(tensor.detach().to("cpu").contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def batch_expert_union(model: nn.Module, input_ids: torch.Tensor) -> float:

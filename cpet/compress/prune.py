@@ -108,8 +108,9 @@ def planned_ffn_widths(model: nn.Module, previous: Sequence) -> list[int]:
     for config in previous:
         if isinstance(config, PruneConfig):
             schedule = config.layer_schedule or {}
-            widths = [kept_ffn_width(w, schedule.get(i, config.ffn_ratio), config.round_to)
-                      for i, w in enumerate(widths)]
+            ratios = [schedule.get(i, config.ffn_ratio) for i in range(len(widths))]
+            # a layer at ratio 0 keeps every channel (prune() skips it): no rounding down to round_to
+            widths = [kept_ffn_width(w, r, config.round_to) if r > 0 else w for w, r in zip(widths, ratios)]
     return widths
 
 

@@ -7,7 +7,8 @@ MLP ``hidden -> width -> E`` trained to predict each expert's output norm ``||W_
 works for SiLU/GELU-gated FFNs, where the sign-based targets of classic ReLU MoEfication do not).
 
 Expert choice per token: **top-k** (the k largest predicted norms) or **dynamic-k** (the fewest experts whose
-predicted norms reach a share ``tau`` of their sum; ``tau >= 1`` chooses all). Compute is grouped by expert:
+predicted norms reach a share ``tau`` of their sum; ``tau >= 1`` chooses all, up to ``top_k`` when that caps
+it). Compute is grouped by expert:
 each expert's slices run on exactly the tokens routed to it (gathered with ``index_select``), and the down bank
 scatters the results back (:class:`~cpet.moe.experts.ExpertBank`).
 """
@@ -47,7 +48,7 @@ def choose_experts(scores: torch.Tensor, top_k: int | None, tau: float | None) -
     """Boolean ``[T, E]`` of chosen experts from predicted norms ``scores`` ``[T, E]``.
 
     ``tau`` set: dynamic-k, the fewest experts (largest first) whose clamped-at-zero scores reach ``tau`` of the
-    token's total, at least one, capped at ``top_k`` when that is set too; ``tau >= 1`` chooses all.
+    token's total, at least one, capped at ``top_k`` when that is set too; ``tau >= 1`` chooses all (up to that cap).
     Otherwise the ``top_k`` largest.
     """
     num_tokens, num_experts = scores.shape

@@ -301,3 +301,34 @@ def test_batch_expert_union_is_the_share_of_experts_any_row_chooses():
     assert counts[0][1] > 0 and [(b.chosen_experts, b.routed_tokens) for b in blocks] == counts  # left alone
     with pytest.raises(ValueError, match="needs a MoEfied model"):
         batch_expert_union(model, ids)
+
+
+def test_validation_predicts_the_width_of_layers_that_pruning_leaves_whole():
+    """A layer at FFN ratio 0 keeps every channel whatever round_to says: the MoEfy check before any work must
+    count the width pruning will really leave (128 here), not the rounded-down 96."""
+    from cpet.compress.prune import planned_ffn_widths
+
+    model = tiny_model("llama").model  # FFN width 128
+    heads_only = PruneConfig(head_ratio=0.5, round_to=48, importance="magnitude")
+    assert planned_ffn_widths(model, [heads_only]) == [128] * model.config.num_hidden_layers
+    calibration = _calibration(model)
+    validate_stages(model, [heads_only, MoEfyConfig(num_experts=64, top_k=32)], calibration=calibration)
+    with pytest.raises(ValueError, match="48"):
+        validate_stages(model, [heads_only, MoEfyConfig(num_experts=48, top_k=24)], calibration=calibration)
+
+
+def test_routers_trained_on_other_calibration_give_another_base_id():
+    """With clustering="weights" the partition ignores calibration, but the routers are trained on it: two such
+    bases compute differently and must not share a base_id (adapters of one would be accepted on the other)."""
+    model = tiny_model("llama").model
+    config = MoEfyConfig(num_experts=4, top_k=2, clustering="weights", router_steps=20)
+    one = compress(model, [config], calibration=_calibration(model), progress=False)
+    other_tokens = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(7))
+    other = compress(model, [config], calibration=other_tokens, progress=False)
+    assert one.manifest.index_digest == other.manifest.index_digest  # the same partition
+    assert one.manifest.trained_digest and one.manifest.trained_digest != other.manifest.trained_digest
+    assert one.base_id != other.base_id
+    again = compress(model, [config], calibration=_calibration(model), progress=False)
+    assert again.base_id == one.base_id  # the same calibration: the same id
+    dense = compress(model, [PruneConfig(ffn_ratio=0.5, importance="magnitude")], progress=False)
+    assert dense.manifest.trained_digest == "" and "trained_digest" not in dense.manifest.identity_payload()

@@ -120,6 +120,17 @@ def test_skip_modules_select_the_same_linears_on_both_quantization_paths():
         assert kinds and all(kinds[n] == ("mlp" in n) for n in kinds), kinds
 
 
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_a_skip_list_without_the_lm_head_still_leaves_it_in_full_precision(family):
+    """transformers drops its default skips (the LM head, tied weights) once any skip list is given: the head of
+    a tied model then became 4-bit, sharing its weight with the embedding, and the first forward failed."""
+    config = QuantizeConfig("nf4", skip_modules=("self_attn",))
+    base = compress(tiny_model(family).model, [config], progress=False)
+    assert not type(base.model.get_output_embeddings()).__module__.startswith("bitsandbytes")
+    logits = base.model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits
+    assert torch.isfinite(logits).all()
+
+
 def test_a_named_moefied_linear_quantizes_its_expert_slices():
     import bitsandbytes as bnb
 
