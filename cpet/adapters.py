@@ -75,10 +75,10 @@ def check_inheritable(config: dict, directory: str | Path) -> None:
         ValueError: not a LoRA; a LoRA with trained biases, ``modules_to_save``, ``lora_bias`` or trainable
             tokens, tensors peft would write into the compressed base's frozen weights or embedding; a LoRA
             saved with a PiSSA-family init (``pissa``, ``olora``, ``corda``, ``loftq``) and not converted, whose
-            ``B A`` is a delta against a modified base rather than the source model; or a DoRA. DoRA rescales each output row of
-            ``W + B A * scale`` to a learned magnitude vector ``m: [d_out]`` measured against the row norms of
-            the *full* weight; pruning and quantization change those norms, so ``m`` would have to be
-            re-derived and copying A/B alone would not reproduce the source's delta.
+            ``B A`` is a delta against a modified base rather than the source model; or a DoRA. DoRA rescales
+            each output row of ``W + B A * scale`` to a learned magnitude vector ``m: [d_out]`` measured against
+            the row norms of the *full* weight; pruning and quantization change those norms, so ``m`` would have
+            to be re-derived and copying A/B alone would not reproduce the source's delta.
     """
     if config.get("peft_type") != "LORA":
         raise ValueError(f"adapter {directory} is a {config.get('peft_type')} adapter; CPET inherits LoRA only")

@@ -130,7 +130,7 @@ def make_task(name: str, examples: list[Example], *, source: str, split_of: list
         splits = {name: [] for name in SPLIT_NAMES}
         for example, split in zip(examples, split_of):
             splits[split].append(example)
-        for name in SPLIT_NAMES:  # files are often sorted by label: a prefix (eval_limit, --limit) must not be one class
+        for name in SPLIT_NAMES:  # files are often sorted by label: a prefix (eval_limit, --limit) needs all labels
             random.Random(f"{seed}:{name}").shuffle(splits[name])
     _check_labels_in_train(splits, source)
     description = f"{description or source}; {describe_dedup(report)}"

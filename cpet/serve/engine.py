@@ -224,8 +224,8 @@ class Engine:
     def _stacked_delta(self, name: str, batch: "_Batch", x: torch.Tensor) -> torch.Tensor:
         """The fast path: every row's factors gathered into ``[rows, r, in]`` / ``[rows, out, r]`` stacks (ranks
         zero-padded, scales folded into B), then two batched matmuls for LoRA and two for each kind of per-task
-        recovery present (GELU or linear), whatever the number of distinct adapters. Stacks are reused while the batch's adapters stay the same
-        (every decode step)."""
+        recovery present (GELU or linear), whatever the number of distinct adapters. Stacks are reused while the
+        batch's adapters stay the same (every decode step)."""
         key = tuple(id(a) for a in batch.rows)
         stacks = self._stacks.get(name)
         if stacks is None or stacks[0] != key:

@@ -102,8 +102,8 @@ class AdapterRegistry:
         if len(victims) < excess:
             pinned = sum(n in self._pinned for n in others)
             raise AdapterError(f"cannot load {name}: capacity is {self.capacity} and {pinned} of the {len(others)} "
-                               "other loaded adapters are pinned (never evicted): unload one first, or serve with a larger "
-                               "capacity (`cpet serve --max-adapters`)")
+                               "other loaded adapters are pinned (never evicted): unload one first, or serve with a "
+                               "larger capacity (`cpet serve --max-adapters`)")
         for victim in victims:
             del self._adapters[victim]
 
