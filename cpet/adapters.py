@@ -74,8 +74,8 @@ def check_inheritable(config: dict, directory: str | Path) -> None:
     Raises:
         ValueError: not a LoRA; a LoRA with trained biases, ``modules_to_save``, ``lora_bias`` or trainable
             tokens, tensors peft would write into the compressed base's frozen weights or embedding; a LoRA
-            saved with a PiSSA-family init (``pissa``, ``olora``, ``corda``, ``loftq``) and not converted, whose
-            ``B A`` is a delta against a modified base rather than the source model; or a DoRA. DoRA rescales
+            saved with a PiSSA-family init (``pissa``, ``olora``, ``corda``) and not converted, or with LoftQ,
+            whose ``B A`` is a delta against a modified base rather than the source model; or a DoRA. DoRA rescales
             each output row of ``W + B A * scale`` to a learned magnitude vector ``m: [d_out]`` measured against
             the row norms of the *full* weight; pruning and quantization change those norms, so ``m`` would have
             to be re-derived and copying A/B alone would not reproduce the source's delta.
@@ -98,7 +98,11 @@ def check_inheritable(config: dict, directory: str | Path) -> None:
                          "plain LoRA factors only: train the source with bias='none', no modules_to_save, "
                          "lora_bias=False and no trainable_token_indices")
     init = config.get("init_lora_weights")
-    if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "loftq")):
+    if isinstance(init, str) and init.lower().startswith("loftq"):
+        raise ValueError(f"adapter {directory} was initialised with LoftQ: its factors correct the LoftQ-quantized "
+                         "base, not the source model, and peft cannot convert it to a plain LoRA. Inherit from a "
+                         "LoRA trained on the full-precision source")
+    if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda")):
         # these inits move the principal part of W into A/B and subtract it from the base: unless converted on
         # save, the saved B A is a delta against that modified base, not against the source model's weights
         raise ValueError(f"adapter {directory} was saved with init_lora_weights={init!r} and not converted to a "

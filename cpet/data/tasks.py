@@ -110,8 +110,9 @@ def make_task(name: str, examples: list[Example], *, source: str, split_of: list
               label_words: dict[str, str] | None = None) -> ClassificationTask:
     """Validate examples, drop near-duplicates, and split (``split_of`` per example if given, else seeded).
 
-    Each split is put in a seeded random order either way, so that its prefixes (``eval_limit``, ``--limit``)
-    hold every label even when the source lists its examples sorted by label.
+    Validation and test are put in a seeded random order either way, so that their prefixes (``eval_limit``,
+    ``--limit``) hold every label even when the source lists its examples sorted by label; given train splits
+    keep the source's order (training draws its batches in a seeded order of its own).
 
     Raises:
         ValueError: no examples, an empty text or label, fewer than two labels, or a label that appears in
@@ -130,7 +131,9 @@ def make_task(name: str, examples: list[Example], *, source: str, split_of: list
         splits = {name: [] for name in SPLIT_NAMES}
         for example, split in zip(examples, split_of):
             splits[split].append(example)
-        for name in SPLIT_NAMES:  # files are often sorted by label: a prefix (eval_limit, --limit) needs all labels
+        # files are often sorted by label: a prefix (eval_limit, --limit) needs every label. Train keeps the file's
+        # order (training reshuffles it every epoch, and its hash identifies resumable runs made before this)
+        for name in ("validation", "test"):
             random.Random(f"{seed}:{name}").shuffle(splits[name])
     _check_labels_in_train(splits, source)
     description = f"{description or source}; {describe_dedup(report)}"

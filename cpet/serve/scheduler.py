@@ -87,6 +87,7 @@ class Scheduler:
         self.engine, self.max_batch, self.on_step = engine, max_batch, on_step
         self.queue: "queue.Queue" = queue.Queue(maxsize=max_queue)
         self.running: list[_Running] = []
+        self._taken: list = []  # what the current step took from the queue
         self._cache = None
         self._mask: torch.Tensor | None = None       # [rows, length] 1 = real token
         self._positions: torch.Tensor | None = None  # [rows] position of the next token
@@ -111,9 +112,17 @@ class Scheduler:
             try:
                 self._step()
             except Exception as exc:  # fail the requests in flight, keep serving the next ones
-                for run in self.running:
-                    self._finish(run, error=exc)
-                self.running, self._cache = [], None
+                self._fail_running(exc)
+                for request in self._taken:  # taken this step but not answered: never left waiting
+                    if not request.future.done():
+                        if isinstance(request, GenerationRequest):
+                            request.events.put(None)
+                        request.future.set_exception(exc)
+
+    def _fail_running(self, error: Exception) -> None:
+        for run in self.running:
+            self._finish(run, error=error)
+        self.running, self._cache = [], None
 
     def _take(self) -> list:
         taken = []
@@ -130,14 +139,17 @@ class Scheduler:
         return taken
 
     def _step(self) -> None:
-        taken = self._take()
+        taken = self._taken = self._take()
         classify = [r for r in taken if isinstance(r, ClassifyRequest)]
         generate = [r for r in taken if isinstance(r, GenerationRequest)]
         if classify:
             self._classify(classify)
         new_tokens = 0
         if self.running:  # before the new requests join: the running ones advance every step
-            new_tokens += self._decode()
+            try:
+                new_tokens += self._decode()
+            except Exception as exc:  # the running rows fail; the new requests still get their own prefill
+                self._fail_running(exc)
         if generate:
             new_tokens += self._prefill(generate)
         if self.on_step is not None and (generate or self.running):

@@ -116,3 +116,36 @@ def test_classification_with_a_bad_adapter_fails_alone(served):  # noqa: F811
         bad.future.result(timeout=0)
     with pytest.raises(queue.Empty):
         scheduler.queue.get_nowait()
+
+
+def test_a_failing_decode_fails_the_running_rows_and_still_serves_the_newcomers(served, monkeypatch):  # noqa: F811
+    _, engine, _ = served
+    scheduler = SteppedScheduler(engine, max_batch=4)
+    running = GenerationRequest(ids_of(engine, "the quick"), "plain", 20)
+    scheduler.submit(running)
+    scheduler._step()
+    newcomer = GenerationRequest(ids_of(engine, "hi"), "shared", 3)
+    scheduler.submit(newcomer)
+    monkeypatch.setattr(scheduler, "_decode", lambda: (_ for _ in ()).throw(RuntimeError("kernel exploded")))
+    scheduler._step()  # the decode of the running row fails; the newcomer is prefilled all the same
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError, match="kernel exploded"):
+        running.future.result(timeout=0)
+    streamed(running)  # reads up to the None that ends its stream (queue.Empty if that never came)
+    while not newcomer.future.done():
+        scheduler._step()
+    assert newcomer.future.result(timeout=0)["text"] == engine.generate(["hi"], ["shared"], max_tokens=3)[0]["text"]
+
+
+def test_whatever_a_failed_step_took_is_answered_not_left_waiting(served, monkeypatch):  # noqa: F811
+    """The worker loop's backstop: an error escaping a step fails the requests it took, with a stream end."""
+    _, engine, _ = served
+    scheduler = SteppedScheduler(engine, max_batch=4)
+    request = GenerationRequest(ids_of(engine, "hi"), "plain", 3)
+    scheduler.submit(request)
+    monkeypatch.setattr(scheduler, "_merge", lambda *args: (_ for _ in ()).throw(RuntimeError("merge failed")))
+    monkeypatch.setattr(scheduler._stop, "is_set", iter([False, True]).__next__)  # one turn of the real loop
+    Scheduler._loop(scheduler)
+    with pytest.raises(RuntimeError, match="merge failed"):
+        request.future.result(timeout=0)
+    assert request.events.get_nowait() is None
