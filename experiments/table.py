@@ -18,6 +18,7 @@ import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
+from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -52,9 +53,13 @@ def machines_line(cells: list[dict]) -> str:
     return f"Machines the cells ran on: {listed}.\n"
 
 
-def load_cells(cells_dir: Path, commit: str | None = None) -> list[dict]:
-    """Finished cells of one code commit (``commit`` None: all of them, which must share one commit)."""
+def load_cells(cells_dir: Path, commit: str | None = None, tasks: Sequence[str] | None = None) -> list[dict]:
+    """Finished cells of one code commit (``commit`` None: all of them, which must share one commit), of
+    ``tasks`` only when given (the commit check applies to the cells of the table: tasks run from different
+    pinned commits, e.g. after a task's data was fixed, each get a table of their own)."""
     cells = [json.loads(p.read_text()) for p in sorted(cells_dir.glob("*.json"))]
+    if tasks is not None:
+        cells = [c for c in cells if c["task"] in tasks]
     if commit is not None:
         return [c for c in cells if str(c.get("commit", "unrecorded")).startswith(commit)]
     commits = defaultdict(int)
@@ -94,6 +99,18 @@ def size_line(summary: dict) -> str:
     return line + "."
 
 
+def majority_row(cells: list[dict], tasks) -> str:
+    """The accuracy of always answering each task's most frequent test label (as the cells recorded it): the
+    floor a row must clear before its accuracy means anything (spam-assassin: ~70% ham)."""
+    baselines = {}
+    for cell in cells:
+        if cell.get("majority_baseline") is not None:
+            baselines.setdefault(cell["task"], 100 * cell["majority_baseline"])
+    shown = [f"{baselines[task]:.1f}" if task in baselines else "–" for task in tasks]
+    average = f"{statistics.mean(baselines[t] for t in tasks):.1f}" if all(t in baselines for t in tasks) else "–"
+    return "| majority class | – | " + " | ".join(shown) + f" | {average} |"
+
+
 def table(cells: list[dict], settings, tasks, rows, seeds, summaries: dict[str, dict] | None = None,
           ablation_seeds=None) -> str:
     """The markdown tables of ``settings`` (one per setting), the CPET deltas and a progress line.
@@ -120,6 +137,7 @@ def table(cells: list[dict], settings, tasks, rows, seeds, summaries: dict[str, 
             cells_txt = [mean_std(list(v.values())) for v in per_task]
             avg = mean_std(averages)
             lines.append(f"| {row} | {steps_of(cells, row)} | " + " | ".join(cells_txt) + f" | {avg} |")
+        lines.append(majority_row(cells, tasks))
         for cpet_row in (r for r in CPET_ROWS if r in rows):
             lines.append("\n" + matched_deltas(cells, setting, tasks, seeds, cpet_row))
     lines.append("\n" + progress_line(by_key, settings, tasks, rows, seeds, ablation_seeds) +
@@ -328,7 +346,7 @@ def main(argv=None) -> int:
     parser.add_argument("--commit", help="use only cells made by this code commit (a prefix is enough)")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
-    cells = [c for c in load_cells(Path(args.cells), args.commit) if c["task"] in args.tasks]
+    cells = load_cells(Path(args.cells), args.commit, args.tasks)
     settings, rows = args.settings, [row for row in ROWS if row in args.rows]
     cells = [c for c in cells if c["row"] in rows]
     summaries = load_setting_summaries(Path(args.cells).parent / "settings")

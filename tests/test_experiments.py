@@ -123,6 +123,15 @@ def test_cumulative_task_steps_count_the_original_adapter():
                      "inherit": 80, "per-task-rec": 80, "shared-rec": 40, "cpet": 80, "cpet-shared": 80}
 
 
+def test_the_table_shows_each_tasks_majority_class_floor():
+    from experiments.table import table
+
+    cells = [{**cell("nf4", task, "vanilla", 0, accuracy), "majority_baseline": floor}
+             for task, accuracy, floor in (("a", 0.9, 0.7), ("b", 0.6, 0.5))]
+    text = table(cells, ["nf4"], ["a", "b"], ["vanilla"], [0])
+    assert "| majority class | – | 70.0 | 50.0 | 60.0 |" in text
+
+
 def test_table_refuses_to_mix_code_commits(tmp_path):
     from experiments.table import load_cells
 
@@ -131,6 +140,10 @@ def test_table_refuses_to_mix_code_commits(tmp_path):
     with pytest.raises(SystemExit, match=r"cells of 2 code commits \(aaa111 \(2 cells\), bbb222 \(1 cells\)\)"):
         load_cells(tmp_path)
     assert [c["seed"] for c in load_cells(tmp_path, "aaa")] == [0, 1]
+    (tmp_path / "3.json").write_text(json.dumps({**cell("nf4", "b", "vanilla", 0, 0.5), "commit": "ccc333"}))
+    assert [c["commit"] for c in load_cells(tmp_path, tasks=["b"])] == ["ccc333"]  # one task, one commit: fine
+    with pytest.raises(SystemExit, match="cells of 3 code commits"):
+        load_cells(tmp_path, tasks=["a", "b"])
 
 
 def test_paired_bootstrap_interval():

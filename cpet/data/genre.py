@@ -94,7 +94,8 @@ def _labelled_passages(archive: Path | None, seed: int) -> tuple[list[Example], 
 def load_brown_genre_task(archive: Path | None = None, seed: int = 0) -> ClassificationTask:
     """The ``brown-genre`` task (4 labels; label words " news", " prose", " academic", " fiction")."""
     examples, split_of = _labelled_passages(archive, seed)
-    return make_task("brown-genre", examples, source="Brown corpus genres", split_of=split_of,
+    return make_task("brown-genre", examples, source="Brown corpus genres", split_of=split_of, seed=seed,
+                     shuffle_given=False,  # _labelled_passages ordered every split already
                      description=f"Brown genre group of {MIN_WORDS}-{MAX_WORDS}-word passages (press A-C, "
                                  "prose D-H, learned J, fiction K-R); held-out documents for validation/test",
                      family="genre", label_words=dict(LABEL_WORDS))

