@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cpet.assets import write_text_atomic  # noqa: E402
 from cpet.compress.moefy import MoEfyConfig  # noqa: E402
 from cpet.config import PruneConfig, QuantizeConfig  # noqa: E402
+from cpet.data.tasks import as_task, examples_sha256  # noqa: E402
 from cpet.pipeline import CPET, task_key  # noqa: E402,F401  (task_key: part of this script's API)
 from cpet.runtime import machine_record  # noqa: E402
 from cpet.train import DistillConfig, TuneConfig  # noqa: E402
@@ -191,6 +192,8 @@ def run_cell(pipelines: dict, original: CPET, setting: str, task: str, row: str,
             "test_accuracy": result["accuracy"], "test_n": result["n"],
             "test_correct": "".join("1" if p == g else "0" for p, g in zip(result["predictions"], result["gold"])),
             "test_predictions": result["predictions"], "majority_baseline": result["majority_baseline"],
+            # which test examples, in which order: paired comparisons are only valid on one test set
+            "test_sha256": examples_sha256(as_task(task).split("test")[:args.test_limit]),
             "best_val_accuracy": meta["metrics"]["val_accuracy"], "best_step": meta["metrics"]["step"],
             "history": meta["metrics"]["history"], "cumulative_task_steps": cumulative_task_steps(row, args.steps),
             "tune_config": meta["tune_config"], "inherited_sha256": meta.get("inherited_sha256"),

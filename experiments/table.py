@@ -69,7 +69,21 @@ def load_cells(cells_dir: Path, commit: str | None = None, tasks: Sequence[str] 
         listed = ", ".join(f"{key[:12]} ({n} cells)" for key, n in sorted(commits.items()))
         raise SystemExit(f"table: {cells_dir} holds cells of {len(commits)} code commits ({listed}); one table "
                          "measures one version of the code: pick one with --commit")
+    check_one_test_set(cells)
     return cells
+
+
+def check_one_test_set(cells: list[dict]) -> None:
+    """Refuse cells of one task that scored different test sets (``test_sha256``; cells made before the grid
+    recorded it have none and pass): paired intervals compare example by example."""
+    hashes = defaultdict(set)
+    for cell in cells:
+        if cell.get("test_sha256"):
+            hashes[cell["task"]].add(cell["test_sha256"])
+    mixed = sorted(task for task, seen in hashes.items() if len(seen) > 1)
+    if mixed:
+        raise SystemExit(f"table: the cells of {', '.join(mixed)} scored different test sets (test_sha256 differs: "
+                         "the task's data or --test-limit changed between runs); keep one run's cells per table")
 
 
 def row_key(row: str, setting: str) -> str:

