@@ -61,7 +61,9 @@ def load_cells(cells_dir: Path, commit: str | None = None, tasks: Sequence[str] 
     if tasks is not None:
         cells = [c for c in cells if c["task"] in tasks]
     if commit is not None:
-        return [c for c in cells if str(c.get("commit", "unrecorded")).startswith(commit)]
+        cells = [c for c in cells if str(c.get("commit", "unrecorded")).startswith(commit)]
+        check_one_test_set(cells)
+        return cells
     commits = defaultdict(int)
     for c in cells:
         commits[c.get("commit", "unrecorded")] += 1
@@ -75,11 +77,13 @@ def load_cells(cells_dir: Path, commit: str | None = None, tasks: Sequence[str] 
 
 def check_one_test_set(cells: list[dict]) -> None:
     """Refuse cells of one task that scored different test sets (``test_sha256``; cells made before the grid
-    recorded it have none and pass): paired intervals compare example by example."""
+    recorded it are compared by their test-set size ``test_n``): paired intervals compare example by example."""
     hashes = defaultdict(set)
     for cell in cells:
         if cell.get("test_sha256"):
             hashes[cell["task"]].add(cell["test_sha256"])
+        elif cell.get("test_n") is not None:
+            hashes[cell["task"]].add(f"{cell['test_n']} examples")
     mixed = sorted(task for task, seen in hashes.items() if len(seen) > 1)
     if mixed:
         raise SystemExit(f"table: the cells of {', '.join(mixed)} scored different test sets (test_sha256 differs: "

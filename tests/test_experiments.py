@@ -156,8 +156,14 @@ def test_table_refuses_cells_of_one_task_that_scored_different_test_sets(tmp_pat
         (tmp_path / f"{i}.json").write_text(json.dumps(record))
     with pytest.raises(SystemExit, match="the cells of t scored different test sets"):
         load_cells(tmp_path)
+    with pytest.raises(SystemExit, match="scored different test sets"):
+        load_cells(tmp_path, "abc")  # choosing a commit does not skip the check
     (tmp_path / "3.json").unlink()
     assert len(load_cells(tmp_path)) == 3  # one recorded test set (and a cell from before the field): fine
+    (tmp_path / "4.json").write_text(json.dumps({**cell("nf4", "u", "vanilla", 0, 0.5), "commit": "abc", "test_n": 8}))
+    (tmp_path / "5.json").write_text(json.dumps({**cell("nf4", "u", "vanilla", 1, 0.5), "commit": "abc", "test_n": 9}))
+    with pytest.raises(SystemExit, match="the cells of u scored different test sets"):  # no hash: sizes compared
+        load_cells(tmp_path)
 
 
 def test_paired_bootstrap_interval():
