@@ -12,6 +12,7 @@ Cells made by different code commits are never mixed in one table: pick one with
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shlex
 import statistics
@@ -189,7 +190,7 @@ def progress_line(by_key, settings, tasks, rows, seeds, ablation_seeds=None) -> 
 
 
 def paired_bootstrap(pairs_a: list[str], pairs_b: list[str], tasks: list[str] | None = None,
-                     replicates: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+                     replicates: int = 2000, seed: int = 0, clusters: dict | None = None) -> tuple[float, float, float]:
     """Mean accuracy difference A − B over (task, seed) pairs, with a paired, two-level bootstrap 95% interval.
 
     Each element of ``pairs_a`` / ``pairs_b`` is one (task, seed) pair's per-example correctness string
@@ -201,8 +202,9 @@ def paired_bootstrap(pairs_a: list[str], pairs_b: list[str], tasks: list[str] | 
     does. Tasks are fixed (they are what the table reports on), not resampled. Drawing the test examples
     independently per seed would count the same examples once per seed and narrow the interval by up to
     the square root of the seed count. Resampling both levels counts the seed x example interaction more than
-    once (the interval errs wide); a task with one seed adds no training noise. Returns ``(delta, low, high)``
-    in accuracy units.
+    once (the interval errs wide); a task with one seed adds no training noise. ``clusters[task]`` (a unit per
+    test example, e.g. its source document): that task's test examples are resampled a unit at a time, since
+    examples of one unit are not independent. Returns ``(delta, low, high)`` in accuracy units.
     """
     if len(pairs_a) != len(pairs_b):
         raise ValueError(f"{len(pairs_a)} A pairs against {len(pairs_b)} B pairs")
@@ -219,7 +221,15 @@ def paired_bootstrap(pairs_a: list[str], pairs_b: list[str], tasks: list[str] | 
         # diffs[s, i]: A's correctness minus B's on test example i under the task's s-th seed
         diffs = np.stack([np.frombuffer(pairs_a[j].encode(), dtype=np.uint8).astype(np.int8)
                           - np.frombuffer(pairs_b[j].encode(), dtype=np.uint8).astype(np.int8) for j in members])
-        examples = rng.integers(0, diffs.shape[1], size=(replicates, diffs.shape[1]))
+        units = (clusters or {}).get(task)
+        if units is not None:
+            if len(units) != diffs.shape[1]:
+                raise ValueError(f"{len(units)} clusters for the {diffs.shape[1]} test examples of task {task!r}")
+            groups = [np.flatnonzero(np.asarray(units) == unit) for unit in dict.fromkeys(units)]
+            draws = rng.integers(0, len(groups), size=(replicates, len(groups)))
+            examples = [np.concatenate([groups[g] for g in draw]) for draw in draws]
+        else:
+            examples = rng.integers(0, diffs.shape[1], size=(replicates, diffs.shape[1]))
         seeds = rng.integers(0, len(members), size=(replicates, len(members)))
         per_seed = np.stack([diffs[:, idx].mean(axis=1) for idx in examples])  # (replicates, seeds of task)
         sums += np.take_along_axis(per_seed, seeds, axis=1).sum(axis=1)
@@ -229,6 +239,23 @@ def paired_bootstrap(pairs_a: list[str], pairs_b: list[str], tasks: list[str] | 
 
 
 REFERENCE_ROWS = ("original", "original-2x", "vanilla", "vanilla-2x")
+
+
+@functools.lru_cache(maxsize=None)
+def _brown_genre_documents() -> tuple[str, ...]:
+    from cpet.data.genre import documents_of_test_split
+
+    return tuple(documents_of_test_split())
+
+
+# tasks whose test examples come in dependent units: their intervals resample units (brown-genre: 748
+# passages from 27 documents)
+CLUSTERED_TASKS = {"brown-genre": _brown_genre_documents}
+
+
+def clusters_of_test_sets(tasks) -> dict:
+    """``{task: unit of each test example}`` for the :data:`CLUSTERED_TASKS` among ``tasks``."""
+    return {task: CLUSTERED_TASKS[task]() for task in tasks if task in CLUSTERED_TASKS}
 
 
 def matched_deltas(cells: list[dict], setting: str, tasks, seeds, cpet_row: str = "cpet") -> str:
@@ -255,7 +282,7 @@ def matched_deltas(cells: list[dict], setting: str, tasks, seeds, cpet_row: str 
         theirs = [by_cell[(row_key(ref, setting), t, ref, s)] for t, s in pairs]
         if all("test_correct" in c for c in ours + theirs):
             delta, low, high = paired_bootstrap([c["test_correct"] for c in ours], [c["test_correct"] for c in theirs],
-                                                tasks=[t for t, _ in pairs])
+                                                tasks=[t for t, _ in pairs], clusters=clusters_of_test_sets(tasks))
             parts.append(f"− {ref} = {100 * delta:+.1f} points [95% CI {100 * low:+.1f}, {100 * high:+.1f}] "
                          f"({len(pairs)} pairs)")
         else:

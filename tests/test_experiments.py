@@ -331,3 +331,21 @@ def test_the_table_says_where_its_cells_ran():
     assert machines_line(cells) == ("Machines the cells ran on: AMD EPYC (AVX512): 2 cells; Intel Xeon (AVX2): "
                                     "1 cell; not recorded: 1 cell.\n")
     assert machines_line([cell("nf4", "t", "vanilla", 0, 0.7)]) == ""  # nothing to say: no line
+
+
+def test_a_clustered_task_resamples_whole_units_and_widens_its_interval():
+    """Examples of one unit (a Brown document) move together: with the effect concentrated in units, resampling
+    units gives a wider interval than resampling examples as if independent; with one example per unit the
+    two agree."""
+    from experiments.table import paired_bootstrap
+
+    a = "1" * 20 + "0" * 20 + "1" * 20 + "0" * 20  # A wins on units 0 and 2 only (units of 20 examples)
+    b = "0" * 80
+    units = [i // 20 for i in range(80)]
+    _, low_examples, high_examples = paired_bootstrap([a], [b], tasks=["t"])
+    _, low_units, high_units = paired_bootstrap([a], [b], tasks=["t"], clusters={"t": units})
+    assert high_units - low_units > 2 * (high_examples - low_examples)
+    _, low_single, high_single = paired_bootstrap([a], [b], tasks=["t"], clusters={"t": list(range(80))})
+    assert abs((high_single - low_single) - (high_examples - low_examples)) < 0.05
+    with pytest.raises(ValueError, match="3 clusters for the 80 test examples"):
+        paired_bootstrap([a], [b], tasks=["t"], clusters={"t": [0, 1, 2]})

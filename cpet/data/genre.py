@@ -76,24 +76,42 @@ def document_splits(archive: Path | None = None) -> dict[str, str]:
     return splits
 
 
-def _labelled_passages(archive: Path | None, seed: int) -> tuple[list[Example], list[str]]:
+def _labelled_passages(archive: Path | None, seed: int) -> tuple[list[Example], list[str], list[str]]:
+    """``(examples, split of each, Brown document of each)``, each split in a seeded order."""
     doc_split = document_splits(archive)
-    per_split: dict[str, list[Example]] = {}
+    per_split: dict[str, list[tuple[Example, str]]] = {}
     for doc in load_brown("all", archive):
         label = genre_group(doc.genre_code)
-        per_split.setdefault(doc_split[doc.doc_id], []).extend(Example(p, label) for p in passages(doc.text))
-    examples, split_of = [], []
+        per_split.setdefault(doc_split[doc.doc_id], []).extend((Example(p, label), doc.doc_id)
+                                                               for p in passages(doc.text))
+    examples, split_of, documents = [], [], []
     for split in sorted(per_split):
         items = per_split[split]
         random.Random(f"{seed}:{split}").shuffle(items)  # prefixes (--limit) mix genres and documents
-        examples += items
+        examples += [example for example, _ in items]
+        documents += [doc_id for _, doc_id in items]
         split_of += [split] * len(items)
-    return examples, split_of
+    return examples, split_of, documents
+
+
+def documents_of_test_split(archive: Path | None = None, seed: int = 0) -> list[str]:
+    """The Brown document of each ``brown-genre`` test passage, in the task's test order: the units a bootstrap
+    must resample (748 passages come from 27 documents, and passages of one document are not independent).
+
+    Raises:
+        ValueError: near-duplicate removal changed the test split, so the documents no longer line up.
+    """
+    examples, split_of, documents = _labelled_passages(archive, seed)
+    test = [doc for doc, split in zip(documents, split_of) if split == "test"]
+    expected = load_brown_genre_task(archive, seed).split("test")
+    if [e for e, split in zip(examples, split_of) if split == "test"] != expected:
+        raise ValueError("brown-genre's test split is not the passages in their built order: documents unknown")
+    return test
 
 
 def load_brown_genre_task(archive: Path | None = None, seed: int = 0) -> ClassificationTask:
     """The ``brown-genre`` task (4 labels; label words " news", " prose", " academic", " fiction")."""
-    examples, split_of = _labelled_passages(archive, seed)
+    examples, split_of, _ = _labelled_passages(archive, seed)
     return make_task("brown-genre", examples, source="Brown corpus genres", split_of=split_of, seed=seed,
                      shuffle_given=False,  # _labelled_passages ordered every split already
                      description=f"Brown genre group of {MIN_WORDS}-{MAX_WORDS}-word passages (press A-C, "

@@ -90,3 +90,8 @@ def test_real_brown_genre_task():
     assert min(words) >= 50 and max(words) <= 80
     assert template_for(task).format("x").startswith("Passage: x\nGenre")
     assert len({e.label for e in task.split("test")[:12]}) == 4  # shuffled: any prefix mixes genres
+    from cpet.data.genre import documents_of_test_split
+
+    documents = documents_of_test_split(archive)  # the bootstrap's units, in the task's test order
+    assert len(documents) == len(task.split("test")) == 748 and len(set(documents)) == 27
+    assert set(documents) == {d for d, s in doc_split.items() if s == "test"}
