@@ -204,7 +204,9 @@ def create_app(engine: Engine, *, served_name: str = "cpet-base", api_key: str |
                 yield f"data: {json.dumps(chunk('', result['finish_reason']))}\n\n"
                 yield "data: [DONE]\n\n"
                 return
-            finally:  # the client went away (the generator is closed mid-stream): free its batch slot
+            finally:  # closed mid-stream (the client went away, once the server drops the generator): free the row.
+                # Best effort: when the generator is closed depends on the ASGI server (uvicorn with ASGI 2.4 keeps
+                # streaming to a gone client), so a stream may still run to max_tokens; requests are bounded by it.
                 if not request.future.done():
                     request.cancelled = True
             errors.labels(str(error.status)).inc()
