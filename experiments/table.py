@@ -63,15 +63,14 @@ def load_cells(cells_dir: Path, commit: str | None = None, tasks: Sequence[str] 
         cells = [c for c in cells if c["task"] in tasks]
     if commit is not None:
         cells = [c for c in cells if str(c.get("commit", "unrecorded")).startswith(commit)]
-        check_one_test_set(cells)
-        return cells
-    commits = defaultdict(int)
-    for c in cells:
-        commits[c.get("commit", "unrecorded")] += 1
-    if len(commits) > 1:
-        listed = ", ".join(f"{key[:12]} ({n} cells)" for key, n in sorted(commits.items()))
-        raise SystemExit(f"table: {cells_dir} holds cells of {len(commits)} code commits ({listed}); one table "
-                         "measures one version of the code: pick one with --commit")
+    else:
+        commits = defaultdict(int)
+        for c in cells:
+            commits[c.get("commit", "unrecorded")] += 1
+        if len(commits) > 1:
+            listed = ", ".join(f"{key[:12]} ({n} cells)" for key, n in sorted(commits.items()))
+            raise SystemExit(f"table: {cells_dir} holds cells of {len(commits)} code commits ({listed}); one table "
+                             "measures one version of the code: pick one with --commit")
     check_one_test_set(cells)
     return cells
 

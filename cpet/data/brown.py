@@ -27,6 +27,7 @@ GENRES = {
     "n": "fiction: adventure", "p": "fiction: romance", "r": "humor",
 }
 SPLITS = ("train", "heldout", "all")
+PARSER_VERSION = 1  # bump when parsing or detokenising changes: names the parsed cache (else stale text is served)
 _DOC_NAME = re.compile(r"^package/c([a-r])(\d\d)$")
 _NO_SPACE_BEFORE = {",", ".", ";", ":", "?", "!", ")", "]", "'s", "n't", "'", "'re", "'ve", "'ll", "'d", "'m"}
 _NO_SPACE_AFTER = {"(", "["}
@@ -41,8 +42,6 @@ class BrownDocument:
     genre: str
     text: str
 
-
-PARSER_VERSION = 1  # bump when parsing or detokenising changes: names the parsed cache (else stale text is served)
 
 def _detokenise(tokens: list[str]) -> str:
     out: list[str] = []

@@ -102,16 +102,19 @@ def documents_of_test_split(archive: Path | None = None, seed: int = 0) -> list[
         ValueError: near-duplicate removal changed the test split, so the documents no longer line up.
     """
     examples, split_of, documents = _labelled_passages(archive, seed)
-    test = [doc for doc, split in zip(documents, split_of) if split == "test"]
-    expected = load_brown_genre_task(archive, seed).split("test")
+    expected = _genre_task(examples, split_of, seed).split("test")
     if [e for e, split in zip(examples, split_of) if split == "test"] != expected:
         raise ValueError("brown-genre's test split is not the passages in their built order: documents unknown")
-    return test
+    return [doc for doc, split in zip(documents, split_of) if split == "test"]
 
 
 def load_brown_genre_task(archive: Path | None = None, seed: int = 0) -> ClassificationTask:
     """The ``brown-genre`` task (4 labels; label words " news", " prose", " academic", " fiction")."""
     examples, split_of, _ = _labelled_passages(archive, seed)
+    return _genre_task(examples, split_of, seed)
+
+
+def _genre_task(examples: list[Example], split_of: list[str], seed: int) -> ClassificationTask:
     return make_task("brown-genre", examples, source="Brown corpus genres", split_of=split_of, seed=seed,
                      shuffle_given=False,  # _labelled_passages ordered every split already
                      description=f"Brown genre group of {MIN_WORDS}-{MAX_WORDS}-word passages (press A-C, "

@@ -106,7 +106,11 @@ def email_parts(raw: str, max_chars: int = MAX_CHARS) -> tuple[str, str]:
 
 def clean_email(raw: str, max_chars: int = MAX_CHARS) -> str:
     """Raw RFC 822 message -> ``subject\\nbody`` (see the module docstring); ``""`` when nothing is left."""
-    return "\n".join(part for part in email_parts(raw, max_chars) if part)
+    return _email_text(*email_parts(raw, max_chars))
+
+
+def _email_text(subject: str, body: str) -> str:
+    return "\n".join(part for part in (subject, body) if part)
 
 
 def email_groups(emails: list[dict]) -> list[int]:
@@ -122,6 +126,10 @@ def email_groups(emails: list[dict]) -> list[int]:
             i = parent[i]
         return i
 
+    def join(i: int, j: int) -> None:  # the smaller root wins: a group's id is its first email
+        a, b = root(i), root(j)
+        parent[max(a, b)] = min(a, b)
+
     first_with: dict[str, int] = {}
     shingles: list[set] = []
     with_shingle: dict[tuple, list[int]] = {}
@@ -134,17 +142,14 @@ def email_groups(emails: list[dict]) -> list[int]:
         candidates = {j for gram in mine for j in with_shingle.get(gram, ())}
         for j in sorted(candidates):
             if len(mine & shingles[j]) >= NEAR_OVERLAP * min(len(mine), len(shingles[j])):
-                a, b = root(i), root(j)
-                parent[max(a, b)] = min(a, b)
+                join(i, j)
         for gram in mine:
             with_shingle.setdefault(gram, []).append(i)
         thread = normalised_key(_REPLY_PREFIX.sub("", row["subject"]))
         keys = ([f"body:{body}"] if body else []) + \
             ([f"thread:{thread}"] if thread else [])
         for key in keys:
-            other = first_with.setdefault(key, i)
-            a, b = root(i), root(other)
-            parent[max(a, b)] = min(a, b)
+            join(i, first_with.setdefault(key, i))
     return [root(i) for i in range(len(emails))]
 
 
@@ -186,7 +191,7 @@ def _parse_archive(archive: Path) -> list[dict]:
                 subject, body = email_parts(record["text"])
                 rows.append({"id": f"{match['group']}/{match['name']}", "group": match["group"],
                              "subject": subject, "body": body,
-                             "text": "\n".join(part for part in (subject, body) if part)})
+                             "text": _email_text(subject, body)})
     return sorted(rows, key=lambda r: r["id"])
 
 

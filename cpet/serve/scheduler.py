@@ -115,9 +115,7 @@ class Scheduler:
                 self._fail_running(exc)
                 for request in self._taken:  # taken this step but not answered: never left waiting
                     if not request.future.done():
-                        if isinstance(request, GenerationRequest):
-                            request.events.put(None)
-                        request.future.set_exception(exc)
+                        _fail(request, exc)
 
     def _fail_running(self, error: Exception) -> None:
         for run in self.running:
@@ -164,9 +162,7 @@ class Scheduler:
                 if isinstance(request, ClassifyRequest):
                     self.engine.classifier_meta(request.adapter)
             except Exception as exc:
-                if isinstance(request, GenerationRequest):
-                    request.events.put(None)  # ends a stream at once (it then reads the error from the future)
-                request.future.set_exception(exc)
+                _fail(request, exc)
             else:
                 admitted.append(request)
         return admitted
@@ -196,8 +192,7 @@ class Scheduler:
                                       position_ids=positions, use_cache=True)
         except Exception as exc:
             for r in requests:
-                r.events.put(None)  # ends a stream at once (it then reads the error from the future)
-                r.future.set_exception(exc)
+                _fail(r, exc)
             return 0
         runs = [_Running(r, generator=torch.Generator(device=device).manual_seed(r.seed)
                          if r.seed is not None else None) for r in requests]
@@ -278,6 +273,14 @@ class Scheduler:
         if not request.future.done():
             request.future.set_result({"text": text, "tokens": len(run.tokens), "finish_reason": reason,
                                        "prompt_tokens": len(request.prompt_ids)})
+
+
+def _fail(request, error: Exception) -> None:
+    """Answer a request that is not running with ``error``; a generation's stream ends at once (its reader then
+    finds the error in the future)."""
+    if isinstance(request, GenerationRequest):
+        request.events.put(None)
+    request.future.set_exception(error)
 
 
 def stop_prefix_length(text: str, stop: tuple[str, ...]) -> int:
