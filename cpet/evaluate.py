@@ -18,8 +18,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-# Prompts are left-truncated to this many tokens unless told otherwise; an adapter records the value it
-# was trained with (``TuneConfig.max_prompt_tokens``) and is always scored with that value.
+from .data.prompts import fit_prompt
+
+# Prompts are cut to this many tokens unless told otherwise (the text loses its end, the template nothing:
+# cpet.data.prompts.fit_prompt); an adapter records the value it was trained with
+# (``TuneConfig.max_prompt_tokens``) and is always scored with that value.
 DEFAULT_MAX_PROMPT_TOKENS = 128
 
 
@@ -140,6 +143,9 @@ def encode_prompt_and_label(tokenizer, prompt: str, label_word: str,
                             ) -> tuple[list[int], list[int]]:
     """Token ids of ``prompt`` (left-truncated to ``max_prompt_tokens``) and of ``label_word``.
 
+    Callers fit the prompt first (:func:`cpet.data.prompts.fit_prompt`), so the left truncation cuts only a
+    template too long for the limit on its own.
+
     Prompt and label are tokenised separately so that the label's tokens are the same for every prompt;
     training (loss on the label tokens) and scoring use this same encoding.
     """
@@ -243,7 +249,8 @@ def classification_accuracy(model: nn.Module, tokenizer, texts: Sequence[str], g
                             ) -> AccuracyResult:
     """Accuracy of predicting ``argmax_label log p(verbalizer[label] | template(text))``.
 
-    Prompts are left-truncated to ``max_prompt_tokens``: pass the value an adapter was trained with.
+    Prompts are fitted to ``max_prompt_tokens`` (:func:`cpet.data.prompts.fit_prompt`: the text loses its end):
+    pass the value an adapter was trained with.
 
     ``template`` has ``format(text) -> str``; ``verbalizer.label_words`` maps each label to its word.
     """
@@ -253,7 +260,7 @@ def classification_accuracy(model: nn.Module, tokenizer, texts: Sequence[str], g
     if unknown:
         raise ValueError(f"gold labels {unknown} are not among the task labels {list(labels)}")
     words = [verbalizer.label_words[label] for label in labels]
-    prompts = [template.format(text) for text in texts]
+    prompts = [fit_prompt(template, text, tokenizer, max_prompt_tokens) for text in texts]
     scores = label_logprobs(model, tokenizer, prompts, words, batch_size=batch_size,
                             max_prompt_tokens=max_prompt_tokens, progress=progress)
     predicted = [labels[i] for i in scores.argmax(dim=-1).tolist()]

@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .assets import atomic_path
+from .data.prompts import fit_prompt
 from .evaluate import DEFAULT_MAX_PROMPT_TOKENS, classification_accuracy, encode_prompt_and_label
 
 @dataclass
@@ -47,8 +48,9 @@ class TuneConfig:
         weight_decay: AdamW weight decay.
         eval_every: validate (and checkpoint) every N steps; also at the last step.
         eval_limit: validation examples used per evaluation (None = all).
-        max_prompt_tokens: prompts are left-truncated to this many tokens, in training, validation and
-            every later scoring of the adapter (recorded in its ``cpet.json``).
+        max_prompt_tokens: prompts are cut to this many tokens (the text loses its end, the template nothing:
+            :func:`cpet.data.prompts.fit_prompt`), in training, validation and every later scoring of the
+            adapter (recorded in its ``cpet.json``).
         seed: seeds LoRA init, data order and dropout.
         distill_weight: lambda of the hidden-state MSE against a teacher (0 = no distillation). With per-task
             recovery, ``CPET.tune`` uses 1.0 where this is 0: CA-LoRA's per-task recovery is distilled from the
@@ -318,7 +320,8 @@ def train_classifier(model: nn.Module, tokenizer, train_examples, val_examples, 
     if (resume_dir / "state.json").exists():
         check_resume_config(resume_dir, config, identity)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    encoded = [encode_example(tokenizer, template.format(e.text), verbalizer.label_words[e.label],
+    encoded = [encode_example(tokenizer, fit_prompt(template, e.text, tokenizer, config.max_prompt_tokens),
+                              verbalizer.label_words[e.label],
                               config.max_prompt_tokens) for e in train_examples]
     val = list(val_examples)[: config.eval_limit] if config.eval_limit else list(val_examples)
 

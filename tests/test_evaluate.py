@@ -18,6 +18,7 @@ from cpet.evaluate import (
     strided_windows,
     throughput,
 )
+from cpet.data.prompts import PromptTemplate
 from cpet.models import byte_tokenizer, tiny_model
 
 
@@ -104,6 +105,28 @@ def test_accuracy_with_known_answers(words):
                                      verbalizer=verbalizer, labels=["A", "B"], batch_size=3)
     assert result.accuracy == pytest.approx(4 / 6)
     assert result.per_label_recall == {"A": pytest.approx(2 / 3), "B": pytest.approx(2 / 3)}
+
+
+class FirstTokenLM(nn.Module):
+    """Predicts, at every position, the sequence's first token (logit 10 vs 0): it answers from the text's start."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.table = nn.Parameter(torch.eye(vocab) * 10.0)
+        self.config = SimpleNamespace(vocab_size=vocab)
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):  # right-padded: column 0 is a real token
+        return SimpleNamespace(logits=self.table[input_ids[:, :1]].expand(-1, input_ids.shape[1], -1))
+
+
+def test_long_prompts_lose_the_end_of_their_text_not_its_beginning():
+    tokenizer = byte_tokenizer()
+    texts = ["a " + "x " * 40, "b " + "y " * 40, "a z"]  # the answer is the first letter, 80 bytes before the end
+    result = classification_accuracy(FirstTokenLM(len(tokenizer)), tokenizer, texts, ["A", "B", "A"],
+                                     template=PromptTemplate("{text}?"),
+                                     verbalizer=SimpleNamespace(label_words={"A": "a", "B": "b"}), labels=["A", "B"],
+                                     max_prompt_tokens=16)
+    assert result.accuracy == 1.0  # cut from the left, the long prompts would start with x / y
 
 
 def test_label_logprobs_are_normalised_log_probabilities():

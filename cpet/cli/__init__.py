@@ -124,8 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=at_least(2), default=256,
                    help="perplexity window length (>= 2: each window predicts its tokens after the first)")
     p.add_argument("--max-prompt-tokens", type=positive_int, default=tune_defaults.max_prompt_tokens,
-                   help="prompts are left-truncated to this many tokens (a CPET adapter's own recorded value "
-                        "takes precedence: it is what the adapter was trained with)")
+                   help="prompts are cut to this many tokens, the text losing its end (a CPET adapter's own "
+                        "recorded value takes precedence: it is what the adapter was trained with)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="examples per forward pass")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -228,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-limit", type=limit_int, default=tune_defaults.eval_limit,
                    help="validation examples per evaluation")
     p.add_argument("--max-prompt-tokens", type=positive_int, default=tune_defaults.max_prompt_tokens,
-                   help="prompts are left-truncated to this many tokens (training and every later scoring)")
+                   help="prompts are cut to this many tokens, the text losing its end (training and every later "
+                        "scoring)")
     p.add_argument("--limit", type=limit_int, default=None, help="test examples scored at the end; None: all")
     p.add_argument("--keep-optimizer-state", action="store_true",
                    help="keep AdamW's moments when the run finishes (about 3x the adapter's size), so that a longer "
@@ -245,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=positive_int, default=24, help="LoRA steps per adapter (batch 8)")
     p.add_argument("--lr", type=float, default=tune_defaults.lr, help="AdamW learning rate (peak)")
     p.add_argument("--max-prompt-tokens", type=positive_int, default=64,
-                   help="prompts are left-truncated to this many tokens (training and scoring)")
+                   help="prompts are cut to this many tokens, the text losing its end (training and scoring)")
     p.add_argument("--recovery-steps", type=positive_int, default=20, help="shared recovery distillation steps")
     p.add_argument("--out", default="runs/demo", help="pipeline directory")
     p.add_argument("--json", action="store_true", help="machine-readable output")

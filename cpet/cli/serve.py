@@ -141,7 +141,7 @@ def add_serve_parser(sub, command) -> None:
                    help="adapters kept loaded (LRU eviction of unpinned)")
     p.add_argument("--max-prompt-tokens", type=positive_int, default=1024,
                    help="longest prompt accepted; a longer one is answered 400 (classification prompts are "
-                        "left-truncated to their adapter's own recorded cut)")
+                        "cut to their adapter's own recorded limit, the text losing its end)")
     p.add_argument("--max-tokens", type=positive_int, default=256, help="the most tokens one request may generate")
     p.add_argument("--max-queue", type=positive_int, default=64,
                    help="waiting requests beyond which the server answers 429")

@@ -23,8 +23,46 @@ class PromptTemplate:
     def format(self, text: str) -> str:
         if len(text) > self.max_chars:
             cut = text[: self.max_chars]
-            text = (cut.rsplit(" ", 1)[0] if " " in cut else cut) + " …"
+            text = (cut.rsplit(" ", 1)[0] if " " in cut else cut) + ELLIPSIS
         return self.template.replace("{text}", text)
+
+
+ELLIPSIS = " …"  # marks a text cut short, by characters (PromptTemplate.max_chars) or by tokens (fit_prompt)
+
+
+def fit_prompt(template, text: str, tokenizer, max_tokens: int) -> str:
+    """``template.format(text)``, its text cut at a word boundary (and marked with :data:`ELLIPSIS`) until the whole
+    prompt is at most ``max_tokens`` tokens.
+
+    The text loses its end, the template nothing: the instruction before the slot and the answer cue after it
+    stay whole, and the text keeps its beginning (an email's subject, a passage's first words). Cutting the
+    tokens off the left instead would drop the instruction and the subject first. The cut keeps the most
+    words that fit (a binary search, tokenising the whole prompt, so merges at the slot's edges are counted).
+    When not even the template with no words fits, that shortest prompt is returned and the encoder's left
+    truncation (:func:`cpet.evaluate.encode_prompt_and_label`) cuts it.
+
+    ``template`` has ``format(text) -> str`` (a :class:`PromptTemplate`).
+    """
+    def length(prompt: str) -> int:
+        return len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+    prompt = template.format(text)
+    if length(prompt) <= max_tokens:
+        return prompt
+    words = text.split(" ")
+
+    def cut(kept: int) -> str:
+        head = " ".join(words[:kept]).rstrip()
+        return template.format(head + ELLIPSIS if head else ELLIPSIS.strip())
+
+    low, high = 0, len(words) - 1  # the answer lies in [low, high]: `low` words are kept when nothing more fits
+    while low < high:
+        middle = (low + high + 1) // 2
+        if length(cut(middle)) <= max_tokens:
+            low = middle
+        else:
+            high = middle - 1
+    return cut(low)
 
 
 @dataclass(frozen=True)
