@@ -78,7 +78,8 @@ def bnb_config(model: nn.Module, config: QuantizeConfig):
 
 
 def quantize(model: nn.Module, config: QuantizeConfig) -> nn.Module:
-    """A bitsandbytes-quantized copy of ``model`` (same device), in eval mode."""
+    """A bitsandbytes-quantized copy of ``model`` (same device, same dtype for what stays unquantized), in eval
+    mode."""
     from transformers import AutoModelForCausalLM
 
     validate(model, config)
@@ -87,7 +88,7 @@ def quantize(model: nn.Module, config: QuantizeConfig) -> nn.Module:
     with tempfile.TemporaryDirectory(prefix="cpet-quantize-") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         quantized = AutoModelForCausalLM.from_pretrained(
-            tmp, quantization_config=bnb_config(model, config), dtype=torch.float32, device_map=device_map)
+            tmp, quantization_config=bnb_config(model, config), dtype=model.dtype, device_map=device_map)
     return keep_4bit_layout(quantized).eval()
 
 

@@ -9,6 +9,7 @@ output tokens, a bounded queue (429 when full), a per-request timeout (504).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import queue
@@ -183,17 +184,16 @@ def create_app(engine: Engine, *, served_name: str = "cpet-base", api_key: str |
                                  integer(data, "max_tokens", 16, 1, limits.max_tokens), float(temperature), seed,
                                  tuple(stop))
 
-    def stream(request: GenerationRequest, chunk):
-        def events():
+    def stream(http: Request, request: GenerationRequest, chunk):
+        async def events():
             # The status line has gone out with the first chunk, so a failure from here on is told as an error
             # event (OpenAI's stream format), and the request gives up its batch slot.
             try:
-                while True:
-                    piece = request.events.get(timeout=limits.timeout_s)
-                    if piece is None:
-                        break
+                async for piece in pieces(http, request, limits.timeout_s):
                     yield f"data: {json.dumps(chunk(piece, None))}\n\n"
-                result = wait(request)
+                if request.cancelled:  # the client left: nobody reads the end
+                    return
+                result = await _in_thread(wait, request)
             except queue.Empty:
                 request.cancelled = True
                 error = ServingError(504, f"no new token within {limits.timeout_s:g} s", "timeout")
@@ -204,9 +204,7 @@ def create_app(engine: Engine, *, served_name: str = "cpet-base", api_key: str |
                 yield f"data: {json.dumps(chunk('', result['finish_reason']))}\n\n"
                 yield "data: [DONE]\n\n"
                 return
-            finally:  # closed mid-stream (the client went away, once the server drops the generator): free the row.
-                # Best effort: when the generator is closed depends on the ASGI server (uvicorn with ASGI 2.4 keeps
-                # streaming to a gone client), so a stream may still run to max_tokens; requests are bounded by it.
+            finally:  # closed mid-stream (the ASGI server cancelled the response): free the row all the same
                 if not request.future.done():
                     request.cancelled = True
             errors.labels(str(error.status)).inc()
@@ -245,7 +243,7 @@ def create_app(engine: Engine, *, served_name: str = "cpet-base", api_key: str |
             if len(requests) != 1:
                 raise ServingError(400, "streaming takes one prompt")
             submit(requests[0])
-            return stream(requests[0], lambda text, reason: {
+            return stream(request, requests[0], lambda text, reason: {
                 "id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
                 "choices": [{"index": 0, "text": text, "finish_reason": reason, "logprobs": None}]})
         submit_all(requests)
@@ -268,7 +266,7 @@ def create_app(engine: Engine, *, served_name: str = "cpet-base", api_key: str |
         r = generation(data, chat_prompt(engine.tokenizer, messages))
         submit(r)
         if data.get("stream"):
-            return stream(r, lambda text, reason: {
+            return stream(request, r, lambda text, reason: {
                 "id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
                 "choices": [{"index": 0, "delta": {"role": "assistant", "content": text} if text else {},
                              "finish_reason": reason}]})
@@ -341,6 +339,36 @@ def create_app(engine: Engine, *, served_name: str = "cpet-base", api_key: str |
         return {"lora_name": data.get("lora_name"), "unloaded": True}
 
     return app
+
+
+STREAM_POLL_S = 0.02  # how often a stream with no new token looks at its queue and at the client
+
+
+async def pieces(http: Request, request: GenerationRequest, timeout_s: float):
+    """The text pieces of a streamed ``request`` as the scheduler sends them, until its end (or its error).
+
+    Before each piece it asks the ASGI server whether the client is still there: when it is gone the request is
+    cancelled (the scheduler frees its batch slot at the next step) and the pieces stop. Waiting on the
+    scheduler's queue by polling keeps the event loop free and the check on the client regular, whether or not
+    the ASGI server closes the stream itself (uvicorn with ASGI 2.4 keeps sending to a gone client).
+    Raises ``queue.Empty`` when no piece came within ``timeout_s`` seconds.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if await http.is_disconnected():
+            request.cancelled = True
+            return
+        try:
+            piece = request.events.get_nowait()
+        except queue.Empty:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(STREAM_POLL_S)
+            continue
+        if piece is None:
+            return
+        deadline = time.monotonic() + timeout_s
+        yield piece
 
 
 async def _in_thread(func, *args):

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 from cpet.compress import CompressedBase, compress
 from cpet.compress.quantize import keep_4bit_layout
 from cpet.config import PruneConfig, QuantizeConfig
-from cpet.models import layer_linears, tiny_model
+from cpet.models import layer_linears, tiny_config, tiny_model
 from cpet.recovery import dequantized_weight
 
 IDS = torch.tensor([[5, 17, 99, 3, 42, 8, 120]])
@@ -57,6 +57,23 @@ def test_quantized_base_reloads_without_the_original(tmp_path, method):
     records = again.manifest.stages
     assert [r.config["stage"] for r in records] == ["prune", "quantize"]
     assert records[1].bytes_after < records[1].bytes_before
+
+
+@pytest.mark.parametrize("method, embeddings", [("int8", False), ("nf4", False), ("nf4", True)])
+def test_a_bf16_base_stays_bf16_through_quantization_and_reload(method, embeddings, tmp_path):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama"), dtype=torch.bfloat16)
+    base = compress(model, [QuantizeConfig(method, embeddings=embeddings)], progress=False)
+
+    def unquantized_dtypes(m):
+        return {p.dtype for name, p in m.named_parameters() if "norm" in name}
+
+    assert unquantized_dtypes(base.model) == {torch.bfloat16}  # not widened to float32
+    base.save(tmp_path / "b")
+    again = CompressedBase.load(tmp_path / "b")
+    assert unquantized_dtypes(again.model) == {torch.bfloat16}
+    with torch.no_grad():
+        assert torch.equal(again.model(IDS).logits, base.model(IDS).logits)
 
 
 def test_only_named_modules_are_quantized():

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import queue
 import re
 import shutil
 from argparse import Namespace
+from types import SimpleNamespace
 
 import httpx
 import pytest
 
 from cpet.serve.scheduler import GenerationRequest, QueueFull, Scheduler
+from cpet.serve.server import pieces
 from tests.serve.test_engine import served  # noqa: F401  (the module-scoped pipeline fixture)
 
 KEY = "secret-token"
@@ -240,7 +244,6 @@ def test_the_scheduler_refuses_an_empty_batch_or_queue(kwargs, message):
 
 def test_serve_binds_its_port_before_loading_and_says_so_only_once_bound(capsys, monkeypatch):
     import socket
-    from types import SimpleNamespace
 
     import uvicorn
 
@@ -348,3 +351,66 @@ def test_sampling_over_http_is_seeded_and_samples(server):
     assert sampled == text(temperature=1.0, seed=3)
     assert {text(temperature=1.0, seed=seed) for seed in (4, 5)} | {text()} != {sampled}
 
+
+
+def test_a_client_that_leaves_a_stream_frees_its_batch_slot(server, monkeypatch):
+    import threading
+    import time
+
+    url, app, _, _ = server
+    scheduler, engine = app.state.scheduler, app.state.engine
+    forward = engine.forward
+    started = threading.Event()
+
+    def slow_forward(*args, **kwargs):  # ~64 tokens would take >3 s: the disconnect comes long before the end
+        started.set()
+        time.sleep(0.05)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "forward", slow_forward)
+    body = {"model": "plain", "prompt": "the quick", "max_tokens": 64, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=20) as response:
+        next(line for line in response.iter_lines() if line)  # the first token arrived
+        run = scheduler.running[0]
+    result = run.request.future.result(timeout=10)  # the client is gone: the request ends early
+    monkeypatch.undo()
+    assert started.is_set()
+    assert result["finish_reason"] == "stop" and result["tokens"] < 32
+
+
+class Client:
+    """Answers ``is_disconnected`` as an ASGI request would: connected for ``stays`` checks, then gone."""
+
+    def __init__(self, stays: int):
+        self.stays, self.checks = stays, 0
+
+    async def is_disconnected(self) -> bool:
+        self.checks += 1
+        return self.checks > self.stays
+
+
+def streamed(client: Client, request, timeout_s: float = 5.0) -> list[str]:
+    async def collect():
+        return [piece async for piece in pieces(client, request, timeout_s)]
+
+    return asyncio.run(collect())
+
+
+def queued_request(*events):
+    request = SimpleNamespace(events=queue.Queue(), cancelled=False)
+    for event in events:
+        request.events.put(event)
+    return request
+
+
+def test_a_stream_notices_a_gone_client_itself_and_cancels_its_request():
+    # an ASGI server that keeps the stream open (uvicorn with ASGI 2.4) never cancels it: the stream must look
+    request = queued_request("a", "b", "c", "d", None)
+    assert streamed(Client(stays=2), request) == ["a", "b"] and request.cancelled
+    request = queued_request("a", "b", None)
+    assert streamed(Client(stays=100), request) == ["a", "b"] and not request.cancelled
+
+
+def test_a_stream_with_no_new_token_within_the_timeout_raises_empty():
+    with pytest.raises(queue.Empty):
+        streamed(Client(stays=10 ** 6), queued_request("a"), timeout_s=0.1)
