@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 ADAPTER_META = "cpet.json"
 MODEL_CARD = "README.md"
+_CUT_WORDS = {"text_end": "the text losing its end", "left": "from the left"}  # cpet.data.prompts.PROMPT_CUTS
 
 
 def add_lora(model: nn.Module, *, rank: int, alpha: float, dropout: float,
@@ -440,7 +441,7 @@ def _card_facts(meta: dict, base_reference: str | None) -> list[tuple[str, str]]
             ("labels → verbalizer words", ", ".join(f"`{label}` → {_literal(words.get(label, label))}"
                                                    for label in meta.get("labels") or [])),
             ("prompt template", f"{_literal(meta.get('template'))} (prompts cut to {meta.get('max_prompt_tokens')} "
-                                "tokens)"),
+                                f"tokens, {_CUT_WORDS[meta.get('prompt_cut', 'left')]})"),
             ("base", (f"compressed base `{meta.get('base_id')}`" if on_compressed else "the original model")
              + (f" at `{base_reference}`" if base_reference else "")),
             ("source model", source)]

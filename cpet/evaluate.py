@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data.prompts import fit_prompt
+from .data.prompts import PROMPT_CUT, fit_prompt
 
 # Prompts are cut to this many tokens unless told otherwise (the text loses its end, the template nothing:
 # cpet.data.prompts.fit_prompt); an adapter records the value it was trained with
@@ -245,12 +245,12 @@ class AccuracyResult:
 
 def classification_accuracy(model: nn.Module, tokenizer, texts: Sequence[str], gold: Sequence[str], *,
                             template, verbalizer, labels: Sequence[str], batch_size: int = 8,
-                            max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS, progress: bool = False
-                            ) -> AccuracyResult:
+                            max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS, prompt_cut: str = PROMPT_CUT,
+                            progress: bool = False) -> AccuracyResult:
     """Accuracy of predicting ``argmax_label log p(verbalizer[label] | template(text))``.
 
-    Prompts are fitted to ``max_prompt_tokens`` (:func:`cpet.data.prompts.fit_prompt`: the text loses its end):
-    pass the value an adapter was trained with.
+    Prompts are fitted to ``max_prompt_tokens`` (:func:`cpet.data.prompts.fit_prompt`: the text loses its end, or
+    with ``prompt_cut="left"`` the prompt its start): pass the values an adapter was trained with.
 
     ``template`` has ``format(text) -> str``; ``verbalizer.label_words`` maps each label to its word.
     """
@@ -260,7 +260,7 @@ def classification_accuracy(model: nn.Module, tokenizer, texts: Sequence[str], g
     if unknown:
         raise ValueError(f"gold labels {unknown} are not among the task labels {list(labels)}")
     words = [verbalizer.label_words[label] for label in labels]
-    prompts = [fit_prompt(template, text, tokenizer, max_prompt_tokens) for text in texts]
+    prompts = [fit_prompt(template, text, tokenizer, max_prompt_tokens, prompt_cut) for text in texts]
     scores = label_logprobs(model, tokenizer, prompts, words, batch_size=batch_size,
                             max_prompt_tokens=max_prompt_tokens, progress=progress)
     predicted = [labels[i] for i in scores.argmax(dim=-1).tolist()]

@@ -45,7 +45,7 @@ from .compress.calibration import input_rms
 from .compress.manifest import ORIGINAL_BASE_ID
 from .config import stage_config_to_dict
 from .data import template_for, verbalizer_for
-from .data.prompts import PromptTemplate, Verbalizer
+from .data.prompts import PROMPT_CUT, PromptTemplate, Verbalizer, prompt_cut_of
 from .data.tasks import as_task, examples_sha256, task_key, task_source_of  # noqa: F401  (task_key: re-exported)
 from .models import EMBEDDED, LoadedBase, hub_id_of, load_base, saved_tokenizer
 from .recovery import (PER_TASK, SHARED, RecoveryConfig, RecoverySet, check_trained_with, init_from_residuals,
@@ -404,6 +404,7 @@ class CPET:
                 "labels": list(task.labels), "label_words": verbalizer.label_words,
                 "template": template.template, "on": on, "init": init,
                 "recovery": recovery, "tune_config": config.to_dict(), "max_prompt_tokens": config.max_prompt_tokens,
+                "prompt_cut": PROMPT_CUT,
                 "inherited_from": str(source.directory) if source else None,
                 "inherited_sha256": source.weights_sha256 if source else None,
                 **inheritance_facts(task.name, source if init == "inherit" or per_task is not None else None),
@@ -412,7 +413,7 @@ class CPET:
                     "source_fingerprint": self.source_fingerprint, "init": init, "recovery": recovery,
                     "inherited_sha256": meta["inherited_sha256"],
                     "shared_recovery_sha256": (meta["shared_recovery"] or {}).get("sha256"),
-                    "per_task_recovery": meta["per_task_recovery"],
+                    "per_task_recovery": meta["per_task_recovery"], "prompt_cut": PROMPT_CUT,
                     "target_modules": target_module_names(peft_model.peft_config["default"].target_modules)}
 
         base_reference = self._base_reference(on, out_dir / "adapter")
@@ -663,6 +664,8 @@ class CPET:
                                  f"scoring it with {max_prompt_tokens} would measure another model")
             max_prompt_tokens = trained_with or max_prompt_tokens
         max_prompt_tokens = max_prompt_tokens or DEFAULT_MAX_PROMPT_TOKENS
+        # a CPET adapter is scored with the cut it was trained with; a bare model or plain PEFT one with today's
+        prompt_cut = prompt_cut_of(source.meta) if source is not None and source.is_cpet else PROMPT_CUT
         template, verbalizer = _prompts_for(task, meta if source is not None else {})
         examples = task.split(split)[:limit] if limit else task.split(split)
         gold = [e.label for e in examples]
@@ -670,7 +673,7 @@ class CPET:
             result = classification_accuracy(model, self.tokenizer, [e.text for e in examples], gold,
                                              template=template, verbalizer=verbalizer,
                                              labels=task.labels, batch_size=batch_size,
-                                             max_prompt_tokens=max_prompt_tokens)
+                                             max_prompt_tokens=max_prompt_tokens, prompt_cut=prompt_cut)
         out = {"task": task.name, "split": split, **result.to_dict(), "max_prompt_tokens": max_prompt_tokens,
                "majority_baseline": max(gold.count(label) for label in task.labels) / len(gold)}
         if with_predictions:

@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .assets import atomic_path
-from .data.prompts import fit_prompt
+from .data.prompts import LEGACY_PROMPT_CUT, fit_prompt
 from .evaluate import DEFAULT_MAX_PROMPT_TOKENS, classification_accuracy, encode_prompt_and_label
 
 @dataclass
@@ -192,6 +192,11 @@ def save_resume_state(directory: Path, model: nn.Module, optimizer: torch.optim.
         (tmp / "state.json").write_text(json.dumps({"step": step, **extra}, indent=2))
 
 
+# Identity facts whose absence from a resume state says their value: a state from before CPET recorded
+# "prompt_cut" was trained on left-cut prompts.
+LEGACY_FACTS = {"prompt_cut": LEGACY_PROMPT_CUT}
+
+
 def check_resume_config(directory: Path, config: TuneConfig, identity: dict | None = None) -> None:
     """Refuse to resume a run made with other hyper-parameters or for something else, naming each difference.
 
@@ -209,10 +214,12 @@ def check_resume_config(directory: Path, config: TuneConfig, identity: dict | No
             raise ValueError(f"resume state in {directory} does not record what it was trained for (written by an "
                              f"older CPET): {fix}")
         now_id = json.loads(json.dumps(identity))
-        # a fact the saved state does not record (written by a CPET that did not record it yet) is not compared
-        differs = sorted(k for k in state["identity"] if state["identity"][k] != now_id.get(k))
+        # a fact the saved state does not record (written by a CPET that did not record it yet) is not compared,
+        # unless its absence says what it was (LEGACY_FACTS)
+        recorded = {**{k: v for k, v in LEGACY_FACTS.items() if k in now_id}, **state["identity"]}
+        differs = sorted(k for k in recorded if recorded[k] != now_id.get(k))
         if differs:
-            detail = ", ".join(f"{key} {state['identity'].get(key)!r} -> {now_id.get(key)!r}" for key in differs)
+            detail = ", ".join(f"{key} {recorded.get(key)!r} -> {now_id.get(key)!r}" for key in differs)
             raise ValueError(f"resume state in {directory} was trained for something else ({detail}): {fix}")
     if state.get("step", 0) > config.steps:  # the loop would not run: the longer run would come back unchanged
         raise ValueError(f"resume state in {directory} has already trained {state['step']} steps, more than the "

@@ -342,6 +342,11 @@ def test_resume_for_another_purpose_is_refused_naming_each_difference(built, tmp
                             progress=False)
     assert resumed.meta["tune_config"]["steps"] == 3
     state = json.loads(state_path.read_text())
+    del state["identity"]["prompt_cut"]  # written before CPET recorded the cut: trained on left-cut prompts
+    state_path.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=r"prompt_cut 'left' -> 'text_end'"):
+        pipeline.tune(task, config=TuneConfig(**{**config.to_dict(), "steps": 4}), name="guarded", progress=False)
+    state = json.loads(state_path.read_text())
     del state["identity"]
     state_path.write_text(json.dumps(state))
     with pytest.raises(ValueError, match="does not record what it was trained for"):
@@ -385,6 +390,22 @@ def test_corrupt_adapter_metadata_names_its_file(built, tmp_path):
     (copy_dir / "cpet.json").write_text("{")
     with pytest.raises(ValueError, match=r"broken/cpet.json is not valid JSON .*tune the adapter again"):
         read_adapter_meta(copy_dir)
+
+
+def test_an_adapter_is_scored_with_the_prompt_cut_it_was_trained_with(built, tmp_path, monkeypatch):
+    import cpet.evaluate
+
+    pipeline, task, original, _ = built
+    assert original.meta["prompt_cut"] == "text_end"
+    legacy = copied_adapter(original, tmp_path / "legacy")
+    meta = json.loads((legacy / "cpet.json").read_text())
+    del meta["prompt_cut"]  # an adapter trained before CPET recorded the cut: on left-cut prompts
+    (legacy / "cpet.json").write_text(json.dumps(meta))
+    cuts, fit = [], cpet.evaluate.fit_prompt
+    monkeypatch.setattr(cpet.evaluate, "fit_prompt", lambda *args: cuts.append(args[4]) or fit(*args))
+    for adapter in (original, legacy, None):
+        pipeline.evaluate(adapter, task, limit=2, on="original")
+    assert cuts == ["text_end"] * 2 + ["left"] * 2 + ["text_end"] * 2
 
 
 def test_one_prompt_length_for_training_validation_and_scoring(built, monkeypatch):

@@ -103,20 +103,7 @@ def _load_plain(directory: Path, device) -> nn.Module:
 
     device = torch.device(device)
     device_map = {"": device.index or 0} if device.type == "cuda" else "cpu"
-    return AutoModelForCausalLM.from_pretrained(str(directory), dtype=saved_dtype(directory), device_map=device_map)
-
-
-def saved_dtype(directory: Path) -> torch.dtype:
-    """The dtype the base was saved in (``config.json``'s ``dtype``, which ``save_pretrained`` writes), so that a
-    bf16 base reloads in bf16; float32 where the config names none."""
-    import json
-
-    name = json.loads((directory / "config.json").read_text()).get("dtype") or "float32"
-    dtype = getattr(torch, str(name).removeprefix("torch."), None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"{directory}/config.json names dtype {name!r}, not a torch floating-point dtype: "
-                         "restore the file, or compress again")
-    return dtype
+    return AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32, device_map=device_map)
 
 
 def _load_rebuilt(directory: Path, stages: list, index_maps: IndexMaps) -> nn.Module:
@@ -125,7 +112,7 @@ def _load_rebuilt(directory: Path, stages: list, index_maps: IndexMaps) -> nn.Mo
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(str(directory))
-    model = _rebuild(AutoModelForCausalLM.from_config(config, dtype=saved_dtype(directory)), stages, index_maps)
+    model = _rebuild(AutoModelForCausalLM.from_config(config, dtype=torch.float32), stages, index_maps)
     state = {}
     for path in sorted(directory.glob("*.safetensors")):
         if path.name != INDEX_MAPS_FILE:

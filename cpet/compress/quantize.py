@@ -154,7 +154,7 @@ def _bnb_layer(linear: nn.Linear, config: QuantizeConfig, weight: torch.Tensor |
         layer.weight = bnb.nn.Params4bit(data, requires_grad=False, quant_type=config.method.value,
                                          compress_statistics=config.double_quant)
     if bias:
-        layer.bias = nn.Parameter(linear.bias.detach().float().clone(), requires_grad=False)
+        layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)  # its dtype, as the model's
     return keep_4bit_layout(layer.to(device))
 
 

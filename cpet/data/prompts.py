@@ -6,6 +6,7 @@ of each label word after the prompt (:func:`cpet.evaluate.label_logprobs`).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 
@@ -30,39 +31,71 @@ class PromptTemplate:
 ELLIPSIS = " …"  # marks a text cut short, by characters (PromptTemplate.max_chars) or by tokens (fit_prompt)
 
 
-def fit_prompt(template, text: str, tokenizer, max_tokens: int) -> str:
-    """``template.format(text)``, its text cut at a word boundary (and marked with :data:`ELLIPSIS`) until the whole
-    prompt is at most ``max_tokens`` tokens.
+# How a prompt over the token limit is cut, as an adapter's cpet.json records it ("prompt_cut"):
+#   "text_end": the text loses its end and the template nothing (fit_prompt; adapters trained since 213802e);
+#   "left": the whole prompt loses its first tokens (adapters whose cpet.json names no cut were trained so).
+PROMPT_CUT = "text_end"
+LEGACY_PROMPT_CUT = "left"
+PROMPT_CUTS = (PROMPT_CUT, LEGACY_PROMPT_CUT)
+
+
+def prompt_cut_of(meta: dict) -> str:
+    """The cut a CPET adapter was trained with, from its ``cpet.json``: scoring and serving cut its prompts the
+    same way (an adapter from before the key was recorded was trained on left-cut prompts)."""
+    cut = meta.get("prompt_cut", LEGACY_PROMPT_CUT)
+    if cut not in PROMPT_CUTS:
+        raise ValueError(f"cpet.json names prompt_cut {cut!r}; this CPET knows {list(PROMPT_CUTS)}: upgrade CPET")
+    return cut
+
+
+def fit_prompt(template, text: str, tokenizer, max_tokens: int, cut: str = PROMPT_CUT) -> str:
+    """``template.format(text)``, its text cut (and marked with :data:`ELLIPSIS`) until the whole prompt is at most
+    ``max_tokens`` tokens.
 
     The text loses its end, the template nothing: the instruction before the slot and the answer cue after it
     stay whole, and the text keeps its beginning (an email's subject, a passage's first words). Cutting the
     tokens off the left instead would drop the instruction and the subject first. The cut keeps the most
-    words that fit (a binary search, tokenising the whole prompt, so merges at the slot's edges are counted).
-    When not even the template with no words fits, that shortest prompt is returned and the encoder's left
-    truncation (:func:`cpet.evaluate.encode_prompt_and_label`) cuts it.
+    words that fit (a binary search over the text's word ends, tokenising the whole prompt, so merges at the
+    slot's edges are counted); when not even the first word fits (a long URL, a text without spaces), the most
+    characters of it that do. When the template alone, with no text, is over the limit, the uncut prompt is
+    returned and the encoder's left truncation (:func:`cpet.evaluate.encode_prompt_and_label`) cuts it, as it
+    cuts every prompt with ``cut="left"`` (:data:`LEGACY_PROMPT_CUT`, for adapters trained so).
 
     ``template`` has ``format(text) -> str`` (a :class:`PromptTemplate`).
     """
+    if cut not in PROMPT_CUTS:
+        raise ValueError(f"cut must be one of {list(PROMPT_CUTS)}, got {cut!r}")
+
     def length(prompt: str) -> int:
         return len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
     prompt = template.format(text)
-    if length(prompt) <= max_tokens:
+    if cut == LEGACY_PROMPT_CUT or length(prompt) <= max_tokens:
         return prompt
-    words = text.split(" ")
 
-    def cut(kept: int) -> str:
-        head = " ".join(words[:kept]).rstrip()
+    def cut_at(end: int) -> str:
+        head = text[:end].rstrip()
         return template.format(head + ELLIPSIS if head else ELLIPSIS.strip())
 
-    low, high = 0, len(words) - 1  # the answer lies in [low, high]: `low` words are kept when nothing more fits
-    while low < high:
-        middle = (low + high + 1) // 2
-        if length(cut(middle)) <= max_tokens:
-            low = middle
-        else:
-            high = middle - 1
-    return cut(low)
+    def longest(ends: list[int]) -> int | None:
+        """The last of the increasing ``ends`` whose cut fits, or None."""
+        low, high = -1, len(ends) - 1  # the answer's index lies in [low, high]; -1: none fits
+        while low < high:
+            middle = (low + high + 1) // 2
+            if length(cut_at(ends[middle])) <= max_tokens:
+                low = middle
+            else:
+                high = middle - 1
+        return ends[low] if low >= 0 else None
+
+    if length(cut_at(0)) > max_tokens:
+        return prompt
+    word_ends = [match.start() for match in re.finditer(r"\s+", text) if match.start() > 0]
+    end = longest(word_ends)
+    if end is None:  # not even the first word fits: as many of its characters as do
+        first_word = word_ends[0] if word_ends else len(text)
+        end = longest(list(range(1, first_word))) or 0
+    return cut_at(end)
 
 
 @dataclass(frozen=True)

@@ -282,7 +282,7 @@ class Engine:
         template, verbalizer and prompt length (its ``cpet.json``), scored as CPET scores
         (:func:`cpet.evaluate.label_logprobs`: a label's log-probability is the sum over its tokens), all rows in
         one mixed batch; probabilities are the softmax of the label scores."""
-        from ..data.prompts import PromptTemplate, fit_prompt
+        from ..data.prompts import PromptTemplate, fit_prompt, prompt_cut_of
         from ..evaluate import (DEFAULT_MAX_PROMPT_TOKENS, encode_prompt_and_label, label_sequences, label_token_ids,
                                 padded, store_sequence_score)
 
@@ -296,7 +296,7 @@ class Engine:
             label_ids = label_token_ids(self.tokenizer, words)
             limit = meta.get("max_prompt_tokens") or DEFAULT_MAX_PROMPT_TOKENS
             template = PromptTemplate(meta.get("template") or PromptTemplate.template)
-            prompt = fit_prompt(template, text, self.tokenizer, limit)
+            prompt = fit_prompt(template, text, self.tokenizer, limit, prompt_cut_of(meta))
             prompt_ids = encode_prompt_and_label(self.tokenizer, prompt, words[0], limit)[0]
             labels_of.append((labels, label_ids))
             sequences += [(loaded, index, *seq) for seq in label_sequences(prompt_ids, label_ids)]

@@ -348,9 +348,11 @@ async def pieces(http: Request, request: GenerationRequest, timeout_s: float):
     """The text pieces of a streamed ``request`` as the scheduler sends them, until its end (or its error).
 
     Before each piece it asks the ASGI server whether the client is still there: when it is gone the request is
-    cancelled (the scheduler frees its batch slot at the next step) and the pieces stop. Waiting on the
-    scheduler's queue by polling keeps the event loop free and the check on the client regular, whether or not
-    the ASGI server closes the stream itself (uvicorn with ASGI 2.4 keeps sending to a gone client).
+    cancelled (the scheduler frees its batch slot at the next step) and the pieces stop. Starlette cancels a
+    stream itself where the server reports the disconnect to ``receive`` (ASGI spec < 2.4, uvicorn's HTTP today);
+    from spec 2.4 on it waits for a send to fail, which a server need not do, so the stream checks too. Polling
+    the scheduler's queue, instead of blocking on it in a worker thread, keeps the event loop free and lets a
+    cancellation close the stream at once.
     Raises ``queue.Empty`` when no piece came within ``timeout_s`` seconds.
     """
     deadline = time.monotonic() + timeout_s

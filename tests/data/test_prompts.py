@@ -2,7 +2,8 @@
 
 import pytest
 
-from cpet.data.prompts import ELLIPSIS, PromptTemplate, fit_prompt
+from cpet.data.prompts import (ELLIPSIS, LEGACY_PROMPT_CUT, PROMPT_CUT, PromptTemplate, fit_prompt,
+                               prompt_cut_of)
 from cpet.evaluate import encode_prompt_and_label
 from cpet.models import byte_tokenizer
 
@@ -34,12 +35,36 @@ def test_a_long_text_keeps_its_beginning_and_the_whole_template(limit):
     assert n_tokens(tokenizer, TEMPLATE.format(one_more + ELLIPSIS)) > limit
 
 
-def test_a_template_too_long_for_the_limit_keeps_no_words_and_encoding_cuts_it_from_the_left():
+def test_a_template_too_long_for_the_limit_is_cut_from_the_left_by_the_encoder():
     tokenizer = byte_tokenizer()
-    prompt = fit_prompt(TEMPLATE, "many words " * 20, tokenizer, 10)
-    assert prompt == TEMPLATE.format(ELLIPSIS.strip())
+    text = "many words " * 20
+    prompt = fit_prompt(TEMPLATE, text, tokenizer, 10)
+    assert prompt == TEMPLATE.format(text)  # no room for any text: the old cut, which keeps the text's end
     ids, _ = encode_prompt_and_label(tokenizer, prompt, " spam", 10)
     assert tokenizer.decode(ids) == prompt[-10:]
+
+
+# (text, the fewest tokens the fitted prompt may have): a first word longer than the room is cut by characters,
+# to the last one that fits; words between newlines are words too (cut at a word end: up to 5 tokens unused)
+@pytest.mark.parametrize("text, fewest", [("x" * 200, 60), ("https://example.com/" + "a" * 100 + " tail", 60),
+                                          ("line\n" * 40, 55)])
+def test_a_text_without_a_word_that_fits_keeps_what_fits_of_its_start(text, fewest):
+    tokenizer = byte_tokenizer()
+    prompt = fit_prompt(TEMPLATE, text, tokenizer, 60)
+    kept = prompt[len("Email: "):-len(ELLIPSIS + "\nSpam or ham:")]
+    assert fewest <= n_tokens(tokenizer, prompt) <= 60
+    assert kept and text.startswith(kept)
+
+
+def test_the_legacy_cut_leaves_the_prompt_to_the_encoder_and_unknown_cuts_are_refused():
+    tokenizer = byte_tokenizer()
+    text = "w " * 100
+    assert fit_prompt(TEMPLATE, text, tokenizer, 20, cut=LEGACY_PROMPT_CUT) == TEMPLATE.format(text)
+    with pytest.raises(ValueError, match="cut must be one of"):
+        fit_prompt(TEMPLATE, text, tokenizer, 20, cut="middle")
+    assert prompt_cut_of({}) == LEGACY_PROMPT_CUT and prompt_cut_of({"prompt_cut": PROMPT_CUT}) == PROMPT_CUT
+    with pytest.raises(ValueError, match="upgrade CPET"):
+        prompt_cut_of({"prompt_cut": "middle"})
 
 
 def test_the_character_cut_and_the_token_cut_mark_the_text_once():
