@@ -441,7 +441,7 @@ def _card_facts(meta: dict, base_reference: str | None) -> list[tuple[str, str]]
             ("labels → verbalizer words", ", ".join(f"`{label}` → {_literal(words.get(label, label))}"
                                                    for label in meta.get("labels") or [])),
             ("prompt template", f"{_literal(meta.get('template'))} (prompts cut to {meta.get('max_prompt_tokens')} "
-                                f"tokens, {_CUT_WORDS[meta.get('prompt_cut', 'left')]})"),
+                                f"tokens, {_CUT_WORDS.get(meta.get('prompt_cut', 'left'), meta.get('prompt_cut'))})"),
             ("base", (f"compressed base `{meta.get('base_id')}`" if on_compressed else "the original model")
              + (f" at `{base_reference}`" if base_reference else "")),
             ("source model", source)]
