@@ -15,9 +15,15 @@ CPET maps (SiLU/GLU, ReLU, GELU) and for compressed bases. Neuron ``i`` adds ``a
 - **PPL-p% sparsity**: the global CETT target whose per-layer thresholds raise perplexity by ``p`` percent
   (bisection on the target), and the activation ratio reached there.
 
-The training-free baseline (:func:`magnitude_thresholds`, as TEAL / CATS do) thresholds ``|a_i|`` per layer at
-the quantile that keeps a given share of neurons active, so that other methods (MoEfication) can be compared
-with it at the same share of active neurons. :class:`ActivationMask` applies either kind of threshold while a
+``y`` leaves out the down linear's bias (OPT and Phi have one): CETT is the error of dropping neurons relative to
+what the neurons carry, and a layer whose neurons carry nothing is skipped (no division by zero). CETT is a mean
+of per-token ratios, so a token with a tiny ``||y||`` weighs as much as any other.
+
+The training-free baseline (:func:`magnitude_thresholds`; TEAL-style, on the down linear's input only, where
+TEAL thresholds the input of every projection and CATS the gate's activation) thresholds ``|a_i|`` per layer at
+the quantile that keeps a given share of neurons active; :func:`matched_magnitude_baseline` moves that share
+until the share measured on the evaluation text matches, so that other methods (PPL-p% sparsity, MoEfication)
+are compared with it at the same share of active neurons. :class:`ActivationMask` applies either kind of threshold while a
 model runs (dense computation followed by a mask: it measures quality, not speed).
 """
 
@@ -100,6 +106,8 @@ class FFNActivations:
         """The largest ``eps`` (to bisection precision) whose CETT does not exceed ``target`` in ``[0, 1]``."""
         if not 0.0 <= target <= 1.0:
             raise ValueError(f"a CETT target is in [0, 1], got {target}")
+        if iterations < 1:
+            raise ValueError(f"the threshold bisection needs iterations >= 1, got {iterations}")
         contributions = self.contributions(layer)
         low, high = 0.0, float(contributions.max()) * (1 + 1e-6) + 1e-12
         if target >= 1.0:
@@ -117,8 +125,14 @@ class FFNActivations:
                             ) -> list[float]:
         """Per-layer thresholds for ``target``, searched on ``search_tokens`` tokens (each CETT probe is a
         ``[tokens, n] x [n, hidden]`` matmul per layer: on SmolLM2-135M, all 2,048 tokens cost ~2.5 s a layer)."""
+        _check_search_tokens(search_tokens)
         sample = self.subsample(search_tokens)
         return [sample.threshold_for_cett(layer, target, iterations) for layer in range(self.num_layers)]
+
+
+def _check_search_tokens(search_tokens: int | None) -> None:
+    if search_tokens is not None and (isinstance(search_tokens, bool) or search_tokens < 1):
+        raise ValueError(f"search_tokens is a number of tokens >= 1 (None: all), got {search_tokens!r}")
 
 
 def _down_modules(model: nn.Module) -> list[nn.Module]:
@@ -146,6 +160,9 @@ def collect_ffn_activations(model: nn.Module, token_ids: torch.Tensor, *, batch_
 
     Memory: ``n * seq * sum(n_layer) * 4`` bytes (SmolLM2-135M, 2,048 tokens: ~380 MB).
     """
+    if token_ids.dim() != 2 or token_ids.numel() == 0:
+        raise ValueError(f"token_ids are calibration windows [n, seq] with n, seq >= 1, got shape "
+                         f"{list(token_ids.shape)}")
     downs = _down_modules(model)
     store: list[list[torch.Tensor]] = [[] for _ in downs]
     handles = [module.register_forward_pre_hook(
@@ -163,7 +180,7 @@ def collect_ffn_activations(model: nn.Module, token_ids: torch.Tensor, *, batch_
 
 
 def magnitude_thresholds(activations: FFNActivations, active_share: float) -> list[float]:
-    """Per-layer ``t`` with a share ``active_share`` of ``|a_i|`` above it on the calibration tokens (TEAL/CATS)."""
+    """Per-layer ``t`` with a share ``active_share`` of ``|a_i|`` above it on the calibration tokens (TEAL-style)."""
     if not 0.0 < active_share <= 1.0:
         raise ValueError(f"active_share is in (0, 1], got {active_share}")
     out = []
@@ -226,6 +243,9 @@ class ActivationMask:
         self._attended = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
     def __enter__(self) -> "ActivationMask":
+        if self._handles:
+            raise RuntimeError("this ActivationMask is already applied: use a new one for another run (its counts "
+                               "belong to one run)")
         self._handles = [m.register_forward_pre_hook(self._hook(i)) for i, m in enumerate(self._downs)]
         self._handles.append(self._model.register_forward_pre_hook(self._note_mask, with_kwargs=True))
         return self
@@ -252,7 +272,12 @@ class PPLPoint:
 
 @dataclass
 class PPLPResult:
-    """PPL-p% sparsity: the probe whose perplexity rise is closest to ``p`` (``points``: every probe, in order)."""
+    """PPL-p% sparsity: the probe whose perplexity rise is closest to ``p`` (``points``: every probe, in order).
+
+    ``reached``: that rise lies within ``tolerance`` percentage points of ``p``. False when the probes ran out, or
+    when no global CETT target gives such a rise (perplexity need not grow with the target on every model): the
+    result is then the closest probe, and not PPL-p% sparsity.
+    """
 
     p: float
     dense_ppl: float
@@ -262,6 +287,8 @@ class PPLPResult:
     activation_ratio: float
     thresholds: list[float]
     points: list[PPLPoint] = field(default_factory=list)
+    tolerance: float = 0.1
+    reached: bool = True
 
     @property
     def sparsity(self) -> float:
@@ -279,6 +306,11 @@ def ppl_p_sparsity(model: nn.Module, tokenizer, activations: FFNActivations, tex
     """
     if not 0 < p < math.inf:  # also refuses nan
         raise ValueError(f"p is a perplexity rise in percent (a finite number > 0), got {p}")
+    if not 0 <= tolerance < math.inf:
+        raise ValueError(f"tolerance is in percentage points (a finite number >= 0), got {tolerance}")
+    if max_probes < 1:
+        raise ValueError(f"the search needs max_probes >= 1, got {max_probes}")
+    _check_search_tokens(search_tokens)
     dense = perplexity(model, tokenizer, text, max_tokens=max_tokens).ppl
     norms = [activations.column_norms(layer) for layer in range(activations.num_layers)]
     low, high, points, best = 0.0, 1.0, [], None
@@ -295,7 +327,35 @@ def ppl_p_sparsity(model: nn.Module, tokenizer, activations: FFNActivations, tex
             break
         low, high = (target, high) if point.rise_percent < p else (low, target)
     point, thresholds = best
-    return PPLPResult(p, dense, point.cett, point.ppl, point.rise_percent, point.activation_ratio, thresholds, points)
+    return PPLPResult(p, dense, point.cett, point.ppl, point.rise_percent, point.activation_ratio, thresholds, points,
+                      tolerance, abs(point.rise_percent - p) <= tolerance)
+
+
+def matched_magnitude_baseline(model: nn.Module, tokenizer, activations: FFNActivations, text: str,
+                               active_share: float, *, max_tokens: int | None = 2048, tolerance: float = 0.005,
+                               max_probes: int = 6) -> dict:
+    """The magnitude-threshold baseline at ``active_share`` of the FFN activations kept *on* ``text``.
+
+    Quantiles from the calibration tokens land a little off on other text, so the share asked of
+    :func:`magnitude_thresholds` is corrected by the miss (``share += target - measured``) until the share
+    measured on ``text`` is within ``tolerance`` of ``active_share``, or ``max_probes`` ran; the closest probe
+    is returned: ``{"method", "target_active_share", "activation_ratio", "ppl", "thresholds", "probes"}``.
+    """
+    asked, best, probes = active_share, None, []
+    for _ in range(max_probes):
+        thresholds = magnitude_thresholds(activations, asked)
+        with ActivationMask(model, thresholds, MAGNITUDE) as mask:
+            ppl = perplexity(model, tokenizer, text, max_tokens=max_tokens).ppl
+        probes.append({"asked_share": asked, "activation_ratio": mask.active_share, "ppl": ppl})
+        if best is None or abs(mask.active_share - active_share) < abs(best[0]["activation_ratio"] - active_share):
+            best = (probes[-1], thresholds)
+        if abs(mask.active_share - active_share) <= tolerance:
+            break
+        asked = min(1.0, max(1e-6, asked + active_share - mask.active_share))
+    probe, thresholds = best
+    return {"method": "per-layer |a| quantile thresholds on the down linear's input (TEAL-style)",
+            "target_active_share": active_share, "activation_ratio": probe["activation_ratio"], "ppl": probe["ppl"],
+            "thresholds": thresholds, "probes": probes}
 
 
 def sparsity_report(model: nn.Module, tokenizer, calibration: torch.Tensor, text: str, *, cett: float = 0.2,
@@ -333,12 +393,9 @@ def sparsity_report(model: nn.Module, tokenizer, calibration: torch.Tensor, text
         found = asdict(result)
         found["sparsity"] = result.sparsity
         report["ppl_p"] = found
-        thresholds = magnitude_thresholds(activations, result.activation_ratio)
-        with ActivationMask(model, thresholds, MAGNITUDE) as mask:
-            ppl = perplexity(model, tokenizer, text, max_tokens=max_tokens).ppl
-        report["baseline"] = {"method": "per-layer |a| quantile thresholds (TEAL/CATS-style)",
-                              "target_active_share": result.activation_ratio, "activation_ratio": mask.active_share,
-                              "ppl": ppl, "rise_percent": 100 * (ppl / result.dense_ppl - 1), "thresholds": thresholds}
+        baseline = matched_magnitude_baseline(model, tokenizer, activations, text, result.activation_ratio,
+                                              max_tokens=max_tokens)
+        report["baseline"] = {**baseline, "rise_percent": 100 * (baseline["ppl"] / result.dense_ppl - 1)}
     return report
 
 
@@ -382,6 +439,7 @@ def plot_activation_ratios(report: dict, path: str | Path, title: str = "") -> P
     return path
 
 
-__all__ = ["FFNActivations", "collect_ffn_activations", "magnitude_thresholds", "ActivationMask",
+__all__ = ["FFNActivations", "collect_ffn_activations", "magnitude_thresholds", "matched_magnitude_baseline",
+           "ActivationMask",
            "ppl_p_sparsity", "PPLPResult", "PPLPoint", "sparsity_report", "plot_activation_ratios",
            "require_matplotlib"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 from .output import emit, print_table
@@ -50,10 +51,14 @@ def render(report: dict) -> None:
           f"{report['cett_target']:g} ({report['tokens']} calibration tokens)")
     found = report["ppl_p"]
     if found:
+        if not found["reached"]:
+            print(f"warning: no probe raised perplexity by {found['p']:g}% within {found['tolerance']:g} points; "
+                  f"the closest is shown (every probe is in the JSON report's ppl_p.points)", file=sys.stderr)
         print(f"PPL-{found['p']:g}% sparsity: {found['sparsity']:.4f} "
               f"(activation ratio {found['activation_ratio']:.4f} "
               f"at CETT {found['cett']:.4f}; perplexity {found['dense_ppl']:.2f} -> {found['ppl']:.2f}, "
               f"+{found['rise_percent']:.2f}%)")
         base = report["baseline"]
-        print(f"magnitude-threshold baseline at activation ratio {base['activation_ratio']:.4f}: perplexity "
+        print(f"magnitude-threshold baseline at activation ratio {base['activation_ratio']:.4f} (aimed at "
+              f"{base['target_active_share']:.4f}): perplexity "
               f"{base['ppl']:.2f} (+{base['rise_percent']:.2f}%)")
