@@ -151,6 +151,14 @@ def moe_block(model: nn.Module, index: int, config: MoEfyConfig, order: torch.Te
                   top_k=config.top_k, tau=config.tau, names=names)
 
 
+def _caller_streams_kept(module: nn.Module):
+    """A context that leaves the caller's CUDA random stream as it was while modules are built on ``module``'s
+    device (expert slices draw a throwaway init there). The CPU stream is handled where it matters (the
+    router's seeded init); forking it here too would change what later unseeded draws see."""
+    device = next(module.parameters()).device
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
 def _check_ffn_formula(model: nn.Module) -> None:
     """Refuse an FFN block that is not ``down(act(gate(x)) * up(x))`` / ``down(act(up(x)))`` (checked on numbers,
     with one expert holding every neuron), before any work."""
@@ -159,16 +167,19 @@ def _check_ffn_formula(model: nn.Module) -> None:
         raise ValueError(f"family {fam.name!r} keeps its FFN linears in the decoder layer itself, not in an FFN "
                          "block that MoEfication could replace; MoEfication supports families with an MLP block")
     block = submodule(decoder_layers(model)[0], fam.mlp)
-    if layer_linears(model, 0)["up"].out_features % 2:
-        return  # an odd width: no two-expert probe (the width check refuses it anyway)
+    width = layer_linears(model, 0)["up"].out_features
+    experts = next((d for d in range(2, width + 1) if width % d == 0), None)  # the smallest split of this width
+    if experts is None:
+        return  # a one-neuron FFN: the width check refuses it
     # in fp32 whatever the model's dtype: a bf16 model's rounding is not a different formula
-    probe = moe_block(model, 0, MoEfyConfig(num_experts=2, top_k=2), order=None).float()
+    with _caller_streams_kept(block):
+        probe = moe_block(model, 0, MoEfyConfig(num_experts=experts, top_k=experts), order=None).float()
     block = copy.deepcopy(block).float()
     weight = layer_linears(model, 0)["up"].weight
     x = torch.randn(4, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.device)
     with torch.no_grad():
         dense = block(x)
-        routed = probe(x, chosen=torch.ones(4, 2, dtype=torch.bool, device=x.device))
+        routed = probe(x, chosen=torch.ones(4, experts, dtype=torch.bool, device=x.device))
     if not torch.allclose(dense, routed, atol=1e-4, rtol=1e-3):
         raise ValueError(f"family {fam.name!r}: its FFN block ({type(block).__name__}) computes something other "
                          "than down(act(gate(x)) * up(x)) or down(act(up(x))) "
@@ -235,12 +246,19 @@ class MoEfyStage:
     quantization, which then quantizes every expert slice like any linear)."""
 
     def validate(self, model: nn.Module, config: MoEfyConfig, context: StageContext, previous) -> None:
+        from .quantize import _is_quantized
+
         if any(isinstance(m, MoEFFN) for m in model.modules()):
             raise ValueError("the input model is already MoEfied: compress takes the dense original (load it again "
                              "from its source)")
+        if _is_quantized(model):
+            raise ValueError("the input model is already quantized, and MoEfication splits full-precision weights: "
+                             "MoEfy the dense model and quantize after it (QuantizeConfig after MoEfyConfig in one "
+                             "compress call)")
         if context.calibration is None:
             raise ValueError("MoEfication trains its routers on calibration text: pass calibration batches "
                              "(compress(..., calibration=calibration_ids(...)); `cpet compress` does by default)")
+        _check_calibration(context.calibration, allow_empty=True)  # CPET.check_stages passes an empty stand-in
         _check_ffn_formula(model)
         widths = planned_ffn_widths(model, previous)
         if config.num_experts > min(widths):
@@ -255,6 +273,7 @@ class MoEfyStage:
         context.custom_layout = context.custom_layout or LAYOUT_NOTE
 
     def apply(self, model: nn.Module, config: MoEfyConfig, context: StageContext):
+        _check_calibration(context.calibration)
         inputs = ffn_inputs(model, context.calibration)
         local = IndexMaps.identity(geometry(model), family_of(model).roles)
         layers = range(len(decoder_layers(model)))
@@ -264,7 +283,7 @@ class MoEfyStage:
             order = expert_order(assignment, config.num_experts)
             # the router's random init is a function of the config's seed alone, not of whatever the caller
             # drew before (validation builds modules too), and the caller's random stream is left as it was
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]), _caller_streams_kept(layer_linears(model, i)["up"]):
                 torch.manual_seed(config.seed + i)
                 block = moe_block(model, i, config, order)
                 block.router.init_from_centres(_centres(block, config.num_experts))
@@ -281,6 +300,15 @@ class MoEfyStage:
             parent, name = _ffn_parent(model, i)
             setattr(parent, name, block)
         return model
+
+
+def _check_calibration(ids, allow_empty: bool = False) -> None:
+    """Token ids ``[n, seq]`` of integers (n, seq >= 1 unless ``allow_empty``), else a ValueError saying so."""
+    if (not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point()
+            or (ids.numel() == 0 and not allow_empty)):
+        shape = list(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ValueError(f"calibration is token ids [n, seq] (integers, n and seq >= 1), got {shape}: "
+                         "use calibration_ids(tokenizer, text, n, seq)")
 
 
 def _centres(block: MoEFFN, num_experts: int) -> torch.Tensor:

@@ -174,23 +174,26 @@ class ExpertBank(nn.Module):
         if self.split != COLS:
             raise TypeError("combine() is for the column bank (down); row banks compute one expert at a time")
         dtype = parts[0].values.dtype if parts else self.experts[0].weight.dtype
-        device = parts[0].values.device if parts else None
-        out = torch.zeros(num_tokens, self.out_features, dtype=dtype, device=device)
+        device = parts[0].values.device if parts else self.experts[0].weight.device
+        # summed in at least fp32, cast once at the end: a bf16 sum of E expert outputs would round E times where
+        # the dense linear rounds once
+        total = torch.promote_types(dtype, torch.float32)
+        out = torch.zeros(num_tokens, self.out_features, dtype=total, device=device)
         for part in parts:  # one scatter per expert: joining the outputs first would copy them once more
-            out.index_add_(0, part.tokens, self.experts[part.expert](part.values).to(dtype))
+            out.index_add_(0, part.tokens, self.experts[part.expert](part.values).to(total))
         if self.bias is not None:
-            out = out + self.bias.to(dtype)
+            out = out + self.bias.to(total)
         for path in (*self.active_side_paths(), *extra):
             low = torch.zeros(num_tokens, path.A.shape[0], dtype=path.A.dtype, device=out.device)
             for part in parts:
                 cols = self.expert_slice(part.expert)
                 low.index_add_(0, part.tokens, F.linear(path.dropout(part.values).to(path.A.dtype), path.A[:, cols]))
-            out = out + (F.linear(path.act(low), path.B) * path.scale).to(dtype)
+            out = out + (F.linear(path.act(low), path.B) * path.scale).to(total)
         for routed in self._routed_paths.values():
             delta = routed(parts, num_tokens)
             if delta is not None:
-                out = out + delta.to(dtype)
-        return out
+                out = out + delta.to(total)
+        return out.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The dense linear (every expert on every token): ``[..., in_features] -> [..., out_features]``.

@@ -123,6 +123,8 @@ class MoEFFN(nn.Module):
     def forward(self, x: torch.Tensor, chosen: torch.Tensor | None = None) -> torch.Tensor:
         """``x [..., hidden] -> [..., hidden]``; ``chosen`` ``[T, E]`` overrides the router (oracle, tests)."""
         shape = x.shape
+        if x.numel() == 0:  # no token to route (an empty batch): nothing is computed
+            return torch.zeros_like(x)
         tokens = x.reshape(-1, shape[-1])
         if chosen is None:
             chosen = self.choose(tokens)

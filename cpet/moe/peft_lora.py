@@ -39,6 +39,12 @@ class ExpertBankLora(nn.Module, LoraLayer):
     def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
         return module.in_features, module.out_features
 
+    def _get_base_layer_device_and_dtype(self, base_layer):
+        # an ExpertBank has no weight of its own, so peft would find no device or dtype and leave the adapter on the
+        # CPU in fp32 while the bank is on CUDA: its first expert slice answers for it (a bitsandbytes slice with
+        # its compute dtype, as peft reads a quantized linear)
+        return super()._get_base_layer_device_and_dtype(base_layer.experts[0])
+
     @property
     def bank(self) -> ExpertBank:
         return self.get_base_layer()

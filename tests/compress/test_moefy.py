@@ -332,3 +332,33 @@ def test_routers_trained_on_other_calibration_give_another_base_id():
     assert again.base_id == one.base_id  # the same calibration: the same id
     dense = compress(model, [PruneConfig(ffn_ratio=0.5, importance="magnitude")], progress=False)
     assert dense.manifest.trained_digest == "" and "trained_digest" not in dense.manifest.identity_payload()
+
+
+def test_an_ffn_that_computes_something_else_is_refused_whatever_its_width(monkeypatch):
+    # 129 neurons: odd, so no two-expert probe; three experts divide it
+    model = tiny_model("llama", intermediate_size=129).model
+    block = model.model.layers[0].mlp
+    dense = block.forward
+    monkeypatch.setattr(block, "forward", lambda x: 2 * dense(x) + 1)  # not down(act(gate(x)) * up(x))
+    _no_work(monkeypatch)
+    with pytest.raises(ValueError, match="computes something other than down"):
+        compress(model, [MoEfyConfig(num_experts=3, top_k=1)], calibration=_calibration(model), progress=False)
+
+
+def test_quantized_input_and_malformed_calibration_are_refused_before_any_work(monkeypatch):
+    loaded = tiny_model("llama")
+    quantized = compress(loaded.model, [QuantizeConfig("nf4")], progress=False).model
+    _no_work(monkeypatch)
+    with pytest.raises(ValueError, match="already quantized"):
+        compress(quantized, [MoEfyConfig(num_experts=4)], calibration=_calibration(loaded.model), progress=False)
+    good = _calibration(loaded.model)
+    for bad in (good[0], good[:0], good.float()):
+        with pytest.raises(ValueError, match=r"calibration is token ids \[n, seq\]"):
+            compress(loaded.model, [MoEfyConfig(num_experts=4)], calibration=bad, progress=False)
+
+
+def test_a_moefied_ffn_passes_an_empty_batch_through():
+    model = tiny_model("llama").model
+    base = compress(model, [MoEfyConfig(num_experts=4, top_k=2)], calibration=_calibration(model), progress=False)
+    block = moe_blocks(base.model)[0]
+    assert block(torch.zeros(2, 0, 64)).shape == (2, 0, 64)

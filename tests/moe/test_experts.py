@@ -101,3 +101,34 @@ def test_peft_lora_on_a_bank_has_whole_ffn_shapes_and_matches_a_dense_lora():
         assert torch.allclose(wrapped.expert(e, x), reference[:, 4 * e:4 * e + 4], atol=1e-5)
     with pytest.raises(ValueError, match="cannot be merged"):
         wrapped.merge()
+
+
+def test_a_bf16_bank_sums_its_experts_in_fp32_and_rounds_once():
+    torch.manual_seed(0)
+    linear = nn.Linear(1024, 64, bias=False).to(torch.bfloat16)
+    bank = ExpertBank.from_linear(linear, 64, "cols")  # 64 experts of 16 inputs
+    x = torch.randn(32, 1024).to(torch.bfloat16)
+    every = torch.arange(32)
+    out = bank.combine([Routed(e, every, x[:, bank.expert_slice(e)]) for e in range(64)], 32)
+    exact = x.double() @ linear.weight.double().T
+    assert out.dtype == torch.bfloat16
+    # one rounding of the fp32 sum, as the dense bf16 linear rounds once (64 bf16 roundings were ~2x off)
+    dense_error = (linear(x).double() - exact).abs().max()
+    assert (out.double() - exact).abs().max() <= 1.2 * dense_error
+
+
+def test_peft_puts_a_banks_lora_in_the_banks_dtype():
+    from peft import LoraConfig, get_peft_model
+
+    from cpet.moe.peft_lora import register_bank_lora
+
+    class Block(nn.Module):
+        def __init__(self, layer):
+            super().__init__()
+            self.up_proj = layer
+
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["up_proj"])
+    register_bank_lora(config)
+    bank = ExpertBank.from_linear(_linear(8, 12).double(), 3, "rows")
+    wrapped = get_peft_model(Block(bank), config).base_model.model.up_proj
+    assert wrapped.lora_A["default"].weight.dtype == torch.float64  # as peft does for a float64 nn.Linear
