@@ -220,6 +220,7 @@ class ActivationMask:
         self._handles: list = []
         self._attended: torch.Tensor | None = None  # [batch, seq] bool of the running forward, None: all
         self.kept, self.total = 0, 0
+        self._entered = False
 
     def _hook(self, layer: int):
         def hook(module, inputs):
@@ -243,9 +244,10 @@ class ActivationMask:
         self._attended = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
     def __enter__(self) -> "ActivationMask":
-        if self._handles:
-            raise RuntimeError("this ActivationMask is already applied: use a new one for another run (its counts "
-                               "belong to one run)")
+        if self._entered:
+            raise RuntimeError("this ActivationMask has been applied already: use a new one for another run (its "
+                               "counts belong to one run)")
+        self._entered = True
         self._handles = [m.register_forward_pre_hook(self._hook(i)) for i, m in enumerate(self._downs)]
         self._handles.append(self._model.register_forward_pre_hook(self._note_mask, with_kwargs=True))
         return self
@@ -339,8 +341,16 @@ def matched_magnitude_baseline(model: nn.Module, tokenizer, activations: FFNActi
     Quantiles from the calibration tokens land a little off on other text, so the share asked of
     :func:`magnitude_thresholds` is corrected by the miss (``share += target - measured``) until the share
     measured on ``text`` is within ``tolerance`` of ``active_share``, or ``max_probes`` ran; the closest probe
-    is returned: ``{"method", "target_active_share", "activation_ratio", "ppl", "thresholds", "probes"}``.
+    is returned: ``{"method", "target_active_share", "activation_ratio", "ppl", "thresholds", "probes", "reached"}``
+    (``reached``: within ``tolerance``; a share a ReLU model cannot give, between its non-zero share and 1, is
+    not reached, and the search stops when it would ask for a share it asked before).
     """
+    if not 0.0 < active_share <= 1.0:
+        raise ValueError(f"active_share is in (0, 1], got {active_share}")
+    if not 0 <= tolerance < math.inf:
+        raise ValueError(f"tolerance is a share (a finite number >= 0), got {tolerance}")
+    if max_probes < 1:
+        raise ValueError(f"the search needs max_probes >= 1, got {max_probes}")
     asked, best, probes = active_share, None, []
     for _ in range(max_probes):
         thresholds = magnitude_thresholds(activations, asked)
@@ -352,10 +362,13 @@ def matched_magnitude_baseline(model: nn.Module, tokenizer, activations: FFNActi
         if abs(mask.active_share - active_share) <= tolerance:
             break
         asked = min(1.0, max(1e-6, asked + active_share - mask.active_share))
+        if any(p["asked_share"] == asked for p in probes):  # going round in circles
+            break
     probe, thresholds = best
     return {"method": "per-layer |a| quantile thresholds on the down linear's input (TEAL-style)",
             "target_active_share": active_share, "activation_ratio": probe["activation_ratio"], "ppl": probe["ppl"],
-            "thresholds": thresholds, "probes": probes}
+            "thresholds": thresholds, "probes": probes,
+            "reached": abs(probe["activation_ratio"] - active_share) <= tolerance}
 
 
 def sparsity_report(model: nn.Module, tokenizer, calibration: torch.Tensor, text: str, *, cett: float = 0.2,

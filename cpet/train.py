@@ -197,6 +197,11 @@ def save_resume_state(directory: Path, model: nn.Module, optimizer: torch.optim.
 LEGACY_FACTS = {"prompt_cut": LEGACY_PROMPT_CUT}
 
 
+def _recorded_as(saved: dict, key: str, recorded: dict) -> str:
+    """How a fact reads in an error: its saved value, or, when the state predates it, the value its absence means."""
+    return repr(saved[key]) if key in saved else f"not recorded (read as {recorded.get(key)!r})"
+
+
 def check_resume_config(directory: Path, config: TuneConfig, identity: dict | None = None) -> None:
     """Refuse to resume a run made with other hyper-parameters or for something else, naming each difference.
 
@@ -219,7 +224,8 @@ def check_resume_config(directory: Path, config: TuneConfig, identity: dict | No
         recorded = {**{k: v for k, v in LEGACY_FACTS.items() if k in now_id}, **state["identity"]}
         differs = sorted(k for k in recorded if recorded[k] != now_id.get(k))
         if differs:
-            detail = ", ".join(f"{key} {recorded.get(key)!r} -> {now_id.get(key)!r}" for key in differs)
+            detail = ", ".join(f"{key} {_recorded_as(state['identity'], key, recorded)} -> {now_id.get(key)!r}"
+                               for key in differs)
             raise ValueError(f"resume state in {directory} was trained for something else ({detail}): {fix}")
     if state.get("step", 0) > config.steps:  # the loop would not run: the longer run would come back unchanged
         raise ValueError(f"resume state in {directory} has already trained {state['step']} steps, more than the "

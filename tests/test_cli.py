@@ -311,11 +311,25 @@ def test_cli_alone_follows_the_demo_order_and_evaluates_adapters(capsys, tuned_p
     assert "toy-cpet, toy-original" in capsys.readouterr().err
 
 
-def test_eval_a_peft_directory_on_a_plain_model(capsys, tmp_path, tuned_pipeline, model_dir, task_file):
+def test_eval_a_peft_directory_on_a_plain_model(capsys, tmp_path, tuned_pipeline, model_dir, task_file, monkeypatch):
     original = tuned_pipeline / "adapters" / "toy-original" / "adapter"
     plain = run_json(capsys, "eval", "--model", str(model_dir), "--peft", str(original), "--limit", "6")
     inside = run_json(capsys, "eval", str(tuned_pipeline), "--adapter", "toy-original", "--limit", "6")
     assert plain["tasks"][0]["accuracy"] == inside["tasks"][0]["accuracy"]
+    # prompts are cut as the adapter was trained: from the left for one whose cpet.json predates the record
+    import cpet.evaluate
+
+    legacy = tmp_path / "legacy"
+    shutil.copytree(original, legacy)
+    meta = json.loads((legacy / "cpet.json").read_text())
+    del meta["prompt_cut"]
+    (legacy / "cpet.json").write_text(json.dumps(meta))
+    cuts, fit = [], cpet.evaluate.fit_prompt
+    monkeypatch.setattr(cpet.evaluate, "fit_prompt", lambda *args: cuts.append(args[4]) or fit(*args))
+    for adapter in (original, legacy):
+        run_json(capsys, "eval", "--model", str(model_dir), "--peft", str(adapter), "--limit", "2")
+    assert cuts == ["text_end"] * 2 + ["left"] * 2
+    monkeypatch.undo()
     assert main(["eval", "--model", str(original)]) == 2
     assert "is an adapter, not a model" in capsys.readouterr().err
     assert main(["eval", str(tuned_pipeline), "--peft", str(original)]) == 2  # not silently ignored

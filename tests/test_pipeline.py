@@ -344,7 +344,7 @@ def test_resume_for_another_purpose_is_refused_naming_each_difference(built, tmp
     state = json.loads(state_path.read_text())
     del state["identity"]["prompt_cut"]  # written before CPET recorded the cut: trained on left-cut prompts
     state_path.write_text(json.dumps(state))
-    with pytest.raises(ValueError, match=r"prompt_cut 'left' -> 'text_end'"):
+    with pytest.raises(ValueError, match=r"prompt_cut not recorded \(read as 'left'\) -> 'text_end'"):
         pipeline.tune(task, config=TuneConfig(**{**config.to_dict(), "steps": 4}), name="guarded", progress=False)
     state = json.loads(state_path.read_text())
     del state["identity"]

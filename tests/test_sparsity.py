@@ -194,5 +194,25 @@ def test_an_activation_mask_applies_once(measured):
     loaded, acts = measured
     mask = ActivationMask(loaded.model, [0.0] * acts.num_layers)
     with mask:
-        with pytest.raises(RuntimeError, match="already applied"):
+        with pytest.raises(RuntimeError, match="applied already"):
             mask.__enter__()
+    with pytest.raises(RuntimeError, match="applied already"):  # after it, too: its counts belong to one run
+        with mask:
+            pass
+
+
+def test_the_matched_baseline_refuses_bad_settings_and_says_when_a_share_is_out_of_reach():
+    from cpet.sparsity import matched_magnitude_baseline
+
+    loaded = tiny_model("opt")  # ReLU: about half of the activations are exactly zero
+    acts = collect_ffn_activations(loaded.model, calibration(loaded.model.config.vocab_size))
+    for kwargs, message in (({"max_probes": 0}, "max_probes >= 1"), ({"tolerance": -0.1}, "tolerance is a share")):
+        with pytest.raises(ValueError, match=message):
+            matched_magnitude_baseline(loaded.model, loaded.tokenizer, acts, TEXT, 0.3, **kwargs)
+    nonzero = sum(acts.activation_ratio(i) * acts.acts[i].shape[1] for i in range(acts.num_layers)) / sum(
+        a.shape[1] for a in acts.acts)
+    between = (nonzero + 1) / 2  # more than every non-zero activation, fewer than all of them
+    out = matched_magnitude_baseline(loaded.model, loaded.tokenizer, acts, TEXT, between, max_tokens=128)
+    assert not out["reached"] and len(out["probes"]) < 6  # it stopped going round in circles
+    reachable = matched_magnitude_baseline(loaded.model, loaded.tokenizer, acts, TEXT, nonzero / 2, max_tokens=128)
+    assert reachable["reached"] and abs(reachable["activation_ratio"] - nonzero / 2) <= 0.005

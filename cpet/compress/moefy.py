@@ -152,9 +152,8 @@ def moe_block(model: nn.Module, index: int, config: MoEfyConfig, order: torch.Te
 
 
 def _caller_streams_kept(module: nn.Module):
-    """A context that leaves the caller's CUDA random stream as it was while modules are built on ``module``'s
-    device (expert slices draw a throwaway init there). The CPU stream is handled where it matters (the
-    router's seeded init); forking it here too would change what later unseeded draws see."""
+    """A context that leaves the caller's random streams as they were while modules are built on ``module``'s
+    device (expert slices draw a throwaway init there): the CPU stream, and the CUDA one of a CUDA module."""
     device = next(module.parameters()).device
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 

@@ -173,7 +173,7 @@ class ExpertBank(nn.Module):
         """Column bank: ``sum_e down_e(h_e)`` scattered back to ``[num_tokens, d_out]`` (+ bias, side paths)."""
         if self.split != COLS:
             raise TypeError("combine() is for the column bank (down); row banks compute one expert at a time")
-        dtype = parts[0].values.dtype if parts else self.experts[0].weight.dtype
+        dtype = parts[0].values.dtype if parts else (self.bias.dtype if self.bias is not None else torch.float32)
         device = parts[0].values.device if parts else self.experts[0].weight.device
         # summed in at least fp32, cast once at the end: a bf16 sum of E expert outputs would round E times where
         # the dense linear rounds once

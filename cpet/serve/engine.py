@@ -274,6 +274,9 @@ class Engine:
         meta = loaded.meta
         if not meta.get("labels") or not meta.get("label_words"):
             raise ValueError(f"adapter {loaded.name} is not a classification adapter (its cpet.json names no labels)")
+        from ..data.prompts import prompt_cut_of
+
+        prompt_cut_of(meta)  # an unknown cut is refused here, at admission, not in the batch it would fail
         return meta
 
     @torch.no_grad()
