@@ -23,8 +23,8 @@ The training-free baseline (:func:`magnitude_thresholds`; TEAL-style, on the dow
 TEAL thresholds the input of every projection and CATS the gate's activation) thresholds ``|a_i|`` per layer at
 the quantile that keeps a given share of neurons active; :func:`matched_magnitude_baseline` moves that share
 until the share measured on the evaluation text matches, so that other methods (PPL-p% sparsity, MoEfication)
-are compared with it at the same share of active neurons. :class:`ActivationMask` applies either kind of threshold while a
-model runs (dense computation followed by a mask: it measures quality, not speed).
+are compared with it at the same share of active neurons. :class:`ActivationMask` applies either kind of
+threshold while a model runs (dense computation followed by a mask: it measures quality, not speed).
 """
 
 from __future__ import annotations

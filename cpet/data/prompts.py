@@ -58,8 +58,8 @@ def fit_prompt(template, text: str, tokenizer, max_tokens: int, cut: str = PROMP
     words that fit (a binary search over the text's word ends, tokenising the whole prompt, so merges at the
     slot's edges are counted); when not even the first word fits (a long URL, a text without spaces), the most
     characters of it that do. When the template with no text (only the ellipsis in its slot) is over the limit,
-    the uncut prompt is returned and the encoder's left truncation (:func:`cpet.evaluate.encode_prompt_and_label`) cuts it, as it
-    cuts every prompt with ``cut="left"`` (:data:`LEGACY_PROMPT_CUT`, for adapters trained so).
+    the uncut prompt is returned and the encoder's left truncation (:func:`cpet.evaluate.encode_prompt_and_label`)
+    cuts it, as it cuts every prompt with ``cut="left"`` (:data:`LEGACY_PROMPT_CUT`, for adapters trained so).
 
     ``template`` has ``format(text) -> str`` (a :class:`PromptTemplate`).
     """
