@@ -266,7 +266,21 @@ def _card(name: str, meta: dict, rank: int, modules: list[str]) -> str:
             "The loop matters for a 4-bit base only: without it, bitsandbytes (>= 0.50) on CPUs with AVX512-BF16 "
             "repacks the 4-bit weights into a bf16 layout on the first inference call, and the logits no longer "
             "match CPET's (which is what this export was checked against).\n\n"
-            f"Task: {meta.get('task')}. Labels: {meta.get('labels')}.\n")
+            f"Task: {meta.get('task')}. Labels: {meta.get('labels')}.\n" + _prompt_facts(meta))
+
+
+def _prompt_facts(meta: dict) -> str:
+    """How the adapter reads an example, so that an engine outside CPET classifies as it was trained to."""
+    if not meta.get("label_words"):
+        return ""
+    from .data.prompts import LEGACY_PROMPT_CUT, prompt_cut_of
+
+    cut = ("the whole prompt loses its first tokens" if prompt_cut_of(meta) == LEGACY_PROMPT_CUT else
+           "the text loses its end at a word boundary, marked \" …\", and the template stays whole")
+    words = ", ".join(f"`{label}` -> {json.dumps(word)}" for label, word in meta["label_words"].items())
+    return (f"\nPrompt: {json.dumps(meta.get('template'))} with the example's text in `{{text}}`; a prompt over "
+            f"{meta.get('max_prompt_tokens')} tokens is cut ({cut}). The predicted label is the one whose word "
+            f"has the highest log-probability right after the prompt: {words}.\n")
 
 
 __all__ = ["export_pipeline", "write_peft_adapter", "base_refusal", "load_exported", "ExportReport"]

@@ -200,3 +200,12 @@ def test_an_export_that_does_not_reproduce_cpet_fails_and_writes_nothing(exporte
     with pytest.raises(ValueError, match="export of shared does not reproduce CPET's logits"):
         export_pipeline(pipeline, tmp_path / "out", ["shared"], check_ids=IDS)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_exported_card_says_how_the_adapter_reads_an_example(exported):
+    pipeline, report, root = exported
+    card = (root / "out" / "adapters" / "shared" / "README.md").read_text()
+    meta = json.loads((pipeline.work_dir / "adapters" / "shared" / "adapter" / "cpet.json").read_text())
+    assert f"Prompt: {json.dumps(meta['template'])}" in card
+    assert f"over {meta['max_prompt_tokens']} tokens is cut (the text loses its end" in card
+    assert all(f"`{label}` -> {json.dumps(word)}" in card for label, word in meta["label_words"].items())
