@@ -245,12 +245,12 @@ class MoEfyStage:
     quantization, which then quantizes every expert slice like any linear)."""
 
     def validate(self, model: nn.Module, config: MoEfyConfig, context: StageContext, previous) -> None:
-        from .quantize import _is_quantized
+        from .quantize import is_quantized
 
         if any(isinstance(m, MoEFFN) for m in model.modules()):
             raise ValueError("the input model is already MoEfied: compress takes the dense original (load it again "
                              "from its source)")
-        if _is_quantized(model):
+        if is_quantized(model):
             raise ValueError("the input model is already quantized, and MoEfication splits full-precision weights: "
                              "MoEfy the dense model and quantize after it (QuantizeConfig after MoEfyConfig in one "
                              "compress call)")

@@ -29,13 +29,18 @@ from .index_maps import IndexMaps
 from .stages import StageContext, register_stage
 
 
+def is_quantized(model: nn.Module) -> bool:
+    """Whether any module of ``model`` is a bitsandbytes layer."""
+    return any(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
+
+
 def validate(model: nn.Module, config: QuantizeConfig) -> None:
     """Every check that can fail, before any expensive work."""
     if config.embeddings:
         from .quantized_embeddings import check_embeddings
 
         check_embeddings(model, config.method.value)
-    if any(type(m).__module__.startswith("bitsandbytes") for m in model.modules()):
+    if is_quantized(model):
         raise ValueError("the input model is already quantized: compress takes the full-precision original "
                          "(load it again without quantization)")
     from ..models import family_of
@@ -194,10 +199,6 @@ def load_prequantized(model: nn.Module, state: dict[str, torch.Tensor]) -> list[
     return filled
 
 
-def _is_quantized(model: nn.Module) -> bool:
-    return any(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
-
-
 class QuantizeStage:
     """:class:`~cpet.compress.stages.Stage` for :class:`~cpet.config.QuantizeConfig` (rank 900, once).
 
@@ -225,7 +226,7 @@ class QuantizeStage:
         return model, None
 
     def rebuild(self, model: nn.Module, config: QuantizeConfig, index_maps: IndexMaps) -> nn.Module:
-        if _is_quantized(model):  # transformers loaded it with its quantization_config
+        if is_quantized(model):  # transformers loaded it with its quantization_config
             return keep_4bit_layout(model)
         for name in in_place_targets(model, config):  # a custom layout: shells, filled by load_weights
             _replace(model, name, _bnb_layer(model.get_submodule(name), config, None))
