@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 
 ADAPTER_META = "cpet.json"
 MODEL_CARD = "README.md"
-_CUT_WORDS = {"text_end": "the text losing its end", "left": "from the left"}  # cpet.data.prompts.PROMPT_CUTS
 
 
 def add_lora(model: nn.Module, *, rank: int, alpha: float, dropout: float,
@@ -420,6 +419,13 @@ def _metrics_rows(metrics: dict) -> list[tuple[str, str]]:
     return rows
 
 
+def _cut_words(meta: dict) -> str:
+    from .data.prompts import LEGACY_PROMPT_CUT, PROMPT_CUT_WORDS
+
+    cut = meta.get("prompt_cut", LEGACY_PROMPT_CUT)
+    return PROMPT_CUT_WORDS.get(cut, cut)
+
+
 def _card_facts(meta: dict, base_reference: str | None) -> list[tuple[str, str]]:
     """The card's table: task, verbalizer, base, source, compression, recovery, init, metrics."""
     words = meta.get("label_words") or {}
@@ -440,8 +446,8 @@ def _card_facts(meta: dict, base_reference: str | None) -> list[tuple[str, str]]
                                                  and meta["task_source"] != meta.get("task") else "")),
             ("labels → verbalizer words", ", ".join(f"`{label}` → {_literal(words.get(label, label))}"
                                                    for label in meta.get("labels") or [])),
-            ("prompt template", f"{_literal(meta.get('template'))} (prompts cut to {meta.get('max_prompt_tokens')} "
-                                f"tokens, {_CUT_WORDS.get(meta.get('prompt_cut', 'left'), meta.get('prompt_cut'))})"),
+            ("prompt template", f"{_literal(meta.get('template'))} (prompts over {meta.get('max_prompt_tokens')} "
+                                f"tokens are cut: {_cut_words(meta)})"),
             ("base", (f"compressed base `{meta.get('base_id')}`" if on_compressed else "the original model")
              + (f" at `{base_reference}`" if base_reference else "")),
             ("source model", source)]

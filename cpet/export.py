@@ -273,10 +273,9 @@ def _prompt_facts(meta: dict) -> str:
     """How the adapter reads an example, so that an engine outside CPET classifies as it was trained to."""
     if not meta.get("label_words"):
         return ""
-    from .data.prompts import LEGACY_PROMPT_CUT, prompt_cut_of
+    from .data.prompts import PROMPT_CUT_WORDS, prompt_cut_of
 
-    cut = ("the whole prompt loses its first tokens" if prompt_cut_of(meta) == LEGACY_PROMPT_CUT else
-           "the text loses its end at a word boundary, marked \" …\", and the template stays whole")
+    cut = PROMPT_CUT_WORDS[prompt_cut_of(meta)]
     words = ", ".join(f"`{label}` -> {json.dumps(word)}" for label, word in meta["label_words"].items())
     return (f"\nPrompt: {json.dumps(meta.get('template'))} with the example's text in `{{text}}`; a prompt over "
             f"{meta.get('max_prompt_tokens')} tokens is cut ({cut}). The predicted label is the one whose word "

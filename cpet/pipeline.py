@@ -45,7 +45,7 @@ from .compress.calibration import input_rms
 from .compress.manifest import ORIGINAL_BASE_ID
 from .config import stage_config_to_dict
 from .data import template_for, verbalizer_for
-from .data.prompts import PROMPT_CUT, PromptTemplate, Verbalizer, prompt_cut_of
+from .data.prompts import PROMPT_CUT, PromptTemplate, Verbalizer, scoring_cut
 from .data.tasks import as_task, examples_sha256, task_key, task_source_of  # noqa: F401  (task_key: re-exported)
 from .models import EMBEDDED, LoadedBase, hub_id_of, load_base, saved_tokenizer
 from .recovery import (PER_TASK, SHARED, RecoveryConfig, RecoverySet, check_trained_with, init_from_residuals,
@@ -665,7 +665,7 @@ class CPET:
             max_prompt_tokens = trained_with or max_prompt_tokens
         max_prompt_tokens = max_prompt_tokens or DEFAULT_MAX_PROMPT_TOKENS
         # a CPET adapter is scored with the cut it was trained with; a bare model or plain PEFT one with today's
-        prompt_cut = prompt_cut_of(source.meta) if source is not None and source.is_cpet else PROMPT_CUT
+        prompt_cut = scoring_cut(source.meta if source is not None else None)
         template, verbalizer = _prompts_for(task, meta if source is not None else {})
         examples = task.split(split)[:limit] if limit else task.split(split)
         gold = [e.label for e in examples]

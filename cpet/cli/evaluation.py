@@ -60,17 +60,17 @@ def _readable(field: str, value) -> str:
 
 
 def evaluate_task(loaded, task, *, split: str, limit: int | None, batch_size: int, max_prompt_tokens: int,
-                  prompt_cut: str | None = None, progress: bool = True) -> dict:
-    """Zero-shot (or adapted) accuracy of a loaded model on one split of a loaded task."""
+                  prompt_cut: str, progress: bool = True) -> dict:
+    """Zero-shot (or adapted) accuracy of a loaded model on one split of a loaded task (``prompt_cut``: see
+    :func:`cpet.data.prompts.scoring_cut`)."""
     from ..data import template_for, verbalizer_for
-    from ..data.prompts import PROMPT_CUT
     from ..evaluate import classification_accuracy
 
     examples = task.split(split)[:limit] if limit else task.split(split)
     result = classification_accuracy(
         loaded.model, loaded.tokenizer, [e.text for e in examples], [e.label for e in examples],
         template=template_for(task), verbalizer=verbalizer_for(task), labels=task.labels,
-        batch_size=batch_size, max_prompt_tokens=max_prompt_tokens, prompt_cut=prompt_cut or PROMPT_CUT,
+        batch_size=batch_size, max_prompt_tokens=max_prompt_tokens, prompt_cut=prompt_cut,
         progress=progress)
     counts = {label: sum(e.label == label for e in examples) for label in task.labels}
     majority = max(counts.values()) / len(examples)
@@ -188,7 +188,7 @@ def _check_adapter_names_its_task(adapter: str) -> None:
 
 def _eval_model(args: argparse.Namespace, tasks: list, target: str) -> dict:
     """A bare model (zero-shot), or a PEFT adapter on it (``--peft``)."""
-    from ..data.prompts import prompt_cut_of
+    from ..data.prompts import scoring_cut
 
     meta = {}
     if target == "peft":
@@ -198,8 +198,7 @@ def _eval_model(args: argparse.Namespace, tasks: list, target: str) -> dict:
     else:
         loaded = load_model(args)
     max_prompt = meta.get("max_prompt_tokens", args.max_prompt_tokens)
-    # a CPET adapter's prompts are cut as it was trained (cpet.json); a plain PEFT one's with today's cut
-    cut = prompt_cut_of(meta) if meta else None
+    cut = scoring_cut(meta)  # a CPET adapter's prompts are cut as it was trained
     results: dict = {"model": args.model, **({"peft": str(args.peft)} if args.peft else {})}
     if args.corpus:
         results["perplexity"] = evaluate_corpus(loaded, args.corpus, max_tokens=args.max_tokens,

@@ -37,6 +37,9 @@ ELLIPSIS = " …"  # marks a text cut short, by characters (PromptTemplate.max_c
 PROMPT_CUT = "text_end"
 LEGACY_PROMPT_CUT = "left"
 PROMPT_CUTS = (PROMPT_CUT, LEGACY_PROMPT_CUT)
+PROMPT_CUT_WORDS = {  # for model cards
+    PROMPT_CUT: "the text loses its end at a word boundary, marked \" …\", and the template stays whole",
+    LEGACY_PROMPT_CUT: "the whole prompt loses its first tokens"}
 
 
 def prompt_cut_of(meta: dict) -> str:
@@ -46,6 +49,12 @@ def prompt_cut_of(meta: dict) -> str:
     if cut not in PROMPT_CUTS:
         raise ValueError(f"cpet.json names prompt_cut {cut!r}; this CPET knows {list(PROMPT_CUTS)}: upgrade CPET")
     return cut
+
+
+def scoring_cut(meta: dict | None) -> str:
+    """The cut to score with: a CPET adapter's own (``meta``, its ``cpet.json``), else today's (a bare model, or a
+    plain PEFT adapter: no ``cpet.json``, so nothing says it was trained otherwise)."""
+    return prompt_cut_of(meta) if meta else PROMPT_CUT
 
 
 def fit_prompt(template, text: str, tokenizer, max_tokens: int, cut: str = PROMPT_CUT) -> str:
