@@ -86,6 +86,13 @@ class CPET:
         Only compress, recover, tuning on or from the original (inheritance, SVD init, per-task recovery's
         teacher) and scoring on it need the uncompressed weights; everything on the compressed base runs
         without them (for a 135M model that halves peak memory).
+
+        A ``work_dir`` that holds a saved pipeline is reopened as :meth:`load` does: ``pipeline.json``'s log goes
+        on from its last step, and the original must be the source model it records.
+
+        Raises:
+            ValueError: ``work_dir`` is a file, its ``pipeline.json`` is damaged, or ``original`` is a loaded
+                base of another source model than the saved pipeline's.
         """
         self._original: LoadedBase | None = None
         self._original_spec = original if isinstance(original, str) else original.name
@@ -103,6 +110,12 @@ class CPET:
         self._served_base: tuple[str, torch.nn.Module] | None = None  # (base_id, model) that evaluation runs on
         self._engine_lock = threading.RLock()  # engines hook the same base modules: one at a time
         self.log: list[dict] = []
+        if (self.work_dir / "pipeline.json").exists():  # a saved pipeline opened again (the grid, the demo,
+            record = read_pipeline_record(self.work_dir)  # a script): its steps so far stay in the log,
+            self.log = record["log"]                      # and its source must be the one it was built from
+            self._recorded_fingerprint = _recorded_fingerprint(self.work_dir, record)
+            if self.original_loaded:  # its weights are here already: checking costs one fingerprint
+                self._check_source(self._original)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -720,12 +733,8 @@ class CPET:
         if not (directory / "pipeline.json").exists():
             raise FileNotFoundError(f"{directory} has no pipeline.json: not a saved CPET pipeline")
         record = read_pipeline_record(directory)
-        pipeline = cls(original or record["source"], directory)
+        pipeline = cls(original or record["source"], directory)  # reads the log and checks a loaded original
         pipeline._source_from_record = original is None
-        pipeline.log = record["log"]
-        pipeline._recorded_fingerprint = _recorded_fingerprint(directory, record)
-        if pipeline.original_loaded:  # its weights are here already: checking costs one fingerprint
-            pipeline._check_source(pipeline.original)
         return pipeline
 
 

@@ -145,6 +145,20 @@ def test_save_and_load_pipeline(built, tmp_path):
         pipeline.save(pipeline.work_dir / "backup")
 
 
+def test_a_pipeline_opened_again_by_its_constructor_keeps_its_log_and_its_source(built, tmp_path):
+    """``CPET(model, dir)`` on a saved pipeline (as the grid and scripts open one) goes on with its record."""
+    pipeline, _, _, _ = built
+    saved = pipeline.save(tmp_path / "saved")
+    before = [step["stage"] for step in json.loads((saved / "pipeline.json").read_text())["log"]]
+    assert before[:2] == ["compress", "recover"]
+    again = CPET(tiny_model("llama"), saved)
+    again._record("note", "2026-01-01T00:00:00Z")
+    after = [step["stage"] for step in json.loads((saved / "pipeline.json").read_text())["log"]]
+    assert after == before + ["note"]
+    with pytest.raises(ValueError, match="built from source model"):
+        CPET(tiny_model("llama", seed=7), saved)
+
+
 def test_adapter_for_another_source_model_is_refused(built, tmp_path):
     pipeline, task, _, root = built
     other = CPET(tiny_model("llama", seed=9), tmp_path / "other")
