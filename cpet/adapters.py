@@ -174,6 +174,25 @@ def check_adapter_base(meta: dict, *, base_id: str | None = None, source_fingerp
                      + ("" if source != "DIR" else " with DIR an adapter tuned with `--on original`"))
 
 
+def check_scoring(meta: dict, task, max_prompt_tokens: int | None, where: str = "the adapter") -> int | None:
+    """Refuse to score a CPET adapter (its ``cpet.json``) on a task it cannot answer, or on prompts cut to
+    another length than it was trained on; return the length to cut prompts to (None: not recorded, nor asked).
+
+    Raises:
+        ValueError: the task has labels the adapter does not know, or ``max_prompt_tokens`` is given and differs
+            from the recorded one (scoring with it would measure another model).
+    """
+    unknown = sorted(set(task.labels) - set(meta["labels"]))
+    if unknown:
+        raise ValueError(f"task {task.name!r} has labels {unknown} that {where} does not know "
+                         f"(it knows {meta['labels']})")
+    trained_with = meta.get("max_prompt_tokens", meta.get("tune_config", {}).get("max_prompt_tokens"))
+    if max_prompt_tokens is not None and trained_with is not None and max_prompt_tokens != trained_with:
+        raise ValueError(f"{where} was trained on prompts cut to {trained_with} tokens; scoring it with "
+                         f"{max_prompt_tokens} would measure another model (leave --max-prompt-tokens out)")
+    return trained_with or max_prompt_tokens
+
+
 def save_adapter(peft_model, directory: str | Path, meta: dict, *, base_reference: str | None = None,
                  name: str | None = None) -> None:
     """Write the PEFT directory (``adapter_config.json``, ``adapter_model.safetensors``), ``cpet.json`` and

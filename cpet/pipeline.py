@@ -36,16 +36,16 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 
-from .adapters import (add_lora, check_adapter_base, check_adapter_name, inheritance_facts, is_cpet_adapter,
-                       load_adapter, plain_peft_meta, plain_peft_source, read_adapter_meta, save_adapter,
-                       target_module_names, write_adapter_meta)
+from .adapters import (add_lora, check_adapter_base, check_adapter_name, check_scoring, inheritance_facts,
+                       is_cpet_adapter, load_adapter, plain_peft_meta, plain_peft_source, read_adapter_meta,
+                       save_adapter, target_module_names, write_adapter_meta)
 from .assembly import AdapterSource
 from .assets import atomic_path, check_output_dir, write_text_atomic
 from .compress.calibration import input_rms
 from .compress.manifest import ORIGINAL_BASE_ID
 from .config import stage_config_to_dict
 from .data import template_for, verbalizer_for
-from .data.prompts import PROMPT_CUT, PromptTemplate, Verbalizer, scoring_cut
+from .data.prompts import PROMPT_CUT, scoring_cut, scoring_prompts
 from .data.tasks import as_task, examples_sha256, task_key, task_source_of  # noqa: F401  (task_key: re-exported)
 from .models import EMBEDDED, LoadedBase, hub_id_of, load_base, saved_tokenizer
 from .recovery import (PER_TASK, SHARED, RecoveryConfig, RecoverySet, check_trained_with, init_from_residuals,
@@ -667,19 +667,11 @@ class CPET:
         source = AdapterSource(_dir(adapter)) if adapter is not None else None  # read once, run below
         if source is not None:
             meta = source.meta or read_adapter_meta(source.directory)  # (a plain PEFT directory: says what is missing)
-            unknown = sorted(set(task.labels) - set(meta["labels"]))
-            if unknown:
-                raise ValueError(f"task {task.name!r} has labels {unknown} that the adapter does not know "
-                                 f"(it knows {meta['labels']})")
-            trained_with = meta.get("max_prompt_tokens", meta.get("tune_config", {}).get("max_prompt_tokens"))
-            if max_prompt_tokens is not None and trained_with is not None and max_prompt_tokens != trained_with:
-                raise ValueError(f"adapter {_dir(adapter)} was trained on prompts cut to {trained_with} tokens; "
-                                 f"scoring it with {max_prompt_tokens} would measure another model")
-            max_prompt_tokens = trained_with or max_prompt_tokens
+            max_prompt_tokens = check_scoring(meta, task, max_prompt_tokens, where=f"adapter {_dir(adapter)}")
         max_prompt_tokens = max_prompt_tokens or DEFAULT_MAX_PROMPT_TOKENS
         # a CPET adapter is scored with the cut it was trained with; a bare model or plain PEFT one with today's
         prompt_cut = scoring_cut(source.meta if source is not None else None)
-        template, verbalizer = _prompts_for(task, meta if source is not None else {})
+        template, verbalizer = scoring_prompts(task, meta if source is not None else None)
         examples = task.split(split)[:limit] if limit else task.split(split)
         gold = [e.label for e in examples]
         with self.running(source, on=on) as model:
@@ -739,16 +731,6 @@ class CPET:
 
 
 _IS_A_FILE = "work directory {} is a file: give a directory (new or a pipeline's)"
-
-
-def _prompts_for(task, meta: dict):
-    """The template and verbalizer to score ``task`` with: the adapter's own (its ``cpet.json``), as serving
-    uses them, when it records them; else the task's. An adapter tuned on one task and scored on another
-    file with the same labels is scored with the prompt it learned, not the other file's generic one."""
-    if meta.get("template") and meta.get("label_words"):
-        return (PromptTemplate(meta["template"]),
-                Verbalizer({label: meta["label_words"][label] for label in task.labels}))
-    return template_for(task), verbalizer_for(task)
 
 
 def check_work_dir(work_dir: str | Path) -> None:

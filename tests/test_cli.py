@@ -309,6 +309,17 @@ def test_cli_alone_follows_the_demo_order_and_evaluates_adapters(capsys, tuned_p
     assert "use " + str(tuned_pipeline / "adapters" / "toy-cpet" / "adapter") in capsys.readouterr().err
     assert main(["eval", str(tuned_pipeline), "--adapter", "nope"]) == 2
     assert "toy-cpet, toy-original" in capsys.readouterr().err
+    # perplexity is of one model, named: the adapter's with its recovery, or the compressed base's
+    corpus = tuned_pipeline.parent / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    common = ["--corpus", str(corpus), "--max-tokens", "64", "--max-length", "32"]
+    with_adapter = run_json(capsys, "eval", str(tuned_pipeline), "--adapter", "toy-cpet", *common)["perplexity"]
+    bare = run_json(capsys, "eval", str(tuned_pipeline), *common)["perplexity"]
+    assert with_adapter["adapter"] == "toy-cpet" and bare["adapter"] == "compressed base"
+    assert main(["eval", str(tuned_pipeline), "--adapter", "toy-cpet", "--adapter", "toy-original", *common]) == 2
+    assert "--corpus scores one model: give one --adapter" in capsys.readouterr().err
+    assert main(["eval", str(tuned_pipeline), "--adapter", "toy-cpet", "--max-prompt-tokens", "7", "--limit", "2"]) == 2
+    assert "trained on prompts cut to" in capsys.readouterr().err
 
 
 def test_eval_a_peft_directory_on_a_plain_model(capsys, tmp_path, tuned_pipeline, model_dir, task_file, monkeypatch):
@@ -343,11 +354,60 @@ def test_eval_a_peft_directory_on_a_plain_model(capsys, tmp_path, tuned_pipeline
     with_task = run_json(capsys, "eval", "--model", str(model_dir), "--peft", str(plain_peft), "--task",
                          str(task_file), "--limit", "6")
     assert with_task["tasks"][0]["n"] == 6
-    # an adapter of the pruned base does not fit the unpruned model: an error line, not peft's traceback
+    # an adapter of the compressed base is refused on the original by the base its cpet.json names, before the
+    # model loads (an nf4-only base has the original's shapes: shapes alone would let it run on the wrong model)
     pruned = tuned_pipeline / "adapters" / "toy-cpet" / "adapter"
     assert main(["eval", "--model", str(model_dir), "--peft", str(pruned), "--task", str(task_file)]) == 2
-    assert re.search(r"does not fit model .*trained on base [0-9a-f]{16}…\).*cpet eval PIPELINE --adapter NAME",
+    assert re.search(r"was made for .*, and this is the original model: .*cpet eval PIPELINE --adapter NAME",
                      capsys.readouterr().err)
+    # without a cpet.json only its shapes tell: an error line, not peft's traceback
+    plain_pruned = tmp_path / "plain-pruned"
+    shutil.copytree(pruned, plain_pruned)
+    (plain_pruned / "cpet.json").unlink()
+    assert main(["eval", "--model", str(model_dir), "--peft", str(plain_pruned), "--task", str(task_file)]) == 2
+    assert re.search(r"does not fit model .*its LoRA shapes are another model's.*cpet eval PIPELINE --adapter NAME",
+                     capsys.readouterr().err)
+
+
+def test_eval_peft_scores_a_cpet_adapter_as_it_was_trained(capsys, tmp_path, tuned_pipeline, model_dir, task_file,
+                                                           monkeypatch):
+    """Its template and label words, its prompt length (another one refused), its source model only."""
+    import cpet.evaluate
+
+    original = tuned_pipeline / "adapters" / "toy-original" / "adapter"
+    retemplated = tmp_path / "retemplated"
+    shutil.copytree(original, retemplated)
+    meta = json.loads((retemplated / "cpet.json").read_text())
+    meta.update(template="Review: {text}\nVerdict:", label_words={label: f" {label}x" for label in meta["labels"]})
+    (retemplated / "cpet.json").write_text(json.dumps(meta))
+    scored, accuracy = [], cpet.evaluate.classification_accuracy
+    monkeypatch.setattr(cpet.evaluate, "classification_accuracy",
+                        lambda *args, **kwargs: scored.append(kwargs) or accuracy(*args, **kwargs))
+    run_json(capsys, "eval", "--model", str(model_dir), "--peft", str(retemplated), "--task", str(task_file),
+             "--limit", "2")
+    (kwargs,) = scored
+    assert kwargs["template"].template == "Review: {text}\nVerdict:"
+    assert kwargs["verbalizer"].label_words == {label: f" {label}x" for label in meta["labels"]}
+    assert kwargs["max_prompt_tokens"] == meta["max_prompt_tokens"]
+    monkeypatch.undo()
+    recorded = meta["max_prompt_tokens"]
+    assert main(["eval", "--model", str(model_dir), "--peft", str(original), "--max-prompt-tokens",
+                 str(recorded + 1)]) == 2
+    assert f"trained on prompts cut to {recorded} tokens" in capsys.readouterr().err
+    same = run_json(capsys, "eval", "--model", str(model_dir), "--peft", str(original), "--max-prompt-tokens",
+                    str(recorded), "--limit", "2")
+    assert same["tasks"][0]["n"] == 2
+    other_labels = tmp_path / "other.jsonl"
+    other_labels.write_text("\n".join(json.dumps({"text": f"row {i}", "label": "yes" if i % 2 else "no"})
+                                      for i in range(40)))
+    assert main(["eval", "--model", str(model_dir), "--peft", str(original), "--task", str(other_labels)]) == 2
+    assert "that adapter " + str(original) + " does not know" in capsys.readouterr().err
+    another_source = tmp_path / "another-source"
+    shutil.copytree(original, another_source)
+    meta = json.loads((another_source / "cpet.json").read_text())
+    (another_source / "cpet.json").write_text(json.dumps({**meta, "source_fingerprint": "f" * 64}))
+    assert main(["eval", "--model", str(model_dir), "--peft", str(another_source), "--limit", "2"]) == 2
+    assert "not on this source model" in capsys.readouterr().err
 
 
 def test_version_names_the_libraries(capsys):

@@ -123,9 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=positive_int, default=8192, help="perplexity tokens")
     p.add_argument("--max-length", type=at_least(2), default=256,
                    help="perplexity window length (>= 2: each window predicts its tokens after the first)")
-    p.add_argument("--max-prompt-tokens", type=positive_int, default=tune_defaults.max_prompt_tokens,
-                   help="prompts are cut to this many tokens, the text losing its end (a CPET adapter's own "
-                        "recorded value takes precedence: it is what the adapter was trained with)")
+    p.add_argument("--max-prompt-tokens", type=positive_int, default=None,
+                   help="prompts are cut to this many tokens, the text losing its end (default: a CPET adapter's "
+                        "own recorded value, which another value is refused against; else "
+                        f"{tune_defaults.max_prompt_tokens})")
     p.add_argument("--batch-size", type=positive_int, default=16, help="examples per forward pass")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 

@@ -59,18 +59,27 @@ def _readable(field: str, value) -> str:
     return str(value)
 
 
-def evaluate_task(loaded, task, *, split: str, limit: int | None, batch_size: int, max_prompt_tokens: int,
-                  prompt_cut: str, progress: bool = True) -> dict:
-    """Zero-shot (or adapted) accuracy of a loaded model on one split of a loaded task (``prompt_cut``: see
-    :func:`cpet.data.prompts.scoring_cut`)."""
-    from ..data import template_for, verbalizer_for
-    from ..evaluate import classification_accuracy
+def evaluate_task(loaded, task, *, split: str, limit: int | None, batch_size: int, max_prompt_tokens: int | None,
+                  meta: dict | None = None, progress: bool = True) -> dict:
+    """Zero-shot (or adapted) accuracy of a loaded model on one split of a loaded task.
 
+    ``meta``: the ``cpet.json`` of a CPET adapter on the model, which is scored as it was trained: with its
+    template, label words, prompt length and cut (:func:`cpet.adapters.check_scoring` refuses a task or length
+    it cannot be scored on; call it before loading the model). Without it: the task's prompts, prompts cut to
+    ``max_prompt_tokens`` (None: :data:`cpet.evaluate.DEFAULT_MAX_PROMPT_TOKENS`) by today's cut.
+    """
+    from ..adapters import check_scoring
+    from ..data.prompts import scoring_cut, scoring_prompts
+    from ..evaluate import DEFAULT_MAX_PROMPT_TOKENS, classification_accuracy
+
+    if meta:
+        max_prompt_tokens = check_scoring(meta, task, max_prompt_tokens)
+    template, verbalizer = scoring_prompts(task, meta)
     examples = task.split(split)[:limit] if limit else task.split(split)
     result = classification_accuracy(
         loaded.model, loaded.tokenizer, [e.text for e in examples], [e.label for e in examples],
-        template=template_for(task), verbalizer=verbalizer_for(task), labels=task.labels,
-        batch_size=batch_size, max_prompt_tokens=max_prompt_tokens, prompt_cut=prompt_cut,
+        template=template, verbalizer=verbalizer, labels=task.labels, batch_size=batch_size,
+        max_prompt_tokens=max_prompt_tokens or DEFAULT_MAX_PROMPT_TOKENS, prompt_cut=scoring_cut(meta),
         progress=progress)
     counts = {label: sum(e.label == label for e in examples) for label in task.labels}
     majority = max(counts.values()) / len(examples)
@@ -114,21 +123,46 @@ def _eval_target(args: argparse.Namespace) -> str:
     return "peft" if args.peft else "model"
 
 
-def _peft_on_base(args: argparse.Namespace):
-    """``--model BASE --peft DIR``: the adapter on the base with plain peft, and its ``cpet.json`` if any."""
+def _peft_meta(args: argparse.Namespace) -> dict:
+    """``--peft DIR``'s ``cpet.json`` ({} for a plain PEFT adapter), refused when plain peft cannot run it as it
+    was trained: with recovery modules, or on another base than ``--model`` (read from its ``manifest.json``: the
+    uncompressed original without one). Needs no model: called before one loads."""
     from pathlib import Path
 
-    from peft import PeftModel
+    from ..adapters import check_adapter_base, is_cpet_adapter, read_adapter_meta
 
-    from ..adapters import is_cpet_adapter, read_adapter_meta
-
+    if not (Path(args.peft) / "adapter_config.json").exists():
+        raise FileNotFoundError(f"{args.peft} is not a PEFT adapter directory (no adapter_config.json)")
     meta = read_adapter_meta(args.peft) if is_cpet_adapter(args.peft) else {}
     if meta.get("recovery", "none") != "none":
         raise ValueError(f"adapter {args.peft} was trained with {meta['recovery']} recovery modules, which plain "
                          "peft does not load: evaluate it in its pipeline, `cpet eval PIPELINE --adapter NAME`")
-    if not (Path(args.peft) / "adapter_config.json").exists():
-        raise FileNotFoundError(f"{args.peft} is not a PEFT adapter directory (no adapter_config.json)")
+    if meta:  # same LoRA shapes do not make the same base: an nf4-only base has the original's shapes
+        check_adapter_base(meta, base_id=_base_id_of(args.model), directory=args.peft)
+    return meta
+
+
+def _base_id_of(model: str) -> str:
+    """The ``base_id`` of ``--model``: a compressed base's (its ``manifest.json``), else the original's."""
+    import json
+    from pathlib import Path
+
+    from ..compress.manifest import ORIGINAL_BASE_ID
+
+    manifest = Path(model) / "manifest.json"
+    return json.loads(manifest.read_text())["base_id"] if manifest.is_file() else ORIGINAL_BASE_ID
+
+
+def _peft_on_base(args: argparse.Namespace, meta: dict):
+    """``--model BASE --peft DIR``: the adapter on the base with plain peft (``meta``: its :func:`_peft_meta`)."""
+    from peft import PeftModel
+
+    from ..adapters import check_adapter_base
+    from ..compress.manifest import ORIGINAL_BASE_ID
+
     loaded = load_model(args)
+    if meta and _base_id_of(args.model) == ORIGINAL_BASE_ID:  # the original of another model is refused too
+        check_adapter_base(meta, source_fingerprint=loaded.content_fingerprint(), directory=args.peft)
     try:
         loaded.model = PeftModel.from_pretrained(loaded.model, str(args.peft)).eval()
     except RuntimeError as err:  # peft's load_state_dict: the adapter's shapes are another model's
@@ -138,7 +172,7 @@ def _peft_on_base(args: argparse.Namespace):
         raise ValueError(f"adapter {args.peft} does not fit model {args.model}: its LoRA shapes are another "
                          f"model's{trained_on}; an adapter of a compressed base runs in its pipeline, "
                          "`cpet eval PIPELINE --adapter NAME`, or on that pipeline's `cpet export` output") from err
-    return loaded, meta
+    return loaded
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -167,7 +201,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             p = r["perplexity"]
             note = (f" of {p['read_tokens']} read: the first token of each {args.max_length}-token window has no "
                     "context" if p["read_tokens"] != p["tokens"] else "")
-            print(f"perplexity on {p['corpus']} ({p['split']}, {p['tokens']} tokens scored{note}): {p['ppl']:.3f}")
+            of = f" of {p['adapter']}" if "adapter" in p else ""
+            print(f"perplexity{of} on {p['corpus']} ({p['split']}, {p['tokens']} tokens scored{note}): {p['ppl']:.3f}")
         if "tasks" in r:
             print_table(["adapter", "task", "split", "n", "accuracy", "majority"],
                          [[t.get("adapter", "–"), t["task"], t["split"], t["n"], t["accuracy"],
@@ -187,25 +222,23 @@ def _check_adapter_names_its_task(adapter: str) -> None:
 
 
 def _eval_model(args: argparse.Namespace, tasks: list, target: str) -> dict:
-    """A bare model (zero-shot), or a PEFT adapter on it (``--peft``)."""
-    from ..data.prompts import scoring_cut
+    """A bare model (zero-shot), or a PEFT adapter on it (``--peft``; a CPET adapter scored as it was trained)."""
+    from ..adapters import check_scoring
 
-    meta = {}
-    if target == "peft":
-        loaded, meta = _peft_on_base(args)
-        if not tasks and meta.get("task"):
-            tasks = [_trained_task(meta, str(args.peft))]
-    else:
-        loaded = load_model(args)
-    max_prompt = meta.get("max_prompt_tokens", args.max_prompt_tokens)
-    cut = scoring_cut(meta)  # a CPET adapter's prompts are cut as it was trained
+    meta = _peft_meta(args) if target == "peft" else {}
+    if not tasks and meta.get("task"):
+        tasks = [_trained_task(meta, str(args.peft))]
+    for task in tasks if meta else ():  # before the model loads
+        check_scoring(meta, task, args.max_prompt_tokens, where=f"adapter {args.peft}")
+    loaded = _peft_on_base(args, meta) if target == "peft" else load_model(args)
     results: dict = {"model": args.model, **({"peft": str(args.peft)} if args.peft else {})}
     if args.corpus:
         results["perplexity"] = evaluate_corpus(loaded, args.corpus, max_tokens=args.max_tokens,
                                                 max_length=args.max_length, progress=not args.json)
     if tasks:
         results["tasks"] = [evaluate_task(loaded, t, split=args.split, limit=args.limit, batch_size=args.batch_size,
-                                          max_prompt_tokens=max_prompt, prompt_cut=cut, progress=not args.json)
+                                          max_prompt_tokens=args.max_prompt_tokens, meta=meta,
+                                          progress=not args.json)
                             for t in tasks]
     return results
 
@@ -224,31 +257,40 @@ def _trained_task(meta: dict, name: str):
 
 def _eval_pipeline(args: argparse.Namespace, tasks: list) -> dict:
     """Adapters of a pipeline with the recovery they were trained with, or its compressed base zero-shot."""
-    from ..adapters import read_adapter_meta
+    from ..adapters import check_scoring, read_adapter_meta
     from ..data import load_corpus
     from ..evaluate import perplexity
     from ..pipeline import CPET
 
+    if args.corpus and len(args.adapter or []) > 1:
+        raise ValueError("--corpus scores one model: give one --adapter with it (or none, for the compressed base), "
+                         "and run the command again for each other adapter")
     pipeline = CPET.load(args.pipeline, original=args.model)  # --model: where the recorded source now is
-    directories = {name: pipeline.resolve_adapter(name) for name in args.adapter or []}  # all checked first
-    results: dict = {"pipeline": str(args.pipeline), "tasks": []}
-    for name, directory in directories.items():
+    plan = []  # (adapter name, directory, task): every adapter's task loaded and checked before any scoring
+    for name in args.adapter or []:
+        directory = pipeline.resolve_adapter(name)
         meta = read_adapter_meta(directory)
         for task in tasks or [_trained_task(meta, name)]:
-            result = pipeline.evaluate(directory, task, split=args.split, limit=args.limit,
-                                       batch_size=args.batch_size)
-            results["tasks"].append({"adapter": name, **result})
-    if not directories:
+            check_scoring(meta, task, args.max_prompt_tokens, where=f"adapter {name}")
+            plan.append((name, directory, task))
+    results: dict = {"pipeline": str(args.pipeline), "tasks": []}
+    for name, directory, task in plan:
+        result = pipeline.evaluate(directory, task, split=args.split, limit=args.limit, batch_size=args.batch_size,
+                                   max_prompt_tokens=args.max_prompt_tokens)
+        results["tasks"].append({"adapter": name, **result})
+    if not args.adapter:
         for task in tasks:
             result = pipeline.evaluate(None, task, split=args.split, limit=args.limit, batch_size=args.batch_size,
                                        max_prompt_tokens=args.max_prompt_tokens)
             results["tasks"].append({"adapter": "compressed base (zero-shot)", **result})
     if args.corpus:
         text = load_corpus(args.corpus, split="heldout")
-        with pipeline.running(next(iter(directories.values()), None)) as model:
+        adapter = args.adapter[0] if args.adapter else None
+        with pipeline.running(pipeline.resolve_adapter(adapter) if adapter else None) as model:
             ppl = perplexity(model, pipeline.tokenizer, text, max_length=args.max_length,
                              stride=args.max_length, max_tokens=args.max_tokens, progress=not args.json)
-        results["perplexity"] = {"corpus": args.corpus, "split": "heldout", **ppl.to_dict()}
+        results["perplexity"] = {"corpus": args.corpus, "split": "heldout",
+                                 "adapter": adapter or "compressed base", **ppl.to_dict()}
     return results
 
 

@@ -148,6 +148,16 @@ def verbalizer_for(task) -> Verbalizer:
     return Verbalizer(dict(words)) if words else Verbalizer.default_for(task.labels)
 
 
+def scoring_prompts(task, meta: dict | None) -> tuple[PromptTemplate, Verbalizer]:
+    """The template and verbalizer to score ``task`` with: a CPET adapter's own (``meta``, its ``cpet.json``), as
+    serving uses them, when it records them; else the task's. An adapter tuned on one task and scored on another
+    file with the same labels is scored with the prompt it learned, not the other file's generic one."""
+    if meta and meta.get("template") and meta.get("label_words"):
+        return (PromptTemplate(meta["template"]),
+                Verbalizer({label: meta["label_words"][label] for label in task.labels}))
+    return template_for(task), verbalizer_for(task)
+
+
 def check_single_token_labels(tokenizer, verbalizer: Verbalizer) -> None:
     """Raise ValueError unless every label word is exactly one token under ``tokenizer``.
 
