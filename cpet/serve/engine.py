@@ -47,6 +47,24 @@ class _Batch:
         return [(adapter, torch.tensor(rows)) for adapter, rows in seen.values()]
 
 
+def _by_row(t: torch.Tensor, batch: _Batch, module: str) -> torch.Tensor:
+    """``t`` with the batch's rows on dim 0: ``[rows, ...]`` as most families pass a linear's input, or a flattened
+    ``[rows * tokens_per_row, d]`` (OPT's FFN flattens its hidden states before ``fc1``) viewed as
+    ``[rows, tokens_per_row, d]``, so that each row's factors reach that row's tokens and no other's.
+
+    Raises:
+        RuntimeError: dim 0 is neither the rows nor the rows' tokens (no row could be told apart).
+    """
+    rows = len(batch.rows)
+    if t.shape[0] == rows:
+        return t
+    if t.dim() == 2 and batch.tokens_per_row is not None and t.shape[0] == rows * batch.tokens_per_row:
+        return t.view(rows, batch.tokens_per_row, t.shape[1])
+    raise RuntimeError(f"module {module} got input {tuple(t.shape)} for a batch of {rows} rows of "
+                       f"{batch.tokens_per_row} tokens: its first dim is neither the rows nor their tokens, so "
+                       "per-row adapters cannot be applied; please report the model family")
+
+
 class Engine:
     """A compressed base with hooks that apply per-row adapters (see the module docstring).
 
@@ -146,14 +164,14 @@ class Engine:
             batch = self._batch
             if batch is None:
                 return output
-            x = inputs[0]
+            x, out = _by_row(inputs[0], batch, name), _by_row(output, batch, name)
             if self.fast and x.dim() == 3:
-                return output + self._fast_delta(name, batch, x).to(output.dtype)
-            delta = torch.zeros_like(output)  # the reference: each factor on the rows that use it
+                return (out + self._fast_delta(name, batch, x).to(out.dtype)).view(output.shape)
+            delta = torch.zeros_like(out)  # the reference: each factor on the rows that use it
             for factor, mask in self._row_factors(name, batch):
                 rows = mask.nonzero(as_tuple=True)[0].to(x.device)
-                delta.index_add_(0, rows, factor(x.index_select(0, rows)).to(output.dtype))
-            return output + delta
+                delta.index_add_(0, rows, factor(x.index_select(0, rows)).to(out.dtype))
+            return (out + delta).view(output.shape)
 
         return hook
 

@@ -71,6 +71,48 @@ def test_linear_and_gelu_per_task_recovery_in_one_batch_match_the_per_adapter_lo
             engine.registry.unload(name)
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_family_that_flattens_its_ffn_input_gets_each_rows_deltas_on_that_rows_tokens(fast):
+    """OPT's FFN flattens ``[rows, tokens, d]`` to ``[rows * tokens, d]`` before ``fc1``: a row's factors must still
+    reach its tokens only (once they went to the flattened token of the row's index)."""
+    from pathlib import Path
+
+    from cpet.assembly import LoadedAdapter, LowRank, module_shapes
+    from cpet.models import tiny_model
+
+    base = tiny_model("opt")
+    model = base.model.eval()
+    shapes = module_shapes(model)
+    generator = torch.Generator().manual_seed(0)
+
+    def factors():
+        return {name: LowRank(torch.randn(4, shapes[name][0], generator=generator),
+                              torch.randn(shapes[name][1], 4, generator=generator) * 0.1, 1.0)
+                for name in shapes if name.endswith(("fc1", "fc2", "q_proj"))}
+
+    adapters = [LoadedAdapter("a", Path("."), factors()), LoadedAdapter("b", Path("."), factors())]
+    rows = [adapters[0], None, adapters[1], adapters[0]]
+    ids = IDS[:4]
+    with torch.no_grad():
+        engine = Engine(model, "tiny", base.tokenizer)
+        engine.fast = fast
+        try:
+            mixed = engine.forward(rows, input_ids=ids).logits
+        finally:
+            engine.close()
+        modules = dict(model.named_modules())
+        for i, adapter in enumerate(rows):  # each row alone, its factors added to every output of the module
+            hooks = [modules[name].register_forward_hook(lambda m, inp, out, f=f: out + f(inp[0]).to(out.dtype))
+                     for name, f in (adapter.lora.items() if adapter is not None else ())]
+            try:
+                alone = model(input_ids=ids[i:i + 1]).logits[0]
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            assert torch.allclose(mixed[i], alone, atol=1e-4), i
+    assert (mixed[0] - model(input_ids=ids[:1]).logits[0]).abs().max() > 1e-2  # the factors matter at all
+
+
 def test_each_base_linear_runs_once_per_step_whatever_the_adapters(served):
     _, engine, _ = served
     linears = sum(len(layer.names) for layer in iter_layer_linears(engine.model))
