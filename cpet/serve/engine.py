@@ -292,9 +292,20 @@ class Engine:
         meta = loaded.meta
         if not meta.get("labels") or not meta.get("label_words"):
             raise ValueError(f"adapter {loaded.name} is not a classification adapter (its cpet.json names no labels)")
-        from ..data.prompts import prompt_cut_of
+        from ..data.prompts import PromptTemplate, prompt_cut_of
+        from ..evaluate import label_token_ids
 
-        prompt_cut_of(meta)  # an unknown cut is refused here, at admission, not in the batch it would fail
+        # everything classify reads from cpet.json is checked here, at admission: a damaged adapter fails its own
+        # requests, never the mixed batch of other adapters' requests it would have joined
+        missing = [label for label in meta["labels"] if label not in meta["label_words"]]
+        if missing:
+            raise ValueError(f"adapter {loaded.name}'s cpet.json has no label word for labels {missing}")
+        try:
+            PromptTemplate(meta.get("template") or PromptTemplate.template)
+            label_token_ids(self.tokenizer, [meta["label_words"][label] for label in meta["labels"]])
+        except ValueError as err:
+            raise ValueError(f"adapter {loaded.name}'s cpet.json: {err}") from None
+        prompt_cut_of(meta)
         return meta
 
     @torch.no_grad()

@@ -1,11 +1,14 @@
 """The scheduler: one worker thread, a bounded queue, and continuous batching of generation requests.
 
-Every step the worker (1) takes what arrived (up to a batch limit), (2) answers all pending classification
-requests in one mixed batch, (3) runs one decode step for every running sequence, whatever its adapter, and
-(4) prefills the new generation requests together and merges their KV caches into the running batch
-(left-padded to a common length). So a request that arrives while others generate joins them at the next
-step: a short request is not held back by a long one, and a stream of new requests never stalls the running
-ones (they decode every step). Finished sequences leave the batch (their cache rows are dropped) and the next
+Every step the worker (1) takes what arrived: every classification request, and generation requests while the
+batch has free rows (the others wait their turn, first in line), (2) answers the classification requests in one
+mixed batch (they take no row, so a batch full of generations never holds them back), (3) runs one decode step
+for every running sequence, whatever its adapter, and (4) prefills the new generation requests together and
+merges their KV caches into the running batch (left-padded to a common length). So a request that arrives while
+others generate joins them at the next step: a short request is not held back by a long one, and a stream of new
+requests never stalls the running ones (they decode every step). On a sliding-window model (Mistral, Gemma 2) a
+newcomer waits instead once the running or its own cache outgrows the window, whose layers no longer keep every
+position. Finished sequences leave the batch (their cache rows are dropped) and the next
 step runs without them. A full queue refuses new requests at once (:class:`QueueFull`, HTTP 429), never blocks.
 
 A request's adapter is resolved once, when it is admitted (:meth:`Engine.resolve`): an unknown name fails that
@@ -19,6 +22,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -86,6 +90,7 @@ class Scheduler:
                                  f"{'decoded together' if name == 'max_batch' else 'waiting'}")
         self.engine, self.max_batch, self.on_step = engine, max_batch, on_step
         self.queue: "queue.Queue" = queue.Queue(maxsize=max_queue)
+        self._waiting: deque[GenerationRequest] = deque()  # taken from the queue, waiting for a batch row
         self.running: list[_Running] = []
         self._taken: list = []  # what the current step took from the queue
         self._cache = None
@@ -96,10 +101,13 @@ class Scheduler:
         self._thread.start()
 
     def submit(self, request) -> Future:
+        full = QueueFull(f"the request queue is full ({self.queue.maxsize} waiting): retry later")
+        if self.queue.qsize() + len(self._waiting) >= self.queue.maxsize:  # both are waiting requests
+            raise full
         try:
             self.queue.put_nowait(request)
         except queue.Full:
-            raise QueueFull(f"the request queue is full ({self.queue.maxsize} waiting): retry later") from None
+            raise full from None
         return request.future
 
     def close(self) -> None:
@@ -123,17 +131,30 @@ class Scheduler:
         self.running, self._cache = [], None
 
     def _take(self) -> list:
+        """What this step serves: every classification request that arrived (they take no batch row, so a batch
+        full of generations never holds them back), and generation requests while rows are free, those that
+        waited first; the others wait, in arrival order. Cancelled requests are dropped."""
         taken = []
         room = self.max_batch - len(self.running)
-        block = not self.running
-        while room > 0:
+        while self._waiting and room > 0:
+            request = self._waiting.popleft()
+            if not request.cancelled:
+                taken.append(request)
+                room -= 1
+        self._waiting = deque(r for r in self._waiting if not r.cancelled)
+        block = not self.running and not taken and not self._waiting
+        while True:
             try:
                 request = self.queue.get(timeout=0.05) if block and not taken else self.queue.get_nowait()
             except queue.Empty:
                 break
-            if not request.cancelled:
-                taken.append(request)
-                room -= isinstance(request, GenerationRequest)
+            if request.cancelled:
+                continue
+            if isinstance(request, GenerationRequest) and room <= 0:
+                self._waiting.append(request)
+                continue
+            taken.append(request)
+            room -= isinstance(request, GenerationRequest)
         return taken
 
     def _step(self) -> None:
@@ -187,6 +208,9 @@ class Scheduler:
             return 0
         device = next(self.engine.model.parameters()).device
         ids, mask, positions = self.engine.left_padded([r.prompt_ids for r in requests], device)
+        if self._cache is not None and not self._joinable(ids.shape[1]):
+            self._waiting.extendleft(reversed(requests))  # first in line once the running rows finish
+            return 0
         try:
             out = self.engine.forward([r.adapter for r in requests], input_ids=ids, attention_mask=mask,
                                       position_ids=positions, use_cache=True)
@@ -199,6 +223,16 @@ class Scheduler:
         self._merge(output_cache(out), mask, positions[:, -1] + 1, runs)
         return self._advance(runs, out.logits[:, -1].float(), offset=len(self.running) - len(runs))
 
+    def _joinable(self, new_length: int) -> bool:
+        """Whether requests prefilled to ``new_length`` tokens can join the running batch now.
+
+        A sliding-window layer keeps only the last ``window - 1`` keys; once either cache has dropped some, the
+        rows no longer line up with one mask, so newcomers wait for the running rows to finish (with the
+        4096-token windows of Mistral and Gemma 2, only very long requests ever wait).
+        """
+        windows = [layer.sliding_window for layer in self._cache.layers if getattr(layer, "is_sliding", False)]
+        return not windows or max(self._mask.shape[1], new_length) <= min(windows) - 1
+
     def _merge(self, cache, mask: torch.Tensor, positions: torch.Tensor, runs: list[_Running]) -> None:
         if self._cache is None:
             self._cache, self._mask, self._positions, self.running = cache, mask, positions, runs
@@ -206,8 +240,13 @@ class Scheduler:
         old, new = self._mask.shape[1], mask.shape[1]
         length = max(old, new)
         for mine, theirs in zip(self._cache.layers, cache.layers):
+            if (mine.keys.shape[-2], theirs.keys.shape[-2]) != (old, new):  # _joinable keeps this from happening
+                raise RuntimeError(f"cannot merge KV caches of {mine.keys.shape[-2]} and {theirs.keys.shape[-2]} "
+                                   f"positions into a batch whose masks have {old} and {new}")
             mine.keys = torch.cat([_left_pad(mine.keys, length), _left_pad(theirs.keys, length)])
             mine.values = torch.cat([_left_pad(mine.values, length), _left_pad(theirs.values, length)])
+            if hasattr(mine, "cumulative_length"):  # sliding layers size their masks from it, not from the keys
+                mine.cumulative_length = length
         self._mask = torch.cat([_left_pad(self._mask, length, dim=1), _left_pad(mask, length, dim=1)])
         self._positions = torch.cat([self._positions, positions])
         self.running = self.running + runs
@@ -228,8 +267,9 @@ class Scheduler:
         done = []
         for i, run in enumerate(runs):
             request = run.request
-            if request.temperature > 0:
-                probs = torch.softmax(logits[i] / request.temperature, dim=-1)
+            if request.temperature > 0:  # the largest logit subtracted first: a tiny temperature cannot make
+                # inf - inf (NaN) of the scaled logits, and the choice tends to the argmax as it should
+                probs = torch.softmax((logits[i] - logits[i].max()) / request.temperature, dim=-1)
                 token = int(torch.multinomial(probs, 1, generator=run.generator))
             else:
                 token = int(logits[i].argmax())

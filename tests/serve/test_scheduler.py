@@ -4,6 +4,7 @@ bad request fails alone, and streams never send text that a stop string cuts off
 from __future__ import annotations
 
 import queue
+import re
 
 import pytest
 
@@ -149,3 +150,107 @@ def test_whatever_a_failed_step_took_is_answered_not_left_waiting(served, monkey
     with pytest.raises(RuntimeError, match="merge failed"):
         request.future.result(timeout=0)
     assert request.events.get_nowait() is None
+
+
+def test_an_adapter_with_a_damaged_cpet_json_fails_its_own_classification_not_the_batch(served, tmp_path):  # noqa: F811
+    import json
+    import shutil
+
+    from cpet.serve.scheduler import ClassifyRequest
+
+    pipeline, engine, _ = served
+    damages = {"no-slot": {"template": "Text: {txt}\nLabel:"}, "no-word": {"label_words": {}},
+               "empty-word": {"label_words": None}}
+    for name, change in damages.items():
+        directory = tmp_path / name
+        shutil.copytree(pipeline.adapters()["plain"], directory)
+        meta = json.loads((directory / "cpet.json").read_text())
+        if name == "no-word":
+            change = {"label_words": {label: meta["label_words"][label] for label in meta["labels"][1:]}}
+        if name == "empty-word":
+            change = {"label_words": {**meta["label_words"], meta["labels"][0]: ""}}
+        (directory / "cpet.json").write_text(json.dumps({**meta, **change}))
+        engine.registry.load(name, directory)
+    try:
+        scheduler = SteppedScheduler(engine)
+        good = ClassifyRequest("plain", "a fine day")
+        bad = {name: ClassifyRequest(name, "a fine day") for name in damages}
+        for request in (good, *bad.values()):
+            scheduler.submit(request)
+        scheduler._step()
+        assert good.future.result(timeout=0) == engine.classify([("plain", "a fine day")])[0]
+        for name, message in (("no-slot", "has no {text} slot"), ("no-word", "no label word for labels"),
+                              ("empty-word", "tokenises to nothing")):
+            with pytest.raises(ValueError, match=f"adapter {name}'s cpet.json.*{re.escape(message)}"):
+                bad[name].future.result(timeout=0)
+    finally:
+        for name in damages:
+            engine.registry.unload(name)
+
+
+def test_classification_is_served_while_generations_fill_the_batch(served):  # noqa: F811
+    from cpet.serve.scheduler import ClassifyRequest
+
+    _, engine, _ = served
+    scheduler = SteppedScheduler(engine, max_batch=1, max_queue=3)
+    running = GenerationRequest(ids_of(engine, "the quick"), "plain", 20)
+    scheduler.submit(running)
+    scheduler._step()
+    waiting = GenerationRequest(ids_of(engine, "hi"), "plain", 2)
+    cancelled = GenerationRequest(ids_of(engine, "hi"), "plain", 2)
+    classify = ClassifyRequest("plain", "a fine day")
+    for request in (waiting, cancelled, classify):
+        scheduler.submit(request)
+    with pytest.raises(Exception, match="queue is full"):  # waiting requests count, wherever they wait
+        scheduler.submit(GenerationRequest(ids_of(engine, "hi"), "plain", 2))
+    scheduler._step()  # no free row: the generations wait, the classification is answered
+    assert classify.future.result(timeout=0) == engine.classify([("plain", "a fine day")])[0]
+    assert len(scheduler.running) == 1 and not waiting.future.done()
+    cancelled.cancelled = True
+    while not waiting.future.done():
+        scheduler._step()
+    assert running.future.result(timeout=0)["tokens"] == 20  # it finished first: one row
+    assert waiting.future.result(timeout=0)["text"] == engine.generate(["hi"], ["plain"], max_tokens=2)[0]["text"]
+    assert not cancelled.future.done() and not scheduler._waiting and scheduler.queue.empty()
+
+
+def test_a_tiny_temperature_samples_the_argmax_and_fails_nobody(served):  # noqa: F811
+    _, engine, _ = served
+    scheduler = SteppedScheduler(engine, max_batch=4)
+    other = GenerationRequest(ids_of(engine, "the quick"), "plain", 6)
+    scheduler.submit(other)
+    scheduler._step()
+    tiny = GenerationRequest(ids_of(engine, "the quick"), "plain", 6, temperature=1e-40, seed=0)
+    scheduler.submit(tiny)
+    while not (other.future.done() and tiny.future.done()):
+        scheduler._step()
+    greedy = engine.generate(["the quick"], ["plain"], max_tokens=6)[0]["text"]
+    assert other.future.result(timeout=0)["text"] == greedy
+    assert tiny.future.result(timeout=0)["text"] == greedy
+
+
+@pytest.mark.parametrize("window", [4096, 6])
+def test_newcomers_join_a_sliding_window_model_as_each_request_alone_would_run(window):
+    """A sliding layer sizes its mask from its own token count: a merge must set it (a longer newcomer once
+    failed every running request); past the window a newcomer waits for the running rows instead."""
+    from cpet.models import tiny_model
+    from cpet.serve import Engine
+
+    base = tiny_model("mistral", sliding_window=window)
+    engine = Engine(base.model, "tiny", base.tokenizer)
+    try:
+        scheduler = SteppedScheduler(engine, max_batch=4)
+        first = GenerationRequest(ids_of(engine, "ab"), None, 8)
+        scheduler.submit(first)
+        scheduler._step()
+        scheduler._step()
+        second = GenerationRequest(ids_of(engine, "a much longer prompt here"), None, 8)
+        scheduler.submit(second)
+        scheduler._step()
+        assert len(scheduler.running) == (2 if window == 4096 else 1)  # joined, or waiting past the window
+        while not (first.future.done() and second.future.done()):
+            scheduler._step()
+        for request, prompt in ((first, "ab"), (second, "a much longer prompt here")):
+            assert request.future.result(timeout=0)["text"] == engine.generate([prompt], [None], max_tokens=8)[0]["text"]
+    finally:
+        engine.close()
