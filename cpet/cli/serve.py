@@ -64,7 +64,15 @@ def build_app(args: argparse.Namespace):
             raise ValueError(f"--adapter {spec}: {exc}") from None
         if not (Path(path) / "adapter_config.json").is_file():  # checked now: the base loads next
             raise ValueError(f"--adapter {spec}: {path} is not an adapter directory (no adapter_config.json)")
+        if name == args.served_name:  # requests naming it would reach the bare base, never this adapter
+            raise ValueError(f"--adapter {spec}: {name!r} is the bare base's served name (--served-name); give the "
+                             "adapter another name")
+        if name in dict(adapters):
+            raise ValueError(f"--adapter {spec}: {name!r} is given twice; give each adapter its own name")
         adapters.append((name, path))
+    if len(adapters) > args.max_adapters:  # each is pinned: the registry could not hold them all
+        raise ValueError(f"{len(adapters)} --adapter flags but --max-adapters {args.max_adapters}: the adapters given "
+                         "at start stay loaded, so raise --max-adapters to at least their number")
     root = args.adapter_root or (str(pipeline / "adapters") if pipeline else None)
     api_key = args.api_key or os.environ.get("CPET_API_KEY")
     if api_key and root is None:  # runtime loads would read any directory the server can reach

@@ -80,6 +80,8 @@ class AdapterRegistry:
         check_served_name(name)
         source = directory if isinstance(directory, AdapterSource) else None
         path = self._directory(source.directory if source is not None else directory)
+        with self._lock:
+            self._victims(name)  # one that could never fit is refused before its files are read
         adapter = load_factors(name, source or AdapterSource(path), self.module_shapes, base_id=self.base_id,
                                shared_available=self.has_shared_recovery,
                                shared_sha256=self.shared_recovery_sha256)
@@ -94,18 +96,23 @@ class AdapterRegistry:
     def _make_room(self, name: str) -> None:
         """Evict least recently used unpinned adapters (never ``name``, which is being loaded) until ``name`` fits;
         nothing changes if it cannot fit."""
+        for victim in self._victims(name):
+            del self._adapters[victim]
+
+    def _victims(self, name: str) -> list[str]:
+        """The least recently used unpinned adapters that loading ``name`` would evict (AdapterError if it cannot
+        fit: too many of the others are pinned)."""
         others = [n for n in self._adapters if n != name]
         excess = len(others) + 1 - self.capacity
         if excess <= 0:
-            return
+            return []
         victims = [n for n in others if n not in self._pinned][:excess]  # oldest first: LRU order
         if len(victims) < excess:
             pinned = sum(n in self._pinned for n in others)
             raise AdapterError(f"cannot load {name}: capacity is {self.capacity} and {pinned} of the {len(others)} "
                                "other loaded adapters are pinned (never evicted): unload one first, or serve with a "
                                "larger capacity (`cpet serve --max-adapters`)")
-        for victim in victims:
-            del self._adapters[victim]
+        return victims
 
     def unload(self, name: str) -> None:
         with self._lock:

@@ -142,24 +142,30 @@ def create_app(engine: Engine, *, served_name: str = "cpet-base", api_key: str |
                 r.cancelled = True
             raise
 
-    def wait_all(requests: list) -> list[dict]:
+    async def wait_all(requests: list, http: Request | None = None) -> list[dict]:
         """The results of requests that answer one call, all within one timeout (they run side by side); when one
         fails, the others are cancelled: nobody reads their answers any more."""
         deadline = time.monotonic() + limits.timeout_s
         try:
-            return [wait(r, deadline) for r in requests]
+            return [await wait(r, deadline, http) for r in requests]
         except ServingError:
             for r in requests:
                 r.cancelled = True
             raise
 
-    def wait(request, deadline: float | None = None):
-        timeout = limits.timeout_s if deadline is None else max(0.0, deadline - time.monotonic())
+    async def wait(request, deadline: float | None = None, http: Request | None = None):
+        """The request's result, awaited on the event loop: no worker thread is held for it (a thread per waiting
+        request would exhaust the pool that /health and /metrics need). With ``http``, a client that went away
+        cancels the request (the scheduler frees its row at the next step)."""
+        deadline = time.monotonic() + limits.timeout_s if deadline is None else deadline
         try:
-            return request.future.result(timeout=timeout)
+            await _answered(request, deadline, http)
+            return request.future.result(timeout=0)
         except FutureTimeout:
             request.cancelled = True
             raise ServingError(504, f"the request did not finish within {limits.timeout_s:g} s", "timeout") from None
+        except ClientGone:  # nobody reads this answer: it is logged and counted as the client's cancellation
+            raise ServingError(499, "the client closed the connection before the answer", "cancelled") from None
         except UnknownAdapterError as exc:
             raise ServingError(404, str(exc), "not_found_error") from None
         except (AdapterError, ValueError) as exc:
@@ -193,7 +199,7 @@ def create_app(engine: Engine, *, served_name: str = "cpet-base", api_key: str |
                     yield f"data: {json.dumps(chunk(piece, None))}\n\n"
                 if request.cancelled:  # the client left: nobody reads the end
                     return
-                result = await _in_thread(wait, request)
+                result = await wait(request)
             except queue.Empty:
                 request.cancelled = True
                 error = ServingError(504, f"no new token within {limits.timeout_s:g} s", "timeout")
@@ -213,17 +219,17 @@ def create_app(engine: Engine, *, served_name: str = "cpet-base", api_key: str |
         return StreamingResponse(events(), media_type="text/event-stream")
 
     @app.get("/health")
-    def health():
+    async def health():
         return {"status": "ok", "base_id": engine.base_id, "adapters": len(engine.registry),
                 "running": len(scheduler.running), "queued": scheduler.queue.qsize()}
 
     @app.get("/metrics")
-    def prometheus():
+    async def prometheus():
         queue_depth.set(scheduler.queue.qsize())
         return PlainTextResponse(generate_latest(metrics).decode(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
-    def models():
+    async def models():
         created = int(time.time())
         data = [{"id": served_name, "object": "model", "created": created, "owned_by": "cpet", "root": served_name}]
         data += [{"id": name, "object": "model", "created": created, "owned_by": "cpet", "root": served_name,
@@ -247,7 +253,7 @@ def create_app(engine: Engine, *, served_name: str = "cpet-base", api_key: str |
                 "id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
                 "choices": [{"index": 0, "text": text, "finish_reason": reason, "logprobs": None}]})
         submit_all(requests)
-        results = await _in_thread(wait_all, requests)
+        results = await wait_all(requests, request)
         latency.labels(str(model), "completion").observe(time.perf_counter() - start)
         return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
                 "choices": [{"index": i, "text": r["text"], "finish_reason": r["finish_reason"], "logprobs": None}
@@ -270,7 +276,7 @@ def create_app(engine: Engine, *, served_name: str = "cpet-base", api_key: str |
                 "id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
                 "choices": [{"index": 0, "delta": {"role": "assistant", "content": text} if text else {},
                              "finish_reason": reason}]})
-        result = await _in_thread(wait, r)
+        result = await wait(r, http=request)
         latency.labels(str(model), "chat").observe(time.perf_counter() - start)
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": result["text"]},
@@ -296,7 +302,7 @@ def create_app(engine: Engine, *, served_name: str = "cpet-base", api_key: str |
         start = time.perf_counter()
         requests = [ClassifyRequest(name, text) for text in texts]
         submit_all(requests)
-        results = await _in_thread(wait_all, requests)
+        results = await wait_all(requests, request)
         latency.labels(name, "classify").observe(time.perf_counter() - start)
         return {"object": "list", "model": name, "data": [{"index": i, **r} for i, r in enumerate(results)]}
 
@@ -371,6 +377,28 @@ async def pieces(http: Request, request: GenerationRequest, timeout_s: float):
             return
         deadline = time.monotonic() + timeout_s
         yield piece
+
+
+WAIT_POLL_S = 0.1  # how often a non-streamed request's wait looks at the client
+
+
+class ClientGone(Exception):
+    """The client of a non-streamed request closed its connection before the answer."""
+
+
+async def _answered(request, deadline: float, http: Request | None) -> None:
+    """Return once ``request.future`` is done; ``concurrent.futures.TimeoutError`` at ``deadline`` (monotonic
+    seconds); :class:`ClientGone`, the request cancelled, when the client went away (``http``). The future is
+    wrapped, never cancelled, so the scheduler can always set its result."""
+    waiter = asyncio.wrap_future(request.future)
+    while not waiter.done():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise FutureTimeout()
+        await asyncio.wait({waiter}, timeout=min(left, WAIT_POLL_S))  # never cancels the waiter itself
+        if not waiter.done() and http is not None and await http.is_disconnected():
+            request.cancelled = True
+            raise ClientGone()
 
 
 async def _in_thread(func, *args):

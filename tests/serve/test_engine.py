@@ -186,6 +186,17 @@ def test_a_full_registry_never_evicts_the_adapter_it_loads_and_refuses_without_c
                                            r"pinned .*--max-adapters"):
         one.load("b", pipeline.adapters()["shared"])
     assert one.names() == ["a"]  # refused: not loaded, and nothing else changed
+    import cpet.serve.registry
+
+    read = []
+    load_factors = cpet.serve.registry.load_factors
+    cpet.serve.registry.load_factors = lambda *args, **kwargs: read.append(args[0]) or load_factors(*args, **kwargs)
+    try:
+        with pytest.raises(AdapterError, match="cannot load b"):
+            one.load("b", pipeline.adapters()["shared"])
+    finally:
+        cpet.serve.registry.load_factors = load_factors
+    assert read == []  # refused before its files were read
     one.load("a", pipeline.adapters()["both"])  # replacing a loaded name needs no room
     assert one.names() == ["a"] and one.get("a").per_task  # "both" carries per-task recovery
     two = AdapterRegistry(engine.registry.module_shapes, engine.base_id, capacity=2, has_shared_recovery=True)

@@ -230,7 +230,19 @@ def test_build_app_checks_its_limits_before_the_base_loads(tmp_path, monkeypatch
     args.adapter = ["../x=somewhere"]
     with pytest.raises(ValueError, match=r"the name '\.\./x' is not allowed"):
         build_app(args)
-    args.adapter = []
+    adapter_dir = tmp_path / "a"
+    adapter_dir.mkdir()
+    (adapter_dir / "adapter_config.json").write_text("{}")
+    args.adapter = [f"cpet-base={adapter_dir}"]
+    with pytest.raises(ValueError, match=r"'cpet-base' is the bare base's served name"):
+        build_app(args)
+    args.adapter = [f"a={adapter_dir}", f"a={adapter_dir}"]
+    with pytest.raises(ValueError, match=r"'a' is given twice"):
+        build_app(args)
+    args.adapter, args.max_adapters = [f"a={adapter_dir}", f"b={adapter_dir}"], 1
+    with pytest.raises(ValueError, match=r"2 --adapter flags but --max-adapters 1"):
+        build_app(args)
+    args.adapter, args.max_adapters = [], 8
     with pytest.raises(AssertionError, match="the base was loaded"):  # sound limits and a root: on to the load
         build_app(args)
 
@@ -414,3 +426,49 @@ def test_a_stream_notices_a_gone_client_itself_and_cancels_its_request():
 def test_a_stream_with_no_new_token_within_the_timeout_raises_empty():
     with pytest.raises(queue.Empty):
         streamed(Client(stays=10 ** 6), queued_request("a"), timeout_s=0.1)
+
+
+def test_waiting_for_an_answer_holds_no_worker_thread(server, monkeypatch):
+    """Non-streamed requests and the status endpoints run on the event loop: with every worker thread taken (40 by
+    default; here none at all), /health and the answers still come."""
+    import cpet.serve.server
+
+    async def no_thread(*args):
+        raise AssertionError("a worker thread was asked for")
+
+    monkeypatch.setattr(cpet.serve.server, "_in_thread", no_thread)
+    import starlette.concurrency
+
+    monkeypatch.setattr(starlette.concurrency, "run_in_threadpool", no_thread)
+    url, _, _, _ = server
+    for path in ("/health", "/metrics", "/v1/models"):
+        assert httpx.get(f"{url}{path}").status_code == 200, path
+    completion = httpx.post(f"{url}/v1/completions", json={"model": "plain", "prompt": "the quick", "max_tokens": 3})
+    assert completion.status_code == 200, completion.text
+    chat = httpx.post(f"{url}/v1/chat/completions",
+                      json={"model": "plain", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert chat.status_code == 200, chat.text
+    classified = httpx.post(f"{url}/v1/classify", json={"model": "plain", "input": "it was good 3"})
+    assert classified.status_code == 200, classified.text
+
+
+def test_a_wait_ends_at_its_deadline_or_when_the_client_leaves_and_never_cancels_the_future():
+    import threading
+    import time
+    from concurrent.futures import Future
+    from concurrent.futures import TimeoutError as FutureTimeout
+
+    from cpet.serve.server import ClientGone, _answered
+
+    answered = SimpleNamespace(future=Future(), cancelled=False)
+    threading.Timer(0.05, answered.future.set_result, args=[{"text": "x"}]).start()
+    asyncio.run(_answered(answered, time.monotonic() + 5, Client(stays=10 ** 6)))
+    assert answered.future.result(timeout=0) == {"text": "x"} and not answered.cancelled
+    late = SimpleNamespace(future=Future(), cancelled=False)
+    with pytest.raises(FutureTimeout):
+        asyncio.run(_answered(late, time.monotonic() + 0.15, None))
+    late.future.set_result({"text": "late"})  # the scheduler can still answer it: nothing was cancelled
+    gone = SimpleNamespace(future=Future(), cancelled=False)
+    with pytest.raises(ClientGone):
+        asyncio.run(_answered(gone, time.monotonic() + 5, Client(stays=1)))
+    assert gone.cancelled and not gone.future.cancelled()
