@@ -519,17 +519,13 @@ class CPET:
 
     def _check_tune_args(self, task, on, init, inherit_from, recovery) -> AdapterSource | None:
         """Refuse bad options before any work; return the inheritance source, read once (None without one)."""
-        check_tune_options(on, init, recovery)
+        check_tune_options(on, init, recovery, inherit_from)
         if on == "compressed":
             self._require_base()
         if recovery in ("shared", "both") and not (self.recovery_dir / "recovery.json").exists():
             raise ValueError(f"no shared recovery modules in {self.recovery_dir}: call recover(...) first (CLI: "
                              f"`cpet recover {self.work_dir}`)")
-        if init == "inherit" or recovery in ("per_task", "both"):
-            if inherit_from is None:
-                raise ValueError("init='inherit' and per-task recovery need inherit_from: an adapter trained "
-                                 "on the original model (tune(task, on='original')); CLI: --inherit-from NAME, "
-                                 "an adapter of `cpet tune PIPELINE --on original`")
+        if inherit_from is not None:
             source = self._inheritance_source(_dir(inherit_from))
             labels = source.meta["labels"] if source.is_cpet else None  # a plain PEFT source: the task's own
             unknown = sorted(set(task.labels) - set(labels)) if labels is not None else []
@@ -537,10 +533,6 @@ class CPET:
                 raise ValueError(f"task {task.name!r} has labels {unknown} that adapter {_dir(inherit_from)} "
                                  f"does not know (it knows {labels})")
             return source
-        if inherit_from is not None:  # it would be recorded as the adapter's source without being read
-            raise ValueError(f"inherit_from ({_dir(inherit_from)}) is read only by init='inherit' or per-task "
-                             f"recovery, but this run has init={init!r} and recovery={recovery!r}: add "
-                             "init='inherit' (CLI: --init inherit) or leave the source out")
         return None
 
     def _inheritance_source(self, directory: Path) -> AdapterSource:
@@ -651,11 +643,12 @@ class CPET:
         """Accuracy of an adapter (or of a bare model, zero-shot) on a task split.
 
         Prompts are cut to the adapter's own ``max_prompt_tokens`` (as it was trained); a bare model uses
-        ``max_prompt_tokens`` or the default. ``on`` places a bare model or a plain PEFT adapter; a CPET adapter
-        runs on the model it was tuned on (its ``cpet.json``), whatever ``on`` says. ``limit`` None scores the
-        whole split. The result also has
-        the majority-class share of the scored examples and, with ``with_predictions``, the predicted and
-        gold label of every example in split order (for paired comparisons).
+        ``max_prompt_tokens`` or the default. ``on`` places a bare model; a CPET adapter runs on the model it was
+        tuned on (its ``cpet.json``), whatever ``on`` says (a plain PEFT directory is refused: nothing says
+        which task, prompt or base it was trained for; ``cpet eval --model BASE --peft DIR`` scores one).
+        ``limit`` None scores the whole split. The result also has the majority-class share of the scored
+        examples and, with ``with_predictions``, the predicted and gold label of every example in split order
+        (for paired comparisons).
         """
         from .evaluate import DEFAULT_MAX_PROMPT_TOKENS, classification_accuracy
 
@@ -746,8 +739,11 @@ def check_work_dir(work_dir: str | Path) -> None:
     check_output_dir(work_dir)
 
 
-def check_tune_options(on: str, init: str, recovery: str) -> None:
+def check_tune_options(on: str, init: str, recovery: str, inherit_from=None) -> None:
     """Refuse a combination of tuning options that no pipeline accepts (needs no model: callers check it first).
+
+    ``inherit_from`` (an adapter or its directory) must be given exactly when it is read: by ``init='inherit'``
+    or per-task recovery.
 
     Raises:
         ValueError: naming the option and what it takes.
@@ -761,6 +757,15 @@ def check_tune_options(on: str, init: str, recovery: str) -> None:
     if on == "original" and (init != "random" or recovery != "none"):
         raise ValueError("tuning on the original model takes init='random' and recovery='none' (CLI: leave "
                          "--init and --recovery out with --on original)")
+    reads_source = init == "inherit" or recovery in ("per_task", "both")
+    if reads_source and inherit_from is None:
+        raise ValueError("init='inherit' and per-task recovery need inherit_from: an adapter trained on the original "
+                         "model (tune(task, on='original')); CLI: --inherit-from NAME, an adapter of `cpet tune "
+                         "PIPELINE --on original`")
+    if not reads_source and inherit_from is not None:  # it would be recorded as the source without being read
+        raise ValueError(f"inherit_from ({_dir(inherit_from)}) is read only by init='inherit' or per-task recovery, "
+                         f"but this run has init={init!r} and recovery={recovery!r}: add init='inherit' (CLI: "
+                         "--init inherit) or leave the source out")
 
 
 def read_pipeline_record(directory: str | Path) -> dict:

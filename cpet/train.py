@@ -88,6 +88,14 @@ class TuneConfig:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.warmup_steps is not None and self.warmup_steps < 1:
             raise ValueError(f"warmup_steps must be >= 1 or None (warmup_ratio of the steps), got {self.warmup_steps}")
+        if self.warmup_steps is not None and self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps {self.warmup_steps} is more than the {self.steps} steps: the learning rate "
+                             "would never reach lr; use at most steps warm-up steps")
+        if not 0 <= self.dropout < 1:  # also refuses nan
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name in ("distill_weight", "weight_decay"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
         if self.max_prompt_tokens < 1:
             raise ValueError(f"max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
         if self.eval_limit is not None and self.eval_limit < 1:
@@ -351,10 +359,13 @@ def train_classifier(model: nn.Module, tokenizer, train_examples, val_examples, 
     if teacher is not None:
         teacher = teacher.to(accelerator.device).eval()
 
-    start_step, best, history = 0, {"accuracy": -1.0, "step": -1}, []
+    start_step, best, history, running = 0, {"accuracy": -1.0, "step": -1}, [], []
     if (resume_dir / "state.json").exists():
         state = load_resume_state(resume_dir, accelerator.unwrap_model(model), optimizer)
         start_step, best, history = state["step"], state["best"], state["history"]
+        # the losses the next reported train_loss averages over began before the save (a last evaluation off the
+        # eval_every grid reaches back past it); states from before they were saved report fewer
+        running = list(state.get("recent_losses", []))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s + start_step, config))
 
     def evaluate_now(step: int, loss: float | None) -> None:
@@ -373,7 +384,6 @@ def train_classifier(model: nn.Module, tokenizer, train_examples, val_examples, 
 
     if start_step == 0 and config.eval_at_start:  # the initialisation itself may be the best (inheritance)
         evaluate_now(0, None)
-    running = []
     bar = tqdm(range(start_step, config.steps), desc="tune", disable=not progress, initial=start_step,
                total=config.steps)
     model.train()
@@ -404,7 +414,7 @@ def train_classifier(model: nn.Module, tokenizer, train_examples, val_examples, 
             if accelerator.is_main_process:
                 save_resume_state(resume_dir, accelerator.unwrap_model(model), optimizer, done,
                                   {"best": best, "history": history, "config": config.to_dict(),
-                                   "identity": identity},
+                                   "identity": identity, "recent_losses": running[-config.eval_every:]},
                                   with_optimizer=keep_optimizer_state or done < config.steps)
             accelerator.wait_for_everyone()
     return TuneResult(best["accuracy"], best["step"], history, str(out_dir / "adapter"))

@@ -134,8 +134,10 @@ def table(cells: list[dict], settings, tasks, rows, seeds, summaries: dict[str, 
     """The markdown tables of ``settings`` (one per setting), the CPET deltas and a progress line.
 
     ``ablation_seeds``: the seeds the :data:`ABLATION_ROWS` are planned on (None: all ``seeds``); only the
-    progress line uses it, the means take whatever finished.
+    progress line uses it, the means take whatever finished. Cells of seeds outside ``seeds`` are left out of
+    every figure (means, intervals and counts alike).
     """
+    cells = [c for c in cells if c["seed"] in seeds]
     by_key = defaultdict(dict)  # (setting, task, row) -> {seed: accuracy}
     for cell in cells:
         by_key[(cell["setting"], cell["task"], cell["row"])][cell["seed"]] = cell["test_accuracy"]

@@ -677,6 +677,10 @@ def test_every_compress_flag_reaches_its_stage_config():
     (["demo", "--out", "{file}/demo", "--task", "{task}"], r"output directory .* cannot be made: .* is a file"),
     (["tune", "{tmp}/new", "--on", "original", "--task", "{small}"], r"task 'small': the validation split is empty"),
     (["eval", "--model", "m", "--task", "{small}", "--split", "validation"], r"the validation split is empty"),
+    (["tune", "{tmp}/new", "--on", "original", "--task", "{task}", "--name", "a/b"], r"adapter name 'a/b'"),
+    (["tune", "{tmp}/new", "--on", "original", "--task", "{task}", "--inherit-from", "x"],
+     r"inherit_from \(x\) is read only by init='inherit'"),
+    (["tune", "{tmp}/new", "--init", "inherit", "--task", "{task}"], r"init='inherit' and per-task recovery need"),
 ])
 def test_bad_flags_are_refused_before_a_model_loads(capsys, monkeypatch, tmp_path, task_file, argv, message):
     import cpet.models
@@ -693,7 +697,7 @@ def test_bad_flags_are_refused_before_a_model_loads(capsys, monkeypatch, tmp_pat
     assert main(filled) == 2
     err = capsys.readouterr().err
     assert re.search(message, err) and "Traceback" not in err, err
-    assert not list(tmp_path.glob("**/configs/*.json"))  # nothing saved for a refused command
+    assert not list(tmp_path.glob("**/configs"))  # nothing saved for a refused command, not even its directory
 
 
 def test_a_tune_of_a_missing_task_file_saves_no_config(capsys, model_dir, tmp_path):

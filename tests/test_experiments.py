@@ -31,6 +31,8 @@ def test_table_means_spreads_and_missing_cells():
     assert "| original | – | 85.0 ± 7.1 (2) | 65.0 ± 7.1 (2) | 75.0 ± 7.1 (2) |" in text
     assert "| vanilla | – | 50.0 ± 0.0 (1) | – | – |" in text
     assert "Cells finished: 5 of 8 (unfinished rows: vanilla 1 of 4)." in text
+    assert table(cells + [cell("original", "a", "original", 5, 0.1)], ["nf4"], ["a", "b"], ["original", "vanilla"],
+                 [0, 1]) == text  # a seed outside --seeds changes no figure
     complete = cells + [cell("nf4", t, "vanilla", seed, 0.5) for t, seed in (("a", 1), ("b", 0), ("b", 1))]
     assert "Cells finished: 8 of 8 (the grid is complete)." in table(complete, ["nf4"], ["a", "b"],
                                                                      ["original", "vanilla"], [0, 1])

@@ -114,6 +114,32 @@ def test_resume_after_kill_continues_from_saved_step(tmp_path, monkeypatch):
         assert torch.allclose(expected[name], got[name], atol=1e-6), name
 
 
+def test_a_resumed_run_reports_the_losses_a_straight_run_reports(tmp_path, monkeypatch):
+    """The last evaluation off the eval_every grid (step 25 of eval_every 10) averages losses from before the save."""
+    config = TuneConfig(steps=25, batch_size=8, lr=1e-2, eval_every=10, dropout=0.0)
+    tokenizer = tiny_model("llama").tokenizer
+    straight = run(add_lora(tiny_model("llama").model, rank=4, alpha=8, dropout=0.0, target_roles=("q", "v")),
+                   tokenizer, tmp_path / "straight", config)
+    calls = []
+
+    def collate_that_dies_at_step_22(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 23:
+            raise KeyboardInterrupt("killed")
+        return collate(*args, **kwargs)
+
+    monkeypatch.setattr(cpet.train, "collate", collate_that_dies_at_step_22)
+    with pytest.raises(KeyboardInterrupt):
+        run(add_lora(tiny_model("llama").model, rank=4, alpha=8, dropout=0.0, target_roles=("q", "v")), tokenizer,
+            tmp_path / "killed", config)
+    monkeypatch.undo()
+    resumed = run(add_lora(tiny_model("llama").model, rank=4, alpha=8, dropout=0.0, target_roles=("q", "v")),
+                  tokenizer, tmp_path / "killed", config)
+    assert [h["step"] for h in resumed.history] == [0, 10, 20, 25]
+    for ours, theirs in zip(resumed.history[1:], straight.history[1:]):
+        assert ours["train_loss"] == pytest.approx(theirs["train_loss"], abs=1e-6), ours["step"]
+
+
 def test_resuming_with_other_settings_or_shapes_is_refused(tmp_path):
     def lora(rank):
         return add_lora(tiny_model("llama").model, rank=rank, alpha=8, dropout=0.0, target_roles=("q",))
@@ -186,6 +212,12 @@ def test_two_processes_take_the_same_steps_as_one(tmp_path):
     (lambda: DistillConfig(lr=float("inf")), "lr must be a finite number > 0, got inf"),
     (lambda: DistillConfig(kl_weight=0, mse_weight=0), "must be >= 0 and not both 0"),
     (lambda: DistillConfig(mse_weight=-1), "must be >= 0 and not both 0"),
+    (lambda: TuneConfig(steps=10, warmup_steps=11), "warmup_steps 11 is more than the 10 steps"),
+    (lambda: TuneConfig(dropout=1.0), r"dropout must be in \[0, 1\), got 1.0"),
+    (lambda: TuneConfig(dropout=float("nan")), r"dropout must be in \[0, 1\), got nan"),
+    (lambda: TuneConfig(distill_weight=-0.5), "distill_weight must be a finite number >= 0, got -0.5"),
+    (lambda: TuneConfig(distill_weight=float("nan")), "distill_weight must be a finite number >= 0, got nan"),
+    (lambda: TuneConfig(weight_decay=float("inf")), "weight_decay must be a finite number >= 0, got inf"),
 ])
 def test_bad_hyper_parameters_are_refused_on_construction(make, message):
     with pytest.raises(ValueError, match=message):

@@ -233,8 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "scoring)")
     p.add_argument("--limit", type=limit_int, default=None, help="test examples scored at the end; None: all")
     p.add_argument("--keep-optimizer-state", action="store_true",
-                   help="keep AdamW's moments when the run finishes (about 3x the adapter's size), so that a longer "
-                        "run continues exactly")
+                   help="keep AdamW's moments when the run finishes (about 3x the adapter's size), so that a run "
+                        "extended to more --steps continues from them (its warm-up and cosine are laid out anew for "
+                        "the longer run)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = _command(sub, "demo", "the whole pipeline on the embedded default for one task (~5-10 min on 2 cores)",

@@ -90,3 +90,14 @@ def save_run_config(args: argparse.Namespace, directory) -> Path:
     path = Path(directory) / "configs" / f"{args.command}-{stamp}.json"
     write_text_atomic(path, json.dumps(values, indent=2))
     return path
+
+
+def discard_run_config(path: Path) -> None:
+    """Remove a run's saved flags (:func:`save_run_config`) when the run was refused, and the ``configs/`` and
+    pipeline directories that saving made, where nothing else is in them."""
+    path.unlink(missing_ok=True)
+    for directory in (path.parent, path.parent.parent):
+        try:
+            directory.rmdir()  # only an empty directory goes
+        except OSError:
+            return

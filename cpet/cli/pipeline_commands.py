@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config_file import save_run_config
+from .config_file import discard_run_config, save_run_config
 from .output import emit, print_table
 
 
@@ -111,10 +111,13 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from ..data import load_task
+    from ..adapters import check_adapter_name
     from ..pipeline import check_tune_options
     from ..train import TuneConfig
 
-    check_tune_options(args.on, args.init, args.recovery)  # before a model loads
+    check_tune_options(args.on, args.init, args.recovery, args.inherit_from)  # before a model loads
+    if args.name is not None:
+        check_adapter_name(args.name)
     load_task(args.task).require("train", "validation", "test")  # so is the task (scored on test at the end)
     config = TuneConfig(rank=args.rank, alpha=args.alpha, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                         warmup_ratio=args.warmup_ratio, eval_every=args.eval_every, eval_limit=args.val_limit,
@@ -127,7 +130,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
                                 recovery=args.recovery, config=config, name=args.name, progress=not args.json,
                                 keep_optimizer_state=args.keep_optimizer_state)
     except (ValueError, OSError):  # refused (bad option, missing task file ...): nothing ran, nothing to replay
-        saved.unlink(missing_ok=True)
+        discard_run_config(saved)
         raise
     if adapter.meta.get("inherited_from_other_task") and not args.json:
         print(f"note: inherited from an adapter tuned for task {adapter.meta['inherited_task']!r}, not "
