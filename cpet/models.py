@@ -481,6 +481,7 @@ def load_base(name_or_path: str = EMBEDDED_DEFAULT, *, dtype: torch.dtype = torc
             hint = (f"; it is a CPET pipeline: its compressed base is {path / 'base'}, its source model is named "
                     "in pipeline.json") if (path / "pipeline.json").exists() else ""
             raise FileNotFoundError(f"{path} is a directory without config.json: not a transformers model{hint}")
+        _refuse_non_uniform_base(path)
         local = path
     elif path.exists():
         raise ValueError(f"model path {name_or_path!r} is a file but not a .gguf: give a transformers model "
@@ -502,6 +503,28 @@ def load_base(name_or_path: str = EMBEDDED_DEFAULT, *, dtype: torch.dtype = torc
     timings["load"] = time.perf_counter() - start
     _finish(model, tokenizer)
     return _placed(LoadedBase(model, tokenizer, name_or_path, local, timings), dtype, device)
+
+
+def _refuse_non_uniform_base(path: Path) -> None:
+    """Refuse a CPET compressed base that plain ``from_pretrained`` would load wrongly (``manifest.json`` says
+    ``"uniform": false``): transformers only warns about the weights it cannot place, so a MoEfied base would come
+    back with random dense FFNs and a quantized-embedding one with an int8 table read as floats.
+
+    Raises:
+        ValueError: naming the base and the loader that reads it.
+    """
+    manifest = path / "manifest.json"
+    if not manifest.is_file():
+        return
+    try:
+        uniform = json.loads(manifest.read_text()).get("uniform", True)
+    except (OSError, ValueError, AttributeError):  # not a CPET manifest: transformers decides
+        return
+    if uniform is False:
+        raise ValueError(f"{path} is a CPET compressed base that plain transformers cannot load (its manifest.json "
+                         "says uniform: false: a per-layer pruning schedule, MoEfied FFNs or quantized "
+                         "embeddings): use it in its pipeline (`cpet eval PIPELINE`, `cpet serve PIPELINE`) or load "
+                         "it with cpet.compress.CompressedBase.load")
 
 
 def _placed(loaded: LoadedBase, dtype: torch.dtype, device: str | torch.device) -> LoadedBase:

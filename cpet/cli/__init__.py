@@ -143,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "on the held-out ones) or a local .txt file (used for both)")
     p.add_argument("--calibration-samples", type=positive_int, default=16, help="windows whose activations set "
                                                                                 "the thresholds")
-    p.add_argument("--seq-len", type=positive_int, default=128, help="tokens per calibration window")
+    p.add_argument("--seq-len", type=at_least(2), default=128,
+                   help="tokens per calibration window (>= 2: a window predicts its tokens after the first)")
     p.add_argument("--cett", type=float, default=0.2, help="CETT target of the per-layer table")
     p.add_argument("--ppl-p", type=float, default=1.0, help="perplexity rise in percent for PPL-p%% sparsity")
     p.add_argument("--max-tokens", type=positive_int, default=2048, help="held-out tokens for perplexity")

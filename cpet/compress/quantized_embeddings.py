@@ -34,10 +34,11 @@ class QuantizedEmbedding4bit(nn.Module):
     """A 4-bit embedding table (``[V, h]``, blocks of 64 along each row; no double quantization, so that a
     lookup dequantizes only the rows it reads). Built by :func:`quantize_embedding`."""
 
-    def __init__(self, weight, embedding_dim: int):
+    def __init__(self, weight, embedding_dim: int, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.weight = weight  # bnb Params4bit
         self.num_embeddings, self.embedding_dim = weight.quant_state.shape
+        self.dtype = dtype  # of the table it replaces: what the model's next layers take
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         bnb = _bnb()
@@ -49,7 +50,7 @@ class QuantizedEmbedding4bit(nn.Module):
         row_state = bnb.functional.QuantState(absmax=absmax, shape=torch.Size((*ids.shape, self.embedding_dim)),
                                               code=state.code, blocksize=state.blocksize, quant_type=state.quant_type,
                                               dtype=state.dtype)
-        return bnb.functional.dequantize_4bit(rows, row_state).to(torch.float32)
+        return bnb.functional.dequantize_4bit(rows, row_state).to(self.dtype)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         destination[prefix + "weight"] = self.weight.data if keep_vars else self.weight.data.detach()
@@ -66,14 +67,16 @@ class QuantizedEmbedding4bit(nn.Module):
 class QuantizedEmbedding8bit(nn.Module):
     """An int8 embedding table with one fp32 scale per row (``row * SCB / 127``)."""
 
-    def __init__(self, weight: torch.Tensor, scales: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)  # int8 [V, h]
         self.register_buffer("SCB", scales)                       # fp32 [V]
         self.num_embeddings, self.embedding_dim = weight.shape
+        self.dtype = dtype  # of the table it replaces: what the model's next layers take
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.weight).float() * (F.embedding(ids, self.SCB.unsqueeze(1)) / 127.0)
+        rows = F.embedding(ids, self.weight).float() * (F.embedding(ids, self.SCB.unsqueeze(1)) / 127.0)
+        return rows.to(self.dtype)
 
     def dequantized(self) -> torch.Tensor:
         return self.weight.float() * (self.SCB.unsqueeze(1) / 127.0)
@@ -94,16 +97,17 @@ class TiedQuantizedHead(nn.Module):
         self.in_features, self.out_features = embedding.embedding_dim, embedding.num_embeddings
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[..., V]`` in ``x``'s dtype, as the ``nn.Linear`` head it replaces gives them (computed in fp32)."""
         embedding = self.embedding
         if isinstance(embedding, QuantizedEmbedding4bit):
             weight = embedding.weight
-            return _bnb().matmul_4bit(x.float(), weight.t(), quant_state=weight.quant_state)
+            return _bnb().matmul_4bit(x.float(), weight.t(), quant_state=weight.quant_state).to(x.dtype)
         # int8: scale the input-independent way, (x @ W^T) * s per vocab row, in chunks of rows to bound memory
         out = torch.empty(*x.shape[:-1], self.out_features, dtype=torch.float32, device=x.device)
         for start in range(0, self.out_features, 8192):
             rows = slice(start, start + 8192)
             out[..., rows] = (x.float() @ embedding.weight[rows].float().T) * (embedding.SCB[rows] / 127.0)
-        return out
+        return out.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"tied to the quantized embedding ({self.out_features} x {self.in_features})"
@@ -130,16 +134,18 @@ def is_tied(model: nn.Module) -> bool:
     return head is not None and head.weight is model.get_input_embeddings().weight
 
 
-def quantize_embedding(table: torch.Tensor | None, shape: tuple[int, int], method: QuantMethod) -> nn.Module:
-    """A quantized embedding from the fp32 ``table`` ``[V, h]`` (None: zeros, a shell the loader fills)."""
+def quantize_embedding(table: torch.Tensor | None, shape: tuple[int, int], method: QuantMethod,
+                       dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A quantized embedding from ``table`` ``[V, h]`` (None: zeros, a shell the loader fills) whose lookups come
+    out in ``dtype`` (the replaced table's: a bf16 model stays bf16 after its embedding)."""
     bnb = _bnb()
     data = (table if table is not None else torch.zeros(shape)).detach().float().cpu().contiguous()
     if method == QuantMethod.INT8:
         scales = data.abs().amax(dim=1).clamp(min=1e-8)
-        return QuantizedEmbedding8bit(torch.round(data / scales.unsqueeze(1) * 127).to(torch.int8), scales)
+        return QuantizedEmbedding8bit(torch.round(data / scales.unsqueeze(1) * 127).to(torch.int8), scales, dtype)
     weight = bnb.nn.Params4bit(data, requires_grad=False, quant_type=method.value, compress_statistics=False,
                                blocksize=BLOCKSIZE)._quantize("cpu")
-    return QuantizedEmbedding4bit(weight, shape[1])
+    return QuantizedEmbedding4bit(weight, shape[1], dtype)
 
 
 def quantize_embeddings(model: nn.Module, config: QuantizeConfig, *, from_weights: bool = True) -> None:
@@ -153,7 +159,8 @@ def quantize_embeddings(model: nn.Module, config: QuantizeConfig, *, from_weight
     tied = is_tied(model) or (not from_weights and getattr(model.config, "tie_word_embeddings", False))
     shape = (embedding.num_embeddings, embedding.embedding_dim)
     device = embedding.weight.device
-    quantized = quantize_embedding(embedding.weight if from_weights else None, shape, config.method).to(device)
+    quantized = quantize_embedding(embedding.weight if from_weights else None, shape, config.method,
+                                   embedding.weight.dtype).to(device)
     model.set_input_embeddings(quantized)
     head = model.get_output_embeddings()
     if head is None:

@@ -175,6 +175,10 @@ def test_save_and_reload_give_the_same_logits(stages, tmp_path):
     ids = _ids(model)
     with torch.no_grad():
         assert torch.equal(base.model(input_ids=ids).logits, again.model(input_ids=ids).logits)
+    from cpet.models import load_base
+
+    with pytest.raises(ValueError, match=r"plain transformers cannot load .*CompressedBase\.load"):
+        load_base(str(tmp_path / "base"))  # transformers would drop the experts and routers with a warning
 
 
 def test_quantization_after_moefication_quantizes_every_expert_but_not_the_routers():

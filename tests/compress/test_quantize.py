@@ -75,6 +75,18 @@ def test_a_bf16_base_stays_bf16_through_quantization(family, method, embeddings,
     with safe_open(str(tmp_path / "b" / "model.safetensors"), "pt") as saved:
         stored = [name for name in unquantized if name in saved.keys()]
         assert stored and all(saved.get_slice(name).get_dtype() == "BF16" for name in stored)
+    # the activations stay bf16 too (quantized embeddings once gave fp32 out). Saved dtypes are checked first: at
+    # its first forward, bitsandbytes' Linear4bit casts its own bias to the compute dtype (fp32 here), in place
+    with torch.no_grad():
+        assert base.model.get_input_embeddings()(IDS).dtype == torch.bfloat16
+        assert base.model(IDS).logits.dtype == torch.bfloat16
+    if embeddings:  # an unquantized bf16 linear after a quantized embedding once met fp32 inputs and failed
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(tiny_config(family), dtype=torch.bfloat16)
+        down = layer_linears(model, 0).names["down"]
+        partly = compress(model, [QuantizeConfig(method, modules=(down,), embeddings=True)], progress=False)
+        with torch.no_grad():
+            assert partly.model(IDS).logits.dtype == torch.bfloat16
 
 
 def test_only_named_modules_are_quantized():
