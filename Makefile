@@ -8,13 +8,20 @@ VENV ?= .venv
 #   make TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" install
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.cpet-installed
+TORCH_STAMP := $(VENV)/.cpet-torch-spec
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test clean-venv
+.PHONY: install demo test clean-venv FORCE
+
+# the torch build asked for is a prerequisite too: the file changes (and the venv is updated) only when
+# TORCH_SPEC does, so that `make TORCH_SPEC=... install` on an existing venv installs that build
+$(TORCH_STAMP): FORCE
+	@mkdir -p $(VENV)
+	@echo '$(TORCH_SPEC)' | cmp -s - $@ || echo '$(TORCH_SPEC)' > $@
 
 # constraints.txt pins every other dependency to the versions the suite last passed with, so that a fresh
 # machine (and CI) installs what was tested, whatever PyPI released since; setup.cfg keeps the open ranges.
-$(STAMP): setup.cfg setup.py constraints.txt
+$(STAMP): setup.cfg setup.py constraints.txt $(TORCH_STAMP)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)

@@ -9,7 +9,9 @@ whole run) and saves the recovery modules at each ``--checkpoints`` step. At eac
   x seeds, with the grid's own budget and cell format (``experiments/grid.py``).
 
     python experiments/recovery_budget.py --settings ffn25-nf4      # one worker per setting
-    python experiments/recovery_budget.py --settings ffn50-nf4 --report docs/recovery_budget.md
+    python experiments/recovery_budget.py --settings ffn50-nf4
+    python experiments/recovery_budget.py --report-only     # the table (docs/recovery_budget.md holds it, with
+                                                            # its reading: paste it there, --report would replace)
 
 Results: ``<cells>/<setting>@step<N>__<task>__cpet-shared__s<seed>.json`` and ``<cells>/ppl.json``; the
 report (``--report``) is a markdown table of everything finished.

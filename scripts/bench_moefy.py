@@ -1,7 +1,7 @@
 """Benchmark MoEfication side by side in one run: quality against the share of experts, router recall,
 FLOPs and speed against the dense model and the pruned model of the same FFN FLOPs.
 
-    python scripts/bench_moefy.py                          # SmolLM2-135M, 16 experts (~40 min on 2 cores)
+    python scripts/bench_moefy.py                          # SmolLM2-135M, 16 experts (78-116 min on 2 cores)
     python scripts/bench_moefy.py --top-k 4 8 --tau 0.8 --recovery-steps 20 --max-tokens 512 --limit 100
 
 One MoEfied base (E experts, routers trained once) is measured at every expert choice: top-k for each

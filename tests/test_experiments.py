@@ -89,7 +89,7 @@ def test_curve_table_averages_matched_runs_per_step():
     partly = curve_table([c for c in cells if not (c["row"] == "cpet-shared" and c["task"] == "b")], ["nf4"])
     assert "### nf4 (2 task-seed runs)" in partly
     assert "| cpet-shared |" not in partly
-    assert "Left out until they finish on the same pairs: cpet-shared (1 of 2" in partly
+    assert "on every pair the others ran: cpet-shared (1 of 2" in partly
     disjoint = [cell("original", "a", "original", 0, 0.9), cell("nf4", "b", "vanilla", 0, 0.5)]
     assert "no (task, seed) pair" in curve_table(disjoint, ["nf4"])
 

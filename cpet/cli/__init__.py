@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the longer run)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = _command(sub, "demo", "the whole pipeline on the embedded default for one task (~5-10 min on 2 cores)",
+    p = _command(sub, "demo", "the whole pipeline on the embedded default for one task (~15 min on 2 cores)",
                  cmd_demo)
     p.add_argument("--model", default=EMBEDDED_DEFAULT, help="embedded name, local directory, .gguf file or hub id")
     p.add_argument("--task", default="vader-tweets", help="task name, .jsonl/.csv path or hf:NAME")
