@@ -39,6 +39,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .compress.calibration import check_token_windows
 from .evaluate import evaluating, model_device, perplexity
 from .models import iter_layer_linears, unwrap
 from .recovery import dequantized_weight
@@ -160,9 +161,7 @@ def collect_ffn_activations(model: nn.Module, token_ids: torch.Tensor, *, batch_
 
     Memory: ``n * seq * sum(n_layer) * 4`` bytes (SmolLM2-135M, 2,048 tokens: ~380 MB).
     """
-    if token_ids.dim() != 2 or token_ids.numel() == 0:
-        raise ValueError(f"token_ids are calibration windows [n, seq] with n, seq >= 1, got shape "
-                         f"{list(token_ids.shape)}")
+    check_token_windows(token_ids, "token_ids")
     downs = _down_modules(model)
     store: list[list[torch.Tensor]] = [[] for _ in downs]
     handles = [module.register_forward_pre_hook(

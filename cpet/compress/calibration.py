@@ -8,6 +8,16 @@ from torch import nn
 from ..models import unwrap
 
 
+def check_token_windows(ids, what: str = "calibration", allow_empty: bool = False) -> None:
+    """Refuse anything but token ids ``[n, seq]`` of integers (n, seq >= 1 unless ``allow_empty``): a ValueError
+    naming ``what`` and how to make such windows."""
+    if (not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point()
+            or (ids.numel() == 0 and not allow_empty)):
+        shape = list(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ValueError(f"{what} must be calibration windows [n, seq] of token ids (integers, n and seq >= 1), got "
+                         f"{shape}: use calibration_ids(tokenizer, text, n, seq)")
+
+
 def calibration_ids(tokenizer, text: str, n_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
     """``[n_samples, seq_len]`` token ids: windows at seeded random offsets of the tokenised ``text``.
 

@@ -30,7 +30,7 @@ from ..models import decoder_layers, family_of, geometry, layer_linears, submodu
 from ..moe.clustering import balanced_kmeans, expert_order
 from ..moe.experts import COLS, ROWS, ExpertBank, bank_of
 from ..moe.layer import MoEFFN, Router
-from .calibration import run_batches
+from .calibration import check_token_windows, run_batches
 from .index_maps import FFN_CHANNELS, IndexMaps
 from .prune import planned_ffn_widths
 from .stages import StageContext, register_stage
@@ -257,7 +257,7 @@ class MoEfyStage:
         if context.calibration is None:
             raise ValueError("MoEfication trains its routers on calibration text: pass calibration batches "
                              "(compress(..., calibration=calibration_ids(...)); `cpet compress` does by default)")
-        _check_calibration(context.calibration, allow_empty=True)  # CPET.check_stages passes an empty stand-in
+        check_token_windows(context.calibration, allow_empty=True)  # CPET.check_stages passes an empty stand-in
         _check_ffn_formula(model)
         widths = planned_ffn_widths(model, previous)
         if config.num_experts > min(widths):
@@ -272,7 +272,7 @@ class MoEfyStage:
         context.custom_layout = context.custom_layout or LAYOUT_NOTE
 
     def apply(self, model: nn.Module, config: MoEfyConfig, context: StageContext):
-        _check_calibration(context.calibration)
+        check_token_windows(context.calibration)
         inputs = ffn_inputs(model, context.calibration)
         local = IndexMaps.identity(geometry(model), family_of(model).roles)
         layers = range(len(decoder_layers(model)))
@@ -299,15 +299,6 @@ class MoEfyStage:
             parent, name = _ffn_parent(model, i)
             setattr(parent, name, block)
         return model
-
-
-def _check_calibration(ids, allow_empty: bool = False) -> None:
-    """Token ids ``[n, seq]`` of integers (n, seq >= 1 unless ``allow_empty``), else a ValueError saying so."""
-    if (not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point()
-            or (ids.numel() == 0 and not allow_empty)):
-        shape = list(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
-        raise ValueError(f"calibration is token ids [n, seq] (integers, n and seq >= 1), got {shape}: "
-                         "use calibration_ids(tokenizer, text, n, seq)")
 
 
 def _centres(block: MoEFFN, num_experts: int) -> torch.Tensor:

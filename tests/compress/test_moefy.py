@@ -357,7 +357,7 @@ def test_quantized_input_and_malformed_calibration_are_refused_before_any_work(m
         compress(quantized, [MoEfyConfig(num_experts=4)], calibration=_calibration(loaded.model), progress=False)
     good = _calibration(loaded.model)
     for bad in (good[0], good[:0], good.float()):
-        with pytest.raises(ValueError, match=r"calibration is token ids \[n, seq\]"):
+        with pytest.raises(ValueError, match=r"calibration must be calibration windows \[n, seq\] of token ids"):
             compress(loaded.model, [MoEfyConfig(num_experts=4)], calibration=bad, progress=False)
 
 
