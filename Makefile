@@ -13,11 +13,18 @@ PY := $(VENV)/bin/python
 
 .PHONY: install demo test clean-venv FORCE
 
-# the torch build asked for is a prerequisite too: the file changes (and the venv is updated) only when
-# TORCH_SPEC does, so that `make TORCH_SPEC=... install` on an existing venv installs that build
+# the torch build asked for is a prerequisite too: a TORCH_SPEC given on the command line (or in the environment)
+# that differs from the one installed uninstalls torch, so that the install below puts that build in (pip would
+# keep 2.13.0+cpu for "torch==2.13.0 --index-url .../cu128": the local label does not count). The default spec
+# is recorded only in a new venv, so a plain `make test` keeps the build chosen before.
 $(TORCH_STAMP): FORCE
 	@mkdir -p $(VENV)
-	@echo '$(TORCH_SPEC)' | cmp -s - $@ || echo '$(TORCH_SPEC)' > $@
+	@if [ "$(origin TORCH_SPEC)" != "file" ] || [ ! -f $@ ]; then \
+	  if ! echo '$(TORCH_SPEC)' | cmp -s - $@; then \
+	    if [ -f $@ ] && [ -x $(PY) ]; then $(PY) -m pip uninstall -q -y torch; fi; \
+	    echo '$(TORCH_SPEC)' > $@; \
+	  fi; \
+	fi
 
 # constraints.txt pins every other dependency to the versions the suite last passed with, so that a fresh
 # machine (and CI) installs what was tested, whatever PyPI released since; setup.cfg keeps the open ranges.

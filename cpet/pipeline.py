@@ -155,7 +155,8 @@ class CPET:
         expected = self._recorded_fingerprint
         if expected and expected != loaded.content_fingerprint():
             raise ValueError(f"the pipeline in {self.work_dir} was built from source model {expected[:16]}…, "
-                             f"not from {loaded.name} ({loaded.content_fingerprint()[:16]}…)")
+                             f"not from {loaded.name} ({loaded.content_fingerprint()[:16]}…): open it with the model "
+                             "it was built from, or give another work directory")
 
     @property
     def source_name(self) -> str:

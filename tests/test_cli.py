@@ -703,6 +703,24 @@ def test_bad_flags_are_refused_before_a_model_loads(capsys, monkeypatch, tmp_pat
     assert not list(tmp_path.glob("**/configs"))  # nothing saved for a refused command, not even its directory
 
 
+def test_a_tune_refused_by_the_pipeline_removes_what_it_made_and_nothing_else(capsys, model_dir, task_file,
+                                                                               tmp_path, monkeypatch):
+    from cpet.pipeline import CPET
+
+    def refuse(*args, **kwargs):
+        raise ValueError("refused inside tune")
+
+    monkeypatch.setattr(CPET, "tune", refuse)
+    argv = ["--model", str(model_dir), "--task", str(task_file), "--on", "original", "--steps", "1"]
+    assert main(["tune", str(tmp_path / "new"), *argv]) == 2
+    assert "refused inside tune" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()  # its configs/ and the directory itself were made by this run
+    mine = tmp_path / "mine"
+    mine.mkdir()  # the user's own, empty: it stays
+    assert main(["tune", str(mine), *argv]) == 2
+    assert mine.is_dir() and not any(mine.iterdir())
+
+
 def test_a_tune_of_a_missing_task_file_saves_no_config(capsys, model_dir, tmp_path):
     work = tmp_path / "w"
     assert main(["tune", str(work), "--model", str(model_dir), "--task", str(tmp_path / "missing.jsonl"), "--on",

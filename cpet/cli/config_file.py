@@ -92,11 +92,18 @@ def save_run_config(args: argparse.Namespace, directory) -> Path:
     return path
 
 
-def discard_run_config(path: Path) -> None:
-    """Remove a run's saved flags (:func:`save_run_config`) when the run was refused, and the ``configs/`` and
-    pipeline directories that saving made, where nothing else is in them."""
+def directories_to_be_made(directory) -> list[Path]:
+    """The directories :func:`save_run_config` would create for ``directory`` (deepest first), so that a refused run
+    can remove them again with :func:`discard_run_config` and no others."""
+    directory = Path(directory)
+    return [d for d in (directory / "configs", directory) if not d.exists()]
+
+
+def discard_run_config(path: Path, made: list[Path]) -> None:
+    """Remove a refused run's saved flags (:func:`save_run_config`) and, where they are still empty, the directories
+    in ``made`` (:func:`directories_to_be_made`, taken before saving): never a directory that was there before."""
     path.unlink(missing_ok=True)
-    for directory in (path.parent, path.parent.parent):
+    for directory in made:
         try:
             directory.rmdir()  # only an empty directory goes
         except OSError:

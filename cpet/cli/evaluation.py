@@ -150,7 +150,8 @@ def _base_id_of(model: str) -> str:
     from ..compress.manifest import ORIGINAL_BASE_ID
 
     manifest = Path(model) / "manifest.json"
-    return json.loads(manifest.read_text())["base_id"] if manifest.is_file() else ORIGINAL_BASE_ID
+    recorded = json.loads(manifest.read_text()).get("base_id") if manifest.is_file() else None
+    return recorded or ORIGINAL_BASE_ID  # no CPET manifest: a plain model, which CPET calls the original
 
 
 def _peft_on_base(args: argparse.Namespace, meta: dict):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config_file import discard_run_config, save_run_config
+from .config_file import directories_to_be_made, discard_run_config, save_run_config
 from .output import emit, print_table
 
 
@@ -124,13 +124,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
                         max_prompt_tokens=args.max_prompt_tokens, seed=args.seed)
     pipeline = open_pipeline(args.pipeline, args.model, may_create=args.on == "original",
                              first_step="tuning on the compressed model", runtime=args.runtime)
+    made = directories_to_be_made(args.pipeline)
     saved = save_run_config(args, args.pipeline)  # before training: a killed run can be replayed from it
     try:
         adapter = pipeline.tune(args.task, on=args.on, init=args.init, inherit_from=args.inherit_from,
                                 recovery=args.recovery, config=config, name=args.name, progress=not args.json,
                                 keep_optimizer_state=args.keep_optimizer_state)
     except (ValueError, OSError):  # refused (bad option, missing task file ...): nothing ran, nothing to replay
-        discard_run_config(saved)
+        discard_run_config(saved, made)
         raise
     if adapter.meta.get("inherited_from_other_task") and not args.json:
         print(f"note: inherited from an adapter tuned for task {adapter.meta['inherited_task']!r}, not "

@@ -30,7 +30,18 @@ def _bnb():
     return bnb
 
 
-class QuantizedEmbedding4bit(nn.Module):
+class _KeepsOutputDtype(nn.Module):
+    """A quantized table whose lookups come out in ``self.dtype``; ``.to(dtype)``, ``.half()`` and the like move that
+    dtype as they would a float table's (the stored table stays quantized)."""
+
+    dtype: torch.dtype
+
+    def _apply(self, fn, recurse=True):
+        self.dtype = fn(torch.empty(0, dtype=self.dtype)).dtype  # what a float tensor of ours would become
+        return super()._apply(fn, recurse)
+
+
+class QuantizedEmbedding4bit(_KeepsOutputDtype):
     """A 4-bit embedding table (``[V, h]``, blocks of 64 along each row; no double quantization, so that a
     lookup dequantizes only the rows it reads). Built by :func:`quantize_embedding`."""
 
@@ -64,7 +75,7 @@ class QuantizedEmbedding4bit(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.weight.quant_state.quant_type}"
 
 
-class QuantizedEmbedding8bit(nn.Module):
+class QuantizedEmbedding8bit(_KeepsOutputDtype):
     """An int8 embedding table with one fp32 scale per row (``row * SCB / 127``)."""
 
     def __init__(self, weight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32):

@@ -100,9 +100,14 @@ class Scheduler:
         self._thread = threading.Thread(target=self._loop, name="cpet-scheduler", daemon=True)
         self._thread.start()
 
+    @property
+    def waiting(self) -> int:
+        """Requests waiting: in the queue, or taken from it and waiting for a batch row (what /health reports)."""
+        return self.queue.qsize() + len(self._waiting)
+
     def submit(self, request) -> Future:
         full = QueueFull(f"the request queue is full ({self.queue.maxsize} waiting): retry later")
-        if self.queue.qsize() + len(self._waiting) >= self.queue.maxsize:  # both are waiting requests
+        if self.waiting >= self.queue.maxsize:
             raise full
         try:
             self.queue.put_nowait(request)

@@ -130,7 +130,7 @@ def create_app(engine: Engine, *, served_name: str = "cpet-base", api_key: str |
             scheduler.submit(request)
         except QueueFull as exc:
             raise ServingError(429, str(exc), "rate_limit_error") from None
-        queue_depth.set(scheduler.queue.qsize())
+        queue_depth.set(scheduler.waiting)
 
     def submit_all(requests: list) -> None:
         """Submit requests that answer one call: if one is refused, the ones already queued are cancelled."""
@@ -221,11 +221,11 @@ def create_app(engine: Engine, *, served_name: str = "cpet-base", api_key: str |
     @app.get("/health")
     async def health():
         return {"status": "ok", "base_id": engine.base_id, "adapters": len(engine.registry),
-                "running": len(scheduler.running), "queued": scheduler.queue.qsize()}
+                "running": len(scheduler.running), "queued": scheduler.waiting}
 
     @app.get("/metrics")
     async def prometheus():
-        queue_depth.set(scheduler.queue.qsize())
+        queue_depth.set(scheduler.waiting)
         return PlainTextResponse(generate_latest(metrics).decode(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
@@ -391,6 +391,9 @@ async def _answered(request, deadline: float, http: Request | None) -> None:
     seconds); :class:`ClientGone`, the request cancelled, when the client went away (``http``). The future is
     wrapped, never cancelled, so the scheduler can always set its result."""
     waiter = asyncio.wrap_future(request.future)
+    # a waiter left behind (timeout, client gone) may still get the request's error: read it when it comes, or
+    # asyncio logs "Future exception was never retrieved" for every failed request
+    waiter.add_done_callback(lambda done: done.cancelled() or done.exception())
     while not waiter.done():
         left = deadline - time.monotonic()
         if left <= 0:

@@ -206,6 +206,7 @@ def test_classification_is_served_while_generations_fill_the_batch(served):  # n
     scheduler._step()  # no free row: the generations wait, the classification is answered
     assert classify.future.result(timeout=0) == engine.classify([("plain", "a fine day")])[0]
     assert len(scheduler.running) == 1 and not waiting.future.done()
+    assert scheduler.waiting == 2 and scheduler.queue.empty()  # /health counts the ones waiting for a row
     cancelled.cancelled = True
     while not waiting.future.done():
         scheduler._step()

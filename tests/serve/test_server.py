@@ -437,9 +437,9 @@ def test_waiting_for_an_answer_holds_no_worker_thread(server, monkeypatch):
         raise AssertionError("a worker thread was asked for")
 
     monkeypatch.setattr(cpet.serve.server, "_in_thread", no_thread)
-    import starlette.concurrency
+    import fastapi.routing
 
-    monkeypatch.setattr(starlette.concurrency, "run_in_threadpool", no_thread)
+    monkeypatch.setattr(fastapi.routing, "run_in_threadpool", no_thread)  # where FastAPI runs a sync endpoint
     url, _, _, _ = server
     for path in ("/health", "/metrics", "/v1/models"):
         assert httpx.get(f"{url}{path}").status_code == 200, path
