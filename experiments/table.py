@@ -348,9 +348,9 @@ def curve_table(cells: list[dict], settings) -> str:
             lines.append(f"| {row} | " + " | ".join(
                 f"{100 * curves[row][s]:.1f}" if s in curves[row] else "–" for s in steps) + " |")
         if left_out:
-            lines.append("\nLeft out, not (yet, or not by plan: the ablations run on seed 0) on every pair the "
-                         "others ran: " +
-                         ", ".join(f"{row} ({count} of {n} pairs so far)" for row, count in left_out.items()) + ".")
+            lines.append("\nNot in these means, finished on fewer pairs (not yet, or by plan: the ablations run on "
+                         "seed 0 only): " +
+                         ", ".join(f"{row} ({count} of {n} pairs)" for row, count in left_out.items()) + ".")
     return "\n".join(lines)
 
 

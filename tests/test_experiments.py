@@ -85,11 +85,12 @@ def test_curve_table_averages_matched_runs_per_step():
     assert f"| cpet | {100 * (cpet - 0.1):.1f} | {100 * cpet:.1f} |" in text
     # a row never run, or still running, does not shrink the others' average: it is left out, and said so
     without_row = curve_table([c for c in cells if c["row"] != "cpet-shared"], ["nf4"])
-    assert "### nf4 (2 task-seed runs)" in without_row and "Left out" not in without_row
+    assert "### nf4 (2 task-seed runs)" in without_row and "Not in these means" not in without_row
     partly = curve_table([c for c in cells if not (c["row"] == "cpet-shared" and c["task"] == "b")], ["nf4"])
     assert "### nf4 (2 task-seed runs)" in partly
     assert "| cpet-shared |" not in partly
-    assert "on every pair the others ran: cpet-shared (1 of 2" in partly
+    assert "Not in these means, finished on fewer pairs (not yet, or by plan" in partly
+    assert "seed 0 only): cpet-shared (1 of 2 pairs)." in partly
     disjoint = [cell("original", "a", "original", 0, 0.9), cell("nf4", "b", "vanilla", 0, 0.5)]
     assert "no (task, seed) pair" in curve_table(disjoint, ["nf4"])
 
