@@ -325,12 +325,13 @@ def flops_per_token(model: nn.Module, context: int = 128) -> float:
     attention scores and mixing: ``2 * 2 * layers * context * heads * head_dim``. A MoEfied FFN counts its
     router in full and its experts times the share of experts it ran (:meth:`~cpet.moe.MoEFFN.expert_share`).
     """
+    from .compress.quantized_embeddings import TiedQuantizedHead
     from .models import geometry
     from .moe import ExpertBank, MoEFFN
 
     experts = {id(m) for bank in model.modules() if isinstance(bank, ExpertBank) for m in bank.experts}
-    linear = sum(m.in_features * m.out_features for m in model.modules()
-                 if isinstance(m, nn.Linear) and id(m) not in experts)
+    linear = sum(m.in_features * m.out_features for m in model.modules()  # a tied quantized head is a matmul too
+                 if isinstance(m, (nn.Linear, TiedQuantizedHead)) and id(m) not in experts)
     for block in (m for m in model.modules() if isinstance(m, MoEFFN)):
         banks = [bank for bank in block.modules() if isinstance(bank, ExpertBank)]
         linear += block.expert_share() * sum(bank.in_features * bank.out_features for bank in banks)

@@ -231,9 +231,13 @@ def _ffn_width_attr(config, up_name: str, width: int) -> str:
 
 def _check_names_unique(config, model: nn.Module, spec: FamilySpec, num_layers: int) -> None:
     # peft targets and LoRA inheritance find modules by attribute name, so no other module may share one
+    attrs = set(spec.linears.values())
+    if len(attrs) < len(spec.linears):  # e.g. attention and FFN outputs both `wo`: one name, two index maps
+        shared = sorted({a for a in attrs if list(spec.linears.values()).count(a) > 1})
+        raise _refuse(config, f"two roles share the attribute name {', '.join(shared)}, so LoRA targets and "
+                              "inheritance could not tell them apart")
     mapped = {f"{spec.layers}.{i}.{_join(spec.attention if r in ATTENTION_ROLES else spec.mlp, a)}"
               for i in range(num_layers) for r, a in spec.linears.items()}
-    attrs = set(spec.linears.values())
     for name, _ in model.named_modules():
         if name.rsplit(".", 1)[-1] in attrs and name not in mapped:
             raise _refuse(config, f"{name} shares its attribute name with a mapped linear, so LoRA targets "

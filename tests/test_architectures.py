@@ -379,3 +379,18 @@ def test_gguf_of_a_derived_architecture_loads_and_compresses(model_type, tmp_pat
     base.save(tmp_path / "base")
     with torch.no_grad():
         assert torch.equal(CompressedBase.load(tmp_path / "base").model(IDS).logits, base.model(IDS).logits)
+
+
+def test_a_map_giving_two_roles_one_attribute_name_is_refused():
+    """T5-style blocks name both the attention output and the FFN down projection ``wo``: one peft target name and
+    one inheritance lookup for two index maps, so such a map is refused rather than mixed up."""
+    from dataclasses import replace
+
+    from cpet.module_map import _check_names_unique
+
+    loaded = tiny_model("llama")
+    spec = loaded.family
+    _check_names_unique(loaded.model.config, loaded.model, spec, 2)  # llama's own map passes
+    clash = replace(spec, linears={**spec.linears, "o": spec.linears["down"]})
+    with pytest.raises(UnsupportedArchitectureError, match=r"two roles share the attribute name down_proj"):
+        _check_names_unique(loaded.model.config, loaded.model, clash, 2)

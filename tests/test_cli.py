@@ -587,6 +587,14 @@ def test_config_file_values_of_the_wrong_kind_are_refused(capsys, tmp_path, text
     assert re.search(message, capsys.readouterr().err)
 
 
+def test_abbreviated_flags_are_refused(capsys):
+    """--config merges a file's list into a repeatable flag unless the command line names that flag: an abbreviation
+    (--adapt for --adapter) would hide it, so flags are taken by their full names only."""
+    with pytest.raises(SystemExit):
+        main(["eval", "runs/p", "--adapt", "x"])
+    assert "unrecognized arguments: --adapt x" in capsys.readouterr().err
+
+
 def test_limit_hint_only_on_limit_flags(capsys):
     with pytest.raises(SystemExit):
         main(["tune", "w", "--rank", "0"])

@@ -155,6 +155,17 @@ def test_sizes_and_flops_of_tiny_llama():
     assert flops_per_token(model, context=128) == 2 * linear + 2 * 2 * 2 * 128 * 4 * 16
 
 
+def test_a_tied_quantized_head_still_counts_its_flops():
+    from cpet.compress.quantized_embeddings import TiedQuantizedHead, quantize_embeddings
+    from cpet.config import QuantizeConfig
+
+    model = tiny_model("gemma").model  # tied
+    before = flops_per_token(model)
+    quantize_embeddings(model, QuantizeConfig(method="nf4", embeddings=True))
+    assert isinstance(model.get_output_embeddings(), TiedQuantizedHead)
+    assert flops_per_token(model) == before  # the head multiplies as many weights, quantized or not
+
+
 def test_tied_embeddings_count_once():
     model = tiny_model("gemma").model
     unique = {p.data_ptr(): p.numel() for p in model.parameters()}

@@ -55,8 +55,10 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def _command(sub, name: str, help_text: str, func, *, runs_models: bool = True) -> argparse.ArgumentParser:
     """A subcommand whose ``--help`` shows every default; ``runs_models`` adds the runtime flags and --config."""
     # argparse %-formats a subcommand's help (the `cpet --help` listing) but not its description
+    # no abbreviated flags: --config tells which flags the command line gave by their full names (an abbreviated
+    # repeatable flag would get the file's list merged in), and a later flag cannot change what an old one meant
     parser = sub.add_parser(name, help=help_text.replace("%", "%%"), description=help_text,
-                            formatter_class=DefaultsHelpFormatter)
+                            formatter_class=DefaultsHelpFormatter, allow_abbrev=False)
     parser.set_defaults(func=func)
     if runs_models:
         group = parser.add_argument_group("runtime")
@@ -94,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     from ..train import DistillConfig, TuneConfig
 
     tune_defaults, distill_defaults = TuneConfig(), DistillConfig()  # one source of defaults
-    parser = argparse.ArgumentParser(prog="cpet", description="Parameter-efficient tuning of compressed LMs")
+    parser = argparse.ArgumentParser(prog="cpet", description="Parameter-efficient tuning of compressed LMs",
+                                     allow_abbrev=False)
     parser.add_argument("--version", action="version", version=version_text())
     sub = parser.add_subparsers(dest="command", required=True)
 
