@@ -29,7 +29,29 @@ def pipeline_with_every_assembly(root) -> tuple[CPET, str]:
     pipeline.tune(task, recovery="shared", config=TUNE, progress=False, name="shared")
     pipeline.tune(task, init="inherit", inherit_from=original, recovery="both", config=TUNE, progress=False,
                   name="both")
+    for name in ("plain", "shared", "both"):
+        give_weight(pipeline.adapters()[name])
     return pipeline, task
+
+
+def give_weight(adapter_dir, seed: int = 0) -> None:
+    """Random B in an adapter's saved LoRA and per-task recovery: its best checkpoint may be step 0, where every B
+    is zero and a wrong scale, module or activation of those factors would go unseen by any comparison."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    for file in (Path(adapter_dir) / "adapter_model.safetensors",
+                 Path(adapter_dir) / "per_task_recovery" / "recovery.safetensors"):
+        if not file.exists():
+            continue
+        tensors = load_file(str(file))
+        b_keys = [key for key in tensors if "lora_B" in key or ".B." in key]
+        assert b_keys, file  # the factors are named as this expects
+        for key in b_keys:
+            tensors[key] = torch.randn(tensors[key].shape, generator=generator, dtype=tensors[key].dtype) * 0.05
+        save_file(tensors, str(file), metadata={"format": "pt"})
 
 
 @pytest.fixture(scope="module")

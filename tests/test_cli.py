@@ -314,9 +314,20 @@ def test_cli_alone_follows_the_demo_order_and_evaluates_adapters(capsys, tuned_p
     corpus = tuned_pipeline.parent / "corpus.txt"
     corpus.write_text("the quick brown fox jumps over the lazy dog. " * 40)
     common = ["--corpus", str(corpus), "--max-tokens", "64", "--max-length", "32"]
-    with_adapter = run_json(capsys, "eval", str(tuned_pipeline), "--adapter", "toy-cpet", *common)["perplexity"]
+    from tests.test_assembly import give_weight
+
+    noisy = tuned_pipeline / "adapters" / "toy-noisy"  # toy-cpet's best step is 0 (B = 0): one that changes logits
+    shutil.copytree(tuned_pipeline / "adapters" / "toy-cpet", noisy)
+    give_weight(noisy / "adapter")
+    with_adapter = run_json(capsys, "eval", str(tuned_pipeline), "--adapter", "toy-noisy", *common)["perplexity"]
     bare = run_json(capsys, "eval", str(tuned_pipeline), *common)["perplexity"]
-    assert with_adapter["adapter"] == "toy-cpet" and bare["adapter"] == "compressed base"
+    assert with_adapter["adapter"] == "toy-noisy" and bare["adapter"] == "compressed base"
+    from cpet.evaluate import perplexity
+
+    with CPET.load(tuned_pipeline).running(noisy / "adapter") as model:
+        expected = perplexity(model, pipeline.tokenizer, corpus.read_text(), max_length=32, stride=32, max_tokens=64)
+    assert with_adapter["ppl"] == pytest.approx(expected.ppl, rel=1e-6) and with_adapter["ppl"] != bare["ppl"]
+    shutil.rmtree(noisy)  # the other tests of this module list the pipeline's adapters
     assert main(["eval", str(tuned_pipeline), "--adapter", "toy-cpet", "--adapter", "toy-original", *common]) == 2
     assert "--corpus scores one model: give one --adapter" in capsys.readouterr().err
     assert main(["eval", str(tuned_pipeline), "--adapter", "toy-cpet", "--max-prompt-tokens", "7", "--limit", "2"]) == 2

@@ -315,9 +315,16 @@ def test_tune_with_both_recoveries_trains_saves_and_serves_the_same_model(both_p
         save_adapter(peft_model, directory, meta, **kwargs)
 
     monkeypatch.setattr(cpet.pipeline, "save_adapter", spy)
+    # no step-0 checkpoint: the saved adapter must be a trained one, its per-task recovery no longer zero
     adapter = pipeline.tune(task, init="inherit", recovery="both", inherit_from=original, name="both",
-                            config=TuneConfig(steps=4, batch_size=8, lr=1e-2, eval_every=2), progress=False)
+                            config=TuneConfig(steps=4, batch_size=8, lr=1e-2, eval_every=2, eval_at_start=False),
+                            progress=False)
     assert at_save and all(slots == ["per_task", "shared"] for slots, _ in at_save)
+    assert adapter.meta["metrics"]["step"] > 0
+    from safetensors.torch import load_file
+
+    per_task = load_file(str(adapter.directory / "per_task_recovery" / "recovery.safetensors"))
+    assert max(float(v.abs().max()) for k, v in per_task.items() if ".B." in k) > 0  # trained: it adds something
     served = pipeline.model_for(adapter)
     assert sorted(attached_recovery(served)) == ["per_task", "shared"]
     with torch.no_grad():
