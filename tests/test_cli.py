@@ -436,6 +436,7 @@ def test_runtime_flags_and_a_config_file_that_flags_override(capsys, model_dir, 
     config.write_text(f"task: [{task_file}]\nlimit: 3\nmax-prompt-tokens: 9\nthreads: 1\nseed: 4\n")
     result = run_json(capsys, "eval", "--model", str(model_dir), "--config", str(config), "--limit", "5")
     assert result["tasks"][0]["n"] == 5  # the flag wins over the file's 3
+    assert result["tasks"][0]["max_prompt_tokens"] == 9  # and the file's other flags take effect
     assert torch.get_num_threads() == 1
     (tmp_path / "bad.json").write_text(json.dumps({"limt": 3}))
     assert main(["eval", "--model", str(model_dir), "--config", str(tmp_path / "bad.json")]) == 2

@@ -635,7 +635,10 @@ def test_a_local_source_is_recorded_absolute_and_a_moved_one_is_named(tmp_path, 
     with pytest.raises(FileNotFoundError, match=r"recorded in .*pipeline.json\): give the model where it is now "
                                                 r"with --model"):
         CPET.load(".").original
-    assert CPET.load(".", original=str(tmp_path / "moved")).original is not None
+    from cpet.models import model_fingerprint
+
+    moved = CPET.load(".", original=str(tmp_path / "moved")).original  # found where it is now, and checked
+    assert moved.content_fingerprint() == model_fingerprint(tiny.model)
 
 
 def test_from_pretrained_reads_a_local_model_and_release_base_drops_the_cached_base(built, tmp_path, monkeypatch):

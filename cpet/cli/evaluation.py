@@ -75,15 +75,16 @@ def evaluate_task(loaded, task, *, split: str, limit: int | None, batch_size: in
     if meta:
         max_prompt_tokens = check_scoring(meta, task, max_prompt_tokens)
     template, verbalizer = scoring_prompts(task, meta)
+    max_prompt_tokens = max_prompt_tokens or DEFAULT_MAX_PROMPT_TOKENS
     examples = task.split(split)[:limit] if limit else task.split(split)
     result = classification_accuracy(
         loaded.model, loaded.tokenizer, [e.text for e in examples], [e.label for e in examples],
         template=template, verbalizer=verbalizer, labels=task.labels, batch_size=batch_size,
-        max_prompt_tokens=max_prompt_tokens or DEFAULT_MAX_PROMPT_TOKENS, prompt_cut=scoring_cut(meta),
-        progress=progress)
+        max_prompt_tokens=max_prompt_tokens, prompt_cut=scoring_cut(meta), progress=progress)
     counts = {label: sum(e.label == label for e in examples) for label in task.labels}
     majority = max(counts.values()) / len(examples)
-    return {"task": task.name, "split": split, **result.to_dict(), "majority_baseline": majority}
+    return {"task": task.name, "split": split, **result.to_dict(), "max_prompt_tokens": max_prompt_tokens,
+            "majority_baseline": majority}
 
 
 def evaluate_corpus(loaded, corpus: str, *, max_tokens: int | None, max_length: int, progress: bool = True
