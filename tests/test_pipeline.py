@@ -775,11 +775,23 @@ def test_a_regex_target_source_inherits_with_shared_recovery(built, tmp_path):
     pipeline, task, _, _ = built
     source = get_peft_model(copy.deepcopy(pipeline.original.model),
                             LoraConfig(r=2, lora_alpha=4, target_modules=r".*(q_proj|v_proj)"))
+    torch.manual_seed(3)
+    with torch.no_grad():  # a source with weight in both factors, so that what is inherited can be compared
+        for name, param in source.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
     source.save_pretrained(str(tmp_path / "regex"))
-    short = TuneConfig(steps=2, batch_size=8, lr=2e-2, eval_every=2, rank=2, alpha=4, dropout=0.0)
-    adapter = pipeline.tune(task, init="inherit", inherit_from=tmp_path / "regex", recovery="shared", config=short,
+    # a learning rate too small to move anything: the saved adapter is what was inherited
+    still = TuneConfig(steps=2, batch_size=8, lr=1e-12, eval_every=2, rank=2, alpha=4, dropout=0.0)
+    adapter = pipeline.tune(task, init="inherit", inherit_from=tmp_path / "regex", recovery="shared", config=still,
                             progress=False, name="regex-shared")
     assert adapter.meta["recovery"] == "shared"
+    inherited = load_file(str(adapter.directory / "adapter_model.safetensors"))
+    original = load_file(str(tmp_path / "regex" / "adapter_model.safetensors"))
+    assert inherited.keys() == original.keys()  # q and v only: no LoRA on a recovery bypass
+    assert not any("cpet_recovery" in key for key in inherited)
+    for key in original:  # q/v rows are not pruned here: inherited unchanged
+        assert torch.allclose(inherited[key], original[key], atol=1e-6), key
     assert pipeline.evaluate(adapter, task, limit=4)["n"] == 4
 
 
