@@ -46,8 +46,14 @@ def test_split_by_document_is_deterministic_and_covers_genres(fixture_archive):
     assert [d.doc_id for d in held] == ["ca01", "ca11", "cr01"]  # every 10th document per genre
     assert len(train) == 12 and not {d.doc_id for d in held} & {d.doc_id for d in train}
     assert {d.genre for d in held} == {"press: reportage", "humor"}
-    assert load_brown("heldout", fixture_archive) == held  # second call reads the parsed cache
+    assert load_brown("heldout", fixture_archive) == held
     assert held[0].text == "Press story 1."
+    from cpet.data.brown import PARSER_VERSION
+
+    # the second call reads the parsed cache, named by the parser's version: proven by editing the cache
+    (cache,) = (fixture_archive.parent / "cache" / "data").glob(f"brown-*-v{PARSER_VERSION}.jsonl")
+    cache.write_text(cache.read_text().replace("Press story 1.", "Edited in the cache."))
+    assert load_brown("heldout", fixture_archive)[0].text == "Edited in the cache."
 
 
 def test_interleaving_mixes_genres_in_any_prefix(fixture_archive):

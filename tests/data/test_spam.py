@@ -74,7 +74,13 @@ def test_fixture_task(spam_archive):
     assert load_emails(spam_archive)[0] == {"id": "easy-ham-1/00000.00000000000000000000000000000014",
                                             "group": "easy-ham-1", "subject": "Meeting 0", "body": "See you at 0",
                                             "text": "Meeting 0\nSee you at 0"}
-    assert load_spam_task(spam_archive).splits == task.splits  # the second load reads the parsed cache
+    assert load_spam_task(spam_archive).splits == task.splits
+    from cpet.data.spam import CLEANER_VERSION
+
+    # the second load reads the parsed cache, named by the cleaner's version: proven by editing the cache
+    (cache,) = (spam_archive.parent / "cache" / "data").glob(f"spam-*-v{CLEANER_VERSION}-*.jsonl")
+    cache.write_text(cache.read_text().replace("See you at 0", "Edited in the cache"))
+    assert load_emails(spam_archive)[0]["body"] == "Edited in the cache"
 
 
 def test_archive_without_emails(tmp_path, monkeypatch):
