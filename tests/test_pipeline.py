@@ -224,12 +224,18 @@ def test_plain_peft_adapter_trained_elsewhere_is_inherited(built, tmp_path):
                             name="from-plain-peft", progress=False)
     saved = json.loads((adapter.directory / "adapter_config.json").read_text())
     assert saved["r"] == 4 and sorted(saved["target_modules"]) == ["down_proj", "q_proj", "up_proj"]
-    expected = inherit_lora_state(load_lora_state(plain), pipeline.original.model.config,
-                                  pipeline.load_compressed().index_maps)
+    from cpet.models import family_of
+    from tests.test_architectures import restricted_by_hand
+
+    maps = pipeline.load_compressed().index_maps
+    expected = inherit_lora_state(load_lora_state(plain), pipeline.original.model.config, maps)
+    by_hand = restricted_by_hand(load_lora_state(plain), family_of(pipeline.original.model), maps)
     got = load_file(str(adapter.directory / "adapter_model.safetensors"))
-    assert expected.keys() == got.keys()
+    assert expected.keys() == got.keys() == by_hand.keys()
+    assert any(by_hand[k].shape != v.shape for k, v in load_lora_state(plain).items())  # pruning cut some
     for key in expected:
         assert torch.allclose(expected[key], got[key], atol=1e-6), key
+        assert torch.equal(by_hand[key], expected[key]), key
 
 
 def test_plain_peft_adapter_for_another_model_is_refused(built, tmp_path):
