@@ -79,6 +79,19 @@ def test_tuning_learns_the_task_and_writes_a_peft_directory(tmp_path):
         assert torch.allclose(model(input_ids=ids).logits, fresh(input_ids=ids).logits, atol=1e-6)
 
 
+def kill_at_step(monkeypatch, step: int) -> None:
+    """The training process "killed" (KeyboardInterrupt) when it builds the batch of 0-based ``step``."""
+    calls = []
+
+    def collate_that_dies(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == step + 1:
+            raise KeyboardInterrupt("killed")
+        return collate(*args, **kwargs)
+
+    monkeypatch.setattr(cpet.train, "collate", collate_that_dies)
+
+
 def test_resume_after_kill_continues_from_saved_step(tmp_path, monkeypatch):
     config = TuneConfig(steps=30, batch_size=8, lr=1e-2, eval_every=10, dropout=0.1)
 
@@ -89,15 +102,7 @@ def test_resume_after_kill_continues_from_saved_step(tmp_path, monkeypatch):
     run(straight, tiny_model("llama").tokenizer, tmp_path / "straight", config)
 
     killed = add_lora(tiny_model("llama").model, rank=4, alpha=8, dropout=0.1, target_roles=("q", "v"))
-    calls = []
-
-    def collate_that_dies_at_step_25(*args, **kwargs):  # the process is killed mid-interval
-        calls.append(1)
-        if len(calls) == 26:
-            raise KeyboardInterrupt("killed")
-        return collate(*args, **kwargs)
-
-    monkeypatch.setattr(cpet.train, "collate", collate_that_dies_at_step_25)
+    kill_at_step(monkeypatch, 25)  # mid-interval
     with pytest.raises(KeyboardInterrupt):
         run(killed, tiny_model("llama").tokenizer, tmp_path / "killed", config)
     monkeypatch.undo()
@@ -120,15 +125,7 @@ def test_a_resumed_run_reports_the_losses_a_straight_run_reports(tmp_path, monke
     tokenizer = tiny_model("llama").tokenizer
     straight = run(add_lora(tiny_model("llama").model, rank=4, alpha=8, dropout=0.0, target_roles=("q", "v")),
                    tokenizer, tmp_path / "straight", config)
-    calls = []
-
-    def collate_that_dies_at_step_22(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 23:
-            raise KeyboardInterrupt("killed")
-        return collate(*args, **kwargs)
-
-    monkeypatch.setattr(cpet.train, "collate", collate_that_dies_at_step_22)
+    kill_at_step(monkeypatch, 22)
     with pytest.raises(KeyboardInterrupt):
         run(add_lora(tiny_model("llama").model, rank=4, alpha=8, dropout=0.0, target_roles=("q", "v")), tokenizer,
             tmp_path / "killed", config)
