@@ -80,11 +80,20 @@ def test_an_adapter_unloaded_mid_generation_keeps_serving_its_request_and_a_bad_
 
 def test_a_stream_holds_back_text_until_it_cannot_be_the_start_of_a_stop_string(served):  # noqa: F811
     _, engine, _ = served
-    full = engine.generate(["long one"], ["both"], max_tokens=30)[0]["text"]
-    # a two-character stop whose characters come from two tokens (byte tokenizer, ASCII) and first occurs at i
-    i = next(i for i in range(1, len(full) - 1) if full[:i + 2].isascii() and full.find(full[i:i + 2]) == i)
+
+    def stop_position(full: str) -> int | None:
+        """Where a two-character stop whose characters come from two tokens (byte tokenizer, ASCII) first occurs."""
+        return next((i for i in range(1, len(full) - 1) if full[:i + 2].isascii() and full.find(full[i:i + 2]) == i),
+                    None)
+
+    # the first adapter and prompt whose text has such a place (a random tiny model writes mostly non-ASCII bytes)
+    found = ((adapter, prompt, full, stop_position(full))
+             for adapter in ("both", "shared", "plain", None) for prompt in ("long one", "the quick", "hello")
+             for full in [engine.generate([prompt], [adapter], max_tokens=30)[0]["text"]])
+    adapter, prompt, full, i = next((f for f in found if f[3] is not None), (None, None, "", None))
+    assert i is not None, "no generated text with an ASCII two-character stop to test"
     scheduler = SteppedScheduler(engine, max_batch=4)
-    request = GenerationRequest(ids_of(engine, "long one"), "both", 30, stop=(full[i:i + 2],))
+    request = GenerationRequest(ids_of(engine, prompt), adapter, 30, stop=(full[i:i + 2],))
     scheduler.submit(request)
     while not request.future.done():
         scheduler._step()
