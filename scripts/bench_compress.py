@@ -75,8 +75,7 @@ def markdown(results: dict, meta: dict) -> str:
                      f"{cell('ppl', 1, '{:.2f}')} | {cell('prefill_tok_s')} | {cell('decode_tok_s')} |")
     notes = (f"\nModel {meta['model']}, {meta['ppl_tokens']} Brown held-out tokens (windows of 256), prefill "
              f"batch {meta['batch_size']} x {meta['prompt_len']} tokens, decode {meta['new_tokens']} greedy "
-             f"steps with KV cache, best of {meta['repeats']}; {meta['machine']}, torch {meta['torch']}, "
-             f"{meta['threads']} threads. Ratios are to dense (fp32); \"vs dense bf16\" divides memory by 2 bytes per "
+             f"steps with KV cache, best of {meta['repeats']}; {meta['machine']}. Ratios are to dense (fp32); \"vs dense bf16\" divides memory by 2 bytes per "
              "parameter of the dense model.\n")
     return "\n".join(lines) + "\n" + notes
 
