@@ -219,8 +219,12 @@ def setting_summary(work_dir: Path) -> dict:
     Bytes are in-memory sizes recorded by ``compress`` in the manifest (dense = before the first stage);
     the shared recovery is counted by its file size (fp32 tensors, so the same as in memory).
     """
-    stages = json.loads((work_dir / "base" / "manifest.json").read_text())["stages"]
-    summary = {"dense_bytes": stages[0]["bytes_before"], "dense_params": stages[0]["params_before"],
+    manifest = json.loads((work_dir / "base" / "manifest.json").read_text())
+    stages = manifest["stages"]
+    # base_id: the table prints these sizes only beside cells tuned on this very base (a later run of other code
+    # rewrites the file)
+    summary = {"base_id": manifest.get("base_id"),
+               "dense_bytes": stages[0]["bytes_before"], "dense_params": stages[0]["params_before"],
                "base_bytes": stages[-1]["bytes_after"], "base_params": stages[-1]["params_after"]}
     recovery = work_dir / "recovery" / "recovery.safetensors"
     if recovery.exists():

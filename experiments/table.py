@@ -55,22 +55,29 @@ def machines_line(cells: list[dict]) -> str:
 
 
 def load_cells(cells_dir: Path, commit: str | None = None, tasks: Sequence[str] | None = None) -> list[dict]:
-    """Finished cells of one code commit (``commit`` None: all of them, which must share one commit), of
+    """Finished cells of one code commit (``commit``: the cells whose commit is exactly it, else those it is a
+    prefix of, which must then be one commit; None: all of them, which must share one commit), of
     ``tasks`` only when given (the commit check applies to the cells of the table: tasks run from different
     pinned commits, e.g. after a task's data was fixed, each get a table of their own)."""
     cells = [json.loads(p.read_text()) for p in sorted(cells_dir.glob("*.json"))]
     if tasks is not None:
         cells = [c for c in cells if c["task"] in tasks]
     if commit is not None:
-        cells = [c for c in cells if str(c.get("commit", "unrecorded")).startswith(commit)]
-    else:
-        commits = defaultdict(int)
-        for c in cells:
-            commits[c.get("commit", "unrecorded")] += 1
-        if len(commits) > 1:
-            listed = ", ".join(f"{key[:12]} ({n} cells)" for key, n in sorted(commits.items()))
-            raise SystemExit(f"table: {cells_dir} holds cells of {len(commits)} code commits ({listed}); one table "
-                             "measures one version of the code: pick one with --commit")
+        if not commit:
+            raise SystemExit("table: --commit is empty; give a commit (a prefix is enough)")
+        exact = [c for c in cells if str(c.get("commit", "unrecorded")) == commit]
+        cells = exact or [c for c in cells if str(c.get("commit", "unrecorded")).startswith(commit)]
+    # checked after --commit too: a prefix can match several commits, and bb31270 matches bb31270...+dirty
+    commits = defaultdict(int)
+    for c in cells:
+        commits[c.get("commit", "unrecorded")] += 1
+    if len(commits) > 1:
+        listed = ", ".join(f"{str(key).removesuffix('+dirty')[:12]}{'+dirty' if str(key).endswith('+dirty') else ''}"
+                           f" ({n} cells)" for key, n in sorted(commits.items()))
+        chosen = f" matching --commit {commit}" if commit is not None else ""
+        raise SystemExit(f"table: {cells_dir} holds cells of {len(commits)} code commits{chosen} ({listed}); one "
+                         "table measures one version of the code: pick one with --commit (the whole hash picks "
+                         "exactly its cells; add +dirty for cells of uncommitted code)")
     check_one_test_set(cells)
     return cells
 
@@ -98,8 +105,9 @@ def row_key(row: str, setting: str) -> str:
 def mean_std(values: list[float]) -> str:
     if not values:
         return "–"
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.mean(values):.1f} ± {100 * spread:.1f} ({len(values)})"
+    if len(values) == 1:  # one seed: the spread is not measured (printing 0.0 would claim none)
+        return f"{100 * values[0]:.1f} ± – (1)"
+    return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f} ({len(values)})"
 
 
 def load_setting_summaries(settings_dir: Path) -> dict[str, dict]:
@@ -107,8 +115,22 @@ def load_setting_summaries(settings_dir: Path) -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in sorted(settings_dir.glob("*.json"))}
 
 
-def size_line(summary: dict) -> str:
-    """One sentence: the compressed base against the dense model, and the shared recovery modules."""
+def base_ids_of(cells: list[dict], setting: str) -> set[str]:
+    """The compressed bases the cells of ``setting`` were tuned on (as recorded; one for a grid run)."""
+    return {c["base_id"] for c in cells if c["setting"] == setting and c.get("base_id")}
+
+
+def size_line(summary: dict, base_ids: set[str] | None = None) -> str:
+    """One sentence: the compressed base against the dense model, and the shared recovery modules.
+
+    ``base_ids``: the bases the setting's cells were tuned on. A summary that names another base (written by a
+    later grid run of other code) is not shown as theirs; one from before summaries named their base is.
+    """
+    recorded = summary.get("base_id")
+    if recorded and base_ids and base_ids != {recorded}:
+        return (f"Compressed base: the sizes on record are of base {recorded[:12]}, not the one these cells were "
+                f"tuned on ({', '.join(sorted(b[:12] for b in base_ids))}); run the grid's setting again to "
+                "record its sizes.")
     line = (f"Compressed base: {summary['base_bytes'] / 1e6:.1f} MB in memory "
             f"({summary['base_bytes'] / summary['dense_bytes']:.2f}x of the dense "
             f"{summary['dense_bytes'] / 1e6:.1f} MB), {summary['base_params'] / 1e6:.1f} M parameters")
@@ -145,7 +167,7 @@ def table(cells: list[dict], settings, tasks, rows, seeds, summaries: dict[str, 
     for setting in settings:
         lines.append(f"\n### {setting}\n")
         if setting in (summaries or {}):
-            lines.append(size_line(summaries[setting]) + "\n")
+            lines.append(size_line(summaries[setting], base_ids_of(cells, setting)) + "\n")
         lines += ["| method | task steps | " + " | ".join(tasks) + " | average |",
                   "|---|---|" + "---|" * (len(tasks) + 1)]
         for row in rows:
@@ -190,22 +212,35 @@ def progress_line(by_key, settings, tasks, rows, seeds, ablation_seeds=None) -> 
     return f"Cells finished: {done_total} of {want_total} ({status})."
 
 
+def task_weighted_mean(values: Sequence[float], tasks: Sequence) -> float:
+    """Mean of ``values`` (one per (task, seed) pair, ``tasks[j]`` naming pair j's task) with every task weighing
+    the same: each task's values are averaged first, then the tasks."""
+    per_task = defaultdict(list)
+    for value, task in zip(values, tasks, strict=True):
+        per_task[task].append(value)
+    return float(statistics.mean(statistics.mean(v) for v in per_task.values()))
+
+
 def paired_bootstrap(pairs_a: list[str], pairs_b: list[str], tasks: list[str] | None = None,
                      replicates: int = 2000, seed: int = 0, clusters: dict | None = None) -> tuple[float, float, float]:
-    """Mean accuracy difference A − B over (task, seed) pairs, with a paired, two-level bootstrap 95% interval.
+    """Mean accuracy difference A − B over tasks (of its seeds' pairs), with a paired, two-level bootstrap 95%
+    interval.
 
     Each element of ``pairs_a`` / ``pairs_b`` is one (task, seed) pair's per-example correctness string
     (``"1"`` correct, ``"0"`` wrong) on the same test examples in the same order; ``tasks[j]`` names pair j's
     task (default: every pair its own task). The seeds of one task score the *same* test examples, so the
     test-set noise is one draw per task, not one per seed: a replicate draws, per task, one resample of its
     test examples with replacement, shared by all its seeds and by A and B (paired), and resamples the task's
-    seeds with replacement (training noise), then averages the per-pair differences as the point estimate
-    does. Tasks are fixed (they are what the table reports on), not resampled. Drawing the test examples
-    independently per seed would count the same examples once per seed and narrow the interval by up to
-    the square root of the seed count. Resampling both levels counts the seed x example interaction more than
-    once (the interval errs wide); a task with one seed adds no training noise. ``clusters[task]`` (a unit per
-    test example, e.g. its source document): that task's test examples are resampled a unit at a time, since
-    examples of one unit are not independent. Returns ``(delta, low, high)`` in accuracy units.
+    seeds with replacement (training noise), then averages the differences as the point estimate does: each
+    task's seeds first, then the tasks, so that every task weighs the same whatever its number of finished
+    seeds (as the table's average column). Tasks are fixed (they are what the table reports on), not
+    resampled. Drawing the test examples independently per seed would count the same examples once per seed
+    and narrow the interval by up to the square root of the seed count. Resampling both levels counts the
+    seed x example interaction more than once (which widens the interval), while resampling S seeds
+    understates their variance by (S-1)/S (which narrows it); a task with one seed adds no training noise.
+    ``clusters[task]`` (a unit per test example, e.g. its source document): that task's test examples are
+    resampled a unit at a time, since examples of one unit are not independent. Returns ``(delta, low, high)``
+    in accuracy units.
     """
     if len(pairs_a) != len(pairs_b):
         raise ValueError(f"{len(pairs_a)} A pairs against {len(pairs_b)} B pairs")
@@ -233,9 +268,12 @@ def paired_bootstrap(pairs_a: list[str], pairs_b: list[str], tasks: list[str] | 
             examples = rng.integers(0, diffs.shape[1], size=(replicates, diffs.shape[1]))
         seeds = rng.integers(0, len(members), size=(replicates, len(members)))
         per_seed = np.stack([diffs[:, idx].mean(axis=1) for idx in examples])  # (replicates, seeds of task)
-        sums += np.take_along_axis(per_seed, seeds, axis=1).sum(axis=1)
-    point = float(np.mean([a.count("1") / len(a) - b.count("1") / len(b) for a, b in zip(pairs_a, pairs_b)]))
-    low, high = np.percentile(sums / len(pairs_a), [2.5, 97.5])
+        sums += np.take_along_axis(per_seed, seeds, axis=1).mean(axis=1)
+    # each task weighs the same whatever its number of finished seeds (as the table's average column): its seeds
+    # are averaged first, then the tasks
+    point = task_weighted_mean([a.count("1") / len(a) - b.count("1") / len(b) for a, b in zip(pairs_a, pairs_b)],
+                               tasks)
+    low, high = np.percentile(sums / len(set(tasks)), [2.5, 97.5])
     return point, float(low), float(high)
 
 
@@ -287,7 +325,8 @@ def matched_deltas(cells: list[dict], setting: str, tasks, seeds, cpet_row: str 
             parts.append(f"− {ref} = {100 * delta:+.1f} points [95% CI {100 * low:+.1f}, {100 * high:+.1f}] "
                          f"({len(pairs)} pairs)")
         else:
-            delta = statistics.mean(a["test_accuracy"] - b["test_accuracy"] for a, b in zip(ours, theirs))
+            delta = task_weighted_mean([a["test_accuracy"] - b["test_accuracy"] for a, b in zip(ours, theirs)],
+                                       [t for t, _ in pairs])
             parts.append(f"− {ref} = {100 * delta:+.1f} points ({len(pairs)} pairs)")
     if not parts:
         return f"{label} vs original / vanilla: no (task, seed) pair with both cells finished yet."
