@@ -178,6 +178,13 @@ def _rows_to_task(rows: list[tuple[int, dict]], path: Path, text_field: str, lab
     examples, split_of = [], []
     use_split = split_field or ("split" if any("split" in row for _, row in rows) else None)
     for line_no, row in rows:
+        if None in row:  # csv.DictReader files cells beyond the header under None: an unquoted delimiter
+            raise ValueError(f"{path} {kind} {line_no}: {len(row) - 1 + len(row[None])} cells but the header has "
+                             f"{len(row) - 1}; quote a text that holds the delimiter (\"great movie, loved it\")")
+        if any(value is _MISSING_CELL for value in row.values()):
+            cells = sum(value is not _MISSING_CELL for value in row.values())
+            raise ValueError(f"{path} {kind} {line_no}: {cells} cells but the header has {len(row)}; give every "
+                             "column a cell (an empty one is two delimiters in a row)")
         for required in (text_field, label_field):
             if required not in row:
                 raise ValueError(f"{path} {kind} {line_no}: missing field {required!r}; it has "
@@ -185,6 +192,10 @@ def _rows_to_task(rows: list[tuple[int, dict]], path: Path, text_field: str, lab
             if row[required] is None:
                 raise ValueError(f"{path} {kind} {line_no}: field {required!r} is null; fill it in or remove "
                                  f"that {kind}")
+            if not _plain_value(row[required], text=required == text_field):
+                wanted = "a string" if required == text_field else "a string or an integer"
+                raise ValueError(f"{path} {kind} {line_no}: field {required!r} is {type(row[required]).__name__} "
+                                 f"{row[required]!r}; it must be {wanted}")
             if not str(row[required]).strip():
                 raise ValueError(f"{path} {kind} {line_no}: field {required!r} is empty; fill it in or remove "
                                  f"that {kind}")
@@ -192,6 +203,17 @@ def _rows_to_task(rows: list[tuple[int, dict]], path: Path, text_field: str, lab
         if use_split:
             split_of.append(_split_value(row.get(use_split, ""), f"{path} {kind} {line_no}"))
     return make_task(name or path.stem, examples, source=str(path), split_of=split_of or None)
+
+
+_MISSING_CELL = object()  # what csv.DictReader gives a column a short row has no cell for
+
+
+def _plain_value(value, text: bool) -> bool:
+    """Whether a JSON value can stand as a text (a string) or a label (a string or an integer, not a bool): a
+    list, an object or a float would become a class named after its repr (1 and 1.0 two classes)."""
+    if isinstance(value, str):
+        return True
+    return not text and isinstance(value, int) and not isinstance(value, bool)
 
 
 def read_utf8(path: Path) -> str:
@@ -242,11 +264,22 @@ def load_csv_task(path: str | Path, text_column: str = "text", label_column: str
     if not path.exists():
         raise FileNotFoundError(f"task file {path} does not exist")
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    reader = csv.DictReader(io.StringIO(read_utf8(path), newline=""), delimiter=delimiter)
+    # strict: a quote that does not close where a cell ends is an error, not a cell that swallows the rows after it
+    reader = csv.DictReader(io.StringIO(read_utf8(path), newline=""), delimiter=delimiter, strict=True,
+                            restval=_MISSING_CELL)
     rows, line = [], 2  # each record named by the line it starts on (a quoted cell may span several lines)
-    for row in reader:
-        rows.append((line, row))
-        line = reader.line_num + 1
+    limit = csv.field_size_limit()
+    try:
+        csv.field_size_limit(max(limit, 64 * 1024 * 1024))  # a long email or document is one cell, not an error
+        for row in reader:
+            rows.append((line, row))
+            line = reader.line_num + 1
+    except csv.Error as exc:
+        raise ValueError(f"{path} row {line}: {exc}; a quote opens a cell only at its start and must close it "
+                         "(write a quote inside a quoted cell as \"\")") from exc
+    finally:
+        csv.field_size_limit(limit)
+
     if not rows:
         raise ValueError(f"{path} is empty: no examples")
     return _rows_to_task(rows, path, text_column, label_column, split_column, name, "row")

@@ -84,6 +84,43 @@ def test_bad_jsonl(tmp_path, content, message):
         load_task(str(path))
 
 
+@pytest.mark.parametrize("content, message", [
+    # an unquoted comma: was read as text 'great movie', label 'neg' (the last cell dropped)
+    ('text,label\ngood,pos\ngreat movie, neg,pos\n', r"row 3: 3 cells but the header has 2; quote a text"),
+    # a short row: was 'field is null'
+    ('text,label\ngood,pos\nbad\n', r"row 3: 1 cells but the header has 2; give every column a cell"),
+    # a stray opening quote: was one example swallowing the rows up to the next quote
+    ('text,label\ngood,pos\n"great movie,pos\nbad,neg\n"quoted" text,neg\n', r"row 3: .*must close it"),
+])
+def test_bad_csv_rows_are_refused_not_misread(tmp_path, content, message):
+    path = tmp_path / "bad.csv"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        load_task(str(path))
+
+
+def test_csv_cells_longer_than_the_csv_modules_default_limit_load(tmp_path):
+    long_text = "word " * 40_000  # 200,000 characters: over csv's 131,072 default field limit
+    (tmp_path / "long.csv").write_text(f'text,label\n"{long_text}",x\nshort,y\n')
+    task = load_task(str(tmp_path / "long.csv"))
+    assert max(len(e.text) for v in task.splits.values() for e in v) == len(long_text.strip())
+
+
+@pytest.mark.parametrize("label, message", [
+    ('["a"]', r"field 'label' is list \['a'\]; it must be a string or an integer"),
+    ('1.0', r"field 'label' is float 1.0; it must be a string or an integer"),
+    ('true', r"field 'label' is bool True"),
+])
+def test_jsonl_labels_that_are_not_strings_or_integers_are_refused(tmp_path, label, message):
+    path = tmp_path / "labels.jsonl"
+    path.write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": %s}\n' % label)
+    with pytest.raises(ValueError, match=r"line 2: " + message):
+        load_task(str(path))
+    path.write_text('{"text": "a", "label": "x"}\n{"text": {"t": 1}, "label": "y"}\n')
+    with pytest.raises(ValueError, match=r"line 2: field 'text' is dict .*; it must be a string"):
+        load_task(str(path))
+
+
 def test_unknown_spec_and_missing_file(tmp_path):
     with pytest.raises(ValueError, match="unknown task 'imdb'.*vader-movie"):
         load_task("imdb")
