@@ -138,10 +138,14 @@ def read_adapter_meta(directory: str | Path) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{directory} has no {ADAPTER_META}: not a CPET adapter directory")
     try:
-        return json.loads(path.read_text())
+        meta = json.loads(path.read_text())
     except ValueError as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ValueError(f"{path} is not valid JSON ({err}): the adapter's metadata is damaged; tune the "
                          "adapter again") from err
+    if not isinstance(meta, dict):  # every reader takes keys from it: name the damaged file, not an AttributeError
+        raise ValueError(f"{path} holds a JSON {type(meta).__name__}, not an object: the adapter's metadata is "
+                         "damaged; tune the adapter again")
+    return meta
 
 
 def check_adapter_base(meta: dict, *, base_id: str | None = None, source_fingerprint: str | None = None,
@@ -182,7 +186,11 @@ def check_scoring(meta: dict, task, max_prompt_tokens: int | None, where: str = 
         ValueError: the task has labels the adapter does not know, or ``max_prompt_tokens`` is given and differs
             from the recorded one (scoring with it would measure another model).
     """
-    unknown = sorted(set(task.labels) - set(meta["labels"]))
+    labels = meta.get("labels")
+    if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+        raise ValueError(f"{where} records no list of labels in its cpet.json (labels: {labels!r}), so it cannot be "
+                         "scored on a task; its metadata is damaged or it was not made by `cpet tune`")
+    unknown = sorted(set(task.labels) - set(labels))
     if unknown:
         raise ValueError(f"task {task.name!r} has labels {unknown} that {where} does not know "
                          f"(it knows {meta['labels']})")

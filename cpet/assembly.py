@@ -17,7 +17,6 @@ identity for LoRA and shared recovery, GELU for CA-LoRA per-task recovery (which
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -27,6 +26,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+
+from .assets import read_json_object
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -334,14 +335,9 @@ class Assembly:
 def _read_json(path: Path) -> dict:
     """The JSON object in ``path``; AdapterError naming the file when it is not one."""
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise AdapterError(f"{path} is not valid JSON ({exc})") from None
-    except UnicodeDecodeError:
-        raise AdapterError(f"{path} is not UTF-8 text: is it the right file?") from None
-    if not isinstance(data, dict):
-        raise AdapterError(f"{path} holds a JSON {type(data).__name__}, not an object: is it the right file?")
-    return data
+        return read_json_object(path, "is it the right file?")
+    except ValueError as exc:
+        raise AdapterError(str(exc)) from None
 
 
 __all__ = ["AdapterError", "AdapterSource", "Assembly", "LoadedAdapter", "LowRank", "as_source", "load_factors",

@@ -137,8 +137,9 @@ class PruneConfig:
             object.__setattr__(self, "layer_schedule", schedule)
         if self.round_to < 1:
             raise ValueError(f"round_to must be >= 1, got {self.round_to}")
-        if self.ffn_ratio == 0 and self.head_ratio == 0 and not self.layer_schedule:
-            raise ValueError("PruneConfig prunes nothing: set ffn_ratio, head_ratio or layer_schedule")
+        if self.ffn_ratio == 0 and self.head_ratio == 0 and not any((self.layer_schedule or {}).values()):
+            raise ValueError("PruneConfig prunes nothing: set ffn_ratio, head_ratio or a layer_schedule with a "
+                             "ratio above 0")
 
     @property
     def needs_calibration(self) -> bool:

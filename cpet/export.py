@@ -115,6 +115,9 @@ def export_pipeline(pipeline, out: str | Path, names: list[str] | None = None, *
         raise ValueError(f"{out} exists and is not a CPET export (no {EXPORT_META}): choose a new --out directory "
                          "(a previous export is replaced, anything else is left alone)")
     base_dir = pipeline.work_dir / "base"
+    if out.resolve().is_relative_to(base_dir.resolve()):  # the copy of base/ would hold itself, without end
+        raise ValueError(f"--out {out} is inside the pipeline's base directory {base_dir}: choose a directory "
+                         "outside it")
     if not (base_dir / MANIFEST_FILE).exists():
         raise FileNotFoundError(f"{pipeline.work_dir} has no compressed base: run `cpet compress` first")
     manifest = Manifest.read(base_dir / MANIFEST_FILE)

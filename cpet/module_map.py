@@ -285,8 +285,17 @@ def _heads_prunable(config, model_class, spec: FamilySpec, layer: nn.Module) -> 
     probe = _probe(config, model_class, **changes) if fewer >= 1 else None
     if probe is None:
         return False
-    linears = {r: submodule(submodule(probe, spec.layers)[0], _join(spec.attention, a))
-               for r, a in spec.linears.items() if r in ATTENTION_ROLES}
+    probe_attention = submodule(submodule(probe, spec.layers)[0], spec.attention)
+    linears = {r: getattr(probe_attention, a) for r, a in spec.linears.items() if r in ATTENTION_ROLES}
     kv_after = changes.get("num_key_value_heads", kv)
+    # anything else whose shape follows the head count is head-indexed (attention sinks, per-head gates): pruning
+    # would cut q/o and leave it whole. A (num_heads,) tensor passes the (head_dim,) test above when the two
+    # counts are equal, so shapes are compared with the fewer-heads probe, buffers included
+    def other_shapes(module: nn.Module) -> dict[str, tuple]:
+        tensors = [*module.named_parameters(), *module.named_buffers()]
+        return {n: tuple(t.shape) for n, t in tensors if n not in inside}
+
+    if other_shapes(attention) != other_shapes(probe_attention):
+        return False
     return (linears["q"].out_features == linears["o"].in_features == fewer * head_dim
             and linears["k"].out_features == linears["v"].out_features == kv_after * head_dim)

@@ -104,3 +104,18 @@ def test_an_adapter_for_another_base_is_refused_saying_what_to_do(made, this, in
         check_adapter_base({**META, "base_id": made}, base_id=this, directory="runs/a", inheriting=inheriting)
     assert BASE_X not in str(refused.value) and BASE_Y not in str(refused.value)  # ids shown as 12 hex
     check_adapter_base({**META, "base_id": made}, base_id=made, directory="runs/a", inheriting=inheriting)
+
+
+def test_scoring_an_adapter_whose_metadata_records_no_labels_is_refused_by_name(tmp_path):
+    """A cpet.json without a list of labels was a KeyError traceback from `cpet eval --peft`."""
+    from types import SimpleNamespace
+
+    from cpet.adapters import check_scoring, read_adapter_meta
+
+    task = SimpleNamespace(name="toy", labels=("neg", "pos"))
+    with pytest.raises(ValueError, match=r"records no list of labels in its cpet.json \(labels: None\)"):
+        check_scoring({"template": "{text}"}, task, None)
+    assert check_scoring({"labels": ["neg", "pos"], "max_prompt_tokens": 64}, task, None) == 64
+    (tmp_path / "cpet.json").write_text('["labels"]')
+    with pytest.raises(ValueError, match=r"cpet.json holds a JSON list, not an object: .*tune the adapter again"):
+        read_adapter_meta(tmp_path)

@@ -338,6 +338,16 @@ def test_head_pruning_is_refused_where_heads_are_fixed(model_type):
         compress(tiny_model(model_type).model, [PruneConfig(head_ratio=0.5, importance="magnitude")], progress=False)
 
 
+def test_per_head_tensors_are_found_when_the_head_count_equals_head_dim():
+    """granite_swa's attention sinks are (num_heads,): with 16 heads of 16 they passed the (head_dim,) shape test,
+    head pruning cut q/o and left the sinks whole, and the saved base failed at its first forward."""
+    config = tiny_config("granite_swa", num_attention_heads=16, num_key_value_heads=4, head_dim=16, hidden_size=256)
+    assert family_of(config).head_pruning is False
+    loaded = tiny_model("granite_swa", num_attention_heads=16, num_key_value_heads=4, head_dim=16, hidden_size=256)
+    with pytest.raises(ValueError, match="cannot be pruned"):
+        compress(loaded.model, [PruneConfig(head_ratio=0.5, importance="magnitude")], progress=False)
+
+
 def test_head_counts_the_architecture_cannot_take_are_refused_before_work():
     loaded = tiny_model("diffllama")  # differential attention splits values along an even number of KV heads
     before = model_fingerprint(loaded.model)

@@ -591,6 +591,9 @@ def test_a_refused_tune_saves_no_config_and_names_stay_inside_the_pipeline(capsy
     ("steps: [1, 2]\n", r"steps takes one value, got the list \[1, 2\]"),
     ("steps: 2\non: original\n", r"a key was read as True .*quote it, e\.g\. \"on\": original"),
     ("3: 4\n", r"the key 3 is not a flag name"),
+    # YAML null: was passed on as the string "None" (an adapter silently named None)
+    ("name:\n", r"name has no value \(null\); give one, or remove the key"),
+    ("task: [vader-movie, null]\n", r"task has no value \(null\)"),
 ])
 def test_config_file_values_of_the_wrong_kind_are_refused(capsys, tmp_path, text, message):
     config = tmp_path / "run.yaml"
@@ -637,8 +640,16 @@ def test_list_marks_adapters_of_a_replaced_base_and_damaged_ones(capsys, tuned_p
     listed = run_json(capsys, "list", str(copy))["adapters"]
     assert [a["name"] for a in listed] == ["toy-cpet", "toy-original"]
     assert "cpet.json is not valid JSON" in listed[0]["error"]
+    meta_path.write_text("[1, 2]")  # valid JSON, not an object: was an AttributeError traceback
+    listed = run_json(capsys, "list", str(copy))["adapters"]
+    assert "cpet.json holds a JSON list, not an object" in listed[0]["error"]
     assert main(["list", str(tmp_path / "nowhere")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    # a damaged manifest or recovery record is named (was a bare JSON message, or a traceback for '[]')
+    manifest = copy / "base" / "manifest.json"
+    manifest.write_text("[]")
+    assert main(["list", str(copy)]) == 2
+    assert re.search(r"base/manifest.json holds a JSON list, not an object; .*cpet compress", capsys.readouterr().err)
 
 
 def test_demo_refuses_an_unknown_task_before_loading_the_model(capsys, tmp_path, monkeypatch):

@@ -80,6 +80,10 @@ def test_what_cannot_be_exported_is_skipped_or_refused_with_why(exported, tmp_pa
     assert not (tmp_path / "x").exists()
     with pytest.raises(FileNotFoundError, match=r"no adapter 'no-such-adapter'.*\(.*shared"):  # the known listed
         export_pipeline(pipeline, tmp_path / "y", ["no-such-adapter"])
+    inside = pipeline.work_dir / "base" / "sub"  # copying base/ into itself never ended
+    with pytest.raises(ValueError, match=r"is inside the pipeline's base directory"):
+        export_pipeline(pipeline, inside, ["shared"])
+    assert not inside.exists()
 
 
 def test_an_adapter_given_by_its_directory_is_exported_under_its_name_and_left_alone(exported, tmp_path):

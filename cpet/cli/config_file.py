@@ -40,6 +40,10 @@ def config_file_args(argv: Sequence[str], commands: dict[str, argparse.ArgumentP
         option, action = flags[key.replace("-", "_")]
         if option in given:
             continue
+        if value is None or (isinstance(value, list) and any(item is None for item in value)):
+            # YAML reads `key:` and `key: null` as None, which would go to the flag as the string "None"
+            raise ValueError(f"config file {path}: {key} has no value (null); give one, or remove the key to "
+                             "leave the flag at its default")
         if isinstance(action, argparse._StoreTrueAction):
             if not isinstance(value, bool):  # a string "false" would be truthy and turn the flag on
                 raise ValueError(f"config file {path}: {key} is a switch and takes true or false, got {value!r}")

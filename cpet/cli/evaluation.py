@@ -7,6 +7,9 @@ import argparse
 from .output import emit, human_bytes, print_table
 
 
+REBUILD_BASE = "the compressed base's manifest is damaged: compress the pipeline again (`cpet compress`)"
+
+
 def load_model(args: argparse.Namespace):
     """``args.model`` loaded on the command's device and dtype (``--device``, ``--dtype``)."""
     from ..models import load_base
@@ -145,13 +148,13 @@ def _peft_meta(args: argparse.Namespace) -> dict:
 
 def _base_id_of(model: str) -> str:
     """The ``base_id`` of ``--model``: a compressed base's (its ``manifest.json``), else the original's."""
-    import json
     from pathlib import Path
 
+    from ..assets import read_json_object
     from ..compress.manifest import ORIGINAL_BASE_ID
 
     manifest = Path(model) / "manifest.json"
-    recorded = json.loads(manifest.read_text()).get("base_id") if manifest.is_file() else None
+    recorded = read_json_object(manifest, REBUILD_BASE).get("base_id") if manifest.is_file() else None
     return recorded or ORIGINAL_BASE_ID  # no CPET manifest: a plain model, which CPET calls the original
 
 
@@ -298,10 +301,10 @@ def _eval_pipeline(args: argparse.Namespace, tasks: list) -> dict:
 
 def cmd_list(args: argparse.Namespace) -> int:
     """Base, stages, recovery and adapters (task, metrics) of a pipeline, read from its files (no model load)."""
-    import json
     from pathlib import Path
 
     from ..adapters import read_adapter_meta
+    from ..assets import read_json_object
     from ..compress.manifest import ORIGINAL_BASE_ID
     from ..pipeline import read_pipeline_record
 
@@ -315,7 +318,7 @@ def cmd_list(args: argparse.Namespace) -> int:
                     "adapters": []}
     manifest_path = root / "base" / "manifest.json"
     if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
+        manifest = read_json_object(manifest_path, REBUILD_BASE)
         stages = manifest.get("stages", [])
         result["base"] = {"base_id": manifest.get("base_id"),
                           "stages": [s.get("config", {}).get("stage", "?") for s in stages],
@@ -324,9 +327,10 @@ def cmd_list(args: argparse.Namespace) -> int:
                           "dense_bytes": stages[0].get("bytes_before") if stages else None}
     recovery_meta = root / "recovery" / "recovery.json"
     if recovery_meta.exists():
-        meta = json.loads(recovery_meta.read_text())
-        result["recovery"] = {"rank": meta.get("config", {}).get("rank"), "targets": len(meta.get("targets", [])),
-                              "distill_steps": meta.get("distill", {}).get("steps")}
+        meta = read_json_object(recovery_meta, "the recovery modules are damaged: run `cpet recover` again")
+        config, distill = meta.get("config") or {}, meta.get("distill") or {}
+        result["recovery"] = {"rank": config.get("rank"), "targets": len(meta.get("targets") or []),
+                              "distill_steps": distill.get("steps")}
     current_base = result["base"]["base_id"] if result["base"] else None
     for directory in sorted((root / "adapters").glob("*/adapter")):
         entry = {"name": directory.parent.name}

@@ -309,8 +309,10 @@ def prune(model: nn.Module, config: PruneConfig, calibration: torch.Tensor | Non
         maps.select(layer.index, FFN_CHANNELS, ffn)
         kept_ffn.append(ffn)
         if config.head_ratio > 0:
+            # chosen on the CPU, as index maps are kept: on a CUDA model, kv_heads * per_group + arange(...) mixed
+            # a CUDA tensor with a 1-D CPU one, which torch refuses
             importance = head_importance(scores, layer.names, geo.num_heads, geo.num_kv_heads, geo.head_dim,
-                                         config.head_mode)
+                                         config.head_mode).cpu()
             per_group = geo.num_heads // geo.num_kv_heads
             if config.head_mode == HeadMode.QUERY:
                 q_heads = select_query_heads(importance, geo.num_kv_heads, round(per_group * (1 - config.head_ratio)))

@@ -19,6 +19,7 @@ the quantized weights themselves are frozen.
 
 from __future__ import annotations
 
+import re
 import tempfile
 
 import torch
@@ -68,12 +69,13 @@ def bnb_config(model: nn.Module, config: QuantizeConfig):
 
     # transformers matches each skip entry as a regex from the start of a module name or as a name suffix,
     # while skip_modules are substrings (as the in-place path reads them): pass every linear the in-place path
-    # would leave alone by its full name, so that both paths quantize the same linears. That includes the LM
-    # head: transformers protects it by default only while no skip list is given, and a 4-bit head tied to
-    # the embedding breaks the model's first forward
+    # would leave alone by its full name, regex-escaped, and not the fragments themselves (as regexes they would
+    # skip other linears than the in-place path does, e.g. 'model.layers.*.mlp', and a fragment that is no
+    # valid regex failed after every earlier stage had run), so that both paths quantize the same linears.
+    # That includes the LM head: transformers protects it by default only while no skip list is given, and a
+    # 4-bit head tied to the embedding breaks the model's first forward
     targets = set(in_place_targets(model, config))
-    skip = list(config.skip_modules)
-    skip += [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in targets]
+    skip = [re.escape(n) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in targets]
     if config.method == QuantMethod.INT8:
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=config.method.value,

@@ -231,6 +231,7 @@ def test_an_already_compressed_input_is_named_as_such():
     (dict(ffn_ratio=-0.1), r"ffn_ratio must be in \[0, 1\)"),
     (dict(head_ratio=1.5), r"head_ratio must be in \[0, 1\)"),
     (dict(), "prunes nothing"),
+    (dict(layer_schedule={0: 0.0}), "prunes nothing"),  # was accepted, scored and traced, and changed nothing
     (dict(ffn_ratio=0.2, importance="random"), "'random' is not a valid Importance"),
 ])
 def test_bad_prune_configs(kwargs, message):
