@@ -29,7 +29,7 @@ from ..models import family_of, geometry, model_fingerprint
 from . import moefy as moefy_mod  # noqa: F401  (registers MoEfyConfig)
 from . import prune as prune_mod  # noqa: F401  (registers PruneConfig)
 from . import quantize as quantize_mod  # noqa: F401  (registers QuantizeConfig)
-from .calibration import calibration_ids
+from .calibration import calibration_ids, check_calibration_ids
 from .index_maps import IndexMaps
 from .io import CompressedBase
 from .manifest import Manifest, StageRecord
@@ -82,6 +82,8 @@ def compress(model: nn.Module, stages: Sequence, *, calibration: torch.Tensor | 
         UnsupportedArchitectureError: a model without a CPET module map.
     """
     family = family_of(model)
+    if calibration is not None:  # (validate_stages also takes an empty placeholder, as CPET.check_stages passes)
+        check_calibration_ids(calibration, model)
     entries = validate_stages(model, stages, calibration=calibration)  # fail early: every check before any work
     if not inplace:
         model = copy.deepcopy(model)

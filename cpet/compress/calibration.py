@@ -18,6 +18,18 @@ def check_token_windows(ids, what: str = "calibration", allow_empty: bool = Fals
                          f"{shape}: use calibration_ids(tokenizer, text, n, seq)")
 
 
+def check_calibration_ids(ids, model) -> None:
+    """Refuse calibration given to ``compress`` that no stage could run on, before the first stage runs: not
+    windows ``[n, seq]`` of integer ids (n, seq >= 1), or ids outside the model's vocabulary (an empty window
+    set used to pass until MoEfication or a Taylor score failed on it, after the stages before had run)."""
+    check_token_windows(ids)
+    vocab = model.get_input_embeddings().num_embeddings
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab:
+        raise ValueError(f"calibration holds token ids from {low} to {high}, outside this model's vocabulary of "
+                         f"{vocab}: make the windows with this model's tokenizer (calibration_ids)")
+
+
 def calibration_ids(tokenizer, text: str, n_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
     """``[n_samples, seq_len]`` token ids: windows at seeded random offsets of the tokenised ``text``.
 

@@ -8,7 +8,7 @@ import torch
 from cpet.compress import CompressedBase, compress, validate_stages
 from cpet.compress.moefy import MoEfyConfig, moe_blocks
 from cpet.config import PruneConfig, QuantizeConfig
-from cpet.models import tiny_model
+from cpet.models import model_fingerprint, tiny_model
 from cpet.moe import MoEFFN
 
 from tests.test_pipeline import TUNE, write_task
@@ -359,6 +359,15 @@ def test_quantized_input_and_malformed_calibration_are_refused_before_any_work(m
     for bad in (good[0], good[:0], good.float()):
         with pytest.raises(ValueError, match=r"calibration must be calibration windows \[n, seq\] of token ids"):
             compress(loaded.model, [MoEfyConfig(num_experts=4)], calibration=bad, progress=False)
+    # behind a stage that needs no calibration: refused before that stage runs (was after it, in MoEfication)
+    before = model_fingerprint(loaded.model)
+    for bad, message in ((good[:0], r"calibration must be calibration windows"),
+                         (good + loaded.model.config.vocab_size, r"token ids from \d+ to \d+, outside this model's "
+                                                                  r"vocabulary of \d+")):
+        with pytest.raises(ValueError, match=message):
+            compress(loaded.model, [PruneConfig(ffn_ratio=0.5, importance="magnitude"), MoEfyConfig(num_experts=4)],
+                     calibration=bad, inplace=True, progress=False)
+        assert model_fingerprint(loaded.model) == before
 
 
 def test_a_moefied_ffn_passes_an_empty_batch_through():

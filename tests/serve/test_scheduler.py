@@ -261,6 +261,7 @@ def test_newcomers_join_a_sliding_window_model_as_each_request_alone_would_run(w
         while not (first.future.done() and second.future.done()):
             scheduler._step()
         for request, prompt in ((first, "ab"), (second, "a much longer prompt here")):
-            assert request.future.result(timeout=0)["text"] == engine.generate([prompt], [None], max_tokens=8)[0]["text"]
+            expected = engine.generate([prompt], [None], max_tokens=8)[0]["text"]
+            assert request.future.result(timeout=0)["text"] == expected
     finally:
         engine.close()
