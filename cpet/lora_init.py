@@ -79,6 +79,13 @@ def _base_layer(module: nn.Module) -> nn.Module:
     return getattr(module, "base_layer", module)
 
 
+def lora_shapes(peft_model, adapter_name: str = "default") -> dict[str, tuple[int, int]]:
+    """``{module name: (out, in)}`` of every linear that carries LoRA ``adapter_name`` in ``peft_model``."""
+    return {name: (module.lora_B[adapter_name].weight.shape[0], module.lora_A[adapter_name].weight.shape[1])
+            for name, module in peft_model.named_modules()
+            if hasattr(module, "lora_A") and adapter_name in getattr(module, "lora_A", {})}
+
+
 @torch.no_grad()
 def apply_residual_svd_lora(peft_model, original_model: nn.Module, index_maps, adapter_name: str = "default"
                             ) -> dict[str, float]:

@@ -48,8 +48,8 @@ from .data import template_for, verbalizer_for
 from .data.prompts import PROMPT_CUT, scoring_cut, scoring_prompts
 from .data.tasks import as_task, examples_sha256, task_key, task_source_of  # noqa: F401  (task_key: re-exported)
 from .models import EMBEDDED, LoadedBase, hub_id_of, load_base, saved_tokenizer
-from .recovery import (PER_TASK, SHARED, RecoveryConfig, RecoverySet, check_trained_with, init_from_residuals,
-                       recovery_sha256)
+from .recovery import (PER_TASK, SHARED, RecoveryConfig, RecoverySet, check_svd_rank, check_trained_with,
+                       init_from_residuals, recovery_sha256)
 from .train import DistillConfig, TuneConfig, distill_on_text, train_classifier
 
 if TYPE_CHECKING:
@@ -308,6 +308,9 @@ class CPET:
             torch.manual_seed(distill.seed)
             recovery = RecoverySet(base.model, config)
         if config.init == "svd":
+            check_svd_rank(config.rank, {name: (recovery.bypass(name).B.weight.shape[0],
+                                                recovery.bypass(name).A.weight.shape[1]) for name in recovery.targets},
+                           "use a smaller --rank, or init='zero'")
             scales = None
             if activation_weighted:
                 ids = calibration_ids(self.original.tokenizer, corpus, 8, 128)
@@ -401,8 +404,9 @@ class CPET:
 
             apply_inherited_lora(peft_model, source, index_maps, self.original.model.config)
         elif init == "svd":
-            from .lora_init import apply_residual_svd_lora
+            from .lora_init import apply_residual_svd_lora, lora_shapes
 
+            check_svd_rank(config.rank, lora_shapes(peft_model), "use a smaller --rank, or --init random")
             apply_residual_svd_lora(peft_model, self.original.model, index_maps)
         per_task = None
         if recovery in ("per_task", "both"):

@@ -358,6 +358,19 @@ def low_rank_factors(residual: torch.Tensor, rank: int, input_scale: torch.Tenso
     return B, A
 
 
+def check_svd_rank(rank: int, shapes: dict[str, tuple[int, int]], fix: str) -> None:
+    """Refuse a residual-SVD start of ``rank`` that some target cannot give: a truncated SVD of an ``[out, in]``
+    weight has at most ``min(out, in)`` factors (e.g. SmolLM2's k/v projections: 192, fewer after head pruning).
+    ``shapes``: target name -> ``(out, in)``; ``fix``: what to do instead. Checked before the original model and
+    calibration load, not at the first copy of too few factors."""
+    if not shapes:
+        return
+    name, (out, inp) = min(shapes.items(), key=lambda item: min(item[1]))
+    if rank > min(out, inp):
+        raise ValueError(f"rank {rank} is more than a truncated SVD of {name} ([{out}, {inp}]) can give "
+                         f"({min(out, inp)} factors); {fix}")
+
+
 def relative_error(residual: torch.Tensor, approx: torch.Tensor) -> float:
     """``||residual - approx||_F / ||residual||_F``."""
     return float(torch.linalg.norm(residual - approx) / torch.linalg.norm(residual).clamp(min=1e-12))

@@ -273,6 +273,19 @@ def test_recovery_targets_that_do_not_exist(built):
                       per_task_recovery=RecoveryConfig(target_roles=("router",)))
 
 
+def test_a_residual_svd_start_of_more_factors_than_a_target_has_is_refused_by_name(built):
+    """tiny llama's k/v projections are [32, 64]: a rank-40 SVD start failed copying 32 factors into 40 (a raw
+    RuntimeError, after the original model and calibration had loaded)."""
+    pipeline, task, _, _ = built
+    message = r"rank 40 is more than a truncated SVD of .*[kv]_proj \(\[32, 64\]\) can give \(32 factors\); use a smaller"
+    with pytest.raises(ValueError, match=message):
+        pipeline.recover(RecoveryConfig(rank=40, activation="identity", init="svd"), DistillConfig(steps=2, seq_len=32),
+                         text=str(pipeline.work_dir.parent / "corpus.txt"), progress=False)
+    with pytest.raises(ValueError, match=message):
+        pipeline.tune(task, init="svd", config=TuneConfig(**{**TUNE.to_dict(), "rank": 40}), progress=False,
+                      name="svd-rank-40")
+
+
 def test_empty_training_split_writes_nothing(built):
     pipeline, _, _, root = built
     no_train = write_task(root / "notrain.jsonl", n=20, splits=("validation", "test"))
