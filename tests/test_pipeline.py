@@ -277,7 +277,8 @@ def test_a_residual_svd_start_of_more_factors_than_a_target_has_is_refused_by_na
     """tiny llama's k/v projections are [32, 64]: a rank-40 SVD start failed copying 32 factors into 40 (a raw
     RuntimeError, after the original model and calibration had loaded)."""
     pipeline, task, _, _ = built
-    message = r"rank 40 is more than a truncated SVD of .*[kv]_proj \(\[32, 64\]\) can give \(32 factors\); use a smaller"
+    message = (r"rank 40 is more than a truncated SVD of .*[kv]_proj \(\[32, 64\]\) can give \(32 factors\); "
+               r"use a smaller")
     with pytest.raises(ValueError, match=message):
         pipeline.recover(RecoveryConfig(rank=40, activation="identity", init="svd"), DistillConfig(steps=2, seq_len=32),
                          text=str(pipeline.work_dir.parent / "corpus.txt"), progress=False)
