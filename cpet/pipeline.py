@@ -736,12 +736,26 @@ def check_work_dir(work_dir: str | Path) -> None:
     pipeline check it before loading one; opening a saved pipeline needs no write access and does not call it).
 
     Raises:
-        ValueError: ``work_dir`` is a file, or cannot be made (a file on its way, no write access).
+        ValueError: ``work_dir`` is a file, cannot be made (a file on its way, no write access), or holds files
+            of something else (a pipeline writes ``base/``, ``adapters/`` and ``recovery/`` there, replacing what
+            directories of those names hold).
     """
     work_dir = Path(work_dir)
     if work_dir.exists() and not work_dir.is_dir():
         raise ValueError(_IS_A_FILE.format(work_dir))
+    if work_dir.is_dir() and not (work_dir / "pipeline.json").exists():
+        # what a run cut off before its first step leaves (its configs/, a hidden temporary) is the pipeline's own
+        foreign = sorted(entry.name for entry in work_dir.iterdir()
+                         if entry.name not in PIPELINE_ENTRIES and not entry.name.startswith((".", "recovery-step")))
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+            raise ValueError(f"{work_dir} holds files and is not a CPET pipeline (no pipeline.json; it holds {shown}): "
+                             "choose a new or empty directory")
     check_output_dir(work_dir)
+
+
+# what a pipeline's work directory holds (see the module docstring)
+PIPELINE_ENTRIES = frozenset({"pipeline.json", "base", "adapters", "recovery", "configs"})
 
 
 def check_tune_options(on: str, init: str, recovery: str, inherit_from=None) -> None:

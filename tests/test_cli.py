@@ -715,6 +715,11 @@ def test_every_compress_flag_reaches_its_stage_config():
     (["tune", "{tmp}/new", "--on", "original", "--task", "{task}", "--inherit-from", "x"],
      r"inherit_from \(x\) is read only by init='inherit'"),
     (["tune", "{tmp}/new", "--init", "inherit", "--task", "{task}"], r"init='inherit' and per-task recovery need"),
+    # a directory of other files (it holds a-file and small.jsonl): a pipeline's base/ and adapters/ would replace
+    # any directories of those names there
+    (["compress", "--out", "{tmp}", "--prune-ffn", "0.25"], r"holds files and is not a CPET pipeline .*a-file"),
+    (["tune", "{tmp}", "--on", "original", "--task", "{task}"], r"holds files and is not a CPET pipeline"),
+    (["demo", "--out", "{tmp}", "--task", "{task}"], r"holds files and is not a CPET pipeline"),
 ])
 def test_bad_flags_are_refused_before_a_model_loads(capsys, monkeypatch, tmp_path, task_file, argv, message):
     import cpet.models
