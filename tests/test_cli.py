@@ -720,6 +720,9 @@ def test_every_compress_flag_reaches_its_stage_config():
     (["compress", "--out", "{tmp}", "--prune-ffn", "0.25"], r"holds files and is not a CPET pipeline .*a-file"),
     (["tune", "{tmp}", "--on", "original", "--task", "{task}"], r"holds files and is not a CPET pipeline"),
     (["demo", "--out", "{tmp}", "--task", "{task}"], r"holds files and is not a CPET pipeline"),
+    # labels whose default words coincide ('very_good' and 'very good'): refused once the model had loaded
+    (["tune", "{tmp}/new", "--on", "original", "--task", "{twins}"], r"maps two labels to the same word"),
+    (["demo", "--out", "{tmp}/demo", "--task", "{twins}"], r"maps two labels to the same word"),
 ])
 def test_bad_flags_are_refused_before_a_model_loads(capsys, monkeypatch, tmp_path, task_file, argv, message):
     import cpet.models
@@ -732,7 +735,10 @@ def test_bad_flags_are_refused_before_a_model_loads(capsys, monkeypatch, tmp_pat
     a_file.write_text("in the way")
     small = tmp_path / "small.jsonl"  # 5 examples per label: the seeded split leaves validation empty
     small.write_text("\n".join(json.dumps({"text": f"item {i}", "label": "ab"[i % 2]}) for i in range(10)))
-    filled = [a.format(file=a_file, tmp=tmp_path, task=task_file, small=small) for a in argv]
+    twins = tmp_path / "twins.jsonl"
+    twins.write_text("\n".join(json.dumps({"text": f"item {i}", "label": ["very_good", "very good"][i % 2]})
+                               for i in range(60)))
+    filled = [a.format(file=a_file, tmp=tmp_path, task=task_file, small=small, twins=twins) for a in argv]
     assert main(filled) == 2
     err = capsys.readouterr().err
     assert re.search(message, err) and "Traceback" not in err, err
