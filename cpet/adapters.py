@@ -339,7 +339,15 @@ def plain_peft_source(directory: str | Path) -> "AdapterSource":
     if not (Path(directory) / "adapter_config.json").exists():
         raise FileNotFoundError(f"{directory} is neither a CPET adapter ({ADAPTER_META}) nor a PEFT adapter "
                                 "(adapter_config.json)")
-    return AdapterSource(directory)
+    source = AdapterSource(directory)
+    # what needs no model is checked here, so that a DoRA or a .bin-only directory is refused before the source
+    # model loads (plain_peft_meta then checks it against the model)
+    check_inheritable(source.config, directory)
+    weights = Path(directory) / "adapter_model.safetensors"
+    if not weights.exists():
+        raise ValueError(f"{directory} has no {weights.name} (CPET reads safetensors adapters only; re-save a .bin "
+                         "adapter with `save_pretrained(..., safe_serialization=True)`)")
+    return source
 
 
 def plain_peft_meta(directory: "AdapterSource | str | Path", model: nn.Module, aliases: Sequence[str]) -> dict:

@@ -208,6 +208,15 @@ def test_dora_adapters_are_refused_with_the_reason(tmp_path):
         plain_peft_meta(tmp_path / "dora", loaded.model, ["tiny-llama"])
     with pytest.raises(ValueError, match=reason):
         lora_shape_of(tmp_path / "dora")
+    # read without the model (the pipeline reads the source here before the original model loads)
+    from cpet.adapters import plain_peft_source
+
+    with pytest.raises(ValueError, match=reason):
+        plain_peft_source(tmp_path / "dora")
+    plain_peft_dir(loaded.model, tmp_path / "bin")
+    (tmp_path / "bin" / "adapter_model.safetensors").rename(tmp_path / "bin" / "adapter_model.bin")
+    with pytest.raises(ValueError, match=r"has no adapter_model.safetensors \(CPET reads safetensors adapters only"):
+        plain_peft_source(tmp_path / "bin")
 
 
 @pytest.mark.parametrize("fields, named", [(dict(bias="lora_only"), "bias='lora_only'"),
