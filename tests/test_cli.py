@@ -769,3 +769,12 @@ def test_a_tune_of_a_missing_task_file_saves_no_config(capsys, model_dir, tmp_pa
                  "original", "--steps", "1"]) == 2
     assert "missing.jsonl" in capsys.readouterr().err
     assert not list(work.glob("configs/*.json"))
+
+
+@pytest.mark.parametrize("seed, message", [("99999999999999999999999", "must be below 2\\*\\*32"),
+                                           ("-1", "must be >= 0, got -1")])
+def test_a_seed_out_of_range_is_refused_naming_the_flag(capsys, seed, message):
+    """A huge seed failed inside torch ('Overflow when unpacking long long') without naming --seed."""
+    with pytest.raises(SystemExit):
+        main(["tune", "runs/p", "--task", "vader-movie", "--seed", seed])
+    assert re.search(r"argument --seed: " + message, capsys.readouterr().err)

@@ -27,6 +27,18 @@ def positive_int(text: str) -> int:
     return at_least(1)(text)
 
 
+def seed_int(text: str) -> int:
+    """argparse type: a seed, an integer in [0, 2**32) (what every generator the commands seed takes; a larger
+    one failed inside torch as 'Overflow when unpacking long long', without naming --seed)."""
+    value = at_least(0)(text)
+    if value >= 2**32:
+        raise argparse.ArgumentTypeError(f"must be below 2**32 = {2**32}, got {value}")
+    return value
+
+
+seed_int.__name__ = "int"
+
+
 def at_least(minimum: int, hint: str = ""):
     """argparse type: an integer >= ``minimum`` (``hint`` is added to the error)."""
     def parse(text: str) -> int:
@@ -69,7 +81,7 @@ def _command(sub, name: str, help_text: str, func, *, runs_models: bool = True) 
                            help="weights' dtype; auto: float32 on the CPU, bfloat16 on CUDA")
         group.add_argument("--threads", type=positive_int, default=None,
                            help="CPU threads; None: the cores not already busy, at least 1")
-        group.add_argument("--seed", type=int, default=0, help="seeds everything random in the command")
+        group.add_argument("--seed", type=seed_int, default=0, help="seeds everything random in the command")
         group.add_argument("--config", help="a YAML or JSON file of this command's flags (names as in --help, "
                                             "with - or _); flags given on the command line override it")
     COMMANDS[name] = parser

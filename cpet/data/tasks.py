@@ -248,7 +248,9 @@ def load_jsonl_task(path: str | Path, text_field: str = "text", label_field: str
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} line {line_no}: malformed JSON ({exc.msg})") from exc
+            hint = ("; a task file holds one JSON object per line (JSON Lines), not a JSON array or an object over "
+                    "several lines" if not rows and line.lstrip().startswith(("[", "{")) else "")
+            raise ValueError(f"{path} line {line_no}: malformed JSON ({exc.msg}){hint}") from exc
         if not isinstance(row, dict):
             raise ValueError(f"{path} line {line_no}: expected a JSON object, got {type(row).__name__}")
         rows.append((line_no, row))

@@ -70,7 +70,8 @@ def test_csv_and_tsv_tasks(tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [
-    ('{"text": "a", "label": "x"}\n{"text": "b", "label": "y"\n', r"line 2: malformed JSON"),
+    ('{"text": "a", "label": "x"}\n{"text": "b", "label": "y"\n', r"line 2: malformed JSON \([^)]*\)$"),
+    ('[\n  {"text": "a", "label": "x"}\n]\n', r"line 1: malformed JSON .*one JSON object per line \(JSON Lines\)"),
     ('{"text": "a", "label": "x"}\n{"body": "b", "label": "y"}\n', r"line 2: missing field 'text'.*'body'"),
     ('{"text": "a", "label": "x"}\n{"text": "b", "label": null}\n', r"line 2: field 'label' is null; fill it in"),
     ('{"text": "a", "label": "x"}\n{"text": "b", "label": "x"}\n', r"only one class \('x'\)"),
