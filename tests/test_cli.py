@@ -778,3 +778,23 @@ def test_a_seed_out_of_range_is_refused_naming_the_flag(capsys, seed, message):
     with pytest.raises(SystemExit):
         main(["tune", "runs/p", "--task", "vader-movie", "--seed", seed])
     assert re.search(r"argument --seed: " + message, capsys.readouterr().err)
+
+
+def test_writing_commands_refuse_a_pipeline_they_cannot_write_to_before_any_work(capsys, tuned_pipeline,
+                                                                                monkeypatch):
+    """compress and recover on a read-only pipeline ran all their work and failed at the save (root bypasses
+    permissions, so the check is shown with os.access answering as it would for another user)."""
+    import os
+
+    import cpet.assets
+    import cpet.pipeline
+
+    def read_only(path, mode):
+        return not (mode & os.W_OK and os.path.realpath(path) == os.path.realpath(tuned_pipeline))
+
+    monkeypatch.setattr(cpet.assets.os, "access", read_only)
+    monkeypatch.setattr(cpet.pipeline.CPET, "load", lambda *a, **k: pytest.fail("the pipeline was opened"))
+    assert main(["recover", str(tuned_pipeline), "--steps", "1"]) == 2
+    assert re.search(r"output directory .* cannot be made: .* is not writable", capsys.readouterr().err)
+    assert main(["compress", "--out", str(tuned_pipeline), "--prune-ffn", "0.25"]) == 2
+    assert "is not writable" in capsys.readouterr().err

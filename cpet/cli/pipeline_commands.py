@@ -33,18 +33,25 @@ def stages_from_args(args: argparse.Namespace) -> list:
     return stages
 
 
-def open_pipeline(directory: str, model: str | None, *, may_create: bool, first_step: str, runtime=None):
+def open_pipeline(directory: str, model: str | None, *, may_create: bool, first_step: str, runtime=None,
+                  writes: bool = True):
     """The pipeline in ``directory``; a new one on ``model`` when ``may_create`` and there is none yet.
+
+    ``writes``: the command writes into the pipeline, so a directory it cannot write to is refused before any
+    work (compressing or distilling for minutes, then failing at the save).
 
     Any step may come first where it can (compress, or tuning on the original model); otherwise the error
     names the command that starts the directory.
     """
     from pathlib import Path
 
+    from ..assets import check_output_dir
     from ..models import EMBEDDED_DEFAULT, load_base
     from ..pipeline import CPET, check_work_dir
 
     if (Path(directory) / "pipeline.json").exists():
+        if writes:
+            check_output_dir(Path(directory))
         return CPET.load(directory, original=model)
     if may_create:
         check_work_dir(directory)  # a file in the way or no write access: refused before the model loads
@@ -157,7 +164,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     """Base + plain PEFT adapters (shared recovery folded in) for standard engines, checked against CPET."""
     from ..export import export_pipeline
 
-    pipeline = open_pipeline(args.pipeline, None, may_create=False, first_step="export")
+    pipeline = open_pipeline(args.pipeline, None, may_create=False, first_step="export", writes=False)
     report = export_pipeline(pipeline, args.out, args.adapter or None, check=not args.no_check)
 
     def render(result: dict) -> None:
