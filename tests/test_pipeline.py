@@ -98,12 +98,16 @@ def test_every_method_row_trains_and_evaluates(built, monkeypatch, init, recover
     monkeypatch.setattr(cpet.lora_init, "apply_inherited_lora", inherit)
     monkeypatch.setattr(cpet.train, "hidden_mse", mse)
     uses_source = init == "inherit" or recovery in ("per_task", "both")
+    # 60 steps: on this tiny task training swings (validation 0.46 -> 0.88 -> 0.46 within 30 steps), so at 30 steps
+    # whether the best checkpoint had learned the task depended on the CPU's float rounding (random-shared: 0.58
+    # test accuracy on an AMD EPYC, above 0.75 elsewhere); with 60 every row clears the same bar on both
+    config = TuneConfig(**{**TUNE.to_dict(), "steps": 60})
     adapter = pipeline.tune(task, init=init, recovery=recovery, inherit_from=original if uses_source else None,
-                            config=TUNE, progress=False)
+                            config=config, progress=False)
     assert (calls["svd"], calls["inherit"]) == ((1, 0) if init == "svd" else (0, 1) if init == "inherit" else (0, 0))
     meta = adapter.meta
     assert meta["base_id"] == pipeline.base_id and meta["init"] == init and meta["recovery"] == recovery
-    assert [h["step"] for h in meta["metrics"]["history"]] == [0, 10, 20, 30]
+    assert [h["step"] for h in meta["metrics"]["history"]] == [0, 10, 20, 30, 40, 50, 60]
     result = pipeline.evaluate(adapter, task)
     assert result["accuracy"] >= 0.75 and result["n"] == 24  # the saved (best) checkpoint has learned the task
     history = meta["metrics"]["history"]
@@ -120,7 +124,7 @@ def test_every_method_row_trains_and_evaluates(built, monkeypatch, init, recover
         last = load_file(adapter.directory.parent / "resume" / "state.safetensors")
         ups = [t for key, t in last.items() if ".per_task.bypasses." in key and key.endswith(".B.weight")]
         assert ups and max(float(t.abs().max()) for t in ups) > 0
-        assert len(calls["distill"]) == TUNE.steps and max(calls["distill"]) > 0
+        assert len(calls["distill"]) == config.steps and max(calls["distill"]) > 0
     else:
         assert calls["distill"] == []  # no teacher without per-task recovery
 
