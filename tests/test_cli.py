@@ -723,6 +723,11 @@ def test_every_compress_flag_reaches_its_stage_config():
     # labels whose default words coincide ('very_good' and 'very good'): refused once the model had loaded
     (["tune", "{tmp}/new", "--on", "original", "--task", "{twins}"], r"maps two labels to the same word"),
     (["demo", "--out", "{tmp}/demo", "--task", "{twins}"], r"maps two labels to the same word"),
+    # what peft would trip over after the model loaded
+    (["eval", "--model", "m", "--peft", "{tmp}/bin-peft", "--task", "{task}"],
+     r"has no adapter_model.safetensors \(CPET reads safetensors adapters only"),
+    (["eval", "--model", "m", "--peft", "{tmp}/bad-peft", "--task", "{task}"],
+     r"adapter_config.json is not valid JSON .*is it the right directory"),
 ])
 def test_bad_flags_are_refused_before_a_model_loads(capsys, monkeypatch, tmp_path, task_file, argv, message):
     import cpet.models
@@ -735,6 +740,11 @@ def test_bad_flags_are_refused_before_a_model_loads(capsys, monkeypatch, tmp_pat
     a_file.write_text("in the way")
     small = tmp_path / "small.jsonl"  # 5 examples per label: the seeded split leaves validation empty
     small.write_text("\n".join(json.dumps({"text": f"item {i}", "label": "ab"[i % 2]}) for i in range(10)))
+    for name, config in (("bin-peft", "{}"), ("bad-peft", "{")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text(config)
+        weights = "adapter_model.bin" if name == "bin-peft" else "adapter_model.safetensors"
+        (tmp_path / name / weights).write_bytes(b"x")
     twins = tmp_path / "twins.jsonl"
     twins.write_text("\n".join(json.dumps({"text": f"item {i}", "label": ["very_good", "very good"][i % 2]})
                                for i in range(60)))
