@@ -301,10 +301,15 @@ def load_hf_task(dataset: str, text_field: str = "text", label_field: str = "lab
     for split_name, split in loaded.items():
         if split_name.lower() not in _SPLIT_ALIASES:
             continue
+        missing = [field for field in (text_field, label_field) if field not in split.column_names]
+        if missing:
+            raise ValueError(f"hub dataset {dataset!r} split {split_name!r} has no column {missing[0]!r}; its "
+                             f"columns: {', '.join(split.column_names)} (name the text and label columns, e.g. "
+                             "text_field= / label_field=)")
         feature = split.features.get(label_field)
         names = getattr(feature, "names", None)
         for row in split:
-            if not str(row[text_field] or "").strip():
+            if not str(row[text_field] or "").strip() or row[label_field] is None:  # unlabelled: skipped
                 continue
             if names and not 0 <= row[label_field] < len(names):  # -1: no label (GLUE's test splits); not names[-1]
                 continue

@@ -284,8 +284,9 @@ def test_hub_rows_without_a_label_are_skipped_not_given_the_last_class(monkeypat
     class ClassLabel:
         names = ["negative", "positive"]
 
-    class Split(list):
+    class Split(list):  # what load_hf_task reads of a datasets.Dataset
         features = {"label": ClassLabel()}
+        column_names = ["text", "label"]
 
     rows = {name: Split({"text": f"{name} {i}", "label": i % 2} for i in range(40)) for name in ("train", "validation")}
     rows["test"] = Split({"text": f"test {i}", "label": -1} for i in range(40))  # GLUE: test labels withheld
@@ -294,6 +295,23 @@ def test_hub_rows_without_a_label_are_skipped_not_given_the_last_class(monkeypat
     texts = {e.text for v in task.splits.values() for e in v}
     assert not any(t.startswith("test ") for t in texts) and len(texts) == 80
     assert task.label_counts("test") == {"negative": 4, "positive": 4}  # re-split from the labelled rows
+
+
+def test_hub_datasets_without_the_named_columns_are_refused_and_unlabelled_rows_skipped(monkeypatch):
+    import sys
+    import types
+
+    class Split(list):
+        features = {}
+        column_names = ["sentence", "label"]
+
+    rows = {"train": Split({"sentence": f"row {i}", "label": ["a", "b", None][i % 3]} for i in range(60))}
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=lambda name, config: rows))
+    with pytest.raises(ValueError, match=r"split 'train' has no column 'text'; its columns: sentence, label"):
+        load_task("hf:no-text")  # was a raw KeyError after the download
+    task = load_task("hf:no-text", text_field="sentence")
+    assert task.labels == ("a", "b")  # a None label was the class 'None'
+    assert sum(len(v) for v in task.splits.values()) == 40
 
 
 def test_load_task_takes_one_column_vocabulary_and_refuses_options_for_builtin_tasks(tmp_path):
