@@ -159,7 +159,8 @@ def original_adapter(original: CPET, task: str, seed: int, args) -> Path:
 
     Work directories are not tracked, so on a fresh machine the 'original' cell may be finished while its
     adapter is gone: it is then tuned again with the same seed and budget. Tuning is seeded before any
-    random draw, so this gives the same adapter; every cell that uses it records its weights' hash.
+    random draw, so on the same machine this gives the same adapter; on another CPU float rounding can give
+    other weights (README), which is why every cell that uses it records its weights' hash.
     """
     config = budget(args, "original")
     config.seed = seed
