@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cpet.assets import write_text_atomic  # noqa: E402
+from cpet.assets import sha256_of, write_text_atomic  # noqa: E402
 from cpet.compress.moefy import MoEfyConfig  # noqa: E402
 from cpet.config import PruneConfig, QuantizeConfig  # noqa: E402
 from cpet.data.tasks import as_task, examples_sha256  # noqa: E402
@@ -198,6 +198,9 @@ def run_cell(pipelines: dict, original: CPET, setting: str, task: str, row: str,
             "best_val_accuracy": meta["metrics"]["val_accuracy"], "best_step": meta["metrics"]["step"],
             "history": meta["metrics"]["history"], "cumulative_task_steps": cumulative_task_steps(row, args.steps),
             "tune_config": meta["tune_config"], "inherited_sha256": meta.get("inherited_sha256"),
+            # the adapter this cell scored: an original cell's adapter can then be matched with the cells that
+            # inherit it (re-tuned on another CPU after its work directory was lost, it can have other weights)
+            "adapter_sha256": sha256_of(adapter.directory / "adapter_model.safetensors"),
             "base_id": meta["base_id"], "machine": machine_record(), "seconds": time.perf_counter() - start}
 
 

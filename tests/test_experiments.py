@@ -288,6 +288,10 @@ def test_cells_store_the_adapters_effective_config_and_predictions(tmp_path):
 
     source = sha256_of(original.work_dir / "adapters" / "toy-s0" / "adapter" / "adapter_model.safetensors")
     assert inherit["inherited_sha256"] == result["inherited_sha256"] == source
+    original_cell = run_cell({"nf4": compressed}, original, "nf4", str(task), "original", 0, args)
+    assert original_cell["adapter_sha256"] == source  # the cells that inherit it can be matched with it
+    scored = compressed.work_dir / "adapters" / "toy-inherit-s0" / "adapter" / "adapter_model.safetensors"
+    assert inherit["adapter_sha256"] == sha256_of(scored) != source
     assert vanilla["inherited_sha256"] is None and vanilla["cumulative_task_steps"] == 2
     assert vanilla["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert vanilla["machine"]["threads"] == torch.get_num_threads() and vanilla["machine"]["cpu"]
