@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from torch import nn
 
-from .assets import write_text_atomic
+from .assets import read_json_object, write_text_atomic
 from .compress.manifest import ORIGINAL_BASE_ID, describe_base
 from .models import target_module_suffixes
 
@@ -137,15 +137,8 @@ def read_adapter_meta(directory: str | Path) -> dict:
     path = Path(directory) / ADAPTER_META
     if not path.exists():
         raise FileNotFoundError(f"{directory} has no {ADAPTER_META}: not a CPET adapter directory")
-    try:
-        meta = json.loads(path.read_text())
-    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise ValueError(f"{path} is not valid JSON ({err}): the adapter's metadata is damaged; tune the "
-                         "adapter again") from err
-    if not isinstance(meta, dict):  # every reader takes keys from it: name the damaged file, not an AttributeError
-        raise ValueError(f"{path} holds a JSON {type(meta).__name__}, not an object: the adapter's metadata is "
-                         "damaged; tune the adapter again")
-    return meta
+    # not JSON, or JSON but no object (every reader takes keys from it): named, not a traceback later
+    return read_json_object(path, "the adapter's metadata is damaged; tune the adapter again")
 
 
 def check_adapter_base(meta: dict, *, base_id: str | None = None, source_fingerprint: str | None = None,

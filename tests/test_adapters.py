@@ -117,5 +117,5 @@ def test_scoring_an_adapter_whose_metadata_records_no_labels_is_refused_by_name(
         check_scoring({"template": "{text}"}, task, None)
     assert check_scoring({"labels": ["neg", "pos"], "max_prompt_tokens": 64}, task, None) == 64
     (tmp_path / "cpet.json").write_text('["labels"]')
-    with pytest.raises(ValueError, match=r"cpet.json holds a JSON list, not an object: .*tune the adapter again"):
+    with pytest.raises(ValueError, match=r"cpet.json holds a JSON list, not an object; .*tune the adapter again"):
         read_adapter_meta(tmp_path)
