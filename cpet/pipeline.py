@@ -50,7 +50,7 @@ from .data.tasks import as_task, examples_sha256, task_key, task_source_of  # no
 from .models import EMBEDDED, LoadedBase, hub_id_of, load_base, saved_tokenizer
 from .recovery import (PER_TASK, SHARED, RecoveryConfig, RecoverySet, check_svd_rank, check_trained_with,
                        init_from_residuals, recovery_sha256)
-from .train import DistillConfig, TuneConfig, distill_on_text, train_classifier
+from .train import DistillConfig, TuneConfig, check_resume_settings, distill_on_text, train_classifier
 
 if TYPE_CHECKING:
     from .serve.engine import AdapterView, Engine
@@ -380,6 +380,12 @@ class CPET:
         # the task's file-name-safe key: a hub name such as "stanfordnlp/imdb" would nest the adapter directory
         name = name or f"{task_key(task.name)}-{on}-{init}-{recovery}-s{config.seed}"
         out_dir = self.work_dir / "adapters" / name
+        if recovery in ("per_task", "both") and config.distill_weight == 0:  # per-task recovery learns from a teacher
+            config = TuneConfig(**{**config.to_dict(), "distill_weight": 1.0})
+        if init != "inherit" and (out_dir / "resume" / "state.json").exists():
+            # settings that clash with the run being resumed, before the base and the LoRA are built (what the run
+            # is for is compared once they are; an inherited LoRA's rank comes from its source, so not here)
+            check_resume_settings(out_dir / "resume", config)
         teacher = None
         if on == "original":
             model, base_id, index_maps = copy.deepcopy(self.original.model), ORIGINAL_BASE_ID, None
@@ -413,8 +419,6 @@ class CPET:
             per_task = RecoverySet(peft_model, per_task_recovery or RecoveryConfig(rank=8, activation="gelu"))
             per_task.attach(peft_model, slot=PER_TASK, trainable=True)
             teacher = self._teacher(source)
-            if config.distill_weight == 0:
-                config = TuneConfig(**{**config.to_dict(), "distill_weight": 1.0})
 
         template, verbalizer = template_for(task), verbalizer_for(task)
         meta = {"base_id": base_id, "source_name": self.source_name, "source_hub_id": self.source_hub_id,

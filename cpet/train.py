@@ -221,7 +221,7 @@ def check_resume_config(directory: Path, config: TuneConfig, identity: dict | No
     """
     state = json.loads((directory / "state.json").read_text())
     saved = state.get("config")
-    fix = ("delete it or use a new output directory (a new adapter name) to train with these")
+    fix = "delete it or use a new output directory (a new adapter name) to train with these"
     if identity is not None:
         if state.get("identity") is None:
             raise ValueError(f"resume state in {directory} does not record what it was trained for (written by an "
@@ -239,6 +239,18 @@ def check_resume_config(directory: Path, config: TuneConfig, identity: dict | No
         raise ValueError(f"resume state in {directory} has already trained {state['step']} steps, more than the "
                          f"{config.steps} asked for: ask for at least {state['step']} steps (steps may only grow), "
                          f"or {fix}")
+    _check_settings(directory, saved, config, fix)
+
+
+def check_resume_settings(directory: Path, config: TuneConfig) -> None:
+    """The part of :func:`check_resume_config` that needs nothing built: ``config`` against the saved settings
+    (``steps`` aside), so that a clash is refused before a base loads."""
+    state = json.loads((directory / "state.json").read_text())
+    _check_settings(directory, state.get("config"), config,
+                    "delete it or use a new output directory (a new adapter name) to train with these")
+
+
+def _check_settings(directory: Path, saved: dict | None, config: TuneConfig, fix: str) -> None:
     if saved is None:  # written before configs were recorded
         return
     now = json.loads(json.dumps(config.to_dict()))

@@ -400,6 +400,17 @@ def test_resume_with_fewer_steps_is_refused(built):
                       progress=False)
 
 
+def test_a_resume_with_other_settings_is_refused_before_the_base_loads(built, monkeypatch):
+    """A clashing learning rate or rank was found only once the base was loaded and the LoRA built."""
+    pipeline, task, _, _ = built
+    pipeline.tune(task, config=TuneConfig(steps=2, batch_size=8, eval_every=1, rank=4, alpha=8), name="clash",
+                  progress=False)
+    monkeypatch.setattr(type(pipeline), "load_compressed", lambda self: pytest.fail("the base was loaded"))
+    with pytest.raises(ValueError, match=r"was written with other settings \(lr 0.001 -> 0.05, rank 4 -> 8\)"):
+        pipeline.tune(task, config=TuneConfig(steps=3, batch_size=8, eval_every=1, rank=8, alpha=8, lr=5e-2),
+                      name="clash", progress=False)
+
+
 def test_bad_adapter_names_and_unused_sources_are_refused_before_any_work(built):
     pipeline, task, original, _ = built
     for name in ("../escape", "a/b", "..", ""):
