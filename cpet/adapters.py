@@ -327,7 +327,7 @@ def plain_peft_source(directory: str | Path) -> "AdapterSource":
     Raises:
         FileNotFoundError: neither a CPET adapter nor a PEFT adapter directory (no ``adapter_config.json``).
     """
-    from .assembly import AdapterSource
+    from .assembly import ADAPTER_WEIGHTS, AdapterSource, require_file
 
     if not (Path(directory) / "adapter_config.json").exists():
         raise FileNotFoundError(f"{directory} is neither a CPET adapter ({ADAPTER_META}) nor a PEFT adapter "
@@ -336,10 +336,7 @@ def plain_peft_source(directory: str | Path) -> "AdapterSource":
     # what needs no model is checked here, so that a DoRA or a .bin-only directory is refused before the source
     # model loads (plain_peft_meta then checks it against the model)
     check_inheritable(source.config, directory)
-    weights = Path(directory) / "adapter_model.safetensors"
-    if not weights.exists():
-        raise ValueError(f"{directory} has no {weights.name} (CPET reads safetensors adapters only; re-save a .bin "
-                         "adapter with `save_pretrained(..., safe_serialization=True)`)")
+    require_file(Path(directory) / ADAPTER_WEIGHTS)
     return source
 
 

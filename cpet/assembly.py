@@ -58,11 +58,17 @@ class LowRank:
         return (low @ self.B.T) * self.scale
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file; a missing or unreadable file is an :class:`AdapterError` naming it."""
+def require_file(path: Path) -> None:
+    """An :class:`AdapterError` naming ``path`` (a safetensors file of an adapter) when it does not exist: CPET
+    reads safetensors only, never a pickled ``.bin``."""
     if not path.exists():
         raise AdapterError(f"{path.parent} has no {path.name} (CPET reads safetensors adapters only; re-save a .bin "
                            "adapter with `save_pretrained(..., safe_serialization=True)`)")
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a missing or unreadable file is an :class:`AdapterError` naming it."""
+    require_file(path)
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:

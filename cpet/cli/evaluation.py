@@ -134,6 +134,7 @@ def _peft_meta(args: argparse.Namespace) -> dict:
     from pathlib import Path
 
     from ..adapters import check_adapter_base, is_cpet_adapter, read_adapter_meta
+    from ..assembly import ADAPTER_WEIGHTS, require_file
     from ..assets import read_json_object
 
     if not (Path(args.peft) / "adapter_config.json").exists():
@@ -141,9 +142,7 @@ def _peft_meta(args: argparse.Namespace) -> dict:
     # what peft would trip over once the model has loaded: a damaged config, or weights only as a pickled .bin
     # (CPET reads safetensors only; peft would unpickle it, if with weights_only)
     read_json_object(Path(args.peft) / "adapter_config.json", "is it the right directory?")
-    if not (Path(args.peft) / "adapter_model.safetensors").exists():
-        raise ValueError(f"{args.peft} has no adapter_model.safetensors (CPET reads safetensors adapters only; "
-                         "re-save a .bin adapter with `save_pretrained(..., safe_serialization=True)`)")
+    require_file(Path(args.peft) / ADAPTER_WEIGHTS)
     meta = read_adapter_meta(args.peft) if is_cpet_adapter(args.peft) else {}
     if meta.get("recovery", "none") != "none":
         raise ValueError(f"adapter {args.peft} was trained with {meta['recovery']} recovery modules, which plain "
