@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data.prompts import PROMPT_CUT, fit_prompt
+from .models import check_context_length
 
 # Prompts are cut to this many tokens unless told otherwise (the text loses its end, the template nothing:
 # cpet.data.prompts.fit_prompt); an adapter records the value it was trained with
@@ -101,6 +102,8 @@ def perplexity(model: nn.Module, tokenizer, text: str, *, max_length: int = 256,
         raise ValueError(f"perplexity needs max_length >= 2 and stride >= 1, got {max_length} and {stride}")
     if not text or not text.strip():
         raise ValueError("cannot compute perplexity on an empty corpus")
+    check_context_length(model, max_length, "the perplexity window (max_length)",
+                         "lower max_length (cpet eval --max-length)")
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if max_tokens is not None:
         ids = ids[:max_tokens]
@@ -161,6 +164,17 @@ def label_token_ids(tokenizer, label_words: Sequence[str]) -> list[list[int]]:
     return [encode_prompt_and_label(tokenizer, "", w)[1] for w in label_words]
 
 
+def check_labelled_prompt_length(model: nn.Module, tokenizer, label_words: Sequence[str],
+                                 max_prompt_tokens: int) -> None:
+    """Refuse a ``max_prompt_tokens`` whose prompts, followed by the longest label word, would pass the model's
+    context (:func:`cpet.models.check_context_length`): training reads prompt + label, scoring prompt (+ label)."""
+    longest_label = max(len(ids) for ids in label_token_ids(tokenizer, label_words))
+    check_context_length(model, max_prompt_tokens + longest_label,
+                         f"a prompt of max_prompt_tokens={max_prompt_tokens} followed by its longest label word "
+                         f"({longest_label} tokens)", "lower max_prompt_tokens (--max-prompt-tokens)",
+                         reserved=longest_label)
+
+
 def label_sequences(prompt_ids: list[int], label_ids: list[list[int]]) -> list[tuple[list[int], int, list[int]]]:
     """The sequences that score every label after one prompt, as ``(ids, label column, label ids)``.
 
@@ -206,6 +220,7 @@ def label_logprobs(model: nn.Module, tokenizer, prompts: Sequence[str], label_wo
     word is one token, one forward pass per prompt scores all labels at once (:func:`label_sequences`).
     """
     label_ids = label_token_ids(tokenizer, label_words)
+    check_labelled_prompt_length(model, tokenizer, label_words, max_prompt_tokens)
     device = model_device(model)
     sequences: list[tuple[list[int], int, int, list[int]]] = []  # ids, prompt row, label column, label ids
     for row, prompt in enumerate(prompts):

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .assets import ASSETS, atomic_path, cache_dir, fetch_asset
+from .hub import hub_reachable, unreachable_reason
 
 EMBEDDED_DEFAULT = "smollm2-135m"
 
@@ -241,6 +242,29 @@ def geometry(model_or_config) -> Geometry:
         num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
         head_dim=head_dim,
     )
+
+
+def context_length(model_or_config) -> int | None:
+    """The positions the model was trained for (``max_position_embeddings``; GPT-2's ``n_positions`` maps to
+    it), or None where the config names none."""
+    config = getattr(model_or_config, "config", model_or_config)
+    limit = getattr(config, "max_position_embeddings", None)
+    return int(limit) if isinstance(limit, int) and limit > 0 else None
+
+
+def check_context_length(model_or_config, tokens: int, what: str, fix: str, *, reserved: int = 0) -> None:
+    """Refuse sequences of ``tokens`` positions past the model's context, before any work on them.
+
+    Past its last position a model with learned positions (OPT, GPT-2) fails with an index error deep in its
+    forward, and a rotary one (Llama, SmolLM2) computes without complaint on positions it never saw, so
+    calibration, training or scores would silently measure something else. ``what`` names the sequence, ``fix``
+    the option to change (each ends up in the message); ``reserved`` positions of the sequence are not the
+    option's (a label word after a prompt), so the option may be at most the context less those.
+    """
+    limit = context_length(model_or_config)
+    if limit is not None and tokens > limit:
+        raise ValueError(f"{what} is {tokens} tokens, more than the {limit} positions this model was trained for "
+                         f"(max_position_embeddings): {fix} to at most {limit - reserved}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -497,9 +521,23 @@ def load_base(name_or_path: str = EMBEDDED_DEFAULT, *, dtype: torch.dtype = torc
         )
     source = str(local) if local is not None else name_or_path
     start = time.perf_counter()
-    # loaded in fp32 first: the source fingerprint is taken on the canonical weights (see _placed)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    # a hub id on a machine that cannot reach the hub: from the local hub cache only, without the retries
+    cache_only = local is None and not hub_reachable()
+    try:
+        # loaded in fp32 first: the source fingerprint is taken on the canonical weights (see _placed)
+        # adapter_kwargs too: AutoModelForCausalLM's check for an adapter repo does not take local_files_only from
+        # the other arguments (transformers 5.24), and it alone retried for ~23 s
+        offline = {"local_files_only": True} if cache_only else {}
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, adapter_kwargs=dict(offline),
+                                                     **offline)
+        tokenizer = AutoTokenizer.from_pretrained(source, **offline)
+    except OSError as exc:
+        if not cache_only:
+            raise
+        raise FileNotFoundError(
+            f"model {name_or_path!r} is a hub id, the hub is out of reach ({unreachable_reason()}) and the model is "
+            f"not in the local hub cache: give a local model directory or .gguf file, an embedded model "
+            f"({', '.join(EMBEDDED)}), or run once where the hub can be reached") from exc
     timings["load"] = time.perf_counter() - start
     _finish(model, tokenizer)
     return _placed(LoadedBase(model, tokenizer, name_or_path, local, timings), dtype, device)

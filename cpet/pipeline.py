@@ -44,10 +44,10 @@ from .assets import atomic_path, check_output_dir, write_text_atomic
 from .compress.calibration import input_rms
 from .compress.manifest import ORIGINAL_BASE_ID
 from .config import stage_config_to_dict
-from .data import template_for, verbalizer_for
+from .data import tuning_prompts
 from .data.prompts import PROMPT_CUT, scoring_cut, scoring_prompts
 from .data.tasks import as_task, examples_sha256, task_key, task_source_of  # noqa: F401  (task_key: re-exported)
-from .models import EMBEDDED, LoadedBase, hub_id_of, load_base, saved_tokenizer
+from .models import EMBEDDED, LoadedBase, check_context_length, hub_id_of, load_base, saved_tokenizer
 from .recovery import (PER_TASK, SHARED, RecoveryConfig, RecoverySet, check_svd_rank, check_trained_with,
                        init_from_residuals, recovery_sha256)
 from .train import DistillConfig, TuneConfig, check_resume_settings, distill_on_text, train_classifier
@@ -251,6 +251,8 @@ class CPET:
 
         start, started_at = time.perf_counter(), utc_now()
         self.check_stages(stages)  # before tokenizing the calibration text, which takes a while
+        check_context_length(self.original.model, seq_len, "the calibration window (seq_len)",
+                             "lower seq_len (cpet compress --seq-len)")
         ids = calibration_ids(self.original.tokenizer, load_corpus(calibration, split="train"),
                               calibration_samples, seq_len, seed=calibration_seed)
         base = run_stages(copy.deepcopy(self.original.model), list(stages), calibration=ids,
@@ -368,7 +370,8 @@ class CPET:
         started_at = utc_now()
         task_source = task_source_of(task)
         task = as_task(task)
-        task.require("train", "validation")  # a file too small to split fails here, before any model work
+        # a file too small to split, or two labels sharing a label word, fails here, before any model work
+        template, verbalizer = tuning_prompts(task, "train", "validation")
         recovery = recovery.replace("-", "_")  # "per-task", as the CLI and the docs write it, is "per_task"
         inherit_from = self.resolve_adapter(inherit_from)
         if per_task_recovery is not None and recovery not in ("per_task", "both"):  # it would be silently unused
@@ -420,7 +423,6 @@ class CPET:
             per_task.attach(peft_model, slot=PER_TASK, trainable=True)
             teacher = self._teacher(source)
 
-        template, verbalizer = template_for(task), verbalizer_for(task)
         meta = {"base_id": base_id, "source_name": self.source_name, "source_hub_id": self.source_hub_id,
                 "source_fingerprint": self.source_fingerprint, "task": task.name, "task_source": task_source,
                 "labels": list(task.labels), "label_words": verbalizer.label_words,

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from .compress.calibration import check_token_windows
 from .evaluate import evaluating, model_device, perplexity
-from .models import iter_layer_linears, unwrap
+from .models import check_context_length, iter_layer_linears, unwrap
 from .recovery import dequantized_weight
 
 CONTRIBUTION, MAGNITUDE = "contribution", "magnitude"
@@ -162,6 +162,7 @@ def collect_ffn_activations(model: nn.Module, token_ids: torch.Tensor, *, batch_
     Memory: ``n * seq * sum(n_layer) * 4`` bytes (SmolLM2-135M, 2,048 tokens: ~380 MB).
     """
     check_token_windows(token_ids, "token_ids")
+    check_context_length(model, token_ids.shape[1], "an activation window", "make shorter windows (--seq-len)")
     downs = _down_modules(model)
     store: list[list[torch.Tensor]] = [[] for _ in downs]
     handles = [module.register_forward_pre_hook(

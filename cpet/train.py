@@ -28,7 +28,9 @@ from tqdm.auto import tqdm
 
 from .assets import atomic_path
 from .data.prompts import LEGACY_PROMPT_CUT, fit_prompt
-from .evaluate import DEFAULT_MAX_PROMPT_TOKENS, classification_accuracy, encode_prompt_and_label
+from .evaluate import (DEFAULT_MAX_PROMPT_TOKENS, check_labelled_prompt_length, classification_accuracy,
+                       encode_prompt_and_label)
+from .models import check_context_length
 
 @dataclass
 class TuneConfig:
@@ -347,6 +349,8 @@ def train_classifier(model: nn.Module, tokenizer, train_examples, val_examples, 
     if unknown:
         raise ValueError(f"training labels {unknown} are not among the task labels {list(labels)}")
 
+    check_labelled_prompt_length(model, tokenizer, [verbalizer.label_words[label] for label in labels],
+                                 config.max_prompt_tokens)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     resume_dir = out_dir / "resume"
@@ -512,6 +516,8 @@ def distill_on_text(student: nn.Module, teacher: nn.Module, tokenizer, text: str
     Returns the loss of every step. The teacher runs without gradients. ``after_step(done)`` is called
     after each optimizer step with the number of steps done (e.g. to save checkpoints).
     """
+    check_context_length(student, config.seq_len, "the distillation window (seq_len)",
+                         "lower seq_len (cpet recover --seq-len)")
     windows = text_windows(tokenizer, text, config.seq_len)
     params = list(_trainable(student).values())
     if not params:

@@ -723,6 +723,7 @@ def test_every_compress_flag_reaches_its_stage_config():
     # labels whose default words coincide ('very_good' and 'very good'): refused once the model had loaded
     (["tune", "{tmp}/new", "--on", "original", "--task", "{twins}"], r"maps two labels to the same word"),
     (["demo", "--out", "{tmp}/demo", "--task", "{twins}"], r"maps two labels to the same word"),
+    (["eval", "--model", "m", "--task", "{twins}"], r"labels \['very good', 'very_good'\] all map to ' very good'"),
     # what peft would trip over after the model loaded
     (["eval", "--model", "m", "--peft", "{tmp}/bin-peft", "--task", "{task}"],
      r"has no adapter_model.safetensors \(CPET reads safetensors adapters only"),

@@ -72,6 +72,22 @@ def test_perplexity_rejects_windows_that_score_nothing():
         perplexity(loaded.model, loaded.tokenizer, "some words to score here", max_length=1)
 
 
+@pytest.mark.parametrize("family", ["llama", "opt"])  # rotary positions (run on, unseen), learned (IndexError)
+def test_sequences_past_the_context_are_refused_before_scoring(family):
+    """A tiny model has 256 positions: a 257-token window, or a 256-token prompt and its 1-token label word, used
+    to run on (rotary) or fail deep in the forward with an IndexError (learned positions)."""
+    loaded = tiny_model(family)
+    assert perplexity(loaded.model, loaded.tokenizer, "word " * 300, max_length=256).tokens > 256
+    with pytest.raises(ValueError, match=r"the perplexity window \(max_length\) is 257 tokens, more than the 256 "
+                                         r"positions this model was trained for .*--max-length\) to at most 256"):
+        perplexity(loaded.model, loaded.tokenizer, "word " * 300, max_length=257)
+    # the byte tokenizer reads " P" as two tokens
+    with pytest.raises(ValueError, match=r"max_prompt_tokens=256 followed by its longest label word \(2 tokens\) is "
+                                         r"258 tokens.*at most 254"):
+        label_logprobs(loaded.model, loaded.tokenizer, ["a"], [" P", " N"], max_prompt_tokens=256)
+    assert label_logprobs(loaded.model, loaded.tokenizer, ["a"], [" P", " N"], max_prompt_tokens=254).shape == (1, 2)
+
+
 class EchoLM(nn.Module):
     """Predicts that the next token repeats the current one (logit 10 vs 0): a model with known answers."""
 

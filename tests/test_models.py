@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -194,3 +195,51 @@ def test_embedded_gguf_cache_round_trip_identical_logits(tmp_path):
     assert (geo.num_layers, geo.hidden_size, geo.intermediate_size, geo.num_heads, geo.num_kv_heads) == (
         30, 576, 1536, 9, 3)
     assert not getattr(direct.model, "is_quantized", False)
+
+
+def test_a_hub_id_out_of_reach_is_read_from_the_local_cache_only(monkeypatch):
+    """Without network, huggingface_hub retried every request five times: ~50 s before a hub id's error."""
+    import socket
+
+    import transformers
+
+    from cpet import hub
+    from cpet.models import load_base
+
+    calls = []
+
+    def not_cached(source, **kwargs):
+        calls.append((source, kwargs))
+        raise OSError("not in the cache")
+
+    def no_route(*args, **kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", not_cached)
+    monkeypatch.setattr(socket, "create_connection", no_route)
+    monkeypatch.setattr(hub, "hub_offline_by_choice", lambda: False)
+    assert not hub.hub_reachable()
+    with pytest.raises(FileNotFoundError, match=r"'org/model' is a hub id, the hub is out of reach \(huggingface.co "
+                                                r"cannot be reached.*not in the local hub cache"):
+        load_base("org/model")
+    # the adapter-repo check takes its own kwargs: without them it alone retried
+    assert calls == [("org/model", {"dtype": torch.float32, "adapter_kwargs": {"local_files_only": True},
+                                    "local_files_only": True})]
+    calls.clear()
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: SimpleNamespace(close=lambda: None))
+    with pytest.raises(OSError, match="not in the cache"):  # reachable: the library's own error, nothing forced
+        load_base("org/model")
+    assert calls == [("org/model", {"dtype": torch.float32, "adapter_kwargs": {}})]
+
+
+def test_a_hub_dataset_out_of_reach_is_refused_at_once(monkeypatch):
+    import datasets
+
+    from cpet import hub
+    from cpet.data.tasks import load_hf_task
+
+    monkeypatch.setattr(hub, "hub_reachable", lambda: False)
+    monkeypatch.setattr(hub, "hub_offline_by_choice", lambda: False)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("datasets retried the hub"))
+    with pytest.raises(ValueError, match=r"'org/data': the hub is out of reach .*HF_HUB_OFFLINE=1"):
+        load_hf_task("org/data")

@@ -411,6 +411,28 @@ def test_a_resume_with_other_settings_is_refused_before_the_base_loads(built, mo
                       name="clash", progress=False)
 
 
+def test_a_calibration_window_past_the_context_is_refused_before_the_corpus_is_read(tmp_path, monkeypatch):
+    import cpet.data
+
+    monkeypatch.setattr(cpet.data, "load_corpus", lambda *a, **k: pytest.fail("the corpus was read"))
+    pipeline = CPET(tiny_model("llama"), tmp_path / "work")  # 256 positions
+    with pytest.raises(ValueError, match=r"the calibration window \(seq_len\) is 512 tokens.*compress --seq-len"):
+        pipeline.compress([PruneConfig(ffn_ratio=0.25)], seq_len=512, progress=False)
+    assert not pipeline.has_base
+
+
+def test_labels_that_share_a_word_are_refused_before_any_model_work(tmp_path, monkeypatch):
+    """'very_good' and 'very good' both read ' very good': CPET.tune found it after copying the original."""
+    import cpet.models
+
+    monkeypatch.setattr(cpet.models, "load_base", lambda *a, **k: pytest.fail("the original was loaded"))
+    twins = write_task(tmp_path / "twins.jsonl", labels=("very_good", "very good"))
+    pipeline = CPET("some/model", tmp_path / "work")
+    with pytest.raises(ValueError, match=r"labels \['very good', 'very_good'\] all map to ' very good'.*rename"):
+        pipeline.tune(twins, on="original", config=SHORT, progress=False)
+    assert not (tmp_path / "work" / "adapters").exists()
+
+
 def test_bad_adapter_names_and_unused_sources_are_refused_before_any_work(built):
     pipeline, task, original, _ = built
     for name in ("../escape", "a/b", "..", ""):

@@ -216,3 +216,9 @@ def test_the_matched_baseline_refuses_bad_settings_and_says_when_a_share_is_out_
     assert not out["reached"] and len(out["probes"]) < 6  # it stopped going round in circles
     reachable = matched_magnitude_baseline(loaded.model, loaded.tokenizer, acts, TEXT, nonzero / 2, max_tokens=128)
     assert reachable["reached"] and abs(reachable["activation_ratio"] - nonzero / 2) <= 0.005
+
+
+def test_windows_past_the_context_are_refused_before_any_forward():
+    loaded = tiny_model("opt")  # learned positions: a 257th position was an IndexError inside the forward
+    with pytest.raises(ValueError, match=r"an activation window is 257 tokens, more than the 256 positions"):
+        collect_ffn_activations(loaded.model, calibration(loaded.model.config.vocab_size, n=1, seq=257))

@@ -219,3 +219,28 @@ def test_two_processes_take_the_same_steps_as_one(tmp_path):
 def test_bad_hyper_parameters_are_refused_on_construction(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def test_prompts_past_the_context_are_refused_before_training(tmp_path):
+    """A tiny model has 256 positions: 256 prompt tokens and a label word pass them."""
+    loaded = tiny_model("llama")
+    model = add_lora(loaded.model, rank=2, alpha=2, dropout=0.0, target_roles=("q",))
+    examples = [SimpleNamespace(text="a", label="positive"), SimpleNamespace(text="b", label="negative")]
+    # the byte tokenizer reads " P" as two tokens
+    with pytest.raises(ValueError, match=r"max_prompt_tokens=256 followed by its longest label word \(2 tokens\) is "
+                                         r"258 tokens.*at most 254"):
+        train_classifier(model, loaded.tokenizer, examples, examples, labels=LABELS, template=TEMPLATE,
+                         verbalizer=VERBALIZER, config=TuneConfig(steps=1, max_prompt_tokens=256),
+                         out_dir=tmp_path / "x", save_best=lambda d, m: None, progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+def test_distillation_windows_past_the_context_are_refused():
+    from cpet.train import distill_on_text
+
+    student, teacher = tiny_model("llama"), tiny_model("llama")
+    before = [p.clone() for p in student.model.parameters()]
+    with pytest.raises(ValueError, match=r"the distillation window \(seq_len\) is 300 tokens.*recover --seq-len"):
+        distill_on_text(student.model, teacher.model, student.tokenizer, "word " * 2000,
+                        DistillConfig(steps=1, seq_len=300), progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, student.model.parameters()))

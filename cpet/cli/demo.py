@@ -18,8 +18,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     -> shared recovery -> CPET adapter (inherited LoRA on the recovered base), with a table at the end.
     """
     from ..config import PruneConfig, QuantizeConfig
-    from ..data import load_corpus, load_task
-    from ..data.prompts import verbalizer_for
+    from ..data import load_corpus, load_task, tuning_prompts
     from ..evaluate import perplexity
     from ..pipeline import CPET, check_work_dir, task_key
     from ..recovery import RecoveryConfig
@@ -27,9 +26,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
-    task = load_task(args.task)
-    task.require("train", "validation", "test")  # a bad --task fails here, before the model loads,
-    verbalizer_for(task)  # and so do label words that two of its labels would share
+    tuning_prompts(load_task(args.task), "train", "validation", "test")  # a bad --task fails before the model loads
     tune = TuneConfig(rank=8, alpha=16, steps=args.steps, batch_size=8, lr=args.lr, seed=args.seed,
                       eval_every=max(args.steps // 2, 1), eval_limit=args.val_limit,
                       max_prompt_tokens=args.max_prompt_tokens)  # so do bad tuning flags

@@ -235,12 +235,15 @@ def _check_adapter_names_its_task(adapter: str) -> None:
 def _eval_model(args: argparse.Namespace, tasks: list, target: str) -> dict:
     """A bare model (zero-shot), or a PEFT adapter on it (``--peft``; a CPET adapter scored as it was trained)."""
     from ..adapters import check_scoring
+    from ..data.prompts import scoring_prompts
 
     meta = _peft_meta(args) if target == "peft" else {}
     if not tasks and meta.get("task"):
         tasks = [_trained_task(meta, str(args.peft))]
-    for task in tasks if meta else ():  # before the model loads
-        check_scoring(meta, task, args.max_prompt_tokens, where=f"adapter {args.peft}")
+    for task in tasks:  # before the model loads: the adapter can score the task, the task's label words differ
+        if meta:
+            check_scoring(meta, task, args.max_prompt_tokens, where=f"adapter {args.peft}")
+        scoring_prompts(task, meta)
     loaded = _peft_on_base(args, meta) if target == "peft" else load_model(args)
     results: dict = {"model": args.model, **({"peft": str(args.peft)} if args.peft else {})}
     if args.corpus:
@@ -270,12 +273,15 @@ def _eval_pipeline(args: argparse.Namespace, tasks: list) -> dict:
     """Adapters of a pipeline with the recovery they were trained with, or its compressed base zero-shot."""
     from ..adapters import check_scoring, read_adapter_meta
     from ..data import load_corpus
+    from ..data.prompts import scoring_prompts
     from ..evaluate import perplexity
     from ..pipeline import CPET
 
     if args.corpus and len(args.adapter or []) > 1:
         raise ValueError("--corpus scores one model: give one --adapter with it (or none, for the compressed base), "
                          "and run the command again for each other adapter")
+    for task in tasks if not args.adapter else ():  # the compressed base scores the tasks' own label words
+        scoring_prompts(task, None)
     pipeline = CPET.load(args.pipeline, original=args.model)  # --model: where the recorded source now is
     plan = []  # (adapter name, directory, task): every adapter's task loaded and checked before any scoring
     for name in args.adapter or []:
@@ -283,6 +289,7 @@ def _eval_pipeline(args: argparse.Namespace, tasks: list) -> dict:
         meta = read_adapter_meta(directory)
         for task in tasks or [_trained_task(meta, name)]:
             check_scoring(meta, task, args.max_prompt_tokens, where=f"adapter {name}")
+            scoring_prompts(task, meta)
             plan.append((name, directory, task))
     results: dict = {"pipeline": str(args.pipeline), "tasks": []}
     for name, directory, task in plan:

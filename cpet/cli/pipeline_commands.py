@@ -117,8 +117,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from ..data import load_task
-    from ..data.prompts import verbalizer_for
+    from ..data import load_task, tuning_prompts
     from ..adapters import check_adapter_name
     from ..pipeline import check_tune_options
     from ..train import TuneConfig
@@ -126,9 +125,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     check_tune_options(args.on, args.init, args.recovery, args.inherit_from)  # before a model loads
     if args.name is not None:
         check_adapter_name(args.name)
-    task = load_task(args.task)
-    task.require("train", "validation", "test")  # so is the task (scored on test at the end)
-    verbalizer_for(task)  # and its label words (two labels may not share one)
+    tuning_prompts(load_task(args.task), "train", "validation", "test")  # so is the task (test: scored at the end)
     config = TuneConfig(rank=args.rank, alpha=args.alpha, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                         warmup_ratio=args.warmup_ratio, eval_every=args.eval_every, eval_limit=args.val_limit,
                         max_prompt_tokens=args.max_prompt_tokens, seed=args.seed)

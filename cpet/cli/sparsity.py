@@ -15,6 +15,7 @@ def cmd_sparsity(args: argparse.Namespace) -> int:
     from ..assets import check_output_dir, write_text_atomic
     from ..compress import calibration_ids
     from ..data import load_corpus
+    from ..models import check_context_length
     from ..sparsity import plot_activation_ratios, require_matplotlib, sparsity_report
     from .evaluation import load_model
 
@@ -31,6 +32,7 @@ def cmd_sparsity(args: argparse.Namespace) -> int:
     train_text = load_corpus(args.corpus, split="train" if brown else "all")  # a missing file fails here
     text = load_corpus(args.corpus, split="heldout" if brown else "all")
     loaded = load_model(args)
+    check_context_length(loaded.model, args.seq_len, "the activation window (--seq-len)", "lower --seq-len")
     calibration = calibration_ids(loaded.tokenizer, train_text, args.calibration_samples, args.seq_len,
                                   seed=args.seed)
     report = sparsity_report(loaded.model, loaded.tokenizer, calibration, text, cett=args.cett, ppl_p=args.ppl_p,

@@ -114,9 +114,15 @@ class Verbalizer:
     label_words: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        words = list(self.label_words.values())
-        if len(set(words)) != len(words):
-            raise ValueError(f"verbalizer maps two labels to the same word: {self.label_words}")
+        by_word: dict[str, list[str]] = {}
+        for label, word in self.label_words.items():
+            by_word.setdefault(word, []).append(label)
+        shared = {word: labels for word, labels in by_word.items() if len(labels) > 1}
+        if shared:
+            listed = "; ".join(f"labels {labels} all map to {word!r}" for word, labels in shared.items())
+            raise ValueError(f"verbalizer maps two labels to the same word ({listed}), so the model could not tell "
+                             "them apart: rename one of the labels (a label's default word is the label with '_' "
+                             "read as a space), or give the task label words that differ")
 
     def words_for(self, labels) -> list[str]:
         missing = [label for label in labels if label not in self.label_words]
@@ -146,6 +152,17 @@ def verbalizer_for(task) -> Verbalizer:
     """The task's own ``label_words`` if it has them, else each label as its own word."""
     words = getattr(task, "label_words", None)
     return Verbalizer(dict(words)) if words else Verbalizer.default_for(task.labels)
+
+
+def tuning_prompts(task, *splits: str) -> tuple[PromptTemplate, Verbalizer]:
+    """The template and verbalizer to tune ``task`` with, once ``task`` has every split in ``splits``.
+
+    Raises ValueError for a missing or empty split, or for two labels that would share a label word
+    ("very_good" and "very good"): call it before any model loads, so that a task that cannot be tuned costs no
+    model work (``cpet tune``, ``cpet demo`` and :meth:`cpet.pipeline.CPET.tune` all do).
+    """
+    task.require(*splits)
+    return template_for(task), verbalizer_for(task)
 
 
 def scoring_prompts(task, meta: dict | None) -> tuple[PromptTemplate, Verbalizer]:

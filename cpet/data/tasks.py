@@ -293,6 +293,12 @@ def load_hf_task(dataset: str, text_field: str = "text", label_field: str = "lab
     are skipped (a user cannot edit a hub dataset, unlike a local file, where they are refused)."""
     import datasets
 
+    from ..hub import hub_offline_by_choice, hub_reachable, unreachable_reason
+
+    if not hub_offline_by_choice() and not hub_reachable():  # datasets reads offline mode at import: too late here
+        raise ValueError(f"could not load hub dataset {dataset!r}: the hub is out of reach ({unreachable_reason()}); "
+                         "a dataset already in the local hub cache loads with HF_HUB_OFFLINE=1 set, or give a "
+                         "local task file (.jsonl or .csv)")
     try:
         loaded = datasets.load_dataset(dataset, config)
     except Exception as exc:  # network, missing dataset, offline mode: all surface as one clear error

@@ -363,7 +363,10 @@ def test_quantized_input_and_malformed_calibration_are_refused_before_any_work(m
     before = model_fingerprint(loaded.model)
     for bad, message in ((good[:0], r"calibration must be calibration windows"),
                          (good + loaded.model.config.vocab_size, r"token ids from \d+ to \d+, outside this model's "
-                                                                  r"vocabulary of \d+")):
+                                                                  r"vocabulary of \d+"),
+                         # windows past the model's 256 positions: rotary positions it never saw
+                         (torch.zeros(2, 257, dtype=torch.long), r"a calibration window is 257 tokens, more than "
+                                                                 r"the 256 positions")):
         with pytest.raises(ValueError, match=message):
             compress(loaded.model, [PruneConfig(ffn_ratio=0.5, importance="magnitude"), MoEfyConfig(num_experts=4)],
                      calibration=bad, inplace=True, progress=False)

@@ -277,7 +277,16 @@ def test_tsv_by_extension_in_any_case_and_csv_rows_named_by_their_first_line(tmp
         load_task(str(tmp_path / "multi.csv"))
 
 
-def test_hub_rows_without_a_label_are_skipped_not_given_the_last_class(monkeypatch):
+@pytest.fixture
+def reachable_hub(monkeypatch):
+    """The tests that fake what datasets returns stand for a hub that answers (CPET probes it first)."""
+    from cpet import hub
+
+    monkeypatch.setattr(hub, "hub_reachable", lambda: True)
+    monkeypatch.setattr(hub, "hub_offline_by_choice", lambda: False)
+
+
+def test_hub_rows_without_a_label_are_skipped_not_given_the_last_class(monkeypatch, reachable_hub):
     import sys
     import types
 
@@ -297,7 +306,8 @@ def test_hub_rows_without_a_label_are_skipped_not_given_the_last_class(monkeypat
     assert task.label_counts("test") == {"negative": 4, "positive": 4}  # re-split from the labelled rows
 
 
-def test_hub_datasets_without_the_named_columns_are_refused_and_unlabelled_rows_skipped(monkeypatch):
+def test_hub_datasets_without_the_named_columns_are_refused_and_unlabelled_rows_skipped(monkeypatch,
+                                                                                       reachable_hub):
     import sys
     import types
 
