@@ -94,6 +94,7 @@ class AdapterSource:
         if not config_path.exists():
             raise AdapterError(f"{self.directory} is not a PEFT adapter directory (no {ADAPTER_CONFIG})")
         self.config: dict = _read_json(config_path)
+        _check_lora_numbers(self.config, config_path)
         from .adapters import ADAPTER_META
 
         meta_path = self.directory / ADAPTER_META
@@ -138,6 +139,24 @@ class AdapterSource:
 
     def __repr__(self) -> str:
         return f"AdapterSource({str(self.directory)!r}, {'cpet' if self.is_cpet else 'peft'})"
+
+
+def _check_lora_numbers(config: dict, path: Path) -> None:
+    """Refuse an ``adapter_config.json`` whose rank or alpha (or their per-module patterns) are not numbers
+    (``"lora_alpha": "16"`` was a TypeError once the scale was computed, a 500 in the server)."""
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+    for key, whole in (("r", True), ("lora_alpha", False)):
+        value = config.get(key)
+        if value is not None and not (number(value) and (not whole or isinstance(value, int))):
+            kind = "an integer > 0" if whole else "a number > 0"
+            raise AdapterError(f"{path}: {key} must be {kind}, got {value!r}: fix the file or save the adapter again")
+    for key in ("rank_pattern", "alpha_pattern"):
+        pattern = config.get(key) or {}
+        if not isinstance(pattern, dict) or not all(number(v) for v in pattern.values()):
+            raise AdapterError(f"{path}: {key} must map module names to numbers > 0, got {pattern!r}: fix the file or "
+                               "save the adapter again")
 
 
 def as_source(adapter: "AdapterSource | str | Path") -> AdapterSource:

@@ -148,8 +148,8 @@ def add_serve_parser(sub, command) -> None:
     p.add_argument("--max-adapters", type=positive_int, default=64,
                    help="adapters kept loaded (LRU eviction of unpinned)")
     p.add_argument("--max-prompt-tokens", type=positive_int, default=1024,
-                   help="longest prompt accepted; a longer one is answered 400 (classification prompts are "
-                        "cut to their adapter's own recorded limit, the text losing its end)")
+                   help="longest completion or chat prompt accepted; a longer one is answered 400 (texts to "
+                        "classify are cut to their adapter's own recorded limit instead, the text losing its end)")
     p.add_argument("--max-tokens", type=positive_int, default=256, help="the most tokens one request may generate")
     p.add_argument("--max-queue", type=positive_int, default=64,
                    help="waiting requests beyond which the server answers 429")

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..assembly import AdapterSource, Assembly, LoadedAdapter, LowRank, read_recovery
-from ..models import cache_argument, iter_layer_linears, output_cache
+from ..models import cache_argument, context_length, iter_layer_linears, output_cache
 from ..recovery import recovery_sha256
 from .registry import AdapterRegistry, module_shapes
 
@@ -358,6 +358,8 @@ class Engine:
             raise ValueError(f"{len(prompts)} prompts for {len(adapters)} adapters")
         encoded = [self.tokenizer(p, add_special_tokens=False)["input_ids"] or [self.tokenizer.eos_token_id or 0]
                    for p in prompts]
+        for ids in encoded:
+            self.check_generation_fits(len(ids), max_tokens)
         device = next(self.model.parameters()).device
         input_ids, attention, positions = self.left_padded(encoded, device)
         generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
@@ -370,12 +372,7 @@ class Engine:
             out = self.forward(list(adapters), input_ids=step_ids, attention_mask=attention,
                                position_ids=step_positions, use_cache=True, **{self._cache_key: cache})
             cache = output_cache(out)
-            logits = out.logits[:, -1].float()
-            if temperature > 0:
-                probs = torch.softmax(logits / temperature, dim=-1)
-                chosen = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-            else:
-                chosen = logits.argmax(-1)
+            chosen = next_token(out.logits[:, -1].float(), temperature, generator)
             for i, token in enumerate(chosen.tolist()):
                 if finish[i] is not None:
                     continue
@@ -392,6 +389,17 @@ class Engine:
             attention = torch.cat([attention, attention.new_ones(len(encoded), 1)], dim=1)
         return [{"text": cut_at_stop(self.tokenizer.decode(ids), stop)[0], "tokens": len(ids),
                  "finish_reason": finish[i] or "length"} for i, ids in enumerate(tokens)]
+
+    def check_generation_fits(self, prompt_tokens: int, max_tokens: int) -> None:
+        """Refuse a prompt of ``prompt_tokens`` that, with ``max_tokens`` generated after it, would pass the model's
+        context (ValueError): a model with learned positions fails there, and in the server's continuous batch the
+        failure would take every other running request with it."""
+        limit = context_length(self.model)
+        if limit is not None and prompt_tokens + max_tokens > limit:
+            raise ValueError(f"the prompt ({prompt_tokens} tokens) and max_tokens ({max_tokens}) need "
+                             f"{prompt_tokens + max_tokens} positions, more than this model's context of {limit} "
+                             f"(max_position_embeddings): shorten the prompt or ask for at most "
+                             f"{max(limit - prompt_tokens, 0)} tokens")
 
     def left_padded(self, encoded: Sequence[list[int]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Prompts ``encoded`` as one left-padded batch: ``(input_ids, attention_mask, position_ids)``, each
@@ -462,6 +470,16 @@ class AdapterView(nn.Module):
     def forward(self, input_ids: torch.Tensor | None = None, **model_inputs):
         reference = input_ids if input_ids is not None else model_inputs["inputs_embeds"]
         return self.engine.forward(self.row_adapters(reference.shape[0]), input_ids=input_ids, **model_inputs)
+
+
+def next_token(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    """The next token of each row of ``logits [rows, vocab]``: the argmax at ``temperature`` 0, else a draw from
+    the softmax of the logits over ``temperature``, after subtracting each row's largest logit: a tiny temperature
+    then cannot make inf - inf (NaN) of the scaled logits, and the draw tends to the argmax as it should."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax((logits - logits.max(-1, keepdim=True).values) / temperature, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:

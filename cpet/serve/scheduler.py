@@ -30,7 +30,7 @@ import torch
 
 from ..assembly import LoadedAdapter
 from ..models import output_cache
-from .engine import Engine, cut_at_stop
+from .engine import Engine, cut_at_stop, next_token
 
 
 class QueueFull(RuntimeError):
@@ -106,7 +106,8 @@ class Scheduler:
         return self.queue.qsize() + len(self._waiting)
 
     def submit(self, request) -> Future:
-        full = QueueFull(f"the request queue is full ({self.queue.maxsize} waiting): retry later")
+        full = QueueFull(f"the request queue is full ({self.waiting} waiting, at most {self.queue.maxsize}): "
+                         "retry later")
         if self.waiting >= self.queue.maxsize:
             raise full
         try:
@@ -272,12 +273,7 @@ class Scheduler:
         done = []
         for i, run in enumerate(runs):
             request = run.request
-            if request.temperature > 0:  # the largest logit subtracted first: a tiny temperature cannot make
-                # inf - inf (NaN) of the scaled logits, and the choice tends to the argmax as it should
-                probs = torch.softmax((logits[i] - logits[i].max()) / request.temperature, dim=-1)
-                token = int(torch.multinomial(probs, 1, generator=run.generator))
-            else:
-                token = int(logits[i].argmax())
+            token = int(next_token(logits[i:i + 1], request.temperature, run.generator))
             if request.cancelled or (eos is not None and token == eos):
                 done.append((offset + i, run, "stop"))
                 continue

@@ -19,6 +19,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 from fastapi import Request  # at module level: FastAPI resolves the handlers' (string) annotations here
+from jinja2 import TemplateError  # what transformers' chat templates raise (raise_exception, syntax)
 
 from .engine import Engine
 from .registry import AdapterError, UnknownAdapterError
@@ -93,6 +94,14 @@ def create_app(engine: Engine, *, served_name: str = "cpet-base", api_key: str |
         return JSONResponse({"error": {"message": exc.message, "type": exc.kind, "code": exc.status}},
                             status_code=exc.status)
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        """Any other failure in a handler: the same JSON error body as every error (OpenAI clients parse it) and
+        counted, instead of Starlette's plain-text 500."""
+        errors.labels("500").inc()
+        message = f"the server failed on this call: {type(exc).__name__}: {exc}"
+        return JSONResponse({"error": {"message": message, "type": "server_error", "code": 500}}, status_code=500)
+
     async def body(request: Request) -> dict:
         try:
             data = json.loads(await request.body())
@@ -112,7 +121,7 @@ def create_app(engine: Engine, *, served_name: str = "cpet-base", api_key: str |
         return name
 
     def integer(data: dict, key: str, default: int, low: int, high: int) -> int:
-        value = data.get(key, default)
+        value = default if data.get(key) is None else data[key]  # null means the default, as OpenAI reads it
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
             raise ServingError(400, f"{key} must be an integer in {low}..{high}, got {value!r}")
         return value
@@ -133,7 +142,11 @@ def create_app(engine: Engine, *, served_name: str = "cpet-base", api_key: str |
         queue_depth.set(scheduler.waiting)
 
     def submit_all(requests: list) -> None:
-        """Submit requests that answer one call: if one is refused, the ones already queued are cancelled."""
+        """Submit requests that answer one call: if one is refused, the ones already queued are cancelled. A call
+        of more requests than the queue holds could never be served: 400, not 429 (which clients retry)."""
+        if len(requests) > limits.max_queue:
+            raise ServingError(400, f"this call holds {len(requests)} inputs and the server queues at most "
+                                    f"{limits.max_queue} (--max-queue): send at most {limits.max_queue} per call")
         try:
             for r in requests:
                 submit(r)
@@ -173,22 +186,33 @@ def create_app(engine: Engine, *, served_name: str = "cpet-base", api_key: str |
         except Exception as exc:  # the model failed on this batch: a JSON error (and a stream's error event)
             raise ServingError(500, f"the request failed: {type(exc).__name__}: {exc}", "server_error") from None
 
+    def streamed(data: dict) -> bool:
+        value = data.get("stream")
+        if value is not None and not isinstance(value, bool):  # "false", a non-empty string, would stream
+            raise ServingError(400, f"stream must be true or false, got {value!r}")
+        return bool(value)
+
     def generation(data: dict, text: str) -> GenerationRequest:
         # Every field is checked here, before the request joins a batch: a value that failed inside the scheduler
         # would fail the whole running batch, other clients' requests included.
+        if data.get("n") not in (None, 1):  # one choice per prompt: more would be silently missing
+            raise ServingError(400, f"n must be 1 (CPET answers one choice per prompt), got {data.get('n')!r}")
         stop = data.get("stop") or []
         stop = (stop,) if isinstance(stop, str) else stop
         if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
             raise ServingError(400, f"stop must be a string or a list of non-empty strings, got {stop!r}")
-        temperature = data.get("temperature", 0.0)
+        temperature = 0.0 if data.get("temperature") is None else data["temperature"]
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
             raise ServingError(400, f"temperature must be in [0, 2], got {temperature!r}")
         seed = data.get("seed")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 64):
             raise ServingError(400, f"seed must be an integer in 0..2**64-1 (torch's generator range), got {seed!r}")
-        return GenerationRequest(prompt_ids(text), adapter_of(data),
-                                 integer(data, "max_tokens", 16, 1, limits.max_tokens), float(temperature), seed,
-                                 tuple(stop))
+        ids, max_tokens = prompt_ids(text), integer(data, "max_tokens", 16, 1, limits.max_tokens)
+        try:  # past the context, a model with learned positions fails the whole batch (IndexError)
+            engine.check_generation_fits(len(ids), max_tokens)
+        except ValueError as exc:
+            raise ServingError(400, str(exc)) from None
+        return GenerationRequest(ids, adapter_of(data), max_tokens, float(temperature), seed, tuple(stop))
 
     def stream(http: Request, request: GenerationRequest, chunk):
         async def events():
@@ -245,7 +269,7 @@ def create_app(engine: Engine, *, served_name: str = "cpet-base", api_key: str |
             raise ServingError(400, "prompt must be a string or a non-empty list of strings")
         model, start, rid = data.get("model", served_name), time.perf_counter(), f"cmpl-{uuid.uuid4().hex[:24]}"
         requests = [generation(data, p) for p in prompts]
-        if data.get("stream"):
+        if streamed(data):
             if len(requests) != 1:
                 raise ServingError(400, "streaming takes one prompt")
             submit(requests[0])
@@ -269,9 +293,13 @@ def create_app(engine: Engine, *, served_name: str = "cpet-base", api_key: str |
                 for m in messages):
             raise ServingError(400, "messages must be a non-empty list of {role, content} objects")
         model, start, rid = data.get("model", served_name), time.perf_counter(), f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        r = generation(data, chat_prompt(engine.tokenizer, messages))
+        try:
+            text = chat_prompt(engine.tokenizer, messages)
+        except TemplateError as exc:  # the model's template refuses these messages (a system role, alternation)
+            raise ServingError(400, f"the model's chat template refuses these messages: {exc}") from None
+        r = generation(data, text)
         submit(r)
-        if data.get("stream"):
+        if streamed(data):
             return stream(request, r, lambda text, reason: {
                 "id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
                 "choices": [{"index": 0, "delta": {"role": "assistant", "content": text} if text else {},
@@ -297,8 +325,8 @@ def create_app(engine: Engine, *, served_name: str = "cpet-base", api_key: str |
         texts = [texts] if isinstance(texts, str) else texts
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
             raise ServingError(400, "input must be a string or a non-empty list of strings")
-        for text in texts:
-            prompt_ids(text)  # the prompt-length limit
+        # no raw-length limit: the text is cut as the adapter was trained (PromptTemplate's characters, then the
+        # adapter's own max_prompt_tokens, the text losing its end), as `cpet eval` scores it
         start = time.perf_counter()
         requests = [ClassifyRequest(name, text) for text in texts]
         submit_all(requests)

@@ -229,6 +229,19 @@ def test_classification_uses_each_adapters_template_and_matches_cpet_scoring(ser
         assert all(abs(expected[k] - v) < 1e-4 for k, v in result["probabilities"].items()), name
 
 
+def test_a_tiny_temperature_samples_the_argmax_and_a_generation_past_the_context_is_refused(served):
+    """logits / 1e-40 overflowed to inf and torch.multinomial raised on the NaN probabilities."""
+    _, engine, _ = served
+    prompts, adapters = ["the quick brown", "a"], ["shared", None]
+    greedy = engine.generate(prompts, adapters, max_tokens=4)
+    assert engine.generate(prompts, adapters, max_tokens=4, temperature=1e-40, seed=0) == greedy
+    # the tiny model has 256 positions: 250 prompt tokens leave room for 6
+    with pytest.raises(ValueError, match=r"the prompt \(250 tokens\) and max_tokens \(7\) need 257 positions, more "
+                                         r"than this model's context of 256 .*at most 6 tokens"):
+        engine.generate(["x" * 250], [None], max_tokens=7)
+    assert engine.generate(["x" * 250], [None], max_tokens=6)[0]["tokens"] <= 6
+
+
 def test_mixed_generation_equals_each_row_alone_and_sampling_is_seeded(served):
     _, engine, _ = served
     prompts = ["the quick brown", "a", "it was good 12 and"]

@@ -301,7 +301,9 @@ def test_requests_that_would_fail_a_batch_are_refused_before_they_join_it(server
                          ({"stop": 5}, "stop must be a string or a list"),
                          ({"seed": 2 ** 64}, "seed must be an integer in 0..2**64-1"),
                          ({"seed": True}, "seed must be an integer"),
-                         ({"temperature": True}, "temperature must be in [0, 2]")]:
+                         ({"temperature": True}, "temperature must be in [0, 2]"),
+                         ({"stream": "false"}, "stream must be true or false, got 'false'"),  # it streamed
+                         ({"n": 2}, "n must be 1")]:  # one choice came back
         refused = httpx.post(f"{url}/v1/completions", json={"model": "plain", "prompt": "hi", **bad})
         assert refused.status_code == 400 and message in refused.json()["error"]["message"], (bad, refused.text)
     no_role = httpx.post(f"{url}/v1/chat/completions", json={"model": "plain", "messages": [{"content": "hi"}]})
@@ -472,3 +474,89 @@ def test_a_wait_ends_at_its_deadline_or_when_the_client_leaves_and_never_cancels
     with pytest.raises(ClientGone):
         asyncio.run(_answered(gone, time.monotonic() + 5, Client(stays=1)))
     assert gone.cancelled and not gone.future.cancelled()
+
+
+def test_a_request_past_the_context_is_refused_and_the_batch_keeps_serving(server):
+    """A prompt with max_tokens past the tiny model's 256 positions joined the batch; with learned positions its
+    IndexError failed every running request."""
+    url, _, _, _ = server
+    refused = httpx.post(f"{url}/v1/completions", json={"model": "plain", "prompt": "x" * 195, "max_tokens": 64})
+    assert refused.status_code == 400
+    assert "the prompt (195 tokens) and max_tokens (64) need 259 positions, more than this model's context of 256" \
+        in refused.json()["error"]["message"]
+    assert httpx.post(f"{url}/v1/completions", json={"model": "plain", "prompt": "x" * 195, "max_tokens": 61}
+                      ).status_code == 200
+
+
+def test_a_chat_template_that_refuses_the_messages_is_a_json_400(server, monkeypatch):
+    url, app, _, _ = server
+    tokenizer = app.state.engine.tokenizer
+    monkeypatch.setattr(tokenizer, "chat_template", "{% for m in messages %}{% if m['role'] == 'system' %}"
+                        "{{ raise_exception('System role not supported') }}{% endif %}{{ m['content'] }}{% endfor %}",
+                        raising=False)
+    system = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    refused = httpx.post(f"{url}/v1/chat/completions", json={"model": "plain", "messages": system, "max_tokens": 2})
+    assert refused.status_code == 400  # was a plain-text 500 that OpenAI clients cannot parse
+    assert "chat template refuses these messages: System role not supported" in refused.json()["error"]["message"]
+    user = [{"role": "user", "content": "hi"}]
+    assert httpx.post(f"{url}/v1/chat/completions", json={"model": "plain", "messages": user, "max_tokens": 2}
+                      ).status_code == 200
+
+
+def test_any_other_failure_is_a_counted_json_500(server, monkeypatch):
+    url, app, _, _ = server
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(app.state.engine.registry, "load", broken)
+    failed = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "/nowhere"},
+                        headers={"Authorization": f"Bearer {KEY}"})
+    assert failed.status_code == 500
+    assert failed.json()["error"] == {"message": "the server failed on this call: RuntimeError: disk on fire",
+                                      "type": "server_error", "code": 500}
+    assert 'cpet_request_errors_total{status="500"}' in httpx.get(f"{url}/metrics").text
+
+
+def test_an_adapter_config_with_a_non_numeric_alpha_is_refused_by_name(server, tmp_path):
+    url, _, pipeline, root = server
+    adapter = root / "work" / "adapters" / "alpha-text" / "adapter"
+    shutil.copytree(pipeline.adapters()["plain"], adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": str(config["lora_alpha"])}))
+    try:
+        refused = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "alpha-text", "lora_path": str(adapter)},
+                             headers={"Authorization": f"Bearer {KEY}"})
+    finally:
+        shutil.rmtree(adapter.parent)
+    assert refused.status_code == 400  # was a TypeError: a plain-text 500
+    assert re.search(r"adapter_config.json: lora_alpha must be a number > 0, got '\d+'",
+                     refused.json()["error"]["message"]), refused.text
+
+
+def test_more_inputs_than_the_queue_holds_is_a_400_not_a_429_to_retry(server):
+    url, _, _, _ = server  # the server queues at most 16
+    refused = httpx.post(f"{url}/v1/classify", json={"model": "plain", "input": ["it was good"] * 17})
+    assert refused.status_code == 400
+    assert "holds 17 inputs and the server queues at most 16 (--max-queue)" in refused.json()["error"]["message"]
+    many = httpx.post(f"{url}/v1/completions", json={"model": "plain", "prompt": ["hi"] * 17, "max_tokens": 1})
+    assert many.status_code == 400 and "holds 17 inputs" in many.text
+    assert httpx.post(f"{url}/v1/classify", json={"model": "plain", "input": ["it was good"] * 16}).status_code == 200
+
+
+def test_a_long_text_is_classified_cut_as_the_adapter_was_trained(server):
+    """The raw text was held to --max-prompt-tokens (200 here), though classification cuts it to the adapter's
+    own limit as `cpet eval` does: a long email got a 400."""
+    url, app, _, _ = server
+    text = "it was good " * 100  # 1,200 tokens of the byte tokenizer
+    response = httpx.post(f"{url}/v1/classify", json={"model": "plain", "input": text})
+    assert response.status_code == 200, response.text
+    assert response.json()["data"][0]["label"] == app.state.engine.classify([("plain", text)])[0]["label"]
+
+
+def test_null_fields_take_their_defaults_as_openai_reads_them(server):
+    url, _, _, _ = server
+    response = httpx.post(f"{url}/v1/completions", json={"model": "plain", "prompt": "hi", "max_tokens": None,
+                                                          "temperature": None, "stream": None, "n": None})
+    assert response.status_code == 200, response.text  # max_tokens null was a 400
+    assert response.json()["usage"]["completion_tokens"] <= 16
