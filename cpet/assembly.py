@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -50,6 +50,12 @@ class LowRank:
     @property
     def nbytes(self) -> int:
         return self.A.numel() * self.A.element_size() + self.B.numel() * self.B.element_size()
+
+    def to(self, device: torch.device | str) -> "LowRank":
+        """The same factors on ``device`` (itself when they are there already)."""
+        if self.A.device == torch.device(device) and self.B.device == torch.device(device):
+            return self
+        return LowRank(self.A.to(device), self.B.to(device), self.scale, self.gelu)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         low = x.to(self.A.dtype) @ self.A.T
@@ -185,6 +191,11 @@ class LoadedAdapter:
     @property
     def rank(self) -> int:
         return max((lr.A.shape[0] for lr in self.lora.values()), default=0)
+
+    def to(self, device: torch.device | str) -> "LoadedAdapter":
+        """The same adapter with every factor on ``device`` (where the base that runs it is)."""
+        return replace(self, lora={k: v.to(device) for k, v in self.lora.items()},
+                       per_task={k: v.to(device) for k, v in self.per_task.items()})
 
     @property
     def nbytes(self) -> int:

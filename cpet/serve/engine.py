@@ -82,9 +82,12 @@ class Engine:
 
         self.model, self.base_id, self.tokenizer = model.eval(), base_id, tokenizer
         shapes = module_shapes(model)
-        self.shared = (read_recovery(Path(shared_recovery), shapes, base_id=base_id) if shared_recovery is not None
-                       else {})
-        self.registry = AdapterRegistry(shapes, base_id, capacity=capacity, root=root,
+        # every factor on the base's device: the shared path and the expert banks multiply by them as they are
+        device = next(model.parameters()).device
+        self.shared = ({name: factor.to(device) for name, factor in
+                        read_recovery(Path(shared_recovery), shapes, base_id=base_id).items()}
+                       if shared_recovery is not None else {})
+        self.registry = AdapterRegistry(shapes, base_id, capacity=capacity, root=root, device=device,
                                         has_shared_recovery=bool(self.shared),
                                         shared_recovery_sha256=(recovery_sha256(shared_recovery)
                                                                 if shared_recovery is not None else None))
@@ -181,8 +184,9 @@ class Engine:
         delta = self._stacked_delta(name, batch, x)
         shared = self.shared.get(name)
         if shared is not None:
-            users = torch.tensor([a is not None and a.shared for a in batch.rows], device=x.device)
-            if users.any():
+            flags = [a is not None and a.shared for a in batch.rows]
+            if any(flags):  # asked of the Python list: a tensor's any() waits for the device, at every linear
+                users = torch.tensor(flags, device=x.device)
                 delta = delta + shared(x) * users.view(-1, *[1] * (x.dim() - 1))
         return delta
 

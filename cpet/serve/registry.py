@@ -16,6 +16,8 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 
+import torch
+
 from ..assembly import (AdapterError, AdapterSource, LoadedAdapter, LowRank, load_factors, module_shapes,
                         read_recovery)
 
@@ -51,17 +53,20 @@ class AdapterRegistry:
         has_shared_recovery: whether the server holds the base's shared recovery (adapters trained with it
             are refused otherwise).
         shared_recovery_sha256: the SHA-256 of that recovery's weights (adapters trained with another are refused).
+        device: where loaded factors are kept (the base's device: the expert-bank path multiplies by them as
+            they are); None keeps them where they were read, on the CPU.
     """
 
     def __init__(self, module_shapes: dict[str, tuple[int, int]], base_id: str, *, capacity: int = 64,
                  root: str | Path | None = None, has_shared_recovery: bool = False,
-                 shared_recovery_sha256: str | None = None):
+                 shared_recovery_sha256: str | None = None, device: torch.device | str | None = None):
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.module_shapes, self.base_id, self.capacity = module_shapes, base_id, capacity
         self.root = Path(root).resolve() if root is not None else None
         self.has_shared_recovery = has_shared_recovery
         self.shared_recovery_sha256 = shared_recovery_sha256
+        self.device = device
         self._adapters: OrderedDict[str, LoadedAdapter] = OrderedDict()
         self._pinned: set[str] = set()
         self._lock = threading.Lock()
@@ -85,6 +90,8 @@ class AdapterRegistry:
         adapter = load_factors(name, source or AdapterSource(path), self.module_shapes, base_id=self.base_id,
                                shared_available=self.has_shared_recovery,
                                shared_sha256=self.shared_recovery_sha256)
+        if self.device is not None:
+            adapter = adapter.to(self.device)
         with self._lock:
             self._make_room(name)  # before inserting: the new adapter is never the one evicted
             self._adapters.pop(name, None)

@@ -292,3 +292,27 @@ def test_a_moefied_base_serves_mixed_batches_like_cpet(tmp_path):
         for i, name in enumerate(rows):
             alone = pipeline.model_for(name)(input_ids=IDS[i:i + 1]).logits[0]
             assert torch.allclose(mixed[i], alone, atol=1e-4), name
+
+
+def test_every_factor_is_kept_on_the_bases_device(tmp_path):
+    """The shared-recovery path and the expert banks multiply by the factors as they are: read onto the CPU, they
+    failed on a base on another device ('meta' stands in for a GPU here: shapes only, any mix with the CPU fails)."""
+    from dataclasses import replace
+
+    from cpet.adapters import add_lora
+    from cpet.models import tiny_model
+    from cpet.recovery import RecoveryConfig, RecoverySet
+
+    loaded = tiny_model("llama")
+    recovery = RecoverySet(loaded.model, RecoveryConfig(rank=2, activation="identity"))
+    recovery.save(tmp_path / "recovery", {"base_id": "b" * 64})
+    peft_model = add_lora(tiny_model("llama").model, rank=2, alpha=4, dropout=0.0, target_roles=("q", "v"))
+    peft_model.save_pretrained(str(tmp_path / "plain"))
+    engine = Engine(loaded.model.to("meta"), "b" * 64, loaded.tokenizer, shared_recovery=tmp_path / "recovery")
+    adapter = engine.registry.load("plain", tmp_path / "plain")
+    factors = [*engine.shared.values(), *adapter.lora.values()]
+    assert factors and {t.device.type for f in factors for t in (f.A, f.B)} == {"meta"}
+    # the shared-recovery path runs for rows whose adapter was trained with it: this one stands for such an adapter
+    engine.registry._adapters["plain"] = replace(adapter, shared=True)
+    ids = torch.zeros(2, 4, dtype=torch.long, device="meta")
+    assert engine.forward(["plain", None], input_ids=ids).logits.shape == (2, 4, loaded.model.config.vocab_size)
