@@ -117,7 +117,21 @@ def apply_residual_svd_lora(peft_model, original_model: nn.Module, index_maps, a
                 residual = residual - recovered.to(residual.device)
             lora_A, lora_B = module.lora_A[adapter_name].weight, module.lora_B[adapter_name].weight
             B, A = low_rank_factors(residual, lora_A.shape[0])
-            lora_B.copy_(B / module.scaling[adapter_name])  # peft computes B A * scaling
-            lora_A.copy_(A)
+            # a component of singular value 0 would start with A's row and B's column both zero, and a LoRA
+            # component zero on both sides gets no gradient: it keeps peft's start (random A, B = 0), as
+            # init='random' would. That is every component where compression changed nothing: a base only
+            # pruned or MoEfied (rows and columns kept or reordered), linears a quantization stage left alone.
+            live = live_components(B, A).to(lora_A.device)
+            lora_B.copy_(torch.where(live.unsqueeze(0), (B / module.scaling[adapter_name]).to(lora_B), 0))
+            lora_A.copy_(torch.where(live.unsqueeze(1), A.to(lora_A), lora_A))
             errors[layer.names[role]] = relative_error(residual, B @ A)
     return errors
+
+
+def live_components(B: torch.Tensor, A: torch.Tensor, tolerance: float = 1e-6) -> torch.Tensor:
+    """``[rank]`` bool: the components of ``B [out, rank] A [rank, in]`` that carry some of the product, i.e.
+    whose ``||B[:, j]|| ||A[j]||`` (their singular value) is above ``tolerance`` times the largest (none where the
+    product is zero)."""
+    strength = B.norm(dim=0) * A.norm(dim=1)
+    top = strength.max() if strength.numel() else strength.new_zeros(())
+    return strength > tolerance * top if top > 0 else torch.zeros_like(strength, dtype=torch.bool)

@@ -252,7 +252,7 @@ class CPET:
         start, started_at = time.perf_counter(), utc_now()
         self.check_stages(stages)  # before tokenizing the calibration text, which takes a while
         check_context_length(self.original.model, seq_len, "the calibration window (seq_len)",
-                             "lower seq_len (cpet compress --seq-len)")
+                             "lower seq_len (compress(seq_len=...); cpet compress's windows are 128 tokens)")
         ids = calibration_ids(self.original.tokenizer, load_corpus(calibration, split="train"),
                               calibration_samples, seq_len, seed=calibration_seed)
         base = run_stages(copy.deepcopy(self.original.model), list(stages), calibration=ids,
@@ -303,6 +303,9 @@ class CPET:
         if any(not 0 < step < distill.steps for step in wanted):  # before any work
             raise ValueError(f"checkpoints {sorted(wanted)} must lie between 0 and the {distill.steps} distillation "
                              "steps (the last step is saved anyway)")
+        # before the corpus, the base, the activation pass and an SVD of every linear
+        check_context_length(self.original.model, distill.seq_len, "the distillation window (seq_len)",
+                             "lower seq_len (cpet recover --seq-len)")
         start, started_at = time.perf_counter(), utc_now()
         corpus = load_corpus(text, split="train")
         base = self.load_compressed()
@@ -312,7 +315,7 @@ class CPET:
         if config.init == "svd":
             check_svd_rank(config.rank, {name: (recovery.bypass(name).B.weight.shape[0],
                                                 recovery.bypass(name).A.weight.shape[1]) for name in recovery.targets},
-                           "use a smaller --rank, or init='zero'")
+                           "use a smaller rank (cpet recover --rank), or RecoveryConfig(init='zero')")
             scales = None
             if activation_weighted:
                 ids = calibration_ids(self.original.tokenizer, corpus, 8, 128)
@@ -750,9 +753,10 @@ def check_work_dir(work_dir: str | Path) -> None:
     if work_dir.exists() and not work_dir.is_dir():
         raise ValueError(_IS_A_FILE.format(work_dir))
     if work_dir.is_dir() and not (work_dir / "pipeline.json").exists():
-        # what a run cut off before its first step leaves (its configs/, a hidden temporary) is the pipeline's own
+        # what a run cut off before its first step leaves (its configs/, a hidden temporary) is the pipeline's own;
+        # an entry that only bears a pipeline's name is not (a model directory called base/ would be replaced)
         foreign = sorted(entry.name for entry in work_dir.iterdir()
-                         if entry.name not in PIPELINE_ENTRIES and not entry.name.startswith((".", "recovery-step")))
+                         if not _pipeline_own(entry) and not entry.name.startswith((".", "recovery-step")))
         if foreign:
             shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
             raise ValueError(f"{work_dir} holds files and is not a CPET pipeline (no pipeline.json; it holds {shown}): "
@@ -762,6 +766,20 @@ def check_work_dir(work_dir: str | Path) -> None:
 
 # what a pipeline's work directory holds (see the module docstring)
 PIPELINE_ENTRIES = frozenset({"pipeline.json", "base", "adapters", "recovery", "configs"})
+
+
+def _pipeline_own(entry: Path) -> bool:
+    """Whether ``entry`` of a work directory is what a pipeline writes there, not only named so: ``base/`` with its
+    manifest, ``recovery/`` with ``recovery.json``, ``adapters/`` of directories, ``configs/`` of JSON files."""
+    if entry.name not in PIPELINE_ENTRIES or not entry.is_dir():
+        return False
+    if entry.name == "base":
+        return (entry / "manifest.json").exists()
+    if entry.name == "recovery":
+        return (entry / "recovery.json").exists()
+    if entry.name == "adapters":
+        return all(child.is_dir() for child in entry.iterdir())
+    return all(child.suffix == ".json" for child in entry.iterdir())  # configs/
 
 
 def check_tune_options(on: str, init: str, recovery: str, inherit_from=None) -> None:

@@ -345,7 +345,8 @@ def low_rank_factors(residual: torch.Tensor, rank: int, input_scale: torch.Tenso
 
     With ``input_scale`` (per input feature, e.g. the RMS of the layer's inputs on calibration text) the
     SVD is of ``residual * scale``, so the error is measured on the outputs the layer actually produces
-    (EoRA); A is then un-scaled. The singular values are split evenly: ``B = U sqrt(S)``, ``A = sqrt(S) Vh``.
+    (EoRA); A is then un-scaled, and is 0 on the features of scale 0 (never active on the calibration text). The
+    singular values are split evenly: ``B = U sqrt(S)``, ``A = sqrt(S) Vh``.
     """
     residual = residual.float()
     weighted = residual * input_scale.unsqueeze(0) if input_scale is not None else residual
@@ -354,7 +355,11 @@ def low_rank_factors(residual: torch.Tensor, rank: int, input_scale: torch.Tenso
     B = U[:, :rank] * root.unsqueeze(0)
     A = root.unsqueeze(1) * Vh[:rank]
     if input_scale is not None:
-        A = A / input_scale.clamp(min=1e-8).unsqueeze(0)
+        # an input feature that never fired on the calibration text (scale 0: a dead ReLU unit) weighed nothing in
+        # the SVD, so A's column there is noise; dividing it by a clamped 0 blew it up (~6 against ~0.1 on OPT's
+        # fc2). It gets no correction: nothing measured what it would need.
+        live = input_scale > 1e-6 * input_scale.max()
+        A = torch.where(live.unsqueeze(0), A / input_scale.clamp(min=1e-12).unsqueeze(0), 0.0)
     return B, A
 
 

@@ -166,6 +166,15 @@ def test_compress_moefy_and_quantized_embeddings_then_tune(capsys, model_dir, ta
     (["compress", "--moefy-experts", "1", "--out", "x"], "num_experts must be >= 2"),
     (["compress", "--moefy-top-k", "4", "--out", "x"], "need --moefy-experts"),
     (["compress", "--prune-ffn", "0.25", "--quantize-embeddings", "--out", "x"], "needs --quantize"),
+    # a stage's flag without its stage was dropped without a word
+    (["compress", "--prune-ffn", "0.25", "--moefy-clustering", "weights", "--out", "x"],
+     r"--moefy-clustering is read only with --moefy-experts: give the stage"),
+    (["compress", "--prune-ffn", "0.25", "--no-double-quant", "--compute-dtype", "bfloat16", "--out", "x"],
+     r"--no-double-quant is read only with --quantize; --compute-dtype is read only with --quantize"),
+    (["compress", "--prune-ffn", "0.25", "--head-mode", "kv_group", "--out", "x"],
+     r"--head-mode is read only with --prune-heads"),
+    (["compress", "--quantize", "nf4", "--importance", "magnitude", "--out", "x"],
+     r"--importance is read only with --prune-ffn or --prune-heads"),
     (["eval", "--model", "no-such-model", "--corpus", "brown"], "unknown model 'no-such-model'"),
     (["eval"], r"^cpet eval: error: give --task T"),
     (["fetch", "nosuch"], r"^cpet fetch: error: unknown asset 'nosuch'; choose from all"),
@@ -720,6 +729,8 @@ def test_every_compress_flag_reaches_its_stage_config():
     (["compress", "--out", "{tmp}", "--prune-ffn", "0.25"], r"holds files and is not a CPET pipeline .*a-file"),
     (["tune", "{tmp}", "--on", "original", "--task", "{task}"], r"holds files and is not a CPET pipeline"),
     (["demo", "--out", "{tmp}", "--task", "{task}"], r"holds files and is not a CPET pipeline"),
+    # entries named as a pipeline's that are not: compress replaced the model directory base/ with its base
+    (["compress", "--out", "{tmp}/lookalike", "--prune-ffn", "0.25"], r"no pipeline.json; it holds base, recovery\)"),
     # labels whose default words coincide ('very_good' and 'very good'): refused once the model had loaded
     (["tune", "{tmp}/new", "--on", "original", "--task", "{twins}"], r"maps two labels to the same word"),
     (["demo", "--out", "{tmp}/demo", "--task", "{twins}"], r"maps two labels to the same word"),
@@ -746,6 +757,9 @@ def test_bad_flags_are_refused_before_a_model_loads(capsys, monkeypatch, tmp_pat
         (tmp_path / name / "adapter_config.json").write_text(config)
         weights = "adapter_model.bin" if name == "bin-peft" else "adapter_model.safetensors"
         (tmp_path / name / weights).write_bytes(b"x")
+    for entry in ("base", "recovery"):
+        (tmp_path / "lookalike" / entry).mkdir(parents=True)
+        (tmp_path / "lookalike" / entry / "config.json").write_text("{}")
     twins = tmp_path / "twins.jsonl"
     twins.write_text("\n".join(json.dumps({"text": f"item {i}", "label": ["very_good", "very good"][i % 2]})
                                for i in range(60)))

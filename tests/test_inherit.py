@@ -123,6 +123,35 @@ def test_residual_svd_lora_starts_closer_to_the_original():
         assert (student(IDS).logits - target).norm() < 0.95 * (compressed_logits - target).norm()
 
 
+def test_residual_svd_lora_trains_where_compression_changed_nothing():
+    """A base only pruned keeps the kept weights exactly: its residual is 0, and the SVD start set A and B both to 0,
+    a LoRA that gets no gradient and never trains. Those components keep peft's start (random A, B = 0)."""
+    loaded = tiny_model("llama")
+    base = compress(loaded.model, [PruneConfig(ffn_ratio=0.25, importance="magnitude")], progress=False)
+    torch.manual_seed(0)
+    student = add_lora(base.model, rank=4, alpha=8, dropout=0.0)
+    start = {n: p.clone() for n, p in student.named_parameters() if "lora_A" in n}
+    apply_residual_svd_lora(student, loaded.model, base.index_maps)
+    lora = dict(student.named_parameters())
+    assert all(torch.equal(lora[n], p) for n, p in start.items())  # peft's random A, untouched
+    assert all(not p.any() for n, p in lora.items() if "lora_B" in n)
+    student(IDS).logits.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for n, p in lora.items() if "lora_B" in n)
+
+
+def test_residual_svd_lora_on_a_quantized_base_uses_every_component():
+    """Quantization noise has full rank: every component of the SVD start is the residual's (none kept at peft's)."""
+    from cpet.lora_init import live_components
+
+    loaded = tiny_model("llama")
+    base = compress(loaded.model, [QuantizeConfig("nf4")], progress=False)
+    student = add_lora(base.model, rank=4, alpha=8, dropout=0.0)
+    apply_residual_svd_lora(student, loaded.model, base.index_maps)
+    modules = [m for m in student.modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
+    assert modules and all(live_components(m.lora_B["default"].weight, m.lora_A["default"].weight).all()
+                           for m in modules)
+
+
 # --------------------------------------------------------------------------------------------------
 # Plain PEFT adapters (trained elsewhere) with rsLoRA, per-module ranks/alphas, or DoRA
 # --------------------------------------------------------------------------------------------------

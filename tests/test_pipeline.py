@@ -291,6 +291,17 @@ def test_a_residual_svd_start_of_more_factors_than_a_target_has_is_refused_by_na
                       name="svd-rank-40")
 
 
+def test_a_distillation_window_past_the_context_is_refused_before_the_base_loads(built, monkeypatch):
+    """It was refused by the distillation loop, after the corpus, the base, the activation pass and an SVD of every
+    linear."""
+    pipeline, _, _, _ = built
+    monkeypatch.setattr(type(pipeline), "load_compressed", lambda self: pytest.fail("the base was loaded"))
+    with pytest.raises(ValueError, match=r"the distillation window \(seq_len\) is 300 tokens.*recover --seq-len\) "
+                                         r"to at most 256"):
+        pipeline.recover(distill=DistillConfig(steps=2, seq_len=300), text=str(pipeline.work_dir.parent / "corpus.txt"),
+                         progress=False)
+
+
 def test_empty_training_split_writes_nothing(built):
     pipeline, _, _, root = built
     no_train = write_task(root / "notrain.jsonl", n=20, splits=("validation", "test"))
@@ -416,7 +427,8 @@ def test_a_calibration_window_past_the_context_is_refused_before_the_corpus_is_r
 
     monkeypatch.setattr(cpet.data, "load_corpus", lambda *a, **k: pytest.fail("the corpus was read"))
     pipeline = CPET(tiny_model("llama"), tmp_path / "work")  # 256 positions
-    with pytest.raises(ValueError, match=r"the calibration window \(seq_len\) is 512 tokens.*compress --seq-len"):
+    with pytest.raises(ValueError, match=r"the calibration window \(seq_len\) is 512 tokens.*compress\(seq_len=...\); "
+                                         r"cpet compress.s windows are 128"):
         pipeline.compress([PruneConfig(ffn_ratio=0.25)], seq_len=512, progress=False)
     assert not pipeline.has_base
 

@@ -353,3 +353,20 @@ def test_a_zero_init_shared_recovery_is_a_function_of_the_seed_not_of_the_caller
     finally:  # the module's later tests read the svd-initialised set the fixture distilled
         pipeline.recover(RecoveryConfig(rank=4, alpha=4, activation="identity", init="svd"),
                          DistillConfig(steps=3, seq_len=16), text=corpus, progress=False)
+
+
+def test_an_input_feature_never_active_gets_no_correction():
+    """Features of RMS 0 on the calibration text (dead ReLU units) weigh nothing in the activation-weighted SVD:
+    A's columns there were noise divided by a clamped 0 (~6, against ~0.1 elsewhere)."""
+    from cpet.recovery import low_rank_factors, relative_error
+
+    generator = torch.Generator().manual_seed(0)
+    residual = torch.randn(64, 256, generator=generator)
+    scale = torch.rand(256, generator=generator) + 0.5
+    scale[:40] = 0.0
+    B, A = low_rank_factors(residual, 16, scale)
+    assert torch.equal(A[:, :40], torch.zeros(16, 40))
+    # the live features get what the weighted SVD gives them, as before
+    weighted_B, weighted_A = low_rank_factors(residual[:, 40:] * scale[40:], 16)
+    assert relative_error(residual[:, 40:] * scale[40:], B @ (A[:, 40:] * scale[40:])) == pytest.approx(
+        relative_error(residual[:, 40:] * scale[40:], weighted_B @ weighted_A), abs=1e-5)

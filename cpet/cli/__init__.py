@@ -226,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on", default="compressed", choices=["compressed", "original"],
                    help="tune on the compressed base or on the uncompressed model (the inheritance source)")
     p.add_argument("--init", default="random", choices=["random", "inherit", "svd"],
-                   help="LoRA start: peft's (B = 0), inherited from --inherit-from, or the residual's SVD")
+                   help="LoRA start: peft's (B = 0), inherited from --inherit-from, or the residual's SVD (peft's "
+                        "start where compression changed nothing: a zero residual gives no factors to train)")
     p.add_argument("--inherit-from", help="adapter trained on the original model: its name in this pipeline, or a "
                                           "directory (by CPET, or a plain PEFT LoRA directory for the same model)")
     p.add_argument("--recovery", default="none", type=lambda value: value.replace("-", "_"),

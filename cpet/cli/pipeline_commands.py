@@ -14,6 +14,18 @@ def stages_from_args(args: argparse.Namespace) -> list:
     from ..compress.moefy import MoEfyConfig
     from ..config import PruneConfig, QuantizeConfig
 
+    pruning, moefying, quantizing = bool(args.prune_ffn or args.prune_heads), args.moefy_experts is not None, \
+        args.quantize != "none"
+    # (flag, given, its stage asked for, the flag that asks for it): a stage's flag without the stage would be
+    # dropped without a word
+    orphans = [f"{flag} is read only with {needs}" for flag, given, asked, needs in (
+        ("--importance", args.importance != "taylor", pruning, "--prune-ffn or --prune-heads"),
+        ("--head-mode", args.head_mode != "query", bool(args.prune_heads), "--prune-heads"),
+        ("--moefy-clustering", args.moefy_clustering != "coactivation", moefying, "--moefy-experts"),
+        ("--no-double-quant", args.no_double_quant, quantizing, "--quantize"),
+        ("--compute-dtype", args.compute_dtype != "float32", quantizing, "--quantize")) if given and not asked]
+    if orphans:
+        raise ValueError("; ".join(orphans) + ": give the stage they belong to, or leave them out")
     stages = []
     if args.prune_ffn or args.prune_heads:
         stages.append(PruneConfig(ffn_ratio=args.prune_ffn, head_ratio=args.prune_heads,
