@@ -539,6 +539,9 @@ def load_base(name_or_path: str = EMBEDDED_DEFAULT, *, dtype: torch.dtype = torc
             f"not in the local hub cache: give a local model directory or .gguf file, an embedded model "
             f"({', '.join(EMBEDDED)}), or run once where the hub can be reached") from exc
     timings["load"] = time.perf_counter() - start
+    from .compress.quantize import keep_4bit_layout  # here: cpet.compress imports this module
+
+    keep_4bit_layout(model)  # a saved 4-bit base: bitsandbytes' CPU repack scrambled what CPET reads of its weights
     _finish(model, tokenizer)
     return _placed(LoadedBase(model, tokenizer, name_or_path, local, timings), dtype, device)
 

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from .compress.calibration import check_token_windows
 from .evaluate import evaluating, model_device, perplexity
-from .models import check_context_length, iter_layer_linears, unwrap
+from .models import check_context_length, context_length, iter_layer_linears, unwrap
 from .recovery import dequantized_weight
 
 CONTRIBUTION, MAGNITUDE = "contribution", "magnitude"
@@ -134,6 +134,32 @@ class FFNActivations:
 def _check_search_tokens(search_tokens: int | None) -> None:
     if search_tokens is not None and (isinstance(search_tokens, bool) or search_tokens < 1):
         raise ValueError(f"search_tokens is a number of tokens >= 1 (None: all), got {search_tokens!r}")
+
+
+def check_report_options(*, cett: float, ppl_p: float | None, search_tokens: int | None,
+                         max_tokens: int | None, names: dict[str, str] | None = None) -> None:
+    """Refuse options of :func:`sparsity_report` that would fail it after the activations (and the bisections)
+    had run, naming the option (``names``: how the caller spells each, e.g. the CLI's flags) and what it takes
+    (``cpet sparsity`` calls it before loading the model)."""
+    name = {"cett": "cett", "ppl_p": "ppl_p", "max_tokens": "max_tokens", **(names or {})}
+    if not 0.0 <= cett <= 1.0:  # also refuses nan
+        raise ValueError(f"{name['cett']} is a share of the FFN output norm in [0, 1], got {cett}")
+    if ppl_p is not None and not 0 < ppl_p < math.inf:
+        raise ValueError(f"{name['ppl_p']} is a perplexity rise in percent (a finite number > 0), got {ppl_p}")
+    _check_search_tokens(search_tokens)
+    if max_tokens is not None and max_tokens < 2:
+        raise ValueError(f"{name['max_tokens']} must be >= 2 (perplexity scores each token after the first), got "
+                         f"{max_tokens}")
+
+
+PERPLEXITY_WINDOW = 256  # tokens per perplexity window (fewer where the model's context is shorter)
+
+
+def _perplexity(model: nn.Module, tokenizer, text: str, max_tokens: int | None) -> float:
+    """Perplexity of ``text`` in windows of :data:`PERPLEXITY_WINDOW` tokens, or of the model's whole context
+    where it is shorter (a fixed 256 refused such a model, after the activations and the bisections)."""
+    window = min(PERPLEXITY_WINDOW, context_length(model) or PERPLEXITY_WINDOW)
+    return perplexity(model, tokenizer, text, max_length=window, stride=window, max_tokens=max_tokens).ppl
 
 
 def _down_modules(model: nn.Module) -> list[nn.Module]:
@@ -313,14 +339,14 @@ def ppl_p_sparsity(model: nn.Module, tokenizer, activations: FFNActivations, tex
     if max_probes < 1:
         raise ValueError(f"the search needs max_probes >= 1, got {max_probes}")
     _check_search_tokens(search_tokens)
-    dense = perplexity(model, tokenizer, text, max_tokens=max_tokens).ppl
+    dense = _perplexity(model, tokenizer, text, max_tokens)
     norms = [activations.column_norms(layer) for layer in range(activations.num_layers)]
     low, high, points, best = 0.0, 1.0, [], None
     for _ in tqdm(range(max_probes), desc=f"PPL-{p:g}%", disable=not progress, leave=False):
         target = (low + high) / 2
         thresholds = activations.thresholds_for_cett(target, search_tokens=search_tokens)
         with ActivationMask(model, thresholds, column_norms=norms) as mask:
-            ppl = perplexity(model, tokenizer, text, max_tokens=max_tokens).ppl
+            ppl = _perplexity(model, tokenizer, text, max_tokens)
         point = PPLPoint(target, ppl, 100 * (ppl / dense - 1), mask.active_share)
         points.append(point)
         if best is None or abs(point.rise_percent - p) < abs(best[0].rise_percent - p):
@@ -355,7 +381,7 @@ def matched_magnitude_baseline(model: nn.Module, tokenizer, activations: FFNActi
     for _ in range(max_probes):
         thresholds = magnitude_thresholds(activations, asked)
         with ActivationMask(model, thresholds, MAGNITUDE) as mask:
-            ppl = perplexity(model, tokenizer, text, max_tokens=max_tokens).ppl
+            ppl = _perplexity(model, tokenizer, text, max_tokens)
         probes.append({"asked_share": asked, "activation_ratio": mask.active_share, "ppl": ppl})
         if best is None or abs(mask.active_share - active_share) < abs(best[0]["activation_ratio"] - active_share):
             best = (probes[-1], thresholds)
@@ -386,6 +412,7 @@ def sparsity_report(model: nn.Module, tokenizer, calibration: torch.Tensor, text
         ``{"tokens", "cett_target", "layers": [{"layer", "neurons", "nonzero_ratio", "threshold",
         "activation_ratio", "cett"}], "overall": {...}, "ppl_p": {...} | None, "baseline": {...} | None}``.
     """
+    check_report_options(cett=cett, ppl_p=ppl_p, search_tokens=search_tokens, max_tokens=max_tokens)
     activations = collect_ffn_activations(model, calibration, progress=progress)
     layers = []
     sample = activations.subsample(search_tokens)

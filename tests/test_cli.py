@@ -175,6 +175,7 @@ def test_compress_moefy_and_quantized_embeddings_then_tune(capsys, model_dir, ta
      r"--head-mode is read only with --prune-heads"),
     (["compress", "--quantize", "nf4", "--importance", "magnitude", "--out", "x"],
      r"--importance is read only with --prune-ffn or --prune-heads"),
+    (["compress", "--prune-heads", "0.5", "--round-to", "8", "--out", "x"], r"--round-to is read only with --prune-ffn"),
     (["eval", "--model", "no-such-model", "--corpus", "brown"], "unknown model 'no-such-model'"),
     (["eval"], r"^cpet eval: error: give --task T"),
     (["fetch", "nosuch"], r"^cpet fetch: error: unknown asset 'nosuch'; choose from all"),
@@ -536,7 +537,9 @@ def test_sparsity_writes_a_json_report_and_a_png(capsys, model_dir, tmp_path):
 @pytest.mark.parametrize("argv, message", [(["--cett", "1.5"], r"--cett .* in \[0, 1\]"),
                                            (["--ppl-p", "-1"], r"--ppl-p .* \(a finite number > 0\), got -1"),
                                            (["--ppl-p", "nan"], r"--ppl-p .* \(a finite number > 0\), got nan"),
-                                           (["--seq-len", "1"], r"--seq-len: .*>= 2")])
+                                           (["--seq-len", "1"], r"--seq-len: .*>= 2"),
+                                           # refused after the activations and the bisections
+                                           (["--max-tokens", "1"], r"--max-tokens must be >= 2")])
 def test_sparsity_refuses_bad_targets_before_loading(capsys, argv, message):
     with pytest.raises(SystemExit) if argv[0] == "--seq-len" else contextlib.nullcontext():  # argparse's own
         assert main(["sparsity", "--model", "no-such-model", *argv]) == 2
@@ -709,6 +712,17 @@ def test_every_compress_flag_reaches_its_stage_config():
     assert defaults == [PruneConfig(ffn_ratio=0.5, importance="taylor", head_mode="query"),
                         MoEfyConfig(num_experts=4, clustering="coactivation"),
                         QuantizeConfig(method="int8", double_quant=True, compute_dtype="float32", embeddings=False)]
+
+
+def test_round_to_reaches_the_pruning_stage_so_that_a_pruned_ffn_splits_into_equal_experts():
+    """The MoEfication refusal of widths that do not split suggested round_to, which the command line lacked."""
+    from cpet.cli import build_parser
+    from cpet.cli.pipeline_commands import stages_from_args
+    from cpet.config import PruneConfig
+
+    args = build_parser().parse_args(["compress", "--out", "x", "--prune-ffn", "0.3", "--round-to", "8",
+                                      "--moefy-experts", "8"])
+    assert stages_from_args(args)[0] == PruneConfig(ffn_ratio=0.3, round_to=8)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -243,3 +243,25 @@ def test_a_hub_dataset_out_of_reach_is_refused_at_once(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("datasets retried the hub"))
     with pytest.raises(ValueError, match=r"'org/data': the hub is out of reach .*HF_HUB_OFFLINE=1"):
         load_hf_task("org/data")
+
+
+def test_a_saved_4bit_base_loads_in_the_canonical_layout(tmp_path):
+    """Loaded with plain from_pretrained, bitsandbytes repacked each 4-bit weight in place at the first forward on
+    CPUs with AVX512-BF16: what the sparsity tools then read of the weights was scrambled (column norms off by
+    ~9%) and the logits were not CompressedBase.load's."""
+    from cpet.compress import CompressedBase, compress
+    from cpet.config import QuantizeConfig
+    from cpet.models import load_base
+    from cpet.recovery import dequantized_weight
+
+    tiny = tiny_model("llama")
+    compress(tiny.model, [QuantizeConfig("nf4")], tokenizer=tiny.tokenizer, progress=False).save(tmp_path / "base")
+    plain, reference = load_base(str(tmp_path / "base")).model, CompressedBase.load(tmp_path / "base").model
+    four_bit = [m for m in plain.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    assert four_bit and not any(m.support_avx512bf16_for_cpu for m in four_bit)
+    ids = torch.tensor([[5, 17, 99, 3, 42, 8]])
+    with torch.no_grad():
+        for _ in range(2):  # the repack happened at the first no-grad forward
+            assert torch.equal(plain(ids).logits, reference(ids).logits)
+    down = plain.model.layers[0].mlp.down_proj
+    assert torch.equal(dequantized_weight(down), dequantized_weight(reference.model.layers[0].mlp.down_proj))

@@ -222,3 +222,25 @@ def test_windows_past_the_context_are_refused_before_any_forward():
     loaded = tiny_model("opt")  # learned positions: a 257th position was an IndexError inside the forward
     with pytest.raises(ValueError, match=r"an activation window is 257 tokens, more than the 256 positions"):
         collect_ffn_activations(loaded.model, calibration(loaded.model.config.vocab_size, n=1, seq=257))
+
+
+@pytest.mark.parametrize("options, message", [({"search_tokens": 0}, r"search_tokens is a number of tokens >= 1"),
+                                              ({"cett": 1.5}, r"cett is a share of the FFN output norm in \[0, 1\]"),
+                                              ({"ppl_p": 0.0}, r"ppl_p is a perplexity rise in percent"),
+                                              ({"max_tokens": 1}, r"max_tokens must be >= 2")])
+def test_report_options_are_refused_before_the_activations(monkeypatch, options, message):
+    """search_tokens=0 was a ZeroDivisionError; the others came after the activations (ppl_p after the bisections)."""
+    import cpet.sparsity
+
+    monkeypatch.setattr(cpet.sparsity, "collect_ffn_activations", lambda *a, **k: pytest.fail("activations ran"))
+    loaded = tiny_model("llama")
+    with pytest.raises(ValueError, match=message):
+        sparsity_report(loaded.model, loaded.tokenizer, calibration(loaded.model.config.vocab_size), TEXT, **options)
+
+
+def test_a_model_of_a_short_context_is_measured_in_windows_that_fit_it():
+    """The perplexity window was a fixed 256 tokens: a model of 128 positions was refused after all the work."""
+    loaded = tiny_model("llama", max_position_embeddings=128)
+    report = sparsity_report(loaded.model, loaded.tokenizer, calibration(loaded.model.config.vocab_size), TEXT,
+                             ppl_p=5.0, max_tokens=512)
+    assert report["ppl_p"]["dense_ppl"] > 1 and report["baseline"]["ppl"] > 1

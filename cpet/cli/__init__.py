@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
                    f"the one the pipeline recorded; a new pipeline: {EMBEDDED_DEFAULT})")
     p.add_argument("--prune-ffn", type=float, default=0.0, help="share of FFN channels removed per layer")
     p.add_argument("--prune-heads", type=float, default=0.0, help="share of attention heads removed per layer")
+    p.add_argument("--round-to", type=positive_int, default=1,
+                   help="kept FFN widths are rounded down to a multiple of this (e.g. the --moefy-experts count, so "
+                        "that the pruned FFN splits into equal experts)")
     p.add_argument("--importance", default="taylor", choices=["magnitude", "taylor", "activation"],
                    help="pruning importance (taylor and activation read Brown calibration windows)")
     p.add_argument("--head-mode", default="query", choices=["query", "kv_group"],

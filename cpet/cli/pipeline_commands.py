@@ -20,6 +20,7 @@ def stages_from_args(args: argparse.Namespace) -> list:
     # dropped without a word
     orphans = [f"{flag} is read only with {needs}" for flag, given, asked, needs in (
         ("--importance", args.importance != "taylor", pruning, "--prune-ffn or --prune-heads"),
+        ("--round-to", args.round_to != 1, bool(args.prune_ffn), "--prune-ffn"),
         ("--head-mode", args.head_mode != "query", bool(args.prune_heads), "--prune-heads"),
         ("--moefy-clustering", args.moefy_clustering != "coactivation", moefying, "--moefy-experts"),
         ("--no-double-quant", args.no_double_quant, quantizing, "--quantize"),
@@ -29,7 +30,7 @@ def stages_from_args(args: argparse.Namespace) -> list:
     stages = []
     if args.prune_ffn or args.prune_heads:
         stages.append(PruneConfig(ffn_ratio=args.prune_ffn, head_ratio=args.prune_heads,
-                                  importance=args.importance, head_mode=args.head_mode))
+                                  importance=args.importance, head_mode=args.head_mode, round_to=args.round_to))
     if args.moefy_experts is not None:
         stages.append(MoEfyConfig(num_experts=args.moefy_experts, top_k=args.moefy_top_k, tau=args.moefy_tau,
                                   clustering=args.moefy_clustering, seed=getattr(args, "seed", 0)))

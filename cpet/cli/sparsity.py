@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -16,17 +15,16 @@ def cmd_sparsity(args: argparse.Namespace) -> int:
     from ..compress import calibration_ids
     from ..data import load_corpus
     from ..models import check_context_length
-    from ..sparsity import plot_activation_ratios, require_matplotlib, sparsity_report
+    from ..sparsity import check_report_options, plot_activation_ratios, require_matplotlib, sparsity_report
     from .evaluation import load_model
 
     try:
         require_matplotlib()  # the PNG is written at the end: fail before the measurement, not after it
     except ImportError as exc:
         raise ValueError(str(exc)) from None
-    if not 0.0 <= args.cett <= 1.0:  # before the model is loaded
-        raise ValueError(f"--cett is a share of the FFN output norm in [0, 1], got {args.cett}")
-    if not 0 < args.ppl_p < math.inf:  # also refuses nan
-        raise ValueError(f"--ppl-p is a perplexity rise in percent (a finite number > 0), got {args.ppl_p}")
+    # before the model is loaded
+    check_report_options(cett=args.cett, ppl_p=args.ppl_p, search_tokens=512, max_tokens=args.max_tokens,
+                         names={"cett": "--cett", "ppl_p": "--ppl-p", "max_tokens": "--max-tokens"})
     check_output_dir(Path(args.out))  # the report is written at the end: a bad --out fails now
     brown = args.corpus == "brown"  # thresholds from Brown's training documents, perplexity on held-out ones
     train_text = load_corpus(args.corpus, split="train" if brown else "all")  # a missing file fails here

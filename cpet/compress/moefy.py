@@ -267,8 +267,8 @@ class MoEfyStage:
         if bad:
             divisors = [d for d in range(2, min(widths) + 1) if all(w % d == 0 for w in widths)][:12]
             raise ValueError(f"FFN widths {bad} do not split into {config.num_experts} equal experts; expert counts "
-                             f"that divide every layer's width: {divisors} (or prune with round_to a multiple "
-                             "of num_experts)")
+                             f"that divide every layer's width: {divisors} (or prune to widths that split: "
+                             "PruneConfig(round_to=a multiple of num_experts), cpet compress --round-to)")
         context.custom_layout = context.custom_layout or LAYOUT_NOTE
 
     def apply(self, model: nn.Module, config: MoEfyConfig, context: StageContext):

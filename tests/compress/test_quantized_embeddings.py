@@ -12,7 +12,7 @@ from cpet.compress import CompressedBase, compress
 from cpet.compress.quantized_embeddings import QuantizedEmbedding4bit, QuantizedEmbedding8bit, TiedQuantizedHead
 from cpet.config import QuantizeConfig
 from cpet.evaluate import memory_bytes
-from cpet.models import tiny_model
+from cpet.models import model_fingerprint, tiny_model
 
 IDS = torch.tensor([[5, 17, 99, 3, 42, 8, 120, 250]])
 
@@ -88,3 +88,14 @@ def test_embeddings_that_cannot_be_quantized_faithfully_are_refused_before_work(
     with torch.no_grad():
         reference = narrow(input_ids=ids).logits
         assert (base.model(input_ids=ids).logits - reference).abs().max() < 0.05 * reference.abs().max()
+
+
+def test_a_tied_head_with_a_bias_is_refused_not_dropped():
+    """The quantized tied head computes x E^T: a tied phi head's bias (N(0, 2) here) was left out, logits off by ~6."""
+    model = tiny_model("phi", tie_word_embeddings=True).model
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert model.get_output_embeddings().bias is not None
+    before = model_fingerprint(model)
+    with pytest.raises(ValueError, match="tied to the token embedding and has a bias"):
+        compress(model, [QuantizeConfig("int8", embeddings=True)], progress=False)
+    assert model_fingerprint(model) == before
