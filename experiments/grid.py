@@ -113,6 +113,58 @@ def is_done(path: Path, commit: str) -> bool:
     return path.exists() and json.loads(path.read_text()).get("commit") == commit
 
 
+BUDGET_KEYS = ("steps", "batch_size", "lr", "eval_every", "eval_limit", "max_prompt_tokens")
+
+
+def grid_settings(args) -> dict:
+    """What a cell measured that its adapter's tune_config does not record (cells store it as ``grid_args``)."""
+    return {key: getattr(args, key, None) for key in ("model", "test_limit", "recovery_steps")}
+
+
+def budget_clash(cell: dict, args, row: str) -> list[str]:
+    """How the budget ``args`` asks of ``row`` differs from the one the finished ``cell`` was measured with
+    (``"lr 0.001 -> 0.0003"``, ...): its adapter's tune_config, and the grid settings new cells record."""
+    wanted, recorded = budget(args, row).to_dict(), cell.get("tune_config") or {}
+    diffs = [f"{key} {recorded[key]} -> {wanted[key]}" for key in BUDGET_KEYS
+             if key in recorded and recorded[key] != wanted[key]]
+    stored = cell.get("grid_args") or {}
+    return diffs + [f"{key} {stored[key]} -> {value}" for key, value in grid_settings(args).items()
+                    if key in stored and stored[key] != value]
+
+
+def planned_cells(args, cells_dir: Path):
+    """``(setting, task, row, seed, key, path)`` of every cell the run asks for, in the order it runs them (``key``:
+    the setting, or ``"original"`` for the rows tuned on the uncompressed model)."""
+    rows = [r for r in ROWS if r in args.rows]
+    for seed in args.seeds:
+        for setting in args.settings:
+            for task in args.tasks:
+                for row in rows:
+                    key = "original" if row in ORIGINAL_ROWS else setting
+                    yield setting, task, row, seed, key, cells_dir / f"{cell_name(key, task, row, seed)}.json"
+
+
+def check_run(args, cells_dir: Path) -> None:
+    """Refuse, before any base is built, a task that cannot be tuned (name, file, splits, label words) and
+    finished cells of this commit measured with another budget: they would be skipped as done, and the table
+    would report the old budget as the new one."""
+    from cpet.data import load_task, tuning_prompts
+
+    for task in args.tasks:
+        try:
+            tuning_prompts(load_task(task), "train", "validation", "test")
+        except (ValueError, FileNotFoundError) as exc:
+            raise SystemExit(f"grid: task {task!r}: {exc}") from None
+    clashes = []
+    for _, _, row, _, _, path in planned_cells(args, cells_dir):
+        if is_done(path, args.commit):
+            diffs = budget_clash(json.loads(path.read_text()), args, row)
+            clashes += [f"{path.stem} ({', '.join(diffs)})"] if diffs else []
+    if clashes:
+        raise SystemExit(f"grid: {len(clashes)} finished cells of this commit were measured with another budget, "
+                         f"e.g. {clashes[0]}: give this budget its own --cells directory (and --out), or remove them")
+
+
 def code_commit(repo: Path = REPO, allow_dirty: bool = False,
                 measured: tuple[str, ...] = ("cpet", "experiments/grid.py")) -> str:
     """The commit the grid runs from; refuses uncommitted changes to what it measures (the ``measured`` paths)
@@ -201,7 +253,8 @@ def run_cell(pipelines: dict, original: CPET, setting: str, task: str, row: str,
             # the adapter this cell scored: an original cell's adapter can then be matched with the cells that
             # inherit it (re-tuned on another CPU after its work directory was lost, it can have other weights)
             "adapter_sha256": sha256_of(adapter.directory / "adapter_model.safetensors"),
-            "base_id": meta["base_id"], "machine": machine_record(), "seconds": time.perf_counter() - start}
+            "base_id": meta["base_id"], "grid_args": grid_settings(args), "machine": machine_record(),
+            "seconds": time.perf_counter() - start}
 
 
 def prepare_setting(setting: str, out: Path, args) -> CPET:
@@ -260,28 +313,22 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.commit = code_commit(allow_dirty=args.allow_dirty)
 
-    out = Path(args.out)
+    out, cells_dir = Path(args.out), Path(args.cells)
+    check_run(args, cells_dir)  # before anything is written
     claim_work_dir(out, args.commit)
-    cells_dir = Path(args.cells)
     cells_dir.mkdir(parents=True, exist_ok=True)
     original = CPET.from_pretrained(args.model, work_dir=out / "original")
     pipelines: dict[str, CPET] = {}
-    rows = [r for r in ROWS if r in args.rows]
-    for seed in args.seeds:
-        for setting in args.settings:
-            for task in args.tasks:
-                for row in rows:
-                    key = "original" if row in ORIGINAL_ROWS else setting
-                    path = cells_dir / f"{cell_name(key, task, row, seed)}.json"
-                    if is_done(path, args.commit):
-                        continue
-                    if key != "original" and setting not in pipelines:
-                        pipelines[setting] = prepare_setting(setting, out, args)
-                    print(f"[grid] {path.stem}", flush=True)
-                    result = run_cell(pipelines, original, key, task, row, seed, args)
-                    write_text_atomic(path, json.dumps(result, indent=2))
-                    print(f"[grid] {path.stem}: test accuracy {result['test_accuracy']:.3f} "
-                          f"({result['seconds']:.0f} s)", flush=True)
+    for setting, task, row, seed, key, path in planned_cells(args, cells_dir):
+        if is_done(path, args.commit):
+            continue
+        if key != "original" and setting not in pipelines:
+            pipelines[setting] = prepare_setting(setting, out, args)
+        print(f"[grid] {path.stem}", flush=True)
+        result = run_cell(pipelines, original, key, task, row, seed, args)
+        write_text_atomic(path, json.dumps(result, indent=2))
+        print(f"[grid] {path.stem}: test accuracy {result['test_accuracy']:.3f} ({result['seconds']:.0f} s)",
+              flush=True)
     return 0
 
 

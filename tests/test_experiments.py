@@ -389,3 +389,30 @@ def test_a_clustered_task_resamples_whole_units_and_widens_its_interval():
     assert abs((high_single - low_single) - (high_examples - low_examples)) < 0.05
     with pytest.raises(ValueError, match="3 clusters for the 80 test examples"):
         paired_bootstrap([a], [b], tasks=["t"], clusters={"t": [0, 1, 2]})
+
+
+def test_a_grid_run_checks_its_tasks_and_finished_budgets_before_building_anything(tmp_path, monkeypatch):
+    """A typo in --tasks surfaced after compression and recovery; a finished cell of another budget (--steps 40, now
+    --steps 80) was skipped as done and the table reported its budget as the new one."""
+    import experiments.grid as grid
+
+    monkeypatch.setattr(grid, "code_commit", lambda allow_dirty=False: "aaa111")
+    monkeypatch.setattr(grid.CPET, "from_pretrained", lambda *a, **k: pytest.fail("the original model was loaded"))
+    monkeypatch.setattr(grid, "prepare_setting", lambda *a, **k: pytest.fail("a base was built"))
+    common = ["--out", str(tmp_path / "runs"), "--cells", str(tmp_path / "cells"), "--settings", "nf4",
+              "--rows", "vanilla", "--seeds", "0"]
+    with pytest.raises(SystemExit, match=r"grid: task 'vader-tweet': unknown task"):
+        grid.main([*common, "--tasks", "vader-tweet"])
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "cells").exists()  # nothing written
+    task_file = str(tmp_path / "toy.jsonl")
+    (tmp_path / "toy.jsonl").write_text("\n".join(json.dumps({"text": f"it was {'good' if i % 2 else 'bad'} {i}",
+                                                               "label": "pos" if i % 2 else "neg"}) for i in range(80)))
+    (tmp_path / "cells").mkdir()
+    name = grid.cell_name("nf4", task_file, "vanilla", 0)
+    finished = {**cell("nf4", "t", "vanilla", 0, 0.8), "commit": "aaa111",
+                "tune_config": {"steps": 40, "batch_size": 8, "lr": 1e-3, "eval_every": 20, "eval_limit": 100,
+                                "max_prompt_tokens": 128}}
+    (tmp_path / "cells" / f"{name}.json").write_text(json.dumps(finished))
+    with pytest.raises(SystemExit, match=r"1 finished cells of this commit were measured with another budget, e\.g\. "
+                                         rf"{name} \(steps 40 -> 80, lr 0.001 -> 0.0003\)"):
+        grid.main([*common, "--tasks", task_file, "--steps", "80", "--lr", "3e-4"])

@@ -284,6 +284,11 @@ def load_csv_task(path: str | Path, text_column: str = "text", label_column: str
 
     if not rows:
         raise ValueError(f"{path} is empty: no examples")
+    header = reader.fieldnames or []
+    repeated = sorted({column for column in header if header.count(column) > 1})
+    if repeated:  # csv.DictReader keeps the last of them: a label column could be read from the wrong one
+        raise ValueError(f"{path}: the header names column(s) {repeated} more than once; give each column its own "
+                         "name")
     return _rows_to_task(rows, path, text_column, label_column, split_column, name, "row")
 
 

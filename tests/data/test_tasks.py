@@ -331,3 +331,11 @@ def test_load_task_takes_one_column_vocabulary_and_refuses_options_for_builtin_t
     assert by_field.labels == by_column.labels == ("a", "b") and by_field.splits == by_column.splits
     with pytest.raises(ValueError, match=r"built-in task 'vader-movie' takes no options, got \['text_field'\]"):
         load_task("vader-movie", text_field="zzz")
+
+
+def test_a_csv_header_that_names_a_column_twice_is_refused(tmp_path):
+    """csv.DictReader keeps the last of two 'label' columns: the labels were read from the wrong one."""
+    rows = "".join(f"item {i},{'ab'[i % 2]},{'ba'[i % 2]}\n" for i in range(40))
+    (tmp_path / "twice.csv").write_text("text,label,label\n" + rows)
+    with pytest.raises(ValueError, match=r"twice.csv: the header names column\(s\) \['label'\] more than once"):
+        load_task(str(tmp_path / "twice.csv"))
