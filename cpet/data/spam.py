@@ -37,7 +37,7 @@ from pathlib import Path
 
 from ..assets import atomic_path, cache_dir, fetch_asset, sha256_of
 from .dedup import normalised_key
-from .tasks import ClassificationTask, Example, make_task
+from .tasks import ClassificationTask, Example, make_task, split_by_group
 
 MAX_CHARS = 260  # measured: 95% of SmolLM2 prompts stay within 128 tokens (80% at 340)
 CLEANER_VERSION = 4  # bump when the cleaning changes: names the parsed cache
@@ -151,34 +151,6 @@ def email_groups(emails: list[dict]) -> list[int]:
         for key in keys:
             join(i, first_with.setdefault(key, i))
     return [root(i) for i in range(len(emails))]
-
-
-def split_by_group(labels: list[str], groups: list[int], *, seed: int = 0,
-                   fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> list[str]:
-    """A split name per example, whole groups at a time: groups are stratified by their majority label
-    (ties: the first label in sorted order), shuffled with ``seed`` and filled into train, then validation, then
-    test, each until it holds its (rounded) fraction of that label's examples (a group may overshoot)."""
-    members: dict[int, list[int]] = {}
-    for i, group in enumerate(groups):
-        members.setdefault(group, []).append(i)
-    by_label: dict[str, list[int]] = {}
-    for group, items in members.items():
-        votes = [labels[i] for i in items]
-        majority = sorted(set(votes), key=lambda label: (-votes.count(label), label))[0]
-        by_label.setdefault(majority, []).append(group)
-    split_of = [""] * len(labels)
-    for label in sorted(by_label):
-        chosen = sorted(by_label[label])
-        random.Random(f"{seed}:{label}").shuffle(chosen)
-        total, filled = sum(len(members[g]) for g in chosen), 0
-        n_train = round(fractions[0] * total)  # the example counts split_examples would give
-        n_val = round(fractions[1] * total)
-        for group in chosen:
-            name = "train" if filled < n_train else "validation" if filled < n_train + n_val else "test"
-            for i in members[group]:
-                split_of[i] = name
-            filled += len(members[group])
-    return split_of
 
 
 def _parse_archive(archive: Path) -> list[dict]:

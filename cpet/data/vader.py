@@ -5,7 +5,10 @@ with lines ``id<TAB>mean rating<TAB>text`` (ratings from -4 to 4, each the mean 
 Labels: ``positive`` if the mean is >= 0.5, ``negative`` if <= -0.5; near-neutral items (|mean| < 0.5)
 are dropped. :func:`~cpet.data.tasks.make_task` then drops near-duplicates (same
 :func:`~cpet.data.dedup.normalised_key`; the tweets hold 30 sentences in 6 case/punctuation variants each)
-before the stratified 80/10/10 split, seed 0.
+before the stratified 80/10/10 split, seed 0. Product and news sentences are split by document (the review or
+editorial their id names, :func:`~cpet.data.tasks.split_by_group`): split sentence by sentence, every test
+sentence had a sentence of its review in train, and the majority label of those predicted 81.5% of product's
+test labels (a global majority: 58.6%). Movie snippets and tweets are one sentence per document.
 
 Counts after filtering (measured on the real file; positive / negative, near-duplicates dropped, no label
 conflicts): movie 4,995 / 5,075 (2 dropped); product 1,738 / 1,231 (16); news 1,175 / 1,756 (39);
@@ -20,7 +23,8 @@ import tarfile
 from pathlib import Path
 
 from ..assets import fetch_asset
-from .tasks import ClassificationTask, Example, make_task
+from .dedup import normalised_key
+from .tasks import ClassificationTask, Example, make_task, split_by_group
 
 VADER_DOMAINS = {
     "movie": "movieReviewSnippets",
@@ -50,6 +54,12 @@ def parse_ground_truth(raw: str) -> list[Example]:
 
     Duplicates are kept here: :func:`make_task` removes near-duplicates (and conflicting ones) for every task.
     """
+    return [example for _, example in parse_rated_documents(raw)]
+
+
+def parse_rated_documents(raw: str) -> list[tuple[str, Example]]:
+    """:func:`parse_ground_truth`'s examples, each with its document: the id's part before ``_`` (product ids are
+    ``review_sentence``, news ids ``editorial_sentence``; a movie snippet or a tweet is its own document)."""
     examples = []
     for line in raw.splitlines():
         parts = line.split("\t")
@@ -61,8 +71,28 @@ def parse_ground_truth(raw: str) -> list[Example]:
         text = " ".join(html.unescape("\t".join(parts[2:])).split())
         if not text:
             continue
-        examples.append(Example(text, "positive" if mean > 0 else "negative"))
+        examples.append((parts[0].strip().split("_")[0], Example(text, "positive" if mean > 0 else "negative")))
     return examples
+
+
+def document_groups(examples: list[Example], documents: list[str]) -> list[int]:
+    """A group id per example: examples of one document, and documents that share a sentence (same
+    :func:`~cpet.data.dedup.normalised_key`: the copy make_task drops must sit in the same split as the one it
+    keeps), are one group; ids are the index of the group's first example."""
+    parent: dict[tuple, tuple] = {}
+
+    def root(node: tuple) -> tuple:
+        parent.setdefault(node, node)
+        while parent[node] != node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
+
+    for example, document in zip(examples, documents):
+        a, b = root(("document", document)), root(("sentence", normalised_key(example.text)))
+        parent[b] = a
+    first: dict[tuple, int] = {}
+    return [first.setdefault(root(("document", document)), i) for i, document in enumerate(documents)]
 
 
 def load_vader_task(domain: str, archive: Path | None = None) -> ClassificationTask:
@@ -70,7 +100,11 @@ def load_vader_task(domain: str, archive: Path | None = None) -> ClassificationT
     if domain not in VADER_DOMAINS:
         raise ValueError(f"unknown VADER domain {domain!r}; choose from {', '.join(VADER_DOMAINS)}")
     archive = Path(archive) if archive is not None else fetch_asset("vader-sdist")
-    examples = parse_ground_truth(_read_ground_truth(archive, VADER_DOMAINS[domain]))
-    return make_task(f"vader-{domain}", examples, source=f"VADER {VADER_DOMAINS[domain]}", seed=0,
+    rated = parse_rated_documents(_read_ground_truth(archive, VADER_DOMAINS[domain]))
+    examples, documents = [example for _, example in rated], [document for document, _ in rated]
+    split_of = None
+    if len(set(documents)) < len(documents):  # sentences of one review or editorial stay in one split
+        split_of = split_by_group([e.label for e in examples], document_groups(examples, documents), seed=0)
+    return make_task(f"vader-{domain}", examples, source=f"VADER {VADER_DOMAINS[domain]}", seed=0, split_of=split_of,
                      description=f"VADER {VADER_DOMAINS[domain]} (human-rated, |mean| >= 0.5)",
                      family="sentiment")

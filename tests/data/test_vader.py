@@ -81,7 +81,28 @@ def test_real_vader_tasks(domain):
     assert not keys["train"] & keys["test"] and not keys["train"] & keys["validation"]
     assert not keys["validation"] & keys["test"]
     n = sum(totals.values())
-    assert abs(len(task.split("test")) - n / 10) <= 2
+    by_document = domain in ("product", "news")  # whole reviews and editorials move: sizes and shares land near
+    assert abs(len(task.split("test")) - n / 10) <= (0.05 * n / 10 if by_document else 2)
     share = totals["positive"] / n
-    assert abs(task.label_counts("test")["positive"] / len(task.split("test")) - share) < 0.02  # stratified
+    assert abs(task.label_counts("test")["positive"] / len(task.split("test")) - share) < (0.07 if by_document
+                                                                                          else 0.02)  # stratified
     assert load_vader_task(domain, archive).split("test") == task.split("test")
+
+
+@pytest.mark.parametrize("domain", ["product", "news"])
+def test_the_sentences_of_one_review_or_editorial_share_a_split(domain):
+    """Split sentence by sentence, every product and news test sentence had a sentence of its document in train
+    (the majority label of those predicted 81.5% of product's test labels)."""
+    from cpet.data.vader import _read_ground_truth, parse_rated_documents
+
+    archive = real_asset("vader-sdist")
+    task = load_vader_task(domain, archive)
+    documents_of: dict[str, set] = {}
+    for document, example in parse_rated_documents(_read_ground_truth(archive, VADER_DOMAINS[domain])):
+        documents_of.setdefault(normalised_key(example.text), set()).add(document)
+    splits_of: dict[str, set] = {}
+    for split, examples in task.splits.items():
+        for example in examples:
+            for document in documents_of[normalised_key(example.text)]:
+                splits_of.setdefault(document, set()).add(split)
+    assert len(splits_of) > 250 and all(len(splits) == 1 for splits in splits_of.values())
