@@ -287,9 +287,16 @@ def _brown_genre_documents() -> tuple[str, ...]:
     return tuple(documents_of_test_split())
 
 
+@functools.lru_cache(maxsize=None)
+def _spam_email_groups() -> tuple[int, ...]:
+    from cpet.data.spam import groups_of_test_split
+
+    return tuple(groups_of_test_split())
+
+
 # tasks whose test examples come in dependent units: their intervals resample units (brown-genre: 748
-# passages from 27 documents)
-CLUSTERED_TASKS = {"brown-genre": _brown_genre_documents}
+# passages from 27 documents; spam-assassin: emails of one campaign or thread)
+CLUSTERED_TASKS = {"brown-genre": _brown_genre_documents, "spam-assassin": _spam_email_groups}
 
 
 def clusters_of_test_sets(tasks) -> dict:

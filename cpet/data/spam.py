@@ -194,3 +194,12 @@ def load_spam_task(archive: Path | None = None, seed: int = 0) -> Classification
                      seed=seed, description=f"SpamAssassin emails, subject + body cut to {MAX_CHARS} characters "
                                             f"({empty} empty after cleaning dropped), split by body and thread "
                                             "groups", family="spam")
+
+
+def groups_of_test_split(archive: Path | None = None, seed: int = 0) -> list[int]:
+    """The email group (:func:`email_groups`: a campaign, a thread, near-identical bodies) of each test example of
+    :func:`load_spam_task`, in the test split's order: the dependent units a clustered bootstrap resamples."""
+    every = load_emails(archive)
+    emails = [r for r in every if r["text"].strip()]
+    group_of = {normalised_key(r["text"]): group for r, group in zip(emails, email_groups(emails))}
+    return [group_of[normalised_key(e.text)] for e in load_spam_task(archive, seed).split("test")]

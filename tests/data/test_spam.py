@@ -151,3 +151,19 @@ def test_real_spam_test_set_is_not_one_kind_of_email():
     task = load_spam_task(real_asset("spam-assassin-npm"))
     digests = [sum("URL: http" in e.text for e in task.split(split)) for split in ("train", "validation", "test")]
     assert digests[2] / len(task.split("test")) < 0.1  # was 309 of 571
+
+
+def test_test_emails_come_with_their_groups_for_the_bootstrap():
+    from collections import Counter
+
+    from cpet.data.spam import email_groups, groups_of_test_split
+
+    archive = real_asset("spam-assassin-npm")
+    groups = groups_of_test_split(archive)
+    task = load_spam_task(archive)
+    assert len(groups) == len(task.split("test"))
+    sizes = Counter(groups)
+    assert len(sizes) < len(groups) and max(sizes.values()) <= len(groups) // 4  # some related emails, no giant
+    emails = [r for r in load_emails(archive) if r["text"].strip()]
+    group_of = dict(zip((r["text"] for r in emails), email_groups(emails)))
+    assert [group_of[e.text] for e in task.split("test")] == groups  # each example's own group, in order
