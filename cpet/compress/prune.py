@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -236,7 +237,11 @@ def _trace_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     model.requires_grad_(True)
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), warnings.catch_warnings():
+            # torch-pruning names every norm weight it has no module rule for ("Unwrapped parameters detected",
+            # 60 names for SmolLM2) and says it would prune their last dimension: that is the hidden size, which
+            # CPET never prunes (FFN channels and heads only), so the warning told users nothing they could act on
+            warnings.filterwarnings("ignore", message="Unwrapped parameters detected", category=UserWarning)
             return tp.DependencyGraph().build_dependency(
                 model, example_inputs=example,
                 output_transform=lambda out: out.logits if hasattr(out, "logits") else out)

@@ -260,3 +260,15 @@ def test_taylor_importance_takes_gradients_of_the_mapped_linears_only_and_leaves
     assert "embedding" not in seen  # no embedding gradient computed (on SmolLM2: 113 MB per batch)
     assert all(p.grad is None for p in model.parameters())
     assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+
+
+def test_pruning_does_not_warn_about_the_norm_weights_it_never_prunes():
+    """torch-pruning listed every RMSNorm weight ("Unwrapped parameters detected") on every compress and demo run;
+    CPET never prunes the hidden size those weights follow."""
+    import warnings
+
+    loaded = tiny_model("llama")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compress(loaded.model, [PruneConfig(ffn_ratio=0.25, importance="magnitude")], progress=False)
+    assert not [w for w in caught if "Unwrapped parameters" in str(w.message)]
