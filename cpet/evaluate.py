@@ -164,11 +164,11 @@ def label_token_ids(tokenizer, label_words: Sequence[str]) -> list[list[int]]:
     return [encode_prompt_and_label(tokenizer, "", w)[1] for w in label_words]
 
 
-def check_labelled_prompt_length(model: nn.Module, tokenizer, label_words: Sequence[str],
-                                 max_prompt_tokens: int) -> None:
-    """Refuse a ``max_prompt_tokens`` whose prompts, followed by the longest label word, would pass the model's
-    context (:func:`cpet.models.check_context_length`): training reads prompt + label, scoring prompt (+ label)."""
-    longest_label = max(len(ids) for ids in label_token_ids(tokenizer, label_words))
+def check_labelled_prompt_length(model: nn.Module, label_ids: Sequence[list[int]], max_prompt_tokens: int) -> None:
+    """Refuse a ``max_prompt_tokens`` whose prompts, followed by the longest label word (``label_ids``, from
+    :func:`label_token_ids`), would pass the model's context (:func:`cpet.models.check_context_length`): training
+    reads prompt + label, scoring prompt (+ label)."""
+    longest_label = max(len(ids) for ids in label_ids)
     check_context_length(model, max_prompt_tokens + longest_label,
                          f"a prompt of max_prompt_tokens={max_prompt_tokens} followed by its longest label word "
                          f"({longest_label} tokens)", "lower max_prompt_tokens (--max-prompt-tokens)",
@@ -220,7 +220,7 @@ def label_logprobs(model: nn.Module, tokenizer, prompts: Sequence[str], label_wo
     word is one token, one forward pass per prompt scores all labels at once (:func:`label_sequences`).
     """
     label_ids = label_token_ids(tokenizer, label_words)
-    check_labelled_prompt_length(model, tokenizer, label_words, max_prompt_tokens)
+    check_labelled_prompt_length(model, label_ids, max_prompt_tokens)
     device = model_device(model)
     sequences: list[tuple[list[int], int, int, list[int]]] = []  # ids, prompt row, label column, label ids
     for row, prompt in enumerate(prompts):

@@ -50,7 +50,8 @@ from .data.tasks import as_task, examples_sha256, task_key, task_source_of  # no
 from .models import EMBEDDED, LoadedBase, check_context_length, hub_id_of, load_base, saved_tokenizer
 from .recovery import (PER_TASK, SHARED, RecoveryConfig, RecoverySet, check_svd_rank, check_trained_with,
                        init_from_residuals, recovery_sha256)
-from .train import DistillConfig, TuneConfig, check_resume_settings, distill_on_text, train_classifier
+from .train import (DistillConfig, TuneConfig, check_distill_window, check_resume_settings, distill_on_text,
+                    train_classifier)
 
 if TYPE_CHECKING:
     from .serve.engine import AdapterView, Engine
@@ -304,8 +305,7 @@ class CPET:
             raise ValueError(f"checkpoints {sorted(wanted)} must lie between 0 and the {distill.steps} distillation "
                              "steps (the last step is saved anyway)")
         # before the corpus, the base, the activation pass and an SVD of every linear
-        check_context_length(self.original.model, distill.seq_len, "the distillation window (seq_len)",
-                             "lower seq_len (cpet recover --seq-len)")
+        check_distill_window(self.original.model, distill)
         start, started_at = time.perf_counter(), utc_now()
         corpus = load_corpus(text, split="train")
         base = self.load_compressed()

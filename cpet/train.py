@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from .assets import atomic_path
 from .data.prompts import LEGACY_PROMPT_CUT, fit_prompt
 from .evaluate import (DEFAULT_MAX_PROMPT_TOKENS, check_labelled_prompt_length, classification_accuracy,
-                       encode_prompt_and_label)
+                       encode_prompt_and_label, label_token_ids)
 from .models import check_context_length
 
 @dataclass
@@ -212,6 +212,10 @@ def _recorded_as(saved: dict, key: str, recorded: dict) -> str:
     return repr(saved[key]) if key in saved else f"not recorded (read as {recorded.get(key)!r})"
 
 
+# what to do about a resume state written with other settings (every refusal of one ends with it)
+RESUME_FIX = "delete it or use a new output directory (a new adapter name) to train with these"
+
+
 def check_resume_config(directory: Path, config: TuneConfig, identity: dict | None = None) -> None:
     """Refuse to resume a run made with other hyper-parameters or for something else, naming each difference.
 
@@ -223,7 +227,7 @@ def check_resume_config(directory: Path, config: TuneConfig, identity: dict | No
     """
     state = json.loads((directory / "state.json").read_text())
     saved = state.get("config")
-    fix = "delete it or use a new output directory (a new adapter name) to train with these"
+    fix = RESUME_FIX
     if identity is not None:
         if state.get("identity") is None:
             raise ValueError(f"resume state in {directory} does not record what it was trained for (written by an "
@@ -248,8 +252,7 @@ def check_resume_settings(directory: Path, config: TuneConfig) -> None:
     """The part of :func:`check_resume_config` that needs nothing built: ``config`` against the saved settings
     (``steps`` aside), so that a clash is refused before a base loads."""
     state = json.loads((directory / "state.json").read_text())
-    _check_settings(directory, state.get("config"), config,
-                    "delete it or use a new output directory (a new adapter name) to train with these")
+    _check_settings(directory, state.get("config"), config, RESUME_FIX)
 
 
 def _check_settings(directory: Path, saved: dict | None, config: TuneConfig, fix: str) -> None:
@@ -349,7 +352,7 @@ def train_classifier(model: nn.Module, tokenizer, train_examples, val_examples, 
     if unknown:
         raise ValueError(f"training labels {unknown} are not among the task labels {list(labels)}")
 
-    check_labelled_prompt_length(model, tokenizer, [verbalizer.label_words[label] for label in labels],
+    check_labelled_prompt_length(model, label_token_ids(tokenizer, [verbalizer.label_words[label] for label in labels]),
                                  config.max_prompt_tokens)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -509,6 +512,12 @@ def distillation_loss(student_out, teacher_out, kl_weight: float, mse_weight: fl
     return kl_weight * kl + mse_weight * mse
 
 
+def check_distill_window(model: nn.Module, config: DistillConfig) -> None:
+    """Refuse distillation windows past the model's context (:func:`cpet.models.check_context_length`)."""
+    check_context_length(model, config.seq_len, "the distillation window (seq_len)",
+                         "lower seq_len (cpet recover --seq-len)")
+
+
 def distill_on_text(student: nn.Module, teacher: nn.Module, tokenizer, text: str, config: DistillConfig, *,
                     progress: bool = True, after_step: Callable[[int], None] | None = None) -> list[float]:
     """Train the student's trainable parameters to match the teacher on windows of ``text``.
@@ -516,8 +525,7 @@ def distill_on_text(student: nn.Module, teacher: nn.Module, tokenizer, text: str
     Returns the loss of every step. The teacher runs without gradients. ``after_step(done)`` is called
     after each optimizer step with the number of steps done (e.g. to save checkpoints).
     """
-    check_context_length(student, config.seq_len, "the distillation window (seq_len)",
-                         "lower seq_len (cpet recover --seq-len)")
+    check_distill_window(student, config)
     windows = text_windows(tokenizer, text, config.seq_len)
     params = list(_trainable(student).values())
     if not params:

@@ -23,7 +23,7 @@ def check_calibration_ids(ids, model) -> None:
     windows ``[n, seq]`` of integer ids (n, seq >= 1), or ids outside the model's vocabulary (an empty window
     set used to pass until MoEfication or a Taylor score failed on it, after the stages before had run)."""
     check_token_windows(ids)
-    check_context_length(model, ids.shape[1], "a calibration window", "make shorter windows (seq_len, --seq-len)")
+    check_context_length(model, ids.shape[1], "a calibration window", "make shorter windows (calibration_ids' seq_len)")
     vocab = model.get_input_embeddings().num_embeddings
     low, high = int(ids.min()), int(ids.max())
     if low < 0 or high >= vocab:

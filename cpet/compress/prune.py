@@ -239,7 +239,7 @@ def _trace_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
     try:
         with torch.enable_grad(), warnings.catch_warnings():
             # torch-pruning names every norm weight it has no module rule for ("Unwrapped parameters detected",
-            # 60 names for SmolLM2) and says it would prune their last dimension: that is the hidden size, which
+            # 61 names for SmolLM2) and says it would prune their last dimension: that is the hidden size, which
             # CPET never prunes (FFN channels and heads only), so the warning told users nothing they could act on
             warnings.filterwarnings("ignore", message="Unwrapped parameters detected", category=UserWarning)
             return tp.DependencyGraph().build_dependency(

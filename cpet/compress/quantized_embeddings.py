@@ -135,7 +135,7 @@ def check_embeddings(model: nn.Module, method: str = "nf4") -> None:
     if head is not None and type(head) is not nn.Linear:
         raise ValueError(f"the LM head is a {type(head).__name__}, not a plain nn.Linear: quantize without "
                          "embeddings=True")
-    if head is not None and head.weight is embedding.weight and head.bias is not None:
+    if is_tied(model) and head.bias is not None:
         # the tied head computes x E^T from the one quantized table; a bias would be dropped without a word
         raise ValueError("the LM head is tied to the token embedding and has a bias, which the quantized tied head "
                          "does not carry: quantize without embeddings=True")

@@ -185,21 +185,26 @@ def load_emails(archive: Path | None = None) -> list[dict]:
 
 def load_spam_task(archive: Path | None = None, seed: int = 0) -> ClassificationTask:
     """The ``spam-assassin`` task (labels ``ham``/``spam``, each one SmolLM2 token with its space)."""
-    every = load_emails(archive)
-    emails = [r for r in every if r["text"].strip()]
-    empty = len(every) - len(emails)
-    examples = [Example(r["text"], "spam" if r["group"].startswith("spam") else "ham") for r in emails]
-    split_of = split_by_group([e.label for e in examples], email_groups(emails), seed=seed)
-    return make_task("spam-assassin", examples, source="SpamAssassin public corpus", split_of=split_of,
-                     seed=seed, description=f"SpamAssassin emails, subject + body cut to {MAX_CHARS} characters "
-                                            f"({empty} empty after cleaning dropped), split by body and thread "
-                                            "groups", family="spam")
+    return _spam_task_and_groups(archive, seed)[0]
 
 
 def groups_of_test_split(archive: Path | None = None, seed: int = 0) -> list[int]:
     """The email group (:func:`email_groups`: a campaign, a thread, near-identical bodies) of each test example of
     :func:`load_spam_task`, in the test split's order: the dependent units a clustered bootstrap resamples."""
+    task, group_of = _spam_task_and_groups(archive, seed)
+    return [group_of[normalised_key(e.text)] for e in task.split("test")]
+
+
+def _spam_task_and_groups(archive: Path | None, seed: int) -> tuple[ClassificationTask, dict[str, int]]:
+    """The task, and the email group of each kept email by its normalised text (the groups it was split by)."""
     every = load_emails(archive)
     emails = [r for r in every if r["text"].strip()]
-    group_of = {normalised_key(r["text"]): group for r, group in zip(emails, email_groups(emails))}
-    return [group_of[normalised_key(e.text)] for e in load_spam_task(archive, seed).split("test")]
+    empty = len(every) - len(emails)
+    examples = [Example(r["text"], "spam" if r["group"].startswith("spam") else "ham") for r in emails]
+    groups = email_groups(emails)
+    split_of = split_by_group([e.label for e in examples], groups, seed=seed)
+    task = make_task("spam-assassin", examples, source="SpamAssassin public corpus", split_of=split_of,
+                     seed=seed, description=f"SpamAssassin emails, subject + body cut to {MAX_CHARS} characters "
+                                            f"({empty} empty after cleaning dropped), split by body and thread "
+                                            "groups", family="spam")
+    return task, {normalised_key(r["text"]): group for r, group in zip(emails, groups)}
