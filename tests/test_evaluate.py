@@ -13,6 +13,7 @@ from cpet.evaluate import (
     count_parameters,
     flops_per_token,
     label_logprobs,
+    logits_at,
     memory_bytes,
     perplexity,
     strided_windows,
@@ -152,6 +153,52 @@ def test_label_logprobs_are_normalised_log_probabilities():
     expected_a = 10 - math.log(math.exp(10) + len(tokenizer) - 1)
     assert scores[0, 0].item() == pytest.approx(expected_a, abs=1e-5)  # float32 softmax
     assert scores[0, 1].item() == pytest.approx(expected_a - 10, abs=1e-5)
+
+
+@pytest.mark.parametrize("words", [["a", "b"], ["ab", "ba"]])  # one token each / two tokens each
+def test_label_scores_run_the_lm_head_at_the_scored_positions_only(tiny, words):
+    """Batched scoring with the head at the union of the rows' scored positions equals each prompt scored
+    alone with logits at every position; the head never sees a position nothing reads."""
+    torch.manual_seed(0)
+    model, tokenizer = tiny.model, tiny.tokenizer
+    prompts = ["x", "hello there", "a longer prompt of text", "mid size"]
+    head_positions = []
+    hook = model.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: head_positions.append(args[0].shape[1]))
+    scores = label_logprobs(model, tokenizer, prompts, words, batch_size=4)
+    hook.remove()
+    for row, prompt in enumerate(prompts):
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        for col, word in enumerate(words):
+            label_ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=torch.tensor([prompt_ids + label_ids])).logits[0].float(), -1)
+            expected = sum(logp[len(prompt_ids) - 1 + i, t] for i, t in enumerate(label_ids))
+            assert scores[row, col].item() == pytest.approx(expected.item(), abs=1e-4)
+    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    if len(words[0]) == 1:  # one sequence per prompt, scored at its last position: 4 positions of 23
+        assert head_positions == [len(set(lengths))] and max(lengths) > 2 * len(prompts)
+    else:  # a sequence per (prompt, label), each read at the 2 positions before its end; 8 sequences, 2 batches
+        assert all(k <= 2 * 4 < max(lengths) for k in head_positions) and len(head_positions) == 2
+
+
+def test_logits_at_picks_the_positions_from_every_logit_when_the_model_cannot_keep_some():
+    loaded = tiny_model("llama")
+
+    class NoLogitsToKeep(nn.Module):
+        config = loaded.model.config
+
+        def forward(self, input_ids, attention_mask=None):
+            return loaded.model(input_ids=input_ids, attention_mask=attention_mask)
+
+    ids = torch.randint(0, 200, (2, 9))
+    with torch.no_grad():
+        full = loaded.model(input_ids=ids).logits
+        fallback = logits_at(NoLogitsToKeep(), NoLogitsToKeep(), [7, 2, 7], input_ids=ids)
+        kept = logits_at(loaded.model, loaded.model, [7, 2, 7], input_ids=ids)
+    for at in (fallback, kept):
+        assert at.where == {2: 0, 7: 1} and at.logits.shape == (2, 2, full.shape[-1])
+        assert torch.allclose(at.logits, full[:, [2, 7]], atol=1e-5)
 
 
 def test_accuracy_rejects_unknown_gold_labels():

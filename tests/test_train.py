@@ -15,7 +15,8 @@ import cpet.train
 from cpet.adapters import add_lora, load_adapter, read_adapter_meta, save_adapter
 from cpet.evaluate import classification_accuracy
 from cpet.models import tiny_model
-from cpet.train import DistillConfig, TuneConfig, batch_indices, collate, encode_example, train_classifier
+from cpet.train import (DistillConfig, TuneConfig, batch_indices, collate, encode_example, label_token_loss,
+                        train_classifier)
 
 LABELS = ["positive", "negative"]
 TEMPLATE = SimpleNamespace(format=lambda text: f"{text} ->")
@@ -48,6 +49,26 @@ def test_encode_example_masks_the_prompt():
     batch = collate([(ids, labels), ([1, 2], [-100, 2])], pad_id=0)
     assert batch["attention_mask"].tolist() == [[1] * 5, [1, 1, 0, 0, 0]]
     assert batch["labels"][1].tolist() == [-100, 2, -100, -100, -100]
+
+
+@pytest.mark.parametrize("word", ["b", "ba"])  # label words of one and of two tokens
+def test_the_label_loss_is_transformers_loss_with_the_head_at_the_label_positions(tiny, word):
+    torch.manual_seed(0)
+    model, tokenizer = tiny.model, tiny.tokenizer
+    batch = collate([encode_example(tokenizer, prompt, word, 64) for prompt in
+                     ["x", "a much longer prompt than the others", "mid size"]], pad_id=0)
+    head_positions = []
+    hook = model.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: head_positions.append(args[0].shape[1]))
+    loss, _ = label_token_loss(model, batch)
+    hook.remove()
+    grads = torch.autograd.grad(loss, [model.get_input_embeddings().weight])[0]
+    reference = model(**batch).loss  # every position through the head, then the shifted labels' mean
+    expected = torch.autograd.grad(reference, [model.get_input_embeddings().weight])[0]
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    assert torch.allclose(grads, expected, atol=1e-6)
+    label_tokens = int((batch["labels"] != -100).sum())
+    assert head_positions == [label_tokens] and label_tokens < batch["input_ids"].shape[1]
 
 
 def test_batch_indices_cover_each_epoch_and_depend_only_on_seed_and_step():

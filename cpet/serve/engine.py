@@ -320,7 +320,7 @@ class Engine:
         one mixed batch; probabilities are the softmax of the label scores."""
         from ..data.prompts import PromptTemplate, fit_prompt, prompt_cut_of
         from ..evaluate import (DEFAULT_MAX_PROMPT_TOKENS, encode_prompt_and_label, label_sequences, label_token_ids,
-                                padded, store_sequence_score)
+                                logits_at, padded, scored_positions, store_sequence_score)
 
         sequences = []  # (adapter, request index, ids, label column or -1 for all single-token labels, label ids)
         labels_of = []  # (labels, label token ids) per request
@@ -338,12 +338,13 @@ class Engine:
             sequences += [(loaded, index, *seq) for seq in label_sequences(prompt_ids, label_ids)]
         input_ids, attention = padded([seq[2] for seq in sequences], self.tokenizer.pad_token_id or 0)
         device = next(self.model.parameters()).device
-        logits = self.forward([seq[0] for seq in sequences], input_ids=input_ids.to(device),
-                              attention_mask=attention.to(device)).logits.float()
-        logp = torch.log_softmax(logits, dim=-1).cpu()
+        needed = [p for *_first, ids, col, lab in sequences for p in scored_positions(ids, col, lab)]
+        at = logits_at(lambda **inputs: self.forward([seq[0] for seq in sequences], **inputs), self.model, needed,
+                       input_ids=input_ids.to(device), attention_mask=attention.to(device))
+        logp = torch.log_softmax(at.logits.float(), dim=-1).cpu()
         scores = [torch.zeros(len(labels)) for labels, _ in labels_of]
         for i, (_, index, ids, col, lab) in enumerate(sequences):
-            store_sequence_score(scores[index], logp[i], ids, col, lab, labels_of[index][1])
+            store_sequence_score(scores[index], logp[i], ids, col, lab, labels_of[index][1], at.where)
         out = []
         for (labels, _), score in zip(labels_of, scores):
             probabilities = torch.softmax(score, dim=-1).tolist()
