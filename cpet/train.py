@@ -150,7 +150,7 @@ def label_token_loss(model: nn.Module, batch: dict[str, torch.Tensor], **model_i
     """``(loss, outputs)``: the mean cross-entropy of the label tokens of a :func:`collate` batch (``labels`` -100
     elsewhere), as transformers' causal-LM loss computes it (position t predicts token t + 1), with the LM head run
     only at the positions that predict a label token (:func:`cpet.evaluate.logits_at`: the head over the whole
-    vocabulary at every prompt position was a fifth of a training step's time on SmolLM2-135M); ``outputs`` is the
+    vocabulary at every prompt position was 15% of a training step's time on SmolLM2-135M); ``outputs`` is the
     model's output (``model_inputs``: e.g. ``output_hidden_states``)."""
     labels = batch["labels"]
     rows, positions = (labels[:, 1:] != -100).nonzero(as_tuple=True)

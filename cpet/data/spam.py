@@ -37,7 +37,7 @@ from pathlib import Path
 
 from ..assets import atomic_path, cache_dir, fetch_asset, sha256_of
 from .dedup import normalised_key
-from .tasks import ClassificationTask, Example, make_task, split_by_group
+from .tasks import ClassificationTask, Example, UnionFind, make_task, split_by_group
 
 MAX_CHARS = 260  # measured: 95% of SmolLM2 prompts stay within 128 tokens (80% at 340)
 CLEANER_VERSION = 4  # bump when the cleaning changes: names the parsed cache
@@ -118,18 +118,9 @@ def email_groups(emails: list[dict]) -> list[int]:
     body (:data:`NEAR_OVERLAP` of the shorter body's word 3-grams, words with digits dropped, both bodies with
     at least :data:`NEAR_MIN_GRAMS` of them), or a subject once reply prefixes are removed are in one group
     (transitively). Group ids are the index of the group's first email."""
-    parent = list(range(len(emails)))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    def join(i: int, j: int) -> None:  # the smaller root wins: a group's id is its first email
-        a, b = root(i), root(j)
-        parent[max(a, b)] = min(a, b)
-
+    sets = UnionFind()  # a group's root is its first email: emails are seen in order
+    for i in range(len(emails)):
+        sets.root(i)
     first_with: dict[str, int] = {}
     shingles: list[set] = []
     with_shingle: dict[tuple, list[int]] = {}
@@ -142,15 +133,15 @@ def email_groups(emails: list[dict]) -> list[int]:
         candidates = {j for gram in mine for j in with_shingle.get(gram, ())}
         for j in sorted(candidates):
             if len(mine & shingles[j]) >= NEAR_OVERLAP * min(len(mine), len(shingles[j])):
-                join(i, j)
+                sets.join(i, j)
         for gram in mine:
             with_shingle.setdefault(gram, []).append(i)
         thread = normalised_key(_REPLY_PREFIX.sub("", row["subject"]))
         keys = ([f"body:{body}"] if body else []) + \
             ([f"thread:{thread}"] if thread else [])
         for key in keys:
-            join(i, first_with.setdefault(key, i))
-    return [root(i) for i in range(len(emails))]
+            sets.join(i, first_with.setdefault(key, i))
+    return [sets.root(i) for i in range(len(emails))]
 
 
 def _parse_archive(archive: Path) -> list[dict]:

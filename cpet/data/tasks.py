@@ -105,6 +105,28 @@ def split_examples(examples: Iterable[Example], *, seed: int = 0,
     return splits
 
 
+class UnionFind:
+    """Disjoint sets of hashable nodes (path halving): :meth:`join` merges two nodes' sets, and a set's root is
+    the node of it that was seen first, so that ids derived from roots follow the order of the input."""
+
+    def __init__(self) -> None:
+        self.parent: dict = {}
+        self.seen: dict = {}  # node -> the order it was first seen in
+
+    def root(self, node):
+        self.seen.setdefault(node, len(self.seen))
+        self.parent.setdefault(node, node)
+        while self.parent[node] != node:
+            self.parent[node] = self.parent[self.parent[node]]
+            node = self.parent[node]
+        return node
+
+    def join(self, a, b) -> None:
+        a, b = self.root(a), self.root(b)
+        first, second = sorted((a, b), key=self.seen.__getitem__)
+        self.parent[second] = first
+
+
 def split_by_group(labels: list[str], groups: list[int], *, seed: int = 0,
                    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> list[str]:
     """A split name per example, whole groups at a time (sentences of one document, emails of one campaign or

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..assets import fetch_asset
 from .dedup import normalised_key
-from .tasks import ClassificationTask, Example, make_task, split_by_group
+from .tasks import ClassificationTask, Example, UnionFind, make_task, split_by_group
 
 VADER_DOMAINS = {
     "movie": "movieReviewSnippets",
@@ -79,20 +79,11 @@ def document_groups(examples: list[Example], documents: list[str]) -> list[int]:
     """A group id per example: examples of one document, and documents that share a sentence (same
     :func:`~cpet.data.dedup.normalised_key`: the copy make_task drops must sit in the same split as the one it
     keeps), are one group; ids are the index of the group's first example."""
-    parent: dict[tuple, tuple] = {}
-
-    def root(node: tuple) -> tuple:
-        parent.setdefault(node, node)
-        while parent[node] != node:
-            parent[node] = parent[parent[node]]
-            node = parent[node]
-        return node
-
+    sets = UnionFind()
     for example, document in zip(examples, documents):
-        a, b = root(("document", document)), root(("sentence", normalised_key(example.text)))
-        parent[b] = a
+        sets.join(("document", document), ("sentence", normalised_key(example.text)))
     first: dict[tuple, int] = {}
-    return [first.setdefault(root(("document", document)), i) for i, document in enumerate(documents)]
+    return [first.setdefault(sets.root(("document", document)), i) for i, document in enumerate(documents)]
 
 
 def load_vader_task(domain: str, archive: Path | None = None) -> ClassificationTask:

@@ -17,7 +17,7 @@ from cpet.data import (
     verbalizer_for,
 )
 from cpet.data.genre import LABEL_WORDS
-from cpet.data.tasks import Example
+from cpet.data.tasks import Example, UnionFind
 from cpet.models import byte_tokenizer
 
 
@@ -339,3 +339,16 @@ def test_a_csv_header_that_names_a_column_twice_is_refused(tmp_path):
     (tmp_path / "twice.csv").write_text("text,label,label\n" + rows)
     with pytest.raises(ValueError, match=r"twice.csv: the header names column\(s\) \['label'\] more than once"):
         load_task(str(tmp_path / "twice.csv"))
+
+
+def test_union_find_joins_transitively_and_roots_each_set_at_its_first_node():
+    sets = UnionFind()
+    for node in ["a", "b", "c", "d", "e"]:
+        sets.root(node)
+    sets.join("d", "b")  # b was seen before d: b is the root, whichever side it is on
+    sets.join("e", "d")
+    sets.join("c", "a")
+    assert [sets.root(n) for n in "abcde"] == ["a", "b", "a", "b", "b"]
+    sets.join("e", "c")  # joins {b, d, e} and {a, c}: a came first
+    assert {sets.root(n) for n in "abcde"} == {"a"}
+    assert sets.root(("new", 1)) == ("new", 1)  # a node never joined is its own set
