@@ -10,6 +10,7 @@ import contextlib
 import inspect
 import math
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -267,6 +268,8 @@ def label_logprobs(model: nn.Module, tokenizer, prompts: Sequence[str], label_wo
 
     Multi-token label words are scored as the sum of their tokens' log-probabilities. When every label
     word is one token, one forward pass per prompt scores all labels at once (:func:`label_sequences`).
+    Sequences are batched shortest first, so that a batch pads its rows to a length near their own (scores do
+    not depend on the order: each row is scored at its own positions, padding masked).
     """
     label_ids = label_token_ids(tokenizer, label_words)
     check_labelled_prompt_length(model, label_ids, max_prompt_tokens)
@@ -277,6 +280,10 @@ def label_logprobs(model: nn.Module, tokenizer, prompts: Sequence[str], label_wo
         sequences += [(ids, row, col, lab) for ids, col, lab in label_sequences(prompt_ids, label_ids)]
     scores = torch.zeros(len(prompts), len(label_words))
     pad = tokenizer.pad_token_id or 0
+    # by length: VADER prompts cut at 128 tokens run from a few tokens to 128, and a batch of rows in input order
+    # pads every row to its longest
+    sequences.sort(key=lambda sequence: len(sequence[0]))
+    unscored = Counter(row for _ids, row, _col, _lab in sequences)  # a prompt is done when all its sequences are
     with evaluating(model):
         bar = tqdm(total=len(prompts), desc="scoring", unit="example", disable=not progress, leave=False)
         for start in range(0, len(sequences), batch_size):
@@ -287,8 +294,8 @@ def label_logprobs(model: nn.Module, tokenizer, prompts: Sequence[str], label_wo
             logp = torch.log_softmax(at.logits.float(), dim=-1).cpu()
             for i, (ids, row, col, lab) in enumerate(chunk):
                 store_sequence_score(scores[row], logp[i], ids, col, lab, label_ids, at.where)
-            # count examples, not batches: a prompt is done when its last label sequence is scored
-            bar.update(len({row for _, row, col, _ in chunk if col in (-1, len(label_ids) - 1)}))
+            unscored.subtract(row for _ids, row, _col, _lab in chunk)
+            bar.update(len({row for _ids, row, _col, _lab in chunk if unscored[row] == 0}))  # examples, not batches
     bar.close()
     return scores
 

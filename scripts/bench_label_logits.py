@@ -16,9 +16,12 @@ task's prompts and with a rank-8 LoRA as the grid tunes it:
   :func:`cpet.evaluate.label_logprobs` did before it read the scored positions only), *label positions*
   :func:`cpet.evaluate.label_logprobs` itself.
 
-Both paths run in alternation, best of ``--repeats`` per batch, summed over ``--batches`` batches. The losses of
-the two paths are compared on the timed batches, and their label scores on every example of ``--check-split``
-(the largest difference, and how many examples the two would label differently). Writes
+Both paths run in alternation, best of ``--repeats`` per batch, summed over ``--batches`` batches. Then every
+example of ``--check-split`` is scored once three ways: batches in input order with every position's logits,
+in input order at the label positions, and shortest first at the label positions (how
+:func:`cpet.evaluate.label_logprobs` batches a list). The losses of the two training paths are compared on the
+timed batches, and the label scores of the three scoring paths on the split (the largest difference, and how
+many examples they label differently). Writes
 ``docs/bench_label_logits.json`` and ``.md``.
 """
 
@@ -120,14 +123,7 @@ def main() -> None:
     loss_gap = max(abs(float(step_every_position(b)) - float(step_label_positions(b))) for b in batches)
     model.eval()
     checked = [fit_prompt(template, e.text, tokenizer, args.max_prompt_tokens) for e in task.split(args.check_split)]
-    score_gap, disagreements = 0.0, 0
-    for b in range(0, len(checked), args.batch_size):
-        every, label = score_every_position(checked[b:b + args.batch_size]), score_label_positions(
-            checked[b:b + args.batch_size])
-        score_gap = max(score_gap, float((every - label).abs().max()))
-        disagreements += int((every.argmax(-1) != label.argmax(-1)).sum())
     chunks = [prompts[b:b + args.batch_size] for b in range(0, len(prompts), args.batch_size)]
-
     times = {"train_all": 0.0, "train_label": 0.0, "score_all": 0.0, "score_label": 0.0}
     with paused(args.pause):
         model.train()
@@ -138,6 +134,24 @@ def main() -> None:
         for chunk in chunks:
             times["score_all"] += best_time(lambda: score_every_position(chunk), args.repeats)
             times["score_label"] += best_time(lambda: score_label_positions(chunk), args.repeats)
+        # a whole split, once each: batches in input order with every position's logits (CPET before 3167956),
+        # in input order at the label positions (3167956), shortest first at the label positions (label_logprobs)
+        split_parts: dict[str, list[torch.Tensor]] = {"all": [], "label": []}
+        start = time.perf_counter()
+        for b in range(0, len(checked), args.batch_size):
+            split_parts["all"].append(score_every_position(checked[b:b + args.batch_size]))
+        times["split_all_input_order"] = time.perf_counter() - start
+        start = time.perf_counter()
+        for b in range(0, len(checked), args.batch_size):
+            split_parts["label"].append(score_label_positions(checked[b:b + args.batch_size]))
+        times["split_label_input_order"] = time.perf_counter() - start
+        start = time.perf_counter()
+        by_length = score_label_positions(checked)
+        times["split_label_by_length"] = time.perf_counter() - start
+    every, label = torch.cat(split_parts["all"]), torch.cat(split_parts["label"])
+    score_gap = max(float((every - label).abs().max()), float((every - by_length).abs().max()))
+    disagreements = int((every.argmax(-1) != label.argmax(-1)).sum())
+    disagreements_by_length = int((every.argmax(-1) != by_length.argmax(-1)).sum())
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     report = {
         "model": args.model, "task": args.task, "batch_size": args.batch_size, "batches": args.batches,
@@ -148,6 +162,9 @@ def main() -> None:
         "score_speedup": times["score_all"] / times["score_label"],
         "max_loss_difference": loss_gap, "max_score_difference": score_gap, "check_split": args.check_split,
         "checked_examples": len(checked), "label_disagreements": disagreements,
+        "label_disagreements_by_length": disagreements_by_length,
+        "split_speedup_label_positions": times["split_all_input_order"] / times["split_label_input_order"],
+        "split_speedup_both": times["split_all_input_order"] / times["split_label_by_length"],
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__},
         "commit": git_commit(), "command": "python scripts/bench_label_logits.py " + " ".join(sys.argv[1:]),
@@ -170,9 +187,17 @@ def markdown(r: dict) -> str:
         f"{r['train_speedup']:.2f}x |",
         f"| scoring batch | {s['score_all']:.2f} | {s['score_label']:.2f} | {r['score_speedup']:.2f}x |",
         "",
-        f"Largest difference between the two paths: loss {r['max_loss_difference']:.2e} (timed batches); label "
-        f"log-probability {r['max_score_difference']:.2e} over all {r['checked_examples']} {r['check_split']} "
-        f"examples, which the two paths label differently {r['label_disagreements']} times.",
+        f"Scoring all {r['checked_examples']} {r['check_split']} examples once, batches of {r['batch_size']}: "
+        f"{s['split_all_input_order']:.1f} s in input order with every position's logits, "
+        f"{s['split_label_input_order']:.1f} s in input order at the label positions "
+        f"({r['split_speedup_label_positions']:.2f}x), {s['split_label_by_length']:.1f} s shortest first at the "
+        f"label positions as `label_logprobs` batches them ({r['split_speedup_both']:.2f}x).",
+        "",
+        f"Largest difference between the paths: loss {r['max_loss_difference']:.2e} (timed batches); label "
+        f"log-probability {r['max_score_difference']:.2e} over the {r['checked_examples']} {r['check_split']} "
+        f"examples, which the label-position paths label differently from every-position scoring "
+        f"{r['label_disagreements']} times (input order) and {r['label_disagreements_by_length']} times "
+        f"(shortest first).",
         "",
         f"Command: `{r['command'].strip()}`",
         "",

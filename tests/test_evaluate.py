@@ -182,6 +182,19 @@ def test_label_scores_run_the_lm_head_at_the_scored_positions_only(tiny, words):
         assert all(k <= 2 * 4 < max(lengths) for k in head_positions) and len(head_positions) == 2
 
 
+def test_label_scores_batch_prompts_of_similar_length_together():
+    loaded = tiny_model("llama")
+    prompts = ["a", "a long prompt of many many tokens", "b", "another long prompt of tokens"]
+    seen = []
+    hook = loaded.model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["input_ids"].shape),
+                                                  with_kwargs=True)
+    scores = label_logprobs(loaded.model, loaded.tokenizer, prompts, ["x", "y"], batch_size=2)
+    hook.remove()
+    assert seen == [(2, 1), (2, 33)]  # the two one-token prompts together: 68 positions, not 2 x 2 x 34 = 136
+    alone = torch.cat([label_logprobs(loaded.model, loaded.tokenizer, [p], ["x", "y"]) for p in prompts])
+    assert torch.allclose(scores, alone, atol=1e-5)  # in the input's order
+
+
 def test_logits_at_picks_the_positions_from_every_logit_when_the_model_cannot_keep_some():
     loaded = tiny_model("llama")
 
