@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Sequence
 
 import torch
 from torch import nn
@@ -36,6 +36,7 @@ from .prune import planned_ffn_widths
 from .stages import StageContext, register_stage
 
 CLUSTERINGS = ("weights", "coactivation")
+ROUTER_INPUTS = ("dense", "moefied")
 LAYOUT_NOTE = "MoEfied FFNs (expert banks and routers)"
 
 
@@ -56,6 +57,10 @@ class MoEfyConfig:
             experts' mean gate directions); None: ``max(64, num_experts)``.
         router_steps, router_lr: Adam steps and learning rate of router training (full batch of calibration
             tokens).
+        router_inputs: what each layer's clustering and router learn from: ``dense``, every layer's FFN input
+            from one pass of the dense model, or ``moefied``, layer by layer the input it reads once the layers
+            before it are MoEfied (what it sees at inference; one calibration pass per layer, each stopped at that
+            layer).
         seed: seeds clustering and router training.
     """
 
@@ -66,9 +71,11 @@ class MoEfyConfig:
     router_width: int | None = None
     router_steps: int = 300
     router_lr: float = 3e-3
+    router_inputs: str = "dense"
     seed: int = 0
 
     stage: ClassVar[str] = "moefy"
+    added_fields: ClassVar[tuple[str, ...]] = ("router_inputs",)  # at its default, out of the dict and the base_id
 
     def __post_init__(self) -> None:
         if self.num_experts < 2:
@@ -81,6 +88,8 @@ class MoEfyConfig:
             raise ValueError(f"tau (dynamic-k share) must be in (0, 1], got {self.tau}")
         if self.clustering not in CLUSTERINGS:
             raise ValueError(f"clustering must be one of {CLUSTERINGS}, got {self.clustering!r}")
+        if self.router_inputs not in ROUTER_INPUTS:
+            raise ValueError(f"router_inputs must be one of {ROUTER_INPUTS}, got {self.router_inputs!r}")
         if self.router_width is None:
             object.__setattr__(self, "router_width", max(64, self.num_experts))
         if self.router_width < self.num_experts:
@@ -187,19 +196,38 @@ def _check_ffn_formula(model: nn.Module) -> None:
 
 # ---------------------------------------------------------------------------------------------- training
 
+class _Captured(Exception):
+    """Stops a calibration forward pass once the last layer a caller reads has its input."""
+
+
 @torch.no_grad()
-def ffn_inputs(model: nn.Module, calibration: torch.Tensor, batch_size: int = 4) -> list[torch.Tensor]:
-    """Every layer's FFN block input over the calibration batches: ``[n * seq, hidden]`` fp32 per layer."""
+def ffn_inputs(model: nn.Module, calibration: torch.Tensor, batch_size: int = 4,
+               layers: Sequence[int] | None = None) -> list[torch.Tensor]:
+    """The FFN block inputs of ``layers`` (None: every layer) over the calibration batches: ``[n * seq, hidden]``
+    fp32 per layer, in the order of ``layers``. Each batch's forward pass stops at the last of them."""
     base = unwrap(model)
     fam = family_of(base)
-    captured: list[list[torch.Tensor]] = [[] for _ in decoder_layers(base)]
+    wanted = list(range(len(decoder_layers(base)))) if layers is None else list(layers)
+    captured: dict[int, list[torch.Tensor]] = {i: [] for i in wanted}
+    last = max(wanted)
     handles = []
-    for i, layer in enumerate(decoder_layers(base)):
+    for i in wanted:
         def hook(module, inputs, i=i):
             captured[i].append(inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float().cpu())
-        handles.append(submodule(layer, fam.mlp).register_forward_pre_hook(hook))
-    run_batches(base, calibration, handles, batch_size)
-    return [torch.cat(parts) for parts in captured]
+            if i == last:
+                raise _Captured
+        handles.append(submodule(decoder_layers(base)[i], fam.mlp).register_forward_pre_hook(hook))
+    try:
+        device = next(base.parameters()).device
+        for chunk in calibration.split(batch_size):
+            try:
+                base(input_ids=chunk.to(device))
+            except _Captured:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [torch.cat(captured[i]) for i in wanted]
 
 
 def _neuron_vectors(model: nn.Module, index: int, tokens: torch.Tensor, clustering: str) -> torch.Tensor:
@@ -273,11 +301,14 @@ class MoEfyStage:
 
     def apply(self, model: nn.Module, config: MoEfyConfig, context: StageContext):
         check_token_windows(context.calibration)
-        inputs = ffn_inputs(model, context.calibration)
+        dense_inputs = ffn_inputs(model, context.calibration) if config.router_inputs == "dense" else None
         local = IndexMaps.identity(geometry(model), family_of(model).roles)
         layers = range(len(decoder_layers(model)))
         for i in tqdm(layers, desc="moefy", disable=not context.progress):
-            vectors = _neuron_vectors(model, i, inputs[i], config.clustering)
+            # "moefied": what layer i reads once the layers before it are MoEfied, as it will at inference
+            inputs = dense_inputs[i] if dense_inputs is not None else \
+                ffn_inputs(model, context.calibration, layers=[i])[0]
+            vectors = _neuron_vectors(model, i, inputs, config.clustering)
             assignment, _ = balanced_kmeans(vectors, config.num_experts, seed=config.seed + i)
             order = expert_order(assignment, config.num_experts)
             # the router's random init is a function of the config's seed alone, not of whatever the caller
@@ -286,7 +317,7 @@ class MoEfyStage:
                 torch.manual_seed(config.seed + i)
                 block = moe_block(model, i, config, order)
                 block.router.init_from_centres(_centres(block, config.num_experts))
-                train_router(block, inputs[i], config.router_steps, config.router_lr)
+                train_router(block, inputs, config.router_steps, config.router_lr)
             parent, name = _ffn_parent(model, i)
             setattr(parent, name, block)
             local.select(i, FFN_CHANNELS, order)
