@@ -169,6 +169,8 @@ def test_compress_moefy_and_quantized_embeddings_then_tune(capsys, model_dir, ta
     # a stage's flag without its stage was dropped without a word
     (["compress", "--prune-ffn", "0.25", "--moefy-clustering", "weights", "--out", "x"],
      r"--moefy-clustering is read only with --moefy-experts: give the stage"),
+    (["compress", "--prune-ffn", "0.25", "--moefy-router-inputs", "moefied", "--out", "x"],
+     r"--moefy-router-inputs is read only with --moefy-experts: give the stage"),
     (["compress", "--prune-ffn", "0.25", "--no-double-quant", "--compute-dtype", "bfloat16", "--out", "x"],
      r"--no-double-quant is read only with --quantize; --compute-dtype is read only with --quantize"),
     (["compress", "--prune-ffn", "0.25", "--head-mode", "kv_group", "--out", "x"],
@@ -701,11 +703,11 @@ def test_every_compress_flag_reaches_its_stage_config():
     args = build_parser().parse_args([
         "compress", "--out", "x", "--prune-ffn", "0.25", "--prune-heads", "0.5", "--importance", "activation",
         "--head-mode", "kv_group", "--moefy-experts", "8", "--moefy-top-k", "3", "--moefy-tau", "0.7",
-        "--moefy-clustering", "weights", "--quantize", "fp4", "--no-double-quant", "--compute-dtype", "bfloat16",
-        "--quantize-embeddings"])
+        "--moefy-clustering", "weights", "--moefy-router-inputs", "moefied", "--quantize", "fp4", "--no-double-quant",
+        "--compute-dtype", "bfloat16", "--quantize-embeddings"])
     assert stages_from_args(args) == [
         PruneConfig(ffn_ratio=0.25, head_ratio=0.5, importance="activation", head_mode="kv_group"),
-        MoEfyConfig(num_experts=8, top_k=3, tau=0.7, clustering="weights"),
+        MoEfyConfig(num_experts=8, top_k=3, tau=0.7, clustering="weights", router_inputs="moefied"),
         QuantizeConfig(method="fp4", double_quant=False, compute_dtype="bfloat16", embeddings=True)]
     defaults = stages_from_args(build_parser().parse_args(["compress", "--out", "x", "--prune-ffn", "0.5",
                                                            "--moefy-experts", "4", "--quantize", "int8"]))

@@ -186,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dynamic-k: per token the fewest experts whose predicted norms reach this share, (0, 1]")
     p.add_argument("--moefy-clustering", default="coactivation", choices=["coactivation", "weights"],
                    help="group neurons by co-activation on calibration text or by their weight vectors")
+    p.add_argument("--moefy-router-inputs", default="dense", choices=["dense", "moefied"],
+                   help="clustering and routers learn from the dense model's FFN inputs (one pass), or layer by "
+                        "layer from the inputs of the model MoEfied so far (one pass per layer)")
     p.add_argument("--quantize", default="none", choices=["none", "int8", "nf4", "fp4"],
                    help="bitsandbytes quantization after pruning and MoEfication")
     p.add_argument("--no-double-quant", action="store_true", help="4-bit: do not quantize the scales again")

@@ -23,6 +23,7 @@ def stages_from_args(args: argparse.Namespace) -> list:
         ("--round-to", args.round_to != 1, bool(args.prune_ffn), "--prune-ffn"),
         ("--head-mode", args.head_mode != "query", bool(args.prune_heads), "--prune-heads"),
         ("--moefy-clustering", args.moefy_clustering != "coactivation", moefying, "--moefy-experts"),
+        ("--moefy-router-inputs", args.moefy_router_inputs != "dense", moefying, "--moefy-experts"),
         ("--no-double-quant", args.no_double_quant, quantizing, "--quantize"),
         ("--compute-dtype", args.compute_dtype != "float32", quantizing, "--quantize")) if given and not asked]
     if orphans:
@@ -33,7 +34,8 @@ def stages_from_args(args: argparse.Namespace) -> list:
                                   importance=args.importance, head_mode=args.head_mode, round_to=args.round_to))
     if args.moefy_experts is not None:
         stages.append(MoEfyConfig(num_experts=args.moefy_experts, top_k=args.moefy_top_k, tau=args.moefy_tau,
-                                  clustering=args.moefy_clustering, seed=getattr(args, "seed", 0)))
+                                  clustering=args.moefy_clustering, router_inputs=args.moefy_router_inputs,
+                                  seed=getattr(args, "seed", 0)))
     elif args.moefy_top_k is not None or args.moefy_tau is not None:
         raise ValueError("--moefy-top-k and --moefy-tau need --moefy-experts (the number of experts per FFN)")
     if args.quantize != "none":

@@ -202,6 +202,7 @@ def test_quantization_after_moefication_quantizes_every_expert_but_not_the_route
     (dict(num_experts=4, router_width=2), "router_width"),
     (dict(num_experts=4, tau=1.5), "tau"),
     (dict(num_experts=4, clustering="spectral"), "clustering must be one of"),
+    (dict(num_experts=4, router_inputs="sparse"), "router_inputs must be one of"),
 ])
 def test_bad_moefy_configs_are_refused_before_any_work(config, message, monkeypatch):
     model = tiny_model("llama").model
@@ -378,3 +379,31 @@ def test_a_moefied_ffn_passes_an_empty_batch_through():
     base = compress(model, [MoEfyConfig(num_experts=4, top_k=2)], calibration=_calibration(model), progress=False)
     block = moe_blocks(base.model)[0]
     assert block(torch.zeros(2, 0, 64)).shape == (2, 0, 64)
+
+
+def test_routers_learn_from_the_inputs_of_the_model_moefied_so_far_when_asked():
+    """router_inputs="moefied": layer i's clustering and router see what layer i reads once layers 0..i-1 are
+    MoEfied; layer 0 reads the same either way. The default leaves the config's dict (and base_id) as before."""
+    from cpet.compress.moefy import ffn_inputs
+    from cpet.config import stage_config_to_dict
+
+    model = tiny_model("llama").model
+    calibration = _calibration(model)
+    dense = compress(model, [MoEfyConfig(num_experts=4, top_k=2)], calibration=calibration, progress=False)
+    moefied = compress(model, [MoEfyConfig(num_experts=4, top_k=2, router_inputs="moefied")],
+                       calibration=calibration, progress=False)
+    routers = [{k: v for k, v in b.model.state_dict().items() if "router" in k} for b in (dense, moefied)]
+    first = [k for k in routers[0] if ".layers.0." in k]
+    later = [k for k in routers[0] if ".layers.1." in k]
+    assert first and later
+    assert all(torch.equal(routers[0][k], routers[1][k]) for k in first)
+    assert any(not torch.equal(routers[0][k], routers[1][k]) for k in later)
+    assert dense.base_id != moefied.base_id
+    assert "router_inputs" not in stage_config_to_dict(MoEfyConfig(num_experts=4, top_k=2))
+    # the inputs layer 1 learnt from: layer 1's FFN input in the model whose layer 0 only is MoEfied
+    half = compress(model, [MoEfyConfig(num_experts=4, top_k=2)], calibration=calibration, progress=False).model
+    half.model.layers[1].mlp = model.model.layers[1].mlp
+    layer1_moefied = ffn_inputs(half, calibration, layers=[1])[0]
+    layer1_dense = ffn_inputs(model, calibration)[1]
+    assert not torch.allclose(layer1_moefied, layer1_dense, atol=1e-4)
+    assert torch.equal(ffn_inputs(model, calibration, layers=[1])[0], layer1_dense)  # a pass stopped at layer 1
