@@ -156,11 +156,14 @@ def output_cache(output):
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model inside a peft ``PeftModel`` / tuner wrapper, or inside a view that runs one
+    """The transformers model inside a peft ``PeftModel`` / tuner wrapper, inside ``DistributedDataParallel`` /
+    ``DataParallel`` (accelerate wraps the model so in multi-process training), or inside a view that runs one
     (``causal_lm``: the serving engine's adapter views), or the model itself."""
     from peft import PeftModel
     from peft.tuners.tuners_utils import BaseTuner
 
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return unwrap(model.module)
     inner = getattr(model, "causal_lm", None)
     if isinstance(inner, nn.Module):
         return unwrap(inner)

@@ -156,9 +156,10 @@ def label_token_loss(model: nn.Module, batch: dict[str, torch.Tensor], **model_i
     rows, positions = (labels[:, 1:] != -100).nonzero(as_tuple=True)
     if rows.numel() == 0:
         raise ValueError("the batch has no label token to train on (every label is -100)")
-    at = logits_at(model, model, positions.tolist(), input_ids=batch["input_ids"],
-                   attention_mask=batch["attention_mask"], **model_inputs)
-    kept = torch.tensor([at.where[int(p)] for p in positions], device=rows.device)
+    listed = positions.tolist()  # one transfer, not a device sync per label token
+    at = logits_at(model, model, listed, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   **model_inputs)
+    kept = torch.tensor([at.where[p] for p in listed], device=rows.device)
     logits = at.logits[rows, kept].float()
     return torch.nn.functional.cross_entropy(logits, labels[rows, positions + 1]), at.outputs
 

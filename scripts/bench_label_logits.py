@@ -89,6 +89,9 @@ def main() -> None:
         parser.error(f"{args.task} has {len(examples)} training examples, fewer than --batch-size x --batches")
     prompts = [fit_prompt(template, e.text, tokenizer, args.max_prompt_tokens) for e in examples]
     words = [verbalizer.label_words[label] for label in task.labels]
+    if any(len(tokenizer(w, add_special_tokens=False)["input_ids"]) != 1 for w in words):
+        parser.error(f"{args.task}'s label words {words} are not one token each: the every-position reference here "
+                     "scores a label by its first token (use a task with one-token label words)")
     batches = [collate([encode_example(tokenizer, prompts[i], verbalizer.label_words[examples[i].label],
                                        args.max_prompt_tokens) for i in range(b, b + args.batch_size)],
                        tokenizer.pad_token_id or 0)

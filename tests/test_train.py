@@ -71,6 +71,23 @@ def test_the_label_loss_is_transformers_loss_with_the_head_at_the_label_position
     assert head_positions == [label_tokens] and label_tokens < batch["input_ids"].shape[1]
 
 
+def test_the_label_loss_keeps_the_head_at_the_label_positions_inside_a_data_parallel_wrapper():
+    """accelerate wraps the model in DistributedDataParallel for multi-process training; its forward takes
+    **kwargs, so the check for logits_to_keep must look inside it (DataParallel here: one process, no GPU)."""
+    from cpet.evaluate import takes_logits_to_keep
+
+    loaded = tiny_model("llama")
+    wrapped = torch.nn.DataParallel(loaded.model)
+    assert takes_logits_to_keep(wrapped)
+    batch = collate([encode_example(loaded.tokenizer, prompt, "b", 64) for prompt in ["x", "a longer prompt"]], 0)
+    head_positions = []
+    hook = loaded.model.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: head_positions.append(args[0].shape[1]))
+    loss, _ = label_token_loss(wrapped, batch)
+    hook.remove()
+    assert head_positions == [2] and loss.item() == pytest.approx(loaded.model(**batch).loss.item(), rel=1e-5)
+
+
 def test_batch_indices_cover_each_epoch_and_depend_only_on_seed_and_step():
     first_epoch = [i for step in range(5) for i in batch_indices(20, 4, step, seed=3)]
     assert sorted(first_epoch) == list(range(20))

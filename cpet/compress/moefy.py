@@ -207,7 +207,11 @@ def ffn_inputs(model: nn.Module, calibration: torch.Tensor, batch_size: int = 4,
     fp32 per layer, in the order of ``layers``. Each batch's forward pass stops at the last of them."""
     base = unwrap(model)
     fam = family_of(base)
-    wanted = list(range(len(decoder_layers(base)))) if layers is None else list(layers)
+    count = len(decoder_layers(base))
+    wanted = list(range(count)) if layers is None else list(layers)
+    if not wanted or not all(-count <= i < count for i in wanted):
+        raise ValueError(f"layers must name at least one of the model's {count} decoder layers, got {layers}")
+    wanted = [i % count for i in wanted]  # -1: the last layer, as Python indexes
     captured: dict[int, list[torch.Tensor]] = {i: [] for i in wanted}
     last = max(wanted)
     handles = []
@@ -321,6 +325,8 @@ class MoEfyStage:
             parent, name = _ffn_parent(model, i)
             setattr(parent, name, block)
             local.select(i, FFN_CHANNELS, order)
+        for block in moe_blocks(model):  # the "moefied" passes routed calibration tokens: not the model's own use
+            block.reset_counts()
         context.custom_layout = LAYOUT_NOTE
         return model, local
 

@@ -381,29 +381,52 @@ def test_a_moefied_ffn_passes_an_empty_batch_through():
     assert block(torch.zeros(2, 0, 64)).shape == (2, 0, 64)
 
 
-def test_routers_learn_from_the_inputs_of_the_model_moefied_so_far_when_asked():
+def test_routers_learn_from_the_inputs_of_the_model_moefied_so_far_when_asked(monkeypatch):
     """router_inputs="moefied": layer i's clustering and router see what layer i reads once layers 0..i-1 are
     MoEfied; layer 0 reads the same either way. The default leaves the config's dict (and base_id) as before."""
-    from cpet.compress.moefy import ffn_inputs
+    import importlib
+
     from cpet.config import stage_config_to_dict
+
+    moefy = importlib.import_module("cpet.compress.moefy")  # the module (cpet.compress.compress shadows its path)
 
     model = tiny_model("llama").model
     calibration = _calibration(model)
     dense = compress(model, [MoEfyConfig(num_experts=4, top_k=2)], calibration=calibration, progress=False)
+    trained_on = []
+    train_router = moefy.train_router
+    monkeypatch.setattr(moefy, "train_router", lambda block, tokens, *a: trained_on.append(tokens) or
+                        train_router(block, tokens, *a))
     moefied = compress(model, [MoEfyConfig(num_experts=4, top_k=2, router_inputs="moefied")],
                        calibration=calibration, progress=False)
-    routers = [{k: v for k, v in b.model.state_dict().items() if "router" in k} for b in (dense, moefied)]
-    first = [k for k in routers[0] if ".layers.0." in k]
-    later = [k for k in routers[0] if ".layers.1." in k]
-    assert first and later
-    assert all(torch.equal(routers[0][k], routers[1][k]) for k in first)
-    assert any(not torch.equal(routers[0][k], routers[1][k]) for k in later)
-    assert dense.base_id != moefied.base_id
-    assert "router_inputs" not in stage_config_to_dict(MoEfyConfig(num_experts=4, top_k=2))
-    # the inputs layer 1 learnt from: layer 1's FFN input in the model whose layer 0 only is MoEfied
+    monkeypatch.undo()
+    # what layer 1 reads when only layer 0 is MoEfied (as the stage had it when it built layer 1)
     half = compress(model, [MoEfyConfig(num_experts=4, top_k=2)], calibration=calibration, progress=False).model
     half.model.layers[1].mlp = model.model.layers[1].mlp
-    layer1_moefied = ffn_inputs(half, calibration, layers=[1])[0]
-    layer1_dense = ffn_inputs(model, calibration)[1]
-    assert not torch.allclose(layer1_moefied, layer1_dense, atol=1e-4)
-    assert torch.equal(ffn_inputs(model, calibration, layers=[1])[0], layer1_dense)  # a pass stopped at layer 1
+    layer0_dense, layer1_dense = moefy.ffn_inputs(model, calibration)
+    assert torch.equal(trained_on[0], layer0_dense)
+    assert torch.allclose(trained_on[1], moefy.ffn_inputs(half, calibration, layers=[1])[0], atol=1e-6)
+    assert not torch.allclose(trained_on[1], layer1_dense, atol=1e-4)
+    routers = [{k: v for k, v in b.model.state_dict().items() if "router" in k} for b in (dense, moefied)]
+    first = [k for k in routers[0] if ".layers.0." in k]
+    assert first and all(torch.equal(routers[0][k], routers[1][k]) for k in first)
+    assert dense.base_id != moefied.base_id
+    assert "router_inputs" not in stage_config_to_dict(MoEfyConfig(num_experts=4, top_k=2))
+    # the calibration passes through MoEfied layers leave no expert counts behind (they would skew FLOPs)
+    assert all((b.chosen_experts, b.routed_tokens) == (0, 0) for b in moe_blocks(moefied.model))
+
+
+def test_ffn_inputs_of_some_layers_stop_each_pass_at_the_last_of_them():
+    from cpet.compress.moefy import ffn_inputs
+
+    model = tiny_model("llama").model
+    calls = []
+    later = model.model.layers[1].register_forward_pre_hook(lambda module, args: calls.append(1))
+    first = ffn_inputs(model, _calibration(model), layers=[0])[0]
+    later.remove()
+    assert calls == [] and first.shape == (4 * 32, model.config.hidden_size)
+    assert all(not layer.mlp._forward_pre_hooks for layer in model.model.layers)  # removed after the stop
+    assert torch.equal(ffn_inputs(model, _calibration(model), layers=[-1])[0], ffn_inputs(model, _calibration(model))[1])
+    for bad in ([], [2], [-3]):
+        with pytest.raises(ValueError, match="must name at least one of the model's 2 decoder layers"):
+            ffn_inputs(model, _calibration(model), layers=bad)
