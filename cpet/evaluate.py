@@ -196,12 +196,12 @@ def scored_positions(ids: list[int], col: int, lab: list[int]) -> list[int]:
 
 
 def store_sequence_score(row_scores: torch.Tensor, logp: torch.Tensor, ids: list[int], col: int, lab: list[int],
-                         label_ids: list[list[int]], where: dict[int, int] | None = None) -> None:
+                         label_ids: list[list[int]], where: dict[int, int]) -> None:
     """Write what a sequence of :func:`label_sequences` scores into its prompt's ``row_scores [labels]``, from the
-    sequence's log-probabilities ``logp [K, vocab]``: every label's log-probability (column -1), or its own
-    label's, summed over the label's tokens, in column ``col``. ``where`` maps a position to its row of ``logp``
-    (:func:`logits_at`); None: ``logp`` has a row per position (``[T, vocab]``)."""
-    rows = [where[p] if where is not None else p for p in scored_positions(ids, col, lab)]
+    sequence's log-probabilities ``logp [K, vocab]`` at the kept positions (``where`` maps a position to its row
+    of ``logp``, :func:`logits_at`): every label's log-probability (column -1), or its own label's, summed over
+    the label's tokens, in column ``col``."""
+    rows = [where[p] for p in scored_positions(ids, col, lab)]
     if col < 0:
         row_scores[:] = logp[rows[0], torch.tensor([w[0] for w in label_ids])]
     else:
@@ -223,9 +223,10 @@ class PositionLogits:
     outputs: object
 
 
-def logits_at(forward, model: nn.Module, positions, **model_inputs) -> PositionLogits:
-    """One forward pass (``forward(**model_inputs)``; ``forward`` is ``model`` or a wrapper calling it) with the LM
-    head computed at ``positions`` only (any order, repeats allowed).
+def logits_at(model: nn.Module, positions, *, forward=None, **model_inputs) -> PositionLogits:
+    """One forward pass of ``model`` (through ``forward(**model_inputs)`` when given: a wrapper that calls it, as
+    the serving engine's per-row adapters do) with the LM head computed at ``positions`` only (any order, repeats
+    allowed).
 
     Scoring and training read the next-token distribution at a few positions per row (a label after its
     prompt), yet a causal LM computes and normalises logits at every position: on SmolLM2-135M (vocabulary 49,152,
@@ -241,6 +242,7 @@ def logits_at(forward, model: nn.Module, positions, **model_inputs) -> PositionL
     inputs = model_inputs.get("input_ids")
     device = (inputs if inputs is not None else model_inputs["inputs_embeds"]).device
     index = torch.tensor(kept, dtype=torch.long, device=device)
+    forward = forward or model
     if takes_logits_to_keep(model):
         outputs = forward(**model_inputs, logits_to_keep=index)
         return PositionLogits(outputs.logits, where, outputs)
@@ -291,7 +293,7 @@ def label_logprobs(model: nn.Module, tokenizer, prompts: Sequence[str], label_wo
             chunk = sequences[start:start + batch_size]
             input_ids, attention = padded([ids for ids, *_rest in chunk], pad)
             needed = [p for ids, _row, col, lab in chunk for p in scored_positions(ids, col, lab)]
-            at = logits_at(model, model, needed, input_ids=input_ids.to(device), attention_mask=attention.to(device))
+            at = logits_at(model, needed, input_ids=input_ids.to(device), attention_mask=attention.to(device))
             logp = torch.log_softmax(at.logits.float(), dim=-1).cpu()
             for i, (ids, row, col, lab) in enumerate(chunk):
                 store_sequence_score(scores[row], logp[i], ids, col, lab, label_ids, at.where)

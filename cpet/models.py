@@ -567,8 +567,8 @@ def _refuse_non_uniform_base(path: Path) -> None:
     if uniform is False:
         raise ValueError(f"{path} is a CPET compressed base that plain transformers cannot load (its manifest.json "
                          "says uniform: false: a per-layer pruning schedule, MoEfied FFNs or quantized "
-                         "embeddings): use it in its pipeline (`cpet eval PIPELINE`, `cpet serve --base PIPELINE`) or load "
-                         "it with cpet.compress.CompressedBase.load")
+                         "embeddings): use it in its pipeline (`cpet eval PIPELINE`, `cpet serve --base PIPELINE`) "
+                         "or load it with cpet.compress.CompressedBase.load")
 
 
 def _placed(loaded: LoadedBase, dtype: torch.dtype, device: str | torch.device) -> LoadedBase:

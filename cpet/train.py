@@ -157,7 +157,7 @@ def label_token_loss(model: nn.Module, batch: dict[str, torch.Tensor], **model_i
     if rows.numel() == 0:
         raise ValueError("the batch has no label token to train on (every label is -100)")
     listed = positions.tolist()  # one transfer, not a device sync per label token
-    at = logits_at(model, model, listed, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+    at = logits_at(model, listed, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                    **model_inputs)
     kept = torch.tensor([at.where[p] for p in listed], device=rows.device)
     logits = at.logits[rows, kept].float()

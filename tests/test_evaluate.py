@@ -207,8 +207,8 @@ def test_logits_at_picks_the_positions_from_every_logit_when_the_model_cannot_ke
     ids = torch.randint(0, 200, (2, 9))
     with torch.no_grad():
         full = loaded.model(input_ids=ids).logits
-        fallback = logits_at(NoLogitsToKeep(), NoLogitsToKeep(), [7, 2, 7], input_ids=ids)
-        kept = logits_at(loaded.model, loaded.model, [7, 2, 7], input_ids=ids)
+        fallback = logits_at(NoLogitsToKeep(), [7, 2, 7], input_ids=ids)
+        kept = logits_at(loaded.model, [7, 2, 7], input_ids=ids)
     for at in (fallback, kept):
         assert at.where == {2: 0, 7: 1} and at.logits.shape == (2, 2, full.shape[-1])
         assert torch.allclose(at.logits, full[:, [2, 7]], atol=1e-5)

@@ -47,15 +47,24 @@ def calibration_ids(tokenizer, text: str, n_samples: int, seq_len: int, seed: in
     return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
 
 
+class StopForward(Exception):
+    """Raised by a hook of :func:`run_batches` once it has read what it needs: the rest of that chunk's forward
+    pass (the later layers, the LM head) is skipped."""
+
+
 @torch.no_grad()
 def run_batches(model: nn.Module, batches: torch.Tensor, handles: list, batch_size: int = 4) -> None:
     """Run ``batches`` ``[n, seq]`` of ids through the causal LM in chunks of ``batch_size``, then remove the hook
-    ``handles`` the caller registered to read what it needs (also when the forward fails)."""
+    ``handles`` the caller registered to read what it needs (also when the forward fails). A hook may raise
+    :class:`StopForward` to end a chunk's pass early."""
     base = unwrap(model)
     try:
         device = next(base.parameters()).device
         for chunk in batches.split(batch_size):
-            base(input_ids=chunk.to(device))
+            try:
+                base(input_ids=chunk.to(device))
+            except StopForward:
+                pass
     finally:
         for handle in handles:
             handle.remove()

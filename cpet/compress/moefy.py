@@ -30,7 +30,7 @@ from ..models import decoder_layers, family_of, geometry, layer_linears, submodu
 from ..moe.clustering import balanced_kmeans, expert_order
 from ..moe.experts import COLS, ROWS, ExpertBank, bank_of
 from ..moe.layer import MoEFFN, Router
-from .calibration import check_token_windows, run_batches
+from .calibration import StopForward, check_token_windows, run_batches
 from .index_maps import FFN_CHANNELS, IndexMaps
 from .prune import planned_ffn_widths
 from .stages import StageContext, register_stage
@@ -196,10 +196,6 @@ def _check_ffn_formula(model: nn.Module) -> None:
 
 # ---------------------------------------------------------------------------------------------- training
 
-class _Captured(Exception):
-    """Stops a calibration forward pass once the last layer a caller reads has its input."""
-
-
 @torch.no_grad()
 def ffn_inputs(model: nn.Module, calibration: torch.Tensor, batch_size: int = 4,
                layers: Sequence[int] | None = None) -> list[torch.Tensor]:
@@ -219,18 +215,9 @@ def ffn_inputs(model: nn.Module, calibration: torch.Tensor, batch_size: int = 4,
         def hook(module, inputs, i=i):
             captured[i].append(inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float().cpu())
             if i == last:
-                raise _Captured
+                raise StopForward
         handles.append(submodule(decoder_layers(base)[i], fam.mlp).register_forward_pre_hook(hook))
-    try:
-        device = next(base.parameters()).device
-        for chunk in calibration.split(batch_size):
-            try:
-                base(input_ids=chunk.to(device))
-            except _Captured:
-                pass
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_batches(base, calibration, handles, batch_size)
     return [torch.cat(captured[i]) for i in wanted]
 
 

@@ -339,7 +339,8 @@ class Engine:
         input_ids, attention = padded([seq[2] for seq in sequences], self.tokenizer.pad_token_id or 0)
         device = next(self.model.parameters()).device
         needed = [p for *_first, ids, col, lab in sequences for p in scored_positions(ids, col, lab)]
-        at = logits_at(lambda **inputs: self.forward([seq[0] for seq in sequences], **inputs), self.model, needed,
+        rows = [seq[0] for seq in sequences]
+        at = logits_at(self.model, needed, forward=lambda **inputs: self.forward(rows, **inputs),
                        input_ids=input_ids.to(device), attention_mask=attention.to(device))
         logp = torch.log_softmax(at.logits.float(), dim=-1).cpu()
         scores = [torch.zeros(len(labels)) for labels, _ in labels_of]
