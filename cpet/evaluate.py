@@ -230,8 +230,8 @@ def logits_at(model: nn.Module, positions, *, forward=None, **model_inputs) -> P
 
     Scoring and training read the next-token distribution at a few positions per row (a label after its
     prompt), yet a causal LM computes and normalises logits at every position: on SmolLM2-135M (vocabulary 49,152,
-    21% of its multiply-adds in the LM head) batches of 8 vader-product prompts of up to 64 tokens train 1.17x and
-    score 1.19x faster on one CPU thread with the head at the needed positions (``scripts/bench_label_logits.py``,
+    21% of its multiply-adds in the LM head) batches of 8 vader-product prompts of up to 64 tokens train 1.17-1.21x
+    and score 1.19-1.23x faster on one CPU thread with the head at the needed positions (``scripts/bench_label_logits.py``,
     README "Measured here"). transformers' ``logits_to_keep`` takes a 1-D
     tensor of positions, shared by every row of the batch, so the head runs at the union of the rows' positions
     (at most a few per row). A model whose forward does not take it computes every position and the needed ones
