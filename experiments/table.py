@@ -5,14 +5,13 @@
 Per compression setting and method row: the task steps behind each row's adapter, test accuracy per task
 and averaged (mean ± standard deviation over the seeds that finished, with the seed count), the cells still
 missing, the CPET rows against the original and vanilla rows (and their equal-budget 2x controls) with
-paired bootstrap 95% intervals, and a plot of validation accuracy against training steps per setting.
+paired 95% intervals (test-set and training noise, :mod:`experiments.intervals`), and a plot of validation accuracy against training steps per setting.
 Cells made by different code commits are never mixed in one table: pick one with ``--commit``.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import shlex
 import statistics
@@ -23,10 +22,11 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
-
 from experiments.grid import (  # noqa: E402
     CELLS_DIR, DEFAULT_SETTINGS, ORIGINAL_ROWS, ROW_MEANING, ROWS, SETTINGS, TASKS)
+
+from experiments.clusters import UNITS_OF_TASK, clusters_for  # noqa: E402
+from experiments.intervals import paired_bootstrap, task_weighted_mean  # noqa: E402
 
 from cpet.assets import atomic_path, write_text_atomic  # noqa: E402
 
@@ -83,18 +83,21 @@ def load_cells(cells_dir: Path, commit: str | None = None, tasks: Sequence[str] 
 
 
 def check_one_test_set(cells: list[dict]) -> None:
-    """Refuse cells of one task that scored different test sets (``test_sha256``; cells made before the grid
-    recorded it are compared by their test-set size ``test_n``): paired intervals compare example by example."""
-    hashes = defaultdict(set)
+    """Refuse cells of one task that scored different test sets: paired intervals compare example by example.
+    Cells that record ``test_sha256`` must agree on it; every cell's test-set size ``test_n`` must agree too
+    (the only check for cells made before the grid recorded the hash, which may sit beside newer ones)."""
+    hashes, sizes = defaultdict(set), defaultdict(set)
     for cell in cells:
         if cell.get("test_sha256"):
             hashes[cell["task"]].add(cell["test_sha256"])
-        elif cell.get("test_n") is not None:
-            hashes[cell["task"]].add(f"{cell['test_n']} examples")
-    mixed = sorted(task for task, seen in hashes.items() if len(seen) > 1)
+        if cell.get("test_n") is not None:
+            sizes[cell["task"]].add(cell["test_n"])
+    mixed = sorted({task for task, seen in hashes.items() if len(seen) > 1} |
+                   {task for task, seen in sizes.items() if len(seen) > 1})
     if mixed:
-        raise SystemExit(f"table: the cells of {', '.join(mixed)} scored different test sets (test_sha256 differs: "
-                         "the task's data or --test-limit changed between runs); keep one run's cells per table")
+        raise SystemExit(f"table: the cells of {', '.join(mixed)} scored different test sets (test_sha256 or test_n "
+                         "differs: the task's data or --test-limit changed between runs); keep one run's cells per "
+                         "table")
 
 
 def row_key(row: str, setting: str) -> str:
@@ -152,8 +155,11 @@ def majority_row(cells: list[dict], tasks) -> str:
 
 
 def table(cells: list[dict], settings, tasks, rows, seeds, summaries: dict[str, dict] | None = None,
-          ablation_seeds=None) -> str:
+          ablation_seeds=None, examples_as_units: Sequence[str] = ()) -> str:
     """The markdown tables of ``settings`` (one per setting), the CPET deltas and a progress line.
+
+    ``examples_as_units``: tasks whose intervals resample test examples one at a time although their units are
+    known (:mod:`experiments.clusters`; for cells of a split this checkout no longer builds); the text says so.
 
     ``ablation_seeds``: the seeds the :data:`ABLATION_ROWS` are planned on (None: all ``seeds``); only the
     progress line uses it, the means take whatever finished. Cells of seeds outside ``seeds`` are left out of
@@ -181,7 +187,8 @@ def table(cells: list[dict], settings, tasks, rows, seeds, summaries: dict[str, 
             lines.append(f"| {row} | {steps_of(cells, row)} | " + " | ".join(cells_txt) + f" | {avg} |")
         lines.append(majority_row(cells, tasks))
         for cpet_row in (r for r in CPET_ROWS if r in rows):
-            lines.append("\n" + matched_deltas(cells, setting, tasks, seeds, cpet_row))
+            lines.append("\n" + matched_deltas(cells, setting, tasks, seeds, cpet_row, examples_as_units))
+    lines.append("\n" + INTERVALS_NOTE + unclustered_note(tasks, examples_as_units))
     lines.append("\n" + progress_line(by_key, settings, tasks, rows, seeds, ablation_seeds) +
                  " Entries are test accuracy in %, mean ± sd over seeds, seed count in parentheses.")
     return "\n".join(lines)
@@ -212,105 +219,33 @@ def progress_line(by_key, settings, tasks, rows, seeds, ablation_seeds=None) -> 
     return f"Cells finished: {done_total} of {want_total} ({status})."
 
 
-def task_weighted_mean(values: Sequence[float], tasks: Sequence) -> float:
-    """Mean of ``values`` (one per (task, seed) pair, ``tasks[j]`` naming pair j's task) with every task weighing
-    the same: each task's values are averaged first, then the tasks."""
-    per_task = defaultdict(list)
-    for value, task in zip(values, tasks, strict=True):
-        per_task[task].append(value)
-    return float(statistics.mean(statistics.mean(v) for v in per_task.values()))
-
-
-def paired_bootstrap(pairs_a: list[str], pairs_b: list[str], tasks: list[str] | None = None,
-                     replicates: int = 2000, seed: int = 0, clusters: dict | None = None) -> tuple[float, float, float]:
-    """Mean accuracy difference A − B over tasks (of its seeds' pairs), with a paired, two-level bootstrap 95%
-    interval.
-
-    Each element of ``pairs_a`` / ``pairs_b`` is one (task, seed) pair's per-example correctness string
-    (``"1"`` correct, ``"0"`` wrong) on the same test examples in the same order; ``tasks[j]`` names pair j's
-    task (default: every pair its own task). The seeds of one task score the *same* test examples, so the
-    test-set noise is one draw per task, not one per seed: a replicate draws, per task, one resample of its
-    test examples with replacement, shared by all its seeds and by A and B (paired), and resamples the task's
-    seeds with replacement (training noise), then averages the differences as the point estimate does: each
-    task's seeds first, then the tasks, so that every task weighs the same whatever its number of finished
-    seeds (as the table's average column). Tasks are fixed (they are what the table reports on), not
-    resampled. Drawing the test examples independently per seed would count the same examples once per seed
-    and narrow the interval by up to the square root of the seed count. Resampling both levels counts the
-    seed x example interaction more than once (which widens the interval), while resampling S seeds
-    understates their variance by (S-1)/S (which narrows it); a task with one seed adds no training noise.
-    ``clusters[task]`` (a unit per test example, e.g. its source document): that task's test examples are
-    resampled a unit at a time, since examples of one unit are not independent. Returns ``(delta, low, high)``
-    in accuracy units.
-    """
-    if len(pairs_a) != len(pairs_b):
-        raise ValueError(f"{len(pairs_a)} A pairs against {len(pairs_b)} B pairs")
-    tasks = list(range(len(pairs_a))) if tasks is None else list(tasks)
-    if len(tasks) != len(pairs_a):
-        raise ValueError(f"{len(tasks)} task names for {len(pairs_a)} pairs")
-    rng = np.random.default_rng(seed)
-    sums = np.zeros(replicates)
-    for task in dict.fromkeys(tasks):
-        members = [j for j, t in enumerate(tasks) if t == task]
-        sizes = {len(pairs_a[j]) for j in members} | {len(pairs_b[j]) for j in members}
-        if len(sizes) != 1:
-            raise ValueError(f"paired cells of task {task!r} scored different test sets ({sorted(sizes)} examples)")
-        # diffs[s, i]: A's correctness minus B's on test example i under the task's s-th seed
-        diffs = np.stack([np.frombuffer(pairs_a[j].encode(), dtype=np.uint8).astype(np.int8)
-                          - np.frombuffer(pairs_b[j].encode(), dtype=np.uint8).astype(np.int8) for j in members])
-        units = (clusters or {}).get(task)
-        if units is not None:
-            if len(units) != diffs.shape[1]:
-                raise ValueError(f"{len(units)} clusters for the {diffs.shape[1]} test examples of task {task!r}")
-            groups = [np.flatnonzero(np.asarray(units) == unit) for unit in dict.fromkeys(units)]
-            draws = rng.integers(0, len(groups), size=(replicates, len(groups)))
-            examples = [np.concatenate([groups[g] for g in draw]) for draw in draws]
-        else:
-            examples = rng.integers(0, diffs.shape[1], size=(replicates, diffs.shape[1]))
-        seeds = rng.integers(0, len(members), size=(replicates, len(members)))
-        per_seed = np.stack([diffs[:, idx].mean(axis=1) for idx in examples])  # (replicates, seeds of task)
-        sums += np.take_along_axis(per_seed, seeds, axis=1).mean(axis=1)
-    # each task weighs the same whatever its number of finished seeds (as the table's average column): its seeds
-    # are averaged first, then the tasks
-    point = task_weighted_mean([a.count("1") / len(a) - b.count("1") / len(b) for a, b in zip(pairs_a, pairs_b)],
-                               tasks)
-    low, high = np.percentile(sums / len(set(tasks)), [2.5, 97.5])
-    return point, float(low), float(high)
-
-
 REFERENCE_ROWS = ("original", "original-2x", "vanilla", "vanilla-2x")
 
 
-@functools.lru_cache(maxsize=None)
-def _brown_genre_documents() -> tuple[str, ...]:
-    from cpet.data.genre import documents_of_test_split
-
-    return tuple(documents_of_test_split())
-
-
-@functools.lru_cache(maxsize=None)
-def _spam_email_groups() -> tuple[int, ...]:
-    from cpet.data.spam import groups_of_test_split
-
-    return tuple(groups_of_test_split())
+INTERVALS_NOTE = ("Intervals: paired 95%, covering test-set noise (test examples resampled, a dependent unit at a "
+                  "time where one is known: a Brown document, an email group, a review or editorial) and training "
+                  "noise (the spread of the per-seed deltas, scaled by Student's t for the few seeds); a delta "
+                  "over one seed per task covers the test-set noise of that one run only.")
 
 
-# tasks whose test examples come in dependent units: their intervals resample units (brown-genre: 748
-# passages from 27 documents; spam-assassin: emails of one campaign or thread)
-CLUSTERED_TASKS = {"brown-genre": _brown_genre_documents, "spam-assassin": _spam_email_groups}
+def unclustered_note(tasks, examples_as_units: Sequence[str]) -> str:
+    """The sentence saying which tasks' intervals treat dependent test examples as independent ('' if none)."""
+    named = [t for t in tasks if t in examples_as_units and t in UNITS_OF_TASK]
+    if not named:
+        return ""
+    return (f" The intervals of {', '.join(named)} resample test examples one at a time (`--examples-as-units`): "
+            "their cells scored a split whose units this checkout cannot rebuild, so those intervals are too narrow "
+            "by as much as the units' dependence.")
 
 
-def clusters_of_test_sets(tasks) -> dict:
-    """``{task: unit of each test example}`` for the :data:`CLUSTERED_TASKS` among ``tasks``."""
-    return {task: CLUSTERED_TASKS[task]() for task in tasks if task in CLUSTERED_TASKS}
-
-
-def matched_deltas(cells: list[dict], setting: str, tasks, seeds, cpet_row: str = "cpet") -> str:
+def matched_deltas(cells: list[dict], setting: str, tasks, seeds, cpet_row: str = "cpet",
+                   examples_as_units: Sequence[str] = ()) -> str:
     """A CPET row against the original-model LoRA and the vanilla compressed LoRA (and their 2x controls).
 
     Only (task, seed) pairs where the CPET row, the original and the vanilla row all finished count (the 2x
     controls: those of them where the control finished too), so a partly run grid gives a fair (if small)
     comparison; where the cells stored their per-example correctness, the difference
-    gets a paired bootstrap 95% interval (:func:`paired_bootstrap`).
+    gets a paired 95% interval (:func:`~experiments.intervals.paired_bootstrap`: test-set and training noise).
     """
     by_cell = {(c["setting"], c["task"], c["row"], c["seed"]): c for c in cells}
     label = "CPET" if cpet_row == "cpet" else f"CPET ({cpet_row})"
@@ -327,8 +262,9 @@ def matched_deltas(cells: list[dict], setting: str, tasks, seeds, cpet_row: str 
         ours = [by_cell[(setting, t, cpet_row, s)] for t, s in pairs]
         theirs = [by_cell[(row_key(ref, setting), t, ref, s)] for t, s in pairs]
         if all("test_correct" in c for c in ours + theirs):
+            clusters = clusters_for(ours + theirs, [t for t in tasks if t not in examples_as_units])
             delta, low, high = paired_bootstrap([c["test_correct"] for c in ours], [c["test_correct"] for c in theirs],
-                                                tasks=[t for t, _ in pairs], clusters=clusters_of_test_sets(tasks))
+                                                tasks=[t for t, _ in pairs], clusters=clusters)
             parts.append(f"− {ref} = {100 * delta:+.1f} points [95% CI {100 * low:+.1f}, {100 * high:+.1f}] "
                          f"({len(pairs)} pairs)")
         else:
@@ -437,13 +373,26 @@ def main(argv=None) -> int:
     parser.add_argument("--ablation-seeds", nargs="+", type=int, default=[0],
                         help=f"the seeds the ablation rows ({', '.join(ABLATION_ROWS)}) are planned on")
     parser.add_argument("--commit", help="use only cells made by this code commit (a prefix is enough)")
+    parser.add_argument("--note-file", help="a markdown note to print above the table (why these cells are kept, "
+                                            "what superseded them): it survives regenerating the document")
+    parser.add_argument("--examples-as-units", nargs="+", default=[], metavar="TASK",
+                        help="resample these tasks' test examples one at a time although their dependent units "
+                             f"({', '.join(UNITS_OF_TASK)}) are known: for cells of a split this checkout no longer "
+                             "builds (the table says so)")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    if args.note_file and not Path(args.note_file).is_file():
+        parser.error(f"--note-file: {args.note_file} is not a file")
+    unknown = [t for t in args.examples_as_units if t not in UNITS_OF_TASK]
+    if unknown:
+        parser.error(f"--examples-as-units: {', '.join(unknown)} has no known units (tasks with units: "
+                     f"{', '.join(UNITS_OF_TASK)}); its test examples are resampled one at a time anyway")
     cells = load_cells(Path(args.cells), args.commit, args.tasks)
     settings, rows = args.settings, [row for row in ROWS if row in args.rows]
     cells = [c for c in cells if c["row"] in rows and c["seed"] in args.seeds]  # curves too, not only the means
     summaries = load_setting_summaries(Path(args.cells).parent / "settings")
-    text = table(cells, settings, args.tasks, rows, args.seeds, summaries, args.ablation_seeds)
+    text = table(cells, settings, args.tasks, rows, args.seeds, summaries, args.ablation_seeds,
+                 args.examples_as_units)
     # one plot per document: a second table (new tasks, the MoEfied setting) must not overwrite the first's
     plot = Path(args.doc).with_name(f"{Path(args.doc).stem}_curves.png")
     if cells:
@@ -451,7 +400,8 @@ def main(argv=None) -> int:
     legend = "\n".join(f"- `{row}`: {ROW_MEANING[row]}" for row in rows)
     commits = sorted({str(c.get("commit", "unrecorded")) for c in cells})
     command = " ".join(["python experiments/table.py", *map(shlex.quote, argv)])
-    header = (f"# CPET comparison table\n\nGenerated by `{command}` from the cells of "
+    note = f"{Path(args.note_file).read_text(encoding='utf-8').strip()}\n\n" if args.note_file else ""
+    header = (f"# CPET comparison table\n\n{note}Generated by `{command}` from the cells of "
               f"`python experiments/grid.py` (code commit {', '.join(commits) or '–'}). Rows (\"task steps\" counts "
               f"the optimizer steps on task data behind each adapter, the original adapter's included):\n\n"
               f"{legend}\n")

@@ -88,14 +88,31 @@ def document_groups(examples: list[Example], documents: list[str]) -> list[int]:
 
 def load_vader_task(domain: str, archive: Path | None = None) -> ClassificationTask:
     """The ``vader-<domain>`` task (domain: movie, product, news, tweets)."""
+    return _vader_task_and_groups(domain, archive)[0]
+
+
+def groups_of_test_split(domain: str, archive: Path | None = None) -> list[int]:
+    """The document group (:func:`document_groups`: a review or editorial, with the documents it shares a
+    sentence with) of each test example of ``vader-<domain>``, in the test split's order: the dependent units a
+    clustered bootstrap resamples (product: 287 test sentences from 24 reviews). Movie snippets and tweets are one
+    sentence per document, so there every test example is a unit of its own."""
+    task, group_of = _vader_task_and_groups(domain, archive)
+    return [group_of[normalised_key(e.text)] for e in task.split("test")]
+
+
+def _vader_task_and_groups(domain: str, archive: Path | None) -> tuple[ClassificationTask, dict[str, int]]:
+    """The task, and the document group of each rated sentence by its normalised text (the groups it was split
+    by; sentences that share a normalised text are in one group by construction)."""
     if domain not in VADER_DOMAINS:
         raise ValueError(f"unknown VADER domain {domain!r}; choose from {', '.join(VADER_DOMAINS)}")
     archive = Path(archive) if archive is not None else fetch_asset("vader-sdist")
     rated = parse_rated_documents(_read_ground_truth(archive, VADER_DOMAINS[domain]))
     examples, documents = [example for _, example in rated], [document for document, _ in rated]
+    groups = document_groups(examples, documents)
     split_of = None
     if len(set(documents)) < len(documents):  # sentences of one review or editorial stay in one split
-        split_of = split_by_group([e.label for e in examples], document_groups(examples, documents), seed=0)
-    return make_task(f"vader-{domain}", examples, source=f"VADER {VADER_DOMAINS[domain]}", seed=0, split_of=split_of,
-                     description=f"VADER {VADER_DOMAINS[domain]} (human-rated, |mean| >= 0.5)",
+        split_of = split_by_group([e.label for e in examples], groups, seed=0)
+    task = make_task(f"vader-{domain}", examples, source=f"VADER {VADER_DOMAINS[domain]}", seed=0,
+                     split_of=split_of, description=f"VADER {VADER_DOMAINS[domain]} (human-rated, |mean| >= 0.5)",
                      family="sentiment")
+    return task, {normalised_key(e.text): group for e, group in zip(examples, groups)}

@@ -1,0 +1,120 @@
+"""The dependent units of a task's test examples, for the clustered bootstrap of :mod:`experiments.intervals`.
+
+Examples of one unit are not independent, so an interval must resample them together:
+
+- ``brown-genre``: 748 test passages from 27 held-out Brown documents;
+- ``spam-assassin``: emails of one campaign, thread or near-identical body;
+- ``vader-product`` / ``vader-news``: sentences of one review (287 test sentences from 24) or editorial (294
+  from 53). Movie snippets and tweets are one sentence per document: every example is its own unit there.
+
+The units come from the code of this checkout, the cells from the commit they were measured at; units are
+used only for cells that scored the very test split they were built for (``test_sha256``; cells made before the
+grid recorded it are checked example by example: a cell's correctness must match its predictions against the
+split's gold labels), so a changed split is refused instead of silently resampled by the wrong units.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class SplitUnits:
+    """A task's test split as a clustered bootstrap sees it.
+
+    Attributes:
+        units: the unit of each test example, in the split's order.
+        examples_sha256: :func:`cpet.data.tasks.examples_sha256` of the split (what a cell's ``test_sha256`` says).
+        gold: each test example's label, in order.
+    """
+
+    units: tuple
+    examples_sha256: str
+    gold: tuple[str, ...]
+
+
+def _units_of(task_name: str, units_of_split: Callable[[], list]) -> SplitUnits:
+    from cpet.data.tasks import examples_sha256, load_task
+
+    test = load_task(task_name).split("test")
+    units = tuple(units_of_split())
+    if len(units) != len(test):
+        raise ValueError(f"{len(units)} units for the {len(test)} test examples of {task_name}")
+    return SplitUnits(units, examples_sha256(test), tuple(e.label for e in test))
+
+
+def _brown_documents() -> list:
+    from cpet.data.genre import documents_of_test_split
+
+    return documents_of_test_split()
+
+
+def _spam_groups() -> list:
+    from cpet.data.spam import groups_of_test_split
+
+    return groups_of_test_split()
+
+
+def _vader_groups(domain: str) -> Callable[[], list]:
+    def groups() -> list:
+        from cpet.data.vader import groups_of_test_split
+
+        return groups_of_test_split(domain)
+    return groups
+
+
+# task -> its test split's units (tasks not listed: every test example is a unit of its own)
+UNITS_OF_TASK: dict[str, Callable[[], list]] = {
+    "brown-genre": _brown_documents,
+    "spam-assassin": _spam_groups,
+    "vader-product": _vader_groups("product"),
+    "vader-news": _vader_groups("news"),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def split_units(task_name: str) -> SplitUnits:
+    """The :class:`SplitUnits` of a task of :data:`UNITS_OF_TASK` (built once per process)."""
+    return _units_of(task_name, UNITS_OF_TASK[task_name])
+
+
+def check_cell_fits(cell: dict, units: SplitUnits) -> None:
+    """Refuse (SystemExit) a cell whose per-example correctness is not over the split ``units`` were built for."""
+    where = f"{cell['setting']} / {cell['task']} / {cell['row']} / s{cell['seed']}"
+    fix = ("run experiments/table.py from a checkout whose task data matches the cells' commit "
+           f"({str(cell.get('commit', 'unrecorded'))[:12]}), or re-run the cells")
+    if cell.get("test_sha256"):
+        if cell["test_sha256"] != units.examples_sha256:
+            raise SystemExit(f"table: cell {where} scored another {cell['task']} test split than this checkout builds "
+                             f"(test_sha256 {cell['test_sha256'][:12]} against {units.examples_sha256[:12]}), so "
+                             f"its examples cannot be matched to their units: {fix}")
+        return
+    predictions, correct = cell.get("test_predictions"), cell.get("test_correct", "")
+    if predictions is None:
+        raise SystemExit(f"table: cell {where} records neither test_sha256 nor test_predictions, so which "
+                         f"{cell['task']} test examples it scored cannot be checked against their units: {fix}")
+    fits = len(predictions) == len(correct) == len(units.gold) and all(
+        (prediction == gold) == (mark == "1") for prediction, gold, mark in zip(predictions, units.gold, correct))
+    if not fits:
+        raise SystemExit(f"table: cell {where}'s predictions do not match this checkout's {cell['task']} test split "
+                         f"example by example, so its examples cannot be matched to their units: {fix}")
+
+
+def clusters_for(cells: list[dict], tasks) -> dict:
+    """``{task: unit of each test example}`` for the clustered tasks among ``tasks``, after checking every cell
+    of them that stored its per-example correctness (:func:`check_cell_fits`)."""
+    clusters = {}
+    for task in tasks:
+        if task not in UNITS_OF_TASK:
+            continue
+        units = split_units(task)
+        for cell in cells:
+            if cell["task"] == task and "test_correct" in cell:
+                check_cell_fits(cell, units)
+        clusters[task] = units.units
+    return clusters
+
+
+__all__ = ["SplitUnits", "UNITS_OF_TASK", "check_cell_fits", "clusters_for", "split_units"]

@@ -1,0 +1,169 @@
+"""The table's paired intervals (experiments/intervals.py) and the test-set units they resample
+(experiments/clusters.py)."""
+
+import math
+
+import numpy as np
+import pytest
+
+from experiments.clusters import SplitUnits, check_cell_fits, clusters_for
+from experiments.intervals import paired_bootstrap, student_t_quantile
+
+
+def test_student_t_quantile_matches_closed_forms_and_tables():
+    assert student_t_quantile(0.975, 1) == pytest.approx(math.tan(math.pi * 0.475), abs=1e-7)  # Cauchy
+    assert student_t_quantile(0.975, 2) == pytest.approx(0.95 * math.sqrt(2 / (4 * 0.975 * 0.025)), abs=1e-7)
+    assert student_t_quantile(0.975, 8) == pytest.approx(2.306004, abs=1e-6)   # printed t tables
+    assert student_t_quantile(0.975, 30) == pytest.approx(2.042272, abs=1e-6)
+    assert student_t_quantile(0.95, 4) == pytest.approx(2.131847, abs=1e-6)
+    assert student_t_quantile(0.95, 5) == pytest.approx(2.015048, abs=1e-6)
+    assert 2.015048 < student_t_quantile(0.95, 4.5) < 2.131847  # fractional df, as Welch-Satterthwaite gives
+    assert student_t_quantile(0.975, math.inf) == pytest.approx(1.959964, abs=1e-6)
+    with pytest.raises(ValueError, match="p must be in"):
+        student_t_quantile(0.2, 3)
+    with pytest.raises(ValueError, match="degrees of freedom"):
+        student_t_quantile(0.975, 0)
+
+
+def _correct(ones: int, n: int) -> str:
+    return "1" * ones + "0" * (n - ones)
+
+
+def test_seed_spread_is_scaled_by_student_t_for_few_seeds():
+    """Three seeds of one task at deltas 0.0 / 0.1 / 0.2 on 10,000 examples (so that the test-set term is
+    negligible): the half-width is the training term's t(0.975, 2) * sd / sqrt(3) = 4.30 * 0.1 / 1.73 = 0.248; a
+    normal or percentile reading of three seeds gives far less (the earlier bootstrap, resampling the seeds:
+    about 0.14)."""
+    n = 10_000
+    b = "0" * n
+    a = [_correct(0, n), _correct(n // 10, n), _correct(n // 5, n)]
+    delta, low, high = paired_bootstrap(a, [b] * 3, tasks=["t"] * 3, replicates=400)
+    assert delta == pytest.approx(0.1)
+    assert high - delta == pytest.approx(student_t_quantile(0.975, 2) * 0.1 / math.sqrt(3), rel=0.01)
+    assert high - delta == pytest.approx(delta - low)  # symmetric around the estimate
+    # the same per-seed results read as three tasks of one seed each carry no training term: test-set noise only
+    _, low_tasks, high_tasks = paired_bootstrap(a, [b] * 3, tasks=["t1", "t2", "t3"], replicates=400)
+    assert high_tasks - low_tasks < 0.1 * (high - low)
+
+
+def test_intervals_cover_the_true_difference_with_few_seeds():
+    """Simulated grids where training noise dominates (seeds agree on most test examples, as tuned adapters do;
+    the seed effect has sd 3 points): the 95% intervals must cover the true difference (0) in about 95% of the
+    grids. A percentile bootstrap over the three seeds covered it in about 78% of them."""
+    rng = np.random.default_rng(7)
+    covered, grids = 0, 150
+    for grid in range(grids):
+        pairs_a, pairs_b = [], []
+        p, u = rng.uniform(0.6, 0.9, 300), rng.random(300)
+        for _ in range(3):
+            shift, jitter = rng.normal(0.0, 0.03), 0.05 * rng.random(300)
+            pairs_b.append("".join("1" if x else "0" for x in (u + jitter) < p))
+            pairs_a.append("".join("1" if x else "0" for x in (u + jitter) < np.clip(p + shift, 0, 1)))
+        _, low, high = paired_bootstrap(pairs_a, pairs_b, tasks=["t"] * 3, replicates=300, seed=grid)
+        covered += low <= 0.0 <= high
+    assert covered / grids >= 0.9
+
+
+def test_welch_degrees_of_freedom_follow_the_tasks_that_vary():
+    """Two tasks of three seeds on 10,000 examples: one whose seeds agree, one whose seeds spread (deltas -0.1 /
+    0 / +0.1); the half-width is then set by the spreading task's t(0.975, 2) = 4.30, not by a pooled 4 degrees
+    of freedom (2.78)."""
+    n = 10_000
+    same = [_correct(n // 2, n)] * 3
+    spread = [_correct(2 * n // 5, n), _correct(n // 2, n), _correct(3 * n // 5, n)]
+    base = [_correct(n // 2, n)] * 6
+    delta, low, high = paired_bootstrap(same + spread, base, tasks=["t"] * 3 + ["u"] * 3, replicates=400)
+    assert delta == pytest.approx(0.0, abs=1e-12)
+    training = 0.1 / math.sqrt(3) / 2  # the spreading task's standard error, halved by the two-task mean
+    assert high - delta == pytest.approx(student_t_quantile(0.975, 2) * training, rel=0.01)
+
+
+def _units(gold, units=None) -> SplitUnits:
+    return SplitUnits(tuple(units or range(len(gold))), "h" * 64, tuple(gold))
+
+
+def _cell(**fields) -> dict:
+    return {"setting": "nf4", "task": "t", "row": "cpet", "seed": 0, "commit": "abc", **fields}
+
+
+def test_a_cell_of_another_split_is_refused_before_its_units_are_used():
+    units = _units(["pos", "neg", "pos"])
+    check_cell_fits(_cell(test_sha256="h" * 64, test_correct="101"), units)  # the same split: accepted
+    with pytest.raises(SystemExit, match="scored another t test split than this checkout builds"):
+        check_cell_fits(_cell(test_sha256="g" * 64, test_correct="101"), units)
+    # cells made before the grid recorded the split's hash: checked example by example through their predictions
+    check_cell_fits(_cell(test_predictions=["pos", "pos", "pos"], test_correct="101"), units)
+    with pytest.raises(SystemExit, match="predictions do not match this checkout's t test split"):
+        check_cell_fits(_cell(test_predictions=["pos", "pos", "pos"], test_correct="110"), units)  # reordered
+    with pytest.raises(SystemExit, match="predictions do not match"):
+        check_cell_fits(_cell(test_predictions=["pos", "pos"], test_correct="10"), units)  # shorter
+    with pytest.raises(SystemExit, match="records neither test_sha256 nor test_predictions"):
+        check_cell_fits(_cell(test_correct="101"), units)
+
+
+def test_vader_product_and_news_intervals_resample_reviews_and_editorials():
+    """Since the document-level split, product's and news' test sets are whole reviews / editorials: their
+    sentences are not independent, and the table resamples them a document at a time."""
+    from cpet.data.tasks import examples_sha256, load_task
+    from cpet.data.vader import groups_of_test_split
+
+    for domain, sentences, documents in (("product", 287, 24), ("news", 294, 53)):
+        groups = groups_of_test_split(domain)
+        assert (len(groups), len(set(groups))) == (sentences, documents)
+        task = load_task(f"vader-{domain}")
+        cell = _cell(task=f"vader-{domain}", test_sha256=examples_sha256(task.split("test")), test_correct="1")
+        assert clusters_for([cell], [f"vader-{domain}"]) == {f"vader-{domain}": tuple(groups)}
+        # no review of the test split appears in train (the units are what the split kept together)
+        assert not set(groups) & set(_train_groups(domain))
+    movie = groups_of_test_split("movie")
+    assert len(set(movie)) == len(movie)  # one sentence per snippet: every example its own unit
+
+
+def _train_groups(domain: str) -> list[int]:
+    from cpet.data.dedup import normalised_key
+    from cpet.data.vader import _vader_task_and_groups
+
+    task, group_of = _vader_task_and_groups(domain, None)
+    return [group_of[normalised_key(e.text)] for e in task.split("train")]
+
+
+def test_the_table_refuses_cells_of_another_split_unless_told_to_resample_examples(capsys):
+    """A vader-product cell from before the document-level split (another test_sha256): its examples cannot be
+    mapped to reviews, so the table stops; --examples-as-units lets it through, and the table says so."""
+    from experiments.table import INTERVALS_NOTE, main as table_main, table
+
+    old_split = "0" * 64
+    a, b = "1" * 200 + "0" * 87, "1" * 150 + "0" * 137
+    cells = [{"setting": setting, "task": "vader-product", "row": row, "seed": 0, "test_accuracy": acc,
+              "test_correct": correct, "test_sha256": old_split, "history": []}
+             for setting, row, acc, correct in (("original", "original", 0.7, a), ("nf4", "vanilla", 0.5, b),
+                                                ("nf4", "cpet", 0.7, a))]
+    rows = ["original", "vanilla", "cpet"]
+    with pytest.raises(SystemExit, match="scored another vader-product test split than this checkout builds"):
+        table(cells, ["nf4"], ["vader-product"], rows, [0])
+    text = table(cells, ["nf4"], ["vader-product"], rows, [0], examples_as_units=["vader-product"])
+    assert "CPET − original = +0.0 points" in text and INTERVALS_NOTE in text
+    assert "The intervals of vader-product resample test examples one at a time (`--examples-as-units`)" in text
+    with pytest.raises(SystemExit):
+        table_main(["--examples-as-units", "vader-movie", "--tasks", "vader-movie"])
+    assert "vader-movie has no known units" in capsys.readouterr().err
+
+
+def test_a_note_file_survives_regenerating_the_document(tmp_path):
+    from experiments.table import main as table_main
+
+    cells_dir = tmp_path / "cells"
+    cells_dir.mkdir()
+    (cells_dir / "a.json").write_text('{"setting": "nf4", "task": "t", "row": "vanilla", "seed": 0, '
+                                      '"test_accuracy": 0.5, "commit": "abc", "history": []}')
+    note = tmp_path / "note.md"
+    note.write_text("**Superseded.** Kept for the record.\n")
+    doc = tmp_path / "doc.md"
+    for _ in range(2):
+        table_main(["--cells", str(cells_dir), "--tasks", "t", "--settings", "nf4", "--rows", "vanilla",
+                    "--note-file", str(note), "--doc", str(doc)])
+    text = doc.read_text()
+    assert text.startswith("# CPET comparison table\n\n**Superseded.** Kept for the record.\n\nGenerated by")
+    assert text.count("Superseded") == 1
+    with pytest.raises(SystemExit):
+        table_main(["--cells", str(cells_dir), "--tasks", "t", "--note-file", str(tmp_path / "missing.md")])
