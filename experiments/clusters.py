@@ -9,8 +9,9 @@ Examples of one unit are not independent, so an interval must resample them toge
 
 The units come from the code of this checkout, the cells from the commit they were measured at; units are
 used only for cells that scored the very test split they were built for (``test_sha256``; cells made before the
-grid recorded it are checked example by example: a cell's correctness must match its predictions against the
-split's gold labels), so a changed split is refused instead of silently resampled by the wrong units.
+grid recorded it are checked label by label: a cell's correctness must match its predictions against the split's
+gold labels, which catches a reordered or resized split though not, in principle, another split with the same
+label sequence), so a changed split is refused instead of silently resampled by the wrong units.
 """
 
 from __future__ import annotations
@@ -26,23 +27,32 @@ class SplitUnits:
 
     Attributes:
         units: the unit of each test example, in the split's order.
-        examples_sha256: :func:`cpet.data.tasks.examples_sha256` of the split (what a cell's ``test_sha256`` says).
-        gold: each test example's label, in order.
+        examples: the split's ``(text, label)`` pairs, in order (a cell's ``test_sha256`` is the hash of a prefix
+            of them: all of them, or the first ``--test-limit``).
     """
 
     units: tuple
-    examples_sha256: str
-    gold: tuple[str, ...]
+    examples: tuple[tuple[str, str], ...]
+
+    @property
+    def gold(self) -> tuple[str, ...]:
+        return tuple(label for _, label in self.examples)
+
+    def prefix_sha256(self, count: int) -> str:
+        """:func:`cpet.data.tasks.examples_sha256` of the first ``count`` examples."""
+        from cpet.data.tasks import Example, examples_sha256
+
+        return examples_sha256([Example(text, label) for text, label in self.examples[:count]])
 
 
 def _units_of(task_name: str, units_of_split: Callable[[], list]) -> SplitUnits:
-    from cpet.data.tasks import examples_sha256, load_task
+    from cpet.data.tasks import load_task
 
     test = load_task(task_name).split("test")
     units = tuple(units_of_split())
     if len(units) != len(test):
         raise ValueError(f"{len(units)} units for the {len(test)} test examples of {task_name}")
-    return SplitUnits(units, examples_sha256(test), tuple(e.label for e in test))
+    return SplitUnits(units, tuple((e.text, e.label) for e in test))
 
 
 def _brown_documents() -> list:
@@ -81,21 +91,28 @@ def split_units(task_name: str) -> SplitUnits:
 
 
 def check_cell_fits(cell: dict, units: SplitUnits) -> None:
-    """Refuse (SystemExit) a cell whose per-example correctness is not over the split ``units`` were built for."""
+    """Refuse (SystemExit) a cell whose per-example correctness is not over the split ``units`` were built for
+    (or over its first examples, for a cell scored with ``--test-limit``)."""
     where = f"{cell['setting']} / {cell['task']} / {cell['row']} / s{cell['seed']}"
     fix = ("run experiments/table.py from a checkout whose task data matches the cells' commit "
            f"({str(cell.get('commit', 'unrecorded'))[:12]}), or re-run the cells")
+    correct = cell.get("test_correct", "")
+    if len(correct) > len(units.examples):
+        raise SystemExit(f"table: cell {where} scored {len(correct)} test examples, more than the "
+                         f"{len(units.examples)} of this checkout's {cell['task']} split: {fix}")
     if cell.get("test_sha256"):
-        if cell["test_sha256"] != units.examples_sha256:
+        expected = units.prefix_sha256(len(correct))
+        if cell["test_sha256"] != expected:
             raise SystemExit(f"table: cell {where} scored another {cell['task']} test split than this checkout builds "
-                             f"(test_sha256 {cell['test_sha256'][:12]} against {units.examples_sha256[:12]}), so "
-                             f"its examples cannot be matched to their units: {fix}")
+                             f"(test_sha256 {cell['test_sha256'][:12]} against {expected[:12]}), so its examples "
+                             f"cannot be matched to their units: {fix}")
         return
-    predictions, correct = cell.get("test_predictions"), cell.get("test_correct", "")
+    predictions = cell.get("test_predictions")
     if predictions is None:
         raise SystemExit(f"table: cell {where} records neither test_sha256 nor test_predictions, so which "
                          f"{cell['task']} test examples it scored cannot be checked against their units: {fix}")
-    fits = len(predictions) == len(correct) == len(units.gold) and all(
+    # without the hash only the labels can be checked: each prediction must be right exactly where the cell says
+    fits = len(predictions) == len(correct) and all(
         (prediction == gold) == (mark == "1") for prediction, gold, mark in zip(predictions, units.gold, correct))
     if not fits:
         raise SystemExit(f"table: cell {where}'s predictions do not match this checkout's {cell['task']} test split "
@@ -103,17 +120,22 @@ def check_cell_fits(cell: dict, units: SplitUnits) -> None:
 
 
 def clusters_for(cells: list[dict], tasks) -> dict:
-    """``{task: unit of each test example}`` for the clustered tasks among ``tasks``, after checking every cell
-    of them that stored its per-example correctness (:func:`check_cell_fits`)."""
+    """``{task: unit of each scored test example}`` for the clustered tasks among ``tasks``, after checking every
+    cell of them that stored its per-example correctness (:func:`check_cell_fits`). Cells of one task scored one
+    test set (``table.check_one_test_set``), so their count of scored examples picks the units' prefix."""
     clusters = {}
     for task in tasks:
         if task not in UNITS_OF_TASK:
             continue
         units = split_units(task)
+        scored = {len(cell["test_correct"]) for cell in cells if cell["task"] == task and "test_correct" in cell}
         for cell in cells:
             if cell["task"] == task and "test_correct" in cell:
                 check_cell_fits(cell, units)
-        clusters[task] = units.units
+        if len(scored) > 1:
+            raise SystemExit(f"table: the cells of {task} scored different numbers of test examples "
+                             f"({sorted(scored)}); keep one run's cells per table")
+        clusters[task] = units.units[:scored.pop()] if scored else units.units
     return clusters
 
 

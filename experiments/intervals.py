@@ -6,14 +6,19 @@ Two sources of noise sit behind a difference of test accuracies measured on a fe
   test examples (or their dependent units: a Brown document, an email thread, a product review), one
   resample per task shared by all its seeds and by both rows (paired), the seeds held fixed;
 - **training**: another seed gives another adapter. Estimated from the spread of the per-seed differences of
-  each task (all its seeds scored the same test set), as the standard error of their mean.
+  each task (all its seeds scored the same test set), less the part of that spread that the seed x example
+  interaction makes, which the test-set term already holds (counting it twice made intervals up to a third too
+  wide where it dominates), as the standard error of their mean.
 
-The interval adds the two variances and scales the total by a Student t quantile whose degrees of freedom
-come from the seed term (Welch-Satterthwaite; the test-set term is taken as exactly known). With two or three
-seeds the seed term is known only roughly, and a normal or percentile interval over so few seeds covers the
-truth far less than 95% of the time when training noise dominates (a percentile bootstrap over three seeds is
-about +-1.6 standard errors where t with 2 degrees of freedom asks for 4.3); the t quantile corrects that.
-A task with one seed adds no training term: its interval covers the test-set noise of that one run only.
+Each term gets its own Student t quantile (Welch-Satterthwaite degrees of freedom over the tasks: G - 1 for a
+test set of G units, S - 1 for S seeds) and the two half-widths add in quadrature. With two or three seeds the
+training term is known only roughly: a normal or percentile interval over so few seeds covers the truth far
+less than 95% of the time when training noise dominates (a percentile bootstrap over three seeds is about
++-1.6 standard errors where t with 2 degrees of freedom asks for 4.3). Simulated grids (tests, and the
+commit that introduced this) cover the true difference in 94-97% of cases with three seeds, whether training
+or test-set noise dominates; with two seeds (1 degree of freedom) the interval is wide. A task with one seed
+borrows the per-seed variance of the tasks that have several; with one seed everywhere the interval covers the
+test-set noise of those runs only.
 
 numpy only: scipy is not among the project's dependencies, so the t quantile is computed here.
 """
@@ -69,6 +74,79 @@ def student_t_quantile(p: float, df: float) -> float:
     return (low + high) / 2
 
 
+def _differences(pairs_a: list[str], pairs_b: list[str], members: list[int], task) -> np.ndarray:
+    """``[S, n]`` int8: A's correctness minus B's per test example, one row per seed of ``task``."""
+    sizes = {len(pairs_a[j]) for j in members} | {len(pairs_b[j]) for j in members}
+    if len(sizes) != 1:
+        raise ValueError(f"paired cells of task {task!r} scored different test sets ({sorted(sizes)} examples)")
+    rows = []
+    for j in members:
+        marks = [np.frombuffer(text.encode(), dtype=np.uint8) for text in (pairs_a[j], pairs_b[j])]
+        if any(((m != ord("0")) & (m != ord("1"))).any() for m in marks):
+            raise ValueError(f"a correctness string of task {task!r} holds characters other than '0' and '1'")
+        rows.append(marks[0].astype(np.int8) - marks[1].astype(np.int8))
+    return np.stack(rows)
+
+
+def _unit_index(units, count: int, task) -> np.ndarray | None:
+    """``[n]`` unit number (0..G-1, in order of first appearance) of each test example; None: every example its
+    own unit."""
+    if units is None:
+        return None
+    if len(units) != count:
+        raise ValueError(f"{len(units)} clusters for the {count} test examples of task {task!r}")
+    number = {unit: k for k, unit in enumerate(dict.fromkeys(units))}
+    return np.array([number[unit] for unit in units])
+
+
+def _test_set_term(diffs: np.ndarray, unit_index: np.ndarray | None, rng, replicates: int) -> tuple[float, int]:
+    """Variance of the seed-averaged difference over resamples of the test units (seeds fixed), corrected by
+    G / (G - 1) for the bootstrap's shrinkage over G units, and its degrees of freedom G - 1."""
+    count = diffs.shape[1]
+    if unit_index is None:
+        units = count
+        draws = rng.integers(0, count, size=(replicates, count))
+        estimates = np.array([diffs[:, idx].mean() for idx in draws])
+    else:
+        units = int(unit_index.max()) + 1
+        groups = [np.flatnonzero(unit_index == k) for k in range(units)]
+        draws = rng.integers(0, units, size=(replicates, units))
+        estimates = np.array([diffs[:, np.concatenate([groups[g] for g in draw])].mean() for draw in draws])
+    if units < 2:
+        return 0.0, 1
+    return float(estimates.var(ddof=1)) * units / (units - 1), units - 1
+
+
+def _seed_variance(diffs: np.ndarray, unit_index: np.ndarray | None) -> float:
+    """Between-seed variance of the per-seed differences that training causes: their sample variance less the
+    part that the seed x example interaction adds, which the test-set term already counts (two-way residuals
+    over test units, a unit's seed effect scaled by its size), clamped at 0. Needs >= 2 seeds."""
+    seeds, count = diffs.shape
+    per_seed = diffs.mean(axis=1)
+    if unit_index is None:
+        totals, sizes = diffs.astype(np.float64), np.ones(count)
+    else:
+        units = int(unit_index.max()) + 1
+        totals = np.stack([np.bincount(unit_index, weights=row, minlength=units) for row in diffs])
+        sizes = np.bincount(unit_index, minlength=units).astype(np.float64)
+    units = totals.shape[1]
+    if units < 2:
+        return float(per_seed.var(ddof=1))
+    residuals = totals - totals.mean(axis=0) - np.outer(per_seed - per_seed.mean(), sizes)
+    interaction = float((residuals ** 2).sum()) * units / ((seeds - 1) * (units - 1) * count ** 2)
+    return max(0.0, float(per_seed.var(ddof=1)) - interaction)
+
+
+def _half_width(terms: list[tuple[float, float]]) -> float:
+    """95% half-width of a sum of variance terms ``(variance, df)``: t(0.975, Welch-Satterthwaite df) times the
+    square root of their sum (0 for no variance)."""
+    total = sum(variance for variance, _ in terms)
+    if total <= 0.0:
+        return 0.0
+    df = total ** 2 / sum(variance ** 2 / dof for variance, dof in terms if variance > 0)
+    return student_t_quantile(0.975, df) * math.sqrt(total)
+
+
 def paired_bootstrap(pairs_a: list[str], pairs_b: list[str], tasks: list[str] | None = None,
                      replicates: int = 2000, seed: int = 0, clusters: dict | None = None) -> tuple[float, float, float]:
     """Mean accuracy difference A − B over tasks (of its seeds' pairs), with a paired 95% interval that counts
@@ -79,17 +157,23 @@ def paired_bootstrap(pairs_a: list[str], pairs_b: list[str], tasks: list[str] | 
     task (default: every pair its own task). The point estimate averages each task's seeds first, then the
     tasks, so that every task weighs the same whatever its number of finished seeds.
 
-    Test-set term: ``replicates`` bootstrap resamples (generator seeded by ``seed``: the same cells give the same
-    interval) draw, per task, one resample of its test examples with replacement, shared by its seeds and by A
-    and B; the variance of the resulting estimate over replicates. Drawing examples independently per seed would
-    count one test set once per seed and narrow the interval by up to the square root of the seed count.
-    ``clusters[task]`` (a unit per test example, e.g. its source document): that task's examples are resampled a
-    unit at a time, since examples of one unit are not independent.
+    Test-set term, per task: ``replicates`` (>= 2) bootstrap resamples (generator seeded by ``seed``: the same
+    cells give the same interval) of its test examples with replacement, shared by its seeds and by A and B; the
+    variance of the seed-averaged difference over them, times G / (G - 1) for G resampled units, with G - 1
+    degrees of freedom. Drawing examples independently per seed would count one test set once per seed and narrow
+    the interval by up to the square root of the seed count. ``clusters[task]`` (a unit per test example, e.g. its
+    source document): that task's examples are resampled a unit at a time, since examples of one unit are not
+    independent.
 
-    Training term: per task with S >= 2 seeds, the sample variance of its S per-seed differences over S, summed
-    over tasks and divided by the squared task count (tasks are fixed, not resampled: they are what the table
-    reports on). The half-width is ``t(0.975, df) * sqrt(test-set variance + training variance)``, df by
-    Welch-Satterthwaite from the tasks' S - 1 (infinite without a training term: the normal quantile).
+    Training term, per task with S >= 2 seeds: the between-seed variance of its per-seed differences, less the
+    seed x example interaction that the test-set term already counts (:func:`_seed_variance`), over S, with S - 1
+    degrees of freedom. A task with one seed borrows the pooled per-seed variance of the tasks that have several
+    (their degrees of freedom summed); with one seed everywhere there is no training term, and the interval covers
+    the test-set noise of those runs only (the table says so).
+
+    Tasks are fixed, not resampled (they are what the table reports on): each term is divided by the squared
+    task count. The half-width is ``hypot(t(0.975, df_test) * sd_test, t(0.975, df_training) * sd_training)``,
+    each df by Welch-Satterthwaite over its terms.
 
     Returns ``(delta, low, high)`` in accuracy units.
     """
@@ -98,42 +182,33 @@ def paired_bootstrap(pairs_a: list[str], pairs_b: list[str], tasks: list[str] | 
     tasks = list(range(len(pairs_a))) if tasks is None else list(tasks)
     if len(tasks) != len(pairs_a):
         raise ValueError(f"{len(tasks)} task names for {len(pairs_a)} pairs")
+    if replicates < 2:
+        raise ValueError(f"replicates must be >= 2 to estimate the test-set variance, got {replicates}")
     rng = np.random.default_rng(seed)
-    task_count = len(set(tasks))
-    resampled = np.zeros(replicates)  # the estimate under each resample of the test sets, seeds fixed
-    training_terms = []  # per task with seeds to compare: (its variance contribution to the estimate, df)
+    scale = 1.0 / len(set(tasks)) ** 2  # the estimate averages the tasks: each task's variance enters over T^2
+    test_terms: list[tuple[float, float]] = []  # (variance contribution to the estimate, degrees of freedom)
+    training_terms: list[tuple[float, float]] = []
+    seed_variances: list[tuple[float, int]] = []  # per task with >= 2 seeds: (per-seed variance, S - 1)
+    single_seed_tasks = 0
     for task in dict.fromkeys(tasks):
         members = [j for j, t in enumerate(tasks) if t == task]
-        sizes = {len(pairs_a[j]) for j in members} | {len(pairs_b[j]) for j in members}
-        if len(sizes) != 1:
-            raise ValueError(f"paired cells of task {task!r} scored different test sets ({sorted(sizes)} examples)")
-        # diffs[s, i]: A's correctness minus B's on test example i under the task's s-th seed
-        diffs = np.stack([np.frombuffer(pairs_a[j].encode(), dtype=np.uint8).astype(np.int8)
-                          - np.frombuffer(pairs_b[j].encode(), dtype=np.uint8).astype(np.int8) for j in members])
-        units = (clusters or {}).get(task)
-        if units is not None:
-            if len(units) != diffs.shape[1]:
-                raise ValueError(f"{len(units)} clusters for the {diffs.shape[1]} test examples of task {task!r}")
-            groups = [np.flatnonzero(np.asarray(units) == unit) for unit in dict.fromkeys(units)]
-            draws = rng.integers(0, len(groups), size=(replicates, len(groups)))
-            examples = [np.concatenate([groups[g] for g in draw]) for draw in draws]
+        diffs = _differences(pairs_a, pairs_b, members, task)
+        unit_index = _unit_index((clusters or {}).get(task), diffs.shape[1], task)
+        variance, dof = _test_set_term(diffs, unit_index, rng, replicates)
+        test_terms.append((variance * scale, dof))
+        if len(members) >= 2:
+            per_seed = _seed_variance(diffs, unit_index)
+            seed_variances.append((per_seed, len(members) - 1))
+            training_terms.append((per_seed / len(members) * scale, len(members) - 1))
         else:
-            examples = rng.integers(0, diffs.shape[1], size=(replicates, diffs.shape[1]))
-        resampled += np.array([diffs[:, idx].mean() for idx in examples]) / task_count
-        seeds = len(members)
-        if seeds >= 2:
-            per_seed = diffs.mean(axis=1)
-            training_terms.append((float(per_seed.var(ddof=1)) / seeds / task_count ** 2, seeds - 1))
+            single_seed_tasks += 1
+    if single_seed_tasks and seed_variances:  # borrow the pooled per-seed variance for the one-seed tasks
+        pooled_dof = sum(dof for _, dof in seed_variances)
+        pooled = sum(v * dof for v, dof in seed_variances) / pooled_dof
+        training_terms += [(pooled * scale, pooled_dof)] * single_seed_tasks
     point = task_weighted_mean([a.count("1") / len(a) - b.count("1") / len(b) for a, b in zip(pairs_a, pairs_b)],
                                tasks)
-    test_variance = float(resampled.var(ddof=1)) if replicates > 1 else 0.0
-    training_variance = sum(term for term, _ in training_terms)
-    total = test_variance + training_variance
-    if total == 0.0:
-        return point, point, point
-    df = math.inf if training_variance == 0.0 else \
-        total ** 2 / sum(term ** 2 / dof for term, dof in training_terms if term > 0)
-    half = student_t_quantile(0.975, df) * math.sqrt(total)
+    half = math.hypot(_half_width(test_terms), _half_width(training_terms))
     return point, point - half, point + half
 
 

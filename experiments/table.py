@@ -16,7 +16,7 @@ import json
 import shlex
 import statistics
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Sequence
 
@@ -93,11 +93,31 @@ def check_one_test_set(cells: list[dict]) -> None:
         if cell.get("test_n") is not None:
             sizes[cell["task"]].add(cell["test_n"])
     mixed = sorted({task for task, seen in hashes.items() if len(seen) > 1} |
-                   {task for task, seen in sizes.items() if len(seen) > 1})
+                   {task for task, seen in sizes.items() if len(seen) > 1} |
+                   {task for task in {c["task"] for c in cells} if not predictions_agree(cells, task)})
     if mixed:
         raise SystemExit(f"table: the cells of {', '.join(mixed)} scored different test sets (test_sha256 or test_n "
                          "differs: the task's data or --test-limit changed between runs); keep one run's cells per "
                          "table")
+
+
+def predictions_agree(cells: list[dict], task: str) -> bool:
+    """Whether the cells of ``task`` that record no ``test_sha256`` but their predictions could have scored one
+    test set: where two cells are both right on an example they predicted the same label, and where exactly one is
+    right they predicted different ones (the only check left for cells made before the grid recorded the hash)."""
+    scored = [c for c in cells if c["task"] == task and not c.get("test_sha256")
+              and c.get("test_predictions") is not None and "test_correct" in c]
+    if not scored:
+        return True
+    reference = scored[0]
+    for cell in scored[1:]:
+        if len(cell["test_predictions"]) != len(reference["test_predictions"]):
+            return False
+        for mine, theirs, my_mark, their_mark in zip(cell["test_predictions"], reference["test_predictions"],
+                                                     cell["test_correct"], reference["test_correct"]):
+            if my_mark == their_mark == "1" and mine != theirs or (my_mark != their_mark) and mine == theirs:
+                return False
+    return True
 
 
 def row_key(row: str, setting: str) -> str:
@@ -265,8 +285,9 @@ def matched_deltas(cells: list[dict], setting: str, tasks, seeds, cpet_row: str 
             clusters = clusters_for(ours + theirs, [t for t in tasks if t not in examples_as_units])
             delta, low, high = paired_bootstrap([c["test_correct"] for c in ours], [c["test_correct"] for c in theirs],
                                                 tasks=[t for t, _ in pairs], clusters=clusters)
+            single = max(Counter(t for t, _ in pairs).values()) == 1  # no task with two seeds: no training term
             parts.append(f"− {ref} = {100 * delta:+.1f} points [95% CI {100 * low:+.1f}, {100 * high:+.1f}] "
-                         f"({len(pairs)} pairs)")
+                         f"({len(pairs)} pairs{', one seed per task: test-set noise only' if single else ''})")
         else:
             delta = task_weighted_mean([a["test_accuracy"] - b["test_accuracy"] for a, b in zip(ours, theirs)],
                                        [t for t, _ in pairs])

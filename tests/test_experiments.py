@@ -248,10 +248,12 @@ def test_bootstrap_intervals_and_equal_budget_rows_in_the_table():
              {**cell("nf4", "t", "cpet", 0, 0.9), "test_correct": a, "cumulative_task_steps": 80}]
     text = table(cells, ["nf4"], ["t"], ["original", "original-2x", "vanilla", "cpet"], [0])
     # equal-budget controls are compared on the same pairs as the rest
-    assert "CPET − original = +0.0 points [95% CI +0.0, +0.0] (1 pairs); − original-2x = +0.0 points" in text
-    # one seed: the test-set term alone, 0.4 +- 1.96 * sqrt(0.4 * 0.6 / 10) = +9.6 .. +70.4, up to the
-    # bootstrap's estimate of that variance (2,000 replicates, seeded)
-    assert "− vanilla = +40.0 points [95% CI +9.8, +70.2] (1 pairs)" in text
+    assert ("CPET − original = +0.0 points [95% CI +0.0, +0.0] (1 pairs, one seed per task: test-set noise only); "
+            "− original-2x = +0.0 points") in text
+    # one seed: the test-set term alone, 0.4 +- t(0.975, 9) * sqrt(0.4 * 0.6 / 10 * 10 / 9) = +3.1 .. +76.9 (10
+    # examples: 9 degrees of freedom, and the bootstrap's variance corrected by 10 / 9), up to the bootstrap's
+    # estimate of that variance (2,000 replicates, seeded)
+    assert "− vanilla = +40.0 points [95% CI +3.2, +76.8] (1 pairs, one seed per task: test-set noise only)" in text
     assert "| cpet | 80 | 90.0 ± – (1) |" in text
 
 

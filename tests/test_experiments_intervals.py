@@ -79,7 +79,7 @@ def test_welch_degrees_of_freedom_follow_the_tasks_that_vary():
 
 
 def _units(gold, units=None) -> SplitUnits:
-    return SplitUnits(tuple(units or range(len(gold))), "h" * 64, tuple(gold))
+    return SplitUnits(tuple(units or range(len(gold))), tuple((f"text {i}", label) for i, label in enumerate(gold)))
 
 
 def _cell(**fields) -> dict:
@@ -88,17 +88,38 @@ def _cell(**fields) -> dict:
 
 def test_a_cell_of_another_split_is_refused_before_its_units_are_used():
     units = _units(["pos", "neg", "pos"])
-    check_cell_fits(_cell(test_sha256="h" * 64, test_correct="101"), units)  # the same split: accepted
+    whole = units.prefix_sha256(3)
+    check_cell_fits(_cell(test_sha256=whole, test_correct="101"), units)  # the same split: accepted
+    # scored with --test-limit 2: its hash covers the first two examples, and it fits them
+    check_cell_fits(_cell(test_sha256=units.prefix_sha256(2), test_correct="10"), units)
     with pytest.raises(SystemExit, match="scored another t test split than this checkout builds"):
         check_cell_fits(_cell(test_sha256="g" * 64, test_correct="101"), units)
-    # cells made before the grid recorded the split's hash: checked example by example through their predictions
+    with pytest.raises(SystemExit, match="scored another t test split"):  # a whole-split hash on two examples
+        check_cell_fits(_cell(test_sha256=whole, test_correct="10"), units)
+    with pytest.raises(SystemExit, match="scored 4 test examples, more than the 3"):
+        check_cell_fits(_cell(test_sha256=whole, test_correct="1011"), units)
+    # cells made before the grid recorded the split's hash: checked label by label through their predictions
     check_cell_fits(_cell(test_predictions=["pos", "pos", "pos"], test_correct="101"), units)
     with pytest.raises(SystemExit, match="predictions do not match this checkout's t test split"):
         check_cell_fits(_cell(test_predictions=["pos", "pos", "pos"], test_correct="110"), units)  # reordered
     with pytest.raises(SystemExit, match="predictions do not match"):
-        check_cell_fits(_cell(test_predictions=["pos", "pos"], test_correct="10"), units)  # shorter
+        check_cell_fits(_cell(test_predictions=["pos", "pos"], test_correct="101"), units)  # fewer predictions
     with pytest.raises(SystemExit, match="records neither test_sha256 nor test_predictions"):
         check_cell_fits(_cell(test_correct="101"), units)
+
+
+def test_units_follow_a_test_limit(monkeypatch):
+    """Cells scored on the first N test examples are resampled by the units of those N."""
+    import experiments.clusters as clusters
+
+    units = _units(["pos", "neg", "pos", "neg"], units=["a", "a", "b", "c"])
+    monkeypatch.setattr(clusters, "split_units", lambda task: units)
+    monkeypatch.setitem(clusters.UNITS_OF_TASK, "t", lambda: list(units.units))
+    cell = _cell(test_sha256=units.prefix_sha256(3), test_correct="101")
+    assert clusters_for([cell], ["t"]) == {"t": ("a", "a", "b")}
+    other = _cell(test_sha256=units.prefix_sha256(2), test_correct="10")
+    with pytest.raises(SystemExit, match="scored another t test split|different numbers of test examples"):
+        clusters_for([cell, other], ["t"])
 
 
 def test_vader_product_and_news_intervals_resample_reviews_and_editorials():
@@ -111,7 +132,8 @@ def test_vader_product_and_news_intervals_resample_reviews_and_editorials():
         groups = groups_of_test_split(domain)
         assert (len(groups), len(set(groups))) == (sentences, documents)
         task = load_task(f"vader-{domain}")
-        cell = _cell(task=f"vader-{domain}", test_sha256=examples_sha256(task.split("test")), test_correct="1")
+        cell = _cell(task=f"vader-{domain}", test_sha256=examples_sha256(task.split("test")),
+                     test_correct="1" * sentences)
         assert clusters_for([cell], [f"vader-{domain}"]) == {f"vader-{domain}": tuple(groups)}
         # no review of the test split appears in train (the units are what the split kept together)
         assert not set(groups) & set(_train_groups(domain))
@@ -167,3 +189,69 @@ def test_a_note_file_survives_regenerating_the_document(tmp_path):
     assert text.count("Superseded") == 1
     with pytest.raises(SystemExit):
         table_main(["--cells", str(cells_dir), "--tasks", "t", "--note-file", str(tmp_path / "missing.md")])
+
+
+def test_cells_without_a_hash_are_checked_against_each_other(tmp_path):
+    """Two cells of one task that predate test_sha256 must be consistent with one gold sequence: right on an
+    example -> the same label; exactly one right -> different labels."""
+    import json
+
+    from experiments.table import load_cells
+
+    def write(name, predictions, correct):
+        (tmp_path / f"{name}.json").write_text(json.dumps(
+            {"setting": "nf4", "task": "t", "row": name, "seed": 0, "commit": "abc", "test_accuracy": 0.5,
+             "test_n": len(correct), "test_predictions": predictions, "test_correct": correct}))
+
+    write("vanilla", ["pos", "neg", "pos"], "101")
+    write("cpet", ["neg", "neg", "pos"], "101")
+    with pytest.raises(SystemExit, match="the cells of t scored different test sets"):
+        load_cells(tmp_path)  # example 1: both right, one with pos, the other with neg
+    write("cpet", ["pos", "neg", "pos"], "111")
+    with pytest.raises(SystemExit, match="scored different test sets"):
+        load_cells(tmp_path)  # example 2: vanilla wrong with neg, cpet right with the same neg
+    write("cpet", ["pos", "pos", "neg"], "110")  # consistent with gold pos, pos, pos
+    assert len(load_cells(tmp_path)) == 2
+
+
+def test_the_seed_x_example_interaction_is_not_counted_twice():
+    """Seeds that differ only example by example (independent right/wrong per seed and example, no seed effect)
+    spread their per-seed deltas by sigma_e^2 / n, which the test-set term already holds: the training term must
+    not count it again. Averaged over 300 such tasks the corrected variance is far below the raw one (clamping at
+    zero keeps about 0.37 of it on average, the raw variance is all of it)."""
+    from experiments.intervals import _seed_variance
+
+    rng = np.random.default_rng(0)
+    raw, corrected = [], []
+    for _ in range(300):
+        a = (rng.random((3, 2000)) < 0.8).astype(np.int8)
+        b = (rng.random((3, 2000)) < 0.8).astype(np.int8)
+        diffs = a - b
+        raw.append(diffs.mean(axis=1).var(ddof=1))
+        corrected.append(_seed_variance(diffs, None))
+    assert np.mean(corrected) < 0.5 * np.mean(raw)
+    # a real seed effect (whole-example shifts of 0, 5 and 10 points) is kept almost whole
+    shifted = np.zeros((3, 2000), dtype=np.int8)
+    shifted[1, :100], shifted[2, :200] = 1, 1
+    assert _seed_variance(shifted, None) == pytest.approx(shifted.mean(axis=1).var(ddof=1), rel=0.01)
+
+
+def test_a_one_seed_task_borrows_the_per_seed_variance_of_the_others():
+    """Task t has three seeds (deltas 0 / 0.1 / 0.2 on 10,000 examples), task u one seed: u's delta is as
+    uncertain per seed as t's, so it borrows t's per-seed variance (0.01) instead of adding no training noise."""
+    n = 10_000
+    spread = [_correct(0, n), _correct(n // 10, n), _correct(n // 5, n)]
+    a = spread + [_correct(n // 10, n)]
+    b = ["0" * n] * 4
+    delta, low, high = paired_bootstrap(a, b, tasks=["t", "t", "t", "u"], replicates=400)
+    assert delta == pytest.approx(0.1)
+    t_term, u_term = 0.01 / 3 / 4, 0.01 / 1 / 4  # per-seed variance / seeds / tasks^2
+    df = (t_term + u_term) ** 2 / (t_term ** 2 / 2 + u_term ** 2 / 2)
+    assert high - delta == pytest.approx(student_t_quantile(0.975, df) * math.sqrt(t_term + u_term), rel=0.02)
+
+
+def test_bad_bootstrap_input_is_refused():
+    with pytest.raises(ValueError, match="replicates must be >= 2"):
+        paired_bootstrap(["10"], ["00"], replicates=1)
+    with pytest.raises(ValueError, match="characters other than '0' and '1'"):
+        paired_bootstrap(["1x"], ["00"])
