@@ -14,9 +14,10 @@ Each term gets its own Student t quantile (Welch-Satterthwaite degrees of freedo
 test set of G units, S - 1 for S seeds) and the two half-widths add in quadrature. With two or three seeds the
 training term is known only roughly: a normal or percentile interval over so few seeds covers the truth far
 less than 95% of the time when training noise dominates (a percentile bootstrap over three seeds is about
-+-1.6 standard errors where t with 2 degrees of freedom asks for 4.3). Simulated grids (tests, and the
-commit that introduced this) cover the true difference in 94-97% of cases with three seeds, whether training
-or test-set noise dominates; with two seeds (1 degree of freedom) the interval is wide. A task with one seed
++-1.6 standard errors where t with 2 degrees of freedom asks for 4.3). On simulated grids
+(``scripts/interval_coverage.py``, docs/interval_coverage.md) the intervals cover the true difference in
+about 95-99% of cases with three seeds, whether training or test-set noise dominates; with two seeds (1 degree
+of freedom) they are very wide and, when training noise dominates, still cover only about 87%. A task with one seed
 borrows the per-seed variance of the tasks that have several; with one seed everywhere the interval covers the
 test-set noise of those runs only.
 
