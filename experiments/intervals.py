@@ -118,10 +118,10 @@ def _test_set_term(diffs: np.ndarray, unit_index: np.ndarray | None, rng, replic
     return float(estimates.var(ddof=1)) * units / (units - 1), units - 1
 
 
-def _seed_variance(diffs: np.ndarray, unit_index: np.ndarray | None) -> float:
-    """Between-seed variance of the per-seed differences that training causes: their sample variance less the
-    part that the seed x example interaction adds, which the test-set term already counts (two-way residuals
-    over test units, a unit's seed effect scaled by its size), clamped at 0. Needs >= 2 seeds."""
+def _interaction_variance(diffs: np.ndarray, unit_index: np.ndarray | None) -> float:
+    """The part of the per-seed differences' variance that the seed x example interaction makes: its expected
+    share of their sample variance, estimated from two-way residuals over test units (a unit's seed effect scaled
+    by its size). ``diffs`` ``[S, n]``, S >= 2; 0 with fewer than two units."""
     seeds, count = diffs.shape
     per_seed = diffs.mean(axis=1)
     if unit_index is None:
@@ -132,10 +132,25 @@ def _seed_variance(diffs: np.ndarray, unit_index: np.ndarray | None) -> float:
         sizes = np.bincount(unit_index, minlength=units).astype(np.float64)
     units = totals.shape[1]
     if units < 2:
-        return float(per_seed.var(ddof=1))
+        return 0.0
     residuals = totals - totals.mean(axis=0) - np.outer(per_seed - per_seed.mean(), sizes)
-    interaction = float((residuals ** 2).sum()) * units / ((seeds - 1) * (units - 1) * count ** 2)
-    return max(0.0, float(per_seed.var(ddof=1)) - interaction)
+    squares = (residuals ** 2).sum(axis=0) / (seeds - 1)  # Q_g, per unit
+    weights = sizes / count
+    if weights.max() < 0.5:
+        # E[Q_g] = v_g (1 - 2 w_g) + w_g^2 V for unit interaction variances v_g summing to V, unit weights w_g:
+        # solved for V, unbiased for units of any sizes (equal sizes: sum(Q) * G / (G - 1))
+        inflate = 1.0 / (1.0 - 2.0 * weights)
+        total = float((inflate * squares).sum() / (1.0 + (weights ** 2 * inflate).sum()))
+    else:  # one unit holds half the examples or more: the equal-size estimate (it under-subtracts: wider)
+        total = float(squares.sum()) * units / (units - 1)
+    return total / count ** 2
+
+
+def _seed_variance(diffs: np.ndarray, unit_index: np.ndarray | None) -> float:
+    """Between-seed variance of the per-seed differences that training causes: their sample variance less the
+    part that the seed x example interaction adds (:func:`_interaction_variance`), which the test-set term already
+    counts, clamped at 0. Needs >= 2 seeds."""
+    return max(0.0, float(diffs.mean(axis=1).var(ddof=1)) - _interaction_variance(diffs, unit_index))
 
 
 def _half_width(terms: list[tuple[float, float]]) -> float:
@@ -203,10 +218,13 @@ def paired_bootstrap(pairs_a: list[str], pairs_b: list[str], tasks: list[str] | 
             training_terms.append((per_seed / len(members) * scale, len(members) - 1))
         else:
             single_seed_tasks += 1
-    if single_seed_tasks and seed_variances:  # borrow the pooled per-seed variance for the one-seed tasks
+    if single_seed_tasks and seed_variances:
+        # the one-seed tasks borrow the pooled per-seed variance, sum(v_j dof_j) / sum(dof_j), each over 1 seed; it
+        # comes from the donors' seeds alone, so each donor's share joins the donor's own term (same df) instead
+        # of counting as independent estimates (which would inflate the Welch df)
         pooled_dof = sum(dof for _, dof in seed_variances)
-        pooled = sum(v * dof for v, dof in seed_variances) / pooled_dof
-        training_terms += [(pooled * scale, pooled_dof)] * single_seed_tasks
+        training_terms = [(variance + per_seed * dof / pooled_dof * single_seed_tasks * scale, dof)
+                          for (variance, dof), (per_seed, _) in zip(training_terms, seed_variances)]
     point = task_weighted_mean([a.count("1") / len(a) - b.count("1") / len(b) for a, b in zip(pairs_a, pairs_b)],
                                tasks)
     half = math.hypot(_half_width(test_terms), _half_width(training_terms))

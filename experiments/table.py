@@ -84,40 +84,43 @@ def load_cells(cells_dir: Path, commit: str | None = None, tasks: Sequence[str] 
 
 def check_one_test_set(cells: list[dict]) -> None:
     """Refuse cells of one task that scored different test sets: paired intervals compare example by example.
-    Cells that record ``test_sha256`` must agree on it; every cell's test-set size ``test_n`` must agree too
-    (the only check for cells made before the grid recorded the hash, which may sit beside newer ones)."""
+    Cells that record ``test_sha256`` must agree on it; every cell's test-set size ``test_n`` must agree too; and
+    the predictions of all cells that store them must fit one gold label per example (the only check for cells
+    made before the grid recorded the hash, which may sit beside newer ones)."""
     hashes, sizes = defaultdict(set), defaultdict(set)
     for cell in cells:
         if cell.get("test_sha256"):
             hashes[cell["task"]].add(cell["test_sha256"])
         if cell.get("test_n") is not None:
             sizes[cell["task"]].add(cell["test_n"])
-    mixed = sorted({task for task, seen in hashes.items() if len(seen) > 1} |
-                   {task for task, seen in sizes.items() if len(seen) > 1} |
-                   {task for task in {c["task"] for c in cells} if not predictions_agree(cells, task)})
-    if mixed:
-        raise SystemExit(f"table: the cells of {', '.join(mixed)} scored different test sets (test_sha256 or test_n "
-                         "differs: the task's data or --test-limit changed between runs); keep one run's cells per "
-                         "table")
+    problems = {task: "test_sha256 differs" for task, seen in hashes.items() if len(seen) > 1}
+    problems.update({task: "test_n differs" for task, seen in sizes.items() if len(seen) > 1 and task not in problems})
+    for task in sorted({c["task"] for c in cells} - set(problems)):
+        conflict = prediction_conflict(cells, task)
+        if conflict:
+            problems[task] = conflict
+    if problems:
+        listed = "; ".join(f"{task}: {why}" for task, why in sorted(problems.items()))
+        raise SystemExit(f"table: the cells of {', '.join(sorted(problems))} scored different test sets ({listed}: the "
+                         "task's data or --test-limit changed between runs); keep one run's cells per table")
 
 
-def predictions_agree(cells: list[dict], task: str) -> bool:
-    """Whether the cells of ``task`` that record no ``test_sha256`` but their predictions could have scored one
-    test set: where two cells are both right on an example they predicted the same label, and where exactly one is
-    right they predicted different ones (the only check left for cells made before the grid recorded the hash)."""
-    scored = [c for c in cells if c["task"] == task and not c.get("test_sha256")
-              and c.get("test_predictions") is not None and "test_correct" in c]
+def prediction_conflict(cells: list[dict], task: str) -> str | None:
+    """Why the stored predictions of ``task``'s cells cannot all be over one test set, or None: per example, the
+    cells marked right must agree on one label (the gold), and no cell marked wrong may predict it."""
+    scored = [c for c in cells if c["task"] == task and c.get("test_predictions") is not None and "test_correct" in c]
     if not scored:
-        return True
-    reference = scored[0]
-    for cell in scored[1:]:
-        if len(cell["test_predictions"]) != len(reference["test_predictions"]):
-            return False
-        for mine, theirs, my_mark, their_mark in zip(cell["test_predictions"], reference["test_predictions"],
-                                                     cell["test_correct"], reference["test_correct"]):
-            if my_mark == their_mark == "1" and mine != theirs or (my_mark != their_mark) and mine == theirs:
-                return False
-    return True
+        return None
+    if len({len(c["test_predictions"]) for c in scored} | {len(c["test_correct"]) for c in scored}) > 1:
+        return "the cells stored different numbers of predictions"
+    for i in range(len(scored[0]["test_predictions"])):
+        right = {c["test_predictions"][i] for c in scored if c["test_correct"][i] == "1"}
+        wrong = {c["test_predictions"][i] for c in scored if c["test_correct"][i] != "1"}
+        if len(right) > 1:
+            return f"test example {i}: cells right with different labels ({', '.join(sorted(map(str, right)))})"
+        if right & wrong:
+            return f"test example {i}: label {next(iter(right))!r} marked right in one cell and wrong in another"
+    return None
 
 
 def row_key(row: str, setting: str) -> str:

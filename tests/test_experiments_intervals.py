@@ -205,13 +205,19 @@ def test_cells_without_a_hash_are_checked_against_each_other(tmp_path):
 
     write("vanilla", ["pos", "neg", "pos"], "101")
     write("cpet", ["neg", "neg", "pos"], "101")
-    with pytest.raises(SystemExit, match="the cells of t scored different test sets"):
-        load_cells(tmp_path)  # example 1: both right, one with pos, the other with neg
+    with pytest.raises(SystemExit, match="t: test example 0: cells right with different labels"):
+        load_cells(tmp_path)  # both right, one with pos, the other with neg
     write("cpet", ["pos", "neg", "pos"], "111")
-    with pytest.raises(SystemExit, match="scored different test sets"):
-        load_cells(tmp_path)  # example 2: vanilla wrong with neg, cpet right with the same neg
+    with pytest.raises(SystemExit, match="test example 1: label 'neg' marked right in one cell and wrong"):
+        load_cells(tmp_path)  # vanilla wrong with neg, cpet right with the same neg
     write("cpet", ["pos", "pos", "neg"], "110")  # consistent with gold pos, pos, pos
     assert len(load_cells(tmp_path)) == 2
+    # three labels: every pair of cells is consistent with the first, but not all three together
+    write("vanilla", ["x", "a", "a"], "000")
+    write("cpet", ["y", "a", "a"], "100")
+    write("inherit", ["z", "a", "a"], "100")
+    with pytest.raises(SystemExit, match="test example 0: cells right with different labels"):
+        load_cells(tmp_path)
 
 
 def test_the_seed_x_example_interaction_is_not_counted_twice():
@@ -246,8 +252,8 @@ def test_a_one_seed_task_borrows_the_per_seed_variance_of_the_others():
     delta, low, high = paired_bootstrap(a, b, tasks=["t", "t", "t", "u"], replicates=400)
     assert delta == pytest.approx(0.1)
     t_term, u_term = 0.01 / 3 / 4, 0.01 / 1 / 4  # per-seed variance / seeds / tasks^2
-    df = (t_term + u_term) ** 2 / (t_term ** 2 / 2 + u_term ** 2 / 2)
-    assert high - delta == pytest.approx(student_t_quantile(0.975, df) * math.sqrt(t_term + u_term), rel=0.02)
+    # both terms rest on t's three seeds: 2 degrees of freedom, not the 3.2 two independent terms would claim
+    assert high - delta == pytest.approx(student_t_quantile(0.975, 2) * math.sqrt(t_term + u_term), rel=0.02)
 
 
 def test_bad_bootstrap_input_is_refused():
@@ -255,3 +261,22 @@ def test_bad_bootstrap_input_is_refused():
         paired_bootstrap(["10"], ["00"], replicates=1)
     with pytest.raises(ValueError, match="characters other than '0' and '1'"):
         paired_bootstrap(["1x"], ["00"])
+
+
+def test_the_interaction_estimate_is_unbiased_for_units_of_unequal_size():
+    """No seed effect, only a seed x document interaction (each seed shifts each document differently), in
+    documents of very unequal size (one holds 40% of the examples): the estimate of the interaction's share of the
+    per-seed variance must match that variance on average (the equal-size formula gave 58% of it)."""
+    from experiments.intervals import _interaction_variance
+
+    rng = np.random.default_rng(1)
+    sizes = np.array([240] + [40] * 6 + [20] * 6)
+    units = np.repeat(np.arange(len(sizes)), sizes)
+    raw, estimated = [], []
+    for _ in range(400):
+        shift = rng.normal(0.0, 0.3, (3, len(sizes)))[:, units]
+        a = (rng.random((3, units.size)) < np.clip(0.5 + shift, 0, 1)).astype(np.int8)
+        b = (rng.random((3, units.size)) < 0.5).astype(np.int8)
+        raw.append((a - b).mean(axis=1).var(ddof=1))
+        estimated.append(_interaction_variance(a - b, units))
+    assert np.mean(estimated) == pytest.approx(np.mean(raw), rel=0.1)
