@@ -16,8 +16,9 @@ training term is known only roughly: a normal or percentile interval over so few
 less than 95% of the time when training noise dominates (a percentile bootstrap over three seeds is about
 +-1.6 standard errors where t with 2 degrees of freedom asks for 4.3). On simulated grids
 (``scripts/interval_coverage.py``, docs/interval_coverage.md) the intervals cover the true difference in
-about 95-99% of cases with three seeds, whether training or test-set noise dominates; with two seeds (1 degree
-of freedom) they are very wide and, when training noise dominates, still cover only about 87%. A task with one seed
+94-99% of cases with three seeds, whether training or test-set noise dominates, and 94-97% where some tasks
+have one seed; with two seeds (1 degree of freedom) they are very wide and, when training noise dominates,
+still cover only about 86%. A task with one seed
 borrows the per-seed variance of the tasks that have several; with one seed everywhere the interval covers the
 test-set noise of those runs only.
 
