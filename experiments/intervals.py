@@ -18,9 +18,8 @@ less than 95% of the time when training noise dominates (a percentile bootstrap 
 (``scripts/interval_coverage.py``, docs/interval_coverage.md) the intervals cover the true difference in
 94-99% of cases with three seeds, whether training or test-set noise dominates, and 94-97% where some tasks
 have one seed; with two seeds (1 degree of freedom) they are very wide and, when training noise dominates,
-still cover only about 86%. A task with one seed
-borrows the per-seed variance of the tasks that have several; with one seed everywhere the interval covers the
-test-set noise of those runs only.
+still cover only about 86%. A task with one seed borrows the per-seed variance of the tasks that have several;
+with one seed everywhere the interval covers the test-set noise of those runs only.
 
 numpy only: scipy is not among the project's dependencies, so the t quantile is computed here.
 """
