@@ -95,7 +95,8 @@ def check_cell_fits(cell: dict, units: SplitUnits) -> None:
     (or over its first examples, for a cell scored with ``--test-limit``)."""
     where = f"{cell['setting']} / {cell['task']} / {cell['row']} / s{cell['seed']}"
     fix = ("run experiments/table.py from a checkout whose task data matches the cells' commit "
-           f"({str(cell.get('commit', 'unrecorded'))[:12]}), or re-run the cells")
+           f"({str(cell.get('commit', 'unrecorded'))[:12]}), re-run the cells, or pass --examples-as-units "
+           f"{cell['task']} (its intervals then resample examples one at a time, and the table says so)")
     correct = cell.get("test_correct", "")
     if len(correct) > len(units.examples):
         raise SystemExit(f"table: cell {where} scored {len(correct)} test examples, more than the "
