@@ -1,11 +1,7 @@
-"""The dependent units of a task's test examples, for the clustered bootstrap of :mod:`experiments.intervals`.
+"""The dependent units of a task's test examples, for the clustered bootstrap of :mod:`cpet.stats`.
 
-Examples of one unit are not independent, so an interval must resample them together:
-
-- ``brown-genre``: 748 test passages from 27 held-out Brown documents;
-- ``spam-assassin``: emails of one campaign, thread or near-identical body;
-- ``vader-product`` / ``vader-news``: sentences of one review (287 test sentences from 24) or editorial (294
-  from 53). Movie snippets and tweets are one sentence per document: every example is its own unit there.
+Examples of one unit are not independent, so an interval must resample them together; which units each
+built-in task has is :data:`cpet.data.units.UNITS_OF_TASK`.
 
 The units come from the code of this checkout, the cells from the commit they were measured at; units are
 used only for cells that scored the very test split they were built for (``test_sha256``; cells made before the
@@ -19,6 +15,8 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from typing import Callable
+
+from cpet.data.units import UNITS_OF_TASK
 
 
 @dataclass(frozen=True)
@@ -53,35 +51,6 @@ def _units_of(task_name: str, units_of_split: Callable[[], list]) -> SplitUnits:
     if len(units) != len(test):
         raise ValueError(f"{len(units)} units for the {len(test)} test examples of {task_name}")
     return SplitUnits(units, tuple((e.text, e.label) for e in test))
-
-
-def _brown_documents() -> list:
-    from cpet.data.genre import documents_of_test_split
-
-    return documents_of_test_split()
-
-
-def _spam_groups() -> list:
-    from cpet.data.spam import groups_of_test_split
-
-    return groups_of_test_split()
-
-
-def _vader_groups(domain: str) -> Callable[[], list]:
-    def groups() -> list:
-        from cpet.data.vader import groups_of_test_split
-
-        return groups_of_test_split(domain)
-    return groups
-
-
-# task -> its test split's units (tasks not listed: every test example is a unit of its own)
-UNITS_OF_TASK: dict[str, Callable[[], list]] = {
-    "brown-genre": _brown_documents,
-    "spam-assassin": _spam_groups,
-    "vader-product": _vader_groups("product"),
-    "vader-news": _vader_groups("news"),
-}
 
 
 @functools.lru_cache(maxsize=None)

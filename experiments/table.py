@@ -5,7 +5,7 @@
 Per compression setting and method row: the task steps behind each row's adapter, test accuracy per task
 and averaged (mean ± standard deviation over the seeds that finished, with the seed count), the cells still
 missing, the CPET rows against the original and vanilla rows (and their equal-budget 2x controls) with
-paired 95% intervals (test-set and training noise, :mod:`experiments.intervals`), and a plot of validation accuracy against training steps per setting.
+paired 95% intervals (test-set and training noise, :mod:`cpet.stats`), and a plot of validation accuracy against training steps per setting.
 Cells made by different code commits are never mixed in one table: pick one with ``--commit``.
 """
 
@@ -26,7 +26,7 @@ from experiments.grid import (  # noqa: E402
     CELLS_DIR, DEFAULT_SETTINGS, ORIGINAL_ROWS, ROW_MEANING, ROWS, SETTINGS, TASKS)
 
 from experiments.clusters import UNITS_OF_TASK, clusters_for  # noqa: E402
-from experiments.intervals import paired_bootstrap, task_weighted_mean  # noqa: E402
+from cpet.stats import paired_bootstrap, task_weighted_mean  # noqa: E402
 
 from cpet.assets import atomic_path, write_text_atomic  # noqa: E402
 
@@ -268,7 +268,7 @@ def matched_deltas(cells: list[dict], setting: str, tasks, seeds, cpet_row: str 
     Only (task, seed) pairs where the CPET row, the original and the vanilla row all finished count (the 2x
     controls: those of them where the control finished too), so a partly run grid gives a fair (if small)
     comparison; where the cells stored their per-example correctness, the difference
-    gets a paired 95% interval (:func:`~experiments.intervals.paired_bootstrap`: test-set and training noise).
+    gets a paired 95% interval (:func:`cpet.stats.paired_bootstrap`: test-set and training noise).
     """
     by_cell = {(c["setting"], c["task"], c["row"], c["seed"]): c for c in cells}
     label = "CPET" if cpet_row == "cpet" else f"CPET ({cpet_row})"

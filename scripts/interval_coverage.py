@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchtools import write_report  # noqa: E402
 from experiments.grid import code_commit  # noqa: E402
-from experiments.intervals import paired_bootstrap  # noqa: E402
+from cpet.stats import paired_bootstrap  # noqa: E402
 
 
 def _marks(right: np.ndarray) -> str:

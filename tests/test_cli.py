@@ -839,3 +839,69 @@ def test_writing_commands_refuse_a_pipeline_they_cannot_write_to_before_any_work
     assert re.search(r"output directory .* cannot be made: .* is not writable", capsys.readouterr().err)
     assert main(["compress", "--out", str(tuned_pipeline), "--prune-ffn", "0.25"]) == 2
     assert "is not writable" in capsys.readouterr().err
+
+
+def test_eval_of_two_adapters_reports_accuracy_intervals_and_their_paired_difference(capsys, tuned_pipeline,
+                                                                                     task_file):
+    """Two adapters scored on the same examples: each accuracy with its Wilson interval, and A − B with a paired
+    interval over the same test examples (one run each: test-set noise only)."""
+    from cpet.pipeline import CPET
+    from cpet.stats import paired_bootstrap, wilson_interval
+
+    capsys.readouterr()
+    scored = run_json(capsys, "eval", str(tuned_pipeline), "--adapter", "toy-cpet", "--adapter", "toy-original",
+                      "--limit", "6")
+    rows = {row["adapter"]: row for row in scored["tasks"]}
+    assert set(rows) == {"toy-cpet", "toy-original"} and "predictions" not in rows["toy-cpet"]
+    for row in rows.values():
+        assert row["accuracy_interval_95"] == list(wilson_interval(round(row["accuracy"] * 6), 6))
+    (comparison,) = scored["comparisons"]
+    assert (comparison["a"], comparison["b"], comparison["units"]) == ("toy-cpet", "toy-original", "examples")
+    assert comparison["difference"] == pytest.approx(rows["toy-cpet"]["accuracy"] - rows["toy-original"]["accuracy"])
+    # the interval is the paired one over these very examples
+    pipeline = CPET.load(tuned_pipeline)
+    marks = []
+    for name in ("toy-cpet", "toy-original"):
+        result = pipeline.evaluate(name, str(task_file), limit=6, with_predictions=True)
+        marks.append("".join("1" if p == g else "0" for p, g in zip(result["predictions"], result["gold"])))
+    _, low, high = paired_bootstrap(marks[:1], marks[1:], tasks=["toy"])
+    assert comparison["interval_95"] == pytest.approx([low, high])
+    # the same adapter against itself: no difference, and an interval of zero width
+    same = run_json(capsys, "eval", str(tuned_pipeline), "--adapter", "toy-cpet", "--adapter", "toy-cpet",
+                    "--limit", "6")["comparisons"][0]
+    assert same["difference"] == 0.0 and same["interval_95"] == [0.0, 0.0]
+    # the table names the comparison and says what the interval covers
+    assert main(["eval", str(tuned_pipeline), "--adapter", "toy-cpet", "--adapter", "toy-original",
+                 "--limit", "6"]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"\| toy-cpet +\| toy +\| test +\| 6 +\|", text) and "paired differences (A − B" in text
+    assert "test-set noise only" in text and re.search(r"\| toy +\| test +\| toy-cpet +\| toy-original +\|", text)
+
+
+def test_paired_comparisons_resample_a_built_in_tasks_units_and_only_its_own():
+    """vader-product's test sentences come in reviews: a comparison on its test split resamples reviews; a user
+    task that happens to share the name (other labels) is resampled by examples."""
+    from cpet.cli.evaluation import paired_comparisons
+    from cpet.data import load_task
+    from cpet.data.units import test_split_units
+    from cpet.stats import paired_bootstrap
+
+    gold = [e.label for e in load_task("vader-product").split("test")][:120]
+    flipped = ["negative" if g == "positive" else "positive" for g in gold]
+    a = gold[:60] + flipped[60:]           # right on the first 60
+    b = flipped[:30] + gold[30:]           # right on the last 90
+    entries = [{"adapter": "a", "task": "vader-product", "split": "test", "predictions": a, "gold": gold},
+               {"adapter": "b", "task": "vader-product", "split": "test", "predictions": b, "gold": gold}]
+    (comparison,) = paired_comparisons(entries)
+    assert comparison["difference"] == pytest.approx((60 - 90) / 120)
+    assert comparison["units"].startswith("dependent units") and "predictions" not in entries[0]
+    marks = ["".join("1" if p == g else "0" for p, g in zip(x, gold)) for x in (a, b)]
+    units = test_split_units("vader-product")[:120]
+    _, low, high = paired_bootstrap(marks[:1], marks[1:], tasks=["vader-product"], clusters={"vader-product": units})
+    assert comparison["interval_95"] == pytest.approx([low, high])
+    _, low_examples, high_examples = paired_bootstrap(marks[:1], marks[1:], tasks=["vader-product"])
+    assert high - low > high_examples - low_examples  # the reviews make it wider than independent sentences would
+    # a user task named vader-product whose labels are not the built-in's: no units of the built-in
+    mine = [{"adapter": n, "task": "vader-product", "split": "test", "predictions": p, "gold": flipped}
+            for n, p in (("a", a), ("b", b))]
+    assert paired_comparisons(mine)[0]["units"] == "examples"

@@ -186,6 +186,60 @@ def _peft_on_base(args: argparse.Namespace, meta: dict):
     return loaded
 
 
+def paired_comparisons(scored: list[dict]) -> list[dict]:
+    """Paired differences of accuracy between adapters scored on the same task split, each with a 95% interval.
+
+    ``scored``: result dicts with ``adapter``, ``task``, ``split``, ``predictions`` and ``gold`` (entries without
+    predictions are skipped); the predictions are removed from them here (they served the pairing). Every pair
+    in the order given, A − B. One run per adapter, so the interval covers the test-set noise of those runs
+    (:func:`cpet.stats.paired_bootstrap`), resampling a built-in task's dependent test units together
+    (:mod:`cpet.data.units`: reviews, documents, email groups) and examples otherwise.
+    """
+    from ..data.units import test_split_units
+    from ..stats import paired_bootstrap
+
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for entry in scored:
+        if "predictions" in entry:
+            groups.setdefault((entry["task"], entry["split"]), []).append(entry)
+    comparisons = []
+    for (task, split), entries in groups.items():
+        marks = ["".join("1" if p == g else "0" for p, g in zip(e["predictions"], e["gold"])) for e in entries]
+        units = test_split_units(task) if split == "test" and len(entries) > 1 else None
+        if units is not None and not _is_builtin_test_split(task, entries[0]["gold"]):
+            units = None  # a user task that shares a built-in's name: its units are not these
+        clusters = {task: units[:len(marks[0])]} if units is not None else None
+        for i in range(len(entries)):
+            for j in range(i + 1, len(entries)):
+                delta, low, high = paired_bootstrap([marks[i]], [marks[j]], tasks=[task], clusters=clusters)
+                comparisons.append({"task": task, "split": split, "a": entries[i]["adapter"],
+                                    "b": entries[j]["adapter"], "difference": delta, "interval_95": [low, high],
+                                    "units": "dependent units (documents, reviews, email groups)" if clusters
+                                    else "examples"})
+    for entry in scored:
+        entry.pop("predictions", None)
+        entry.pop("gold", None)
+    return comparisons
+
+
+def _is_builtin_test_split(task: str, gold: list[str]) -> bool:
+    """Whether ``gold`` is the start of the built-in task ``task``'s test labels (what its units belong to)."""
+    from ..data import load_task
+
+    labels = [e.label for e in load_task(task).split("test")]
+    return len(gold) <= len(labels) and labels[:len(gold)] == list(gold)
+
+
+def with_accuracy_intervals(results: dict) -> dict:
+    """Each task result gets ``accuracy_interval_95``: the Wilson interval of its accuracy (test-set noise of
+    this one run, examples taken as independent)."""
+    from ..stats import wilson_interval
+
+    for entry in results.get("tasks", []):
+        entry["accuracy_interval_95"] = list(wilson_interval(round(entry["accuracy"] * entry["n"]), entry["n"]))
+    return results
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..data import load_task
 
@@ -206,6 +260,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         results = _eval_pipeline(args, tasks)
     else:
         results = _eval_model(args, tasks, target)
+    with_accuracy_intervals(results)
 
     def render(r: dict) -> None:
         if "perplexity" in r:
@@ -215,9 +270,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
             of = f" of {p['adapter']}" if "adapter" in p else ""
             print(f"perplexity{of} on {p['corpus']} ({p['split']}, {p['tokens']} tokens scored{note}): {p['ppl']:.3f}")
         if "tasks" in r:
-            print_table(["adapter", "task", "split", "n", "accuracy", "majority"],
+            print_table(["adapter", "task", "split", "n", "accuracy", "95% CI", "majority"],
                          [[t.get("adapter", "–"), t["task"], t["split"], t["n"], t["accuracy"],
-                           t["majority_baseline"]] for t in r["tasks"]])
+                           "{:.3f}..{:.3f}".format(*t["accuracy_interval_95"]), t["majority_baseline"]]
+                          for t in r["tasks"]])
+        if r.get("comparisons"):
+            print("\npaired differences (A − B, the same test examples; one run each, so the interval covers "
+                  "test-set noise only):")
+            print_table(["task", "split", "A", "B", "difference", "95% CI", "resampled"],
+                        [[c["task"], c["split"], c["a"], c["b"], f"{c['difference']:+.4f}",
+                          "{:+.4f}..{:+.4f}".format(*c["interval_95"]), c["units"]] for c in r["comparisons"]])
 
     emit(results, args.json, render)
     return 0
@@ -294,8 +356,11 @@ def _eval_pipeline(args: argparse.Namespace, tasks: list) -> dict:
     results: dict = {"pipeline": str(args.pipeline), "tasks": []}
     for name, directory, task in plan:
         result = pipeline.evaluate(directory, task, split=args.split, limit=args.limit, batch_size=args.batch_size,
-                                   max_prompt_tokens=args.max_prompt_tokens)
+                                   max_prompt_tokens=args.max_prompt_tokens, with_predictions=len(plan) > 1)
         results["tasks"].append({"adapter": name, **result})
+    comparisons = paired_comparisons(results["tasks"])
+    if comparisons:
+        results["comparisons"] = comparisons
     if not args.adapter:
         for task in tasks:
             result = pipeline.evaluate(None, task, split=args.split, limit=args.limit, batch_size=args.batch_size,
