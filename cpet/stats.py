@@ -85,7 +85,10 @@ def wilson_interval(correct: int, total: int) -> tuple[float, float]:
     share = correct / total
     centre = (share + z * z / (2 * total)) / (1 + z * z / total)
     half = z / (1 + z * z / total) * math.sqrt(share * (1 - share) / total + z * z / (4 * total * total))
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # at 0 or all correct the bound is exactly 0 or 1 (centre and half-width are equal there; rounding is not)
+    low = 0.0 if correct == 0 else max(0.0, centre - half)
+    high = 1.0 if correct == total else min(1.0, centre + half)
+    return low, high
 
 
 def _differences(pairs_a: list[str], pairs_b: list[str], members: list[int], task) -> np.ndarray:
