@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable
-
-from cpet.data.units import UNITS_OF_TASK
+from cpet.data.units import UNITS_OF_TASK, test_split_units
 
 
 @dataclass(frozen=True)
@@ -43,20 +41,16 @@ class SplitUnits:
         return examples_sha256([Example(text, label) for text, label in self.examples[:count]])
 
 
-def _units_of(task_name: str, units_of_split: Callable[[], list]) -> SplitUnits:
-    from cpet.data.tasks import load_task
-
-    test = load_task(task_name).split("test")
-    units = tuple(units_of_split())
-    if len(units) != len(test):
-        raise ValueError(f"{len(units)} units for the {len(test)} test examples of {task_name}")
-    return SplitUnits(units, tuple((e.text, e.label) for e in test))
-
-
 @functools.lru_cache(maxsize=None)
 def split_units(task_name: str) -> SplitUnits:
     """The :class:`SplitUnits` of a task of :data:`UNITS_OF_TASK` (built once per process)."""
-    return _units_of(task_name, UNITS_OF_TASK[task_name])
+    from cpet.data.tasks import load_task
+
+    test = load_task(task_name).split("test")
+    units = tuple(test_split_units(task_name))
+    if len(units) != len(test):
+        raise ValueError(f"{len(units)} units for the {len(test)} test examples of {task_name}")
+    return SplitUnits(units, tuple((e.text, e.label) for e in test))
 
 
 def check_cell_fits(cell: dict, units: SplitUnits) -> None:
