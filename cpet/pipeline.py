@@ -662,7 +662,7 @@ class CPET:
         which task, prompt or base it was trained for; ``cpet eval --model BASE --peft DIR`` scores one).
         ``limit`` None scores the whole split. The result also has the majority-class share of the scored
         examples and, with ``with_predictions``, the predicted and gold label of every example in split order
-        (for paired comparisons).
+        and the :func:`~cpet.data.tasks.examples_sha256` of the scored examples (for paired comparisons).
         """
         from .evaluate import DEFAULT_MAX_PROMPT_TOKENS, classification_accuracy
 
@@ -689,7 +689,7 @@ class CPET:
         out = {"task": task.name, "split": split, **result.to_dict(), "max_prompt_tokens": max_prompt_tokens,
                "majority_baseline": max(gold.count(label) for label in task.labels) / len(gold)}
         if with_predictions:
-            out.update(predictions=list(result.predictions), gold=gold)
+            out.update(predictions=list(result.predictions), gold=gold, examples_sha256=examples_sha256(examples))
         return out
 
     # ------------------------------------------------------------------ persistence

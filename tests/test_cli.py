@@ -880,28 +880,42 @@ def test_eval_of_two_adapters_reports_accuracy_intervals_and_their_paired_differ
 
 def test_paired_comparisons_resample_a_built_in_tasks_units_and_only_its_own():
     """vader-product's test sentences come in reviews: a comparison on its test split resamples reviews; a user
-    task that happens to share the name (other labels) is resampled by examples."""
+    task that happens to share the name is resampled by examples, even where its labels are the built-in's; and
+    adapters pair only where they scored the same examples."""
     from cpet.cli.evaluation import paired_comparisons
     from cpet.data import load_task
+    from cpet.data.tasks import Example, examples_sha256
     from cpet.data.units import test_split_units
     from cpet.stats import paired_bootstrap
 
-    gold = [e.label for e in load_task("vader-product").split("test")][:120]
+    examples = load_task("vader-product").split("test")[:120]
+    gold = [e.label for e in examples]
     flipped = ["negative" if g == "positive" else "positive" for g in gold]
     a = gold[:60] + flipped[60:]           # right on the first 60
     b = flipped[:30] + gold[30:]           # right on the last 90
-    entries = [{"adapter": "a", "task": "vader-product", "split": "test", "predictions": a, "gold": gold},
-               {"adapter": "b", "task": "vader-product", "split": "test", "predictions": b, "gold": gold}]
+
+    def scored(digest, labels=gold, names=("a", "b")):
+        return [{"adapter": n, "task": "vader-product", "split": "test", "predictions": p, "gold": labels,
+                 "examples_sha256": digest} for n, p in zip(names, (a, b))]
+
+    entries = scored(examples_sha256(examples))
     (comparison,) = paired_comparisons(entries)
     assert comparison["difference"] == pytest.approx((60 - 90) / 120)
     assert comparison["units"].startswith("dependent units") and "predictions" not in entries[0]
+    assert "examples_sha256" not in entries[0]
     marks = ["".join("1" if p == g else "0" for p, g in zip(x, gold)) for x in (a, b)]
     units = test_split_units("vader-product")[:120]
     _, low, high = paired_bootstrap(marks[:1], marks[1:], tasks=["vader-product"], clusters={"vader-product": units})
     assert comparison["interval_95"] == pytest.approx([low, high])
     _, low_examples, high_examples = paired_bootstrap(marks[:1], marks[1:], tasks=["vader-product"])
     assert high - low > high_examples - low_examples  # the reviews make it wider than independent sentences would
-    # a user task named vader-product whose labels are not the built-in's: no units of the built-in
-    mine = [{"adapter": n, "task": "vader-product", "split": "test", "predictions": p, "gold": flipped}
-            for n, p in (("a", a), ("b", b))]
-    assert paired_comparisons(mine)[0]["units"] == "examples"
+    # a user task named vader-product: other labels, or the built-in's labels on other texts: no units of the built-in
+    relabelled = [Example(e.text, label) for e, label in zip(examples, flipped)]
+    assert paired_comparisons(scored(examples_sha256(relabelled), labels=flipped))[0]["units"] == "examples"
+    mine = [Example(f"my sentence {i}", e.label) for i, e in enumerate(examples)]
+    (other,) = paired_comparisons(scored(examples_sha256(mine)))
+    assert other["units"] == "examples"
+    assert other["interval_95"] == pytest.approx([low_examples, high_examples])
+    # two adapters scored on different examples under one task name are not paired
+    apart = scored(examples_sha256(examples), names=("a",))[:1] + scored(examples_sha256(mine), names=("b",))[:1]
+    assert paired_comparisons(apart) == []

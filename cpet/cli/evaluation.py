@@ -187,28 +187,27 @@ def _peft_on_base(args: argparse.Namespace, meta: dict):
 
 
 def paired_comparisons(scored: list[dict]) -> list[dict]:
-    """Paired differences of accuracy between adapters scored on the same task split, each with a 95% interval.
+    """Paired differences of accuracy between adapters scored on the same examples, each with a 95% interval.
 
-    ``scored``: result dicts with ``adapter``, ``task``, ``split``, ``predictions`` and ``gold`` (entries without
-    predictions are skipped); the predictions are removed from them here (they served the pairing). Every pair
-    in the order given, A − B. One run per adapter, so the interval covers the test-set noise of those runs
-    (:func:`cpet.stats.paired_bootstrap`), resampling a built-in task's dependent test units together
-    (:mod:`cpet.data.units`: reviews, documents, email groups) and examples otherwise.
+    ``scored``: result dicts with ``adapter``, ``task``, ``split``, ``predictions``, ``gold`` and
+    ``examples_sha256`` (of the scored examples; entries without predictions are skipped); the predictions,
+    gold labels and hash are removed from them here (they served the pairing). Adapters pair only where they
+    scored the very same examples (same task name, split and hash); every pair in the order given, A − B. One
+    run per adapter, so the interval covers the test-set noise of those runs (:func:`cpet.stats.paired_bootstrap`),
+    resampling a built-in task's dependent test units together (:mod:`cpet.data.units`: reviews, documents,
+    email groups) when the scored examples are that built-in's test split (or its start), and examples otherwise.
     """
-    from ..data.units import test_split_units
     from ..stats import paired_bootstrap
 
-    groups: dict[tuple[str, str], list[dict]] = {}
+    groups: dict[tuple, list[dict]] = {}
     for entry in scored:
         if "predictions" in entry:
-            groups.setdefault((entry["task"], entry["split"]), []).append(entry)
+            groups.setdefault((entry["task"], entry["split"], entry.get("examples_sha256")), []).append(entry)
     comparisons = []
-    for (task, split), entries in groups.items():
+    for (task, split, digest), entries in groups.items():
         marks = ["".join("1" if p == g else "0" for p, g in zip(e["predictions"], e["gold"])) for e in entries]
-        units = test_split_units(task) if split == "test" and len(entries) > 1 else None
-        if units is not None and not _is_builtin_test_split(task, entries[0]["gold"]):
-            units = None  # a user task that shares a built-in's name: its units are not these
-        clusters = {task: units[:len(marks[0])]} if units is not None else None
+        units = _builtin_test_units(task, len(marks[0]), digest) if split == "test" and len(entries) > 1 else None
+        clusters = {task: units} if units is not None else None
         for i in range(len(entries)):
             for j in range(i + 1, len(entries)):
                 delta, low, high = paired_bootstrap([marks[i]], [marks[j]], tasks=[task], clusters=clusters)
@@ -217,17 +216,24 @@ def paired_comparisons(scored: list[dict]) -> list[dict]:
                                     "units": "dependent units (documents, reviews, email groups)" if clusters
                                     else "examples"})
     for entry in scored:
-        entry.pop("predictions", None)
-        entry.pop("gold", None)
+        for key in ("predictions", "gold", "examples_sha256"):
+            entry.pop(key, None)
     return comparisons
 
 
-def _is_builtin_test_split(task: str, gold: list[str]) -> bool:
-    """Whether ``gold`` is the start of the built-in task ``task``'s test labels (what its units belong to)."""
+def _builtin_test_units(task: str, count: int, digest: str | None) -> list | None:
+    """The test units of the first ``count`` test examples of built-in task ``task`` when ``digest`` (the
+    :func:`~cpet.data.tasks.examples_sha256` of the scored examples) says they are exactly those examples; None
+    otherwise: a task without dependent units, or a user task that shares a built-in's name (its texts differ
+    even where its labels agree)."""
     from ..data import load_task
+    from ..data.tasks import examples_sha256
+    from ..data.units import test_split_units
 
-    labels = [e.label for e in load_task(task).split("test")]
-    return len(gold) <= len(labels) and labels[:len(gold)] == list(gold)
+    units = test_split_units(task)
+    if units is None or digest is None or count > len(units):
+        return None
+    return units[:count] if examples_sha256(load_task(task).split("test")[:count]) == digest else None
 
 
 def with_accuracy_intervals(results: dict) -> dict:
