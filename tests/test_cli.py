@@ -684,6 +684,22 @@ def test_help_shows_no_none_defaults(capsys):
     assert "(default: compressed)" in COMMANDS["tune"].format_help()
 
 
+def test_help_says_what_leaving_out_a_flag_without_default_means():
+    """README: `--help` shows every flag with its default, and flags without one say what leaving them out means."""
+    from cpet.cli import COMMANDS, build_parser
+
+    build_parser()
+    silent = []
+    for name, parser in COMMANDS.items():
+        for action in parser._actions:
+            if not action.option_strings or action.required or action.nargs == 0:  # positionals, switches, --help
+                continue
+            text = (action.help or "").lower()
+            if action.default is None and "none" not in text and "default" not in text:
+                silent.append(f"{name} {action.option_strings[0]}")
+    assert silent == []
+
+
 def test_help_prints_a_percent_sign_in_the_listing_and_in_the_description(capsys):
     from cpet.cli import COMMANDS
 

@@ -83,7 +83,7 @@ def _command(sub, name: str, help_text: str, func, *, runs_models: bool = True) 
                            help="CPU threads; None: the cores not already busy, at least 1")
         group.add_argument("--seed", type=seed_int, default=0, help="seeds everything random in the command")
         group.add_argument("--config", help="a YAML or JSON file of this command's flags (names as in --help, "
-                                            "with - or _); flags given on the command line override it")
+                                            "with - or _); flags given on the command line override it; none: the command line alone")
     COMMANDS[name] = parser
     return parser
 
@@ -126,13 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
                               "adapters of a pipeline (with the recovery they were trained with)", cmd_eval)
     p.add_argument("pipeline", nargs="?", help="a CPET pipeline directory (its compressed base, or --adapter)")
     p.add_argument("--adapter", action="append", help="an adapter of PIPELINE, by name or directory (repeatable); "
-                                                     "default task: the one it was trained for")
+                                                     "default task: the one it was trained for; none: the "
+                                                     "pipeline's compressed base zero-shot)")
     p.add_argument("--model", default=None,
                    help=f"embedded name, local directory, .gguf file or hub id (default: {EMBEDDED_DEFAULT}); with "
                         "PIPELINE: its source model, only where the one recorded in pipeline.json has moved")
-    p.add_argument("--peft", help="a PEFT adapter directory to load on --model with plain peft")
-    p.add_argument("--task", action="append", help="task name, .jsonl/.csv path or hf:NAME (repeatable)")
-    p.add_argument("--corpus", help="brown (its held-out documents) or a local .txt file (used whole)")
+    p.add_argument("--peft", help="a PEFT adapter directory to load on --model with plain peft; none: --model alone")
+    p.add_argument("--task", action="append", help="task name, .jsonl/.csv path or hf:NAME (repeatable); none: no "
+                                                  "accuracy, except an adapter's own task")
+    p.add_argument("--corpus", help="brown (its held-out documents) or a local .txt file (used whole); none: no "
+                                    "perplexity")
     p.add_argument("--split", default="test", help="task split to score")
     p.add_argument("--limit", type=limit_int, default=None, help="score only the first N examples; None: all")
     p.add_argument("--max-tokens", type=positive_int, default=8192, help="perplexity tokens")
@@ -179,11 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-mode", default="query", choices=["query", "kv_group"],
                    help="prune query heads within each KV group, or whole KV groups")
     p.add_argument("--moefy-experts", type=positive_int, default=None,
-                   help="MoEfication after pruning: split each FFN into this many equal experts with a router")
+                   help="MoEfication after pruning: split each FFN into this many equal experts with a router; "
+                        "none: no MoEfication")
     p.add_argument("--moefy-top-k", type=positive_int, default=None,
                    help="experts per token; None: half of --moefy-experts (with --moefy-tau: no cap)")
     p.add_argument("--moefy-tau", type=float, default=None,
-                   help="dynamic-k: per token the fewest experts whose predicted norms reach this share, (0, 1]")
+                   help="dynamic-k: per token the fewest experts whose predicted norms reach this share, (0, 1]; "
+                        "none: top-k")
     p.add_argument("--moefy-clustering", default="coactivation", choices=["coactivation", "weights"],
                    help="group neurons by co-activation on calibration text or by their weight vectors")
     p.add_argument("--moefy-router-inputs", default="dense", choices=["dense", "moefied"],
@@ -205,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
                  cmd_recover)
     p.add_argument("pipeline", help="directory made by `cpet compress`")
     p.add_argument("--model", default=None, help="the source model (the distillation teacher), only where the one "
-                                                 "recorded in pipeline.json has moved")
+                                                 "recorded in pipeline.json has moved (default: that one)")
     p.add_argument("--rank", type=positive_int, default=16, help="rank of each recovery bypass")
     p.add_argument("--steps", type=positive_int, default=distill_defaults.steps, help="distillation steps")
     p.add_argument("--batch-size", type=positive_int, default=distill_defaults.batch_size, help="windows per step")
@@ -235,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LoRA start: peft's (B = 0), inherited from --inherit-from, or the residual's SVD (peft's "
                         "start where compression changed nothing: a zero residual gives no factors to train)")
     p.add_argument("--inherit-from", help="adapter trained on the original model: its name in this pipeline, or a "
-                                          "directory (by CPET, or a plain PEFT LoRA directory for the same model)")
+                                          "directory (by CPET, or a plain PEFT LoRA directory for the same model); "
+                                          "none: only with --init random or svd and no per-task recovery (both read it)")
     p.add_argument("--recovery", default="none", type=lambda value: value.replace("-", "_"),
                    choices=["none", "shared", "per_task", "both"],
                    help="recovery modules used with the adapter (per-task and per_task alike)")
