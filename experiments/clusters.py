@@ -12,45 +12,7 @@ label sequence), so a changed split is refused instead of silently resampled by 
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
-from cpet.data.units import UNITS_OF_TASK, test_split_units
-
-
-@dataclass(frozen=True)
-class SplitUnits:
-    """A task's test split as a clustered bootstrap sees it.
-
-    Attributes:
-        units: the unit of each test example, in the split's order.
-        examples: the split's ``(text, label)`` pairs, in order (a cell's ``test_sha256`` is the hash of a prefix
-            of them: all of them, or the first ``--test-limit``).
-    """
-
-    units: tuple
-    examples: tuple[tuple[str, str], ...]
-
-    @property
-    def gold(self) -> tuple[str, ...]:
-        return tuple(label for _, label in self.examples)
-
-    def prefix_sha256(self, count: int) -> str:
-        """:func:`cpet.data.tasks.examples_sha256` of the first ``count`` examples."""
-        from cpet.data.tasks import Example, examples_sha256
-
-        return examples_sha256([Example(text, label) for text, label in self.examples[:count]])
-
-
-@functools.lru_cache(maxsize=None)
-def split_units(task_name: str) -> SplitUnits:
-    """The :class:`SplitUnits` of a task of :data:`UNITS_OF_TASK` (built once per process)."""
-    from cpet.data.tasks import load_task
-
-    test = load_task(task_name).split("test")
-    units = tuple(test_split_units(task_name))
-    if len(units) != len(test):
-        raise ValueError(f"{len(units)} units for the {len(test)} test examples of {task_name}")
-    return SplitUnits(units, tuple((e.text, e.label) for e in test))
+from cpet.data.units import UNITS_OF_TASK, SplitUnits, split_units  # noqa: F401  (re-exported)
 
 
 def check_cell_fits(cell: dict, units: SplitUnits) -> None:

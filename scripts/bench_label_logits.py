@@ -65,7 +65,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--batches", type=int, default=6, help="batches timed (different prompts each)")
     parser.add_argument("--repeats", type=int, default=3, help="timings per batch and path; the best counts")
-    parser.add_argument("--max-prompt-tokens", type=int, default=64, help="prompt cut (default 64, as cpet demo tunes; the grid cuts at 128)")
+    parser.add_argument("--max-prompt-tokens", type=int, default=64,
+                        help="prompt cut (default 64, as cpet demo tunes; the grid cuts at 128)")
     parser.add_argument("--check-split", default="test",
                         help="split whose every example both scoring paths label, to compare (default test)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")

@@ -83,7 +83,8 @@ def _command(sub, name: str, help_text: str, func, *, runs_models: bool = True) 
                            help="CPU threads; None: the cores not already busy, at least 1")
         group.add_argument("--seed", type=seed_int, default=0, help="seeds everything random in the command")
         group.add_argument("--config", help="a YAML or JSON file of this command's flags (names as in --help, "
-                                            "with - or _); flags given on the command line override it; none: the command line alone")
+                                            "with - or _); flags given on the command line override it; none: the "
+                                            "command line alone")
     COMMANDS[name] = parser
     return parser
 
@@ -127,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pipeline", nargs="?", help="a CPET pipeline directory (its compressed base, or --adapter)")
     p.add_argument("--adapter", action="append", help="an adapter of PIPELINE, by name or directory (repeatable); "
                                                      "default task: the one it was trained for; none: the "
-                                                     "pipeline's compressed base zero-shot)")
+                                                     "pipeline's compressed base, zero-shot")
     p.add_argument("--model", default=None,
                    help=f"embedded name, local directory, .gguf file or hub id (default: {EMBEDDED_DEFAULT}); with "
                         "PIPELINE: its source model, only where the one recorded in pipeline.json has moved")
@@ -241,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "start where compression changed nothing: a zero residual gives no factors to train)")
     p.add_argument("--inherit-from", help="adapter trained on the original model: its name in this pipeline, or a "
                                           "directory (by CPET, or a plain PEFT LoRA directory for the same model); "
-                                          "none: only with --init random or svd and no per-task recovery (both read it)")
+                                          "none: only with --init random or svd and no per-task recovery "
+                                          "(both read it)")
     p.add_argument("--recovery", default="none", type=lambda value: value.replace("-", "_"),
                    choices=["none", "shared", "per_task", "both"],
                    help="recovery modules used with the adapter (per-task and per_task alike)")

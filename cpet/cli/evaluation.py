@@ -226,14 +226,14 @@ def _builtin_test_units(task: str, count: int, digest: str | None) -> list | Non
     :func:`~cpet.data.tasks.examples_sha256` of the scored examples) says they are exactly those examples; None
     otherwise: a task without dependent units, or a user task that shares a built-in's name (its texts differ
     even where its labels agree)."""
-    from ..data import load_task
-    from ..data.tasks import examples_sha256
-    from ..data.units import test_split_units
+    from ..data.units import UNITS_OF_TASK, split_units
 
-    units = test_split_units(task)
-    if units is None or digest is None or count > len(units):
+    if task not in UNITS_OF_TASK or digest is None:
         return None
-    return units[:count] if examples_sha256(load_task(task).split("test")[:count]) == digest else None
+    split = split_units(task)
+    if count > len(split.units) or split.prefix_sha256(count) != digest:
+        return None
+    return list(split.units[:count])
 
 
 def with_accuracy_intervals(results: dict) -> dict:

@@ -137,8 +137,8 @@ def add_serve_parser(sub, command) -> None:
     p = command(sub, "serve", "serve task adapters on one compressed base over an OpenAI-compatible HTTP API",
                 cmd_serve)
     p.add_argument("--base", required=True, help="pipeline directory (its base/ and recovery/) or a base directory")
-    p.add_argument("--adapter", action="append", help="NAME=DIR, repeatable: adapters loaded at start (pinned); none: the "
-                                                   "base alone until a request loads one")
+    p.add_argument("--adapter", action="append", help="NAME=DIR, repeatable: adapters loaded at start (pinned); "
+                                                   "none: the base alone until a request loads one")
     p.add_argument("--recovery", help="shared recovery directory; None: the pipeline's recovery/")
     p.add_argument("--adapter-root", help="runtime loads must lie inside this directory; None: the pipeline's "
                                           "adapters/ (a bare --base with an API key needs it)")

@@ -10,6 +10,8 @@ interval over the test set must resample them together (:func:`cpet.stats.paired
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from typing import Callable
 
 
@@ -52,4 +54,40 @@ def test_split_units(task_name: str) -> list | None:
 test_split_units.__test__ = False  # a helper named test_*, not a test, where a test module imports it
 
 
-__all__ = ["UNITS_OF_TASK", "test_split_units"]
+@dataclass(frozen=True)
+class SplitUnits:
+    """A task's test split as a clustered bootstrap sees it.
+
+    Attributes:
+        units: the unit of each test example, in the split's order.
+        examples: the split's ``(text, label)`` pairs, in order (a cell's ``test_sha256`` is the hash of a prefix
+            of them: all of them, or the first ``--test-limit``).
+    """
+
+    units: tuple
+    examples: tuple[tuple[str, str], ...]
+
+    @property
+    def gold(self) -> tuple[str, ...]:
+        return tuple(label for _, label in self.examples)
+
+    def prefix_sha256(self, count: int) -> str:
+        """:func:`cpet.data.tasks.examples_sha256` of the first ``count`` examples."""
+        from .tasks import Example, examples_sha256
+
+        return examples_sha256([Example(text, label) for text, label in self.examples[:count]])
+
+
+@functools.lru_cache(maxsize=None)
+def split_units(task_name: str) -> SplitUnits:
+    """The :class:`SplitUnits` of a task of :data:`UNITS_OF_TASK` (built once per process)."""
+    from .tasks import load_task
+
+    test = load_task(task_name).split("test")
+    units = tuple(test_split_units(task_name))
+    if len(units) != len(test):
+        raise ValueError(f"{len(units)} units for the {len(test)} test examples of {task_name}")
+    return SplitUnits(units, tuple((e.text, e.label) for e in test))
+
+
+__all__ = ["UNITS_OF_TASK", "SplitUnits", "split_units", "test_split_units"]
