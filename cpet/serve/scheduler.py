@@ -8,8 +8,10 @@ merges their KV caches into the running batch (left-padded to a common length). 
 others generate joins them at the next step: a short request is not held back by a long one, and a stream of new
 requests never stalls the running ones (they decode every step). On a sliding-window model (Mistral, Gemma 2) a
 newcomer waits instead once the running or its own cache outgrows the window, whose layers no longer keep every
-position. Finished sequences leave the batch (their cache rows are dropped) and the next
-step runs without them. A full queue refuses new requests at once (:class:`QueueFull`, HTTP 429), never blocks.
+position. Finished sequences leave the batch (their cache rows are dropped) and the next step runs without
+them; the cache columns that were padding for every row still running are cut off with them, so the cache is
+as long as the longest running row however long the batch has run. A full queue refuses new requests at once
+(:class:`QueueFull`, HTTP 429), never blocks.
 
 A request's adapter is resolved once, when it is admitted (:meth:`Engine.resolve`): an unknown name fails that
 request alone, and an adapter unloaded or evicted later keeps serving the requests that hold it until they
@@ -298,7 +300,31 @@ class Scheduler:
             else:
                 self._cache.batch_select_indices(torch.tensor(keep, device=self._mask.device))
                 self._mask, self._positions = self._mask[keep], self._positions[keep]
+                self._drop_shared_padding()
         return len(runs)
+
+    def _drop_shared_padding(self) -> None:
+        """Cut the leading cache columns that are padding in every running row.
+
+        Rows are left-padded to the longest one when they join, so once that row leaves, the others share a run of
+        padding columns. Without this cut a batch that never empties (a steady stream of requests) would keep
+        every column it ever had: memory and attention time would grow with uptime, and on a sliding-window
+        model newcomers would wait for the batch to drain each time the padded length passed the window.
+        Positions are explicit per row (``_positions``), so dropping padding changes no row's outputs.
+        """
+        real = self._mask.bool().any(dim=0)  # left padding only: the all-padding columns are a prefix
+        cut = int(real.int().argmax())
+        if cut == 0:
+            return
+        length = self._mask.shape[1] - cut
+        for layer in self._cache.layers:
+            stored = layer.keys.shape[-2]  # a full sliding layer keeps fewer than the mask's columns
+            if stored > length:
+                layer.keys = layer.keys[:, :, stored - length:]
+                layer.values = layer.values[:, :, stored - length:]
+            if hasattr(layer, "cumulative_length"):  # sliding layers size their masks from it (see _merge)
+                layer.cumulative_length = length
+        self._mask = self._mask[:, cut:]
 
     def _finish(self, run: _Running, reason: str = "stop", error: Exception | None = None) -> None:
         request = run.request

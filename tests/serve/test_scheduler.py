@@ -265,3 +265,40 @@ def test_newcomers_join_a_sliding_window_model_as_each_request_alone_would_run(w
             assert request.future.result(timeout=0)["text"] == expected
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("window", [None, 24])  # 24: above any one row (12 + 5 tokens), below the padded batch
+def test_a_batch_that_never_empties_keeps_its_cache_as_long_as_its_longest_row(window):
+    """Rows join left-padded to the longest; once it leaves, the padding every remaining row shares is cut. A
+    steady stream of short requests once grew the cache by a column a step for as long as the batch ran (and on a
+    sliding-window model made every newcomer wait for the batch to drain once the padded length passed the
+    window)."""
+    from cpet.models import tiny_model
+    from cpet.serve import Engine
+
+    base = tiny_model("llama") if window is None else tiny_model("mistral", sliding_window=window)
+    engine = Engine(base.model, "tiny", base.tokenizer)
+    try:
+        scheduler = SteppedScheduler(engine, max_batch=4)
+        prompts = [("ab", "a longer one")[i % 2] for i in range(20)]
+        requests = []
+        step = 0
+        while len(requests) < len(prompts) or not all(r.future.done() for r in requests):
+            if step % 3 == 0 and len(requests) < len(prompts):  # a new request every third step: never empty
+                requests.append(GenerationRequest(ids_of(engine, prompts[len(requests)]), None, 5))
+                scheduler.submit(requests[-1])
+            scheduler._step()
+            assert not scheduler._waiting  # every newcomer joined at once
+            if scheduler.running:
+                longest = int(scheduler._mask.sum(dim=1).max())
+                assert scheduler._mask.shape[1] == longest  # no column is padding in every row
+                for layer in scheduler._cache.layers:
+                    assert layer.keys.shape[-2] == min(longest, window - 1 if window else longest)
+            step += 1
+        assert step < 70  # 20 requests, one every third step, none waiting
+        for prompt in set(prompts):  # cutting padding changes nobody's text
+            expected = engine.generate([prompt], [None], max_tokens=5)[0]["text"]
+            assert all(r.future.result(timeout=0)["text"] == expected
+                       for r, p in zip(requests, prompts) if p == prompt)
+    finally:
+        engine.close()
