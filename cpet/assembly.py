@@ -285,10 +285,14 @@ def read_recovery(directory: Path, module_shapes: dict[str, tuple[int, int]], *,
         raise AdapterError(f"the recovery modules in {directory} were made for base {str(meta['base_id'])[:12]}, not "
                            f"for this base {base_id[:12]}")
     tensors = read_safetensors(directory / RECOVERY_FILE)
-    config = meta["config"]
-    scale = config["alpha"] / config["rank"]
+    try:
+        config, targets = meta["config"], list(meta["targets"])
+        scale, gelu = config["alpha"] / config["rank"], config["activation"] == "gelu"
+    except (KeyError, TypeError, ZeroDivisionError) as exc:  # a damaged file is the artifact's fault: say which
+        raise AdapterError(f"{directory / RECOVERY_META} is damaged ({type(exc).__name__}: {exc}; it needs a config "
+                           "with alpha, rank and activation, and a list of targets): make the recovery again") from None
     out = {}
-    for module in meta["targets"]:
+    for module in targets:
         key = module.replace(".", "__")
         pair = (tensors.get(f"bypasses.{key}.A.weight"), tensors.get(f"bypasses.{key}.B.weight"))
         if pair[0] is None or pair[1] is None:
@@ -297,7 +301,7 @@ def read_recovery(directory: Path, module_shapes: dict[str, tuple[int, int]], *,
         fits = module in module_shapes and (A.shape[1], B.shape[0]) == module_shapes[module]
         if not fits:
             raise AdapterError(f"recovery in {directory} does not fit this base (module {module})")
-        out[module] = LowRank(A, B, scale, gelu=config["activation"] == "gelu")
+        out[module] = LowRank(A, B, scale, gelu=gelu)
     return out
 
 

@@ -126,8 +126,16 @@ def export_pipeline(pipeline, out: str | Path, names: list[str] | None = None, *
         raise ValueError(f"cannot export {pipeline.work_dir}: {refusal}")
     available = pipeline.adapters()
     paths = _export_names(pipeline, names) if names else available
-    metas = {name: read_adapter_meta(path) for name, path in paths.items()}
-    chosen = paths if names else {name: path for name, path in paths.items() if metas[name].get("on") != "original"}
+    metas, unreadable = {}, {}
+    for name, path in paths.items():
+        try:
+            metas[name] = read_adapter_meta(path)
+        except (OSError, ValueError) as exc:  # a damaged adapter is skipped with why, as `cpet list` shows it
+            if names:
+                raise ValueError(f"cannot export {name}: {exc}") from None
+            unreadable[name] = str(exc)
+    chosen = paths if names else {name: path for name, path in paths.items()
+                                  if name in metas and metas[name].get("on") != "original"}
     has_recovery = (pipeline.recovery_dir / "recovery.safetensors").exists()
     recovery_sha = recovery_sha256(pipeline.recovery_dir) if has_recovery else None
     shared_activation = read_recovery_meta(pipeline.recovery_dir)["config"]["activation"] if has_recovery else None
@@ -138,6 +146,7 @@ def export_pipeline(pipeline, out: str | Path, names: list[str] | None = None, *
         if refused:
             raise ValueError("cannot export " + "; ".join(f"{name}: {why}" for name, why in refused.items()))
     report = ExportReport(str(out), manifest.base_id)
+    report.skipped.update(unreadable)
     with atomic_path(out) as tmp, pipeline.engine() as engine:
         shutil.copytree(base_dir, tmp / "base")
         for name, path in chosen.items():

@@ -213,3 +213,20 @@ def test_the_exported_card_says_how_the_adapter_reads_an_example(exported):
     assert f"Prompt: {json.dumps(meta['template'])}" in card
     assert f"over {meta['max_prompt_tokens']} tokens is cut (the text loses its end" in card
     assert all(f"`{label}` -> {json.dumps(word)}" in card for label, word in meta["label_words"].items())
+
+
+def test_a_damaged_adapter_is_skipped_saying_why_and_the_others_export(exported, tmp_path):
+    """One adapter's damaged cpet.json failed the whole export (`cpet list` shows it and goes on)."""
+    import shutil
+
+    pipeline, _, _ = exported
+    copy = tmp_path / "work"
+    shutil.copytree(pipeline.work_dir, copy)
+    (copy / "adapters" / "plain" / "adapter" / "cpet.json").write_text("{not json")
+    damaged = CPET.load(copy)
+    report = export_pipeline(damaged, tmp_path / "out", check=False)
+    assert "is not valid JSON" in report.skipped["plain"] and "tune the adapter again" in report.skipped["plain"]
+    assert "shared" in report.adapters and "plain" not in report.adapters
+    with pytest.raises(ValueError, match="cannot export plain: .*cpet.json is not valid JSON"):
+        export_pipeline(damaged, tmp_path / "named", ["plain"], check=False)
+    assert not (tmp_path / "named").exists()

@@ -273,6 +273,12 @@ class Engine:
         return out if out is not None else x.new_zeros(())
 
     @torch.no_grad()
+    def release_stacks(self) -> None:
+        """Drop the stacked factors kept for the last batch: they hold its adapters and a copy of their factors per
+        row, so kept while nothing runs they would keep an unloaded or evicted adapter's memory alive. Called
+        when a batch ends (the end of :meth:`classify` and :meth:`generate`; the scheduler once no row runs)."""
+        self._stacks.clear()
+
     def forward(self, adapters: Sequence[str | LoadedAdapter | None], **model_inputs):
         """One model call on a batch whose row ``i`` uses adapter ``adapters[i]`` (a name, an adapter already
         resolved by :meth:`resolve`, or None: the bare base)."""
@@ -340,8 +346,11 @@ class Engine:
         device = next(self.model.parameters()).device
         needed = [p for *_first, ids, col, lab in sequences for p in scored_positions(ids, col, lab)]
         rows = [seq[0] for seq in sequences]
-        at = logits_at(self.model, needed, forward=lambda **inputs: self.forward(rows, **inputs),
-                       input_ids=input_ids.to(device), attention_mask=attention.to(device))
+        try:
+            at = logits_at(self.model, needed, forward=lambda **inputs: self.forward(rows, **inputs),
+                           input_ids=input_ids.to(device), attention_mask=attention.to(device))
+        finally:
+            self.release_stacks()
         logp = torch.log_softmax(at.logits.float(), dim=-1).cpu()
         scores = [torch.zeros(len(labels)) for labels, _ in labels_of]
         for i, (_, index, ids, col, lab) in enumerate(sequences):
@@ -368,31 +377,39 @@ class Engine:
             self.check_generation_fits(len(ids), max_tokens)
         device = next(self.model.parameters()).device
         input_ids, attention, positions = self.left_padded(encoded, device)
-        generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+        # one generator per row, each seeded with ``seed``: a row's sample does not depend on the rows beside it
+        # (as the server seeds each request), so the same prompt and seed give the same text in any batch
+        generators = [torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+                      for _ in encoded]
         eos = self.tokenizer.eos_token_id
         tokens: list[list[int]] = [[] for _ in encoded]
         finish = [None] * len(encoded)
         cache = None
         step_ids, step_positions = input_ids, positions
-        for _ in range(max_tokens):
-            out = self.forward(list(adapters), input_ids=step_ids, attention_mask=attention,
-                               position_ids=step_positions, use_cache=True, **{self._cache_key: cache})
-            cache = output_cache(out)
-            chosen = next_token(out.logits[:, -1].float(), temperature, generator)
-            for i, token in enumerate(chosen.tolist()):
-                if finish[i] is not None:
-                    continue
-                if eos is not None and token == eos:
-                    finish[i] = "stop"
-                    continue
-                tokens[i].append(token)
-                if cut_at_stop(self.tokenizer.decode(tokens[i]), stop)[1]:
-                    finish[i] = "stop"
-            if all(f is not None for f in finish):
-                break
-            step_ids = chosen.unsqueeze(1)
-            step_positions = step_positions[:, -1:] + 1
-            attention = torch.cat([attention, attention.new_ones(len(encoded), 1)], dim=1)
+        try:
+            for _ in range(max_tokens):
+                out = self.forward(list(adapters), input_ids=step_ids, attention_mask=attention,
+                                   position_ids=step_positions, use_cache=True, **{self._cache_key: cache})
+                cache = output_cache(out)
+                logits = out.logits[:, -1].float()
+                chosen = torch.cat([next_token(logits[i:i + 1], temperature, generator)
+                                    for i, generator in enumerate(generators)])
+                for i, token in enumerate(chosen.tolist()):
+                    if finish[i] is not None:
+                        continue
+                    if eos is not None and token == eos:
+                        finish[i] = "stop"
+                        continue
+                    tokens[i].append(token)
+                    if cut_at_stop(self.tokenizer.decode(tokens[i]), stop)[1]:
+                        finish[i] = "stop"
+                if all(f is not None for f in finish):
+                    break
+                step_ids = chosen.unsqueeze(1)
+                step_positions = step_positions[:, -1:] + 1
+                attention = torch.cat([attention, attention.new_ones(len(encoded), 1)], dim=1)
+        finally:
+            self.release_stacks()
         return [{"text": cut_at_stop(self.tokenizer.decode(ids), stop)[0], "tokens": len(ids),
                  "finish_reason": finish[i] or "length"} for i, ids in enumerate(tokens)]
 

@@ -81,11 +81,14 @@ class AdapterRegistry:
 
     def load(self, name: str, directory: AdapterSource | str | Path, *, pin: bool = False) -> LoadedAdapter:
         """Read, check and register ``directory`` (or the source already read from it) under ``name``, replacing
-        an adapter of that name."""
+        an unpinned adapter of that name (a pinned one is refused: unload it first)."""
         check_served_name(name)
         source = directory if isinstance(directory, AdapterSource) else None
         path = self._directory(source.directory if source is not None else directory)
         with self._lock:
+            if name in self._pinned:  # replacing it would swap the operator's adapter for another, pin and all
+                raise AdapterError(f"{name} is pinned (given when the server started): unload it first to load "
+                                   "another adapter under its name")
             self._victims(name)  # one that could never fit is refused before its files are read
         adapter = load_factors(name, source or AdapterSource(path), self.module_shapes, base_id=self.base_id,
                                shared_available=self.has_shared_recovery,

@@ -179,6 +179,8 @@ class Scheduler:
                 self._fail_running(exc)
         if generate:
             new_tokens += self._prefill(generate)
+        if not self.running:  # the batch is over: its stacked factors must not keep its adapters alive
+            self.engine.release_stacks()
         if self.on_step is not None and (generate or self.running):
             self.on_step(len(self.running), new_tokens)
 

@@ -50,6 +50,20 @@ class ServerLimits:
             raise ValueError(f"ServerLimits.timeout_s must be a finite number of seconds > 0, got {timeout!r}")
 
 
+# OpenAI request fields CPET's sampler does not implement, with the values that leave the answer as CPET gives it
+# (the first is the one to send); any other value is a 400, not silently ignored
+UNSUPPORTED_FIELDS = {
+    "top_p": (1, 1.0),
+    "best_of": (1,),
+    "echo": (False,),
+    "logprobs": (False,),
+    "top_logprobs": (0,),
+    "presence_penalty": (0, 0.0),
+    "frequency_penalty": (0, 0.0),
+    "logit_bias": ({},),
+}
+
+
 class ServingError(Exception):
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
         super().__init__(message)
@@ -197,7 +211,11 @@ def create_app(engine: Engine, *, served_name: str = "cpet-base", api_key: str |
         # would fail the whole running batch, other clients' requests included.
         if data.get("n") not in (None, 1):  # one choice per prompt: more would be silently missing
             raise ServingError(400, f"n must be 1 (CPET answers one choice per prompt), got {data.get('n')!r}")
-        stop = data.get("stop") or []
+        for key, neutral in UNSUPPORTED_FIELDS.items():  # a field that would change the answer is not ignored
+            if data.get(key) not in (None, *neutral):
+                raise ServingError(400, f"{key} is not supported by CPET's server (got {data[key]!r}); leave it out "
+                                        f"or send {neutral[0]!r}")
+        stop = [] if data.get("stop") is None else data["stop"]  # `or []` would let 0, false or {} pass as "none"
         stop = (stop,) if isinstance(stop, str) else stop
         if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
             raise ServingError(400, f"stop must be a string or a list of non-empty strings, got {stop!r}")
@@ -207,7 +225,10 @@ def create_app(engine: Engine, *, served_name: str = "cpet-base", api_key: str |
         seed = data.get("seed")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 64):
             raise ServingError(400, f"seed must be an integer in 0..2**64-1 (torch's generator range), got {seed!r}")
-        ids, max_tokens = prompt_ids(text), integer(data, "max_tokens", 16, 1, limits.max_tokens)
+        if data.get("max_tokens") is not None and data.get("max_completion_tokens") is not None:
+            raise ServingError(400, "give max_tokens or max_completion_tokens (its newer name), not both")
+        key = "max_tokens" if data.get("max_completion_tokens") is None else "max_completion_tokens"
+        ids, max_tokens = prompt_ids(text), integer(data, key, 16, 1, limits.max_tokens)
         try:  # past the context, a model with learned positions fails the whole batch (IndexError)
             engine.check_generation_fits(len(ids), max_tokens)
         except ValueError as exc:
@@ -298,12 +319,13 @@ def create_app(engine: Engine, *, served_name: str = "cpet-base", api_key: str |
         except TemplateError as exc:  # the model's template refuses these messages (a system role, alternation)
             raise ServingError(400, f"the model's chat template refuses these messages: {exc}") from None
         r = generation(data, text)
-        submit(r)
-        if streamed(data):
+        if streamed(data):  # checked before the request is queued: a refused call must not generate anyway
+            submit(r)
             return stream(request, r, lambda text, reason: {
                 "id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
                 "choices": [{"index": 0, "delta": {"role": "assistant", "content": text} if text else {},
                              "finish_reason": reason}]})
+        submit(r)
         result = await wait(r, http=request)
         latency.labels(str(model), "chat").observe(time.perf_counter() - start)
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,

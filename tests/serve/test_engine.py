@@ -197,13 +197,47 @@ def test_a_full_registry_never_evicts_the_adapter_it_loads_and_refuses_without_c
     finally:
         cpet.serve.registry.load_factors = load_factors
     assert read == []  # refused before its files were read
-    one.load("a", pipeline.adapters()["both"])  # replacing a loaded name needs no room
+    with pytest.raises(AdapterError, match="a is pinned .*unload it first"):  # it was swapped, and kept the pin
+        one.load("a", pipeline.adapters()["both"])
+    assert one.get("a").directory == pipeline.adapters()["plain"].resolve()
+    one.unload("a")
+    one.load("a", pipeline.adapters()["plain"])
+    one.load("a", pipeline.adapters()["both"])  # replacing a loaded (unpinned) name needs no room
     assert one.names() == ["a"] and one.get("a").per_task  # "both" carries per-task recovery
     two = AdapterRegistry(engine.registry.module_shapes, engine.base_id, capacity=2, has_shared_recovery=True)
     two.load("a", pipeline.adapters()["plain"], pin=True)
     two.load("b", pipeline.adapters()["shared"])
     two.load("c", pipeline.adapters()["both"])  # evicts b, the only unpinned other one; c itself stays
     assert two.names() == ["a", "c"]
+
+
+def test_a_damaged_recovery_json_is_refused_by_name(served, tmp_path):
+    pipeline, engine, _ = served
+    both = tmp_path / "both"
+    shutil.copytree(pipeline.adapters()["both"], both)
+    meta_path = next(both.rglob("recovery.json"))
+    meta = json.loads(meta_path.read_text())
+    del meta["config"]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(AdapterError, match=r"recovery.json is damaged \(KeyError: 'config'.*make the recovery again"):
+        engine.registry.load("damaged", both)  # was a bare KeyError: a 500 from the server
+    assert "damaged" not in engine.registry.names()
+
+
+def test_an_engine_keeps_no_batchs_adapters_alive_once_the_batch_is_over(served):
+    """The stacked factors of the last batch held its adapters (and a per-row copy of their factors): an unloaded
+    adapter stayed in memory until a batch of other adapters ran."""
+    import gc
+    import weakref
+
+    pipeline, engine, _ = served
+    engine.registry.load("passing", pipeline.adapters()["both"])
+    alive = weakref.ref(engine.registry.get("passing"))
+    engine.generate(["the quick"], ["passing"], max_tokens=2)
+    engine.classify([("passing", "it was good 3")])
+    engine.registry.unload("passing")
+    gc.collect()
+    assert alive() is None
 
 
 def test_classification_uses_each_adapters_template_and_matches_cpet_scoring(served):
@@ -254,6 +288,8 @@ def test_mixed_generation_equals_each_row_alone_and_sampling_is_seeded(served):
     assert first == engine.generate(prompts, adapters, max_tokens=6, temperature=1.0, seed=3)
     # and it does sample: another seed, or greedy decoding, gives other text (6 tokens of a random model's
     # near-flat distribution: a coincidence across all three rows is out of reach)
+    for i, prompt in enumerate(prompts):  # a seeded row samples as it would alone: its neighbours draw nothing of it
+        assert engine.generate([prompt], [adapters[i]], max_tokens=6, temperature=1.0, seed=3)[0] == first[i]
     other = engine.generate(prompts, adapters, max_tokens=6, temperature=1.0, seed=4)
     assert [r["text"] for r in other] != [r["text"] for r in first]
     assert [r["text"] for r in first] != [r["text"] for r in together]

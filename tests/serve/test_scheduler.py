@@ -47,6 +47,7 @@ def test_running_requests_decode_every_step_while_new_ones_keep_arriving(served)
         assert len(scheduler.running[0].tokens) == step + 2  # the long one advanced in this step too
     while not long.future.done():
         scheduler._step()
+    assert not engine._stacks  # the batch is over: its stacked factors no longer hold its adapters
     # decoding before the newcomers join changes nothing in what the long request generates
     assert long.future.result()["text"] == engine.generate(["the quick"], ["shared"], max_tokens=40)[0]["text"]
 

@@ -303,7 +303,15 @@ def test_requests_that_would_fail_a_batch_are_refused_before_they_join_it(server
                          ({"seed": True}, "seed must be an integer"),
                          ({"temperature": True}, "temperature must be in [0, 2]"),
                          ({"stream": "false"}, "stream must be true or false, got 'false'"),  # it streamed
-                         ({"n": 2}, "n must be 1")]:  # one choice came back
+                         ({"n": 2}, "n must be 1"),  # one choice came back
+                         ({"stop": 0}, "stop must be a string or a list"),  # read as no stop
+                         ({"stop": False}, "stop must be a string or a list"),
+                         ({"top_p": 0.5}, "top_p is not supported by CPET's server (got 0.5)"),  # were ignored
+                         ({"logprobs": 2}, "logprobs is not supported"),
+                         ({"echo": True}, "echo is not supported"),
+                         ({"presence_penalty": 1.5}, "presence_penalty is not supported"),
+                         ({"max_tokens": 4, "max_completion_tokens": 4}, "not both"),
+                         ({"max_completion_tokens": 1000}, "max_completion_tokens must be an integer in 1..64")]:
         refused = httpx.post(f"{url}/v1/completions", json={"model": "plain", "prompt": "hi", **bad})
         assert refused.status_code == 400 and message in refused.json()["error"]["message"], (bad, refused.text)
     no_role = httpx.post(f"{url}/v1/chat/completions", json={"model": "plain", "messages": [{"content": "hi"}]})
@@ -560,3 +568,24 @@ def test_null_fields_take_their_defaults_as_openai_reads_them(server):
                                                           "temperature": None, "stream": None, "n": None})
     assert response.status_code == 200, response.text  # max_tokens null was a 400
     assert response.json()["usage"]["completion_tokens"] <= 16
+
+
+def test_a_refused_chat_call_generates_nothing_and_max_completion_tokens_is_honoured(server, monkeypatch):
+    """A chat call with a bad stream value was answered 400 after it had been queued, and then generated its tokens
+    for nobody (filling batch rows); max_completion_tokens, the newer name of max_tokens, was ignored."""
+    url, app, _, _ = server
+    scheduler = app.state.scheduler
+    queued = []
+    submit = scheduler.submit
+    monkeypatch.setattr(scheduler, "submit", lambda request: queued.append(request) or submit(request))
+    messages = [{"role": "user", "content": "hi"}]
+    refused = httpx.post(f"{url}/v1/chat/completions",
+                         json={"model": "plain", "messages": messages, "stream": "yes", "max_tokens": 64})
+    assert refused.status_code == 400 and "stream must be true or false" in refused.json()["error"]["message"]
+    assert queued == []
+    neutral = {"top_p": 1, "echo": False, "logprobs": None, "presence_penalty": 0}  # sent by clients as defaults
+    answered = httpx.post(f"{url}/v1/chat/completions", json={"model": "plain", "messages": messages,
+                                                              "max_completion_tokens": 3, **neutral})
+    assert answered.status_code == 200, answered.text
+    assert len(queued) == 1 and queued[0].max_tokens == 3
+    assert answered.json()["usage"]["completion_tokens"] <= 3
