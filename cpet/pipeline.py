@@ -107,6 +107,7 @@ class CPET:
             raise ValueError(_IS_A_FILE.format(self.work_dir))
         self._fingerprint: str | None = None
         self._recorded_fingerprint: str | None = None  # of a saved pipeline: the original must match it
+        self._recorded_source: str | None = None  # the source name a saved pipeline records
         self._tokenizer = None
         self._served_base: tuple[str, torch.nn.Module] | None = None  # (base_id, model) that evaluation runs on
         self._engine_lock = threading.RLock()  # engines hook the same base modules: one at a time
@@ -115,6 +116,7 @@ class CPET:
             record = read_pipeline_record(self.work_dir)  # a script): its steps so far stay in the log,
             self.log = record["log"]                      # and its source must be the one it was built from
             self._recorded_fingerprint = _recorded_fingerprint(self.work_dir, record)
+            self._recorded_source = record.get("source") if isinstance(record.get("source"), str) else None
             if self.original_loaded:  # its weights are here already: checking costs one fingerprint
                 self._check_source(self._original)
 
@@ -161,8 +163,13 @@ class CPET:
 
     @property
     def source_name(self) -> str:
-        """The source model's name as given (embedded name, path or hub id)."""
-        return self._original.name if self._original is not None else self._original_spec
+        """The source model's name: the loaded original's (embedded name, path or hub id), else the one the saved
+        pipeline records, else the name as given. A name given for an original that has not been loaded yet is
+        not taken over the record: nothing has checked it is this pipeline's source (a wrong ``--model`` would
+        otherwise be written into ``pipeline.json`` and every adapter's ``cpet.json``)."""
+        if self._original is not None:
+            return self._original.name
+        return self._recorded_source or self._original_spec
 
     @property
     def source_hub_id(self) -> str | None:
@@ -304,6 +311,7 @@ class CPET:
         if any(not 0 < step < distill.steps for step in wanted):  # before any work
             raise ValueError(f"checkpoints {sorted(wanted)} must lie between 0 and the {distill.steps} distillation "
                              "steps (the last step is saved anyway)")
+        self._require_base()  # before the original loads: without a base there is nothing to recover
         # before the corpus, the base, the activation pass and an SVD of every linear
         check_distill_window(self.original.model, distill)
         start, started_at = time.perf_counter(), utc_now()
@@ -318,7 +326,7 @@ class CPET:
                            "use a smaller rank (cpet recover --rank), or RecoveryConfig(init='zero')")
             scales = None
             if activation_weighted:
-                ids = calibration_ids(self.original.tokenizer, corpus, 8, 128)
+                ids = calibration_ids(self.original.tokenizer, corpus, 8, 128, seed=distill.seed)  # one seed, all
                 scales = input_rms(self.original.model, ids, recovery.targets)
             init_errors = init_from_residuals(recovery, self.original.model, base.model, base.index_maps, scales)
         recovery.attach(base.model, slot=SHARED, trainable=True)
@@ -392,6 +400,8 @@ class CPET:
             # settings that clash with the run being resumed, before the base and the LoRA are built (what the run
             # is for is compared once they are; an inherited LoRA's rank comes from its source, so not here)
             check_resume_settings(out_dir / "resume", config)
+        if (out_dir / "adapter" / "cpet.json").exists() and not (out_dir / "resume" / "state.json").exists():
+            self._check_restarted_adapter(out_dir, task, on, init, recovery, source, config)
         teacher = None
         if on == "original":
             model, base_id, index_maps = copy.deepcopy(self.original.model), ORIGINAL_BASE_ID, None
@@ -564,6 +574,36 @@ class CPET:
                            directory=directory, inheriting=True)
         return source
 
+    def _check_restarted_adapter(self, out_dir: Path, task, on: str, init: str, recovery: str,
+                                 source: AdapterSource | None, config: TuneConfig) -> None:
+        """Refuse to train over an adapter that has no resume state, unless it was made for the same purpose
+        with the same settings.
+
+        Resuming checks a run against its ``resume/state.json``; without one (a run cut before its first save,
+        or a state deleted by hand) the run starts again from step 0, which is right for the same run and would
+        silently replace another task's or another setting's adapter otherwise.
+        """
+        old = read_adapter_meta(out_dir / "adapter")
+        now = {"task": task.name, "on": on, "init": init, "recovery": recovery,
+               "base_id": ORIGINAL_BASE_ID if on == "original" else self.base_id,
+               "inherited_sha256": source.weights_sha256 if source else None}
+        differs = [f"{key} {old.get(key)!r} -> {value!r}" for key, value in now.items() if old.get(key) != value]
+        saved, current = old.get("tune_config") or {}, json.loads(json.dumps(config.to_dict()))
+        fixed = {"steps"} | ({"rank", "alpha"} if init == "inherit" else set())  # inherit takes the source's
+        differs += [f"{key} {saved.get(key)!r} -> {current.get(key)!r}" for key in sorted(set(saved) | set(current))
+                    if key not in fixed and saved.get(key) != current.get(key)]
+        if differs:
+            raise ValueError(f"{out_dir} holds an adapter made for something else ({', '.join(differs)}) and no "
+                             "resume state to continue it from: give the new adapter another name (--name) or "
+                             f"delete {out_dir}")
+
+    def _check_source_of(self, meta: dict, directory: Path) -> None:
+        """Refuse a CPET adapter tuned on another source model's original. Every adapter tuned on an original has
+        the same ``base_id`` (:data:`ORIGINAL_BASE_ID`), so only the source fingerprint tells two sources apart;
+        an adapter of the compressed base is checked by its ``base_id``, which the source already enters."""
+        if meta.get("on") == "original":
+            check_adapter_base(meta, source_fingerprint=self.source_fingerprint, directory=directory)
+
     def _teacher(self, source: AdapterSource):
         """The uncompressed model with the original task adapter (a separate copy: never the student)."""
         from peft import PeftModel
@@ -620,6 +660,7 @@ class CPET:
             source = AdapterSource(self.resolve_adapter(adapter))
         if source is not None:
             on = source.meta.get("on", on)  # a CPET adapter runs where it was tuned; a plain PEFT one on ``on``
+            self._check_source_of(source.meta, source.directory)
         with self.engine(on) as engine:
             if source is not None:
                 engine.load("running", source)
@@ -635,6 +676,8 @@ class CPET:
         """
         adapter = self.resolve_adapter(adapter)
         meta = read_adapter_meta(_dir(adapter)) if adapter is not None else {"on": on, "recovery": "none"}
+        if adapter is not None:
+            self._check_source_of(meta, _dir(adapter))
         if meta["on"] == "original":
             model, base_id = copy.deepcopy(self.original.model), ORIGINAL_BASE_ID
         else:

@@ -259,10 +259,7 @@ def check_resume_config(directory: Path, config: TuneConfig, identity: dict | No
             detail = ", ".join(f"{key} {_recorded_as(state['identity'], key, recorded)} -> {now_id.get(key)!r}"
                                for key in differs)
             raise ValueError(f"resume state in {directory} was trained for something else ({detail}): {fix}")
-    if state.get("step", 0) > config.steps:  # the loop would not run: the longer run would come back unchanged
-        raise ValueError(f"resume state in {directory} has already trained {state['step']} steps, more than the "
-                         f"{config.steps} asked for: ask for at least {state['step']} steps (steps may only grow), "
-                         f"or {fix}")
+    _check_steps(directory, state, config)
     _check_settings(directory, saved, config, fix)
 
 
@@ -271,6 +268,19 @@ def check_resume_settings(directory: Path, config: TuneConfig) -> None:
     (``steps`` aside), so that a clash is refused before a base loads."""
     state = json.loads((directory / "state.json").read_text())
     _check_settings(directory, state.get("config"), config, RESUME_FIX)
+
+
+def check_resume_steps(directory: Path, config: TuneConfig) -> None:
+    """Refuse ``config.steps`` below what the resume state in ``directory`` has already trained (needs nothing
+    built either)."""
+    _check_steps(directory, json.loads((directory / "state.json").read_text()), config)
+
+
+def _check_steps(directory: Path, state: dict, config: TuneConfig) -> None:
+    if state.get("step", 0) > config.steps:  # the loop would not run: the longer run would come back unchanged
+        raise ValueError(f"resume state in {directory} has already trained {state['step']} steps, more than the "
+                         f"{config.steps} asked for: ask for at least {state['step']} steps (steps may only grow), "
+                         f"or {RESUME_FIX}")
 
 
 def _check_settings(directory: Path, saved: dict | None, config: TuneConfig, fix: str) -> None:
@@ -472,7 +482,7 @@ class DistillConfig:
         lr: AdamW learning rate (warm-up then cosine, as for tuning).
         kl_weight: weight of KL(teacher || student) on next-token distributions.
         mse_weight: weight of the last-hidden-state MSE.
-        seed: seeds window sampling.
+        seed: seeds window sampling (the distillation windows, and those that weigh the SVD start by activation).
     """
 
     steps: int = 120

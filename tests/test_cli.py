@@ -637,6 +637,20 @@ def test_limit_hint_only_on_limit_flags(capsys):
     assert "must be >= 2, got 1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag, value, message", [("--rank", "4", "--rank 4 with --init inherit: the inherited adapter "
+                                                                  "toy-original has rank 8"),
+                                                  ("--alpha", "32", "--alpha 32 with --init inherit: .* has alpha 16")])
+def test_a_rank_or_alpha_that_inheritance_would_override_is_refused(capsys, tuned_pipeline, task_file, flag, value,
+                                                                    message):
+    """They were dropped without a word: the adapter had the inherited rank, the saved run config the one asked."""
+    before = sorted(p.name for p in (tuned_pipeline / "configs").iterdir())
+    assert main(["tune", str(tuned_pipeline), "--task", str(task_file), "--init", "inherit", "--inherit-from",
+                 "toy-original", flag, value, "--name", "refused", "--steps", "1"]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tuned_pipeline / "adapters" / "refused").exists()
+    assert sorted(p.name for p in (tuned_pipeline / "configs").iterdir()) == before  # refused before any work
+
+
 def test_list_marks_adapters_of_a_replaced_base_and_damaged_ones(capsys, tuned_pipeline, tmp_path):
     import shutil
 
@@ -673,6 +687,38 @@ def test_demo_refuses_an_unknown_task_before_loading_the_model(capsys, tmp_path,
     assert main(["demo", "--task", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "d")]) == 2
     assert "missing.jsonl" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+def test_a_demo_re_run_that_its_adapters_clash_with_is_refused_before_the_model_loads(capsys, tmp_path, model_dir,
+                                                                                    task_file, monkeypatch):
+    """A changed --lr was refused after the first rows had been measured; a changed --recovery-steps only at the
+    last step, after the shared recovery that the CPET adapter was trained with had been replaced."""
+    import cpet.cli.demo
+
+    out = tmp_path / "demo"
+    flags = ["--model", str(model_dir), "--task", str(task_file), "--steps", "2", "--recovery-steps", "2", "--limit",
+             "8", "--val-limit", "8", "--max-tokens", "128", "--max-prompt-tokens", "32", "--out", str(out), "--json"]
+    assert main(["demo", *flags]) == 0
+    capsys.readouterr()
+    recovery = (out / "recovery" / "recovery.safetensors").read_bytes()
+    monkeypatch.setattr(cpet.cli.demo, "load_model", lambda args: pytest.fail("the model was loaded"))
+
+    def changed(flag: str, value: str) -> list[str]:
+        if flag not in flags:
+            return [*flags, flag, value]
+        at = flags.index(flag)
+        return flags[:at + 1] + [value] + flags[at + 2:]
+
+    assert main(["demo", *changed("--recovery-steps", "3")]) == 2
+    assert re.search(r"toy-cpet was trained with the shared recovery in .*recovery, and this run would distill "
+                     r"another \(steps 2 -> 3; --recovery-steps and --seed set them\): use a new --out",
+                     capsys.readouterr().err)
+    assert main(["demo", *changed("--lr", "0.01")]) == 2
+    assert re.search(r"toy-original/resume was written with other settings \(lr 0.001 -> 0.01\).*this demo re-run",
+                     capsys.readouterr().err)
+    assert main(["demo", *changed("--steps", "1")]) == 2
+    assert "has already trained 2 steps, more than the 1 asked for" in capsys.readouterr().err
+    assert (out / "recovery" / "recovery.safetensors").read_bytes() == recovery  # nothing was redone
 
 
 def test_help_shows_no_none_defaults(capsys):

@@ -6,12 +6,14 @@ import copy
 import json
 import random
 import re
+import shutil
 
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
+from cpet.adapters import read_adapter_meta
 from cpet.config import PruneConfig, QuantizeConfig
 from cpet.inherit import inherit_lora_state, load_lora_state
 from cpet.models import tiny_model
@@ -163,12 +165,30 @@ def test_a_pipeline_opened_again_by_its_constructor_keeps_its_log_and_its_source
         CPET(tiny_model("llama", seed=7), saved)
 
 
+def test_a_source_name_given_but_never_loaded_is_not_recorded_over_the_pipelines(built, tmp_path):
+    """`cpet tune PIPELINE --model OTHER` on the compressed base never loads OTHER: nothing checks it, so it must
+    not replace the recorded source (it was written to pipeline.json and the adapter's cpet.json)."""
+    pipeline, _, _, _ = built
+    saved = pipeline.save(tmp_path / "saved")
+    recorded = json.loads((saved / "pipeline.json").read_text())["source"]
+    again = CPET(str(tmp_path / "some-other-model"), saved)
+    assert again.source_name == recorded
+    again._record("note", "2026-01-01T00:00:00Z")
+    assert json.loads((saved / "pipeline.json").read_text())["source"] == recorded
+
+
 def test_adapter_for_another_source_model_is_refused(built, tmp_path):
     pipeline, task, _, root = built
     other = CPET(tiny_model("llama", seed=9), tmp_path / "other")
     foreign = other.tune(task, on="original", config=TuneConfig(steps=1, eval_every=1), progress=False)
     with pytest.raises(ValueError, match="trained on source model .* not on this source model"):
         pipeline.tune(task, init="inherit", inherit_from=foreign, config=TUNE, progress=False)
+    # scored or assembled, it is refused too: every adapter tuned on an original has the same base_id, and only
+    # inheritance checked the source (evaluate scored another model's adapter as this one's)
+    with pytest.raises(ValueError, match="trained on source model .* not on this source model"):
+        pipeline.evaluate(foreign, task, limit=2)
+    with pytest.raises(ValueError, match="trained on source model .* not on this source model"):
+        pipeline.model_for(foreign)
 
 
 def plain_peft_adapter(model, directory, seed=3):
@@ -186,8 +206,6 @@ def plain_peft_adapter(model, directory, seed=3):
 
 def copied_adapter(adapter, directory, **meta):
     """A copy of ``adapter``'s directory with ``meta`` written over its ``cpet.json``."""
-    import shutil
-
     shutil.copytree(adapter.directory, directory)
     saved = json.loads((directory / "cpet.json").read_text())
     (directory / "cpet.json").write_text(json.dumps({**saved, **meta}))
@@ -323,11 +341,30 @@ def test_bad_tune_options(built, kwargs, message):
         pipeline.tune(task, config=TUNE, progress=False, **kwargs)
 
 
+def test_the_distillation_seed_also_draws_the_windows_that_weigh_the_svd_start(built, tmp_path, monkeypatch):
+    """`cpet recover --seed` says it seeds everything random; the activation-scale windows were always seed 0."""
+    import importlib
+
+    calibration = importlib.import_module("cpet.compress.calibration")  # cpet.compress.calibration: a function
+    pipeline, _, _, _ = built
+    copy_ = CPET.load(pipeline.save(tmp_path / "copy"), original=pipeline.original)
+    seeds = []
+    real = calibration.calibration_ids
+    monkeypatch.setattr(calibration, "calibration_ids",
+                        lambda *args, **kwargs: seeds.append(kwargs.get("seed")) or real(*args, **kwargs))
+    copy_.recover(distill=DistillConfig(steps=1, batch_size=1, seq_len=32, seed=5), progress=False)
+    assert seeds == [5]
+
+
 def test_missing_prerequisites(tmp_path):
     fresh = CPET(tiny_model("llama"), tmp_path / "w")
     task = write_task(tmp_path / "t.jsonl")
     with pytest.raises(ValueError, match=r"call compress\(\.\.\.\) first \(CLI: `cpet compress --out .*/w \.\.\.`\)"):
         fresh.tune(task, config=TUNE, progress=False)
+    unloaded = CPET("some/model", tmp_path / "w")  # recovery without a base: refused before the original loads
+    with pytest.raises(ValueError, match=r"call compress\(\.\.\.\) first"):
+        unloaded.recover(distill=DistillConfig(steps=1), progress=False)
+    assert not unloaded.original_loaded
 
 
 def lora_tensors(adapter):
@@ -402,6 +439,26 @@ def test_resume_for_another_purpose_is_refused_naming_each_difference(built, tmp
         pipeline.tune(task, config=config, name="guarded", progress=False)
 
 
+def test_an_adapter_without_resume_state_is_not_trained_over_for_something_else(built, monkeypatch):
+    """With its resume/ gone, an adapter was silently replaced by a run for another task or other settings."""
+    pipeline, task, _, root = built
+    config = TuneConfig(steps=2, batch_size=8, eval_every=1, rank=4, alpha=8)
+    first = pipeline.tune(task, config=config, name="stateless", progress=False)
+    shutil.rmtree(pipeline.work_dir / "adapters" / "stateless" / "resume")
+    other_task = write_task(root / "another-task.jsonl", n=120)
+    with monkeypatch.context() as patched:
+        patched.setattr(type(pipeline), "load_compressed", lambda self: pytest.fail("the base was loaded"))
+        with pytest.raises(ValueError, match=r"stateless holds an adapter made for something else \(task 'task' -> "
+                                             r"'another-task'\) and no resume state .*--name"):
+            pipeline.tune(other_task, config=config, name="stateless", progress=False)
+        with pytest.raises(ValueError, match=r"made for something else \(lr 0.001 -> 0.01\)"):
+            pipeline.tune(task, config=TuneConfig(**{**config.to_dict(), "lr": 1e-2}), name="stateless",
+                          progress=False)
+    assert read_adapter_meta(first.directory)["task"] == "task"  # untouched
+    again = pipeline.tune(task, config=config, name="stateless", progress=False)  # the same run starts over
+    assert again.meta["task"] == "task" and (pipeline.work_dir / "adapters" / "stateless" / "resume").exists()
+
+
 def test_resume_with_fewer_steps_is_refused(built):
     pipeline, task, _, _ = built
     pipeline.tune(task, config=TuneConfig(steps=2, batch_size=8, eval_every=1, rank=4, alpha=8), name="longer",
@@ -463,10 +520,6 @@ def test_bad_adapter_names_and_unused_sources_are_refused_before_any_work(built)
 
 
 def test_corrupt_adapter_metadata_names_its_file(built, tmp_path):
-    import shutil
-
-    from cpet.adapters import read_adapter_meta
-
     pipeline, _, original, _ = built
     copy_dir = tmp_path / "broken"
     shutil.copytree(original.directory, copy_dir)
@@ -538,8 +591,6 @@ SHORT = TuneConfig(steps=2, batch_size=8, lr=1e-2, eval_every=1, rank=4, alpha=8
 
 def test_copied_pipeline_works_from_any_directory_and_with_plain_transformers(built, tmp_path, monkeypatch):
     """Adapters name their compressed base relative to themselves, so a copied pipeline still finds it."""
-    import shutil
-
     from transformers import AutoModelForCausalLM
 
     from cpet.adapters import load_standalone, resolve_base_reference

@@ -248,8 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["none", "shared", "per_task", "both"],
                    help="recovery modules used with the adapter (per-task and per_task alike)")
     p.add_argument("--name", help="adapter name; None: derived from the options")
-    p.add_argument("--rank", type=positive_int, default=tune_defaults.rank, help="LoRA rank")
-    p.add_argument("--alpha", type=float, default=tune_defaults.alpha, help="LoRA alpha (scale = alpha / rank)")
+    p.add_argument("--rank", type=positive_int,
+                   help=f"LoRA rank; none: {tune_defaults.rank}, or with --init inherit the inherited adapter's "
+                        "(another value is refused there: the inherited factors fix it)")
+    p.add_argument("--alpha", type=float,
+                   help=f"LoRA alpha (scale = alpha / rank); none: {tune_defaults.alpha:g}, or with --init inherit "
+                        "the inherited adapter's (another value is refused there)")
     p.add_argument("--steps", type=positive_int, default=tune_defaults.steps, help="optimizer steps")
     p.add_argument("--batch-size", type=positive_int, default=tune_defaults.batch_size, help="examples per step")
     p.add_argument("--lr", type=float, default=tune_defaults.lr, help="AdamW learning rate (peak)")

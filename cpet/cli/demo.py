@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from .config_file import save_run_config
 from .evaluation import load_model
@@ -31,10 +32,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
                       eval_every=max(args.steps // 2, 1), eval_limit=args.val_limit,
                       max_prompt_tokens=args.max_prompt_tokens)  # so do bad tuning flags
     check_work_dir(args.out)  # and an --out that cannot be made
+    names = {row: f"{task_key(args.task)}-{row}" for row in ("original", "vanilla", "cpet")}  # one set per task
+    distill = DistillConfig(steps=args.recovery_steps, batch_size=4, seq_len=128, seed=args.seed)
+    check_demo_resumes(Path(args.out), names, tune, distill)  # and a re-run with flags its adapters clash with
     pipeline = CPET(load_model(args), args.out)
     save_run_config(args, args.out)
     text = load_corpus("brown", split="heldout")
-    names = {row: f"{task_key(args.task)}-{row}" for row in ("original", "vanilla", "cpet")}  # one set per task
     rows = []
 
     def row(name: str, adapter=None, on: str = "compressed") -> None:
@@ -59,8 +62,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     vanilla = pipeline.tune(args.task, config=tune, name=names["vanilla"], progress=not args.json)
     row("compressed + LoRA (vanilla)", vanilla)
     say("4/5 shared recovery: residual-SVD init, distilled on Brown")
-    pipeline.recover(RecoveryConfig(rank=16, alpha=16.0, activation="identity", init="svd"),
-                     DistillConfig(steps=args.recovery_steps, batch_size=4, seq_len=128, seed=args.seed),
+    pipeline.recover(RecoveryConfig(rank=16, alpha=16.0, activation="identity", init="svd"), distill,
                      progress=not args.json)
     say("5/5 CPET: inherited LoRA on the recovered base")
     cpet = pipeline.tune(args.task, init="inherit", inherit_from=original, recovery="shared", config=tune,
@@ -78,3 +80,37 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     emit(results, args.json, render)
     return 0
+
+
+def check_demo_resumes(out: Path, names: dict[str, str], tune, distill) -> None:
+    """Refuse, before the model loads, a demo re-run in ``out`` whose flags its finished or cut-off adapters
+    clash with.
+
+    Every step of the demo runs again on a re-run (compression and recovery are recomputed, adapters resume),
+    and each adapter compares its run with its resume state only when it is reached: a changed ``--lr`` was
+    refused after the first rows had been measured, and a changed ``--recovery-steps`` or ``--seed`` only at the
+    last step, after the shared recovery that the CPET adapter was trained with had been replaced.
+    """
+    from dataclasses import asdict
+
+    from ..recovery import RECOVERY_META, read_recovery_meta
+    from ..train import check_resume_settings, check_resume_steps
+
+    fix = f"use a new --out, or delete {out} to start over"
+    for name in names.values():
+        state = out / "adapters" / name / "resume"
+        if (state / "state.json").exists():
+            try:
+                check_resume_settings(state, tune)
+                check_resume_steps(state, tune)
+            except ValueError as exc:
+                raise ValueError(f"{exc} (this demo re-run in {out}: {fix})") from None
+    cpet_adapter = out / "adapters" / names["cpet"]
+    if cpet_adapter.exists() and (out / "recovery" / RECOVERY_META).exists():
+        saved = read_recovery_meta(out / "recovery").get("distill") or {}
+        planned = asdict(distill)
+        changed = sorted(key for key in planned if key in saved and saved[key] != planned[key])
+        if changed:
+            detail = ", ".join(f"{key} {saved[key]!r} -> {planned[key]!r}" for key in changed)
+            raise ValueError(f"{cpet_adapter} was trained with the shared recovery in {out / 'recovery'}, and this "
+                             f"run would distill another ({detail}; --recovery-steps and --seed set them): {fix}")

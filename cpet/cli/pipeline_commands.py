@@ -141,11 +141,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.name is not None:
         check_adapter_name(args.name)
     tuning_prompts(load_task(args.task), "train", "validation", "test")  # so is the task (test: scored at the end)
-    config = TuneConfig(rank=args.rank, alpha=args.alpha, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+    defaults = TuneConfig()
+    config = TuneConfig(rank=args.rank or defaults.rank, alpha=defaults.alpha if args.alpha is None else args.alpha,
+                        steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                         warmup_ratio=args.warmup_ratio, eval_every=args.eval_every, eval_limit=args.val_limit,
                         max_prompt_tokens=args.max_prompt_tokens, seed=args.seed)
     pipeline = open_pipeline(args.pipeline, args.model, may_create=args.on == "original",
                              first_step="tuning on the compressed model", runtime=args.runtime)
+    if args.init == "inherit":
+        check_inherited_shape(args, pipeline)
     made = directories_to_be_made(args.pipeline)
     saved = save_run_config(args, args.pipeline)  # before training: a killed run can be replayed from it
     try:
@@ -170,6 +174,19 @@ def cmd_tune(args: argparse.Namespace) -> int:
         f"test {r['test']['accuracy']:.4f} on {r['test']['n']} examples (the {args.on} model zero-shot: "
         f"{r['zero_shot_test_accuracy']:.4f}; majority class: {r['majority_baseline']:.4f})"))
     return 0
+
+
+def check_inherited_shape(args: argparse.Namespace, pipeline) -> None:
+    """Refuse a --rank / --alpha that inheritance would override: the inherited factors fix the LoRA's shape, and
+    a flag dropped without a word would leave the user believing the adapter has the rank they asked for."""
+    from ..lora_init import lora_shape_of
+
+    shape = lora_shape_of(pipeline.resolve_adapter(args.inherit_from))
+    for flag, given, inherited in (("--rank", args.rank, shape["rank"]), ("--alpha", args.alpha, shape["alpha"])):
+        if given is not None and given != inherited:
+            raise ValueError(f"{flag} {given:g} with --init inherit: the inherited adapter {args.inherit_from} has "
+                             f"{flag[2:]} {inherited:g}, which the inherited factors fix; leave {flag} out (or give "
+                             f"{inherited:g})")
 
 
 def cmd_export(args: argparse.Namespace) -> int:

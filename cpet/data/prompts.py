@@ -170,8 +170,13 @@ def scoring_prompts(task, meta: dict | None) -> tuple[PromptTemplate, Verbalizer
     serving uses them, when it records them; else the task's. An adapter tuned on one task and scored on another
     file with the same labels is scored with the prompt it learned, not the other file's generic one."""
     if meta and meta.get("template") and meta.get("label_words"):
-        return (PromptTemplate(meta["template"]),
-                Verbalizer({label: meta["label_words"][label] for label in task.labels}))
+        words, template = meta["label_words"], meta["template"]
+        missing = [label for label in task.labels if not isinstance(words, dict) or not isinstance(words.get(label), str)]
+        if missing or not isinstance(template, str):  # a KeyError or TypeError later would be a traceback
+            what = f"no label word for {missing}" if missing else f"a template that is no string ({template!r})"
+            raise ValueError(f"the adapter's cpet.json records {what}: its metadata is damaged; tune the adapter "
+                             "again")
+        return PromptTemplate(template), Verbalizer({label: words[label] for label in task.labels})
     return template_for(task), verbalizer_for(task)
 
 

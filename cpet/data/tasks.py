@@ -234,7 +234,7 @@ def _split_value(value: str, where: str) -> str:
 def _rows_to_task(rows: list[tuple[int, dict]], path: Path, text_field: str, label_field: str,
                   split_field: str | None, name: str | None, kind: str) -> ClassificationTask:
     examples, split_of = [], []
-    use_split = split_field or ("split" if any("split" in row for _, row in rows) else None)
+    use_split = split_field or _split_column(rows, path)
     for line_no, row in rows:
         if None in row:  # csv.DictReader files cells beyond the header under None: an unquoted delimiter
             raise ValueError(f"{path} {kind} {line_no}: {len(row) - 1 + len(row[None])} cells but the header has "
@@ -259,8 +259,20 @@ def _rows_to_task(rows: list[tuple[int, dict]], path: Path, text_field: str, lab
                                  f"that {kind}")
         examples.append(Example(str(row[text_field]).strip(), str(row[label_field]).strip()))
         if use_split:
-            split_of.append(_split_value(row.get(use_split, ""), f"{path} {kind} {line_no}"))
+            if use_split not in row:
+                raise ValueError(f"{path} {kind} {line_no}: no {use_split!r} field, though other {kind}s have one; "
+                                 f"give every {kind} a split, or none (CPET then splits the examples itself)")
+            split_of.append(_split_value(row[use_split], f"{path} {kind} {line_no}"))
     return make_task(name or path.stem, examples, source=str(path), split_of=split_of or None)
+
+
+def _split_column(rows: list[tuple[int, dict]], path: Path) -> str | None:
+    """The field that assigns splits, found whatever its case (``Split``, ``SPLIT``): missed, a user's split would
+    be ignored without a word and their test rows could end up in training."""
+    named = sorted({key for _, row in rows for key in row if isinstance(key, str) and key.strip().lower() == "split"})
+    if len(named) > 1:
+        raise ValueError(f"{path}: several split fields {named}; keep one")
+    return named[0] if named else None
 
 
 _MISSING_CELL = object()  # what csv.DictReader gives a column a short row has no cell for

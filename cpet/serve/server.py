@@ -235,7 +235,9 @@ def create_app(engine: Engine, *, served_name: str = "cpet-base", api_key: str |
             raise ServingError(400, str(exc)) from None
         return GenerationRequest(ids, adapter_of(data), max_tokens, float(temperature), seed, tuple(stop))
 
-    def stream(http: Request, request: GenerationRequest, chunk):
+    def stream(http: Request, request: GenerationRequest, chunk, observed: tuple[str, str, float]):
+        """The request's text as server-sent events; ``observed`` (adapter, kind, start) labels its latency, which
+        a stream that ends normally records as a non-streamed answer does."""
         async def events():
             # The status line has gone out with the first chunk, so a failure from here on is told as an error
             # event (OpenAI's stream format), and the request gives up its batch slot.
@@ -252,6 +254,8 @@ def create_app(engine: Engine, *, served_name: str = "cpet-base", api_key: str |
                 request.cancelled = True
                 error = exc
             else:
+                adapter, kind, start = observed  # answered: recorded before the client can read the end
+                latency.labels(adapter, kind).observe(time.perf_counter() - start)
                 yield f"data: {json.dumps(chunk('', result['finish_reason']))}\n\n"
                 yield "data: [DONE]\n\n"
                 return
@@ -296,7 +300,8 @@ def create_app(engine: Engine, *, served_name: str = "cpet-base", api_key: str |
             submit(requests[0])
             return stream(request, requests[0], lambda text, reason: {
                 "id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-                "choices": [{"index": 0, "text": text, "finish_reason": reason, "logprobs": None}]})
+                "choices": [{"index": 0, "text": text, "finish_reason": reason, "logprobs": None}]},
+                (str(model), "completion", start))
         submit_all(requests)
         results = await wait_all(requests, request)
         latency.labels(str(model), "completion").observe(time.perf_counter() - start)
@@ -324,7 +329,7 @@ def create_app(engine: Engine, *, served_name: str = "cpet-base", api_key: str |
             return stream(request, r, lambda text, reason: {
                 "id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
                 "choices": [{"index": 0, "delta": {"role": "assistant", "content": text} if text else {},
-                             "finish_reason": reason}]})
+                             "finish_reason": reason}]}, (str(model), "chat", start))
         submit(r)
         result = await wait(r, http=request)
         latency.labels(str(model), "chat").observe(time.perf_counter() - start)

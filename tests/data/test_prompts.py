@@ -73,3 +73,18 @@ def test_the_character_cut_and_the_token_cut_mark_the_text_once():
     prompt = fit_prompt(template, "abc " * 40, tokenizer, 20)
     assert prompt.count("…") == 1 and n_tokens(tokenizer, prompt) <= 20
     assert template.format("abc " * 40).count("…") == 1
+
+
+def test_an_adapters_damaged_prompt_metadata_is_refused_by_name_not_a_traceback():
+    from cpet.data.prompts import scoring_prompts
+    from cpet.data.tasks import Example, make_task
+
+    task = make_task("toy", [Example(f"t{i}", "xy"[i % 2]) for i in range(40)], source="test")
+    good = {"template": "Text: {text}\nLabel:", "label_words": {"x": " yes", "y": " no"}}
+    template, verbalizer = scoring_prompts(task, good)
+    assert template.template == good["template"] and verbalizer.label_words == {"x": " yes", "y": " no"}
+    for damaged, message in [({**good, "label_words": {"x": " yes"}}, r"no label word for \['y'\]"),  # KeyError
+                             ({**good, "label_words": ["yes", "no"]}, r"no label word for \['x', 'y'\]"),
+                             ({**good, "template": 5}, r"a template that is no string \(5\)")]:
+        with pytest.raises(ValueError, match=message + ".*metadata is damaged; tune the adapter again"):
+            scoring_prompts(task, damaged)

@@ -257,8 +257,23 @@ def test_a_task_too_small_to_split_is_refused_before_any_model_work(tmp_path):
 def test_a_split_column_is_noticed_when_the_first_row_lacks_it(tmp_path):
     rows = [{"text": "a", "label": "x"}] + [{"text": f"t{i}", "label": "xy"[i % 2], "split": "train"}
                                              for i in range(9)]
-    with pytest.raises(ValueError, match=r"line 1: unknown split ''"):  # not silently re-split
+    # not silently re-split, and said as it is (it read "unknown split ''")
+    with pytest.raises(ValueError, match=r"line 1: no 'split' field, though other lines have one; give every line a "
+                                         r"split, or none"):
         load_task(write_jsonl(tmp_path / "mixed.jsonl", rows))
+
+
+def test_a_split_column_is_found_whatever_its_case(tmp_path):
+    """A header "Split" was ignored without a word: the file was split anew and its test rows could be trained on."""
+    lines = ["text,label,Split"] + [f"t{i},{'xy'[i % 2]},{'train' if i < 8 else 'test'}" for i in range(12)]
+    (tmp_path / "cased.csv").write_text("\n".join(lines) + "\n")
+    task = load_task(str(tmp_path / "cased.csv"))
+    assert [e.text for e in task.split("test")] != [] and {e.text for e in task.split("test")} <= {"t8", "t9", "t10",
+                                                                                                  "t11"}
+    assert len(task.split("train")) + len(task.split("validation")) == 8
+    both = [{"text": f"t{i}", "label": "xy"[i % 2], "split": "train", "SPLIT": "test"} for i in range(4)]
+    with pytest.raises(ValueError, match=r"several split fields \['SPLIT', 'split'\]; keep one"):
+        load_task(write_jsonl(tmp_path / "two.jsonl", both))
 
 
 def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path):

@@ -589,3 +589,21 @@ def test_a_refused_chat_call_generates_nothing_and_max_completion_tokens_is_hono
     assert answered.status_code == 200, answered.text
     assert len(queued) == 1 and queued[0].max_tokens == 3
     assert answered.json()["usage"]["completion_tokens"] <= 3
+
+
+def test_a_stream_that_ends_is_counted_in_the_latency_histogram(server):
+    """Streamed calls never reached cpet_request_seconds, so /metrics' latency per adapter left them all out."""
+    url, _, _, _ = server
+
+    def count(kind: str) -> float:
+        found = re.search(rf'cpet_request_seconds_count{{adapter="plain",kind="{kind}"}} ([0-9.]+)',
+                          httpx.get(f"{url}/metrics").text)
+        return float(found.group(1)) if found else 0.0
+
+    before = count("completion"), count("chat")
+    body = {"model": "plain", "max_tokens": 3, "stream": True}
+    for path, extra in (("completions", {"prompt": "hi"}), ("chat/completions",
+                                                            {"messages": [{"role": "user", "content": "hi"}]})):
+        with httpx.stream("POST", f"{url}/v1/{path}", json={**body, **extra}, timeout=20) as response:
+            assert response.status_code == 200 and "data: [DONE]" in list(response.iter_lines())
+    assert (count("completion"), count("chat")) == (before[0] + 1, before[1] + 1)
