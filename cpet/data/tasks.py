@@ -348,7 +348,8 @@ def load_csv_task(path: str | Path, text_column: str = "text", label_column: str
             line = reader.line_num + 1
     except csv.Error as exc:
         raise ValueError(f"{path} row {line}: {exc}; a quote opens a cell only at its start and must close it "
-                         "(write a quote inside a quoted cell as \"\")") from exc
+                         "where the cell ends (write a quote inside a quoted cell as \"\"; a text that begins "
+                         "with a quote is quoted whole: \"\"\"Great\"\" movie\")") from exc
     finally:
         csv.field_size_limit(limit)
 

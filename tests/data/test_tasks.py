@@ -367,3 +367,9 @@ def test_union_find_joins_transitively_and_roots_each_set_at_its_first_node():
     sets.join("e", "c")  # joins {b, d, e} and {a, c}: a came first
     assert {sets.root(n) for n in "abcde"} == {"a"}
     assert sets.root(("new", 1)) == ("new", 1)  # a node never joined is its own set
+
+
+def test_a_tsv_text_that_begins_with_a_quote_is_refused_saying_how_to_write_it(tmp_path):
+    (tmp_path / "q.tsv").write_text('text\tlabel\n"Great" movie, loved it\tpos\nbad\tneg\n')
+    with pytest.raises(ValueError, match=r'row 2: .*a text that begins with a quote is quoted whole: """Great"" movie"'):
+        load_task(str(tmp_path / "q.tsv"))
