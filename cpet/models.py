@@ -579,9 +579,24 @@ def _placed(loaded: LoadedBase, dtype: torch.dtype, device: str | torch.device) 
     """
     if dtype != torch.float32:
         loaded.fingerprint = model_fingerprint(loaded.model)
-        loaded.model.to(dtype)
+        cast_keeping_computed_buffers(loaded.model, dtype)
     loaded.model.to(device)
     return loaded
+
+
+def cast_keeping_computed_buffers(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``model.to(dtype)``, except the floating buffers the model computes at init rather than saves (rotary
+    ``inv_freq``): they stay as computed, as ``from_pretrained(dtype=...)`` leaves them. Cast with the rest, a
+    bf16 ``inv_freq`` moved every position's rotation, and the model in memory gave other logits than the same
+    weights read back from disk in that dtype."""
+    saved = set(model.state_dict())
+    computed = {name: buffer for name, buffer in model.named_buffers()
+                if name not in saved and buffer.is_floating_point()}
+    model.to(dtype)
+    for name, buffer in computed.items():
+        owner, _, attr = name.rpartition(".")
+        model.get_submodule(owner)._buffers[attr] = buffer
+    return model
 
 
 # --------------------------------------------------------------------------------------------------

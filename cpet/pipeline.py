@@ -884,7 +884,11 @@ def _recorded_fingerprint(directory: Path, record: dict) -> str | None:
     """The source fingerprint a saved pipeline was built from: its base's manifest, else ``pipeline.json``."""
     manifest = directory / "base" / "manifest.json"
     if manifest.exists():
-        found = json.loads(manifest.read_text()).get("source", {}).get("fingerprint")
+        try:
+            source = json.loads(manifest.read_text()).get("source", {})
+            found = source.get("fingerprint") if isinstance(source, dict) else None
+        except (ValueError, AttributeError):  # damaged: the record's fingerprint still names the source, so that
+            found = None                      # `cpet compress` can make the base again (what `cpet list` advises)
         if found:
             return found
     return record.get("source_fingerprint")

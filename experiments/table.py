@@ -78,8 +78,29 @@ def load_cells(cells_dir: Path, commit: str | None = None, tasks: Sequence[str] 
         raise SystemExit(f"table: {cells_dir} holds cells of {len(commits)} code commits{chosen} ({listed}); one "
                          "table measures one version of the code: pick one with --commit (the whole hash picks "
                          "exactly its cells; add +dirty for cells of uncommitted code)")
+    check_one_cell_per_key(cells, cells_dir)
     check_one_test_set(cells)
     return cells
+
+
+def check_one_cell_per_key(cells: list[dict], cells_dir: Path) -> None:
+    """Refuse two cells of one (setting, task, row, seed), and a cell whose accuracy is not the share of its own
+    correct answers: the table keys cells by the four, so a copied cell would silently replace its twin (and count
+    its learning curve twice), and means read ``test_accuracy`` where the paired deltas read ``test_correct``."""
+    seen: dict[tuple, int] = defaultdict(int)
+    for cell in cells:
+        seen[(cell["setting"], cell["task"], cell["row"], cell["seed"])] += 1
+        correct = cell.get("test_correct")
+        if correct and abs(correct.count("1") / len(correct) - cell["test_accuracy"]) > 1e-9:
+            raise SystemExit(f"table: the cell {cell['setting']} / {cell['task']} / {cell['row']} / seed "
+                             f"{cell['seed']} in {cells_dir} records test accuracy {cell['test_accuracy']} but "
+                             f"{correct.count('1')} of its {len(correct)} answers correct: the file was altered; "
+                             "run the cell again")
+    twins = sorted(key for key, n in seen.items() if n > 1)
+    if twins:
+        listed = "; ".join(" / ".join(map(str, key)) for key in twins)
+        raise SystemExit(f"table: {cells_dir} holds more than one cell of {listed}: keep one file per (setting, "
+                         "task, row, seed)")
 
 
 def check_one_test_set(cells: list[dict]) -> None:
@@ -211,6 +232,9 @@ def table(cells: list[dict], settings, tasks, rows, seeds, summaries: dict[str, 
         lines.append(majority_row(cells, tasks))
         for cpet_row in (r for r in CPET_ROWS if r in rows):
             lines.append("\n" + matched_deltas(cells, setting, tasks, seeds, cpet_row, examples_as_units))
+        mismatched = inheritance_mismatches(cells, setting, tasks, seeds)
+        if mismatched:
+            lines.append("\n" + mismatched)
     lines.append("\n" + INTERVALS_NOTE + unclustered_note(tasks, examples_as_units))
     lines.append("\n" + progress_line(by_key, settings, tasks, rows, seeds, ablation_seeds) +
                  " Entries are test accuracy in %, mean ± sd over seeds, seed count in parentheses.")
@@ -298,6 +322,32 @@ def matched_deltas(cells: list[dict], setting: str, tasks, seeds, cpet_row: str 
     if not parts:
         return f"{label} vs original / vanilla: no (task, seed) pair with both cells finished yet."
     return f"Matched (task, seed) pairs, test accuracy: {label} " + "; ".join(parts) + "."
+
+
+def inheritance_mismatches(cells: list[dict], setting: str, tasks, seeds) -> str:
+    """A line naming the (task, seed) pairs of ``setting`` whose inheriting cells inherited another adapter than
+    the one the ``original`` cell of that task and seed scored ('' when there are none, or nothing recorded).
+
+    The grid re-tunes the original adapter (seeded) where its work directory lacks it, e.g. a run resumed on
+    another machine; float rounding then differs and so do the weights. The CPET − original delta of such a
+    pair compares the CPET row with the original cell's adapter, not with the one the CPET row started from.
+    """
+    originals = {(c["task"], c["seed"]): c.get("adapter_sha256") for c in cells if c["row"] == "original"}
+    differing = defaultdict(list)
+    for c in cells:
+        scored = originals.get((c["task"], c["seed"]))
+        inherited = c.get("inherited_sha256")
+        if (c["setting"] == setting and c["task"] in tasks and c["seed"] in seeds and inherited and scored
+                and inherited != scored):
+            differing[(c["task"], c["seed"])].append(c["row"])
+    if not differing:
+        return ""
+    listed = "; ".join(f"{task} seed {seed} ({', '.join(sorted(rows))})"
+                       for (task, seed), rows in sorted(differing.items()))
+    return (f"Inherited from another adapter than the `original` cell scored (the original adapter was tuned again, "
+            f"seeded, where the worker's directory lacked it, and came out with other weights): {listed}. In those "
+            "pairs the deltas against `original` compare with the adapter the original cell scored, not with the one "
+            "the row started from.")
 
 
 def matched_runs(cells: list[dict], setting: str) -> tuple[set, dict[str, int]]:

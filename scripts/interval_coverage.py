@@ -120,8 +120,8 @@ def main(argv=None) -> int:
     results = [simulate(kind, seeds, units, args.grids, args.examples, args.shift_sd, args.jitter, args.document_sd,
                         args.replicates, args.seed) for kind, seeds, units in SCENARIOS]
     command = " ".join(["python scripts/interval_coverage.py", *(argv if argv is not None else sys.argv[1:])])
-    # what it measures lives in experiments/ (intervals.py), so that is what "dirty" looks at
-    commit = code_commit(ROOT, allow_dirty=True, measured=("experiments", "scripts"))
+    # what it measures lives in cpet/stats.py (experiments/intervals.py re-exports it), so "dirty" looks there too
+    commit = code_commit(ROOT, allow_dirty=True, measured=("cpet", "experiments", "scripts"))
     report = {"command": command, "commit": commit[:7] + commit[40:], "settings": vars(args), "results": results}
     write_report(args.out, report, markdown)
     return 0

@@ -172,7 +172,12 @@ def test_compress_moefy_and_quantized_embeddings_then_tune(capsys, model_dir, ta
     (["compress", "--prune-ffn", "0.25", "--moefy-router-inputs", "moefied", "--out", "x"],
      r"--moefy-router-inputs is read only with --moefy-experts: give the stage"),
     (["compress", "--prune-ffn", "0.25", "--no-double-quant", "--compute-dtype", "bfloat16", "--out", "x"],
-     r"--no-double-quant is read only with --quantize; --compute-dtype is read only with --quantize"),
+     r"--no-double-quant is read only with --quantize nf4 or fp4; --compute-dtype is read only with --quantize nf4"),
+    # int8 reads neither (they only changed the base_id of the same int8 base)
+    (["compress", "--quantize", "int8", "--no-double-quant", "--out", "x"],
+     r"--no-double-quant is read only with --quantize nf4 or fp4: give the stage"),
+    (["compress", "--quantize", "int8", "--compute-dtype", "bfloat16", "--out", "x"],
+     r"--compute-dtype is read only with --quantize nf4 or fp4"),
     (["compress", "--prune-ffn", "0.25", "--head-mode", "kv_group", "--out", "x"],
      r"--head-mode is read only with --prune-heads"),
     (["compress", "--quantize", "nf4", "--importance", "magnitude", "--out", "x"],
@@ -944,7 +949,7 @@ def test_paired_comparisons_resample_a_built_in_tasks_units_and_only_its_own():
     """vader-product's test sentences come in reviews: a comparison on its test split resamples reviews; a user
     task that happens to share the name is resampled by examples, even where its labels are the built-in's; and
     adapters pair only where they scored the same examples."""
-    from cpet.cli.evaluation import paired_comparisons
+    from cpet.cli.evaluation import paired_comparisons, without_predictions
     from cpet.data import load_task
     from cpet.data.tasks import Example, examples_sha256
     from cpet.data.units import test_split_units
@@ -963,8 +968,9 @@ def test_paired_comparisons_resample_a_built_in_tasks_units_and_only_its_own():
     entries = scored(examples_sha256(examples))
     (comparison,) = paired_comparisons(entries)
     assert comparison["difference"] == pytest.approx((60 - 90) / 120)
-    assert comparison["units"].startswith("dependent units") and "predictions" not in entries[0]
-    assert "examples_sha256" not in entries[0]
+    assert comparison["units"].startswith("dependent units")
+    without_predictions({"tasks": entries})  # what served the pairing is not printed
+    assert "predictions" not in entries[0] and "examples_sha256" not in entries[0]
     marks = ["".join("1" if p == g else "0" for p, g in zip(x, gold)) for x in (a, b)]
     units = test_split_units("vader-product")[:120]
     _, low, high = paired_bootstrap(marks[:1], marks[1:], tasks=["vader-product"], clusters={"vader-product": units})
@@ -981,3 +987,34 @@ def test_paired_comparisons_resample_a_built_in_tasks_units_and_only_its_own():
     # two adapters scored on different examples under one task name are not paired
     (on_builtin, _), (on_mine, _) = scored(examples_sha256(examples)), scored(examples_sha256(mine))
     assert paired_comparisons([on_builtin, {**on_mine, "adapter": "b"}]) == []
+
+
+def test_an_accuracy_on_a_built_in_test_split_in_units_resamples_its_units():
+    """brown-genre's passages come 27 documents to the test split: a Wilson interval over the passages took them as
+    independent and was about four times too narrow; an accuracy of other examples keeps the Wilson interval."""
+    from cpet.cli.evaluation import with_accuracy_intervals
+    from cpet.data import load_task
+    from cpet.data.tasks import Example, examples_sha256
+    from cpet.data.units import test_split_units
+    from cpet.stats import paired_bootstrap, wilson_interval
+
+    examples = load_task("brown-genre").split("test")
+    gold = [e.label for e in examples]
+    other = sorted(set(gold))
+    units = test_split_units("brown-genre")
+    wrong_documents = sorted(set(units))[::4]  # errors come by document, as a genre's hard texts would
+    predictions = [next(x for x in other if x != g) if u in wrong_documents else g for g, u in zip(gold, units)]
+    entry = {"task": "brown-genre", "split": "test", "n": len(gold), "accuracy": 0.0, "predictions": predictions,
+             "gold": gold, "examples_sha256": examples_sha256(examples)}
+    entry["accuracy"] = sum(p == g for p, g in zip(predictions, gold)) / len(gold)
+    (scored,) = with_accuracy_intervals({"tasks": [dict(entry)]})["tasks"]
+    marks = "".join("1" if p == g else "0" for p, g in zip(predictions, gold))
+    _, low, high = paired_bootstrap([marks], ["0" * len(marks)], tasks=["brown-genre"],
+                                    clusters={"brown-genre": units})
+    assert scored["accuracy_interval_units"].startswith("dependent units")
+    assert scored["accuracy_interval_95"] == pytest.approx([max(low, 0.0), min(high, 1.0)])
+    wilson = wilson_interval(round(entry["accuracy"] * entry["n"]), entry["n"])
+    assert low < entry["accuracy"] < high and high - low > 2 * (wilson[1] - wilson[0])  # 27 documents, not 748
+    mine = [Example(f"my passage {i}", g) for i, g in enumerate(gold)]  # same labels, other texts: no units
+    (plain,) = with_accuracy_intervals({"tasks": [{**entry, "examples_sha256": examples_sha256(mine)}]})["tasks"]
+    assert plain["accuracy_interval_95"] == list(wilson) and plain["accuracy_interval_units"] == "examples (Wilson)"

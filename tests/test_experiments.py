@@ -168,6 +168,38 @@ def test_table_refuses_to_mix_code_commits(tmp_path):
         load_cells(tmp_path, tasks=["a", "b"])
 
 
+def test_table_refuses_twin_cells_and_a_cell_whose_accuracy_is_not_its_answers(tmp_path):
+    """A copied cell silently replaced its twin (the last file in sorted order won) and counted its learning curve
+    twice; an accuracy edited apart from the answers moved the means but not the deltas."""
+    from experiments.table import load_cells
+
+    record = {**cell("nf4", "a", "vanilla", 0, 0.75), "commit": "abc", "test_correct": "1101"}
+    (tmp_path / "one.json").write_text(json.dumps(record))
+    assert len(load_cells(tmp_path)) == 1
+    (tmp_path / "copy.json").write_text(json.dumps({**record, "test_accuracy": 0.9}))
+    with pytest.raises(SystemExit, match=r"records test accuracy 0.9 but 3 of its 4 answers correct"):
+        load_cells(tmp_path)
+    (tmp_path / "copy.json").write_text(json.dumps(record))
+    with pytest.raises(SystemExit, match=r"more than one cell of nf4 / a / vanilla / 0: keep one file"):
+        load_cells(tmp_path)
+
+
+def test_a_table_names_the_pairs_that_inherited_another_adapter_than_the_original_cell_scored():
+    """Nothing said that a re-tuned original adapter (another machine) had been inherited from instead."""
+    from experiments.table import inheritance_mismatches
+
+    cells = [{**cell("original", t, "original", s, 0.8), "adapter_sha256": f"{t}{s}"} for t in "ab" for s in (0, 1)]
+    cells += [{**cell("nf4", t, row, s, 0.8), "inherited_sha256": f"{t}{s}"} for t in "ab" for s in (0, 1)
+              for row in ("inherit", "cpet")]
+    assert inheritance_mismatches(cells, "nf4", ["a", "b"], [0, 1]) == ""
+    cells[-1]["inherited_sha256"] = "retuned"  # b / cpet / seed 1
+    cells[-2]["inherited_sha256"] = "retuned"
+    line = inheritance_mismatches(cells, "nf4", ["a", "b"], [0, 1])
+    assert "the `original` cell scored" in line and ": b seed 1 (cpet, inherit)." in line
+    assert inheritance_mismatches(cells, "nf4", ["a"], [0, 1]) == ""  # only the table's tasks and seeds
+    assert line in table(cells, ["nf4"], ["a", "b"], ["original", "inherit", "cpet"], [0, 1])
+
+
 def test_table_refuses_cells_of_one_task_that_scored_different_test_sets(tmp_path):
     from experiments.table import load_cells
 

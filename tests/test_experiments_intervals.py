@@ -201,8 +201,9 @@ def test_cells_without_a_hash_are_checked_against_each_other(tmp_path):
 
     def write(name, predictions, correct):
         (tmp_path / f"{name}.json").write_text(json.dumps(
-            {"setting": "nf4", "task": "t", "row": name, "seed": 0, "commit": "abc", "test_accuracy": 0.5,
-             "test_n": len(correct), "test_predictions": predictions, "test_correct": correct}))
+            {"setting": "nf4", "task": "t", "row": name, "seed": 0, "commit": "abc",
+             "test_accuracy": correct.count("1") / len(correct), "test_n": len(correct),
+             "test_predictions": predictions, "test_correct": correct}))
 
     write("vanilla", ["pos", "neg", "pos"], "101")
     write("cpet", ["neg", "neg", "pos"], "101")

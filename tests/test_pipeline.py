@@ -794,6 +794,22 @@ def test_a_damaged_pipeline_record_is_named_by_load_and_by_list(tmp_path, capsys
             CPET.load(tmp_path / "p")
 
 
+@pytest.mark.parametrize("damage", ['{"source": ', "[1]"])
+def test_a_damaged_base_manifest_does_not_block_compressing_again(built, tmp_path, damage):
+    """`cpet list` advises compressing again; opening the pipeline to do so failed on the manifest (a bare JSON
+    error naming no file, or an AttributeError traceback)."""
+    pipeline, _, original, _ = built
+    copy_dir = pipeline.save(tmp_path / "copy")
+    (copy_dir / "base" / "manifest.json").write_text(damage)
+    again = CPET.load(copy_dir, original=pipeline.original)
+    assert again.source_fingerprint == pipeline.source_fingerprint  # from pipeline.json
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 50)
+    again.compress([PruneConfig(ffn_ratio=0.25, importance="magnitude")], calibration=str(corpus),
+                   calibration_samples=2, seq_len=32, progress=False)
+    assert json.loads((copy_dir / "base" / "manifest.json").read_text())["base_id"] == again.base_id
+
+
 def test_a_hub_task_name_gives_a_flat_default_adapter_name(built):
     from cpet.data import load_task
 

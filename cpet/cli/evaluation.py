@@ -84,10 +84,14 @@ def evaluate_task(loaded, task, *, split: str, limit: int | None, batch_size: in
         loaded.model, loaded.tokenizer, [e.text for e in examples], [e.label for e in examples],
         template=template, verbalizer=verbalizer, labels=task.labels, batch_size=batch_size,
         max_prompt_tokens=max_prompt_tokens, prompt_cut=scoring_cut(meta), progress=progress)
+    from ..data.tasks import examples_sha256
+
     counts = {label: sum(e.label == label for e in examples) for label in task.labels}
     majority = max(counts.values()) / len(examples)
+    # predictions, gold labels and the examples' hash serve the intervals (cmd_eval removes them before output)
     return {"task": task.name, "split": split, **result.to_dict(), "max_prompt_tokens": max_prompt_tokens,
-            "majority_baseline": majority}
+            "majority_baseline": majority, "predictions": list(result.predictions),
+            "gold": [e.label for e in examples], "examples_sha256": examples_sha256(examples)}
 
 
 def evaluate_corpus(loaded, corpus: str, *, max_tokens: int | None, max_length: int, progress: bool = True
@@ -190,8 +194,7 @@ def paired_comparisons(scored: list[dict]) -> list[dict]:
     """Paired differences of accuracy between adapters scored on the same examples, each with a 95% interval.
 
     ``scored``: result dicts with ``adapter``, ``task``, ``split``, ``predictions``, ``gold`` and
-    ``examples_sha256`` (of the scored examples; entries without predictions are skipped); the predictions,
-    gold labels and hash are removed from them here (they served the pairing). Adapters pair only where they
+    ``examples_sha256`` (of the scored examples; entries without predictions are skipped). Adapters pair only where they
     scored the very same examples (same task name, split and hash); every pair in the order given, A − B. One
     run per adapter, so the interval covers the test-set noise of those runs (:func:`cpet.stats.paired_bootstrap`),
     resampling a built-in task's dependent test units together (:mod:`cpet.data.units`: reviews, documents,
@@ -205,20 +208,32 @@ def paired_comparisons(scored: list[dict]) -> list[dict]:
             groups.setdefault((entry["task"], entry["split"], entry.get("examples_sha256")), []).append(entry)
     comparisons = []
     for (task, split, digest), entries in groups.items():
-        marks = ["".join("1" if p == g else "0" for p, g in zip(e["predictions"], e["gold"])) for e in entries]
-        units = _builtin_test_units(task, len(marks[0]), digest) if split == "test" and len(entries) > 1 else None
-        clusters = {task: units} if units is not None else None
+        if len(entries) < 2:
+            continue
+        marks = [_correctness(e) for e in entries]
+        clusters = _clusters_of(task, split, len(marks[0]), digest)
         for i in range(len(entries)):
             for j in range(i + 1, len(entries)):
                 delta, low, high = paired_bootstrap([marks[i]], [marks[j]], tasks=[task], clusters=clusters)
                 comparisons.append({"task": task, "split": split, "a": entries[i]["adapter"],
                                     "b": entries[j]["adapter"], "difference": delta, "interval_95": [low, high],
-                                    "units": "dependent units (documents, reviews, email groups)" if clusters
-                                    else "examples"})
-    for entry in scored:
-        for key in ("predictions", "gold", "examples_sha256"):
-            entry.pop(key, None)
+                                    "units": DEPENDENT_UNITS if clusters else "examples"})
     return comparisons
+
+
+DEPENDENT_UNITS = "dependent units (documents, reviews, email groups)"
+
+
+def _correctness(entry: dict) -> str:
+    """``"1"`` / ``"0"`` per scored example: the prediction is the gold label."""
+    return "".join("1" if p == g else "0" for p, g in zip(entry["predictions"], entry["gold"]))
+
+
+def _clusters_of(task: str, split: str, count: int, digest: str | None) -> dict | None:
+    """``{task: units}`` for :func:`cpet.stats.paired_bootstrap` when the scored examples are the start of a
+    built-in task's test split that comes in dependent units; None (examples resampled one by one) otherwise."""
+    units = _builtin_test_units(task, count, digest) if split == "test" else None
+    return {task: units} if units is not None else None
 
 
 def _builtin_test_units(task: str, count: int, digest: str | None) -> list | None:
@@ -237,12 +252,38 @@ def _builtin_test_units(task: str, count: int, digest: str | None) -> list | Non
 
 
 def with_accuracy_intervals(results: dict) -> dict:
-    """Each task result gets ``accuracy_interval_95``: the Wilson interval of its accuracy (test-set noise of
-    this one run, examples taken as independent)."""
-    from ..stats import wilson_interval
+    """Each task result gets ``accuracy_interval_95`` (test-set noise of this one run) and
+    ``accuracy_interval_units``, what it takes as independent.
+
+    Where the scored examples are a built-in task's test split that comes in dependent units (Brown documents,
+    reviews, editorials, email groups), the interval resamples a unit at a time, as the paired differences do
+    (:func:`cpet.stats.paired_bootstrap` of the accuracy against an all-wrong run): examples of one document
+    are not independent, and a Wilson interval over them was up to four times too narrow (brown-genre). Other
+    examples get the Wilson interval.
+    """
+    from ..stats import paired_bootstrap, wilson_interval
 
     for entry in results.get("tasks", []):
-        entry["accuracy_interval_95"] = list(wilson_interval(round(entry["accuracy"] * entry["n"]), entry["n"]))
+        clusters = None
+        if "predictions" in entry:
+            clusters = _clusters_of(entry["task"], entry["split"], entry["n"], entry.get("examples_sha256"))
+        if clusters is not None:
+            marks = _correctness(entry)
+            _, low, high = paired_bootstrap([marks], ["0" * len(marks)], tasks=[entry["task"]], clusters=clusters)
+            entry["accuracy_interval_95"] = [max(low, 0.0), min(high, 1.0)]
+            entry["accuracy_interval_units"] = DEPENDENT_UNITS
+        else:
+            entry["accuracy_interval_95"] = list(wilson_interval(round(entry["accuracy"] * entry["n"]), entry["n"]))
+            entry["accuracy_interval_units"] = "examples (Wilson)"
+    return results
+
+
+def without_predictions(results: dict) -> dict:
+    """Drop what served the intervals and the pairing (predictions, gold labels, the examples' hash) from the
+    task results that are printed or written as JSON."""
+    for entry in results.get("tasks", []):
+        for key in ("predictions", "gold", "examples_sha256"):
+            entry.pop(key, None)
     return results
 
 
@@ -267,6 +308,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         results = _eval_model(args, tasks, target)
     with_accuracy_intervals(results)
+    comparisons = paired_comparisons(results.get("tasks", []))
+    if comparisons:
+        results["comparisons"] = comparisons
+    without_predictions(results)
 
     def render(r: dict) -> None:
         if "perplexity" in r:
@@ -276,9 +321,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
             of = f" of {p['adapter']}" if "adapter" in p else ""
             print(f"perplexity{of} on {p['corpus']} ({p['split']}, {p['tokens']} tokens scored{note}): {p['ppl']:.3f}")
         if "tasks" in r:
-            print_table(["adapter", "task", "split", "n", "accuracy", "95% CI", "majority"],
+            print_table(["adapter", "task", "split", "n", "accuracy", "95% CI", "resampled", "majority"],
                          [[t.get("adapter", "–"), t["task"], t["split"], t["n"], t["accuracy"],
-                           "{:.3f}..{:.3f}".format(*t["accuracy_interval_95"]), t["majority_baseline"]]
+                           "{:.3f}..{:.3f}".format(*t["accuracy_interval_95"]), t["accuracy_interval_units"],
+                           t["majority_baseline"]]
                           for t in r["tasks"]])
         if r.get("comparisons"):
             print("\npaired differences (A − B, the same test examples; one run each, so the interval covers "
@@ -362,15 +408,12 @@ def _eval_pipeline(args: argparse.Namespace, tasks: list) -> dict:
     results: dict = {"pipeline": str(args.pipeline), "tasks": []}
     for name, directory, task in plan:
         result = pipeline.evaluate(directory, task, split=args.split, limit=args.limit, batch_size=args.batch_size,
-                                   max_prompt_tokens=args.max_prompt_tokens, with_predictions=len(plan) > 1)
+                                   max_prompt_tokens=args.max_prompt_tokens, with_predictions=True)
         results["tasks"].append({"adapter": name, **result})
-    comparisons = paired_comparisons(results["tasks"])
-    if comparisons:
-        results["comparisons"] = comparisons
     if not args.adapter:
         for task in tasks:
             result = pipeline.evaluate(None, task, split=args.split, limit=args.limit, batch_size=args.batch_size,
-                                       max_prompt_tokens=args.max_prompt_tokens)
+                                       max_prompt_tokens=args.max_prompt_tokens, with_predictions=True)
             results["tasks"].append({"adapter": "compressed base (zero-shot)", **result})
     if args.corpus:
         text = load_corpus(args.corpus, split="heldout")

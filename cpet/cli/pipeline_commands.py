@@ -24,8 +24,10 @@ def stages_from_args(args: argparse.Namespace) -> list:
         ("--head-mode", args.head_mode != "query", bool(args.prune_heads), "--prune-heads"),
         ("--moefy-clustering", args.moefy_clustering != "coactivation", moefying, "--moefy-experts"),
         ("--moefy-router-inputs", args.moefy_router_inputs != "dense", moefying, "--moefy-experts"),
-        ("--no-double-quant", args.no_double_quant, quantizing, "--quantize"),
-        ("--compute-dtype", args.compute_dtype != "float32", quantizing, "--quantize")) if given and not asked]
+        # 4-bit options: int8 has no double quantization and computes in its own int8 / fp16 kernels
+        ("--no-double-quant", args.no_double_quant, args.quantize in ("nf4", "fp4"), "--quantize nf4 or fp4"),
+        ("--compute-dtype", args.compute_dtype != "float32", args.quantize in ("nf4", "fp4"),
+         "--quantize nf4 or fp4")) if given and not asked]
     if orphans:
         raise ValueError("; ".join(orphans) + ": give the stage they belong to, or leave them out")
     stages = []

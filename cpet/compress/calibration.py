@@ -56,15 +56,19 @@ class StopForward(Exception):
 def run_batches(model: nn.Module, batches: torch.Tensor, handles: list, batch_size: int = 4) -> None:
     """Run ``batches`` ``[n, seq]`` of ids through the causal LM in chunks of ``batch_size``, then remove the hook
     ``handles`` the caller registered to read what it needs (also when the forward fails). A hook may raise
-    :class:`StopForward` to end a chunk's pass early."""
+    :class:`StopForward` to end a chunk's pass early. The model runs in eval mode (its training flag restored
+    after): statistics read from a model left in train mode carried dropout noise."""
+    from ..evaluate import evaluating
+
     base = unwrap(model)
     try:
         device = next(base.parameters()).device
-        for chunk in batches.split(batch_size):
-            try:
-                base(input_ids=chunk.to(device))
-            except StopForward:
-                pass
+        with evaluating(base):  # statistics of the model as it will run: no dropout noise in them
+            for chunk in batches.split(batch_size):
+                try:
+                    base(input_ids=chunk.to(device))
+                except StopForward:
+                    pass
     finally:
         for handle in handles:
             handle.remove()

@@ -17,6 +17,8 @@ stage rebuild what it changed (:meth:`cpet.compress.stages.Stage.rebuild`) befor
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -60,6 +62,10 @@ class CompressedBase:
         if not (directory / MANIFEST_FILE).exists():
             raise FileNotFoundError(f"{directory} has no {MANIFEST_FILE}: not a CPET compressed base")
         manifest = Manifest.read(directory / MANIFEST_FILE)
+        if not isinstance(manifest.geometry_before, dict):  # read before the base_id check: a TypeError otherwise
+            raise ValueError(f"{directory / MANIFEST_FILE} is damaged (geometry_before is "
+                             f"{type(manifest.geometry_before).__name__}, not an object): restore it, or compress "
+                             "again (`cpet compress --model MODEL --out PIPELINE ...`)")
         index_maps = IndexMaps.load(directory / INDEX_MAPS_FILE, SimpleNamespace(**manifest.geometry_before))
         if index_maps.digest() != manifest.index_digest or manifest.compute_base_id() != manifest.base_id:
             raise ValueError(f"{directory}: manifest and index maps do not match base_id "
@@ -98,12 +104,34 @@ def _rebuild(model: nn.Module, stages: list, index_maps: IndexMaps) -> nn.Module
     return model
 
 
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    """torch's default floating dtype set to ``dtype`` for the block, then restored."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+def saved_dtype(config) -> torch.dtype:
+    """The floating dtype a base was saved in (``config.json``'s ``dtype``, written by ``save_pretrained`` from the
+    model's own), so that it reloads as it was compressed and evaluated: a bf16 base read back in fp32 gave other
+    logits (up to 0.065 on a tiny model) and twice the memory. fp32 where the config says nothing usable."""
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+
+
 def _load_plain(directory: Path, device) -> nn.Module:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     device = torch.device(device)
     device_map = {"": device.index or 0} if device.type == "cuda" else "cpu"
-    return AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32, device_map=device_map)
+    dtype = saved_dtype(AutoConfig.from_pretrained(str(directory)))
+    return AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, device_map=device_map)
 
 
 def _load_rebuilt(directory: Path, stages: list, index_maps: IndexMaps) -> nn.Module:
@@ -112,7 +140,9 @@ def _load_rebuilt(directory: Path, stages: list, index_maps: IndexMaps) -> nn.Mo
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(str(directory))
-    model = _rebuild(AutoModelForCausalLM.from_config(config, dtype=torch.float32), stages, index_maps)
+    dtype = saved_dtype(config)
+    with default_dtype(dtype):  # the modules the stages rebuild take the base's dtype, as from_config's do
+        model = _rebuild(AutoModelForCausalLM.from_config(config, dtype=dtype), stages, index_maps)
     state = {}
     for path in sorted(directory.glob("*.safetensors")):
         if path.name != INDEX_MAPS_FILE:

@@ -71,6 +71,15 @@ def test_tampered_directory_is_refused(tmp_path):
         CompressedBase.load(tmp_path / "b")
 
 
+def test_a_manifest_whose_geometry_is_not_an_object_is_named_not_a_type_error(tmp_path):
+    base = compress(tiny_model("llama").model, [PruneConfig(ffn_ratio=0.5, importance="magnitude")], progress=False)
+    base.save(tmp_path / "b")
+    manifest = tmp_path / "b" / "manifest.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "geometry_before": None}))
+    with pytest.raises(ValueError, match=r"manifest.json is damaged \(geometry_before is NoneType, not an object\)"):
+        CompressedBase.load(tmp_path / "b")
+
+
 def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
     loaded = tiny_model("llama")
     base = compress(loaded.model, [PruneConfig(ffn_ratio=0.5, importance="magnitude")], progress=False)

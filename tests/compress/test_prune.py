@@ -272,3 +272,23 @@ def test_pruning_does_not_warn_about_the_norm_weights_it_never_prunes():
         warnings.simplefilter("always")
         compress(loaded.model, [PruneConfig(ffn_ratio=0.25, importance="magnitude")], progress=False)
     assert not [w for w in caught if "Unwrapped parameters" in str(w.message)]
+
+
+def test_activation_statistics_do_not_depend_on_the_models_training_flag():
+    """A model left in train mode (from_config starts there) gave dropout-noised activation statistics: two runs
+    kept other channels than each other and than the model in eval mode."""
+    from cpet.models import tiny_config
+
+    config = tiny_config("opt", dropout=0.3)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    assert model.training
+    calibration = torch.randint(0, config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(1))
+    stages = [PruneConfig(ffn_ratio=0.5, importance="activation")]
+    ids = []
+    for seed in (0, 1):  # other dropout draws, if dropout were on
+        torch.manual_seed(seed)
+        ids.append(compress(model, stages, calibration=calibration, progress=False).base_id)
+    assert model.training  # the caller's flag is left as it was
+    model.eval()
+    assert ids == [compress(model, stages, calibration=calibration, progress=False).base_id] * 2

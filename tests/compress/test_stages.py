@@ -138,3 +138,28 @@ def test_order_and_validation_of_a_registered_stage(permute_stage, stages, messa
 def test_registering_something_that_is_not_a_stage_fails():
     with pytest.raises(TypeError, match=r"lacks \['rebuild'\]"):
         register_stage(PermuteFFNConfig, type("Half", (), {"validate": print, "apply": print})(), rank=1)
+
+
+@pytest.mark.parametrize("stages", [
+    [PruneConfig(ffn_ratio=0.5, importance="magnitude")],
+    [PruneConfig(layer_schedule={0: 0.5}, importance="magnitude"), QuantizeConfig("nf4")],  # rebuilt from config
+], ids=["pruned", "scheduled-nf4"])
+def test_a_bf16_base_reloads_in_bf16_with_the_same_logits(stages, tmp_path):
+    """A bf16 base was read back in fp32 (other logits, twice the memory); and load_base's cast had made the
+    rotary inv_freq bf16, which from_pretrained(dtype=bf16) keeps in fp32, so even a bf16 reload differed."""
+    from cpet.models import load_base
+
+    tiny = tiny_model("llama")
+    tiny.model.save_pretrained(tmp_path / "source")
+    tiny.tokenizer.save_pretrained(tmp_path / "source")
+    loaded = load_base(str(tmp_path / "source"), dtype=torch.bfloat16)
+    inv_freq = dict(loaded.model.named_buffers())["model.rotary_emb.inv_freq"]
+    assert inv_freq.dtype == torch.float32  # computed at init, kept as from_pretrained keeps it
+    calibration = torch.randint(0, 250, (3, 16), generator=torch.Generator().manual_seed(1))
+    base = compress(loaded.model, stages, calibration=calibration, progress=False)
+    base.save(tmp_path / "base")
+    again = CompressedBase.load(tmp_path / "base")
+    assert {p.dtype for p in again.model.parameters() if p.is_floating_point()} == {torch.bfloat16}
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7]])
+    with torch.no_grad():
+        assert torch.equal(again.model(input_ids=ids).logits, base.model(input_ids=ids).logits)
