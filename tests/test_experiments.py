@@ -328,6 +328,14 @@ def test_cells_store_the_adapters_effective_config_and_predictions(tmp_path):
     assert original_cell["adapter_sha256"] == source  # the cells that inherit it can be matched with it
     scored = compressed.work_dir / "adapters" / "toy-inherit-s0" / "adapter" / "adapter_model.safetensors"
     assert inherit["adapter_sha256"] == sha256_of(scored) != source
+    # a work directory used with another budget or settings does not lend its original adapter (it was returned
+    # whenever it had trained at least the steps asked for)
+    from experiments.grid import original_adapter
+
+    with pytest.raises(ValueError, match=r"written with other settings \(lr 0.001 -> 0.01\)"):
+        original_adapter(original, str(task), 0, SimpleNamespace(**{**vars(args), "lr": 1e-2}))
+    with pytest.raises(ValueError, match=r"already trained 2 steps, more than the 1 asked for"):
+        original_adapter(original, str(task), 0, SimpleNamespace(**{**vars(args), "steps": 1, "eval_every": 2}))
     assert vanilla["inherited_sha256"] is None and vanilla["cumulative_task_steps"] == 2
     assert vanilla["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert vanilla["machine"]["threads"] == torch.get_num_threads() and vanilla["machine"]["cpu"]
