@@ -187,7 +187,12 @@ def check_scoring(meta: dict, task, max_prompt_tokens: int | None, where: str = 
     if unknown:
         raise ValueError(f"task {task.name!r} has labels {unknown} that {where} does not know "
                          f"(it knows {meta['labels']})")
-    trained_with = meta.get("max_prompt_tokens", meta.get("tune_config", {}).get("max_prompt_tokens"))
+    tune_config = meta.get("tune_config") if isinstance(meta.get("tune_config"), dict) else {}
+    trained_with = meta.get("max_prompt_tokens", tune_config.get("max_prompt_tokens"))
+    if trained_with is not None and (isinstance(trained_with, bool) or not isinstance(trained_with, int)
+                                     or trained_with < 1):  # a TypeError deep in prompt fitting otherwise
+        raise ValueError(f"{where} records max_prompt_tokens {trained_with!r} in its cpet.json, not a positive "
+                         "integer: its metadata is damaged; tune the adapter again")
     if max_prompt_tokens is not None and trained_with is not None and max_prompt_tokens != trained_with:
         raise ValueError(f"{where} was trained on prompts cut to {trained_with} tokens; scoring it with "
                          f"{max_prompt_tokens} would measure another model (leave --max-prompt-tokens out)")

@@ -116,6 +116,10 @@ def test_scoring_an_adapter_whose_metadata_records_no_labels_is_refused_by_name(
     with pytest.raises(ValueError, match=r"records no list of labels in its cpet.json \(labels: None\)"):
         check_scoring({"template": "{text}"}, task, None)
     assert check_scoring({"labels": ["neg", "pos"], "max_prompt_tokens": 64}, task, None) == 64
+    for damaged in ("64", 0, True):  # was a TypeError deep in prompt fitting (or a prompt cut to nothing)
+        with pytest.raises(ValueError, match=rf"records max_prompt_tokens {damaged!r} .*metadata is damaged"):
+            check_scoring({"labels": ["neg", "pos"], "max_prompt_tokens": damaged}, task, None)
+    assert check_scoring({"labels": ["neg", "pos"], "tune_config": {"max_prompt_tokens": 32}}, task, None) == 32
     (tmp_path / "cpet.json").write_text('["labels"]')
     with pytest.raises(ValueError, match=r"cpet.json holds a JSON list, not an object; .*tune the adapter again"):
         read_adapter_meta(tmp_path)
