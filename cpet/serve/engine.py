@@ -272,13 +272,13 @@ class Engine:
             out = part if out is None else out + part
         return out if out is not None else x.new_zeros(())
 
-    @torch.no_grad()
     def release_stacks(self) -> None:
         """Drop the stacked factors kept for the last batch: they hold its adapters and a copy of their factors per
         row, so kept while nothing runs they would keep an unloaded or evicted adapter's memory alive. Called
         when a batch ends (the end of :meth:`classify` and :meth:`generate`; the scheduler once no row runs)."""
         self._stacks.clear()
 
+    @torch.no_grad()
     def forward(self, adapters: Sequence[str | LoadedAdapter | None], **model_inputs):
         """One model call on a batch whose row ``i`` uses adapter ``adapters[i]`` (a name, an adapter already
         resolved by :meth:`resolve`, or None: the bare base)."""

@@ -352,3 +352,15 @@ def test_every_factor_is_kept_on_the_bases_device(tmp_path):
     engine.registry._adapters["plain"] = replace(adapter, shared=True)
     ids = torch.zeros(2, 4, dtype=torch.long, device="meta")
     assert engine.forward(["plain", None], input_ids=ids).logits.shape == (2, 4, loaded.model.config.vocab_size)
+
+
+def test_the_engine_runs_its_batches_without_autograd(served):
+    """Inference: no graph is recorded, whatever a caller's grad mode (a decorator once slipped off forward)."""
+    _, engine, _ = served
+    seen = []
+    handle = engine.model.register_forward_pre_hook(lambda module, args: seen.append(torch.is_grad_enabled()))
+    try:
+        engine.forward(["plain", None], input_ids=IDS[:2])
+    finally:
+        handle.remove()
+    assert seen == [False]
