@@ -51,7 +51,7 @@ from .models import EMBEDDED, LoadedBase, check_context_length, hub_id_of, load_
 from .recovery import (PER_TASK, SHARED, RecoveryConfig, RecoverySet, check_svd_rank, check_trained_with,
                        init_from_residuals, recovery_sha256)
 from .train import (DistillConfig, TuneConfig, check_distill_window, check_resume_settings, distill_on_text,
-                    train_classifier)
+                    settings_changes, train_classifier)
 
 if TYPE_CHECKING:
     from .serve.engine import AdapterView, Engine
@@ -588,10 +588,8 @@ class CPET:
                "base_id": ORIGINAL_BASE_ID if on == "original" else self.base_id,
                "inherited_sha256": source.weights_sha256 if source else None}
         differs = [f"{key} {old.get(key)!r} -> {value!r}" for key, value in now.items() if old.get(key) != value]
-        saved, current = old.get("tune_config") or {}, json.loads(json.dumps(config.to_dict()))
-        fixed = {"steps"} | ({"rank", "alpha"} if init == "inherit" else set())  # inherit takes the source's
-        differs += [f"{key} {saved.get(key)!r} -> {current.get(key)!r}" for key in sorted(set(saved) | set(current))
-                    if key not in fixed and saved.get(key) != current.get(key)]
+        fixed = ("steps", "rank", "alpha") if init == "inherit" else ("steps",)  # inherit takes the source's shape
+        differs += settings_changes(old.get("tune_config") or {}, config, ignore=fixed)
         if differs:
             raise ValueError(f"{out_dir} holds an adapter made for something else ({', '.join(differs)}) and no "
                              "resume state to continue it from: give the new adapter another name (--name) or "

@@ -270,9 +270,11 @@ def check_resume_settings(directory: Path, config: TuneConfig) -> None:
     _check_settings(directory, state.get("config"), config, RESUME_FIX)
 
 
-def check_resume_steps(directory: Path, config: TuneConfig) -> None:
-    """Refuse ``config.steps`` below what the resume state in ``directory`` has already trained (needs nothing
-    built either)."""
+def check_resume_plan(directory: Path, config: TuneConfig) -> None:
+    """:func:`check_resume_settings`, and ``config.steps`` not below what the state has already trained: all that
+    can be checked of a planned run against its resume state with nothing built (a demo re-run, the grid lending
+    an original adapter)."""
+    check_resume_settings(directory, config)
     _check_steps(directory, json.loads((directory / "state.json").read_text()), config)
 
 
@@ -286,11 +288,17 @@ def _check_steps(directory: Path, state: dict, config: TuneConfig) -> None:
 def _check_settings(directory: Path, saved: dict | None, config: TuneConfig, fix: str) -> None:
     if saved is None:  # written before configs were recorded
         return
-    now = json.loads(json.dumps(config.to_dict()))
-    changed = sorted(key for key in set(saved) | set(now) if key != "steps" and saved.get(key) != now.get(key))
+    changed = settings_changes(saved, config)
     if changed:
-        detail = ", ".join(f"{key} {saved.get(key)!r} -> {now.get(key)!r}" for key in changed)
-        raise ValueError(f"resume state in {directory} was written with other settings ({detail}): {fix}")
+        raise ValueError(f"resume state in {directory} was written with other settings ({', '.join(changed)}): {fix}")
+
+
+def settings_changes(saved: dict, config: TuneConfig, ignore: Sequence[str] = ("steps",)) -> list[str]:
+    """``"key saved -> now"`` for every setting of ``config`` that differs from the ``saved`` dict (a recorded
+    ``TuneConfig``), in key order, leaving out ``ignore`` (``steps`` may grow on a resume)."""
+    now = json.loads(json.dumps(config.to_dict()))  # as it is recorded: tuples read back as lists
+    return [f"{key} {saved.get(key)!r} -> {now.get(key)!r}" for key in sorted(set(saved) | set(now))
+            if key not in ignore and saved.get(key) != now.get(key)]
 
 
 def load_resume_state(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:

@@ -219,10 +219,9 @@ def original_adapter(original: CPET, task: str, seed: int, args) -> Path:
     run_dir = original.work_dir / "adapters" / f"{task_key(task)}-s{seed}"
     state = run_dir / "resume" / "state.json"
     if state.exists():  # a work directory used with another budget or settings must not lend its adapter
-        from cpet.train import check_resume_settings, check_resume_steps
+        from cpet.train import check_resume_plan
 
-        check_resume_settings(run_dir / "resume", config)
-        check_resume_steps(run_dir / "resume", config)
+        check_resume_plan(run_dir / "resume", config)
     if not state.exists() or json.loads(state.read_text())["step"] < config.steps:
         print(f"[grid] tuning the original adapter for {task_key(task)} s{seed} (missing or unfinished)",
               flush=True)

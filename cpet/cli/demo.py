@@ -94,15 +94,14 @@ def check_demo_resumes(out: Path, names: dict[str, str], tune, distill) -> None:
     from dataclasses import asdict
 
     from ..recovery import RECOVERY_META, read_recovery_meta
-    from ..train import check_resume_settings, check_resume_steps
+    from ..train import check_resume_plan
 
     fix = f"use a new --out, or delete {out} to start over"
     for name in names.values():
         state = out / "adapters" / name / "resume"
         if (state / "state.json").exists():
             try:
-                check_resume_settings(state, tune)
-                check_resume_steps(state, tune)
+                check_resume_plan(state, tune)
             except ValueError as exc:
                 raise ValueError(f"{exc} (this demo re-run in {out}: {fix})") from None
     cpet_adapter = out / "adapters" / names["cpet"]

@@ -73,6 +73,7 @@ def evaluate_task(loaded, task, *, split: str, limit: int | None, batch_size: in
     """
     from ..adapters import check_scoring
     from ..data.prompts import scoring_cut, scoring_prompts
+    from ..data.tasks import examples_sha256
     from ..evaluate import DEFAULT_MAX_PROMPT_TOKENS, classification_accuracy
 
     if meta:
@@ -84,8 +85,6 @@ def evaluate_task(loaded, task, *, split: str, limit: int | None, batch_size: in
         loaded.model, loaded.tokenizer, [e.text for e in examples], [e.label for e in examples],
         template=template, verbalizer=verbalizer, labels=task.labels, batch_size=batch_size,
         max_prompt_tokens=max_prompt_tokens, prompt_cut=scoring_cut(meta), progress=progress)
-    from ..data.tasks import examples_sha256
-
     counts = {label: sum(e.label == label for e in examples) for label in task.labels}
     majority = max(counts.values()) / len(examples)
     # predictions, gold labels and the examples' hash serve the intervals (cmd_eval removes them before output)

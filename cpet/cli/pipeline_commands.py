@@ -14,8 +14,8 @@ def stages_from_args(args: argparse.Namespace) -> list:
     from ..compress.moefy import MoEfyConfig
     from ..config import PruneConfig, QuantizeConfig
 
-    pruning, moefying, quantizing = bool(args.prune_ffn or args.prune_heads), args.moefy_experts is not None, \
-        args.quantize != "none"
+    pruning, moefying = bool(args.prune_ffn or args.prune_heads), args.moefy_experts is not None
+    four_bit = args.quantize in ("nf4", "fp4")  # int8 has no double quantization and computes in its own kernels
     # (flag, given, its stage asked for, the flag that asks for it): a stage's flag without the stage would be
     # dropped without a word
     orphans = [f"{flag} is read only with {needs}" for flag, given, asked, needs in (
@@ -24,10 +24,8 @@ def stages_from_args(args: argparse.Namespace) -> list:
         ("--head-mode", args.head_mode != "query", bool(args.prune_heads), "--prune-heads"),
         ("--moefy-clustering", args.moefy_clustering != "coactivation", moefying, "--moefy-experts"),
         ("--moefy-router-inputs", args.moefy_router_inputs != "dense", moefying, "--moefy-experts"),
-        # 4-bit options: int8 has no double quantization and computes in its own int8 / fp16 kernels
-        ("--no-double-quant", args.no_double_quant, args.quantize in ("nf4", "fp4"), "--quantize nf4 or fp4"),
-        ("--compute-dtype", args.compute_dtype != "float32", args.quantize in ("nf4", "fp4"),
-         "--quantize nf4 or fp4")) if given and not asked]
+        ("--no-double-quant", args.no_double_quant, four_bit, "--quantize nf4 or fp4"),
+        ("--compute-dtype", args.compute_dtype != "float32", four_bit, "--quantize nf4 or fp4")) if given and not asked]
     if orphans:
         raise ValueError("; ".join(orphans) + ": give the stage they belong to, or leave them out")
     stages = []
