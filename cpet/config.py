@@ -58,6 +58,17 @@ class HeadMode(str, Enum):
 _RATIO_FLAGS = {"ffn_ratio": "--prune-ffn", "head_ratio": "--prune-heads"}
 
 
+def as_number(name: str, value, kind: type):
+    """``value`` as ``kind`` (``float`` or ``int``), so that equal settings written differently (``0`` and
+    ``0.0``, ``2`` and ``2.0``) are one config with one ``base_id``; a non-number, or a fractional int, is
+    refused naming the field."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if kind is int and value != int(value):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    return kind(value)
+
+
 def _check_ratio(name: str, value: float) -> None:
     if not 0.0 <= value < 1.0:
         flag = f" (CLI: {_RATIO_FLAGS[name]})" if name in _RATIO_FLAGS else ""
@@ -128,6 +139,11 @@ class PruneConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "importance", Importance(self.importance))
         object.__setattr__(self, "head_mode", HeadMode(self.head_mode))
+        # ratios as floats: ``0`` and ``0.0`` are one configuration, and must hash to one base_id (JSON writes
+        # them differently); the CLI and the defaults already give floats, so no existing base_id changes
+        object.__setattr__(self, "ffn_ratio", as_number("ffn_ratio", self.ffn_ratio, float))
+        object.__setattr__(self, "head_ratio", as_number("head_ratio", self.head_ratio, float))
+        object.__setattr__(self, "round_to", as_number("round_to", self.round_to, int))
         _check_ratio("ffn_ratio", self.ffn_ratio)
         _check_ratio("head_ratio", self.head_ratio)
         if self.layer_schedule is not None:

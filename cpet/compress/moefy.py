@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..config import as_number
 from ..models import decoder_layers, family_of, geometry, layer_linears, submodule, unwrap
 from ..moe.clustering import balanced_kmeans, expert_order
 from ..moe.experts import COLS, ROWS, ExpertBank, bank_of
@@ -78,6 +79,14 @@ class MoEfyConfig:
     added_fields: ClassVar[tuple[str, ...]] = ("router_inputs",)  # at its default, out of the dict and the base_id
 
     def __post_init__(self) -> None:
+        # numbers in one type each, so that equal settings written differently (``tau=1`` and ``1.0``) are one
+        # config with one base_id; the CLI and the defaults already give these types
+        for name in ("num_experts", "top_k", "router_width", "router_steps", "seed"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, as_number(name, getattr(self, name), int))
+        for name in ("tau", "router_lr"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, as_number(name, getattr(self, name), float))
         if self.num_experts < 2:
             raise ValueError(f"num_experts must be >= 2, got {self.num_experts}")
         if self.top_k is None and self.tau is None:

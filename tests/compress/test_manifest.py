@@ -23,6 +23,26 @@ def test_stage_configs_round_trip_through_json(config):
     assert stage_config_from_dict(data) == config
 
 
+@pytest.mark.parametrize("written, canonical", [
+    (PruneConfig(ffn_ratio=0, head_ratio=0.5, round_to=2.0), PruneConfig(ffn_ratio=0.0, head_ratio=0.5, round_to=2)),
+    (MoEfyConfig(num_experts=8.0, tau=1, router_lr=1), MoEfyConfig(num_experts=8, tau=1.0, router_lr=1.0)),
+])
+def test_equal_settings_written_differently_are_one_config_with_one_dict(written, canonical):
+    """``0`` and ``0.0`` are one setting; JSON writes them differently, and the base_id hashes that JSON."""
+    assert written == canonical
+    assert json.dumps(stage_config_to_dict(written)) == json.dumps(stage_config_to_dict(canonical))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: PruneConfig(ffn_ratio="0.5"), "ffn_ratio must be a number, got '0.5'"),
+    (lambda: PruneConfig(ffn_ratio=0.5, round_to=2.5), "round_to must be a whole number, got 2.5"),
+    (lambda: MoEfyConfig(num_experts=8, top_k=True), "top_k must be a number, got True"),
+])
+def test_a_setting_of_the_wrong_type_is_named(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
 def test_unknown_stage_dict():
     with pytest.raises(ValueError, match="unknown compression stage 'sparsify'"):  # no stage has this name
         stage_config_from_dict({"stage": "sparsify"})
