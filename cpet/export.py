@@ -230,13 +230,17 @@ def _adapter_refusal(meta: dict, directory: Path, recovery_sha: str | None, shar
 
 
 def load_exported(base: str | Path, adapter: str | Path):
-    """Plain transformers + peft, as an engine-side user would load the export (CPET's 4-bit layout kept)."""
+    """Plain transformers + peft, as an engine-side user would load the export (CPET's 4-bit layout kept), in the
+    dtype the base was saved in (``config.json``), as ``from_pretrained`` without a dtype and CPET's own loader both
+    read it: a bf16 base compared in fp32 differs from CPET by its rounding, not by the export."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    from .compress.io import saved_dtype
     from .compress.quantize import keep_4bit_layout
 
-    model = keep_4bit_layout(AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32))
+    dtype = saved_dtype(AutoConfig.from_pretrained(str(base)))
+    model = keep_4bit_layout(AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype))
     return PeftModel.from_pretrained(model, str(adapter)).eval()
 
 

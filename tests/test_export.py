@@ -230,3 +230,31 @@ def test_a_damaged_adapter_is_skipped_saying_why_and_the_others_export(exported,
     with pytest.raises(ValueError, match="cannot export plain: .*cpet.json is not valid JSON"):
         export_pipeline(damaged, tmp_path / "named", ["plain"], check=False)
     assert not (tmp_path / "named").exists()
+
+
+def test_a_bf16_base_exports_and_reloads_in_bf16_with_cpets_logits(tmp_path):
+    """On a bf16 base (the default on CUDA) the export reproduces evaluation and serving exactly: the engine
+    rounded its LoRA delta to bf16 before adding it (0.05 off peft's logits here), so every bf16 export failed
+    its check as a bug; and the check read the export in fp32, where CPET reads the saved dtype."""
+    from cpet.config import PruneConfig
+    from tests.test_pipeline import write_task
+
+    task = write_task(tmp_path / "task.jsonl")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 50)
+    loaded = tiny_model("llama")
+    loaded.model.to(torch.bfloat16)
+    pipeline = CPET(loaded, tmp_path / "work")
+    pipeline.compress([PruneConfig(ffn_ratio=0.25, importance="magnitude")], calibration=str(corpus),
+                      calibration_samples=2, seq_len=32, progress=False)
+    pipeline.tune(task, recovery="none", config=TUNE, progress=False, name="plain")
+    report = export_pipeline(pipeline, tmp_path / "out", check_ids=IDS)
+    assert set(report.adapters) == {"plain"}
+    plain = load_exported(tmp_path / "out" / "base", tmp_path / "out" / "adapters" / "plain")
+    assert plain.get_base_model().lm_head.weight.dtype == torch.bfloat16
+    with torch.no_grad(), pipeline.engine() as engine:
+        expected = pipeline.model_for("plain")(input_ids=IDS).logits  # evaluation's assembly (peft)
+        assert torch.equal(plain(input_ids=IDS).logits, expected)
+        engine.load("plain", pipeline.adapters()["plain"])  # serving adds the LoRA as peft does: once, in fp32
+        assert torch.equal(engine.view("plain").eval()(input_ids=IDS).logits, expected)
+
