@@ -132,7 +132,8 @@ class FFNActivations:
 
 
 def _check_search_tokens(search_tokens: int | None) -> None:
-    if search_tokens is not None and (isinstance(search_tokens, bool) or search_tokens < 1):
+    if search_tokens is not None and (isinstance(search_tokens, bool) or not isinstance(search_tokens, int)
+                                      or search_tokens < 1):
         raise ValueError(f"search_tokens is a number of tokens >= 1 (None: all), got {search_tokens!r}")
 
 
@@ -167,11 +168,20 @@ def _down_modules(model: nn.Module) -> list[nn.Module]:
 
     Raises:
         ValueError: a MoEfied base, whose experts are called directly by the routed block (never through the
-            bank's ``forward``): pre-hooks on it would see nothing, and the measures would be empty or wrong.
+            bank's ``forward``): pre-hooks on it would see nothing, and the measures would be empty or wrong;
+            a down linear that carries a LoRA (or other peft tuner): its output is not ``W_down a``, so the
+            contributions ``|a_i| * ||W_down[:, i]||`` would leave the adapter's part out.
     """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     from .moe.experts import bank_of
 
     downs = [layer["down"] for layer in iter_layer_linears(unwrap(model))]
+    adapted = [i for i, module in enumerate(downs) if isinstance(module, BaseTunerLayer)]
+    if adapted:
+        raise ValueError(f"the sparsity tools measure the FFNs of a base model, and the down projection of layer "
+                         f"{adapted[0]} carries a peft adapter (its output is not W_down a alone): measure the model "
+                         "without the adapter, or merge it first (model.merge_and_unload())")
     if any(bank_of(module) is not None for module in downs):
         raise ValueError("the sparsity tools measure dense FFNs, and this base is MoEfied (its FFNs run as routed "
                          "experts): measure the model before the MoEfy stage (the source model, or a base compressed "
@@ -211,9 +221,10 @@ def magnitude_thresholds(activations: FFNActivations, active_share: float) -> li
         raise ValueError(f"active_share is in (0, 1], got {active_share}")
     out = []
     for acts in activations.acts:
-        magnitudes = acts.abs().flatten()
-        if magnitudes.numel() > 1 << 24:  # torch.quantile's input limit; a strided sample is exact enough
-            magnitudes = magnitudes[:: magnitudes.numel() // (1 << 24) + 1]
+        # torch.quantile takes at most 2**24 values: past that, a sample of whole tokens (rows), so that every
+        # neuron is in it (a stride over the flattened [tokens, n] saw only the neurons its stride divides)
+        rows = max(1, (1 << 24) // acts.shape[1])
+        magnitudes = acts[:: -(-acts.shape[0] // rows)].abs().flatten()
         out.append(float(torch.quantile(magnitudes, 1.0 - active_share)) if active_share < 1 else -1.0)
     return out
 
@@ -234,6 +245,14 @@ class ActivationMask:
         downs = _down_modules(model)
         if len(thresholds) != len(downs):
             raise ValueError(f"{len(thresholds)} thresholds for {len(downs)} FFN layers")
+        bad = [i for i, t in enumerate(thresholds) if math.isnan(t)]  # nan compares false: it masked everything
+        if bad:
+            raise ValueError(f"the threshold of layer {bad[0]} is nan: thresholds must be numbers (search them with "
+                             "FFNActivations.thresholds_for_cett or magnitude_thresholds)")
+        widths = [m.in_features for m in downs]
+        if column_norms is not None and [tuple(n.shape) for n in column_norms] != [(w,) for w in widths]:
+            raise ValueError(f"column_norms must hold one [n] tensor per FFN layer, n = {widths}; got shapes "
+                             f"{[tuple(n.shape) for n in column_norms]} (FFNActivations.column_norms gives them)")
         if mode not in (CONTRIBUTION, MAGNITUDE):
             raise ValueError(f"mode is {CONTRIBUTION!r} or {MAGNITUDE!r}, got {mode!r}")
         self.mode, self.thresholds, self._downs = mode, list(thresholds), downs
@@ -251,7 +270,10 @@ class ActivationMask:
     def _hook(self, layer: int):
         def hook(module, inputs):
             a = inputs[0]
-            score = a.abs() if self._norms[layer] is None else a.abs() * self._norms[layer].to(a.device, a.dtype)
+            # in fp32, as the thresholds were searched: in bf16 the mask kept another set than the report counted
+            score = a.abs().float()
+            if self._norms[layer] is not None:
+                score = score * self._norms[layer].to(a.device, torch.float32)
             keep = score > self.thresholds[layer]
             attended = self._attended
             # a: [batch, seq, n], or [batch * seq, n] where the family flattens the tokens (OPT)

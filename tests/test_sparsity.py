@@ -174,6 +174,7 @@ def test_an_unreachable_ppl_p_target_is_reported_as_not_reached():
 
 @pytest.mark.parametrize("kwargs, message", [({"max_probes": 0}, "max_probes >= 1"),
                                              ({"search_tokens": 0}, "search_tokens is a number of tokens"),
+                                             ({"search_tokens": 2.5}, "search_tokens is a number of tokens"),
                                              ({"tolerance": -1.0}, "tolerance is in percentage points")])
 def test_bad_search_settings_are_refused_before_any_measurement(measured, kwargs, message):
     loaded, acts = measured
@@ -244,3 +245,59 @@ def test_a_model_of_a_short_context_is_measured_in_windows_that_fit_it():
     report = sparsity_report(loaded.model, loaded.tokenizer, calibration(loaded.model.config.vocab_size), TEXT,
                              ppl_p=5.0, max_tokens=512)
     assert report["ppl_p"]["dense_ppl"] > 1 and report["baseline"]["ppl"] > 1
+
+
+def test_a_down_projection_with_a_lora_is_refused_not_measured_without_it():
+    """The contributions read W_down alone: with a LoRA on down_proj the captured activations times W_down were
+    7.9 off the layer's real output (of size ~14), silently."""
+    from cpet.adapters import add_lora
+
+    loaded = tiny_model("llama")
+    adapted = add_lora(loaded.model, rank=4, alpha=8, dropout=0.0)
+    tokens = calibration(loaded.model.config.vocab_size)
+    with pytest.raises(ValueError, match="down projection of layer 0 carries a peft adapter.*merge_and_unload"):
+        collect_ffn_activations(adapted, tokens)
+    with pytest.raises(ValueError, match="carries a peft adapter"):
+        ActivationMask(adapted, [0.0] * loaded.model.config.num_hidden_layers)
+
+
+def test_the_magnitude_quantile_samples_every_neuron_past_the_quantile_limit():
+    """Past 2**24 values the sample is of whole tokens: a stride of 2 over the flattened [tokens, 64] saw only
+    the even neurons, and with the odd ones larger the share above the threshold was 0.75, not 0.5."""
+    from cpet.sparsity import FFNActivations
+
+    n = 64
+    tokens = (1 << 24) // n + n  # just past the limit: a flat stride of 2
+    acts = torch.rand(tokens, n, generator=torch.Generator().manual_seed(0))
+    acts[:, 1::2] += 1.0
+    threshold = magnitude_thresholds(FFNActivations([acts], [torch.ones(8, n)]), 0.5)[0]
+    assert float((acts > threshold).float().mean()) == pytest.approx(0.5, abs=0.01)
+
+
+def test_a_bf16_mask_keeps_the_share_the_fp32_search_reports():
+    """The mask scores |a| * ||W_down[:, i]|| in fp32, as the thresholds were searched: in bf16 it kept another
+    set of neurons than activation_ratio counted (0.24622 against 0.24686 on this model)."""
+    from cpet.sparsity import _down_modules
+
+    loaded = tiny_model("llama")
+    loaded.model.to(torch.bfloat16)
+    ids = calibration(loaded.model.config.vocab_size, seq=64)
+    acts = collect_ffn_activations(loaded.model, ids)
+    thresholds = acts.thresholds_for_cett(0.2, search_tokens=None)
+    downs = _down_modules(loaded.model)
+    others = [float("inf")] * (len(downs) - 1)  # layer 0 masked, every later layer masks everything (not counted)
+    with torch.no_grad(), ActivationMask(loaded.model, [thresholds[0]] + others,
+                                         column_norms=[acts.column_norms(i) for i in range(acts.num_layers)]) as mask:
+        loaded.model(input_ids=ids)
+    assert mask.kept / mask.total * len(downs) == pytest.approx(acts.activation_ratio(0, thresholds[0]), abs=1e-9)
+
+
+def test_bad_mask_thresholds_and_norms_are_refused():
+    loaded = tiny_model("llama")
+    layers = loaded.model.config.num_hidden_layers
+    width = loaded.model.config.intermediate_size
+    with pytest.raises(ValueError, match="threshold of layer 0 is nan: thresholds must be numbers"):
+        ActivationMask(loaded.model, [float("nan")] * layers)
+    with pytest.raises(ValueError, match=rf"column_norms must hold one \[n\] tensor per FFN layer, n = \[{width}"):
+        ActivationMask(loaded.model, [0.0] * layers, column_norms=[torch.ones(3)] * layers)
+
