@@ -203,7 +203,8 @@ class LoadedAdapter:
 
 
 def load_factors(name: str, source: AdapterSource | str | Path, module_shapes: dict[str, tuple[int, int]], *,
-                 base_id: str, shared_available: bool, shared_sha256: str | None = None) -> LoadedAdapter:
+                 base_id: str, shared_available: bool, shared_sha256: str | None = None,
+                 reordered: frozenset[str] = frozenset()) -> LoadedAdapter:
     """Check ``source`` against a base and read its factors (LoRA, and per-task recovery when it has one).
 
     Args:
@@ -212,6 +213,9 @@ def load_factors(name: str, source: AdapterSource | str | Path, module_shapes: d
         shared_available: whether the base's shared recovery is at hand (adapters trained with it need it).
         shared_sha256: the SHA-256 of that recovery's weights; an adapter that recorded another one (trained
             before ``cpet recover`` was run again) is refused.
+        reordered: modules whose neurons the base keeps in another order than the source model at the same shape
+            (:func:`reordered_modules`); a plain PEFT adapter (no ``cpet.json``, so no base_id to check) with a
+            LoRA on one is refused: its factors would act on the wrong neurons.
     Raises:
         AdapterError: not a LoRA (or a DoRA), another base, a module the base lacks, shapes that do not fit, a
             missing or unreadable weights file, or shared recovery that is not available.
@@ -242,6 +246,12 @@ def load_factors(name: str, source: AdapterSource | str | Path, module_shapes: d
         shape = module_shapes.get(module)
         if shape is None:
             raise AdapterError(f"{directory}: module {module} is not a linear of this base")
+        if module in reordered and not source.is_cpet:
+            raise AdapterError(f"{directory} is a plain PEFT adapter with a LoRA on {module}, whose neurons this "
+                               "base keeps in another order than the source model (MoEfication groups them into "
+                               "experts): its factors would act on the wrong neurons. Tune a CPET adapter from it "
+                               f"instead, which maps it through the base's index maps: `cpet tune PIPELINE --task "
+                               f"TASK --init inherit --inherit-from {directory}`")
         A, B = pair["A"], pair["B"]
         if A.shape[1] != shape[0] or B.shape[0] != shape[1] or A.shape[0] != B.shape[1]:
             raise AdapterError(f"{directory}: module {module} has LoRA shapes A {tuple(A.shape)}, B "
@@ -313,6 +323,17 @@ def module_shapes(model) -> dict[str, tuple[int, int]]:
             for layer in iter_layer_linears(unwrap(model)) for role, name in layer.names.items()}
 
 
+def reordered_modules(model) -> frozenset[str]:
+    """The mapped linears whose neurons a compression stage keeps in another order at the same shape: the expert
+    banks of a MoEfied FFN (its neurons permuted into experts). A LoRA made on the source model cannot be read
+    onto these by shape; it must be mapped through the base's index maps (inheritance)."""
+    from .models import iter_layer_linears, unwrap
+    from .moe.experts import bank_of
+
+    return frozenset(name for layer in iter_layer_linears(unwrap(model)) for role, name in layer.names.items()
+                     if bank_of(layer[role]) is not None)
+
+
 @dataclass(frozen=True)
 class Assembly:
     """One runnable model, described: the base ``base_id``, an adapter's factors (None: the bare base) and the
@@ -381,4 +402,4 @@ def _read_json(path: Path) -> dict:
 
 
 __all__ = ["AdapterError", "AdapterSource", "Assembly", "LoadedAdapter", "LowRank", "as_source", "load_factors",
-           "module_shapes", "read_recovery", "read_safetensors"]
+           "module_shapes", "read_recovery", "read_safetensors", "reordered_modules"]

@@ -49,7 +49,23 @@ class ExpertBankLora(nn.Module, LoraLayer):
     def bank(self) -> ExpertBank:
         return self.get_base_layer()
 
+    def _refuse_mixed_batches(self) -> None:
+        """peft runs a mixed-adapter batch (``model(..., adapter_names=[...])``) by a forward pre-hook that hands
+        each LoRA layer's ``forward`` the rows' adapter names; the MoEfied FFN calls :meth:`expert` and
+        :meth:`combine` instead, so the names would never arrive and every row would get the active adapter on its
+        FFN (and its own on attention). Refused rather than run wrong. peft removes its hooks after the forward
+        but not when the forward raises (no ``finally``): the hooks stay, and this refusal with them, so the model
+        never runs a mixed batch half-way afterwards either."""
+        for hook in self._forward_pre_hooks.values():
+            if "adapter_names" in (getattr(hook, "keywords", None) or {}):
+                raise ValueError("peft's mixed-adapter batches (adapter_names=...) are not supported on a MoEfied "
+                                 "base: its FFN would give every row the active adapter. Serve mixed batches with "
+                                 "CPET's engine (`cpet serve`, cpet.serve.Engine), or run one adapter per batch. "
+                                 "peft leaves its adapter_names hooks in place when a forward raises, so this model "
+                                 "refuses every call from now on: load it again")
+
     def _paths(self) -> list[LowRankPath]:
+        self._refuse_mixed_batches()
         if self.disable_adapters or self.merged:
             return []
         return [LowRankPath(self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], _identity,

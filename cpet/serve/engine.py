@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..assembly import AdapterSource, Assembly, LoadedAdapter, LowRank, read_recovery
+from ..assembly import AdapterSource, Assembly, LoadedAdapter, LowRank, read_recovery, reordered_modules
 from ..models import cache_argument, context_length, iter_layer_linears, output_cache
 from ..recovery import recovery_sha256
 from .registry import AdapterRegistry, module_shapes
@@ -90,7 +90,8 @@ class Engine:
         self.registry = AdapterRegistry(shapes, base_id, capacity=capacity, root=root, device=device,
                                         has_shared_recovery=bool(self.shared),
                                         shared_recovery_sha256=(recovery_sha256(shared_recovery)
-                                                                if shared_recovery is not None else None))
+                                                                if shared_recovery is not None else None),
+                                        reordered=reordered_modules(model))
         self._batch: _Batch | None = None
         self._lock = threading.Lock()  # one batch through the hooks at a time
         self._cache_key = cache_argument(model)

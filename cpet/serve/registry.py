@@ -55,11 +55,14 @@ class AdapterRegistry:
         shared_recovery_sha256: the SHA-256 of that recovery's weights (adapters trained with another are refused).
         device: where loaded factors are kept (the base's device: the expert-bank path multiplies by them as
             they are); None keeps them where they were read, on the CPU.
+        reordered: the base's modules with neurons in another order than the source model's
+            (:func:`~cpet.assembly.reordered_modules`): plain PEFT adapters on them are refused.
     """
 
     def __init__(self, module_shapes: dict[str, tuple[int, int]], base_id: str, *, capacity: int = 64,
                  root: str | Path | None = None, has_shared_recovery: bool = False,
-                 shared_recovery_sha256: str | None = None, device: torch.device | str | None = None):
+                 shared_recovery_sha256: str | None = None, device: torch.device | str | None = None,
+                 reordered: frozenset[str] = frozenset()):
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.module_shapes, self.base_id, self.capacity = module_shapes, base_id, capacity
@@ -67,6 +70,7 @@ class AdapterRegistry:
         self.has_shared_recovery = has_shared_recovery
         self.shared_recovery_sha256 = shared_recovery_sha256
         self.device = device
+        self.reordered = reordered
         self._adapters: OrderedDict[str, LoadedAdapter] = OrderedDict()
         self._pinned: set[str] = set()
         self._lock = threading.Lock()
@@ -92,7 +96,7 @@ class AdapterRegistry:
             self._victims(name)  # one that could never fit is refused before its files are read
         adapter = load_factors(name, source or AdapterSource(path), self.module_shapes, base_id=self.base_id,
                                shared_available=self.has_shared_recovery,
-                               shared_sha256=self.shared_recovery_sha256)
+                               shared_sha256=self.shared_recovery_sha256, reordered=self.reordered)
         if self.device is not None:
             adapter = adapter.to(self.device)
         with self._lock:

@@ -364,3 +364,37 @@ def test_the_engine_runs_its_batches_without_autograd(served):
     finally:
         handle.remove()
     assert seen == [False]
+
+
+def test_a_plain_peft_lora_of_the_source_model_is_refused_on_moefied_ffns(tmp_path):
+    """A MoEfied base keeps whole-FFN shapes with its neurons permuted into experts: a plain PEFT LoRA of the source
+    model (no cpet.json, no base_id) passed every shape check and ran on the wrong neurons (logits 6.1 off the same
+    adapter on the source model). Its FFN LoRA is refused, pointing to inheritance; an attention-only one runs."""
+    import copy
+
+    from cpet.adapters import add_lora
+    from cpet.compress import compress
+    from cpet.compress.moefy import MoEfyConfig
+    from cpet.models import tiny_model
+
+    model = tiny_model("llama").model.eval()
+    tokens = torch.randint(3, 259, (4, 32), generator=torch.Generator().manual_seed(0))
+    base = compress(copy.deepcopy(model), [MoEfyConfig(num_experts=4, top_k=4, router_steps=5)],
+                    calibration=tokens, progress=False)
+    engine = Engine(base.model, base.base_id)
+    for roles, name in ((None, "every-linear"), (("q", "v"), "attention")):
+        adapted = add_lora(copy.deepcopy(model), rank=4, alpha=8, dropout=0.0, target_roles=roles)
+        for key, parameter in adapted.named_parameters():
+            if "lora_B" in key:  # not the zero start: a LoRA that changes the outputs
+                parameter.data = torch.randn(parameter.shape, generator=torch.Generator().manual_seed(5)) * 0.3
+        adapted.save_pretrained(str(tmp_path / name))
+        if roles is None:
+            with pytest.raises(AdapterError, match=r"plain PEFT adapter with a LoRA on model\.layers\.0\.mlp\.\w+_proj, "
+                                                   r"whose neurons this base keeps in another order.*--init inherit"):
+                engine.load(name, tmp_path / name)
+        else:  # attention keeps its order: the adapter computes what it computes on the source model
+            engine.load(name, tmp_path / name)
+            ids = IDS[:2, :12]
+            with torch.no_grad():
+                expected = adapted.eval()(input_ids=ids).logits
+                assert torch.allclose(engine.view(name)(input_ids=ids).logits, expected, atol=1e-4)
