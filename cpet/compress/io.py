@@ -18,7 +18,7 @@ stage rebuild what it changed (:meth:`cpet.compress.stages.Stage.rebuild`) befor
 from __future__ import annotations
 
 import contextlib
-
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -49,6 +49,7 @@ class CompressedBase:
         directory = Path(directory)
         with atomic_path(directory) as tmp:
             self.model.save_pretrained(str(tmp), safe_serialization=True)
+            _record_dtype(tmp / "config.json", base_dtype(self.model))
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(str(tmp))
             self.index_maps.save(tmp / INDEX_MAPS_FILE)
@@ -113,6 +114,24 @@ def default_dtype(dtype: torch.dtype):
         yield
     finally:
         torch.set_default_dtype(before)
+
+
+def base_dtype(model: nn.Module) -> torch.dtype:
+    """The floating dtype of a base's own layers: its first floating parameter outside the MoE routers, which stay
+    fp32 in any base (``save_pretrained`` records the first floating parameter: with quantized embeddings, the
+    first is a router's, and a bf16 MoEfied base was recorded, and reloaded, as fp32)."""
+    from ..moe.layer import Router
+
+    routers = {id(p) for module in model.modules() if isinstance(module, Router) for p in module.parameters()}
+    return next((p.dtype for p in model.parameters() if p.is_floating_point() and id(p) not in routers),
+                torch.float32)
+
+
+def _record_dtype(config_file: Path, dtype: torch.dtype) -> None:
+    """Write ``dtype`` as ``config.json``'s ``dtype`` (what :func:`saved_dtype` reads back)."""
+    config = json.loads(config_file.read_text())
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def saved_dtype(config) -> torch.dtype:

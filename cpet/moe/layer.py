@@ -22,12 +22,14 @@ from .experts import ExpertBank, Routed, bank_of
 
 
 class Router(nn.Module):
-    """``x [T, hidden] -> predicted expert output norms [T, E]`` through one hidden ReLU layer."""
+    """``x [T, hidden] -> predicted expert output norms [T, E]`` through one hidden ReLU layer, in fp32 whatever
+    the model's dtype (it is trained in fp32; a bf16 rebuild on reload rounded its weights and changed the experts
+    of about a quarter of a tiny model's tokens)."""
 
     def __init__(self, hidden_size: int, num_experts: int, width: int):
         super().__init__()
-        self.proj = nn.Linear(hidden_size, width)
-        self.out = nn.Linear(width, num_experts)
+        self.proj = nn.Linear(hidden_size, width, dtype=torch.float32)
+        self.out = nn.Linear(width, num_experts, dtype=torch.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(torch.relu(self.proj(x.to(self.proj.weight.dtype))))

@@ -430,3 +430,27 @@ def test_ffn_inputs_of_some_layers_stop_each_pass_at_the_last_of_them():
     for bad in ([], [2], [-3]):
         with pytest.raises(ValueError, match="must name at least one of the model's 2 decoder layers"):
             ffn_inputs(model, _calibration(model), layers=bad)
+
+
+@pytest.mark.parametrize("quantize", [[], [QuantizeConfig("nf4", embeddings=True)]], ids=["moefied", "nf4-embeddings"])
+def test_a_bf16_moefied_base_reloads_with_fp32_routers_and_the_same_logits(quantize, tmp_path):
+    """The routers are trained in fp32; the rebuild on reload made them bf16 (13 of 50 tokens chose other experts,
+    logits 2.3 off), and with quantized embeddings config.json recorded a router's fp32 as the base's dtype, so the
+    whole base came back in fp32."""
+    from cpet.models import load_base
+
+    tiny = tiny_model("llama")
+    tiny.model.save_pretrained(tmp_path / "source")
+    tiny.tokenizer.save_pretrained(tmp_path / "source")
+    loaded = load_base(str(tmp_path / "source"), dtype=torch.bfloat16)
+    base = compress(loaded.model, [MoEfyConfig(num_experts=4, top_k=2, router_steps=5), *quantize],
+                    calibration=_calibration(loaded.model), progress=False)
+    base.save(tmp_path / "base")
+    again = CompressedBase.load(tmp_path / "base")
+    assert {b.router.proj.weight.dtype for b in moe_blocks(again.model)} == {torch.float32}
+    assert again.model.get_output_embeddings().weight.dtype != torch.float32  # bf16, or packed 4-bit
+    ids = _ids(loaded.model)
+    with torch.no_grad():
+        expected = base.model(input_ids=ids).logits
+        assert expected.dtype == torch.bfloat16
+        assert torch.equal(again.model(input_ids=ids).logits, expected)
