@@ -223,9 +223,11 @@ def load_factors(name: str, source: AdapterSource | str | Path, module_shapes: d
     source = as_source(source)
     directory = source.directory
     if source.config.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(f"{directory} is a {source.config.get('peft_type')} adapter; only LoRA adapters run here")
+        raise AdapterError(f"{directory} is a {source.config.get('peft_type')} adapter; only LoRA adapters run here: "
+                           "train a LoRA (peft LoraConfig, or `cpet tune`)")
     if source.config.get("use_dora"):
-        raise AdapterError(f"{directory} is a DoRA adapter (a magnitude vector per module): only LoRA runs here")
+        raise AdapterError(f"{directory} is a DoRA adapter (a magnitude vector per module, which the stacked low-rank "
+                           "paths cannot apply): only LoRA runs here; train it again with use_dora=False")
     if source.is_cpet:  # the base first: an adapter of another base is named as such, not by a shape mismatch
         from .adapters import check_adapter_base
 

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from cpet.assembly import AdapterError, AdapterSource
+from cpet.assembly import AdapterError, AdapterSource, load_factors
 from cpet.data import template_for, verbalizer_for
 from cpet.data.tasks import as_task
 from cpet.evaluate import classification_accuracy, label_logprobs
@@ -158,6 +158,12 @@ def test_adapter_sources_name_what_is_wrong(tmp_path):
     assert not source.is_cpet and source.recovery == "none" and source.scale("q", 2) == 2.0
     with pytest.raises(AdapterError, match="has no adapter_model.safetensors"):
         source.tensors
+    for config, message in (('{"peft_type": "IA3"}', "is a IA3 adapter; only LoRA adapters run here: train a LoRA"),
+                            ('{"peft_type": "LORA", "r": 2, "lora_alpha": 4, "use_dora": true}',
+                             "is a DoRA adapter.*train it again with use_dora=False")):
+        (tmp_path / "adapter_config.json").write_text(config)
+        with pytest.raises(AdapterError, match=message):  # refused before its weights are read
+            load_factors("x", tmp_path, {}, base_id="b", shared_available=False)
 
 
 def test_a_closed_engine_refuses_to_run_and_recovery_of_another_base_is_refused(tuned, tmp_path):

@@ -32,7 +32,8 @@ class ExpertBankLora(nn.Module, LoraLayer):
         super().__init__()
         LoraLayer.__init__(self, base_layer, **kwargs)
         if config.use_dora:
-            raise ValueError("DoRA is not supported on MoEfied FFNs (its magnitude vector spans every expert)")
+            raise ValueError("DoRA is not supported on MoEfied FFNs (its magnitude vector spans every expert): use "
+                             "a plain LoRA (use_dora=False)")
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
 
