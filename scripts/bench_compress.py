@@ -112,11 +112,12 @@ def main(argv=None) -> int:
     meta = {"model": args.model, "ppl_tokens": args.max_tokens, "batch_size": args.batch_size,
             "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
             "machine": describe_machine(),
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "commit": commit}
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "commit": commit,
+            "command": "python scripts/bench_compress.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     write_text_atomic(Path(args.out + ".json"), json.dumps({"meta": meta, "results": results}, indent=2))
     table = markdown(results, meta)
-    write_text_atomic(Path(args.out + ".md"), "# Compression benchmark\n\nCommand: `python scripts/bench_compress.py "
-                      + " ".join(argv or sys.argv[1:]) + f"` (code commit {commit})\n\n" + table)
+    write_text_atomic(Path(args.out + ".md"), f"# Compression benchmark\n\nCommand: `{meta['command']}` (code commit "
+                      f"{commit})\n\n" + table)
     print(table)
     return 0
 

@@ -28,7 +28,6 @@ many examples they label differently). Writes
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -43,6 +42,7 @@ from cpet.data import load_task, tuning_prompts  # noqa: E402
 from cpet.data.prompts import fit_prompt  # noqa: E402
 from cpet.evaluate import label_logprobs, padded  # noqa: E402
 from cpet.models import load_base  # noqa: E402
+from cpet.runtime import machine_record  # noqa: E402
 from cpet.train import collate, encode_example, label_token_loss  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,6 +74,7 @@ def main() -> None:
                         help="processes to stop while timing (e.g. a grid run), continued afterwards")
     parser.add_argument("--out", default=str(ROOT / "docs" / "bench_label_logits.json"))
     args = parser.parse_args()
+    commit = git_commit()  # the code as it was imported, before the long work (as the other benchmarks read it)
     if args.batch_size < 1 or args.batches < 1 or args.repeats < 1:
         parser.error("--batch-size, --batches and --repeats must be >= 1")
     if args.threads:
@@ -169,9 +170,9 @@ def main() -> None:
         "label_disagreements_by_length": disagreements_by_length,
         "split_speedup_label_positions": times["split_all_input_order"] / times["split_label_input_order"],
         "split_speedup_both": times["split_all_input_order"] / times["split_label_by_length"],
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__},
-        "commit": git_commit(), "command": "python scripts/bench_label_logits.py " + " ".join(sys.argv[1:]),
+        # the CPU model and its vector level, not the bare architecture (both earlier reports say "x86_64")
+        "machine": machine_record(),
+        "commit": commit, "command": "python scripts/bench_label_logits.py " + " ".join(sys.argv[1:]),
     }
     write_report(args.out, report, markdown)
 

@@ -121,6 +121,7 @@ def main(argv=None) -> int:
     parser.add_argument("--pause", type=int, nargs="*", default=[], help="PIDs to stop while speed is timed")
     parser.add_argument("--out", default=str(ROOT / "docs" / "bench_moefy.json"))
     args = parser.parse_args(argv)
+    args.command = " ".join(["python scripts/bench_moefy.py", *(sys.argv[1:] if argv is None else argv)])
     args.speed_experts = args.speed_experts or [args.experts]
     for share, counts in ((args.recovery_share, [args.experts]), (args.speed_share, args.speed_experts)):
         for experts in counts:
@@ -153,7 +154,7 @@ def main(argv=None) -> int:
     report = {"model": args.model, "experts": args.experts, "clustering": args.clustering,
               "tweets_examples": len(examples), "max_tokens": args.max_tokens,
               "machine": describe_machine(),
-              "command": " ".join(["python scripts/bench_moefy.py", *(sys.argv[1:] if argv is None else argv)]),
+              "command": args.command,
               "commit": git_commit()}
     print("[bench] dense", flush=True)
     report["dense"] = {**quality(model, tokenizer, heldout, task, examples, args.max_tokens),
@@ -279,9 +280,17 @@ def measure_speed(args, model, calibration, moefied: dict) -> dict:
             if blocks:
                 speed[name]["expert_share"] = measured_share(blocks)
                 speed[name]["batch8_expert_union"] = batch_expert_union(candidate, calibration[:8])
-    command = " ".join(["python scripts/bench_moefy.py", *sys.argv[1:]])
-    return {"share": args.speed_share, "models": speed, "command": command, "commit": commit,
+    return {"share": args.speed_share, "models": speed, "command": args.command, "commit": commit,
+            "repeats": args.speed_repeats, "paused": bool(args.pause),
             "machine": describe_machine(), "seconds": time.perf_counter() - started}
+
+
+def _timing_conditions(speed: dict) -> str:
+    """How the speeds were timed, as the report recorded it (reports before these fields: best of repeats with
+    the other processes paused, the only way they were made)."""
+    repeats = f"best of {speed['repeats']} repeats" if "repeats" in speed else "best of repeats"
+    alone = speed.get("paused", True)
+    return repeats + (", the processes given to --pause stopped" if alone else ", beside whatever else ran")
 
 
 def markdown(report: dict) -> str:
@@ -312,7 +321,7 @@ def markdown(report: dict) -> str:
     speed = report["speed"]
     lines += ["", f"Speed at {speed['share']:.0%} of the experts (pruned: the same share of FFN channels kept), "
               "batch 8 x 128 prefill (LM head on every position, and on the last one only as `generate` runs "
-              "it), 32 decode steps, best of repeats, alone on the machine "
+              f"it), 32 decode steps, {_timing_conditions(speed)} "
               f"({speed.get('machine', report['machine'])}), code commit {speed['commit']}:", "",
               "| model | FLOPs/token | FLOP ratio | prefill tok/s | ratio | prefill tok/s, last logits | ratio | "
               "decode tok/s | ratio |",
