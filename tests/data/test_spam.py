@@ -7,6 +7,8 @@ import tarfile
 
 import pytest
 
+import cpet.data.spam
+
 from cpet.data import load_spam_task, template_for
 from cpet.data.spam import MAX_CHARS, clean_email, html_to_text, load_emails
 from tests.conftest import real_asset
@@ -63,7 +65,7 @@ def spam_archive(tmp_path, monkeypatch):
     return path
 
 
-def test_fixture_task(spam_archive):
+def test_fixture_task(spam_archive, monkeypatch):
     task = load_spam_task(spam_archive)
     assert task.labels == ("ham", "spam") and task.family == "spam"
     assert task.dedup_report["duplicates_dropped"] == 1  # the repeat sat in its original's split: a group
@@ -77,10 +79,17 @@ def test_fixture_task(spam_archive):
     assert load_spam_task(spam_archive).splits == task.splits
     from cpet.data.spam import CLEANER_VERSION
 
-    # the second load reads the parsed cache, named by the cleaner's version: proven by editing the cache
+    # the second load reads the parsed cache, named by the cleaner's version: proven by a parser that fails
     (cache,) = (spam_archive.parent / "cache" / "data").glob(f"spam-*-v{CLEANER_VERSION}-*.jsonl")
-    cache.write_text(cache.read_text().replace("See you at 0", "Edited in the cache"))
-    assert load_emails(spam_archive)[0]["body"] == "Edited in the cache"
+    emails = load_emails(spam_archive)
+    with monkeypatch.context() as patch:
+        patch.setattr(cpet.data.spam, "_parse_archive", lambda archive: pytest.fail("parsed again"))
+        assert load_emails(spam_archive) == emails
+    # a cache changed since it was written (edited, cut short) is parsed again, not read as it stands
+    for damage in (lambda text: text.replace("See you at 0", "Edited in the cache"),
+                   lambda text: "".join(text.splitlines(keepends=True)[:-3])):
+        cache.write_text(damage(cache.read_text()))
+        assert load_emails(spam_archive) == emails
 
 
 def test_archive_without_emails(tmp_path, monkeypatch):
