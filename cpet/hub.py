@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import urllib.request
 from urllib.parse import urlsplit
 
 PROBE_TIMEOUT_S = 3.0
@@ -32,21 +33,35 @@ def hub_offline_by_choice() -> bool:
     return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
 
 
+def _probe_address() -> tuple[str, int, str]:
+    """``(host, port, what)`` that a hub request connects to first: the proxy set for the hub's scheme
+    (``HTTPS_PROXY`` / ``HTTP_PROXY``, as requests and huggingface_hub read them) unless ``NO_PROXY`` exempts the
+    hub's host, else the hub itself. Behind a proxy the hub's host is often not reachable directly at all, so a
+    direct probe called a working hub unreachable."""
+    parts = urlsplit(hub_endpoint())
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass(parts.hostname or ""):
+        proxy_parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        return proxy_parts.hostname, proxy_parts.port or (443 if proxy_parts.scheme == "https" else 80), \
+            f"the proxy {proxy_parts.hostname}:{proxy_parts.port or 80} ({parts.scheme.upper()}_PROXY)"
+    return parts.hostname, parts.port or (443 if parts.scheme == "https" else 80), parts.hostname
+
+
 def hub_reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:
-    """Whether the hub's host accepts a TCP connection within ``timeout`` seconds (False in offline mode)."""
+    """Whether the hub's host (or the proxy in front of it) accepts a TCP connection within ``timeout`` seconds
+    (False in offline mode)."""
     if hub_offline_by_choice():
         return False
-    parts = urlsplit(hub_endpoint())
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    host, port, _ = _probe_address()
     try:
-        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+        socket.create_connection((host, port), timeout=timeout).close()
     except OSError:  # no route, no DNS, refused, timed out: all mean the same to the user
         return False
     return True
 
 
 def unreachable_reason() -> str:
-    """How the hub is out of reach, for messages: offline mode, or the host that did not answer."""
+    """How the hub is out of reach, for messages: offline mode, or the host (or proxy) that did not answer."""
     if hub_offline_by_choice():
         return "HF_HUB_OFFLINE is set"
-    return f"{urlsplit(hub_endpoint()).hostname} cannot be reached from this machine"
+    return f"{_probe_address()[2]} cannot be reached from this machine"

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchtools import git_commit, paused  # noqa: E402
+from benchtools import add_threads_option, git_commit, paused, set_threads  # noqa: E402
 from cpet.assets import write_text_atomic  # noqa: E402
 from cpet.compress import calibration_ids, compress  # noqa: E402
 from cpet.config import PruneConfig, QuantizeConfig  # noqa: E402
@@ -92,7 +92,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--pause", type=int, nargs="*", default=[], help="PIDs to stop while speed is timed")
     parser.add_argument("--out", default="docs/bench_compress")
+    add_threads_option(parser)
     args = parser.parse_args(argv)
+    set_threads(args.threads)
 
     commit = git_commit()  # the code as it was imported, before the long work
     loaded = load_base(args.model)

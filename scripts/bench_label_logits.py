@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchtools import git_commit, paused, write_report  # noqa: E402
+from benchtools import add_threads_option, git_commit, paused, set_threads, write_report  # noqa: E402
 from cpet.adapters import add_lora  # noqa: E402
 from cpet.data import load_task, tuning_prompts  # noqa: E402
 from cpet.data.prompts import fit_prompt  # noqa: E402
@@ -69,7 +69,7 @@ def main() -> None:
                         help="prompt cut (default 64, as cpet demo tunes; the grid cuts at 128)")
     parser.add_argument("--check-split", default="test",
                         help="split whose every example both scoring paths label, to compare (default test)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    add_threads_option(parser)
     parser.add_argument("--pause", type=int, nargs="*", default=[], metavar="PID",
                         help="processes to stop while timing (e.g. a grid run), continued afterwards")
     parser.add_argument("--out", default=str(ROOT / "docs" / "bench_label_logits.json"))
@@ -77,8 +77,7 @@ def main() -> None:
     commit = git_commit()  # the code as it was imported, before the long work (as the other benchmarks read it)
     if args.batch_size < 1 or args.batches < 1 or args.repeats < 1:
         parser.error("--batch-size, --batches and --repeats must be >= 1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
 
     task = load_task(args.task)
     template, verbalizer = tuning_prompts(task, "train", args.check_split)

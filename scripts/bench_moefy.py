@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchtools import git_commit, paused, write_report  # noqa: E402
+from benchtools import add_threads_option, git_commit, paused, set_threads, write_report  # noqa: E402
 from cpet.compress import calibration_ids, compress  # noqa: E402
 from cpet.compress.moefy import MoEfyConfig, batch_expert_union, ffn_inputs, moe_blocks  # noqa: E402
 from cpet.config import PruneConfig  # noqa: E402
@@ -120,7 +120,9 @@ def main(argv=None) -> int:
     parser.add_argument("--speed-repeats", type=int, default=3)
     parser.add_argument("--pause", type=int, nargs="*", default=[], help="PIDs to stop while speed is timed")
     parser.add_argument("--out", default=str(ROOT / "docs" / "bench_moefy.json"))
+    add_threads_option(parser)
     args = parser.parse_args(argv)
+    set_threads(args.threads)
     args.command = " ".join(["python scripts/bench_moefy.py", *(sys.argv[1:] if argv is None else argv)])
     args.speed_experts = args.speed_experts or [args.experts]
     for share, counts in ((args.recovery_share, [args.experts]), (args.speed_share, args.speed_experts)):

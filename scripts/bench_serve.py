@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchtools import git_commit, paused, write_report  # noqa: E402
+from benchtools import add_threads_option, git_commit, paused, set_threads, write_report  # noqa: E402
 from cpet.evaluate import throughput  # noqa: E402
 from cpet.models import unwrap  # noqa: E402
 from cpet.runtime import describe_machine  # noqa: E402
@@ -133,7 +133,9 @@ def main(argv=None) -> int:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--pause", type=int, nargs="*", default=[])
     parser.add_argument("--out", default=str(ROOT / "docs" / "bench_serve.json"))
+    add_threads_option(parser)
     args = parser.parse_args(argv)
+    set_threads(args.threads)
 
     from peft import PeftModel
 

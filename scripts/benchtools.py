@@ -55,3 +55,26 @@ def git_commit() -> str:
         return "unknown"
     head, plus, dirty = commit.partition("+")
     return head[:7] + plus + dirty
+
+
+def add_threads_option(parser) -> None:
+    """``--threads N``: torch's CPU threads while timing, set by :func:`set_threads` (recorded with the machine)."""
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads while timing (default: every core this process may run on; a "
+                             "benchmark times alone, with --pause stopping what shares the machine)")
+
+
+def set_threads(threads: int | None) -> int:
+    """Set torch's thread count to ``threads``, or to every core this process may run on, and return it.
+
+    Pinned on purpose, not left to torch's default nor to ``cpet.runtime.default_threads``: the first follows
+    what torch detects (all cores of the machine in some containers), the second the load average, which
+    counts the very processes ``--pause`` stops; either way two runs of one benchmark could time different
+    thread counts without a word."""
+    import torch
+
+    if threads is not None and threads < 1:
+        raise SystemExit(f"--threads must be >= 1, got {threads}")
+    count = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    torch.set_num_threads(count)
+    return count

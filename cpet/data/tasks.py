@@ -235,6 +235,12 @@ def _rows_to_task(rows: list[tuple[int, dict]], path: Path, text_field: str, lab
                   split_field: str | None, name: str | None, kind: str) -> ClassificationTask:
     examples, split_of = [], []
     use_split = split_field or _split_column(rows, path)
+    if split_field and not any(split_field in row for _, row in rows):
+        # named by the user but in no row: "no 'split' field, though other lines have one" on the first row
+        # would be untrue
+        fields = sorted({key for _, row in rows for key in row if isinstance(key, str)})
+        raise ValueError(f"{path}: no {kind} has the split field {split_field!r} that was asked for; its fields "
+                         f"are {fields} (field names are case-sensitive)")
     for line_no, row in rows:
         if None in row:  # csv.DictReader files cells beyond the header under None: an unquoted delimiter
             raise ValueError(f"{path} {kind} {line_no}: {len(row) - 1 + len(row[None])} cells but the header has "
@@ -290,9 +296,16 @@ def read_utf8(path: Path) -> str:
     """The text of a UTF-8 file (a leading byte-order mark dropped).
 
     Raises:
-        ValueError: the file is not valid UTF-8 (names the path, byte offset and line).
+        ValueError: the file is not valid UTF-8 (names the path, byte offset and line), or is UTF-16 (says so).
     """
     data = Path(path).read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16's byte-order marks (Windows "Unicode" files)
+        raise ValueError(f"{path} is UTF-16 (it starts with a UTF-16 byte-order mark), not UTF-8; re-save it as "
+                         "UTF-8 (e.g. `iconv -f utf-16 -t utf-8`)")
+    if b"\0" in data:  # UTF-16 without a byte-order mark: ASCII letters with a NUL byte between, valid UTF-8
+        line = data[:data.index(b"\0")].count(b"\n") + 1
+        raise ValueError(f"{path} holds NUL bytes (the first on line {line}): it looks like UTF-16 without a "
+                         "byte-order mark; re-save it as UTF-8 (e.g. `iconv -f utf-16le -t utf-8`)")
     bom = len(data) - len(data.removeprefix(b"\xef\xbb\xbf"))
     try:
         return data[bom:].decode("utf-8")

@@ -169,11 +169,17 @@ class ExpertBank(nn.Module):
                     out = out + delta.to(out.dtype)
         return out
 
-    def combine(self, parts: Sequence[Routed], num_tokens: int, extra: Sequence[LowRankPath] = ()) -> torch.Tensor:
-        """Column bank: ``sum_e down_e(h_e)`` scattered back to ``[num_tokens, d_out]`` (+ bias, side paths)."""
+    def combine(self, parts: Sequence[Routed], num_tokens: int, extra: Sequence[LowRankPath] = (),
+                dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Column bank: ``sum_e down_e(h_e)`` scattered back to ``[num_tokens, d_out]`` (+ bias, side paths).
+
+        ``dtype`` is the output's (the FFN input's); by default that of the experts' outputs. Where no expert
+        was chosen at all (an oracle or a test choosing none) there are none to read it from, and the output
+        came back fp32 in a bf16 model."""
         if self.split != COLS:
             raise TypeError("combine() is for the column bank (down); row banks compute one expert at a time")
-        dtype = parts[0].values.dtype if parts else (self.bias.dtype if self.bias is not None else torch.float32)
+        if dtype is None:
+            dtype = parts[0].values.dtype if parts else (self.bias.dtype if self.bias is not None else torch.float32)
         device = parts[0].values.device if parts else self.experts[0].weight.device
         # summed in at least fp32, cast once at the end: a bf16 sum of E expert outputs would round E times where
         # the dense linear rounds once

@@ -145,7 +145,7 @@ class MoEFFN(nn.Module):
                 continue
             hidden = self.expert_hidden(e, tokens.index_select(0, token_rows[e]), token_rows[e])
             parts.append(Routed(e, token_rows[e], hidden))
-        return self.bank("down").combine(parts, tokens.shape[0]).reshape(*shape[:-1], -1)
+        return self.bank("down").combine(parts, tokens.shape[0], dtype=x.dtype).reshape(*shape[:-1], -1)
 
     def expert_hidden(self, expert: int, x: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Expert ``expert``'s intermediate activations ``act(gate_e(x)) * up_e(x)`` (``act(up_e(x))`` without a

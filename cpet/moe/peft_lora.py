@@ -77,8 +77,9 @@ class ExpertBankLora(nn.Module, LoraLayer):
                tokens: torch.Tensor | None = None) -> torch.Tensor:
         return self.bank.expert(expert, x, (*self._paths(), *extra), tokens=tokens)
 
-    def combine(self, parts: Sequence[Routed], num_tokens: int, extra: Sequence[LowRankPath] = ()) -> torch.Tensor:
-        return self.bank.combine(parts, num_tokens, (*self._paths(), *extra))
+    def combine(self, parts: Sequence[Routed], num_tokens: int, extra: Sequence[LowRankPath] = (),
+                dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.bank.combine(parts, num_tokens, (*self._paths(), *extra), dtype)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The dense bank plus every active adapter (for callers that treat the bank as one linear)."""

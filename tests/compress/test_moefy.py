@@ -49,6 +49,17 @@ def test_a_bf16_model_is_moefied_in_its_own_dtype():
     assert (dense - moe).abs().max() < 0.05 * dense.abs().max()  # the same function, up to bf16 rounding
 
 
+def test_a_bf16_ffn_with_no_expert_chosen_answers_zeros_in_bf16():
+    """With no expert chosen (an oracle choosing none) the output came back fp32 in a bf16 model."""
+    model = tiny_model("llama").model.to(torch.bfloat16)
+    base = compress(model, [MoEfyConfig(num_experts=4, top_k=2)], calibration=_calibration(model), progress=False)
+    block = moe_blocks(base.model)[0]
+    x = torch.randn(2, 3, 64, dtype=torch.bfloat16)
+    out = block(x, chosen=torch.zeros(6, 4, dtype=torch.bool))
+    assert out.dtype == torch.bfloat16 and out.shape == x.shape and not out.any()
+    assert block(x).dtype == torch.bfloat16
+
+
 def test_weight_clustering_partitions_otherwise_and_keeps_the_dense_function():
     model = tiny_model("llama").model
     bases = {clustering: compress(model, [MoEfyConfig(num_experts=4, top_k=4, clustering=clustering)],

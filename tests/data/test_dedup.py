@@ -105,3 +105,14 @@ def test_builtin_tasks_share_no_normalised_text_between_splits(name):
     assert not keys["train"] & keys["test"]
     assert not keys["validation"] & keys["test"]
     assert sum(len(k) for k in keys.values()) == sum(len(v) for v in task.splits.values())  # no repeats
+
+
+def test_texts_without_words_are_told_apart_by_their_characters():
+    """Every text of punctuation only has the empty normalised key: "!!!" (x) and "???" (y) were a conflict
+    and both dropped, and "!!!" and "..." with one label a duplicate."""
+    examples = [Example("!!!", "x"), Example("???", "y"), Example("...", "x"), Example("  !!! ", "x"),
+                Example("great", "x")]
+    kept, _, report = dedup_examples(examples)
+    assert [e.text for e in kept] == ["!!!", "???", "...", "great"]
+    assert report == {"duplicates_dropped": 1, "conflicting_dropped": 0, "cross_split_dropped": 0,
+                      "conflicting_keys": 0}

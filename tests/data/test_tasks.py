@@ -195,6 +195,25 @@ def test_non_utf8_file_names_path_and_offset(tmp_path, name, data, where):
         load_task(str(tmp_path / name))
 
 
+@pytest.mark.parametrize("encoding, message", [
+    ("utf-16", r"bom.csv is UTF-16 \(it starts with a UTF-16 byte-order mark\), not UTF-8.*iconv -f utf-16"),
+    ("utf-16-le", r"bom.csv holds NUL bytes \(the first on line 1\): it looks like UTF-16 without a byte-order mark"),
+])
+def test_a_utf16_file_is_named_as_such(tmp_path, encoding, message):
+    """A UTF-16 file was refused as "byte 0 is b'\\xff'" with latin1 advice, or, without a byte-order mark, read
+    as UTF-8 text with a NUL after every letter (no field named "text" found)."""
+    (tmp_path / "bom.csv").write_bytes("text,label\nnaïve,x\nb,y\n".encode(encoding))
+    with pytest.raises(ValueError, match=message):
+        load_task(str(tmp_path / "bom.csv"))
+
+
+def test_a_split_field_asked_for_but_in_no_row_is_named_with_the_fields_there(tmp_path):
+    rows = [{"text": f"t{i}", "label": "xy"[i % 2], "Split": "train"} for i in range(12)]
+    with pytest.raises(ValueError, match=r"no line has the split field 'split' that was asked for; its fields are "
+                                         r"\['Split', 'label', 'text'\] \(field names are case-sensitive\)"):
+        load_task(write_jsonl(tmp_path / "cased.jsonl", rows), split_field="split")
+
+
 def test_utf8_byte_order_mark_is_accepted(tmp_path):
     (tmp_path / "bom.csv").write_bytes("text,label\nnaïve,x\nb,y\n".encode("utf-8-sig"))
     assert load_task(str(tmp_path / "bom.csv")).labels == ("x", "y")
