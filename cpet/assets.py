@@ -244,7 +244,10 @@ def read_checked_cache(path: Path) -> str | None:
     if not path.exists():
         return None
     data = path.read_bytes()
-    if not checksum.exists() or checksum.read_text().strip() != hashlib.sha256(data).hexdigest():
+    if not checksum.exists():  # written by a CPET from before the checksums, or its checksum lost
+        print(f"cpet: {path} has no checksum beside it to check it by: building it again", file=sys.stderr)
+        return None
+    if checksum.read_text().strip() != hashlib.sha256(data).hexdigest():
         print(f"cpet: {path} is not the cache as it was written (cut short or changed since): building it again",
               file=sys.stderr)
         return None

@@ -181,3 +181,18 @@ def test_seeding_the_cache_from_a_file_checks_it(pinned_asset, tmp_path):
     assert not (tmp_path / "cache" / "downloads" / asset.filename).exists()
     assert assets.seed_cache_from(right, "fake").read_bytes() == b"the pinned release"
     assert fetch_asset("fake").read_bytes() == b"the pinned release"  # served from the cache from now on
+
+
+def test_a_checked_cache_is_read_only_as_it_was_written(tmp_path, capsys):
+    from cpet.assets import read_checked_cache, write_checked_cache
+
+    cache = tmp_path / "parsed.jsonl"
+    assert read_checked_cache(cache) is None  # not built yet: nothing said
+    write_checked_cache(cache, '{"a": 1}\n{"a": 2}\n')
+    assert read_checked_cache(cache) == '{"a": 1}\n{"a": 2}\n' and capsys.readouterr().err == ""
+    cache.write_text('{"a": 1}\n')  # cut short
+    assert read_checked_cache(cache) is None
+    assert "is not the cache as it was written (cut short or changed since)" in capsys.readouterr().err
+    (tmp_path / "parsed.jsonl.sha256").unlink()  # as an older CPET left it
+    assert read_checked_cache(cache) is None
+    assert "has no checksum beside it to check it by: building it again" in capsys.readouterr().err
