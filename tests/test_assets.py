@@ -111,22 +111,28 @@ def test_an_empty_cpet_cache_means_the_default_not_the_working_directory(tmp_pat
 
 
 def test_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
-    """A writer killed mid-write left its hidden temporary beside the file for good (a whole model each)."""
-    import socket
-    import subprocess
-    import sys
+    """A writer killed mid-write left its hidden temporary beside the file for good (a whole model each); one
+    that is still writing (its lock held, here by another open file description) keeps its own."""
+    import fcntl
+    import os
+    import time
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:40]
-    stale = tmp_path / f".model{assets._TEMP_TAG}{host}-{int(dead.stdout)}-abc"
-    live = tmp_path / f".model{assets._TEMP_TAG}{host}-1-abc"  # pid 1 lives as long as the machine
-    other_host = tmp_path / f".model{assets._TEMP_TAG}elsewhere-{int(dead.stdout)}-abc"
-    for path in (stale, live, other_host):
+    def temporary(name: str, age_s: float) -> Path:
+        path = tmp_path / f".model{assets._TEMP_TAG}{name}"
         (path / "model").mkdir(parents=True)
-    with atomic_path(tmp_path / "model") as tmp:
-        assert tmp.parent.name.startswith(f".model{assets._TEMP_TAG}{host}-")
-        tmp.write_text("whole")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model", live.name, other_host.name])
+        (path / assets._LOCK_NAME).touch()
+        os.utime(path, (time.time() - age_s,) * 2)
+        return path
+
+    dead, young = temporary("dead", 3600), temporary("young", 0)  # young: made this instant, not locked yet
+    live = temporary("live", 3600)
+    with open(live / assets._LOCK_NAME) as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with atomic_path(tmp_path / "model") as tmp:
+            tmp.write_text("whole")
+            assert (tmp.parent / assets._LOCK_NAME).exists()
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model", live.name, young.name])
+        assert not dead.exists()
 
 
 @pytest.fixture
@@ -154,7 +160,7 @@ def test_a_served_file_that_is_not_the_pinned_one_is_named_and_not_cached(pinned
     with pytest.raises(AssetError, match=r"the registry served fake-1.0.tar.gz for fake==1.0, but it has 17 bytes, "
                                          r"expected 18: not the pinned release.*nothing was cached") as raised:
         fetch_asset("fake")
-    assert "/tmp" not in str(raised.value).split("expected")[0]  # no path to a temporary that is gone
+    assert str(tmp_path) not in str(raised.value)  # no path to a temporary that is gone
     assert sorted(p.name for p in (tmp_path / "cache" / "downloads").iterdir()) == []
     served["bytes"] = b"the pinned release"
     assert fetch_asset("fake").read_bytes() == b"the pinned release"
@@ -173,11 +179,13 @@ def test_seeding_the_cache_from_a_file_checks_it(pinned_asset, tmp_path):
     wrong, right = tmp_path / "wrong.tar.gz", tmp_path / "right.tar.gz"
     wrong.write_bytes(b"the pinned releasX")
     right.write_bytes(b"the pinned release")
-    with pytest.raises(AssetError, match=r"--from .*wrong.tar.gz is not fake-1.0.tar.gz \(fake==1.0\): it has "
+    with pytest.raises(AssetError, match=r"wrong.tar.gz is not fake-1.0.tar.gz \(fake==1.0\): it has "
                                          r"SHA-256 [0-9a-f]{64}, expected"):
         assets.seed_cache_from(wrong, "fake")
-    with pytest.raises(AssetError, match="no such file"):
+    with pytest.raises(AssetError, match="absent.tar.gz: no such file"):
         assets.seed_cache_from(tmp_path / "absent.tar.gz", "fake")
+    with pytest.raises(AssetError, match=f"{tmp_path}: a directory, not a file"):
+        assets.seed_cache_from(tmp_path, "fake")
     assert not (tmp_path / "cache" / "downloads" / asset.filename).exists()
     assert assets.seed_cache_from(right, "fake").read_bytes() == b"the pinned release"
     assert fetch_asset("fake").read_bytes() == b"the pinned release"  # served from the cache from now on

@@ -487,7 +487,7 @@ def test_a_finished_cell_of_other_test_data_under_the_same_name_is_refused_not_r
     finished = {**cell("nf4", "toy", "vanilla", 0, 0.8), "commit": "aaa111",
                 "test_sha256": examples_sha256(load_task(first).split("test")),
                 "tune_config": {"steps": 40, "batch_size": 8, "lr": 1e-3, "eval_every": 20, "eval_limit": 100,
-                                "max_prompt_tokens": 128}}
+                                "max_prompt_tokens": 128}, "grid_args": {"test_limit": None}}
     (tmp_path / "cells" / f"{name}.json").write_text(json.dumps(finished))
     common = ["--out", str(tmp_path / "runs"), "--cells", str(tmp_path / "cells"), "--settings", "nf4",
               "--rows", "vanilla", "--seeds", "0"]
@@ -496,3 +496,6 @@ def test_a_finished_cell_of_other_test_data_under_the_same_name_is_refused_not_r
         grid.main([*common, "--tasks", edited])
     monkeypatch.setattr(grid.CPET, "from_pretrained", lambda *a, **k: pytest.fail("nothing was left to run"))
     assert grid.main([*common, "--tasks", first]) == 0  # the same data: the finished cell stands
+    # another --test-limit scores another test split of the same file: that is a budget clash, said as one
+    with pytest.raises(SystemExit, match=r"measured with another budget, e\.g\. .*test_limit None -> 3"):
+        grid.main([*common, "--tasks", first, "--test-limit", "3"])

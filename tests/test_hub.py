@@ -45,4 +45,21 @@ def test_behind_a_proxy_the_proxy_is_probed_not_the_hub(no_proxies):
         server.close()
     no_proxies.delenv("NO_PROXY")
     assert not hub.hub_reachable(timeout=1.0)  # the proxy is gone
-    assert hub.unreachable_reason() == f"the proxy 127.0.0.1:{port} (HTTPS_PROXY) cannot be reached from this machine"
+    assert hub.unreachable_reason() == f"the proxy 127.0.0.1:{port} set in the environment cannot be reached from " \
+        "this machine"
+
+
+@pytest.mark.parametrize("variable, value, where", [
+    ("ALL_PROXY", "http://proxy.example:3128", "proxy.example:3128"),    # httpx (huggingface_hub) reads all://
+    ("https_proxy", "https://proxy.example", "proxy.example:443"),       # the port that is probed, not 80
+    ("HTTPS_PROXY", "proxy.example:8080", "proxy.example:8080"),        # no scheme: http
+])
+def test_the_proxy_probed_is_the_one_the_libraries_use(no_proxies, variable, value, where):
+    no_proxies.setenv(variable, value)
+    assert hub.unreachable_reason() == f"the proxy {where} set in the environment cannot be reached from this machine"
+
+
+def test_a_proxy_with_a_malformed_port_is_out_of_reach_not_a_crash(no_proxies):
+    no_proxies.setenv("HTTPS_PROXY", "http://proxy.example:abc")
+    assert not hub.hub_reachable(timeout=1.0)
+    assert "its port is not a number" in hub.unreachable_reason()

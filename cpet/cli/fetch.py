@@ -63,13 +63,16 @@ def _asset_name(name: str) -> str:
 
 def _seed_from_file(args: argparse.Namespace, names: list[str]) -> int:
     """``cpet fetch NAME --from FILE``: the file downloaded elsewhere goes into the cache once it checks out."""
-    from ..assets import seed_cache_from
+    from ..assets import AssetError, seed_cache_from
 
     if len(names) != 1 or names == ["all"]:
         raise ValueError(f"--from takes exactly one asset name (the file's), got {' '.join(names)}; e.g. "
                          "`cpet fetch vader --from vaderSentiment-3.3.2.tar.gz`")
     asset = _asset_name(names[0])
-    path = seed_cache_from(args.from_file, asset)
+    try:
+        path = seed_cache_from(args.from_file, asset)
+    except AssetError as exc:
+        raise AssetError(f"--from {exc}") from None
     emit({asset: {"path": str(path)}}, args.json,
          lambda r: print(f"{asset}: {path} (copied from {args.from_file}, size and SHA-256 checked)"))
     return 0

@@ -292,6 +292,25 @@ def _plain_value(value, text: bool) -> bool:
     return not text and isinstance(value, int) and not isinstance(value, bool)
 
 
+def _wide_encoding(data: bytes) -> str | None:
+    """``"utf-32 (...)"`` / ``"utf-16 (...)"`` where ``data`` is plainly one of them, else None.
+
+    By byte-order mark, or, for UTF-16 without one, by NUL bytes in at least 3 of 4 odd (little-endian) or even
+    (big-endian) positions: that is mostly-ASCII UTF-16, which is valid UTF-8 byte for byte (each letter followed
+    by a NUL) and would be read as such. A UTF-8 file with a stray NUL is not mistaken for it."""
+    if data.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):
+        return "utf-32 (it starts with a UTF-32 byte-order mark)"
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "utf-16 (it starts with a UTF-16 byte-order mark)"
+    pairs = len(data) // 2
+    if pairs >= 2:
+        if data[1::2].count(0) >= 0.75 * pairs:
+            return "utf-16le (NUL bytes after 3 of 4 characters or more: UTF-16 without a byte-order mark)"
+        if data[0::2].count(0) >= 0.75 * pairs:
+            return "utf-16be (NUL bytes before 3 of 4 characters or more: UTF-16 without a byte-order mark)"
+    return None
+
+
 def read_utf8(path: Path) -> str:
     """The text of a UTF-8 file (a leading byte-order mark dropped).
 
@@ -299,13 +318,10 @@ def read_utf8(path: Path) -> str:
         ValueError: the file is not valid UTF-8 (names the path, byte offset and line), or is UTF-16 (says so).
     """
     data = Path(path).read_bytes()
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16's byte-order marks (Windows "Unicode" files)
-        raise ValueError(f"{path} is UTF-16 (it starts with a UTF-16 byte-order mark), not UTF-8; re-save it as "
-                         "UTF-8 (e.g. `iconv -f utf-16 -t utf-8`)")
-    if b"\0" in data:  # UTF-16 without a byte-order mark: ASCII letters with a NUL byte between, valid UTF-8
-        line = data[:data.index(b"\0")].count(b"\n") + 1
-        raise ValueError(f"{path} holds NUL bytes (the first on line {line}): it looks like UTF-16 without a "
-                         "byte-order mark; re-save it as UTF-8 (e.g. `iconv -f utf-16le -t utf-8`)")
+    wide = _wide_encoding(data)
+    if wide:
+        raise ValueError(f"{path} is {wide}, not UTF-8; re-save it as UTF-8 (e.g. `iconv -f {wide.split()[0]} -t "
+                         "utf-8`)")
     bom = len(data) - len(data.removeprefix(b"\xef\xbb\xbf"))
     try:
         return data[bom:].decode("utf-8")

@@ -196,8 +196,11 @@ def test_non_utf8_file_names_path_and_offset(tmp_path, name, data, where):
 
 
 @pytest.mark.parametrize("encoding, message", [
-    ("utf-16", r"bom.csv is UTF-16 \(it starts with a UTF-16 byte-order mark\), not UTF-8.*iconv -f utf-16"),
-    ("utf-16-le", r"bom.csv holds NUL bytes \(the first on line 1\): it looks like UTF-16 without a byte-order mark"),
+    ("utf-16", r"bom.csv is utf-16 \(it starts with a UTF-16 byte-order mark\), not UTF-8.*iconv -f utf-16 -t"),
+    ("utf-16-le", r"bom.csv is utf-16le \(NUL bytes after 3 of 4 characters or more: UTF-16 without a byte-order "
+                  r"mark\), not UTF-8; re-save it as UTF-8 \(e.g. `iconv -f utf-16le -t utf-8`\)"),
+    ("utf-16-be", r"bom.csv is utf-16be .*`iconv -f utf-16be -t utf-8`"),
+    ("utf-32", r"bom.csv is utf-32 \(it starts with a UTF-32 byte-order mark\)"),
 ])
 def test_a_utf16_file_is_named_as_such(tmp_path, encoding, message):
     """A UTF-16 file was refused as "byte 0 is b'\\xff'" with latin1 advice, or, without a byte-order mark, read
@@ -205,6 +208,11 @@ def test_a_utf16_file_is_named_as_such(tmp_path, encoding, message):
     (tmp_path / "bom.csv").write_bytes("text,label\nnaïve,x\nb,y\n".encode(encoding))
     with pytest.raises(ValueError, match=message):
         load_task(str(tmp_path / "bom.csv"))
+
+
+def test_a_utf8_file_with_a_stray_nul_is_not_called_utf16(tmp_path):
+    (tmp_path / "nul.csv").write_bytes(b"text,label\nfine\x00 row,x\nb,y\nc,x\nd,y\n")
+    assert load_task(str(tmp_path / "nul.csv")).labels == ("x", "y")
 
 
 def test_a_split_field_asked_for_but_in_no_row_is_named_with_the_fields_there(tmp_path):
