@@ -18,6 +18,7 @@ stage rebuild what it changed (:meth:`cpet.compress.stages.Stage.rebuild`) befor
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +49,7 @@ class CompressedBase:
         """Write the directory atomically (a temporary sibling renamed into place)."""
         directory = Path(directory)
         with atomic_path(directory) as tmp:
-            self.model.save_pretrained(str(tmp), safe_serialization=True)
+            self.model.save_pretrained(str(tmp), safe_serialization=True, **_key_format(self.model, self.manifest))
             _record_dtype(tmp / "config.json", base_dtype(self.model))
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(str(tmp))
@@ -144,6 +145,19 @@ def saved_dtype(config) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
 
 
+def _key_format(model: nn.Module, manifest: Manifest) -> dict:
+    """``save_pretrained`` keyword for the weights' key names.
+
+    transformers >= 5 writes some families (exaone, flint, ...) under their original checkpoint names and renames
+    them back in ``from_pretrained``. A uniform base is read by ``from_pretrained`` (and by other tools that expect
+    the original names), so it keeps them; any other base is read key by key by :func:`_load_rebuilt` into the
+    model's own module names, so it is saved under those (``save_original_format=False``).
+    """
+    if manifest.uniform or "save_original_format" not in inspect.signature(model.save_pretrained).parameters:
+        return {}
+    return {"save_original_format": False}
+
+
 def _load_plain(directory: Path, device) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -174,11 +188,27 @@ def _load_rebuilt(directory: Path, stages: list, index_maps: IndexMaps) -> nn.Mo
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in loaded]
     if missing or unexpected:
+        if _renamed_on_save(model):
+            raise ValueError(
+                f"{directory}: its weights are stored under names that {type(model).__name__} does not use (missing "
+                f"{missing[:3]}, unexpected {unexpected[:3]}): transformers saves {model.config.model_type} models "
+                "under their original checkpoint names, which CPET before this version also wrote for bases that "
+                "plain transformers cannot load. Rebuild the base (`cpet compress` with the same options) to save "
+                "it under the names its loader reads")
         raise ValueError(f"{directory}: weights do not fit the rebuilt shapes (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]})")
     if type(model.get_output_embeddings()) is nn.Linear:  # a quantized tied head shares the table already
         model.tie_weights()
     return model
+
+
+def _renamed_on_save(model: nn.Module) -> bool:
+    """Whether transformers renames this model's weights when it saves them in their original format."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+    except ImportError:  # older transformers: no renaming on save
+        return False
+    return bool(get_model_conversion_mapping(model, add_legacy=False))
 
 
 def _tied_keys(model: nn.Module) -> set[str]:

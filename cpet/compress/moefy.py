@@ -19,6 +19,7 @@ from ``config.json`` and lets this stage put the MoE blocks back before loading 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import ClassVar, Sequence
 
@@ -30,7 +31,7 @@ from ..config import as_number
 from ..models import decoder_layers, family_of, geometry, layer_linears, submodule, unwrap
 from ..moe.clustering import balanced_kmeans, expert_order
 from ..moe.experts import COLS, ROWS, ExpertBank, bank_of
-from ..moe.layer import MoEFFN, Router
+from ..moe.layer import MoEFFN, Router, count_attended_tokens_only
 from .calibration import StopForward, check_token_windows, run_batches
 from .index_maps import FFN_CHANNELS, IndexMaps
 from .prune import planned_ffn_widths
@@ -88,13 +89,14 @@ class MoEfyConfig:
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, as_number(name, getattr(self, name), float))
         if self.num_experts < 2:
-            raise ValueError(f"num_experts must be >= 2, got {self.num_experts}")
+            raise ValueError(f"num_experts must be >= 2, got {self.num_experts} (CLI: --moefy-experts)")
         if self.top_k is None and self.tau is None:
             object.__setattr__(self, "top_k", max(1, self.num_experts // 2))
         if self.top_k is not None and not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"top_k must be in 1..num_experts ({self.num_experts}), got {self.top_k}")
+            raise ValueError(f"top_k must be in 1..num_experts ({self.num_experts}), got {self.top_k} "
+                             "(CLI: --moefy-top-k, at most --moefy-experts)")
         if self.tau is not None and not 0.0 < self.tau <= 1.0:
-            raise ValueError(f"tau (dynamic-k share) must be in (0, 1], got {self.tau}")
+            raise ValueError(f"tau (dynamic-k share) must be in (0, 1], got {self.tau} (CLI: --moefy-tau)")
         if self.clustering not in CLUSTERINGS:
             raise ValueError(f"clustering must be one of {CLUSTERINGS}, got {self.clustering!r}")
         if self.router_inputs not in ROUTER_INPUTS:
@@ -104,8 +106,10 @@ class MoEfyConfig:
         if self.router_width < self.num_experts:
             raise ValueError(f"router_width ({self.router_width}) must be >= num_experts ({self.num_experts}): "
                              "the router's first units start at the experts' mean gate directions")
-        if self.router_steps < 0 or self.router_lr <= 0:
-            raise ValueError(f"need router_steps >= 0 and router_lr > 0, got {self.router_steps}, {self.router_lr}")
+        # written as a range so that nan fails it too (and inf, which trained every router to NaN scores)
+        if self.router_steps < 0 or not 0.0 < self.router_lr < math.inf:
+            raise ValueError(f"need router_steps >= 0 and a finite router_lr > 0, got {self.router_steps}, "
+                             f"{self.router_lr}")
 
     @property
     def expert_share(self) -> float | None:
@@ -174,6 +178,16 @@ def _caller_streams_kept(module: nn.Module):
     device (expert slices draw a throwaway init there): the CPU stream, and the CUDA one of a CUDA module."""
     device = next(module.parameters()).device
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
+def _valid_expert_counts(widths: Sequence[int]) -> str:
+    """Every expert count that splits all of ``widths`` into equal experts (the whole list: a cut one reads as
+    complete), or that none does but one neuron per expert."""
+    counts = [d for d in range(2, min(widths) + 1) if all(w % d == 0 for w in widths)]
+    if all(count == min(widths) for count in counts):
+        return ("no expert count splits every layer's width into experts of two neurons or more"
+                + (f" ({counts[0]} experts would be one neuron each)" if counts else ""))
+    return f"expert counts that divide every layer's width: {counts}"
 
 
 def _check_ffn_formula(model: nn.Module) -> None:
@@ -293,9 +307,8 @@ class MoEfyStage:
                              "narrowest layer: use fewer experts")
         bad = sorted({w for w in widths if w % config.num_experts})
         if bad:
-            divisors = [d for d in range(2, min(widths) + 1) if all(w % d == 0 for w in widths)][:12]
-            raise ValueError(f"FFN widths {bad} do not split into {config.num_experts} equal experts; expert counts "
-                             f"that divide every layer's width: {divisors} (or prune to widths that split: "
+            raise ValueError(f"FFN widths {bad} do not split into {config.num_experts} equal experts; "
+                             f"{_valid_expert_counts(widths)} (or prune to widths that split: "
                              "PruneConfig(round_to=a multiple of num_experts), cpet compress --round-to)")
         context.custom_layout = context.custom_layout or LAYOUT_NOTE
 
@@ -323,6 +336,7 @@ class MoEfyStage:
             local.select(i, FFN_CHANNELS, order)
         for block in moe_blocks(model):  # the "moefied" passes routed calibration tokens: not the model's own use
             block.reset_counts()
+        count_attended_tokens_only(unwrap(model))
         context.custom_layout = LAYOUT_NOTE
         return model, local
 
@@ -331,6 +345,7 @@ class MoEfyStage:
             block = moe_block(model, i, config, order=None)  # weights, order included, come from the checkpoint
             parent, name = _ffn_parent(model, i)
             setattr(parent, name, block)
+        count_attended_tokens_only(unwrap(model))
         return model
 
 

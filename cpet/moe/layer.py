@@ -83,7 +83,9 @@ class MoEFFN(nn.Module):
 
     Attributes:
         chosen_experts, routed_tokens: running counts of expert choices and tokens (for the share of experts
-            used); :meth:`reset_counts` zeroes them.
+            used); :meth:`reset_counts` zeroes them. Positions that the model's ``attention_mask`` marks as padding
+            are routed and computed like the rest but not counted, once :func:`count_attended_tokens_only` has
+            hooked the model (the MoEfy stage does, on compress and on load).
     """
 
     def __init__(self, gate: ExpertBank | None, up: ExpertBank, down: ExpertBank, act: nn.Module, router: Router,
@@ -96,6 +98,7 @@ class MoEFFN(nn.Module):
         self.act_fn = act
         self.router = router
         self.top_k, self.tau = top_k, tau
+        self.attention_mask: torch.Tensor | None = None  # [batch, positions] of the running model forward
         self.reset_counts()
 
     def bank(self, role: str) -> nn.Module | None:
@@ -130,8 +133,13 @@ class MoEFFN(nn.Module):
         tokens = x.reshape(-1, shape[-1])
         if chosen is None:
             chosen = self.choose(tokens)
-        self.chosen_experts += int(chosen.sum())
-        self.routed_tokens += tokens.shape[0]
+        attended = self._attended_rows(shape)
+        if attended is None:
+            self.chosen_experts += int(chosen.sum())
+            self.routed_tokens += tokens.shape[0]
+        else:
+            self.chosen_experts += int(chosen[attended.to(chosen.device)].sum())
+            self.routed_tokens += int(attended.sum())
         # Group (token, expert) pairs by expert with one sort, then gather each expert's tokens on their own: a
         # handful of tensor ops per expert whatever the number of tokens, and no joined copy of all gathers
         # (on CPU, copying is a large part of a MoE layer's time; see docs/moefication.md).
@@ -146,6 +154,15 @@ class MoEFFN(nn.Module):
             hidden = self.expert_hidden(e, tokens.index_select(0, token_rows[e]), token_rows[e])
             parts.append(Routed(e, token_rows[e], hidden))
         return self.bank("down").combine(parts, tokens.shape[0], dtype=x.dtype).reshape(*shape[:-1], -1)
+
+    def _attended_rows(self, shape: torch.Size) -> torch.Tensor | None:
+        """``[T]`` bool of the flattened tokens that are text (not padding) for an input of ``shape``
+        ``[batch, seq, hidden]``, from the model's mask ``[batch, past + seq]``; None (count all) without a mask
+        or where the shapes do not line up (the block called on its own)."""
+        mask = self.attention_mask
+        if mask is None or len(shape) != 3 or mask.shape[0] != shape[0] or mask.shape[1] < shape[1]:
+            return None
+        return mask[:, mask.shape[1] - shape[1]:].reshape(-1).bool()
 
     def expert_hidden(self, expert: int, x: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Expert ``expert``'s intermediate activations ``act(gate_e(x)) * up_e(x)`` (``act(up_e(x))`` without a
@@ -168,4 +185,28 @@ class MoEFFN(nn.Module):
         return f"experts={self.num_experts}, {choice}"
 
 
-__all__ = ["MoEFFN", "Router", "choose_experts"]
+def _hand_over_attention_mask(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook on the causal LM: each MoEFFN below it reads the batch's ``attention_mask`` (2-D, else
+    none) when it counts its tokens. A function of the module it is called on, so copies of the model keep a
+    working hook."""
+    mask = kwargs.get("attention_mask")
+    mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+    for block in model.modules():
+        if isinstance(block, MoEFFN):
+            block.attention_mask = mask
+
+
+def _drop_attention_mask(model: nn.Module, args: tuple, kwargs: dict, output) -> None:
+    """Forward hook: the mask belongs to the forward that just ended (a block called on its own counts all)."""
+    _hand_over_attention_mask(model, (), {})
+
+
+def count_attended_tokens_only(model: nn.Module) -> None:
+    """Hook ``model`` (the causal LM, whose forward takes ``attention_mask``) so that its MoEfied FFNs leave
+    padding out of their expert-choice counts (the share of experts used, FLOPs per token). Idempotent."""
+    if _hand_over_attention_mask not in model._forward_pre_hooks.values():
+        model.register_forward_pre_hook(_hand_over_attention_mask, with_kwargs=True)
+        model.register_forward_hook(_drop_attention_mask, with_kwargs=True)
+
+
+__all__ = ["MoEFFN", "Router", "choose_experts", "count_attended_tokens_only"]

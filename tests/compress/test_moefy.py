@@ -192,6 +192,32 @@ def test_save_and_reload_give_the_same_logits(stages, tmp_path):
         load_base(str(tmp_path / "base"))  # transformers would drop the experts and routers with a warning
 
 
+@pytest.mark.parametrize("family", ["exaone", "flint"])
+def test_families_that_transformers_renames_on_save_reload_through_cpets_loader(family, tmp_path):
+    """transformers writes these families under their original checkpoint names; the rebuilt base's loader reads
+    the model's own names, so a MoEfied base is saved under those (it failed to reload before)."""
+    model = tiny_model(family).model
+    base = compress(model, [MoEfyConfig(num_experts=4, top_k=2, router_steps=2)], calibration=_calibration(model),
+                    progress=False)
+    base.save(tmp_path / "base")
+    again = CompressedBase.load(tmp_path / "base")
+    ids = _ids(model)
+    with torch.no_grad():
+        assert torch.equal(base.model(input_ids=ids).logits, again.model(input_ids=ids).logits)
+
+
+def test_a_base_saved_under_original_checkpoint_names_is_refused_with_the_cause(tmp_path):
+    model = tiny_model("exaone").model
+    base = compress(model, [MoEfyConfig(num_experts=4, top_k=2, router_steps=2)], calibration=_calibration(model),
+                    progress=False)
+    save = base.model.save_pretrained
+    base.model.save_pretrained = lambda directory, **kwargs: save(directory, **{**kwargs,
+                                                                                "save_original_format": True})
+    base.save(tmp_path / "base")  # what CPET wrote before it chose the key format
+    with pytest.raises(ValueError, match=r"original checkpoint names.*Rebuild the base"):
+        CompressedBase.load(tmp_path / "base")
+
+
 def test_quantization_after_moefication_quantizes_every_expert_but_not_the_routers():
     model = tiny_model("llama").model
     base = compress(model, [MoEfyConfig(num_experts=4, top_k=2), QuantizeConfig("nf4")],
@@ -214,6 +240,9 @@ def test_quantization_after_moefication_quantizes_every_expert_but_not_the_route
     (dict(num_experts=4, tau=1.5), "tau"),
     (dict(num_experts=4, clustering="spectral"), "clustering must be one of"),
     (dict(num_experts=4, router_inputs="sparse"), "router_inputs must be one of"),
+    (dict(num_experts=4, router_lr=float("inf")), "finite router_lr"),  # trained every router to NaN scores
+    (dict(num_experts=4, router_lr=float("nan")), "finite router_lr"),  # failed in the first router's training
+    (dict(num_experts=4, top_k=5), r"CLI: --moefy-top-k"),
 ])
 def test_bad_moefy_configs_are_refused_before_any_work(config, message, monkeypatch):
     model = tiny_model("llama").model
@@ -231,6 +260,24 @@ def _no_work(monkeypatch):
 
     monkeypatch.setattr(importlib.import_module("cpet.compress.moefy"), "ffn_inputs", no_work)
     monkeypatch.setattr(importlib.import_module("cpet.compress.prune"), "element_scores", no_work)
+
+
+def test_the_valid_expert_counts_are_listed_whole_or_said_to_be_none(monkeypatch):
+    """The list was cut at 12 counts without a word, and for a width with no divisor offered only one neuron per
+    expert."""
+    from cpet.compress.moefy import _valid_expert_counts
+
+    assert _valid_expert_counts([1536]) == ("expert counts that divide every layer's width: [2, 3, 4, 6, 8, 12, 16, "
+                                            "24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1536]")
+    assert _valid_expert_counts([96, 128]) == "expert counts that divide every layer's width: [2, 4, 8, 16, 32]"
+    assert _valid_expert_counts([127]) == ("no expert count splits every layer's width into experts of two neurons "
+                                           "or more (127 experts would be one neuron each)")
+    assert _valid_expert_counts([127, 128]).startswith("no expert count splits")
+    model = tiny_model("llama").model  # 1% pruning keeps 127 of 128 channels
+    _no_work(monkeypatch)
+    with pytest.raises(ValueError, match=r"FFN widths \[127\] do not split into 4 equal experts; no expert count"):
+        compress(model, [PruneConfig(ffn_ratio=0.01, importance="magnitude"), MoEfyConfig(num_experts=4, top_k=2)],
+                 calibration=_calibration(model), progress=False)
 
 
 def test_moefication_needs_calibration_and_comes_before_quantization_after_pruning():
@@ -252,6 +299,36 @@ def test_widths_after_pruning_are_checked_before_any_work(monkeypatch):
     with pytest.raises(ValueError, match=r"FFN widths \[96\] do not split into 64 equal experts"):
         compress(model, [PruneConfig(ffn_ratio=0.25, importance="magnitude"), MoEfyConfig(num_experts=64, top_k=8)],
                  calibration=_calibration(model), progress=False)
+
+
+@pytest.mark.parametrize("reload", [False, True], ids=["compressed", "reloaded"])
+def test_expert_counts_leave_padding_out(reload, tmp_path):
+    """The counts behind the share of experts used (and FLOPs per token) counted padded positions as tokens."""
+    model = tiny_model("llama").model
+    base = compress(model, [MoEfyConfig(num_experts=4, tau=0.6)], calibration=_calibration(model), progress=False)
+    if reload:
+        base.save(tmp_path / "base")
+        base = CompressedBase.load(tmp_path / "base")
+    ids = _ids(base.model)                                    # [2, 12]
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0                                           # row 1: 5 tokens of text, 7 of padding
+    blocks = moe_blocks(base.model)
+    chosen = []
+    for block in blocks:
+        block.reset_counts()
+        block.register_forward_hook(lambda b, inputs, out: chosen.append(
+            b.choose(inputs[0].reshape(-1, inputs[0].shape[-1]))))
+    with torch.no_grad():
+        base.model(input_ids=ids, attention_mask=mask)
+    text = mask.reshape(-1).bool()
+    for block, choice in zip(blocks, chosen):
+        assert block.routed_tokens == 17
+        assert block.chosen_experts == int(choice[text].sum())
+    assert int(chosen[0].sum()) != int(chosen[0][text].sum())  # padding did choose experts: the test can tell
+    for block in blocks:  # the mask belonged to that forward: a block run on its own counts every token
+        block.reset_counts()
+        block(torch.randn(1, 3, base.model.config.hidden_size))
+        assert block.routed_tokens == 3
 
 
 def test_moefied_pipeline_inherits_recovers_and_tunes(tmp_path):
