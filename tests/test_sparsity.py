@@ -53,6 +53,15 @@ def test_cett_is_zero_at_zero_and_one_above_the_largest_contribution(measured):
         top = float(acts.contributions(layer).max())
         assert acts.cett(layer, top * 1.0001) == pytest.approx(1.0, abs=1e-6)
         assert acts.activation_ratio(layer, top * 1.0001) == 0.0
+        # in between: the mean over tokens of ||sum of the contributions at or below eps|| / ||FFN output||,
+        # computed here from the activations and W_down (a ratio of sums, or a sum of norms, would differ)
+        a, w = acts.acts[layer].float(), acts.down[layer].float()
+        contributions = a.abs() * w.norm(dim=0)
+        for q in (0.3, 0.7, 0.95):
+            eps = float(torch.quantile(contributions[contributions > 0], q))
+            tail = ((a * (contributions <= eps)) @ w.T).norm(dim=1)
+            output = (a @ w.T).norm(dim=1)
+            assert acts.cett(layer, eps) == pytest.approx(float((tail / output).mean()), rel=1e-5)
 
 
 def test_threshold_search_lands_on_the_target_cett_and_sparsifies(measured):
@@ -78,6 +87,18 @@ def test_magnitude_thresholds_keep_the_asked_share_and_the_mask_applies_them(mea
         again = loaded.model(input_ids=ids).logits
     assert mask.active_share == pytest.approx(0.3, abs=0.02)  # the calibration tokens themselves
     assert not torch.allclose(dense, sparse)
+    # the activations it zeroes are exactly those it does not count: the down projection's input before the mask
+    # (a hook registered first) against after it (a hook registered after the mask's)
+    from cpet.models import iter_layer_linears
+
+    down = next(iter(iter_layer_linears(loaded.model)))["down"]  # layer 0's
+    raw, masked = [], []
+    before = down.register_forward_pre_hook(lambda module, inputs: raw.append(inputs[0].clone()))
+    with torch.no_grad(), ActivationMask(loaded.model, thresholds, "magnitude"):
+        after = down.register_forward_pre_hook(lambda module, inputs: masked.append(inputs[0].clone()))
+        loaded.model(input_ids=ids)
+    before.remove(), after.remove()
+    assert torch.equal(masked[0], raw[0] * (raw[0].abs() > thresholds[0]))
     assert torch.equal(dense, again)  # hooks removed on exit
     with pytest.raises(ValueError, match=r"\(0, 1\]"):
         magnitude_thresholds(acts, 0.0)
@@ -130,6 +151,14 @@ def test_ppl_p_search_lands_within_half_a_point_of_its_target():
     assert abs(result.rise_percent - 5.0) <= 0.5 and result.reached, result.points
     assert 0.0 < result.activation_ratio < 1.0 and result.sparsity == pytest.approx(1 - result.activation_ratio)
     assert len(result.thresholds) == acts.num_layers and result.dense_ppl < result.ppl
+    # the reported ratio is the share its thresholds keep on the evaluation text, at the perplexity reported
+    from cpet.sparsity import _perplexity
+
+    norms = [acts.column_norms(i) for i in range(acts.num_layers)]
+    with ActivationMask(loaded.model, result.thresholds, column_norms=norms) as mask:
+        ppl = _perplexity(loaded.model, loaded.tokenizer, TEXT, 512)
+    assert ppl == pytest.approx(result.ppl, rel=1e-6)
+    assert result.activation_ratio == pytest.approx(mask.active_share, abs=1e-9)
 
 
 def test_report_is_json_with_a_baseline_at_the_same_share_and_plots(tmp_path):

@@ -54,6 +54,13 @@ def test_an_untied_head_is_quantized_as_a_linear_of_its_own():
     assert isinstance(base.model.get_output_embeddings(), bnb.nn.Linear4bit)
     assert isinstance(base.model.get_input_embeddings(), QuantizedEmbedding4bit)
     assert not base.manifest.uniform  # transformers' bitsandbytes path never quantizes embeddings
+    # of its own weights: nf4 of the head, not of the embedding table
+    from cpet.recovery import dequantized_weight
+
+    head = dequantized_weight(base.model.get_output_embeddings()).float()
+    original = model.get_output_embeddings().weight
+    assert (head - original).abs().max() < 0.25 * original.abs().max()
+    assert not torch.allclose(head, model.get_input_embeddings().weight, atol=0.1)
 
 
 def test_embeddings_that_cannot_be_quantized_faithfully_are_refused_before_work(monkeypatch):
