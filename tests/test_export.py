@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -258,3 +259,19 @@ def test_a_bf16_base_exports_and_reloads_in_bf16_with_cpets_logits(tmp_path):
         engine.load("plain", pipeline.adapters()["plain"])  # serving adds the LoRA as peft does: once, in fp32
         assert torch.equal(engine.view("plain").eval()(input_ids=IDS).logits, expected)
 
+
+def test_the_export_check_refuses_a_two_percent_logit_error_at_its_default_tolerance(monkeypatch):
+    """The check at its default tolerance (the test of a failing export sets it to 0, so a tolerance of 1.0 that
+    accepts any export passed it)."""
+    import cpet.export
+
+    model = tiny_model("llama").model.eval()
+    ids = torch.tensor([[5, 17, 99, 3, 42]])
+    off = copy.deepcopy(model)
+    with torch.no_grad():
+        off.lm_head.weight.mul_(1.02)  # every logit 2% off: a wrong export, far above float noise
+    monkeypatch.setattr(cpet.export, "load_exported", lambda base, adapter: off)
+    with pytest.raises(ValueError, match="does not reproduce CPET's logits"):
+        cpet.export._check("x", None, None, model, ids)
+    monkeypatch.setattr(cpet.export, "load_exported", lambda base, adapter: copy.deepcopy(model).eval())
+    assert cpet.export._check("x", None, None, model, ids) == 0.0

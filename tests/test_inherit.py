@@ -435,3 +435,82 @@ def test_training_through_the_routed_experts_equals_training_the_dense_model(tmp
             optimizer.step()
         history.append(losses[0])
     assert history[-1] < history[0]  # the steps did move both models
+
+
+def test_state_dict_mapping_keeps_keys_outside_the_map_and_restricts_every_key_by_its_own_layer(tmp_path):
+    """Every key restricted by its own layer's maps, keys outside the module map copied unchanged (restricting all
+    with layer 0's maps, or dropping the others, passed the test above)."""
+    loaded, _ = trained_lora("llama", tmp_path)
+    base = compress(loaded.model, [PruneConfig(ffn_ratio=0.5, importance="magnitude")], progress=False)
+    maps = base.index_maps
+    assert not torch.equal(maps.ffn_rows(0), maps.ffn_rows(1))  # otherwise a wrong layer would not show
+    state = load_lora_state(tmp_path / "orig")
+    extra = {"base_model.model.lm_head.lora_A.weight": torch.randn(4, 64),
+             "base_model.model.lm_head.lora_B.weight": torch.randn(259, 4)}
+    mapped = inherit_lora_state({**state, **extra}, loaded.model.config, maps)
+    assert mapped.keys() == state.keys() | extra.keys()
+    for key, tensor in extra.items():  # outside the module map: copied unchanged (documented behaviour)
+        assert torch.equal(mapped[key], tensor), key
+    suffix = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
+              "down_proj": "down"}
+    checked = set()
+    for key, tensor in state.items():
+        layer = int(key.split("layers.")[1].split(".")[0])
+        role = suffix[key.split(".lora_")[0].rsplit(".", 1)[-1]]
+        if ".lora_B." in key:
+            expected = tensor[maps.full(layer, role, "rows")]
+        else:
+            expected = tensor[:, maps.full(layer, role, "cols")]
+        assert torch.equal(mapped[key], expected), key
+        checked.add((layer, role))
+    assert len(checked) == 14
+
+
+def test_plain_peft_inheritance_restricts_with_the_index_maps_not_with_kept_indices(tmp_path):
+    """The reference comes from the index maps, not from kept_indices (the tests above build theirs with the
+    function under test, so kept rows in reverse order passed them)."""
+    from cpet.lora_init import apply_inherited_lora, lora_shape_of
+
+    loaded = tiny_model("llama")
+    source = plain_peft_dir(loaded.model, tmp_path / "plain", use_rslora=True)
+    base = compress(loaded.model, COMPRESSIONS["pruned"], progress=False)
+    student = add_lora(base.model, dropout=0.0, **lora_shape_of(tmp_path / "plain"))
+    apply_inherited_lora(student, tmp_path / "plain", base.index_maps, loaded.model.config)
+    maps, checked = base.index_maps, 0
+    for mine, theirs in zip(iter_layer_linears(student), iter_layer_linears(source)):
+        for role, module in mine.modules.items():
+            if not hasattr(module, "lora_A"):
+                continue
+            reference = dense_output_delta(theirs[role])
+            reference = reference[maps.full(mine.index, role, "rows")][:, maps.full(mine.index, role, "cols")]
+            assert (dense_output_delta(module) - reference).abs().max() < 1e-5, (mine.index, role)
+            checked += 1
+    assert checked == 2 * len(PLAIN_TARGETS)
+
+
+def test_residual_svd_lora_is_the_best_rank_r_approximation_of_the_residual():
+    """The residual-SVD start is the truncated SVD (Eckart-Young) of original minus base: components 2..r+1
+    instead of 1..r still started 'closer' with every component live, and passed the tests above."""
+    from cpet.lora_init import apply_residual_svd_lora
+    from cpet.recovery import dequantized_weight, relative_error
+
+    loaded = tiny_model("llama")
+    base = compress(loaded.model, [PruneConfig(ffn_ratio=0.25, importance="magnitude"), QuantizeConfig("nf4")],
+                    progress=False)
+    maps = base.index_maps
+    student = add_lora(base.model, rank=8, alpha=16, dropout=0.0)
+    errors = apply_residual_svd_lora(student, loaded.model, maps)
+    originals = {layer.index: layer for layer in iter_layer_linears(loaded.model)}
+    checked = 0
+    for layer in iter_layer_linears(student):
+        for role, module in layer.modules.items():
+            weight = originals[layer.index][role].weight.detach().float()
+            weight = weight[maps.full(layer.index, role, "rows")][:, maps.full(layer.index, role, "cols")]
+            residual = weight - dequantized_weight(module.base_layer)  # original minus what the base holds
+            U, S, Vh = torch.linalg.svd(residual, full_matrices=False)
+            best = (U[:, :8] * S[:8]) @ Vh[:8]  # Eckart-Young: the best rank-8 approximation
+            got = dense_output_delta(module)  # what the LoRA adds, read off the forward pass
+            assert (got - best).abs().max() < 1e-4 * best.abs().max(), (layer.index, role)
+            assert errors[layer.names[role]] == pytest.approx(relative_error(residual, best), abs=1e-4)
+            checked += 1
+    assert checked == 14

@@ -370,3 +370,53 @@ def test_an_input_feature_never_active_gets_no_correction():
     weighted_B, weighted_A = low_rank_factors(residual[:, 40:] * scale[40:], 16)
     assert relative_error(residual[:, 40:] * scale[40:], B @ (A[:, 40:] * scale[40:])) == pytest.approx(
         relative_error(residual[:, 40:] * scale[40:], weighted_B @ weighted_A), abs=1e-5)
+
+
+def test_init_from_residuals_weights_each_svd_by_the_kept_input_scales():
+    """EoRA-style start: each residual's SVD is weighted by the input scales of the features the base kept (no test
+    called init_from_residuals with scales; ignoring them, or reading another feature's, passed)."""
+    from cpet.compress import compress
+    from cpet.config import PruneConfig, QuantizeConfig
+    from cpet.models import iter_layer_linears
+    from cpet.recovery import compression_residual, init_from_residuals, low_rank_factors
+
+    loaded = tiny_model("llama")
+    base = compress(loaded.model, [PruneConfig(ffn_ratio=0.25, importance="magnitude"), QuantizeConfig("nf4")],
+                    progress=False)
+    maps = base.index_maps
+    recovery = RecoverySet(base.model, RecoveryConfig(rank=4, alpha=8, activation="identity", init="svd"))
+    generator = torch.Generator().manual_seed(0)
+    originals = {layer.index: layer for layer in iter_layer_linears(loaded.model)}
+    scales = {}
+    for layer in iter_layer_linears(loaded.model):
+        for role, name in layer.names.items():
+            scales[name] = torch.rand(layer[role].in_features, generator=generator) * 10 + 0.1
+    init_from_residuals(recovery, loaded.model, base.model, maps, scales)
+    checked = 0
+    for layer in iter_layer_linears(base.model):
+        for role, name in layer.names.items():
+            cols = maps.full(layer.index, role, "cols")
+            residual = compression_residual(originals[layer.index][role], layer[role], maps.rows(layer.index, role),
+                                            maps.cols(layer.index, role))
+            B, A = low_rank_factors(residual, 4, scales[name][cols])
+            plain_B, plain_A = low_rank_factors(residual, 4)
+            got = recovery.weight_delta(name)
+            assert (got - B @ A).abs().max() < 1e-4 * (B @ A).abs().max(), name
+            assert (got - plain_B @ plain_A).abs().max() > 1e-3 * (B @ A).abs().max(), name  # weighting shows
+            checked += 1
+    assert checked == 14
+
+
+def test_a_bypass_adds_its_factors_scaled_by_alpha_over_rank_by_hand():
+    """The bypass scale is alpha / rank, as serving and export compute it (cpet.assembly.read_recovery): the other
+    tests here compute the bypass terms with the bypasses themselves, so alpha / sqrt(rank) passed them."""
+    from cpet.recovery import RecoveryBypass
+
+    torch.manual_seed(0)
+    for activation, act in (("identity", lambda t: t), ("gelu", torch.nn.functional.gelu)):
+        bypass = RecoveryBypass(8, 6, rank=4, alpha=2.0, activation=activation)
+        torch.nn.init.normal_(bypass.B.weight)
+        x = torch.randn(3, 8)
+        with torch.no_grad():
+            by_hand = act(x @ bypass.A.weight.T) @ bypass.B.weight.T * (2.0 / 4)
+            assert torch.allclose(bypass(x), by_hand, atol=1e-6), activation

@@ -117,3 +117,23 @@ def test_maps_of_a_non_gated_family_name_only_its_roles():
     assert "gate" not in maps.roles and maps.rows(0, "gate") is None
     assert torch.equal(maps.rows(0, "up"), maps.cols(0, "down")) and len(maps.rows(0, "up")) == 64
     assert geometry(base.model).intermediate_size == 64
+
+
+def test_maps_whose_coupled_slots_disagree_have_no_old_layout_form_and_hash_their_own_layout():
+    """A unit whose slots disagree has no old-layout form: reading only its first slot would give two different
+    bases the same digest, hence the same base_id."""
+    agreed = IndexMaps.identity(GEO)
+    agreed.select(0, FFN_CHANNELS, [0, 1, 2, 3])
+    ffn_split = IndexMaps.identity(GEO)
+    ffn_split.select(0, FFN_CHANNELS, [0, 1, 2, 3])
+    ffn_split.set(0, "down", cols=torch.tensor([1, 0, 2, 3]))  # down's columns no longer follow gate/up rows
+    heads_split = IndexMaps.identity(GEO)
+    heads_split.set(1, "q", rows=head_rows(torch.tensor([1, 3]), 2))
+    heads_split.set(1, "o", cols=head_rows(torch.tensor([0, 2]), 2))
+    heads_agreed = IndexMaps.identity(GEO)
+    heads_agreed.set(1, "q", rows=head_rows(torch.tensor([1, 3]), 2))
+    heads_agreed.set(1, "o", cols=head_rows(torch.tensor([1, 3]), 2))
+    for split, fits in ((ffn_split, agreed), (heads_split, heads_agreed)):
+        assert fits.legacy_tensors() is not None
+        assert split.legacy_tensors() is None
+        assert split.digest() != fits.digest() and split != fits

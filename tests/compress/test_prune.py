@@ -292,3 +292,50 @@ def test_activation_statistics_do_not_depend_on_the_models_training_flag():
     assert model.training  # the caller's flag is left as it was
     model.eval()
     assert ids == [compress(model, stages, calibration=calibration, progress=False).base_id] * 2
+
+
+def _head_scores(model, index):
+    linears = layer_linears(model, index)
+    q, o, k, v = (linears[r].weight.detach().abs() for r in ("q", "o", "k", "v"))
+    per_query = torch.stack([q[h * 16:(h + 1) * 16].sum() + o[:, h * 16:(h + 1) * 16].sum() for h in range(4)])
+    per_group = torch.stack([per_query[2 * g:2 * g + 2].sum() + k[g * 16:(g + 1) * 16].sum()
+                             + v[g * 16:(g + 1) * 16].sum() for g in range(2)])
+    return per_query, per_group
+
+
+def test_query_head_importance_is_its_q_rows_plus_its_o_columns():
+    """The tests above scale a head's q rows and o columns together, so a score of either half alone (or of o's
+    columns grouped on the wrong axis) ranked heads the same. Here the halves disagree."""
+    loaded = tiny_model("llama")  # 4 query heads of 16 in 2 KV groups: heads {0, 1} and {2, 3}
+    with torch.no_grad():
+        linears = layer_linears(loaded.model, 0)
+        linears["q"].weight[0:16].mul_(3.0)  # head 0: larger q rows
+        linears["o"].weight[:, 16:32].mul_(6.0)  # head 1: much larger o columns
+        linears["q"].weight[32:48].mul_(3.0)  # same in group 1: head 2 q, head 3 o
+        linears["o"].weight[:, 48:64].mul_(6.0)
+    per_query, _ = _head_scores(loaded.model, 0)
+    expected = [int(per_query[:2].argmax()), 2 + int(per_query[2:].argmax())]
+    assert expected == [1, 3]  # q + o picks the o-heavy heads; q alone would pick [0, 2]
+    base = compress(loaded.model, [PruneConfig(head_ratio=0.5, importance="magnitude")], progress=False)
+    assert base.index_maps.layers[0].q_heads.tolist() == expected
+    per_query, _ = _head_scores(loaded.model, 1)  # the untouched layer: the formula by hand, too
+    assert base.index_maps.layers[1].q_heads.tolist() == [int(per_query[:2].argmax()), 2 + int(per_query[2:].argmax())]
+
+
+def test_kv_group_importance_adds_its_query_heads_to_its_kv_rows():
+    """The test above lets k/v decide alone, so scoring a group by its k/v rows only passed it."""
+    loaded = tiny_model("llama")
+    with torch.no_grad():
+        linears = layer_linears(loaded.model, 0)
+        for role in ("k", "v"):
+            linears[role].weight[0:16].mul_(3.0)  # group 0: larger k/v rows
+        linears["q"].weight[32:64].mul_(4.0)  # group 1: much larger query heads 2, 3
+        linears["o"].weight[:, 32:64].mul_(4.0)
+    _, per_group = _head_scores(loaded.model, 0)
+    assert int(per_group.argmax()) == 1
+    k, v = (linears[r].weight.detach().abs() for r in ("k", "v"))
+    assert k[0:16].sum() + v[0:16].sum() > k[16:32].sum() + v[16:32].sum()  # k/v alone would keep group 0
+    base = compress(loaded.model, [PruneConfig(head_ratio=0.5, head_mode="kv_group", importance="magnitude")],
+                    progress=False)
+    assert base.index_maps.layers[0].kv_heads.tolist() == [1]
+    assert base.index_maps.layers[1].kv_heads.tolist() == [int(_head_scores(loaded.model, 1)[1].argmax())]
