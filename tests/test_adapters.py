@@ -71,10 +71,11 @@ def test_base_reference_resolves_against_the_adapter_directory(tmp_path, monkeyp
     assert resolve_base_reference(write_config(tmp_path / "none", base_model_name_or_path=None)) is None
 
 
-def test_standalone_loading_refuses_adapters_that_need_recovery(tmp_path):
+@pytest.mark.parametrize("recovery", ["shared", "per_task", "both"])
+def test_standalone_loading_refuses_adapters_that_need_recovery(tmp_path, recovery):
     adapter = write_config(tmp_path / "adapters" / "cpet" / "adapter", base_model_name_or_path="../../../base")
-    (adapter / "cpet.json").write_text(json.dumps({"recovery": "shared", "base_id": "x"}))
-    with pytest.raises(ValueError, match=r"shared recovery modules, which live in its pipeline: use "
+    (adapter / "cpet.json").write_text(json.dumps({"recovery": recovery, "base_id": "x"}))
+    with pytest.raises(ValueError, match=rf"{recovery} recovery modules, which live in its pipeline: use "
                                          r"CPET.load\(PIPELINE\).model_for\('cpet'\)"):
         load_standalone(adapter)
     bare = write_config(tmp_path / "bare")
@@ -104,6 +105,14 @@ def test_an_adapter_for_another_base_is_refused_saying_what_to_do(made, this, in
         check_adapter_base({**META, "base_id": made}, base_id=this, directory="runs/a", inheriting=inheriting)
     assert BASE_X not in str(refused.value) and BASE_Y not in str(refused.value)  # ids shown as 12 hex
     check_adapter_base({**META, "base_id": made}, base_id=made, directory="runs/a", inheriting=inheriting)
+
+
+def test_bases_that_differ_only_past_the_shown_prefix_are_different_bases():
+    """Messages show 12 hex of an id; the check compares all 64 (every pair above differs within the 12)."""
+    made, this = "1a2b3c4d5e6f" + "0" * 52, "1a2b3c4d5e6f" + "f" * 52
+    with pytest.raises(ValueError, match="was made for compressed base 1a2b3c4d5e6f, and this is compressed base "
+                                         "1a2b3c4d5e6f"):
+        check_adapter_base({**META, "base_id": made}, base_id=this, directory="runs/a")
 
 
 def test_scoring_an_adapter_whose_metadata_records_no_labels_is_refused_by_name(tmp_path):

@@ -216,7 +216,7 @@ def create_app(engine: Engine, *, served_name: str = "cpet-base", api_key: str |
                 raise ServingError(400, f"{key} is not supported by CPET's server (got {data[key]!r}); leave it out "
                                         f"or send {neutral[0]!r}")
         stop = [] if data.get("stop") is None else data["stop"]  # `or []` would let 0, false or {} pass as "none"
-        stop = (stop,) if isinstance(stop, str) else stop
+        stop = [stop] if isinstance(stop, str) else stop  # OpenAI's API takes one string or a list of them
         if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
             raise ServingError(400, f"stop must be a string or a list of non-empty strings, got {stop!r}")
         temperature = 0.0 if data.get("temperature") is None else data["temperature"]

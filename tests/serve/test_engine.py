@@ -115,11 +115,19 @@ def test_a_family_that_flattens_its_ffn_input_gets_each_rows_deltas_on_that_rows
 
 def test_each_base_linear_runs_once_per_step_whatever_the_adapters(served):
     _, engine, _ = served
-    linears = sum(len(layer.names) for layer in iter_layer_linears(engine.model))
-    for rows in (["plain"] * 5, ["plain", "shared", None, "both", "shared"]):
-        engine.base_calls = 0
-        engine.forward(rows, input_ids=IDS)
-        assert engine.base_calls == linears
+    modules = [layer[role] for layer in iter_layer_linears(engine.model) for role in layer.names]
+    ran = []  # each linear's own forward, not only the engine's count of its hooks
+    for module in modules:
+        module.forward = (lambda real, m: lambda *a, **k: ran.append(id(m)) or real(*a, **k))(module.forward, module)
+    try:
+        for rows in (["plain"] * 5, ["plain", "shared", None, "both", "shared"]):
+            engine.base_calls, ran[:] = 0, []
+            engine.forward(rows, input_ids=IDS)
+            assert engine.base_calls == len(modules)
+            assert sorted(ran) == sorted(id(m) for m in modules)  # every linear exactly once
+    finally:
+        for module in modules:
+            del module.forward
 
 
 def test_the_registry_refuses_bad_adapters_with_what_was_wrong(served, tmp_path):
@@ -398,3 +406,18 @@ def test_a_plain_peft_lora_of_the_source_model_is_refused_on_moefied_ffns(tmp_pa
             with torch.no_grad():
                 expected = adapted.eval()(input_ids=ids).logits
                 assert torch.allclose(engine.view(name)(input_ids=ids).logits, expected, atol=1e-4)
+
+
+def test_a_pinned_adapter_that_is_least_recently_used_is_not_evicted(served):
+    """The LRU test touches its pinned adapter before the load that evicts, so the pinned one was never the least
+    recently used there."""
+    from cpet.serve import AdapterRegistry
+
+    pipeline, engine, _ = served
+    registry = AdapterRegistry(engine.registry.module_shapes, engine.base_id, capacity=2, has_shared_recovery=True)
+    registry.load("a", pipeline.adapters()["plain"], pin=True)  # the oldest, and never used again
+    registry.load("b", pipeline.adapters()["shared"])
+    registry.load("c", pipeline.adapters()["both"])  # least recently used first: a is pinned, so b goes
+    assert registry.names() == ["a", "c"] and registry.pinned("a")
+    registry.load("d", pipeline.adapters()["plain"])  # a is the oldest again: c goes
+    assert registry.names() == ["a", "d"]

@@ -303,3 +303,21 @@ def test_a_batch_that_never_empties_keeps_its_cache_as_long_as_its_longest_row(w
                        for r, p in zip(requests, prompts) if p == prompt)
     finally:
         engine.close()
+
+
+def test_waiting_generations_are_admitted_in_arrival_order(served):  # noqa: F811
+    _, engine, _ = served
+    scheduler = SteppedScheduler(engine, max_batch=1)
+    running = GenerationRequest(ids_of(engine, "the quick"), "plain", 2)
+    scheduler.submit(running)
+    scheduler._step()  # prefill: token 1 of 2
+    first = GenerationRequest(ids_of(engine, "hi"), "plain", 1)
+    second = GenerationRequest(ids_of(engine, "ho"), "plain", 1)
+    scheduler.submit(first)
+    scheduler.submit(second)
+    scheduler._step()  # no free row: both wait; the running one finishes
+    assert running.future.done() and not first.future.done() and not second.future.done()
+    scheduler._step()  # a row is free: the first to arrive takes it
+    assert first.future.done() and not second.future.done()
+    scheduler._step()
+    assert second.future.done()

@@ -607,3 +607,22 @@ def test_a_stream_that_ends_is_counted_in_the_latency_histogram(server):
         with httpx.stream("POST", f"{url}/v1/{path}", json={**body, **extra}, timeout=20) as response:
             assert response.status_code == 200 and "data: [DONE]" in list(response.iter_lines())
     assert (count("completion"), count("chat")) == (before[0] + 1, before[1] + 1)
+
+
+@pytest.mark.parametrize("as_list", [True, False], ids=["list", "string"])
+def test_the_server_honours_stop_strings(server, as_list):  # noqa: F811
+    """No server test sent a stop string that occurs in the text; and one string (OpenAI's API takes a string or a
+    list) was refused with a 400, wrapped in a tuple and then required to be a list."""
+    url, app, _, _ = server
+    engine = app.state.engine
+    text = engine.generate(["the quick brown"], ["shared"], max_tokens=6)[0]["text"]
+    assert len(text) > 2
+    stop = text[1:3]
+    expected = engine.generate(["the quick brown"], ["shared"], max_tokens=6, stop=[stop])[0]
+    assert expected["finish_reason"] == "stop"
+    response = httpx.post(f"{url}/v1/completions", json={"model": "shared", "prompt": "the quick brown",
+                                                         "max_tokens": 6, "stop": [stop] if as_list else stop})
+    assert response.status_code == 200, response.text
+    choice = response.json()["choices"][0]
+    assert choice["text"] == expected["text"] == text[:text.index(stop)]
+    assert choice["finish_reason"] == "stop"
