@@ -307,3 +307,30 @@ def test_flops_of_a_moefied_model_count_the_share_of_experts_it_ran():
                                                                         for b in moe_blocks(base.model))
     assert 0.25 <= share <= 1.0
     assert flops_per_token(base.model) == pytest.approx(dense + router - (1 - share) * ffn)
+
+
+def test_perplexity_over_several_windows_weighs_every_token_the_same():
+    """Disjoint windows of unequal length (48, 48, 48, 6 tokens): perplexity is exp(total nll / scored tokens), each
+    window's transformers loss weighted by its scored tokens, not the mean of per-window perplexities/losses."""
+    from cpet.evaluate import perplexity
+    from cpet.models import tiny_model
+
+    torch.manual_seed(0)
+    loaded = tiny_model("gemma")
+    text = "The quick brown fox jumps over the lazy dog. " * 3 + "Zq!~"  # 139 byte tokens
+    ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+    nll, count, losses = 0.0, 0, []
+    for begin in range(0, len(ids), 48):
+        window = torch.tensor([ids[begin:begin + 48]])
+        if window.shape[1] < 2:
+            continue
+        with torch.no_grad():
+            loss = loaded.model(window, labels=window).loss.item()
+        losses.append(loss)
+        nll += loss * (window.shape[1] - 1)
+        count += window.shape[1] - 1
+    assert len(losses) >= 3 and max(losses) - min(losses) > 0.01  # windows differ: the weighting matters
+    result = perplexity(loaded.model, loaded.tokenizer, text, max_length=48, stride=48, batch_size=2)
+    assert result.tokens == count
+    assert result.nll == pytest.approx(nll, rel=1e-5)
+    assert result.ppl == pytest.approx(math.exp(nll / count), rel=1e-5)

@@ -282,3 +282,38 @@ def test_the_interaction_estimate_is_unbiased_for_units_of_unequal_size():
         raw.append((a - b).mean(axis=1).var(ddof=1))
         estimated.append(_interaction_variance(a - b, units))
     assert np.mean(estimated) == pytest.approx(np.mean(raw), rel=0.1)
+
+
+def test_the_test_set_term_is_the_standard_error_of_the_mean_difference():
+    """One seed per task: no training term, so the half-width is the test-set term alone, t(0.975, n - 1) times the
+    standard error of the per-example differences' mean (the bootstrap's variance times n / (n - 1)). Three
+    identical seeds resample one shared test set: the same half-width (independent draws per seed would narrow it
+    by sqrt(3))."""
+    import numpy as np
+
+    from experiments.intervals import paired_bootstrap, student_t_quantile
+
+    n = 400
+    rng = np.random.default_rng(3)
+    a = "".join("1" if x else "0" for x in rng.random(n) < 0.8)
+    b = "".join("1" if x else "0" for x in rng.random(n) < 0.6)
+    d = np.frombuffer(a.encode(), np.uint8).astype(int) - np.frombuffer(b.encode(), np.uint8).astype(int)
+    expected = student_t_quantile(0.975, n - 1) * d.std(ddof=1) / math.sqrt(n)
+    delta, low, high = paired_bootstrap([a], [b], replicates=4000)
+    assert delta == pytest.approx(d.mean())
+    assert high - delta == pytest.approx(expected, rel=0.05)
+    _, low3, high3 = paired_bootstrap([a] * 3, [b] * 3, tasks=["t"] * 3, replicates=4000)
+    assert high3 - low3 == pytest.approx(high - low, rel=0.05)
+
+
+def test_the_estimate_weighs_every_task_the_same_whatever_its_seed_count():
+    """Task t (three seeds, delta 0.3 each) and task u (one seed, delta 0): the point estimate is the mean of the two
+    task means, 0.15, not the pooled mean of the four (task, seed) pairs, 0.225."""
+    from experiments.intervals import paired_bootstrap, task_weighted_mean
+
+    n = 100
+    a = ["1" * 30 + "0" * 70] * 3 + ["0" * n]
+    b = ["0" * n] * 4
+    delta, low, high = paired_bootstrap(a, b, tasks=["t", "t", "t", "u"], replicates=200)
+    assert delta == pytest.approx(0.15) and low < delta < high
+    assert task_weighted_mean([0.3, 0.3, 0.3, 0.0], ["t", "t", "t", "u"]) == pytest.approx(0.15)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import subprocess
@@ -282,3 +283,61 @@ def test_distillation_windows_past_the_context_are_refused():
         distill_on_text(student.model, teacher.model, student.tokenizer, "word " * 2000,
                         DistillConfig(steps=1, seq_len=300), progress=False)
     assert all(torch.equal(a, b) for a, b in zip(before, student.model.parameters()))
+
+
+def test_learning_rate_warms_up_linearly_then_decays_by_cosine_toward_a_tenth():
+    from cpet.train import DistillConfig, TuneConfig, lr_factor
+
+    config = TuneConfig(steps=10, warmup_steps=4)
+    factors = [lr_factor(s, config) for s in range(10)]
+    assert factors[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])  # (s + 1) / warmup: the last warm-up step at 1.0
+    assert factors[4] == pytest.approx(1.0)
+    assert factors[9] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 5 / 6)))
+    assert all(x > y for x, y in zip(factors[4:], factors[5:]))  # decays after the warm-up
+    assert lr_factor(9, TuneConfig(steps=10)) == pytest.approx(0.127, abs=1e-3)  # the docstring's example
+    assert [lr_factor(s, DistillConfig(steps=30)) for s in range(3)] == pytest.approx([1 / 3, 2 / 3, 1.0])
+
+
+def test_the_last_step_updates_the_weights(tmp_path):
+    """A one-step run takes its step: LoRA B starts at zero and must have moved, as must the saved resume state."""
+    from safetensors.torch import load_file
+
+    from cpet.adapters import add_lora, save_adapter
+    from cpet.models import tiny_model
+    from cpet.train import TuneConfig, train_classifier
+
+    loaded = tiny_model("llama")
+    model = add_lora(loaded.model, rank=4, alpha=8, dropout=0.0, target_roles=("q", "v"))
+    examples = [SimpleNamespace(text=f"it was {w}", label=l) for w, l in
+                (("good", "positive"), ("bad", "negative"), ("great", "positive"), ("awful", "negative"))]
+    train_classifier(model, loaded.tokenizer, examples, examples, labels=["positive", "negative"],
+                     template=SimpleNamespace(format=lambda text: f"{text} ->"),
+                     verbalizer=SimpleNamespace(label_words={"positive": " P", "negative": " N"}),
+                     config=TuneConfig(steps=1, batch_size=4, lr=1e-2, eval_every=1), out_dir=tmp_path,
+                     save_best=lambda directory, metrics: save_adapter(model, directory, {"metrics": metrics}),
+                     progress=False)
+    b_weights = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert b_weights and all(p.abs().max() > 0 for p in b_weights)
+    saved = load_file(str(tmp_path / "resume" / "state.safetensors"))
+    assert all(t.abs().max() > 0 for k, t in saved.items() if "lora_B" in k)
+
+
+def test_distillation_loss_is_kl_of_teacher_to_student_plus_hidden_mse():
+    """KL(teacher || student) at temperature 1, averaged over tokens, plus the hidden-state MSE: checked against the
+    formula on distributions where the two KL directions differ."""
+    from cpet.train import distillation_loss
+
+    torch.manual_seed(0)
+    s_logits, t_logits = torch.randn(2, 3, 7) * 2, torch.randn(2, 3, 7) * 2
+    s_hidden, t_hidden = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    student = SimpleNamespace(logits=s_logits, hidden_states=(s_hidden,))
+    teacher = SimpleNamespace(logits=t_logits, hidden_states=(t_hidden,))
+    p, q = torch.softmax(t_logits, -1), torch.softmax(s_logits, -1)
+    forward_kl = (p * (p.log() - q.log())).sum(-1).mean()
+    reverse_kl = (q * (q.log() - p.log())).sum(-1).mean()
+    assert abs(forward_kl - reverse_kl) > 0.05  # the direction matters on these logits
+    mse = ((s_hidden - t_hidden) ** 2).mean()
+    assert distillation_loss(student, teacher, 1.0, 0.0).item() == pytest.approx(forward_kl.item(), rel=1e-5)
+    assert distillation_loss(student, teacher, 0.0, 1.0).item() == pytest.approx(mse.item(), rel=1e-5)
+    assert distillation_loss(student, teacher, 0.5, 2.0).item() == pytest.approx(
+        0.5 * forward_kl.item() + 2 * mse.item(), rel=1e-5)
