@@ -156,6 +156,14 @@ def output_cache(output):
     return output["cache"] if "cache" in output else output["past_key_values"]
 
 
+def padding_mask(forward_kwargs: dict) -> torch.Tensor | None:
+    """The ``[batch, positions]`` bool ``attention_mask`` (True: text, False: padding) that a causal LM's forward
+    was called with, as a forward pre-hook registered ``with_kwargs=True`` sees it; None without one (or a
+    mask of another shape, such as a ready 4-D one): then every position counts as text."""
+    mask = forward_kwargs.get("attention_mask")
+    return mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The transformers model inside a peft ``PeftModel`` / tuner wrapper, inside ``DistributedDataParallel`` /
     ``DataParallel`` (accelerate wraps the model so in multi-process training), or inside a view that runs one

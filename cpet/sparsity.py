@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from .compress.calibration import check_token_windows
 from .evaluate import evaluating, model_device, perplexity
-from .models import check_context_length, context_length, iter_layer_linears, unwrap
+from .models import check_context_length, context_length, iter_layer_linears, padding_mask, unwrap
 from .recovery import dequantized_weight
 
 CONTRIBUTION, MAGNITUDE = "contribution", "magnitude"
@@ -288,8 +288,7 @@ class ActivationMask:
         return hook
 
     def _note_mask(self, module, args, kwargs):
-        mask = kwargs.get("attention_mask")
-        self._attended = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        self._attended = padding_mask(kwargs)
 
     def __enter__(self) -> "ActivationMask":
         if self._entered:

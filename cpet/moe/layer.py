@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..models import padding_mask
 from .experts import ExpertBank, Routed, bank_of
 
 
@@ -98,7 +99,7 @@ class MoEFFN(nn.Module):
         self.act_fn = act
         self.router = router
         self.top_k, self.tau = top_k, tau
-        self.attention_mask: torch.Tensor | None = None  # [batch, positions] of the running model forward
+        self.attention_mask: torch.Tensor | None = None  # [batch, positions] bool of the running model forward
         self.reset_counts()
 
     def bank(self, role: str) -> nn.Module | None:
@@ -134,12 +135,9 @@ class MoEFFN(nn.Module):
         if chosen is None:
             chosen = self.choose(tokens)
         attended = self._attended_rows(shape)
-        if attended is None:
-            self.chosen_experts += int(chosen.sum())
-            self.routed_tokens += tokens.shape[0]
-        else:
-            self.chosen_experts += int(chosen[attended.to(chosen.device)].sum())
-            self.routed_tokens += int(attended.sum())
+        counted = chosen if attended is None else chosen[attended.to(chosen.device)]  # padding left out
+        self.chosen_experts += int(counted.sum())
+        self.routed_tokens += counted.shape[0]
         # Group (token, expert) pairs by expert with one sort, then gather each expert's tokens on their own: a
         # handful of tensor ops per expert whatever the number of tokens, and no joined copy of all gathers
         # (on CPU, copying is a large part of a MoE layer's time; see docs/moefication.md).
@@ -162,7 +160,7 @@ class MoEFFN(nn.Module):
         mask = self.attention_mask
         if mask is None or len(shape) != 3 or mask.shape[0] != shape[0] or mask.shape[1] < shape[1]:
             return None
-        return mask[:, mask.shape[1] - shape[1]:].reshape(-1).bool()
+        return mask[:, mask.shape[1] - shape[1]:].reshape(-1)
 
     def expert_hidden(self, expert: int, x: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Expert ``expert``'s intermediate activations ``act(gate_e(x)) * up_e(x)`` (``act(up_e(x))`` without a
@@ -189,8 +187,7 @@ def _hand_over_attention_mask(model: nn.Module, args: tuple, kwargs: dict) -> No
     """Forward pre-hook on the causal LM: each MoEFFN below it reads the batch's ``attention_mask`` (2-D, else
     none) when it counts its tokens. A function of the module it is called on, so copies of the model keep a
     working hook."""
-    mask = kwargs.get("attention_mask")
-    mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+    mask = padding_mask(kwargs)
     for block in model.modules():
         if isinstance(block, MoEFFN):
             block.attention_mask = mask
