@@ -171,6 +171,23 @@ def check_adapter_base(meta: dict, *, base_id: str | None = None, source_fingerp
                      + ("" if source != "DIR" else " with DIR an adapter tuned with `--on original`"))
 
 
+def trained_prompt_limit(meta: dict, where: str = "the adapter") -> int | None:
+    """The prompt length (tokens) a CPET adapter was trained with, from its ``cpet.json`` (``max_prompt_tokens``,
+    else its ``tune_config``'s); None where neither records one.
+
+    Raises:
+        ValueError: the recorded value is not a positive integer (damaged metadata: a TypeError deep in prompt
+            fitting otherwise, or a silent cut at a negative length).
+    """
+    tune_config = meta.get("tune_config") if isinstance(meta.get("tune_config"), dict) else {}
+    trained_with = meta.get("max_prompt_tokens", tune_config.get("max_prompt_tokens"))
+    if trained_with is not None and (isinstance(trained_with, bool) or not isinstance(trained_with, int)
+                                     or trained_with < 1):
+        raise ValueError(f"{where} records max_prompt_tokens {trained_with!r} in its cpet.json, not a positive "
+                         "integer: its metadata is damaged; tune the adapter again")
+    return trained_with
+
+
 def check_scoring(meta: dict, task, max_prompt_tokens: int | None, where: str = "the adapter") -> int | None:
     """Refuse to score a CPET adapter (its ``cpet.json``) on a task it cannot answer, or on prompts cut to
     another length than it was trained on; return the length to cut prompts to (None: not recorded, nor asked).
@@ -187,12 +204,7 @@ def check_scoring(meta: dict, task, max_prompt_tokens: int | None, where: str = 
     if unknown:
         raise ValueError(f"task {task.name!r} has labels {unknown} that {where} does not know "
                          f"(it knows {meta['labels']})")
-    tune_config = meta.get("tune_config") if isinstance(meta.get("tune_config"), dict) else {}
-    trained_with = meta.get("max_prompt_tokens", tune_config.get("max_prompt_tokens"))
-    if trained_with is not None and (isinstance(trained_with, bool) or not isinstance(trained_with, int)
-                                     or trained_with < 1):  # a TypeError deep in prompt fitting otherwise
-        raise ValueError(f"{where} records max_prompt_tokens {trained_with!r} in its cpet.json, not a positive "
-                         "integer: its metadata is damaged; tune the adapter again")
+    trained_with = trained_prompt_limit(meta, where)
     if max_prompt_tokens is not None and trained_with is not None and max_prompt_tokens != trained_with:
         raise ValueError(f"{where} was trained on prompts cut to {trained_with} tokens; scoring it with "
                          f"{max_prompt_tokens} would measure another model (leave --max-prompt-tokens out)")

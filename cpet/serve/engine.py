@@ -307,6 +307,7 @@ class Engine:
         meta = loaded.meta
         if not meta.get("labels") or not meta.get("label_words"):
             raise ValueError(f"adapter {loaded.name} is not a classification adapter (its cpet.json names no labels)")
+        from ..adapters import trained_prompt_limit
         from ..data.prompts import PromptTemplate, prompt_cut_of
         from ..evaluate import label_token_ids
 
@@ -318,6 +319,7 @@ class Engine:
         try:
             PromptTemplate(meta.get("template") or PromptTemplate.template)
             label_token_ids(self.tokenizer, [meta["label_words"][label] for label in meta["labels"]])
+            trained_prompt_limit(meta)
         except ValueError as err:
             raise ValueError(f"adapter {loaded.name}'s cpet.json: {err}") from None
         prompt_cut_of(meta)
@@ -329,6 +331,7 @@ class Engine:
         template, verbalizer and prompt length (its ``cpet.json``), scored as CPET scores
         (:func:`cpet.evaluate.label_logprobs`: a label's log-probability is the sum over its tokens), all rows in
         one mixed batch; probabilities are the softmax of the label scores."""
+        from ..adapters import trained_prompt_limit
         from ..data.prompts import PromptTemplate, fit_prompt, prompt_cut_of
         from ..evaluate import (DEFAULT_MAX_PROMPT_TOKENS, encode_prompt_and_label, label_sequences, label_token_ids,
                                 logits_at, padded, scored_positions, store_sequence_score)
@@ -341,7 +344,7 @@ class Engine:
             labels = list(meta["labels"])
             words = [meta["label_words"][label] for label in labels]
             label_ids = label_token_ids(self.tokenizer, words)
-            limit = meta.get("max_prompt_tokens") or DEFAULT_MAX_PROMPT_TOKENS
+            limit = trained_prompt_limit(meta) or DEFAULT_MAX_PROMPT_TOKENS
             template = PromptTemplate(meta.get("template") or PromptTemplate.template)
             prompt = fit_prompt(template, text, self.tokenizer, limit, prompt_cut_of(meta))
             prompt_ids = encode_prompt_and_label(self.tokenizer, prompt, words[0], limit)[0]

@@ -79,6 +79,9 @@ class AdapterRegistry:
         path = Path(directory).resolve()
         if self.root is not None and not path.is_relative_to(self.root):
             raise AdapterError(f"adapter path {directory} is outside the adapter root {self.root}")
+        if path.exists() and not path.is_dir():
+            raise AdapterError(f"adapter path {directory} is a file, not a directory: give the adapter's directory "
+                               "(the one holding adapter_config.json)")
         if not path.is_dir():
             raise AdapterError(f"adapter directory {directory} does not exist")
         return path

@@ -78,7 +78,9 @@ class Scheduler:
     Args:
         max_queue: requests waiting at most (beyond them :meth:`submit` raises :class:`QueueFull`).
         max_batch: sequences in one step at most (new ones wait in the queue until rows free up).
-        on_step: called after every step with ``(batch size, new tokens)`` (metrics).
+        on_step: called after every step that ran the model for generation with ``(rows, new tokens, seconds)``
+            (metrics): the rows it decoded or prefilled, the tokens it appended to them (a row that ends on EOS or
+            was cancelled appends none) and the step's duration.
 
     Raises:
         ValueError: ``max_queue`` or ``max_batch`` below 1 (checked before the worker starts): a batch of 0 would
@@ -95,6 +97,7 @@ class Scheduler:
         self._waiting: deque[GenerationRequest] = deque()  # taken from the queue, waiting for a batch row
         self.running: list[_Running] = []
         self._taken: list = []  # what the current step took from the queue
+        self._advanced_rows = 0  # rows the model computed for generation in the current step
         self._cache = None
         self._mask: torch.Tensor | None = None       # [rows, length] 1 = real token
         self._positions: torch.Tensor | None = None  # [rows] position of the next token
@@ -171,6 +174,8 @@ class Scheduler:
         generate = [r for r in taken if isinstance(r, GenerationRequest)]
         if classify:
             self._classify(classify)
+        started = time.perf_counter()
+        self._advanced_rows = 0  # rows the model computed for generation in this step (counted by _advance)
         new_tokens = 0
         if self.running:  # before the new requests join: the running ones advance every step
             try:
@@ -181,8 +186,9 @@ class Scheduler:
             new_tokens += self._prefill(generate)
         if not self.running:  # the batch is over: its stacked factors must not keep its adapters alive
             self.engine.release_stacks()
-        if self.on_step is not None and (generate or self.running):
-            self.on_step(len(self.running), new_tokens)
+        # the last step of a batch counts too (its rows have left `running` by now)
+        if self.on_step is not None and self._advanced_rows:
+            self.on_step(self._advanced_rows, new_tokens, time.perf_counter() - started)
 
     def _admit(self, requests: list) -> list:
         """The requests whose adapter resolves (now held by the request); the others fail alone."""
@@ -272,8 +278,11 @@ class Scheduler:
         return self._advance(self.running, out.logits[:, -1].float(), offset=0)
 
     def _advance(self, runs: list[_Running], logits: torch.Tensor, offset: int) -> int:
-        """Choose each row's next token, stream it, and drop the rows that are done."""
+        """Choose each row's next token, stream it, and drop the rows that are done; returns the tokens appended
+        (a row that ends on EOS or was cancelled appends none)."""
         eos = self.engine.tokenizer.eos_token_id
+        self._advanced_rows += len(runs)
+        appended = 0
         done = []
         for i, run in enumerate(runs):
             request = run.request
@@ -282,6 +291,7 @@ class Scheduler:
                 done.append((offset + i, run, "stop"))
                 continue
             run.tokens.append(token)
+            appended += 1
             visible, stopped = cut_at_stop(self.engine.tokenizer.decode(run.tokens), request.stop)
             ready = len(visible) if stopped else len(visible) - stop_prefix_length(visible, request.stop)
             if ready > run.sent and not visible[:ready].endswith("\ufffd"):  # whole characters only
@@ -303,7 +313,7 @@ class Scheduler:
                 self._cache.batch_select_indices(torch.tensor(keep, device=self._mask.device))
                 self._mask, self._positions = self._mask[keep], self._positions[keep]
                 self._drop_shared_padding()
-        return len(runs)
+        return appended
 
     def _drop_shared_padding(self) -> None:
         """Cut the leading cache columns that are padding in every running row.

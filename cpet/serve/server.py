@@ -76,6 +76,7 @@ def create_app(engine: Engine, *, served_name: str = "cpet-base", api_key: str |
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     metrics = CollectorRegistry()
     queue_depth = Gauge("cpet_queue_depth", "requests waiting", registry=metrics)
@@ -85,14 +86,11 @@ def create_app(engine: Engine, *, served_name: str = "cpet-base", api_key: str |
     tokens_per_s = Gauge("cpet_tokens_per_second", "tokens per second over the last step", registry=metrics)
     latency = Histogram("cpet_request_seconds", "request latency", ["adapter", "kind"], registry=metrics)
     errors = Counter("cpet_request_errors", "refused or failed requests", ["status"], registry=metrics)
-    last_step = [time.perf_counter()]
 
-    def on_step(size: int, new: int) -> None:
-        now = time.perf_counter()
-        batch_size.observe(size)
+    def on_step(rows: int, new: int, seconds: float) -> None:
+        batch_size.observe(rows)
         tokens.inc(new)
-        tokens_per_s.set(new / max(now - last_step[0], 1e-6))
-        last_step[0] = now
+        tokens_per_s.set(new / max(seconds, 1e-6))  # the step's own time, not the idle time before it
 
     scheduler = Scheduler(engine, max_queue=limits.max_queue, max_batch=limits.max_batch, on_step=on_step)
     app = FastAPI(title="CPET", description="Many task adapters on one compressed base")
@@ -107,6 +105,15 @@ def create_app(engine: Engine, *, served_name: str = "cpet-base", api_key: str |
         errors.labels(str(exc.status)).inc()
         return JSONResponse({"error": {"message": exc.message, "type": exc.kind, "code": exc.status}},
                             status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _routing_error(request: Request, exc: StarletteHTTPException):
+        """Starlette's own errors (an unknown path: 404, a wrong method: 405) in the same JSON error body and
+        counted, instead of its ``{"detail": ...}``; its headers (``Allow`` on a 405) kept."""
+        errors.labels(str(exc.status_code)).inc()
+        message = f"{exc.detail}: {request.method} {request.url.path}"
+        return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "code": exc.status_code}},
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
@@ -228,7 +235,9 @@ def create_app(engine: Engine, *, served_name: str = "cpet-base", api_key: str |
         if data.get("max_tokens") is not None and data.get("max_completion_tokens") is not None:
             raise ServingError(400, "give max_tokens or max_completion_tokens (its newer name), not both")
         key = "max_tokens" if data.get("max_completion_tokens") is None else "max_completion_tokens"
-        ids, max_tokens = prompt_ids(text), integer(data, key, 16, 1, limits.max_tokens)
+        # the default (16, as OpenAI's legacy completions) stays within the server's --max-tokens: a client that
+        # leaves max_tokens out must not get a 400 for a value it never sent
+        ids, max_tokens = prompt_ids(text), integer(data, key, min(16, limits.max_tokens), 1, limits.max_tokens)
         try:  # past the context, a model with learned positions fails the whole batch (IndexError)
             engine.check_generation_fits(len(ids), max_tokens)
         except ValueError as exc:

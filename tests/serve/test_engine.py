@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -140,6 +141,8 @@ def test_the_registry_refuses_bad_adapters_with_what_was_wrong(served, tmp_path)
         registry.load("../escape", pipeline.adapters()["plain"])
     with pytest.raises(AdapterError, match="does not exist"):
         registry.load("missing", tmp_path / "missing")
+    with pytest.raises(AdapterError, match="is a file, not a directory: give the adapter's directory"):
+        registry.load("a-file", pipeline.adapters()["plain"] / "adapter_config.json")  # was "does not exist"
     broken = tmp_path / "broken"
     shutil.copytree(pipeline.adapters()["plain"], broken)
     (broken / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
@@ -421,3 +424,23 @@ def test_a_pinned_adapter_that_is_least_recently_used_is_not_evicted(served):
     assert registry.names() == ["a", "c"] and registry.pinned("a")
     registry.load("d", pipeline.adapters()["plain"])  # a is the oldest again: c goes
     assert registry.names() == ["a", "d"]
+
+
+@pytest.mark.parametrize("limit", ["64", 64.0, -3, True])
+def test_a_damaged_prompt_limit_fails_its_own_classify_requests_at_admission(served, tmp_path, limit):
+    """``max_prompt_tokens`` in cpet.json was used unchecked: a string or a float passed admission and then failed
+    every request of the mixed batch it joined (TypeError), a negative one cut prompts silently."""
+    pipeline, engine, _ = served
+    damaged = tmp_path / "damaged"
+    shutil.copytree(pipeline.adapters()["plain"], damaged)
+    meta = json.loads((damaged / "cpet.json").read_text())
+    meta["max_prompt_tokens"] = limit
+    (damaged / "cpet.json").write_text(json.dumps(meta))
+    engine.registry.load("damaged", damaged)
+    try:
+        with pytest.raises(ValueError, match=rf"adapter damaged's cpet.json: the adapter records max_prompt_tokens "
+                                             rf"{re.escape(repr(limit))} in its cpet.json, not a positive integer"):
+            engine.classifier_meta("damaged")
+        assert engine.classifier_meta("plain")["max_prompt_tokens"] >= 1  # the others' requests still pass
+    finally:
+        engine.registry.unload("damaged")

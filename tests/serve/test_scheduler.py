@@ -9,7 +9,7 @@ import re
 import pytest
 
 from cpet.serve import UnknownAdapterError
-from cpet.serve.scheduler import GenerationRequest, Scheduler, stop_prefix_length
+from cpet.serve.scheduler import ClassifyRequest, GenerationRequest, Scheduler, stop_prefix_length
 from tests.serve.test_engine import served  # noqa: F401  (the module-scoped pipeline fixture)
 
 
@@ -114,8 +114,6 @@ def test_stop_prefix_length_is_the_longest_end_that_starts_a_stop():
 
 
 def test_classification_with_a_bad_adapter_fails_alone(served):  # noqa: F811
-    from cpet.serve.scheduler import ClassifyRequest
-
     _, engine, _ = served
     scheduler = SteppedScheduler(engine)
     good, bad = ClassifyRequest("plain", "a fine day"), ClassifyRequest("missing", "a fine day")
@@ -166,11 +164,9 @@ def test_an_adapter_with_a_damaged_cpet_json_fails_its_own_classification_not_th
     import json
     import shutil
 
-    from cpet.serve.scheduler import ClassifyRequest
-
     pipeline, engine, _ = served
     damages = {"no-slot": {"template": "Text: {txt}\nLabel:"}, "no-word": {"label_words": {}},
-               "empty-word": {"label_words": None}}
+               "empty-word": {"label_words": None}, "text-limit": {"max_prompt_tokens": "64"}}
     for name, change in damages.items():
         directory = tmp_path / name
         shutil.copytree(pipeline.adapters()["plain"], directory)
@@ -190,7 +186,8 @@ def test_an_adapter_with_a_damaged_cpet_json_fails_its_own_classification_not_th
         scheduler._step()
         assert good.future.result(timeout=0) == engine.classify([("plain", "a fine day")])[0]
         for name, message in (("no-slot", "has no {text} slot"), ("no-word", "no label word for labels"),
-                              ("empty-word", "tokenises to nothing")):
+                              ("empty-word", "tokenises to nothing"),
+                              ("text-limit", "max_prompt_tokens '64' in its cpet.json, not a positive integer")):
             with pytest.raises(ValueError, match=f"adapter {name}'s cpet.json.*{re.escape(message)}"):
                 bad[name].future.result(timeout=0)
     finally:
@@ -199,8 +196,6 @@ def test_an_adapter_with_a_damaged_cpet_json_fails_its_own_classification_not_th
 
 
 def test_classification_is_served_while_generations_fill_the_batch(served):  # noqa: F811
-    from cpet.serve.scheduler import ClassifyRequest
-
     _, engine, _ = served
     scheduler = SteppedScheduler(engine, max_batch=1, max_queue=3)
     running = GenerationRequest(ids_of(engine, "the quick"), "plain", 20)
@@ -321,3 +316,27 @@ def test_waiting_generations_are_admitted_in_arrival_order(served):  # noqa: F81
     assert first.future.done() and not second.future.done()
     scheduler._step()
     assert second.future.done()
+
+
+def test_step_metrics_count_the_rows_computed_and_the_tokens_appended(served):  # noqa: F811
+    """on_step skipped the last step of every batch (its rows had left ``running``) and counted a row that ended
+    on EOS or was cancelled as a generated token."""
+    _, engine, _ = served
+    steps = []
+    scheduler = SteppedScheduler(engine, max_batch=4, on_step=lambda rows, new, seconds: steps.append((rows, new)))
+    short, cancelled = (GenerationRequest(ids_of(engine, "the quick"), "plain", 5),
+                        GenerationRequest(ids_of(engine, "the quick"), "shared", 50))
+    scheduler.submit(short)
+    scheduler.submit(cancelled)
+    scheduler._step()  # prefill: a token each
+    cancelled.cancelled = True
+    while not (short.future.done() and cancelled.future.done()):
+        scheduler._step()
+    generated = short.future.result()["tokens"] + cancelled.future.result()["tokens"]
+    assert sum(new for _, new in steps) == generated
+    assert steps[0] == (2, 2) and steps[1] == (2, 1)  # the cancelled row was computed, and appended nothing
+    assert short.future.result()["tokens"] == 5  # one token a step: steps 0 and 1 above, then the short row alone
+    assert steps[2:] == [(1, 1)] * 3  # to the last step, which ends the batch
+    scheduler.submit(ClassifyRequest("plain", "a fine day"))
+    scheduler._step()
+    assert len(steps) == 5  # a classification step generates nothing

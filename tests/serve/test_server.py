@@ -626,3 +626,45 @@ def test_the_server_honours_stop_strings(server, as_list):  # noqa: F811
     choice = response.json()["choices"][0]
     assert choice["text"] == expected["text"] == text[:text.index(stop)]
     assert choice["finish_reason"] == "stop"
+
+
+def test_a_request_without_max_tokens_fits_a_server_limit_below_the_default(server):
+    """The default of 16 was checked against --max-tokens: with a limit of 4, every call that left max_tokens out
+    got a 400 naming a value the client never sent."""
+    from cpet.serve.server import ServerLimits, create_app, serve_in_thread
+
+    _, app, _, _ = server
+    small = create_app(app.state.engine, limits=ServerLimits(max_tokens=4, max_prompt_tokens=200))
+    url, stop = serve_in_thread(small)
+    try:
+        for path, payload in (("completions", {"prompt": "the quick"}),
+                              ("chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
+            response = httpx.post(f"{url}/v1/{path}", json={"model": "plain", **payload})
+            assert response.status_code == 200, response.text
+            assert 1 <= response.json()["usage"]["completion_tokens"] <= 4
+        too_many = httpx.post(f"{url}/v1/completions", json={"model": "plain", "prompt": "x", "max_tokens": 5})
+        assert too_many.status_code == 400 and "max_tokens must be an integer in 1..4, got 5" in too_many.text
+    finally:
+        stop()
+
+
+@pytest.mark.parametrize("method, path, status", [("GET", "/v1/completions", 405), ("POST", "/v1/embeddings", 404),
+                                                  ("POST", "/v1/models", 405)])
+def test_unknown_paths_and_methods_get_the_json_error_body_and_are_counted(server, method, path, status):
+    """Starlette's own 404 / 405 came back as {"detail": ...} and were not counted, where the README says every
+    error is the same JSON body and counted."""
+    url, _, _, _ = server
+
+    def counted() -> float:
+        found = re.search(rf'cpet_request_errors_total{{status="{status}"}} (\S+)', httpx.get(f"{url}/metrics").text)
+        return float(found.group(1)) if found else 0.0
+
+    before = counted()
+    response = httpx.request(method, f"{url}{path}")
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert error["code"] == status and error["type"] == "invalid_request_error"
+    assert f"{method} {path}" in error["message"]
+    assert counted() == before + 1
+    if status == 405:
+        assert response.headers["allow"]  # which methods the path takes, as HTTP asks of a 405
