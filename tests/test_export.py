@@ -260,6 +260,36 @@ def test_a_bf16_base_exports_and_reloads_in_bf16_with_cpets_logits(tmp_path):
         assert torch.equal(engine.view("plain").eval()(input_ids=IDS).logits, expected)
 
 
+@pytest.mark.parametrize("dtype, method", [(torch.bfloat16, "nf4"), (torch.float16, "int8")])
+def test_a_half_precision_quantized_base_exports_with_cpets_logits_to_the_bit(tmp_path, dtype, method):
+    """peft rounds a LoRA on a bitsandbytes linear to the output's dtype before adding it (on a plain linear it adds
+    in fp32 and rounds once); the engine added in fp32 everywhere, so serving sat a bf16 step off an nf4 base's
+    export (0.031) and 0.079 off an int8 fp16 one, and every such export failed its check as a bug."""
+    from cpet.config import PruneConfig, QuantizeConfig
+    from tests.test_pipeline import write_task
+
+    task = write_task(tmp_path / "task.jsonl")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 50)
+    loaded = tiny_model("llama")
+    loaded.model.to(dtype)
+    pipeline = CPET(loaded, tmp_path / "work")
+    pipeline.compress([PruneConfig(ffn_ratio=0.25, importance="magnitude"), QuantizeConfig(method=method)],
+                      calibration=str(corpus), calibration_samples=2, seq_len=32, progress=False)
+    pipeline.tune(task, recovery="none", config=TUNE, progress=False, name="plain")
+    report = export_pipeline(pipeline, tmp_path / "out", check_ids=IDS)
+    assert report.adapters["plain"]["max_abs_diff"] == 0.0
+    plain = load_exported(tmp_path / "out" / "base", tmp_path / "out" / "adapters" / "plain")
+    with torch.no_grad(), pipeline.engine() as engine:
+        expected = pipeline.model_for("plain")(input_ids=IDS).logits  # evaluation's assembly (peft)
+        assert expected.dtype == dtype
+        assert torch.equal(plain(input_ids=IDS).logits, expected)
+        engine.load("plain", pipeline.adapters()["plain"])
+        assert torch.equal(engine.view("plain").eval()(input_ids=IDS).logits, expected)
+        engine.fast = False  # the per-factor reference path rounds the same way
+        assert torch.equal(engine.view("plain").eval()(input_ids=IDS).logits, expected)
+
+
 def test_the_export_check_refuses_a_two_percent_logit_error_at_its_default_tolerance(monkeypatch):
     """The check at its default tolerance (the test of a failing export sets it to 0, so a tolerance of 1.0 that
     accepts any export passed it)."""

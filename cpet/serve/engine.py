@@ -65,6 +65,19 @@ def _by_row(t: torch.Tensor, batch: _Batch, module: str) -> torch.Tensor:
                        "per-row adapters cannot be applied; please report the model family")
 
 
+def _add_as_peft(base_layer: nn.Module, out: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``out`` (the base linear's output, in the model's dtype) plus ``delta`` (fp32 low-rank deltas), rounded as
+    peft rounds a LoRA on that kind of linear, so that serving, evaluation and an export read by plain peft agree
+    to the bit in bf16 / fp16 as in fp32: on a plain linear peft adds in fp32 and rounds the sum once; on a
+    bitsandbytes linear (``Linear4bit``, ``Linear8bitLt``) it rounds the delta to the output's dtype first and
+    adds in that dtype. (Rounding twice on a plain bf16 linear put serving 0.05 off evaluation on a tiny model's
+    logits; rounding once on an nf4 bf16 base put it a bf16 step off the export, and an int8 fp16 base 0.08 off,
+    as LLM.int8 re-quantizes the activations that differ, and every such export failed its check.)"""
+    if out.dtype != torch.float32 and type(base_layer).__module__.startswith("bitsandbytes"):
+        return out + delta.to(out.dtype)
+    return (out.to(delta.dtype) + delta).to(out.dtype)
+
+
 class Engine:
     """A compressed base with hooks that apply per-row adapters (see the module docstring).
 
@@ -169,17 +182,14 @@ class Engine:
             if batch is None:
                 return output
             x, out = _by_row(inputs[0], batch, name), _by_row(output, batch, name)
-            # the deltas (fp32 factors) are added to the base output in fp32 and rounded once, as peft adds a
-            # LoRA: on a bf16 base, rounding the delta first and the sum again put serving 0.05 off evaluation and
-            # the export on a tiny model's logits
             if self.fast and x.dim() == 3:
                 delta = self._fast_delta(name, batch, x)
-                return (out.to(delta.dtype) + delta).to(out.dtype).view(output.shape)
-            delta = torch.zeros(out.shape, dtype=torch.float32, device=out.device)  # the reference: each factor
-            for factor, mask in self._row_factors(name, batch):                     # on the rows that use it
-                rows = mask.nonzero(as_tuple=True)[0].to(x.device)
-                delta.index_add_(0, rows, factor(x.index_select(0, rows)).float())
-            return (out.float() + delta).to(out.dtype).view(output.shape)
+            else:
+                delta = torch.zeros(out.shape, dtype=torch.float32, device=out.device)  # the reference: each
+                for factor, mask in self._row_factors(name, batch):                     # factor on its rows
+                    rows = mask.nonzero(as_tuple=True)[0].to(x.device)
+                    delta.index_add_(0, rows, factor(x.index_select(0, rows)).float())
+            return _add_as_peft(module, out, delta).view(output.shape)
 
         return hook
 
