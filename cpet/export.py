@@ -40,7 +40,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .adapters import check_adapter_name, read_adapter_meta
-from .assets import atomic_path
+from .assets import atomic_path, check_output_dir
 from .recovery import read_recovery_meta, recovery_sha256, stale_recovery
 
 EXPORT_META = "export.json"
@@ -114,6 +114,7 @@ def export_pipeline(pipeline, out: str | Path, names: list[str] | None = None, *
     if out.exists() and not (out / EXPORT_META).exists():
         raise ValueError(f"{out} exists and is not a CPET export (no {EXPORT_META}): choose a new --out directory "
                          "(a previous export is replaced, anything else is left alone)")
+    check_output_dir(out)  # a file on the way: refused naming it, before any work
     base_dir = pipeline.work_dir / "base"
     if out.resolve().is_relative_to(base_dir.resolve()):  # the copy of base/ would hold itself, without end
         raise ValueError(f"--out {out} is inside the pipeline's base directory {base_dir}: choose a directory "

@@ -617,6 +617,12 @@ def test_a_refused_tune_saves_no_config_and_names_stay_inside_the_pipeline(capsy
     # YAML null: was passed on as the string "None" (an adapter silently named None)
     ("name:\n", r"name has no value \(null\); give one, or remove the key"),
     ("task: [vader-movie, null]\n", r"task has no value \(null\)"),
+    # YAML's booleans and numbers: were passed on as --name False / --name 1.1, a run under another name
+    ("name: off\n", r"name was read as the boolean False .* is not a switch: quote it"),
+    ("steps: yes\n", r"steps was read as the boolean True"),
+    ("name: 1.10\n", r"name takes text, and YAML read 1\.1 \(float\) .*quote it"),
+    ("name: 010\n", r"name takes text, and YAML read 8 \(int\)"),
+    ("task: 1.0\n", r"task takes text, and YAML read 1\.0 \(float\)"),
 ])
 def test_config_file_values_of_the_wrong_kind_are_refused(capsys, tmp_path, text, message):
     config = tmp_path / "run.yaml"
@@ -1022,3 +1028,29 @@ def test_an_accuracy_on_a_built_in_test_split_in_units_resamples_its_units():
     mine = [Example(f"my passage {i}", g) for i, g in enumerate(gold)]  # same labels, other texts: no units
     (plain,) = with_accuracy_intervals({"tasks": [{**entry, "examples_sha256": examples_sha256(mine)}]})["tasks"]
     assert plain["accuracy_interval_95"] == list(wilson) and plain["accuracy_interval_units"] == "examples (Wilson)"
+
+
+def test_eval_refuses_a_task_or_adapter_given_twice_before_any_work(capsys, model_dir, task_file, tuned_pipeline):
+    """A task given twice was scored twice and then crashed comparing the two (KeyError: 'adapter'), after all the
+    scoring and with nothing on stdout; an adapter given twice was compared with itself."""
+    same_file = f"{task_file.parent}/./{task_file.name}"  # another spelling of the same file
+    for argv, message in (
+            (["--model", str(model_dir), "--task", str(task_file), "--task", str(task_file)],
+             f"--task {task_file} is given more than once: give each once"),
+            (["--model", str(model_dir), "--task", str(task_file), "--task", str(same_file)],
+             f"--task {task_file} and --task {same_file} are the same task"),
+            ([str(tuned_pipeline), "--adapter", "toy-cpet", "--adapter", "toy-cpet"],
+             "--adapter toy-cpet is given more than once")):
+        assert main(["eval", *argv]) == 2
+        captured = capsys.readouterr()
+        assert message in captured.err and captured.out == "", argv
+
+
+@pytest.mark.parametrize("argv", [["eval", "--model", "no-such-model", "--corpus", "brown", "--max-tokens", "1"],
+                                  ["compress", "--model", "no-such-model", "--quantize", "nf4", "--eval-tokens", "1"],
+                                  ["demo", "--max-tokens", "1"]])
+def test_perplexity_token_counts_below_two_are_refused_by_argparse(capsys, argv):
+    """``--max-tokens 1`` got past the parser and, after the model loaded, failed as "the corpus has 1 token(s)"."""
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert "must be >= 2, got 1 (perplexity scores each token after the first" in capsys.readouterr().err

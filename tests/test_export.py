@@ -85,6 +85,10 @@ def test_what_cannot_be_exported_is_skipped_or_refused_with_why(exported, tmp_pa
     with pytest.raises(ValueError, match=r"is inside the pipeline's base directory"):
         export_pipeline(pipeline, inside, ["shared"])
     assert not inside.exists()
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    with pytest.raises(ValueError, match=rf"output directory {a_file / 'sub'} cannot be made: {a_file} is a file"):
+        export_pipeline(pipeline, a_file / "sub", ["shared"])  # was a bare "File exists" from the atomic write
 
 
 def test_an_adapter_given_by_its_directory_is_exported_under_its_name_and_left_alone(exported, tmp_path):

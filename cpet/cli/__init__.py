@@ -40,6 +40,9 @@ def seed_int(text: str) -> int:
 seed_int.__name__ = "int"
 
 
+PPL_TOKENS_HINT = " (perplexity scores each token after the first, so it needs two at least)"
+
+
 def at_least(minimum: int, hint: str = ""):
     """argparse type: an integer >= ``minimum`` (``hint`` is added to the error)."""
     def parse(text: str) -> int:
@@ -144,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "perplexity")
     p.add_argument("--split", default="test", help="task split to score")
     p.add_argument("--limit", type=limit_int, default=None, help="score only the first N examples; None: all")
-    p.add_argument("--max-tokens", type=positive_int, default=8192, help="perplexity tokens")
+    p.add_argument("--max-tokens", type=at_least(2, PPL_TOKENS_HINT), default=8192, help="perplexity tokens (>= 2)")
     p.add_argument("--max-length", type=at_least(2), default=256,
                    help="perplexity window length (>= 2: each window predicts its tokens after the first)")
     p.add_argument("--max-prompt-tokens", type=positive_int, default=None,
@@ -208,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compute-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="dtype of quantized matmuls")
     p.add_argument("--calibration-samples", type=positive_int, default=16, help="Brown windows of 128 tokens")
-    p.add_argument("--eval-tokens", type=positive_int, default=2048, help="Brown held-out tokens for perplexity")
+    p.add_argument("--eval-tokens", type=at_least(2, PPL_TOKENS_HINT), default=2048,
+                   help="Brown held-out tokens for perplexity (>= 2)")
     p.add_argument("--out", required=True, help="pipeline directory (the base goes to OUT/base)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -284,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="vader-tweets", help="task name, .jsonl/.csv path or hf:NAME")
     p.add_argument("--limit", type=positive_int, default=150, help="test examples scored")
     p.add_argument("--val-limit", type=positive_int, default=50, help="validation examples per evaluation")
-    p.add_argument("--max-tokens", type=positive_int, default=2048, help="Brown held-out tokens for perplexity")
+    p.add_argument("--max-tokens", type=at_least(2, PPL_TOKENS_HINT), default=2048,
+                   help="Brown held-out tokens for perplexity (>= 2)")
     p.add_argument("--steps", type=positive_int, default=24, help="LoRA steps per adapter (batch 8)")
     p.add_argument("--lr", type=float, default=tune_defaults.lr, help="AdamW learning rate (peak)")
     p.add_argument("--max-prompt-tokens", type=positive_int, default=64,

@@ -53,8 +53,22 @@ def config_file_args(argv: Sequence[str], commands: dict[str, argparse.ArgumentP
                              "flags take lists)")
         else:
             for item in value if isinstance(value, list) else [value]:
+                _check_scalar(path, key, item, action)
                 injected += [option, str(item)]
     return [argv[0], *injected, *argv[1:]]
+
+
+def _check_scalar(path: str, key: str, value, action: argparse.Action) -> None:
+    """Refuse a value that YAML read as something other than what was written for this flag: a boolean for a flag
+    that is not a switch (``name: off`` would become ``--name False``), or a number for a flag that takes text
+    (``name: 1.10`` would become ``1.1``, ``name: 010`` the octal 8)."""
+    if isinstance(value, bool):
+        raise ValueError(f"config file {path}: {key} was read as the boolean {value} (YAML takes an unquoted on, "
+                         f"off, yes, no, true or false for one) and {key} is not a switch: quote it, e.g. "
+                         f"{key}: \"off\"")
+    if action.type is None and not isinstance(value, str):
+        raise ValueError(f"config file {path}: {key} takes text, and YAML read {value!r} ({type(value).__name__}) "
+                         f"where its text may have been written otherwise: quote it, e.g. {key}: \"1.10\"")
 
 
 def read_config_file(path: str) -> dict:

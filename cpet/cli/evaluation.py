@@ -295,7 +295,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
                          "with a pipeline")
     if target == "peft" and not args.task and not args.corpus:
         _check_adapter_names_its_task(args.peft)
+    for flag, values in (("--task", args.task or []), ("--adapter", args.adapter or [])):
+        repeated = next((value for value in values if values.count(value) > 1), None)
+        if repeated is not None:  # it would be scored twice and compared with itself
+            raise ValueError(f"{flag} {repeated} is given more than once: give each once")
     tasks = [load_task(name) for name in args.task or []]  # every name checked before any model work
+    names = [task.name for task in tasks]
+    same = next((name for name in names if names.count(name) > 1), None)
+    if same is not None:
+        given = [given for given, name in zip(args.task, names) if name == same]
+        raise ValueError(f"--task {given[0]} and --task {given[1]} are the same task ({same}): give it once")
     for task in tasks:
         task.require(args.split)
     if args.corpus:  # so is the corpus (scored after the model has loaded)
