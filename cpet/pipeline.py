@@ -271,8 +271,8 @@ class CPET:
                                      "seed": calibration_seed}
         base.save(self.base_dir)
         self._served_base = None
-        if self.recovery_dir.exists():  # recovery made for a previous base no longer applies
-            shutil.rmtree(self.recovery_dir)
+        if self.recovery_dir.exists() and _recovery_base_id(self.recovery_dir) != base.manifest.base_id:
+            shutil.rmtree(self.recovery_dir)  # made for a previous base: no longer applies (the same base keeps it)
         self._record("compress", started_at, base_id=base.manifest.base_id,
                      stages=[stage_config_to_dict(stage) for stage in stages], calibration=base.manifest.calibration,
                      seconds=time.perf_counter() - start)
@@ -326,7 +326,10 @@ class CPET:
                            "use a smaller rank (cpet recover --rank), or RecoveryConfig(init='zero')")
             scales = None
             if activation_weighted:
-                ids = calibration_ids(self.original.tokenizer, corpus, 8, 128, seed=distill.seed)  # one seed, all
+                # windows no longer than distillation's (checked against the context above): a fixed 128 ran
+                # past a shorter context (an IndexError in a model with learned positions)
+                window = min(128, distill.seq_len)
+                ids = calibration_ids(self.original.tokenizer, corpus, 8, window, seed=distill.seed)  # one seed, all
                 scales = input_rms(self.original.model, ids, recovery.targets)
             init_errors = init_from_residuals(recovery, self.original.model, base.model, base.index_maps, scales)
         recovery.attach(base.model, slot=SHARED, trainable=True)
@@ -388,6 +391,10 @@ class CPET:
         if per_task_recovery is not None and recovery not in ("per_task", "both"):  # it would be silently unused
             raise ValueError(f"per_task_recovery is used only with recovery='per_task' or 'both', but this run has "
                              f"recovery={recovery!r}: set recovery (CLI: --recovery per-task) or leave it out")
+        if per_task_recovery is not None and per_task_recovery.init != "zero":  # it would be recorded, not done
+            raise ValueError(f"per_task_recovery init={per_task_recovery.init!r}: per-task recovery starts at zero and "
+                             "learns with the adapter (the residual-SVD start belongs to the shared recovery, "
+                             "CPET.recover); give RecoveryConfig(init='zero')")
         source = self._check_tune_args(task, on, init, inherit_from, recovery)  # the source, read once
         # before anything random (LoRA A, recovery init): the same seed gives the same run whatever ran before
         torch.manual_seed(config.seed)
@@ -895,6 +902,17 @@ def _recorded_fingerprint(directory: Path, record: dict) -> str | None:
 def utc_now() -> str:
     """The current time, ISO 8601 in UTC to the second (``2025-01-31T12:00:00Z``)."""
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _recovery_base_id(directory: Path) -> str | None:
+    """The ``base_id`` a saved recovery set was made for; None where its ``recovery.json`` is missing or damaged."""
+    from .recovery import read_recovery_meta
+
+    try:
+        base_id = read_recovery_meta(directory).get("base_id")
+    except (OSError, ValueError, AttributeError):  # json.JSONDecodeError is a ValueError; a list has no .get
+        return None
+    return base_id if isinstance(base_id, str) else None
 
 
 def _dir(adapter: TaskAdapter | str | Path | None) -> Path | None:

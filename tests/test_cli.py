@@ -1030,17 +1030,17 @@ def test_an_accuracy_on_a_built_in_test_split_in_units_resamples_its_units():
     assert plain["accuracy_interval_95"] == list(wilson) and plain["accuracy_interval_units"] == "examples (Wilson)"
 
 
-def test_eval_refuses_a_task_or_adapter_given_twice_before_any_work(capsys, model_dir, task_file, tuned_pipeline):
+def test_eval_refuses_a_task_given_twice_before_any_work(capsys, model_dir, task_file, tuned_pipeline):
     """A task given twice was scored twice and then crashed comparing the two (KeyError: 'adapter'), after all the
-    scoring and with nothing on stdout; an adapter given twice was compared with itself."""
+    scoring and with nothing on stdout; with a pipeline, the zero-shot base was compared with itself."""
     same_file = f"{task_file.parent}/./{task_file.name}"  # another spelling of the same file
     for argv, message in (
             (["--model", str(model_dir), "--task", str(task_file), "--task", str(task_file)],
              f"--task {task_file} is given more than once: give each once"),
             (["--model", str(model_dir), "--task", str(task_file), "--task", str(same_file)],
              f"--task {task_file} and --task {same_file} are the same task"),
-            ([str(tuned_pipeline), "--adapter", "toy-cpet", "--adapter", "toy-cpet"],
-             "--adapter toy-cpet is given more than once")):
+            ([str(tuned_pipeline), "--task", str(task_file), "--task", str(task_file)],
+             f"--task {task_file} is given more than once")):
         assert main(["eval", *argv]) == 2
         captured = capsys.readouterr()
         assert message in captured.err and captured.out == "", argv

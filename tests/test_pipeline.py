@@ -517,6 +517,12 @@ def test_bad_adapter_names_and_unused_sources_are_refused_before_any_work(built)
         pipeline.tune(task, per_task_recovery=RecoveryConfig(rank=2), config=SHORT, name="unused-source",
                       progress=False)
     assert not (pipeline.work_dir / "adapters" / "unused-source").exists()
+    # a residual-SVD start for per-task recovery was recorded in cpet.json and never done (its B stayed 0)
+    with pytest.raises(ValueError, match=r"per_task_recovery init='svd': per-task recovery starts at zero"):
+        pipeline.tune(task, recovery="per_task", inherit_from=original, init="inherit", name="unused-source",
+                      per_task_recovery=RecoveryConfig(rank=2, activation="identity", init="svd"), config=SHORT,
+                      progress=False)
+    assert not (pipeline.work_dir / "adapters" / "unused-source").exists()
 
 
 def test_corrupt_adapter_metadata_names_its_file(built, tmp_path):
@@ -947,3 +953,32 @@ def test_shared_recovery_moves_the_compressed_model_toward_the_original(built):
     # a recovery of the wrong sign (or of the wrong residual) moves it away instead
     ratio = float((recovered - original).norm() / (bare - original).norm())
     assert ratio < 0.97
+
+
+def test_compressing_again_keeps_a_recovery_made_for_the_same_base_and_drops_one_of_another(tmp_path):
+    """Every compress deleted recovery/, even when it rebuilt the very same base (same base_id): the adapters
+    tuned with it were refused until `recover` ran again."""
+    from cpet.recovery import recovery_sha256
+
+    pipeline, _ = recovered_pipeline(tmp_path, distill_steps=1)
+    made_with = recovery_sha256(pipeline.recovery_dir)
+    base_id = pipeline.base_id
+    corpus = str(tmp_path / "corpus.txt")
+    pipeline.compress([PruneConfig(ffn_ratio=0.25, importance="activation"), QuantizeConfig("nf4")],
+                      calibration=corpus, calibration_samples=4, seq_len=32, progress=False)
+    assert pipeline.base_id == base_id and recovery_sha256(pipeline.recovery_dir) == made_with
+    pipeline.compress([PruneConfig(ffn_ratio=0.5, importance="activation"), QuantizeConfig("nf4")],
+                      calibration=corpus, calibration_samples=4, seq_len=32, progress=False)
+    assert pipeline.base_id != base_id and not pipeline.recovery_dir.exists()  # made for another base: gone
+
+
+def test_recovery_on_a_model_with_a_short_context_weighs_the_svd_start_within_it(tmp_path):
+    """The activation-weighting windows of the residual-SVD start were always 128 tokens: past a 64-token context,
+    OPT (learned positions) failed with a bare IndexError after the base had loaded."""
+    (tmp_path / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    pipeline = CPET(tiny_model("opt", max_position_embeddings=64), tmp_path / "work")
+    pipeline.compress([PruneConfig(ffn_ratio=0.25, importance="magnitude")], calibration=str(tmp_path / "corpus.txt"),
+                      calibration_samples=4, seq_len=32, progress=False)
+    pipeline.recover(RecoveryConfig(rank=4, alpha=4, activation="identity", init="svd"),
+                     DistillConfig(steps=1, seq_len=32), text=str(tmp_path / "corpus.txt"), progress=False)
+    assert (pipeline.recovery_dir / "recovery.json").exists()

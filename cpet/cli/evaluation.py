@@ -295,10 +295,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                          "with a pipeline")
     if target == "peft" and not args.task and not args.corpus:
         _check_adapter_names_its_task(args.peft)
-    for flag, values in (("--task", args.task or []), ("--adapter", args.adapter or [])):
-        repeated = next((value for value in values if values.count(value) > 1), None)
-        if repeated is not None:  # it would be scored twice and compared with itself
-            raise ValueError(f"{flag} {repeated} is given more than once: give each once")
+    repeated = next((task for task in args.task or [] if args.task.count(task) > 1), None)
+    if repeated is not None:  # scored twice, then paired with itself (an adapter given twice is: a zero check)
+        raise ValueError(f"--task {repeated} is given more than once: give each once")
     tasks = [load_task(name) for name in args.task or []]  # every name checked before any model work
     names = [task.name for task in tasks]
     same = next((name for name in names if names.count(name) > 1), None)
