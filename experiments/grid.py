@@ -24,6 +24,7 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -281,9 +282,20 @@ def prepare_setting(setting: str, out: Path, args) -> CPET:
     pipeline = CPET.from_pretrained(args.model, work_dir=out / setting)
     if not pipeline.has_base:
         pipeline.compress(SETTINGS[setting](), progress=args.progress)
-    if not (pipeline.recovery_dir / "recovery.json").exists():
-        pipeline.recover(distill=DistillConfig(steps=args.recovery_steps, batch_size=4, seq_len=128),
-                         progress=args.progress)
+    distill = DistillConfig(steps=args.recovery_steps, batch_size=4, seq_len=128)
+    recovery_meta = pipeline.recovery_dir / "recovery.json"
+    if recovery_meta.exists():  # reused: its cells must not record another budget than the one it was made with
+        made_with = json.loads(recovery_meta.read_text()).get("distill")
+        wanted = json.loads(json.dumps(asdict(distill)))
+        if made_with != wanted:
+            changed = ", ".join(f"{key} {made_with.get(key) if isinstance(made_with, dict) else None} -> {value}"
+                                for key, value in wanted.items()
+                                if not isinstance(made_with, dict) or made_with.get(key) != value)
+            raise SystemExit(f"grid: the shared recovery in {pipeline.recovery_dir} was distilled with other settings "
+                             f"than this run's ({changed}; --recovery-steps): use another --out, or remove "
+                             "that recovery/ to distil it again")
+    else:
+        pipeline.recover(distill=distill, progress=args.progress)
     summaries_dir = Path(args.cells).parent / "settings"
     write_text_atomic(summaries_dir / f"{setting}.json", json.dumps(setting_summary(pipeline.work_dir), indent=2))
     return pipeline

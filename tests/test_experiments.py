@@ -499,3 +499,27 @@ def test_a_finished_cell_of_other_test_data_under_the_same_name_is_refused_not_r
     # another --test-limit scores another test split of the same file: that is a budget clash, said as one
     with pytest.raises(SystemExit, match=r"measured with another budget, e\.g\. .*test_limit None -> 3"):
         grid.main([*common, "--tasks", first, "--test-limit", "3"])
+
+
+def test_a_grid_refuses_a_shared_recovery_distilled_with_another_budget(tmp_path, monkeypatch):
+    """prepare_setting reused whatever recovery/ it found, while its cells recorded this run's --recovery-steps."""
+    from dataclasses import asdict
+    from types import SimpleNamespace
+
+    import experiments.grid as grid
+    from cpet.train import DistillConfig
+
+    recovery_dir = tmp_path / "runs" / "nf4" / "recovery"
+    recovery_dir.mkdir(parents=True)
+    made = asdict(DistillConfig(steps=40, batch_size=4, seq_len=128))
+    (recovery_dir / "recovery.json").write_text(json.dumps({"distill": made}))
+    fake = SimpleNamespace(has_base=True, recovery_dir=recovery_dir, work_dir=tmp_path / "runs" / "nf4",
+                           recover=lambda **kwargs: pytest.fail("recovery was distilled again"))
+    monkeypatch.setattr(grid.CPET, "from_pretrained", lambda *a, **k: fake)
+    monkeypatch.setattr(grid, "setting_summary", lambda work_dir: {})
+    args = SimpleNamespace(model="m", progress=False, recovery_steps=120, cells=str(tmp_path / "cells" / "x"))
+    with pytest.raises(SystemExit, match=r"distilled with other settings than this run's \(steps 40 -> 120; "
+                                         r"--recovery-steps\)"):
+        grid.prepare_setting("nf4", tmp_path / "runs", args)
+    args.recovery_steps = 40  # the budget it was made with: reused as it is
+    assert grid.prepare_setting("nf4", tmp_path / "runs", args) is fake
