@@ -46,7 +46,12 @@ def normalised_key(text: str) -> str:
 
     ``normalised_key("Great movie!!  :-)") == normalised_key("great movie :)") == "great movie :)"``;
     ``normalised_key("sad :'(") != normalised_key("sad :)")``.
+
+    The text is first brought to Unicode NFKC with its invisible format characters (soft hyphen, zero-width
+    space) removed, so that one text in two encodings gets one key: an accent typed as a combining mark ("nai\u0308ve")
+    or full-width letters ("Ｇｒｅａｔ") gave another key, and the same sentence could sit in train and in test.
     """
+    text = "".join(ch for ch in unicodedata.normalize("NFKC", text) if unicodedata.category(ch) != "Cf")
     tokens, pos = [], 0
     for match in _EMOTICON.finditer(text):
         tokens += _plain_tokens(text[pos:match.start()])

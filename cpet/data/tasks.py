@@ -242,7 +242,7 @@ def _rows_to_task(rows: list[tuple[int, dict]], path: Path, text_field: str, lab
         raise ValueError(f"{path}: no {kind} has the split field {split_field!r} that was asked for; its fields "
                          f"are {fields} (field names are case-sensitive)")
     for line_no, row in rows:
-        if None in row:  # csv.DictReader files cells beyond the header under None: an unquoted delimiter
+        if None in row:  # cells beyond a CSV header are filed under None: an unquoted delimiter
             raise ValueError(f"{path} {kind} {line_no}: {len(row) - 1 + len(row[None])} cells but the header has "
                              f"{len(row) - 1}; quote a text that holds the delimiter (\"great movie, loved it\")")
         if any(value is _MISSING_CELL for value in row.values()):
@@ -281,7 +281,18 @@ def _split_column(rows: list[tuple[int, dict]], path: Path) -> str | None:
     return named[0] if named else None
 
 
-_MISSING_CELL = object()  # what csv.DictReader gives a column a short row has no cell for
+_MISSING_CELL = object()  # the cell of a column that a short CSV row has none for
+
+
+def _row_as_dict(header: list[str], cells: list[str]) -> dict:
+    """One CSV record as ``{column: cell}`` (as csv.DictReader gives it): cells beyond the header under None, a
+    column the row has no cell for as :data:`_MISSING_CELL`; a column named twice keeps its last cell."""
+    row = dict(zip(header, cells))
+    if len(cells) > len(header):
+        row[None] = cells[len(header):]
+    for column in header[len(cells):]:
+        row[column] = _MISSING_CELL
+    return row
 
 
 def _plain_value(value, text: bool) -> bool:
@@ -365,16 +376,22 @@ def load_csv_task(path: str | Path, text_column: str = "text", label_column: str
     if not path.exists():
         raise FileNotFoundError(f"task file {path} does not exist")
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    # strict: a quote that does not close where a cell ends is an error, not a cell that swallows the rows after it
-    reader = csv.DictReader(io.StringIO(read_utf8(path), newline=""), delimiter=delimiter, strict=True,
-                            restval=_MISSING_CELL)
-    rows, line = [], 2  # each record named by the line it starts on (a quoted cell may span several lines)
+    # strict: a quote that does not close where a cell ends is an error, not a cell that swallows the rows after it.
+    # A plain csv.reader, not csv.DictReader: DictReader skips blank lines without a trace, so every row after one
+    # was named by the wrong line, and a blank first line became an empty header (every row "too many cells")
+    reader = csv.reader(io.StringIO(read_utf8(path), newline=""), delimiter=delimiter, strict=True)
+    header, rows, line = None, [], 1  # each record named by the line it starts on (a quoted cell may span lines)
     limit = csv.field_size_limit()
     try:
         csv.field_size_limit(max(limit, 64 * 1024 * 1024))  # a long email or document is one cell, not an error
-        for row in reader:
-            rows.append((line, row))
-            line = reader.line_num + 1
+        for cells in reader:
+            start, line = line, reader.line_num + 1
+            if not cells:  # a blank line (before the header too)
+                continue
+            if header is None:
+                header = cells
+                continue
+            rows.append((start, _row_as_dict(header, cells)))
     except csv.Error as exc:
         raise ValueError(f"{path} row {line}: {exc}; a quote opens a cell only at its start and must close it "
                          "where the cell ends (write a quote inside a quoted cell as \"\"; a text that begins "
@@ -384,7 +401,6 @@ def load_csv_task(path: str | Path, text_column: str = "text", label_column: str
 
     if not rows:
         raise ValueError(f"{path} is empty: no examples")
-    header = reader.fieldnames or []
     repeated = sorted({column for column in header if header.count(column) > 1})
     if repeated:  # csv.DictReader keeps the last of them: a label column could be read from the wrong one
         raise ValueError(f"{path}: the header names column(s) {repeated} more than once; give each column its own "

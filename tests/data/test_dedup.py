@@ -87,6 +87,21 @@ def test_split_column_file_cannot_leak_between_splits(tmp_path):
     assert "1 repeated across splits" in task.description
 
 
+@pytest.mark.parametrize("a, b", [("un film naïf, très réussi", "un film nai\u0308f, tre\u0300s re\u0301ussi"),
+                                  ("Great movie", "\uff27\uff52\uff45\uff41\uff54 movie"),
+                                  ("great movie", "gre\u00adat mo\u200bvie")])
+def test_one_text_in_two_unicode_encodings_gets_one_key_and_cannot_leak(tmp_path, a, b):
+    """Combining accents, full-width letters and invisible format characters gave a text a second key (the accent
+    dropped as punctuation split the word: "nai ve"), so the same sentence stayed in train and in test."""
+    assert normalised_key(a) == normalised_key(b) == normalised_key(a.casefold())
+    rows = [{"text": f"item {i}", "label": "xy"[i % 2], "split": ["train", "validation", "test"][i % 3]}
+            for i in range(30)]
+    rows += [{"text": a, "label": "x", "split": "train"}, {"text": b, "label": "x", "split": "test"}]
+    task = load_task(_write_jsonl(tmp_path / "encodings.jsonl", rows))
+    assert task.dedup_report["cross_split_dropped"] == 1
+    assert b not in [example.text for example in task.split("test")]
+
+
 def test_file_without_split_column_is_deduplicated_before_splitting(tmp_path):
     rows = [{"text": f"Review {i % 40}{'!' * (i // 40)}", "label": "ab"[i % 40 % 2]} for i in range(120)]
     task = load_task(_write_jsonl(tmp_path / "dups.jsonl", rows))

@@ -92,12 +92,26 @@ def test_bad_jsonl(tmp_path, content, message):
     ('text,label\ngood,pos\nbad\n', r"row 3: 1 cells but the header has 2; give every column a cell"),
     # a stray opening quote: was one example swallowing the rows up to the next quote
     ('text,label\ngood,pos\n"great movie,pos\nbad,neg\n"quoted" text,neg\n', r"row 3: .*must close it"),
+    # rows after blank lines: were named by the line after the previous row (here row 3)
+    ('text,label\ngood,pos\n\n\n\ngreat movie, neg,pos\n', r"row 6: 3 cells but the header has 2"),
+    ('text,label\ngood,pos\n\n\n"great movie,pos\nbad,neg\n"quoted" text,neg\n', r"row 5: .*must close it"),
+    # a blank first line: was an empty header ("row 2: 2 cells but the header has 0"); the header is the first row
+    ('\ntext,label\ngood,pos\n\nbad\n', r"row 5: 1 cells but the header has 2"),
 ])
 def test_bad_csv_rows_are_refused_not_misread(tmp_path, content, message):
     path = tmp_path / "bad.csv"
     path.write_text(content)
     with pytest.raises(ValueError, match=message):
         load_task(str(path))
+
+
+def test_blank_lines_around_csv_rows_and_before_the_header_are_skipped(tmp_path):
+    path = tmp_path / "blank.csv"
+    path.write_text("\n\ntext,label\n\n" + "".join(f"item {i},{'ab'[i % 2]}\n\n" for i in range(30)))
+    task = load_task(str(path))
+    assert sorted(example.text for split in task.splits.values() for example in split) == \
+        sorted(f"item {i}" for i in range(30))
+    assert task.labels == ("a", "b")
 
 
 def test_csv_cells_longer_than_the_csv_modules_default_limit_load(tmp_path):
