@@ -146,12 +146,14 @@ def collate(encoded: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
-def label_token_loss(model: nn.Module, batch: dict[str, torch.Tensor], **model_inputs) -> tuple[torch.Tensor, object]:
+def label_token_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, per: float | None = None,
+                     **model_inputs) -> tuple[torch.Tensor, object]:
     """``(loss, outputs)``: the mean cross-entropy of the label tokens of a :func:`collate` batch (``labels`` -100
     elsewhere), as transformers' causal-LM loss computes it (position t predicts token t + 1), with the LM head run
     only at the positions that predict a label token (:func:`cpet.evaluate.logits_at`: the head over the whole
     vocabulary at every prompt position was 15% of a training step's time on SmolLM2-135M); ``outputs`` is the
-    model's output (``model_inputs``: e.g. ``output_hidden_states``)."""
+    model's output (``model_inputs``: e.g. ``output_hidden_states``). ``per``: divide the summed cross-entropy by
+    this count instead of the batch's own label tokens (a process's share of a batch split over processes)."""
     labels = batch["labels"]
     rows, positions = (labels[:, 1:] != -100).nonzero(as_tuple=True)
     if rows.numel() == 0:
@@ -161,7 +163,15 @@ def label_token_loss(model: nn.Module, batch: dict[str, torch.Tensor], **model_i
                    **model_inputs)
     kept = torch.tensor([at.where[p] for p in listed], device=rows.device)
     logits = at.logits[rows, kept].float()
-    return torch.nn.functional.cross_entropy(logits, labels[rows, positions + 1]), at.outputs
+    if per is None:
+        return torch.nn.functional.cross_entropy(logits, labels[rows, positions + 1]), at.outputs
+    return torch.nn.functional.cross_entropy(logits, labels[rows, positions + 1], reduction="sum") / per, at.outputs
+
+
+def label_tokens(example: tuple[list[int], list[int]]) -> int:
+    """The label tokens of one :func:`encode_example` that :func:`label_token_loss` scores (a label at position 0
+    has no position to predict it)."""
+    return sum(label != -100 for label in example[1][1:])
 
 
 def batch_indices(num_examples: int, batch_size: int, step: int, seed: int) -> list[int]:
@@ -341,11 +351,14 @@ def load_resume_state(directory: Path, model: nn.Module, optimizer: torch.optim.
 # --------------------------------------------------------------------------------------------------
 
 
-def hidden_mse(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean squared error of last hidden states ``[B, T, d]`` over the positions where ``mask`` is 1."""
+def hidden_mse(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, mask: torch.Tensor,
+               per: float | None = None) -> torch.Tensor:
+    """Mean squared error of last hidden states ``[B, T, d]`` over the positions where ``mask`` is 1; ``per``:
+    divide by this many positions (times ``d``) instead of the batch's own (a process's share of a split batch)."""
     diff = (student_hidden.float() - teacher_hidden.float()) ** 2
     weights = mask.unsqueeze(-1).to(diff.dtype)
-    return (diff * weights).sum() / (weights.sum() * diff.shape[-1]).clamp(min=1)
+    positions = weights.sum() if per is None else torch.tensor(float(per), device=diff.device)
+    return (diff * weights).sum() / (positions * diff.shape[-1]).clamp(min=1)
 
 
 def train_classifier(model: nn.Module, tokenizer, train_examples, val_examples, *, labels: Sequence[str],
@@ -444,17 +457,24 @@ def train_classifier(model: nn.Module, tokenizer, train_examples, val_examples, 
     model.train()
     for step in bar:
         torch.manual_seed(hash((config.seed, step)) % (2**31))  # dropout masks: a function of (seed, step)
-        idx = batch_indices(len(encoded), config.batch_size, step, config.seed)
-        idx = idx[accelerator.process_index::accelerator.num_processes]  # each GPU its share of the batch
+        whole = batch_indices(len(encoded), config.batch_size, step, config.seed)
+        idx = whole[accelerator.process_index::accelerator.num_processes]  # each GPU its share of the batch
         batch = {k: v.to(accelerator.device) for k, v in collate([encoded[i] for i in idx], pad_id).items()}
+        # Split over processes, each share's sum is divided by the whole batch's count over the process count: DDP's
+        # mean of the gradients is then the whole batch's token mean. (Each share's own mean weighed a share of
+        # fewer label tokens or shorter prompts up, so two processes stepped otherwise than one.) One process:
+        # the plain means.
+        shares = accelerator.num_processes
+        label_count = sum(label_tokens(encoded[i]) for i in whole) / shares if shares > 1 else None
+        position_count = sum(len(encoded[i][0]) for i in whole) / shares if shares > 1 else None
         want_hidden = teacher is not None and config.distill_weight > 0
-        loss, out = label_token_loss(model, batch, output_hidden_states=want_hidden)
+        loss, out = label_token_loss(model, batch, per=label_count, output_hidden_states=want_hidden)
         if want_hidden:
             with torch.no_grad():
                 target = teacher_outputs(teacher, input_ids=batch["input_ids"],
                                          attention_mask=batch["attention_mask"]).hidden_states[-1]
             loss = loss + config.distill_weight * hidden_mse(out.hidden_states[-1], target,
-                                                             batch["attention_mask"])
+                                                             batch["attention_mask"], per=position_count)
         accelerator.backward(loss)
         optimizer.step()
         scheduler.step()

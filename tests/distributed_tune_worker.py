@@ -1,4 +1,5 @@
-"""Worker for ``test_train.py::test_two_processes_take_the_same_steps_as_one`` (run under torchrun).
+"""Worker for ``test_train.py::test_two_processes_take_the_same_steps_as_one`` (run under torchrun;
+``OUT [plain|uneven]``).
 
 Tunes a LoRA on the tiny Llama with the synthetic task of ``test_train.py`` and writes, per process, its
 result and its flattened LoRA weights to ``OUT/rank<k>.json``.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from accelerate import PartialState
@@ -32,12 +34,20 @@ def flat_lora(model) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for n, p in sorted(model.named_parameters()) if "lora_" in n])
 
 
-def tune_tiny(out_dir: Path) -> tuple[TuneResult, torch.Tensor]:
+# "uneven": label words of other lengths (4 and 5 byte tokens) and a distillation term over prompts of other
+# lengths, so that the two processes' shares of a batch hold different numbers of tokens
+UNEVEN_VERBALIZER = SimpleNamespace(label_words={"positive": " yes", "negative": " nope"})
+
+
+def tune_tiny(out_dir: Path, variant: str = "plain") -> tuple[TuneResult, torch.Tensor]:
     """The run both sides of the test make: ``(result, flat_lora of the tuned model)``."""
     model = tiny_lora()
+    uneven = variant == "uneven"
+    config = TuneConfig(**{**CONFIG.to_dict(), "distill_weight": 1.0}) if uneven else CONFIG
     result = train_classifier(model, byte_tokenizer(), synthetic_examples(96, 0),
-                              synthetic_examples(32, 1), labels=LABELS, template=TEMPLATE, verbalizer=VERBALIZER,
-                              config=CONFIG, out_dir=out_dir, progress=False,
+                              synthetic_examples(32, 1), labels=LABELS, template=TEMPLATE,
+                              verbalizer=UNEVEN_VERBALIZER if uneven else VERBALIZER, config=config,
+                              out_dir=out_dir, progress=False, teacher=tiny_model("llama").model if uneven else None,
                               save_best=lambda d, m: save_adapter(model, d, {"metrics": m}))
     return result, flat_lora(model)
 
@@ -45,7 +55,7 @@ def tune_tiny(out_dir: Path) -> tuple[TuneResult, torch.Tensor]:
 if __name__ == "__main__":
     out = Path(sys.argv[1])
     state = PartialState(cpu=not torch.cuda.is_available())  # as train_classifier: MULTI_CPU on gloo
-    result, lora = tune_tiny(out / "run")
+    result, lora = tune_tiny(out / "run", sys.argv[2] if len(sys.argv) > 2 else "plain")
     (out / f"rank{state.process_index}.json").write_text(json.dumps({
         "processes": state.num_processes, "best_accuracy": result.best_accuracy, "best_step": result.best_step,
         "train_losses": [entry["train_loss"] for entry in result.history], "lora": lora.tolist()}))
