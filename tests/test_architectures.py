@@ -9,6 +9,8 @@ each to FITS, REFUSED or NOT_TINY after looking at what ``family_of(tiny_config(
 
 from __future__ import annotations
 
+import copy
+
 import json
 import random
 
@@ -51,6 +53,9 @@ HEADS_FIXED = {  # fitting architectures whose attention heads cannot be pruned,
     "helium": "o_proj input = hidden size, whatever the heads", "flint": "attention sinks per head",
     "granite_swa": "attention sinks per head", "olmo2": "q/k norms over all heads",
     "olmo3": "q/k norms over all heads",
+}
+HEADS_INTERLEAVED = {  # shapes fit head pruning, but o_proj's input is not one block per head: refused by running
+    "diffllama": "o_proj input laid out per head pair (h, h + H/2)",
 }
 REFUSED = {  # model type -> the module (or fact) the refusal names
     # fused, low-rank or extra projections
@@ -318,7 +323,7 @@ def test_end_to_end(model_type, files, tmp_path):
         assert torch.isfinite(ours).all()
 
 
-@pytest.mark.parametrize("model_type", [t for t in FITS if t not in HEADS_FIXED])
+@pytest.mark.parametrize("model_type", [t for t in FITS if t not in HEADS_FIXED and t not in HEADS_INTERLEAVED])
 def test_query_heads_prune_and_reload(model_type, tmp_path):
     loaded = tiny_model(model_type)
     base = compress(loaded.model, [PruneConfig(ffn_ratio=0.5, head_ratio=0.5, importance="magnitude")],
@@ -336,6 +341,32 @@ def test_query_heads_prune_and_reload(model_type, tmp_path):
 def test_head_pruning_is_refused_where_heads_are_fixed(model_type):
     with pytest.raises(ValueError, match="cannot be pruned"):
         compress(tiny_model(model_type).model, [PruneConfig(head_ratio=0.5, importance="magnitude")], progress=False)
+
+
+@pytest.mark.parametrize("model_type", [t for t in FITS if t not in HEADS_FIXED and t not in HEADS_INTERLEAVED])
+def test_a_pruned_head_is_the_original_with_that_heads_o_columns_zeroed(model_type):
+    """What head pruning must compute: the original model without the cut heads, i.e. with their o_proj input
+    columns zeroed (DiffLlama's pruned model was 5.5 off that, its o_proj input being laid out per head pair)."""
+    loaded = tiny_model(model_type)
+    base = compress(loaded.model, [PruneConfig(head_ratio=0.5, importance="magnitude")], progress=False)
+    reference = copy.deepcopy(loaded.model)
+    with torch.no_grad():
+        for index in range(geometry(loaded.model).num_layers):
+            o = layer_linears(reference, index)["o"]
+            cut = torch.ones(o.in_features, dtype=torch.bool)
+            cut[base.index_maps.q_rows(index)] = False
+            o.weight[:, cut] = 0
+        assert torch.allclose(base.model(IDS).logits, reference(IDS).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", sorted(HEADS_INTERLEAVED))
+def test_head_pruning_is_refused_where_o_proj_is_not_laid_out_per_head(model_type):
+    loaded = tiny_model(model_type)
+    before = model_fingerprint(loaded.model)
+    with pytest.raises(ValueError, match=r"its heads cannot be pruned \(its attention output is not laid out one "
+                                         r"head_dim block per query head"):
+        compress(loaded.model, [PruneConfig(head_ratio=0.5, importance="magnitude")], inplace=True, progress=False)
+    assert model_fingerprint(loaded.model) == before  # the probe's perturbation is undone
 
 
 def test_per_head_tensors_are_found_when_the_head_count_equals_head_dim():

@@ -62,6 +62,11 @@ def validate(model: nn.Module, config: QuantizeConfig) -> None:
                    else f"it is outside the decoder layers ({layers}*), which are what CPET quantizes")
             raise ValueError(f"QuantizeConfig.modules names {name!r}, but {why}; name linears of the layers (the "
                              "token embedding and LM head: embeddings=True)")
+    if not config.embeddings and not in_place_targets(model, config):  # a stage and a base_id that change nothing
+        chosen = (f"modules={list(config.modules)}" if config.modules is not None
+                  else f"skip_modules={list(config.skip_modules)}")
+        raise ValueError(f"QuantizeConfig selects no linear to quantize ({chosen} leaves none of the decoder "
+                         "layers'): name at least one, or leave the quantize stage out")
 
 
 def bnb_config(model: nn.Module, config: QuantizeConfig):

@@ -124,6 +124,9 @@ def test_a_base_transformers_cannot_build_is_quantized_in_place_and_reloads(meth
     ([QuantizeConfig(), PruneConfig(ffn_ratio=0.5, importance="magnitude")], "put PruneConfig before"),
     ([QuantizeConfig(), QuantizeConfig()], "at most one QuantizeConfig"),
     (["nf4"], "unknown compression stages"),
+    # a stage that quantizes nothing was accepted: a "quantized" base, a new base_id, the same weights
+    ([QuantizeConfig(modules=())], r"selects no linear to quantize \(modules=\[\] leaves none"),
+    ([QuantizeConfig(skip_modules=("model.",))], r"selects no linear to quantize \(skip_modules=\['model\.'\]"),
 ])
 def test_bad_quantize_input(stages, message):
     with pytest.raises(ValueError, match=message):
