@@ -51,7 +51,7 @@ from .models import EMBEDDED, LoadedBase, check_context_length, hub_id_of, load_
 from .recovery import (PER_TASK, SHARED, RecoveryConfig, RecoverySet, check_svd_rank, check_trained_with,
                        init_from_residuals, recovery_sha256)
 from .train import (DistillConfig, TuneConfig, check_distill_window, check_resume_settings, distill_on_text,
-                    settings_changes, train_classifier)
+                    settings_changes, text_windows, train_classifier)
 
 if TYPE_CHECKING:
     from .serve.engine import AdapterView, Engine
@@ -316,6 +316,8 @@ class CPET:
         check_distill_window(self.original.model, distill)
         start, started_at = time.perf_counter(), utc_now()
         corpus = load_corpus(text, split="train")
+        if len(corpus) <= 64 * distill.seq_len:  # a text this short may hold no window: say so before any work
+            text_windows(self.original.tokenizer, corpus, distill.seq_len)  # (longer: tokens of 64+ characters)
         base = self.load_compressed()
         with torch.random.fork_rng(devices=[]):  # a zero-init set's random A: a function of the seed alone
             torch.manual_seed(distill.seed)

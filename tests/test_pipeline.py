@@ -982,3 +982,13 @@ def test_recovery_on_a_model_with_a_short_context_weighs_the_svd_start_within_it
     pipeline.recover(RecoveryConfig(rank=4, alpha=4, activation="identity", init="svd"),
                      DistillConfig(steps=1, seq_len=32), text=str(tmp_path / "corpus.txt"), progress=False)
     assert (pipeline.recovery_dir / "recovery.json").exists()
+
+
+def test_a_recovery_text_shorter_than_one_window_is_refused_before_the_base_loads(built, tmp_path, monkeypatch):
+    """The text was found too short only after the base had loaded and every linear's residual SVD was taken."""
+    pipeline, _, _, _ = built
+    short = tmp_path / "short.txt"
+    short.write_text("the quick brown fox. " * 3)
+    monkeypatch.setattr(CPET, "load_compressed", lambda self: pytest.fail("the base was loaded"))
+    with pytest.raises(ValueError, match=r"the calibration text has \d+ tokens, fewer than one window of 64"):
+        pipeline.recover(distill=DistillConfig(steps=1, seq_len=64), text=str(short), progress=False)
