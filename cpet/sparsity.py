@@ -454,9 +454,10 @@ def sparsity_report(model: nn.Module, tokenizer, calibration: torch.Tensor, text
         found = asdict(result)
         found["sparsity"] = result.sparsity
         report["ppl_p"] = found
-        baseline = matched_magnitude_baseline(model, tokenizer, activations, text, result.activation_ratio,
-                                              max_tokens=max_tokens)
-        report["baseline"] = {**baseline, "rise_percent": 100 * (baseline["ppl"] / result.dense_ppl - 1)}
+        if result.activation_ratio > 0:  # a search that found only a probe keeping nothing has no share to match
+            baseline = matched_magnitude_baseline(model, tokenizer, activations, text, result.activation_ratio,
+                                                  max_tokens=max_tokens)
+            report["baseline"] = {**baseline, "rise_percent": 100 * (baseline["ppl"] / result.dense_ppl - 1)}
     return report
 
 

@@ -330,3 +330,26 @@ def test_bad_mask_thresholds_and_norms_are_refused():
     with pytest.raises(ValueError, match=rf"column_norms must hold one \[n\] tensor per FFN layer, n = \[{width}"):
         ActivationMask(loaded.model, [0.0] * layers, column_norms=[torch.ones(3)] * layers)
 
+
+
+def test_a_ppl_p_search_whose_closest_probe_keeps_nothing_reports_no_baseline():
+    """With a p no probe reaches, the closest probe may keep no activation: the matched baseline was then asked for
+    a share of 0 and the report failed after the whole search, writing nothing."""
+    from cpet.sparsity import sparsity_report
+
+    torch.manual_seed(0)
+    loaded = tiny_model("llama")
+    model, tokenizer = loaded.model, loaded.tokenizer
+    text = "the quick brown fox jumps over the lazy dog. " * 6
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])[None]
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(60):  # fit the text, so that masking FFN activations raises perplexity a lot
+        loss = model(input_ids=ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    report = sparsity_report(model, tokenizer, ids[:, :64].reshape(2, 32), text, cett=0.2, ppl_p=1e6, max_tokens=8,
+                             progress=False)
+    assert report["ppl_p"]["reached"] is False and report["ppl_p"]["activation_ratio"] == 0.0
+    assert report["baseline"] is None

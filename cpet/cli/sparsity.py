@@ -57,8 +57,12 @@ def render(report: dict) -> None:
         print(f"PPL-{found['p']:g}% sparsity: {found['sparsity']:.4f} "
               f"(activation ratio {found['activation_ratio']:.4f} "
               f"at CETT {found['cett']:.4f}; perplexity {found['dense_ppl']:.2f} -> {found['ppl']:.2f}, "
-              f"+{found['rise_percent']:.2f}%)")
+              f"{found['rise_percent']:+.2f}%)")
         base = report["baseline"]
-        print(f"magnitude-threshold baseline at activation ratio {base['activation_ratio']:.4f} (aimed at "
-              f"{base['target_active_share']:.4f}): perplexity "
-              f"{base['ppl']:.2f} (+{base['rise_percent']:.2f}%)")
+        if base is None:
+            print("magnitude-threshold baseline: none (the closest probe keeps no activation, so there is no share "
+                  "of neurons to match)")
+        else:
+            print(f"magnitude-threshold baseline at activation ratio {base['activation_ratio']:.4f} (aimed at "
+                  f"{base['target_active_share']:.4f}): perplexity "
+                  f"{base['ppl']:.2f} ({base['rise_percent']:+.2f}%)")
