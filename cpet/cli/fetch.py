@@ -27,7 +27,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     for asset in dict.fromkeys(wanted_assets):
         fetched[asset] = {"path": str(fetch_asset(asset))}
     for model in dict.fromkeys(wanted_models):
-        path, timings = ensure_embedded(model)
+        path, timings = ensure_embedded(model, verify=True)  # a damaged conversion is made again
         fetched[model] = {"path": str(path), "converted_seconds": timings.get("gguf_convert") if timings else None}
 
     def render(r: dict) -> None:
