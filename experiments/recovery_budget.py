@@ -137,7 +137,9 @@ def main(argv=None) -> int:
                     path = cells_dir / f"{cell_name(key, task, 'cpet-shared', seed)}.json"
                     if path.exists():
                         continue
-                    result = run_cell({key: view}, original, key, task, "cpet-shared", seed, grid_args)
+                    # the cell's grid_args name the model and the distillation steps its recovery had
+                    cell_args = argparse.Namespace(**vars(grid_args), model=args.model, recovery_steps=step)
+                    result = run_cell({key: view}, original, key, task, "cpet-shared", seed, cell_args)
                     write_text_atomic(path, json.dumps(result, indent=2))
                     print(f"[budget] {path.stem}: test accuracy {result['test_accuracy']:.3f} "
                           f"({result['seconds']:.0f} s)", flush=True)

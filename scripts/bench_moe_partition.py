@@ -108,6 +108,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not 0 < args.share <= 1:
         raise SystemExit(f"--share must be in (0, 1], got {args.share}")
+    uneven = [e for e in args.experts if abs(args.share * e - round(args.share * e)) > 1e-9]
+    if uneven:  # rounded to whole experts, the expert rows would keep another share than the neuron row
+        raise SystemExit(f"--share {args.share} is not a whole number of experts of {uneven}: choose a share that is")
     started, commit = time.perf_counter(), git_commit()
     loaded = load_base(args.model)
     model, tokenizer = loaded.model.eval(), loaded.tokenizer

@@ -124,10 +124,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     set_threads(args.threads)
     args.command = " ".join(["python scripts/bench_moefy.py", *(sys.argv[1:] if argv is None else argv)])
+    args.commit = git_commit()  # read at the start: the quality part runs for an hour and more before speed
     args.speed_experts = args.speed_experts or [args.experts]
     for share, counts in ((args.recovery_share, [args.experts]), (args.speed_share, args.speed_experts)):
         for experts in counts:
-            if round(share * experts) < 1 or share > 1:
+            # a share rounded to whole experts would be compared with the pruned model at the unrounded one
+            if share > 1 or round(share * experts) < 1 or abs(share * experts - round(share * experts)) > 1e-9:
                 raise SystemExit(f"share {share} of {experts} experts is not a whole number of experts >= 1")
 
     previous = None
@@ -157,7 +159,7 @@ def main(argv=None) -> int:
               "tweets_examples": len(examples), "max_tokens": args.max_tokens,
               "machine": describe_machine(),
               "command": args.command,
-              "commit": git_commit()}
+              "commit": args.commit}
     print("[bench] dense", flush=True)
     report["dense"] = {**quality(model, tokenizer, heldout, task, examples, args.max_tokens),
                        "flops_per_token": flops_per_token(model)}
@@ -252,7 +254,7 @@ def measure_speed(args, model, calibration, moefied: dict) -> dict:
     MoEfication does not touch. Decode is timed at batch 8 and at batch 1; for the MoEfied models the share of
     experts that any of 8 rows chooses at a position (8 Brown calibration windows) says how much of the FFN
     weights a batch-8 decode step reads, against the share per token that one row reads."""
-    started, commit = time.perf_counter(), git_commit()  # the code as it was imported, before the long work
+    started, commit = time.perf_counter(), args.commit  # the code as the run started, before the long work
     candidates = {"dense": model}
     for experts in args.speed_experts:
         top_k = round(args.speed_share * experts)
@@ -290,7 +292,9 @@ def measure_speed(args, model, calibration, moefied: dict) -> dict:
 def _timing_conditions(speed: dict) -> str:
     """How the speeds were timed, as the report recorded it (reports before these fields: best of repeats with
     the other processes paused, the only way they were made)."""
-    repeats = f"best of {speed['repeats']} repeats" if "repeats" in speed else "best of repeats"
+    # batch-8 decode is timed after both prefill kinds, so its speed is the best of twice the repeats
+    repeats = (f"best of {speed['repeats']} repeats (batch-8 decode: of {2 * speed['repeats']})" if "repeats" in speed
+               else "best of repeats")
     alone = speed.get("paused", True)
     return repeats + (", the processes given to --pause stopped" if alone else ", beside whatever else ran")
 

@@ -11,7 +11,8 @@ from contextlib import contextmanager
 
 @contextmanager
 def paused(pids: list[int]):
-    """SIGSTOP ``pids`` for the duration (SIGCONT afterwards, also on errors); missing processes are skipped.
+    """SIGSTOP ``pids`` for the duration (SIGCONT afterwards, also on errors, to every one still there); missing
+    processes are skipped.
 
     Lets a benchmark time its runs alone on the machine while e.g. an experiment grid shares it otherwise.
     """
@@ -25,8 +26,11 @@ def paused(pids: list[int]):
                 print(f"[bench] process {pid} not found, not paused", file=sys.stderr)
         yield
     finally:
-        for pid in stopped:
-            os.kill(pid, signal.SIGCONT)
+        for pid in stopped:  # each one, whatever happened to the others: none may stay stopped
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except OSError as exc:  # it ended while stopped (killed by someone): nothing to resume
+                print(f"[bench] process {pid} could not be resumed ({exc})", file=sys.stderr)
 
 
 def write_report(out: str, report: dict, markdown) -> None:
