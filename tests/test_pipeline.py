@@ -104,6 +104,9 @@ def test_every_method_row_trains_and_evaluates(built, monkeypatch, init, recover
     # whether the best checkpoint had learned the task depended on the CPU's float rounding (random-shared: 0.58
     # test accuracy on an AMD EPYC, above 0.75 elsewhere); with 60 every row clears the same bar on both
     config = TuneConfig(**{**TUNE.to_dict(), "steps": 60})
+    if init == "svd":  # the residual-SVD start fills A and B with the residual's factors: at lr 2e-2 their training
+        # swung on an Intel Xeon (validation 0.46-0.71 to step 60, test 0.54); at 1e-2 it learned by step 20 there
+        config = TuneConfig(**{**config.to_dict(), "lr": 1e-2})
     adapter = pipeline.tune(task, init=init, recovery=recovery, inherit_from=original if uses_source else None,
                             config=config, progress=False)
     assert (calls["svd"], calls["inherit"]) == ((1, 0) if init == "svd" else (0, 1) if init == "inherit" else (0, 0))
