@@ -147,9 +147,9 @@ def test_a_conversion_that_fails_midway_leaves_no_partial_cache(tmp_path, monkey
     assert list(out.parent.iterdir()) == []  # neither the directory nor a temporary sibling
 
 
-def test_an_embedded_cache_converted_from_another_source_is_converted_again(tmp_path, monkeypatch):
+def fake_embedded_wheel(tmp_path, monkeypatch):
+    """A cache in ``tmp_path`` whose embedded SmolLM2 comes from a fake wheel holding b"GGUF bytes"; its spec."""
     import cpet.models
-    from cpet.models import embedded_source, ensure_embedded
 
     monkeypatch.setenv("CPET_CACHE", str(tmp_path))
     spec = EMBEDDED["smollm2-135m"]
@@ -157,6 +157,14 @@ def test_an_embedded_cache_converted_from_another_source_is_converted_again(tmp_
     with zipfile.ZipFile(wheel, "w") as archive:
         archive.writestr(spec.member, b"GGUF bytes")
     monkeypatch.setattr(cpet.models, "fetch_asset", lambda name: wheel)
+    return spec
+
+
+def test_an_embedded_cache_converted_from_another_source_is_converted_again(tmp_path, monkeypatch):
+    import cpet.models
+    from cpet.models import embedded_source, ensure_embedded
+
+    spec = fake_embedded_wheel(tmp_path, monkeypatch)
     conversions = []
 
     def convert(gguf_path, out, dtype=torch.float32, source=None):
@@ -194,12 +202,7 @@ def test_a_damaged_embedded_cache_or_extracted_gguf_is_made_again(tmp_path, monk
     import cpet.models
     from cpet.models import embedded_source, ensure_embedded
 
-    monkeypatch.setenv("CPET_CACHE", str(tmp_path))
-    spec = EMBEDDED["smollm2-135m"]
-    wheel = tmp_path / "fake.whl"
-    with zipfile.ZipFile(wheel, "w") as archive:
-        archive.writestr(spec.member, b"GGUF bytes")
-    monkeypatch.setattr(cpet.models, "fetch_asset", lambda name: wheel)
+    spec = fake_embedded_wheel(tmp_path, monkeypatch)
     conversions = []
 
     def convert(gguf_path, out, dtype=torch.float32, source=None):
