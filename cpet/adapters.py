@@ -97,18 +97,37 @@ def check_inheritable(config: dict, directory: str | Path) -> None:
         raise ValueError(f"adapter {directory} trains more than LoRA A/B ({', '.join(carried)}); CPET inherits "
                          "plain LoRA factors only: train the source with bias='none', no modules_to_save, "
                          "lora_bias=False and no trainable_token_indices")
+    check_plain_delta(config, directory)
+
+
+def check_plain_delta(config: dict, directory: str | Path) -> None:
+    """Refuse a PEFT LoRA config (``adapter_config.json`` as a dict) whose ``scale * B A`` is not a delta added to
+    every token of the unmodified base: what CPET reads a LoRA as, to inherit it and to serve it.
+
+    Raises:
+        ValueError: an init that changes the base (LoftQ; PiSSA, OLoRA, CorDA, LoRA-GA saved unconverted), an
+            activated LoRA (``alora_invocation_tokens``: the delta starts at its invocation tokens), a rebuilt
+            layer stack (``layer_replication``) or LoRA on parameters (``target_parameters``). peft reproduces
+            each such adapter; read as a plain delta it put logits 2.5-6 off on a tiny model.
+    """
     init = config.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith("loftq"):
         raise ValueError(f"adapter {directory} was initialised with LoftQ: its factors correct the LoftQ-quantized "
-                         "base, not the source model, and peft cannot convert it to a plain LoRA. Inherit from a "
-                         "LoRA trained on the full-precision source")
-    if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda")):
+                         "base, not the source model, and peft cannot convert it to a plain LoRA. Use a LoRA "
+                         "trained on the full-precision source")
+    if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "lora_ga")):
         # these inits move the principal part of W into A/B and subtract it from the base: unless converted on
         # save, the saved B A is a delta against that modified base, not against the source model's weights
         raise ValueError(f"adapter {directory} was saved with init_lora_weights={init!r} and not converted to a "
                          "plain LoRA: its factors are a delta against a modified base. Save it with peft's "
-                         "path_initial_model_for_weight_conversion (a plain LoRA of twice the rank) and inherit "
-                         "that")
+                         "path_initial_model_for_weight_conversion (a plain LoRA of twice the rank) and use that")
+    unusual = {"alora_invocation_tokens": "an activated LoRA (it acts from its invocation tokens on)",
+               "layer_replication": "a LoRA on a rebuilt layer stack",
+               "target_parameters": "a LoRA on parameters rather than linears"}
+    for key, what in unusual.items():
+        if config.get(key):
+            raise ValueError(f"adapter {directory} is {what} ({key}={config[key]!r}); CPET reads a LoRA as a plain "
+                             "delta on every token of the base's linears: train one without it")
 
 
 def target_module_names(target_modules) -> list[str] | str:
@@ -151,6 +170,9 @@ def check_adapter_base(meta: dict, *, base_id: str | None = None, source_fingerp
     names the adapter in messages (default: ``adapter DIRECTORY``).
     """
     where = where or (f"adapter {directory}" if directory is not None else "adapter")
+    if not isinstance(meta.get("source_fingerprint"), (str, type(None))):
+        raise ValueError(f"{where} records source_fingerprint {meta.get('source_fingerprint')!r} in its cpet.json, "
+                         "not a string: its metadata is damaged; tune the adapter again")
     if source_fingerprint is not None and meta.get("source_fingerprint") not in (None, source_fingerprint):
         raise ValueError(f"{where} was trained on source model {meta.get('source_fingerprint')[:16]}… "
                          f"({meta.get('source_name')}), not on this source model {source_fingerprint[:16]}…")

@@ -134,13 +134,21 @@ class AdapterSource:
 
         return sha256_of(self.directory / ADAPTER_WEIGHTS)
 
+    def rank(self, module: str) -> int | None:
+        """The rank ``adapter_config.json`` states for ``module`` (``rank_pattern``, else ``r``); None if neither."""
+        from peft.utils.other import get_pattern_key
+
+        rank_pattern = self.config.get("rank_pattern") or {}
+        stated = rank_pattern.get(get_pattern_key(list(rank_pattern), module), self.config.get("r"))
+        return stated if isinstance(stated, int) and not isinstance(stated, bool) else None
+
     def scale(self, module: str, rank: int) -> float:
         """peft's scale for ``module``: ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA), alpha patterns honoured."""
         from peft.utils.other import get_pattern_key
 
         alpha_pattern = self.config.get("alpha_pattern") or {}
         key = get_pattern_key(list(alpha_pattern), module)
-        alpha = alpha_pattern.get(key, self.config.get("lora_alpha", rank))
+        alpha = alpha_pattern.get(key, self.config.get("lora_alpha", 8))  # peft's LoraConfig default: 8
         return alpha / (math.sqrt(rank) if self.config.get("use_rslora") else rank)
 
     def __repr__(self) -> str:
@@ -228,6 +236,12 @@ def load_factors(name: str, source: AdapterSource | str | Path, module_shapes: d
     if source.config.get("use_dora"):
         raise AdapterError(f"{directory} is a DoRA adapter (a magnitude vector per module, which the stacked low-rank "
                            "paths cannot apply): only LoRA runs here; train it again with use_dora=False")
+    from .adapters import check_plain_delta
+
+    try:  # pissa / olora saved unconverted, activated LoRA, layer_replication: not a plain delta on every token
+        check_plain_delta(source.config, directory)
+    except ValueError as exc:
+        raise AdapterError(str(exc)) from None
     if source.is_cpet:  # the base first: an adapter of another base is named as such, not by a shape mismatch
         from .adapters import check_adapter_base
 
@@ -259,6 +273,11 @@ def load_factors(name: str, source: AdapterSource | str | Path, module_shapes: d
             raise AdapterError(f"{directory}: module {module} has LoRA shapes A {tuple(A.shape)}, B "
                                f"{tuple(B.shape)}; the base linear is {shape[0]} -> {shape[1]}: an adapter of "
                                "another base")
+        stated = source.rank(module)
+        if stated is not None and A.shape[0] != stated:  # peft refuses such a directory (size mismatch)
+            raise AdapterError(f"{directory}: module {module} has rank-{A.shape[0]} factors, but adapter_config.json "
+                               f"says rank {stated} for it (r / rank_pattern): its config does not describe its "
+                               "weights")
         lora[module] = LowRank(A, B, source.scale(module, A.shape[0]))
     if not lora:
         raise AdapterError(f"{directory} holds no LoRA factors")

@@ -283,7 +283,11 @@ def stale_recovery(meta: dict, directory: str | Path, recovery_sha: str) -> str 
     """Why an adapter (its ``cpet.json`` ``meta``, stored in ``directory``) cannot run with the shared recovery
     whose weights hash to ``recovery_sha`` (None: it can). An adapter saved before CPET recorded the hash
     passes: nothing says which set it was trained with."""
-    trained = (meta.get("shared_recovery") or {}).get("sha256")
+    recorded = meta.get("shared_recovery") or {}
+    trained = recorded.get("sha256") if isinstance(recorded, dict) else recorded
+    if trained is not None and not isinstance(trained, str):
+        return (f"adapter {directory} records shared_recovery {meta.get('shared_recovery')!r} in its cpet.json, not "
+                "the hash of a recovery set: its metadata is damaged; tune the adapter again")
     if trained is None or trained == recovery_sha:
         return None
     return (f"adapter {directory} was trained with shared recovery {trained[:12]}, but the shared recovery at hand "

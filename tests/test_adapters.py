@@ -132,3 +132,16 @@ def test_scoring_an_adapter_whose_metadata_records_no_labels_is_refused_by_name(
     (tmp_path / "cpet.json").write_text('["labels"]')
     with pytest.raises(ValueError, match=r"cpet.json holds a JSON list, not an object; .*tune the adapter again"):
         read_adapter_meta(tmp_path)
+
+
+def test_damaged_recovery_and_fingerprint_fields_of_cpet_json_are_named_not_tracebacks():
+    """`shared_recovery: "abc"` raised AttributeError, `sha256: 5` and `source_fingerprint: 123` a TypeError."""
+    from cpet.adapters import check_adapter_base
+    from cpet.recovery import stale_recovery
+
+    assert "metadata is damaged" in stale_recovery({"shared_recovery": {"sha256": 5}}, "d", "f" * 64)
+    assert "trained with shared recovery abc" in stale_recovery({"shared_recovery": "abc"}, "d", "f" * 64)
+    assert stale_recovery({"shared_recovery": {"sha256": "f" * 64}}, "d", "f" * 64) is None
+    with pytest.raises(ValueError, match=r"records source_fingerprint 123 in its cpet.json, not a string: its "
+                                         r"metadata is damaged"):
+        check_adapter_base({"source_fingerprint": 123}, source_fingerprint="a" * 64, directory="d")

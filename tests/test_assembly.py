@@ -164,6 +164,33 @@ def test_adapter_sources_name_what_is_wrong(tmp_path):
         (tmp_path / "adapter_config.json").write_text(config)
         with pytest.raises(AdapterError, match=message):  # refused before its weights are read
             load_factors("x", tmp_path, {}, base_id="b", shared_available=False)
+    # not a plain delta on every token of the base (peft reproduces them; read as one, logits were 2.5-6 off)
+    for extra, message in (('"init_lora_weights": "pissa"', "init_lora_weights='pissa' and not converted"),
+                           ('"init_lora_weights": "olora"', "init_lora_weights='olora' and not converted"),
+                           ('"init_lora_weights": "lora_ga"', "init_lora_weights='lora_ga' and not converted"),
+                           ('"alora_invocation_tokens": [5, 6]', "is an activated LoRA"),
+                           ('"layer_replication": [[0, 2]]', "is a LoRA on a rebuilt layer stack")):
+        (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 2, "lora_alpha": 4, %s}' % extra)
+        with pytest.raises(AdapterError, match=message):
+            load_factors("x", tmp_path, {}, base_id="b", shared_available=False)
+    # peft's defaults, not the factors': alpha 8 where the config states none (the engine took alpha = rank)
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 16}')
+    assert AdapterSource(tmp_path).scale("q", 16) == 0.5
+
+
+def test_factors_of_another_rank_than_the_config_states_are_refused(tmp_path):
+    """peft refuses such a directory (size mismatch); the engine served it at alpha / (the factors' rank)."""
+    from safetensors.torch import save_file
+
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8, "lora_alpha": 8, '
+                                                  '"rank_pattern": {"k_proj": 2}}')
+    prefix = "base_model.model.model.layers.0.self_attn"
+    save_file({f"{prefix}.q_proj.lora_A.weight": torch.zeros(4, 16),
+               f"{prefix}.q_proj.lora_B.weight": torch.zeros(16, 4)}, str(tmp_path / "adapter_model.safetensors"))
+    shapes = {"model.layers.0.self_attn.q_proj": (16, 16)}
+    with pytest.raises(AdapterError, match=r"q_proj has rank-4 factors, but adapter_config.json says rank 8"):
+        load_factors("x", tmp_path, shapes, base_id="b", shared_available=False)
+    assert AdapterSource(tmp_path).rank("model.layers.0.self_attn.k_proj") == 2  # rank_pattern honoured
 
 
 def test_a_closed_engine_refuses_to_run_and_recovery_of_another_base_is_refused(tuned, tmp_path):

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import re
 
 import pytest
@@ -279,6 +280,15 @@ def test_unconverted_pissa_family_sources_and_stray_tensors_are_refused(tmp_path
         plain_peft_meta(tmp_path / "pissa", loaded.model, ["tiny-llama"])
     with pytest.raises(ValueError, match=reason):
         lora_shape_of(tmp_path / "pissa")
+    # not a plain delta on every token: LoRA-GA saved unconverted, an activated LoRA, a rebuilt layer stack
+    for name, extra, message in (("lora-ga", {"init_lora_weights": "lora_ga"}, "init_lora_weights='lora_ga' and not"),
+                                 ("alora", {"alora_invocation_tokens": [5, 6]}, "is an activated LoRA"),
+                                 ("replicated", {"layer_replication": [[0, 2]]}, "LoRA on a rebuilt layer stack")):
+        plain_peft_dir(loaded.model, tmp_path / name)
+        config_path = tmp_path / name / "adapter_config.json"
+        config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **extra}))
+        with pytest.raises(ValueError, match=message):
+            plain_peft_meta(tmp_path / name, loaded.model, ["tiny-llama"])
     plain_peft_dir(loaded.model, tmp_path / "stray")
     weights = tmp_path / "stray" / "adapter_model.safetensors"
     tensors = load_file(str(weights))
