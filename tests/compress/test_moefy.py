@@ -566,3 +566,20 @@ def test_a_bf16_moefied_base_reloads_with_fp32_routers_and_the_same_logits(quant
         expected = base.model(input_ids=ids).logits
         assert expected.dtype == torch.bfloat16
         assert torch.equal(again.model(input_ids=ids).logits, expected)
+
+
+def test_a_model_in_train_mode_with_dropout_in_its_ffn_is_moefied_and_warned_about():
+    """The formula probe ran the dense block in the model's mode: left in train mode (as from_config builds it),
+    Starcoder2's residual dropout made it random and a valid FFN was refused as "something other than down(...)";
+    the MoEfied FFN applies no dropout, which training on the base should be told."""
+    import warnings
+
+    model = tiny_model("starcoder2", residual_dropout=0.1).model.train()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        base = compress(model, [MoEfyConfig(num_experts=4, top_k=4)], calibration=_calibration(model),
+                        progress=False)
+    assert any("applies dropout in training, which the MoEfied FFN does not" in str(w.message) for w in caught)
+    model.eval()
+    with torch.no_grad():  # all experts chosen: the dense model in eval mode
+        assert torch.allclose(base.model.eval()(_ids(model)).logits, model(_ids(model)).logits, atol=1e-4)
