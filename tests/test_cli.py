@@ -1054,3 +1054,28 @@ def test_perplexity_token_counts_below_two_are_refused_by_argparse(capsys, argv)
     with pytest.raises(SystemExit):
         main(argv)
     assert "must be >= 2, got 1 (perplexity scores each token after the first" in capsys.readouterr().err
+
+
+def test_list_marks_adapters_whose_shared_recovery_was_replaced(capsys, tuned_pipeline, tmp_path):
+    """`cpet recover` run again replaces the set an adapter was trained with: eval, serve and export refuse it, and
+    list showed it as usable."""
+    import hashlib
+    import shutil
+
+    copy = tmp_path / "p"
+    shutil.copytree(tuned_pipeline, copy)
+    (copy / "recovery").mkdir()
+    (copy / "recovery" / "recovery.safetensors").write_bytes(b"the set at hand")
+    meta_path = copy / "adapters" / "toy-cpet" / "adapter" / "cpet.json"
+    meta = json.loads(meta_path.read_text())
+    for trained_with, fits in ((b"an earlier set", False), (b"the set at hand", True)):
+        meta_path.write_text(json.dumps({**meta, "recovery": "shared",
+                                         "shared_recovery": {"sha256": hashlib.sha256(trained_with).hexdigest()}}))
+        by_name = {a["name"]: a for a in run_json(capsys, "list", str(copy))["adapters"]}
+        assert (by_name["toy-cpet"]["fits_recovery"], by_name["toy-original"]["fits_recovery"]) == (fits, True)
+    meta_path.write_text(json.dumps({**meta, "recovery": "shared", "shared_recovery": {"sha256": "0" * 64}}))
+    assert main(["list", str(copy)]) == 0
+    out = capsys.readouterr().out
+    assert "shared (replaced)" in out and "no longer run; tune them again" in out
+    shutil.rmtree(copy / "recovery")  # no shared recovery at all: nothing it was trained with is here
+    assert {a["name"]: a for a in run_json(capsys, "list", str(copy))["adapters"]}["toy-cpet"]["fits_recovery"] is False

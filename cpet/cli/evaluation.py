@@ -466,6 +466,10 @@ def cmd_list(args: argparse.Namespace) -> int:
         result["recovery"] = {"rank": config.get("rank"), "targets": len(meta.get("targets") or []),
                               "distill_steps": distill.get("steps")}
     current_base = result["base"]["base_id"] if result["base"] else None
+    from ..recovery import RECOVERY_FILE, recovery_sha256, stale_recovery
+
+    # the shared recovery at hand: an adapter trained with another set (`cpet recover` run again) no longer runs
+    recovery_sha = recovery_sha256(root / "recovery") if (root / "recovery" / RECOVERY_FILE).exists() else None
     for directory in sorted((root / "adapters").glob("*/adapter")):
         entry = {"name": directory.parent.name}
         try:
@@ -476,10 +480,14 @@ def cmd_list(args: argparse.Namespace) -> int:
         metrics = meta.get("metrics", {})
         # an adapter of a base that a later `cpet compress` replaced no longer loads here
         stale = meta.get("base_id") not in (None, ORIGINAL_BASE_ID, current_base)
+        needs_shared = meta.get("recovery") in ("shared", "both")
+        fits_recovery = not needs_shared or (recovery_sha is not None
+                                             and stale_recovery(meta, directory, recovery_sha) is None)
         result["adapters"].append({**entry, "task": meta.get("task"), "on": meta.get("on"),
                                    "init": meta.get("init"), "recovery": meta.get("recovery"),
                                    "val_accuracy": metrics.get("val_accuracy"),
-                                   "test_accuracy": metrics.get("test_accuracy"), "fits_base": not stale})
+                                   "test_accuracy": metrics.get("test_accuracy"), "fits_base": not stale,
+                                   "fits_recovery": fits_recovery})
 
     def render(r: dict) -> None:
         print(f"pipeline {r['pipeline']} (source model {r['source']})")
@@ -497,12 +505,15 @@ def cmd_list(args: argparse.Namespace) -> int:
         if listed:
             print_table(["adapter", "task", "on", "init", "recovery", "val acc", "test acc"],
                          [[a["name"], a["task"], a["on"] if a["fits_base"] else f"{a['on']} (a replaced base)",
-                           a["init"], a["recovery"],
+                           a["init"], a["recovery"] if a["fits_recovery"] else f"{a['recovery']} (replaced)",
                            "–" if a["val_accuracy"] is None else a["val_accuracy"],
                            "–" if a["test_accuracy"] is None else a["test_accuracy"]] for a in listed])
             if not all(a["fits_base"] for a in listed):
                 print("adapters of a replaced base were tuned on a base that a later `cpet compress` overwrote: "
                       "they no longer load here; tune them again")
+            if not all(a["fits_recovery"] for a in listed):
+                print("adapters marked 'replaced' were trained with shared recovery that is no longer here (`cpet "
+                      "recover` run again since): they no longer run; tune them again")
         for a in r["adapters"]:
             if "error" in a:
                 print(f"adapter {a['name']}: {a['error']}")
