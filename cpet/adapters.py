@@ -546,10 +546,13 @@ def _how_to_load(meta: dict, base_reference: str | None, name: str) -> str:
                 f"model = AutoModelForCausalLM.from_pretrained(\"{base_reference or meta.get('source_name')}\")\n"
                 "model = PeftModel.from_pretrained(model, \"PATH/TO/THIS/DIRECTORY\")\n```\n" + note)
     if not (meta.get("compression") or {}).get("uniform", True):
-        return ("The base has per-layer FFN widths, which plain `from_pretrained` cannot build:\n\n"
-                "```python\nfrom peft import PeftModel\nfrom cpet.compress import CompressedBase\n\n"
-                f"base = CompressedBase.load(\"PATH/TO/THIS/DIRECTORY/{base_reference}\")\n"
-                "model = PeftModel.from_pretrained(base.model, \"PATH/TO/THIS/DIRECTORY\")\n```\n")
+        # CPET's loader: CompressedBase.load builds the base, and a LoRA on MoE expert banks needs CPET's peft
+        # config (plain PeftModel.from_pretrained refuses an ExpertBank target)
+        return (f"The base has {_non_uniform_layout(meta['compression'])}, which plain `from_pretrained` cannot "
+                "build; CPET's loader reads it (`CompressedBase.load` for the base, relative to this directory, "
+                "and peft with CPET's config for the adapter) and checks its base_id:\n\n"
+                "```python\nfrom cpet.adapters import load_standalone\n\n"
+                "model, tokenizer = load_standalone(\"PATH/TO/THIS/DIRECTORY\")\n```\n")
     return ("The base path is relative to this directory (`base_model_name_or_path`; "
             "`cpet.adapters.load_standalone(DIRECTORY)` resolves it for you):\n\n"
             "```python\nimport torch\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
@@ -557,6 +560,19 @@ def _how_to_load(meta: dict, base_reference: str | None, name: str) -> str:
             f"model = AutoModelForCausalLM.from_pretrained(f\"{{adapter}}/{base_reference}\", dtype=torch.float32)\n"
             "# 4-bit bases on a CPU: cpet.compress.quantize.keep_4bit_layout(model) gives CPET's exact logits\n"
             "model = PeftModel.from_pretrained(model, adapter)\n```\n")
+
+
+def _non_uniform_layout(compression: dict) -> str:
+    """What makes a base non-uniform, from its stage configs (for the model card)."""
+    stages = [stage for stage in compression.get("stages") or [] if isinstance(stage, dict)]
+    parts = []
+    if any(stage.get("layer_schedule") for stage in stages if stage.get("stage") == "prune"):
+        parts.append("per-layer FFN widths")
+    if any(stage.get("stage") == "moefy" for stage in stages):
+        parts.append("MoE blocks (expert banks and routers)")
+    if any(stage.get("embeddings") for stage in stages if stage.get("stage") == "quantize"):
+        parts.append("a quantized token embedding / LM head")
+    return " and ".join(parts) or "a layout no transformers architecture describes"
 
 
 def model_card(meta: dict, base_reference: str | None, name: str) -> str:

@@ -583,3 +583,28 @@ def test_a_model_in_train_mode_with_dropout_in_its_ffn_is_moefied_and_warned_abo
     model.eval()
     with torch.no_grad():  # all experts chosen: the dense model in eval mode
         assert torch.allclose(base.model.eval()(_ids(model)).logits, model(_ids(model)).logits, atol=1e-4)
+
+
+def test_the_model_card_of_an_adapter_on_a_moefied_base_loads_it_as_written(tmp_path):
+    """The card said "per-layer FFN widths" and gave PeftModel.from_pretrained(base.model, DIR), which refuses a
+    LoRA on MoE expert banks: its own snippet failed."""
+    import re
+
+    from cpet.pipeline import CPET
+
+    (tmp_path / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    task = write_task(tmp_path / "task.jsonl")
+    pipeline = CPET(tiny_model("llama"), tmp_path / "work")
+    pipeline.compress([MoEfyConfig(num_experts=4, top_k=2)], calibration=str(tmp_path / "corpus.txt"),
+                      calibration_samples=4, seq_len=32, progress=False)
+    adapter = pipeline.tune(task, config=TUNE.__class__(**{**TUNE.to_dict(), "steps": 2, "eval_every": 2}),
+                            name="x", progress=False)
+    card = (adapter.directory / "README.md").read_text()
+    assert "MoE blocks (expert banks and routers), which plain `from_pretrained` cannot build" in card
+    snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1).replace("PATH/TO/THIS/DIRECTORY",
+                                                                            str(adapter.directory))
+    scope: dict = {}
+    exec(snippet, scope)  # the card's own code, as a reader would run it
+    ids = torch.tensor([[1, 7, 42, 3, 99]])
+    with torch.no_grad():
+        assert torch.equal(scope["model"](input_ids=ids).logits, pipeline.model_for("x")(input_ids=ids).logits)
