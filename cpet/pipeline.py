@@ -445,7 +445,8 @@ class CPET:
             per_task.attach(peft_model, slot=PER_TASK, trainable=True)
             teacher = self._teacher(source)
 
-        meta = {"base_id": base_id, "source_name": self.source_name, "source_hub_id": self.source_hub_id,
+        meta = {"base_id": base_id, "source_name": _lasting_source(self.source_name),
+                "source_hub_id": self.source_hub_id,
                 "source_fingerprint": self.source_fingerprint, "task": task.name, "task_source": task_source,
                 "labels": list(task.labels), "label_words": verbalizer.label_words,
                 "template": template.template, "on": on, "init": init,
@@ -544,10 +545,13 @@ class CPET:
         """``base_model_name_or_path`` for an adapter saved to ``adapter_dir``, valid wherever the pipeline goes.
 
         The compressed base: its path relative to the adapter directory (``../../../base``). The original:
-        its hub id when it has one; else None, leaving peft's record (the path it was loaded from).
+        its hub id when it has one; a local directory made absolute (a relative one held only from the directory
+        the command ran in); else None, leaving peft's record (the path it was loaded from).
         """
         if on == "compressed":
             return Path(os.path.relpath(self.base_dir.resolve(), adapter_dir.resolve())).as_posix()
+        if self.source_hub_id is None and _lasting_source(self.source_name) != self.source_name:
+            return _lasting_source(self.source_name)
         return self.source_hub_id
 
     def _check_tune_args(self, task, on, init, inherit_from, recovery) -> AdapterSource | None:

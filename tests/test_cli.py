@@ -1079,3 +1079,21 @@ def test_list_marks_adapters_whose_shared_recovery_was_replaced(capsys, tuned_pi
     assert "shared (replaced)" in out and "no longer run; tune them again" in out
     shutil.rmtree(copy / "recovery")  # no shared recovery at all: nothing it was trained with is here
     assert {a["name"]: a for a in run_json(capsys, "list", str(copy))["adapters"]}["toy-cpet"]["fits_recovery"] is False
+
+
+def test_an_adapter_of_a_relative_model_path_records_it_absolute(capsys, model_dir, task_file, tmp_path, monkeypatch):
+    """pipeline.json kept the source absolute, but the adapter's base_model_name_or_path, cpet.json and card kept
+    the relative path: load_standalone and the card's snippet failed from any other directory."""
+    from cpet.adapters import load_standalone
+
+    monkeypatch.chdir(model_dir.parent)
+    run_json(capsys, "tune", str(tmp_path / "w"), "--on", "original", "--model", model_dir.name, "--task",
+             str(task_file), "--steps", "1", "--eval-every", "1", "--limit", "2", "--name", "orig")
+    adapter = tmp_path / "w" / "adapters" / "orig" / "adapter"
+    for recorded in (json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"],
+                     json.loads((adapter / "cpet.json").read_text())["source_name"]):
+        assert recorded == str(model_dir.resolve())
+    assert f'from_pretrained("{model_dir.resolve()}")' in (adapter / "README.md").read_text()
+    monkeypatch.chdir(tmp_path)
+    model, _ = load_standalone(adapter)  # from another directory
+    assert model.peft_config["default"].base_model_name_or_path == str(model_dir.resolve())
