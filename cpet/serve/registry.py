@@ -84,6 +84,11 @@ class AdapterRegistry:
                                "(the one holding adapter_config.json)")
         if not path.is_dir():
             raise AdapterError(f"adapter directory {directory} does not exist")
+        if self.root is not None:  # its files too: a link inside the directory could read from anywhere
+            outside = next((f for f in path.rglob("*") if not f.resolve().is_relative_to(self.root)), None)
+            if outside is not None:
+                raise AdapterError(f"adapter path {directory} holds {outside.relative_to(path)}, a link to "
+                                   f"{outside.resolve()} outside the adapter root {self.root}")
         return path
 
     def load(self, name: str, directory: AdapterSource | str | Path, *, pin: bool = False) -> LoadedAdapter:

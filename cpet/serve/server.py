@@ -64,6 +64,9 @@ UNSUPPORTED_FIELDS = {
 }
 
 
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 4, 256  # OpenAI's API takes up to 4 stop sequences
+
+
 class ServingError(Exception):
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
         super().__init__(message)
@@ -123,9 +126,23 @@ def create_app(engine: Engine, *, served_name: str = "cpet-base", api_key: str |
         message = f"the server failed on this call: {type(exc).__name__}: {exc}"
         return JSONResponse({"error": {"message": message, "type": "server_error", "code": 500}}, status_code=500)
 
+    # the most a request body may hold: its prompts at a generous 64 bytes a token, a full queue of them, plus room
+    # for the rest; read past that, one request held the event loop (every other client waited) and gigabytes
+    body_limit = (1 << 20) + 64 * limits.max_prompt_tokens * limits.max_queue
+
     async def body(request: Request) -> dict:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > body_limit:
+            raise ServingError(413, f"the request body is {int(declared)} bytes, over the server's {body_limit} "
+                                    "(--max-prompt-tokens and --max-queue set it)")
+        raw = b""
+        async for chunk in request.stream():  # counted as it arrives: a body without a length is bounded too
+            raw += chunk
+            if len(raw) > body_limit:
+                raise ServingError(413, f"the request body is over the server's {body_limit} bytes "
+                                        "(--max-prompt-tokens and --max-queue set it)")
         try:
-            data = json.loads(await request.body())
+            data = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ServingError(400, f"the request body is not valid JSON ({exc})") from None
         if not isinstance(data, dict):
@@ -150,9 +167,15 @@ def create_app(engine: Engine, *, served_name: str = "cpet-base", api_key: str |
     def prompt_ids(text: str) -> list[int]:
         if not isinstance(text, str):
             raise ServingError(400, "the prompt must be a string")
-        ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+        # a text far past the limit is refused from its head's tokens, not tokenised whole on the event loop
+        head = text[:64 * (limits.max_prompt_tokens + 1)]
+        ids = engine.tokenizer(head, add_special_tokens=False)["input_ids"]
+        if len(head) < len(text) and len(ids) <= limits.max_prompt_tokens:  # tokens of 64+ characters: all of it
+            ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) > limits.max_prompt_tokens:
-            raise ServingError(400, f"the prompt has {len(ids)} tokens, over the limit of {limits.max_prompt_tokens}")
+            counted = f"{len(ids)}" if len(head) == len(text) else f"at least {len(ids)}"
+            raise ServingError(400, f"the prompt has {counted} tokens, over the limit of {limits.max_prompt_tokens} "
+                                    "(--max-prompt-tokens)")
         return ids or [engine.tokenizer.eos_token_id or 0]
 
     def submit(request) -> None:
@@ -162,12 +185,15 @@ def create_app(engine: Engine, *, served_name: str = "cpet-base", api_key: str |
             raise ServingError(429, str(exc), "rate_limit_error") from None
         queue_depth.set(scheduler.waiting)
 
-    def submit_all(requests: list) -> None:
-        """Submit requests that answer one call: if one is refused, the ones already queued are cancelled. A call
-        of more requests than the queue holds could never be served: 400, not 429 (which clients retry)."""
-        if len(requests) > limits.max_queue:
-            raise ServingError(400, f"this call holds {len(requests)} inputs and the server queues at most "
+    def check_input_count(count: int) -> None:
+        """A call of more inputs than the queue holds could never be served: 400, not 429 (which clients retry)."""
+        if count > limits.max_queue:
+            raise ServingError(400, f"this call holds {count} inputs and the server queues at most "
                                     f"{limits.max_queue} (--max-queue): send at most {limits.max_queue} per call")
+
+    def submit_all(requests: list) -> None:
+        """Submit requests that answer one call: if one is refused, the ones already queued are cancelled."""
+        check_input_count(len(requests))
         try:
             for r in requests:
                 submit(r)
@@ -226,6 +252,10 @@ def create_app(engine: Engine, *, served_name: str = "cpet-base", api_key: str |
         stop = [stop] if isinstance(stop, str) else stop  # OpenAI's API takes one string or a list of them
         if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
             raise ServingError(400, f"stop must be a string or a list of non-empty strings, got {stop!r}")
+        # as OpenAI's API: every stop string is checked at every decoded token of the shared batch's thread
+        if len(stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in stop):
+            raise ServingError(400, f"stop takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} "
+                                    f"characters, got {len(stop)} of up to {max(map(len, stop))}")
         temperature = 0.0 if data.get("temperature") is None else data["temperature"]
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
             raise ServingError(400, f"temperature must be in [0, 2], got {temperature!r}")
@@ -302,6 +332,7 @@ def create_app(engine: Engine, *, served_name: str = "cpet-base", api_key: str |
         if not isinstance(prompts, list) or not prompts:
             raise ServingError(400, "prompt must be a string or a non-empty list of strings")
         model, start, rid = data.get("model", served_name), time.perf_counter(), f"cmpl-{uuid.uuid4().hex[:24]}"
+        check_input_count(len(prompts))  # before any prompt is tokenised
         requests = [generation(data, p) for p in prompts]
         if streamed(data):
             if len(requests) != 1:
@@ -364,6 +395,7 @@ def create_app(engine: Engine, *, served_name: str = "cpet-base", api_key: str |
         # no raw-length limit: the text is cut as the adapter was trained (PromptTemplate's characters, then the
         # adapter's own max_prompt_tokens, the text losing its end), as `cpet eval` scores it
         start = time.perf_counter()
+        check_input_count(len(texts))
         requests = [ClassifyRequest(name, text) for text in texts]
         submit_all(requests)
         results = await wait_all(requests, request)

@@ -185,6 +185,18 @@ def test_lru_eviction_keeps_pinned_adapters_and_root_confines_paths(served, tmp_
     assert lru.names() == ["b", "d"]  # first-in-first-out would have kept c
     with pytest.raises(AdapterError, match="outside the adapter root"):
         registry.load("d", tmp_path)
+    # a directory inside the root whose files link outside it: only the directory was checked, and it loaded
+    outside = tmp_path / "outside"
+    shutil.copytree(pipeline.adapters()["plain"], outside)
+    linked = pipeline.work_dir / "adapters" / "linked" / "adapter"
+    linked.mkdir(parents=True)
+    try:
+        for f in outside.iterdir():
+            (linked / f.name).symlink_to(f)
+        with pytest.raises(AdapterError, match=r"holds adapter_\w+.\w+, a link to .* outside the adapter root"):
+            registry.load("linked", linked)
+    finally:
+        shutil.rmtree(linked.parent)
 
 
 def test_a_full_registry_never_evicts_the_adapter_it_loads_and_refuses_without_changing(served):

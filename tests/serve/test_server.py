@@ -668,3 +668,36 @@ def test_unknown_paths_and_methods_get_the_json_error_body_and_are_counted(serve
     assert counted() == before + 1
     if status == 405:
         assert response.headers["allow"]  # which methods the path takes, as HTTP asks of a 405
+
+
+def test_oversized_bodies_prompts_and_stop_lists_are_refused_before_any_work(server):
+    """A 4 MB prompt was tokenised whole on the event loop (/health waited 4 s, memory grew by 0.8 GB), a list of
+    30,000 prompts was tokenised before the queue limit refused it, and 20,000 stop strings slowed every step of
+    the batch they joined."""
+    url, app, _, _ = server
+    calls = []
+    tokenizer = app.state.engine.tokenizer
+    real = type(tokenizer).__call__
+
+    def counting(self, text, *args, **kwargs):
+        calls.append(len(text) if isinstance(text, str) else sum(map(len, text)))
+        return real(self, text, *args, **kwargs)
+
+    type(tokenizer).__call__ = counting
+    try:
+        long = httpx.post(f"{url}/v1/completions", json={"model": "plain", "prompt": "word " * 200_000}, timeout=60)
+        assert long.status_code == 400 and "the prompt has at least" in long.json()["error"]["message"]
+        assert max(calls) <= 64 * 201  # only its head was tokenised
+        calls.clear()
+        many = httpx.post(f"{url}/v1/completions", json={"model": "plain", "prompt": ["hi"] * 17}, timeout=60)
+        assert many.status_code == 400 and "holds 17 inputs" in many.text and calls == []
+    finally:
+        type(tokenizer).__call__ = real
+    stops = httpx.post(f"{url}/v1/completions", json={"model": "plain", "prompt": "hi", "stop": ["a", "b", "c", "d",
+                                                                                                  "e"]})
+    assert stops.status_code == 400 and "stop takes at most 4 strings of at most 256 characters" in stops.text
+    huge = httpx.post(f"{url}/v1/completions", content=b"{" + b" " * (2 << 20) + b"}",
+                      headers={"content-type": "application/json"}, timeout=60)
+    assert huge.status_code == 413 and "over the server's" in huge.json()["error"]["message"]
+    assert httpx.post(f"{url}/v1/completions", json={"model": "plain", "prompt": "hi", "max_tokens": 2}).status_code \
+        == 200
