@@ -47,7 +47,7 @@ from .config import stage_config_to_dict
 from .data import tuning_prompts
 from .data.prompts import PROMPT_CUT, scoring_cut, scoring_prompts
 from .data.tasks import as_task, examples_sha256, task_key, task_source_of  # noqa: F401  (task_key: re-exported)
-from .models import EMBEDDED, LoadedBase, check_context_length, hub_id_of, load_base, saved_tokenizer
+from .models import EMBEDDED, LoadedBase, check_context_length, context_length, hub_id_of, load_base, saved_tokenizer
 from .recovery import (PER_TASK, SHARED, RecoveryConfig, RecoverySet, check_svd_rank, check_trained_with,
                        init_from_residuals, recovery_sha256)
 from .train import (DistillConfig, TuneConfig, check_distill_window, check_resume_settings, distill_on_text,
@@ -328,9 +328,9 @@ class CPET:
                            "use a smaller rank (cpet recover --rank), or RecoveryConfig(init='zero')")
             scales = None
             if activation_weighted:
-                # windows no longer than distillation's (checked against the context above): a fixed 128 ran
-                # past a shorter context (an IndexError in a model with learned positions)
-                window = min(128, distill.seq_len)
+                # 128-token windows, within the model's context: past a shorter one, a model with learned positions
+                # failed with an IndexError (context_length is None where the config states none)
+                window = min(128, context_length(self.original.model) or 128)
                 ids = calibration_ids(self.original.tokenizer, corpus, 8, window, seed=distill.seed)  # one seed, all
                 scales = input_rms(self.original.model, ids, recovery.targets)
             init_errors = init_from_residuals(recovery, self.original.model, base.model, base.index_maps, scales)

@@ -359,6 +359,13 @@ def test_a_pruned_head_is_the_original_with_that_heads_o_columns_zeroed(model_ty
         assert torch.allclose(base.model(IDS).logits, reference(IDS).logits, atol=1e-5)
 
 
+def test_the_head_layout_probe_runs_in_eval_mode_and_leaves_the_mode_as_it_was():
+    """Left in train mode with attention dropout, every head moved at random and head pruning was refused."""
+    model = tiny_model("starcoder2", attention_dropout=0.3).model.train()
+    base = compress(model, [PruneConfig(head_ratio=0.5, importance="magnitude")], progress=False)
+    assert geometry(base.model).num_heads == geometry(model).num_heads // 2 and model.training
+
+
 @pytest.mark.parametrize("model_type", sorted(HEADS_INTERLEAVED))
 def test_head_pruning_is_refused_where_o_proj_is_not_laid_out_per_head(model_type):
     loaded = tiny_model(model_type)

@@ -1097,3 +1097,13 @@ def test_an_adapter_of_a_relative_model_path_records_it_absolute(capsys, model_d
     monkeypatch.chdir(tmp_path)
     model, _ = load_standalone(adapter)  # from another directory
     assert model.peft_config["default"].base_model_name_or_path == str(model_dir.resolve())
+
+
+def test_two_task_files_of_one_name_are_told_to_be_renamed_not_called_the_same(capsys, model_dir, tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "reviews.jsonl").write_text(
+            "\n".join(json.dumps({"text": f"{folder} {i}", "label": "xy"[i % 2]}) for i in range(30)))
+    assert main(["eval", "--model", str(model_dir), "--task", str(tmp_path / "a" / "reviews.jsonl"), "--task",
+                 str(tmp_path / "b" / "reviews.jsonl")]) == 2
+    assert "are two tasks of one name (reviews): rename one of the files" in capsys.readouterr().err

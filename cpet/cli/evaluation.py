@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from .output import emit, human_bytes, print_table
 
@@ -106,8 +107,6 @@ def evaluate_corpus(loaded, corpus: str, *, max_tokens: int | None, max_length: 
 
 def _eval_target(args: argparse.Namespace) -> str:
     """What ``cpet eval`` scores: ``"pipeline"`` (its adapters or compressed base), ``"peft"`` or ``"model"``."""
-    from pathlib import Path
-
     from ..models import EMBEDDED_DEFAULT
 
     if args.pipeline is None and args.model and (Path(args.model) / "pipeline.json").exists():
@@ -301,9 +300,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     tasks = [load_task(name) for name in args.task or []]  # every name checked before any model work
     names = [task.name for task in tasks]
     same = next((name for name in names if names.count(name) > 1), None)
-    if same is not None:
+    if same is not None:  # results are keyed by task name: two tasks of one name cannot be told apart
         given = [given for given, name in zip(args.task, names) if name == same]
-        raise ValueError(f"--task {given[0]} and --task {given[1]} are the same task ({same}): give it once")
+        sources = {str(Path(g).resolve()) if Path(g).exists() else g for g in given}
+        what = "are the same task" if len(sources) == 1 else "are two tasks of one name"
+        raise ValueError(f"--task {given[0]} and --task {given[1]} {what} ({same}): "
+                         + ("give it once" if len(sources) == 1 else "rename one of the files"))
     for task in tasks:
         task.require(args.split)
     if args.corpus:  # so is the corpus (scored after the model has loaded)

@@ -157,6 +157,8 @@ def _check_heads_are_independent(model: nn.Module, head_dim: int) -> None:
     handle = o.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().float().clone()))
     ids = torch.tensor([[1, 7, 42, 3, 99, 12, 5, 64]], device=q.weight.device) % model.config.vocab_size
     kept = q.weight[:head_dim].clone()
+    was_training = model.training
+    model.eval()  # attention dropout in train mode would move every head's columns at random
     try:
         model(input_ids=ids)
         generator = torch.Generator(device="cpu").manual_seed(0)
@@ -166,6 +168,7 @@ def _check_heads_are_independent(model: nn.Module, head_dim: int) -> None:
     finally:
         q.weight[:head_dim].copy_(kept)
         handle.remove()
+        model.train(was_training)
     moved = (seen[0] - seen[1]).abs().reshape(-1, seen[0].shape[-1]).amax(dim=0)  # per o_proj input column
     own, others = moved[:head_dim].max(), moved[head_dim:].max()
     if not others <= 1e-6 * max(float(own), 1e-12):

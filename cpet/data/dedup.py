@@ -51,6 +51,9 @@ def normalised_key(text: str) -> str:
     space) removed, so that one text in two encodings gets one key: an accent typed as a combining mark ("nai\u0308ve")
     or full-width letters ("Ｇｒｅａｔ") gave another key, and the same sentence could sit in train and in test.
     """
+    # the acute accent used as an apostrophe ("can´t") first becomes the right quote, which NFKC keeps and the
+    # apostrophe rule removes: NFKC alone splits it into a space and a combining accent ("can t")
+    text = text.replace("\u00b4", "\u2019")
     text = "".join(ch for ch in unicodedata.normalize("NFKC", text) if unicodedata.category(ch) != "Cf")
     tokens, pos = [], 0
     for match in _EMOTICON.finditer(text):

@@ -135,7 +135,7 @@ def create_app(engine: Engine, *, served_name: str = "cpet-base", api_key: str |
         if declared is not None and declared.isdigit() and int(declared) > body_limit:
             raise ServingError(413, f"the request body is {int(declared)} bytes, over the server's {body_limit} "
                                     "(--max-prompt-tokens and --max-queue set it)")
-        raw = b""
+        raw = bytearray()  # (bytes += would copy the whole body on every chunk)
         async for chunk in request.stream():  # counted as it arrives: a body without a length is bounded too
             raw += chunk
             if len(raw) > body_limit:
@@ -332,6 +332,8 @@ def create_app(engine: Engine, *, served_name: str = "cpet-base", api_key: str |
         if not isinstance(prompts, list) or not prompts:
             raise ServingError(400, "prompt must be a string or a non-empty list of strings")
         model, start, rid = data.get("model", served_name), time.perf_counter(), f"cmpl-{uuid.uuid4().hex[:24]}"
+        if not all(isinstance(p, str) for p in prompts):  # token arrays are not taken
+            raise ServingError(400, "prompt must be a string or a non-empty list of strings")
         check_input_count(len(prompts))  # before any prompt is tokenised
         requests = [generation(data, p) for p in prompts]
         if streamed(data):
@@ -392,8 +394,8 @@ def create_app(engine: Engine, *, served_name: str = "cpet-base", api_key: str |
         texts = [texts] if isinstance(texts, str) else texts
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
             raise ServingError(400, "input must be a string or a non-empty list of strings")
-        # no raw-length limit: the text is cut as the adapter was trained (PromptTemplate's characters, then the
-        # adapter's own max_prompt_tokens, the text losing its end), as `cpet eval` scores it
+        # no token limit (only the body's bytes): the text is cut as the adapter was trained (PromptTemplate's
+        # characters, then the adapter's own max_prompt_tokens, the text losing its end), as `cpet eval` scores it
         start = time.perf_counter()
         check_input_count(len(texts))
         requests = [ClassifyRequest(name, text) for text in texts]
