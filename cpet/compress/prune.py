@@ -34,6 +34,7 @@ from ..models import (Geometry, UnsupportedArchitectureError, decoder_layers, fa
                       iter_layer_linears, layer_linears)
 from .calibration import input_rms
 from .index_maps import FFN_CHANNELS, KV_HEADS, QUERY_HEADS, IndexMaps, head_rows
+from .quantize import is_quantized
 from .stages import StageContext, register_stage
 
 
@@ -60,8 +61,7 @@ def validate(model: nn.Module, config: PruneConfig, calibration: torch.Tensor | 
     """
     family = family_of(model)
     geo = geometry_after(model, previous)
-    if any(hasattr(m, "quant_state") or type(m).__module__.startswith("bitsandbytes")
-           for m in model.modules()):
+    if is_quantized(model):
         raise ValueError("the input model is already quantized: compress takes the full-precision original "
                          "(load it again without quantization)")
     if config.needs_calibration and calibration is None:

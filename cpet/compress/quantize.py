@@ -30,9 +30,15 @@ from .index_maps import IndexMaps
 from .stages import StageContext, register_stage
 
 
+def is_bnb_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a bitsandbytes layer (``Linear4bit``, ``Linear8bitLt``, ...), judged by its class's
+    module so that bitsandbytes need not be importable to ask."""
+    return type(module).__module__.startswith("bitsandbytes")
+
+
 def is_quantized(model: nn.Module) -> bool:
-    """Whether any module of ``model`` is a bitsandbytes layer."""
-    return any(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
+    """Whether any module of ``model`` is a bitsandbytes layer or holds a 4-bit parameter."""
+    return any(is_bnb_layer(m) or hasattr(m, "quant_state") for m in model.modules())
 
 
 def validate(model: nn.Module, config: QuantizeConfig) -> None:

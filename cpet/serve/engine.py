@@ -27,6 +27,7 @@ from torch import nn
 
 from ..assembly import AdapterSource, Assembly, LoadedAdapter, LowRank, read_recovery, reordered_modules
 from ..models import cache_argument, context_length, iter_layer_linears, output_cache
+from ..compress.quantize import is_bnb_layer
 from ..recovery import recovery_sha256
 from .registry import AdapterRegistry, module_shapes
 
@@ -73,7 +74,7 @@ def _add_as_peft(base_layer: nn.Module, out: torch.Tensor, delta: torch.Tensor) 
     adds in that dtype. (Rounding twice on a plain bf16 linear put serving 0.05 off evaluation on a tiny model's
     logits; rounding once on an nf4 bf16 base put it a bf16 step off the export, and an int8 fp16 base 0.08 off,
     as LLM.int8 re-quantizes the activations that differ, and every such export failed its check.)"""
-    if out.dtype != torch.float32 and type(base_layer).__module__.startswith("bitsandbytes"):
+    if out.dtype != torch.float32 and is_bnb_layer(base_layer):
         return out + delta.to(out.dtype)
     return (out.to(delta.dtype) + delta).to(out.dtype)
 

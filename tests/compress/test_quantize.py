@@ -14,6 +14,7 @@ IDS = torch.tensor([[5, 17, 99, 3, 42, 8, 120]])
 
 
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    reference, approx = reference.detach(), approx.detach()
     return float(10 * torch.log10(reference.pow(2).sum() / (reference - approx).pow(2).sum()))
 
 
