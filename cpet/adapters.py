@@ -309,6 +309,8 @@ def load_standalone(directory: str | Path):
         model, tokenizer = base.model, base.tokenizer
         if meta:
             check_adapter_base(meta, base_id=base.base_id, directory=directory)
+        else:  # no base_id to check: at least refuse factors that would act on neurons moved by MoEfication
+            _refuse_plain_lora_on_reordered(directory, model)
     else:
         from .models import load_base
 
@@ -320,6 +322,27 @@ def load_standalone(directory: str | Path):
 
     peft_model = PeftModel.from_pretrained(model, str(directory), config=peft_config_for(model, directory))
     return peft_model.eval(), tokenizer
+
+
+def _refuse_plain_lora_on_reordered(directory: Path, model: nn.Module) -> None:
+    """Refuse a plain PEFT LoRA (no ``cpet.json``) with factors on linears whose neurons ``model`` (a compressed
+    base) keeps in another order than the source at the same shape (MoEfied expert banks): peft loads them without
+    complaint and they act on the wrong neurons (logits 4 off on a tiny model). The engine refuses the same
+    adapters (:func:`cpet.assembly.load_factors`); inheritance maps them through the index maps instead."""
+    from .assembly import ADAPTER_WEIGHTS, read_safetensors, reordered_modules
+
+    reordered = reordered_modules(model)
+    if not reordered:
+        return
+    modules = {key.split(".lora_")[0].removeprefix("base_model.model.")
+               for key in read_safetensors(directory / ADAPTER_WEIGHTS) if ".lora_" in key}
+    hit = sorted(modules & reordered)
+    if hit:
+        raise ValueError(f"{directory} is a plain PEFT adapter with a LoRA on {hit[0]}, whose neurons this base keeps "
+                         "in another order than the source model (MoEfication groups them into experts): its "
+                         "factors would act on the wrong neurons. Tune a CPET adapter from it instead, which maps it "
+                         "through the base's index maps: `cpet tune PIPELINE --task TASK --init inherit "
+                         f"--inherit-from {directory}`")
 
 
 def load_adapter(model: nn.Module, directory: str | Path, *, base_id: str | None = None,

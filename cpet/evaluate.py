@@ -331,6 +331,8 @@ def classification_accuracy(model: nn.Module, tokenizer, texts: Sequence[str], g
     """
     if not texts:
         raise ValueError("cannot evaluate accuracy on zero examples")
+    if len(gold) != len(texts):  # zip would drop the extra texts, or the recall fail after all the scoring
+        raise ValueError(f"{len(texts)} texts but {len(gold)} gold labels: give one gold label per text")
     unknown = sorted(set(gold) - set(labels))
     if unknown:
         raise ValueError(f"gold labels {unknown} are not among the task labels {list(labels)}")

@@ -263,7 +263,9 @@ class CPET:
                              "lower seq_len (compress(seq_len=...); cpet compress's windows are 128 tokens)")
         ids = calibration_ids(self.original.tokenizer, load_corpus(calibration, split="train"),
                               calibration_samples, seq_len, seed=calibration_seed)
-        base = run_stages(copy.deepcopy(self.original.model), list(stages), calibration=ids,
+        # run_stages compresses a deep copy of the model it is given (inplace=False): copying here too held a third
+        # model in memory
+        base = run_stages(self.original.model, list(stages), calibration=ids,
                           source_name=self.original.name, tokenizer=self.original.tokenizer, progress=progress,
                           after_stage=after_stage, source_fingerprint=self.source_fingerprint)
         # provenance outside base_id: the kept channels it selected are in the index maps' digest already
@@ -754,7 +756,7 @@ class CPET:
 
         Raises:
             ValueError: ``directory`` holds files that are not a pipeline (they would be deleted), or lies
-                inside the work directory (the copy would copy itself).
+                inside the work directory (the copy would copy itself), or holds it (replacing it would delete it).
         """
         directory = Path(directory)
         if directory.resolve() == self.work_dir.resolve():
@@ -762,6 +764,10 @@ class CPET:
         if self.work_dir.resolve() in directory.resolve().parents:
             raise ValueError(f"cannot save the pipeline into {directory}, inside its own work directory "
                              f"{self.work_dir}: choose a directory outside it")
+        if directory.resolve() in self.work_dir.resolve().parents:  # replacing it would delete the work directory
+            raise ValueError(f"cannot save the pipeline into {directory}, which holds its own work directory "
+                             f"{self.work_dir} (replacing it would delete what is being copied): choose a directory "
+                             "outside it")
         if directory.is_dir() and any(directory.iterdir()) and not (directory / "pipeline.json").exists():
             raise ValueError(f"{directory} holds files and is not a CPET pipeline: saving would replace them; "
                              "choose a new or empty directory (a saved pipeline there is replaced)")

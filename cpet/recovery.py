@@ -62,6 +62,11 @@ class RecoveryConfig:
     def __post_init__(self) -> None:
         if self.rank < 1:
             raise ValueError(f"recovery rank must be >= 1, got {self.rank}")
+        # (not a plain `<= 0` test: NaN passes it) at 0 the residual-SVD start divides by the scale (NaN outputs)
+        # and a zero-init set trains nothing; a negative one flips every bypass
+        if not 0 < self.alpha < math.inf:
+            raise ValueError(f"recovery alpha must be a finite number > 0 (the bypass scale is alpha / rank), got "
+                             f"{self.alpha}")
         if self.activation not in ("gelu", "identity"):
             raise ValueError(f"recovery activation must be 'gelu' or 'identity', got {self.activation!r}")
         if self.init not in ("zero", "svd"):

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from .compress.calibration import check_token_windows
 from .evaluate import evaluating, model_device, perplexity
 from .models import check_context_length, context_length, iter_layer_linears, padding_mask, unwrap
-from .recovery import dequantized_weight
+from .recovery import attached_recovery, dequantized_weight
 
 CONTRIBUTION, MAGNITUDE = "contribution", "magnitude"
 
@@ -169,19 +169,28 @@ def _down_modules(model: nn.Module) -> list[nn.Module]:
     Raises:
         ValueError: a MoEfied base, whose experts are called directly by the routed block (never through the
             bank's ``forward``): pre-hooks on it would see nothing, and the measures would be empty or wrong;
-            a down linear that carries a LoRA (or other peft tuner): its output is not ``W_down a``, so the
-            contributions ``|a_i| * ||W_down[:, i]||`` would leave the adapter's part out.
+            a down linear that carries a LoRA (or other peft tuner) or an enabled recovery bypass: its output is
+            not ``W_down a``, so the contributions ``|a_i| * ||W_down[:, i]||`` would leave that part out.
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     from .moe.experts import bank_of
 
-    downs = [layer["down"] for layer in iter_layer_linears(unwrap(model))]
+    base = unwrap(model)
+    downs = [layer["down"] for layer in iter_layer_linears(base)]
     adapted = [i for i, module in enumerate(downs) if isinstance(module, BaseTunerLayer)]
     if adapted:
         raise ValueError(f"the sparsity tools measure the FFNs of a base model, and the down projection of layer "
                          f"{adapted[0]} carries a peft adapter (its output is not W_down a alone): measure the model "
                          "without the adapter, or merge it first (model.merge_and_unload())")
+    # a recovery bypass adds bypass(a) to the down linear's output through a forward hook: the same gap as a LoRA
+    names = {id(module): name for name, module in base.named_modules()}
+    bypassed = {name for recovery in attached_recovery(base).values() if recovery.enabled for name in recovery.targets}
+    recovered = [i for i, module in enumerate(downs) if names.get(id(module)) in bypassed]
+    if recovered:
+        raise ValueError(f"the sparsity tools measure the FFNs of a base model, and the down projection of layer "
+                         f"{recovered[0]} carries a recovery bypass (its output is not W_down a alone): measure the "
+                         "model without recovery (recovery.detach(), or recovery.enabled = False while measuring)")
     if any(bank_of(module) is not None for module in downs):
         raise ValueError("the sparsity tools measure dense FFNs, and this base is MoEfied (its FFNs run as routed "
                          "experts): measure the model before the MoEfy stage (the source model, or a base compressed "

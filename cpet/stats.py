@@ -96,6 +96,8 @@ def _differences(pairs_a: list[str], pairs_b: list[str], members: list[int], tas
     sizes = {len(pairs_a[j]) for j in members} | {len(pairs_b[j]) for j in members}
     if len(sizes) != 1:
         raise ValueError(f"paired cells of task {task!r} scored different test sets ({sorted(sizes)} examples)")
+    if sizes == {0}:
+        raise ValueError(f"the correctness strings of task {task!r} are empty: no test example to compare on")
     rows = []
     for j in members:
         marks = [np.frombuffer(text.encode(), dtype=np.uint8) for text in (pairs_a[j], pairs_b[j])]
@@ -118,7 +120,11 @@ def _unit_index(units, count: int, task) -> np.ndarray | None:
 
 def _test_set_term(diffs: np.ndarray, unit_index: np.ndarray | None, rng, replicates: int) -> tuple[float, int]:
     """Variance of the seed-averaged difference over resamples of the test units (seeds fixed), corrected by
-    G / (G - 1) for the bootstrap's shrinkage over G units, and its degrees of freedom G - 1."""
+    G / (G - 1) for the bootstrap's shrinkage over G units, and its degrees of freedom G - 1.
+
+    One unit (one test example, or every example in one document) leaves no spread between units to estimate
+    the variance from (0 degrees of freedom): it is unknown, ``inf``, not 0 (every resample of a single unit is
+    the same, which read as an interval of zero width: certainty from one document)."""
     count = diffs.shape[1]
     if unit_index is None:
         units = count
@@ -130,7 +136,7 @@ def _test_set_term(diffs: np.ndarray, unit_index: np.ndarray | None, rng, replic
         draws = rng.integers(0, units, size=(replicates, units))
         estimates = np.array([diffs[:, np.concatenate([groups[g] for g in draw])].mean() for draw in draws])
     if units < 2:
-        return 0.0, 1
+        return math.inf, 1
     return float(estimates.var(ddof=1)) * units / (units - 1), units - 1
 
 
@@ -171,10 +177,12 @@ def _seed_variance(diffs: np.ndarray, unit_index: np.ndarray | None) -> float:
 
 def _half_width(terms: list[tuple[float, float]]) -> float:
     """95% half-width of a sum of variance terms ``(variance, df)``: t(0.975, Welch-Satterthwaite df) times the
-    square root of their sum (0 for no variance)."""
+    square root of their sum (0 for no variance, ``inf`` where a term is unknown)."""
     total = sum(variance for variance, _ in terms)
     if total <= 0.0:
         return 0.0
+    if math.isinf(total):
+        return math.inf
     df = total ** 2 / sum(variance ** 2 / dof for variance, dof in terms if variance > 0)
     return student_t_quantile(0.975, df) * math.sqrt(total)
 
@@ -207,6 +215,10 @@ def paired_bootstrap(pairs_a: list[str], pairs_b: list[str], tasks: list[str] | 
     task count. The half-width is ``hypot(t(0.975, df_test) * sd_test, t(0.975, df_training) * sd_training)``,
     each df by Welch-Satterthwaite over its terms.
 
+    A task whose test examples are one unit (one example, or all in one document) gives its test-set variance
+    nothing to be estimated from (0 degrees of freedom): the interval is then every possible difference,
+    ``[-1, 1]``. Every interval is cut to ``[-1, 1]``, where a mean difference of accuracies lies.
+
     Returns ``(delta, low, high)`` in accuracy units.
     """
     if len(pairs_a) != len(pairs_b):
@@ -216,6 +228,8 @@ def paired_bootstrap(pairs_a: list[str], pairs_b: list[str], tasks: list[str] | 
         raise ValueError(f"{len(tasks)} task names for {len(pairs_a)} pairs")
     if replicates < 2:
         raise ValueError(f"replicates must be >= 2 to estimate the test-set variance, got {replicates}")
+    if not pairs_a:
+        raise ValueError("no (task, seed) pairs to compare")
     rng = np.random.default_rng(seed)
     scale = 1.0 / len(set(tasks)) ** 2  # the estimate averages the tasks: each task's variance enters over T^2
     test_terms: list[tuple[float, float]] = []  # (variance contribution to the estimate, degrees of freedom)
@@ -244,7 +258,7 @@ def paired_bootstrap(pairs_a: list[str], pairs_b: list[str], tasks: list[str] | 
     point = task_weighted_mean([a.count("1") / len(a) - b.count("1") / len(b) for a, b in zip(pairs_a, pairs_b)],
                                tasks)
     half = math.hypot(_half_width(test_terms), _half_width(training_terms))
-    return point, point - half, point + half
+    return point, max(point - half, -1.0), min(point + half, 1.0)
 
 
 __all__ = ["paired_bootstrap", "student_t_quantile", "task_weighted_mean", "wilson_interval"]

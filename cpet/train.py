@@ -14,12 +14,13 @@ loss is the causal-LM cross-entropy on the label-word tokens only. The loop
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -361,6 +362,19 @@ def hidden_mse(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, mask:
     return (diff * weights).sum() / (positions * diff.shape[-1]).clamp(min=1)
 
 
+@contextlib.contextmanager
+def callers_state_kept(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """Run the block, then restore the global torch random state (CPU, and ``device``'s when it is a GPU) and the
+    training flag of every module of ``model``: a training loop reseeds and switches to train mode."""
+    modes = [(module, module.training) for module in model.modules()]
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            yield
+        finally:
+            for module, training in modes:
+                module.training = training
+
+
 def train_classifier(model: nn.Module, tokenizer, train_examples, val_examples, *, labels: Sequence[str],
                      template, verbalizer, config: TuneConfig, out_dir: str | Path,
                      save_best: Callable[[Path, dict], None], teacher: nn.Module | None = None,
@@ -386,7 +400,8 @@ def train_classifier(model: nn.Module, tokenizer, train_examples, val_examples, 
     Returns:
         :class:`TuneResult` with the best validation accuracy and the learning curve.
     Raises:
-        ValueError: empty training split, or labels without a verbalizer word.
+        ValueError: an empty training or validation split, labels without a verbalizer word, or training or
+            validation labels outside ``labels``.
     """
     from accelerate import Accelerator
 
@@ -400,6 +415,11 @@ def train_classifier(model: nn.Module, tokenizer, train_examples, val_examples, 
     unknown = sorted({e.label for e in train_examples} - set(labels))
     if unknown:
         raise ValueError(f"training labels {unknown} are not among the task labels {list(labels)}")
+    val = list(val_examples)[: config.eval_limit] if config.eval_limit else list(val_examples)
+    # scoring refuses them too, but without a step-0 evaluation only after eval_every steps of training
+    unknown = sorted({e.label for e in val} - set(labels))
+    if unknown:
+        raise ValueError(f"validation labels {unknown} are not among the task labels {list(labels)}")
 
     check_labelled_prompt_length(model, label_token_ids(tokenizer, [verbalizer.label_words[label] for label in labels]),
                                  config.max_prompt_tokens)
@@ -412,7 +432,6 @@ def train_classifier(model: nn.Module, tokenizer, train_examples, val_examples, 
     encoded = [encode_example(tokenizer, fit_prompt(template, e.text, tokenizer, config.max_prompt_tokens),
                               verbalizer.label_words[e.label],
                               config.max_prompt_tokens) for e in train_examples]
-    val = list(val_examples)[: config.eval_limit] if config.eval_limit else list(val_examples)
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     if config.batch_size % accelerator.num_processes:
@@ -454,43 +473,46 @@ def train_classifier(model: nn.Module, tokenizer, train_examples, val_examples, 
         evaluate_now(0, None)
     bar = tqdm(range(start_step, config.steps), desc="tune", disable=not progress, initial=start_step,
                total=config.steps)
-    model.train()
-    for step in bar:
-        torch.manual_seed(hash((config.seed, step)) % (2**31))  # dropout masks: a function of (seed, step)
-        whole = batch_indices(len(encoded), config.batch_size, step, config.seed)
-        idx = whole[accelerator.process_index::accelerator.num_processes]  # each GPU its share of the batch
-        batch = {k: v.to(accelerator.device) for k, v in collate([encoded[i] for i in idx], pad_id).items()}
-        # Split over processes, each share's sum is divided by the whole batch's count over the process count: DDP's
-        # mean of the gradients is then the whole batch's token mean. (Each share's own mean weighed a share of
-        # fewer label tokens or shorter prompts up, so two processes stepped otherwise than one.) One process:
-        # the plain means.
-        shares = accelerator.num_processes
-        label_count = sum(label_tokens(encoded[i]) for i in whole) / shares if shares > 1 else None
-        position_count = sum(len(encoded[i][0]) for i in whole) / shares if shares > 1 else None
-        want_hidden = teacher is not None and config.distill_weight > 0
-        loss, out = label_token_loss(model, batch, per=label_count, output_hidden_states=want_hidden)
-        if want_hidden:
-            with torch.no_grad():
-                target = teacher_outputs(teacher, input_ids=batch["input_ids"],
-                                         attention_mask=batch["attention_mask"]).hidden_states[-1]
-            loss = loss + config.distill_weight * hidden_mse(out.hidden_states[-1], target,
-                                                             batch["attention_mask"], per=position_count)
-        accelerator.backward(loss)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        running.append(accelerator.reduce(loss.detach(), "mean").item())  # the whole batch's loss, same everywhere
-        bar.set_postfix(loss=f"{sum(running[-20:]) / len(running[-20:]):.3f}")
-        done = step + 1
-        if done % config.eval_every == 0 or done == config.steps:
-            evaluate_now(done, sum(running[-config.eval_every:]) / len(running[-config.eval_every:]))
-            model.train()
-            if accelerator.is_main_process:
-                save_resume_state(resume_dir, accelerator.unwrap_model(model), optimizer, done,
-                                  {"best": best, "history": history, "config": config.to_dict(),
-                                   "identity": identity, "recent_losses": running[-config.eval_every:]},
-                                  with_optimizer=keep_optimizer_state or done < config.steps)
-            accelerator.wait_for_everyone()
+    # the loop seeds every step's dropout masks and trains in train mode: the caller gets back its own random
+    # stream and training flags (a model handed over in eval mode does not come back dropping out)
+    with callers_state_kept(model, accelerator.device):
+        model.train()
+        for step in bar:
+            torch.manual_seed(hash((config.seed, step)) % (2**31))  # dropout masks: a function of (seed, step)
+            whole = batch_indices(len(encoded), config.batch_size, step, config.seed)
+            idx = whole[accelerator.process_index::accelerator.num_processes]  # each GPU its share of the batch
+            batch = {k: v.to(accelerator.device) for k, v in collate([encoded[i] for i in idx], pad_id).items()}
+            # Split over processes, each share's sum is divided by the whole batch's count over the process count: DDP's
+            # mean of the gradients is then the whole batch's token mean. (Each share's own mean weighed a share of
+            # fewer label tokens or shorter prompts up, so two processes stepped otherwise than one.) One process:
+            # the plain means.
+            shares = accelerator.num_processes
+            label_count = sum(label_tokens(encoded[i]) for i in whole) / shares if shares > 1 else None
+            position_count = sum(len(encoded[i][0]) for i in whole) / shares if shares > 1 else None
+            want_hidden = teacher is not None and config.distill_weight > 0
+            loss, out = label_token_loss(model, batch, per=label_count, output_hidden_states=want_hidden)
+            if want_hidden:
+                with torch.no_grad():
+                    target = teacher_outputs(teacher, input_ids=batch["input_ids"],
+                                             attention_mask=batch["attention_mask"]).hidden_states[-1]
+                loss = loss + config.distill_weight * hidden_mse(out.hidden_states[-1], target,
+                                                                 batch["attention_mask"], per=position_count)
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            running.append(accelerator.reduce(loss.detach(), "mean").item())  # the whole batch's loss, same everywhere
+            bar.set_postfix(loss=f"{sum(running[-20:]) / len(running[-20:]):.3f}")
+            done = step + 1
+            if done % config.eval_every == 0 or done == config.steps:
+                evaluate_now(done, sum(running[-config.eval_every:]) / len(running[-config.eval_every:]))
+                model.train()
+                if accelerator.is_main_process:
+                    save_resume_state(resume_dir, accelerator.unwrap_model(model), optimizer, done,
+                                      {"best": best, "history": history, "config": config.to_dict(),
+                                       "identity": identity, "recent_losses": running[-config.eval_every:]},
+                                      with_optimizer=keep_optimizer_state or done < config.steps)
+                accelerator.wait_for_everyone()
     return TuneResult(best["accuracy"], best["step"], history, str(out_dir / "adapter"))
 
 

@@ -145,3 +145,34 @@ def test_damaged_recovery_and_fingerprint_fields_of_cpet_json_are_named_not_trac
     with pytest.raises(ValueError, match=r"records source_fingerprint 123 in its cpet.json, not a string: its "
                                          r"metadata is damaged"):
         check_adapter_base({"source_fingerprint": 123}, source_fingerprint="a" * 64, directory="d")
+
+
+def test_standalone_loading_refuses_a_plain_peft_lora_on_a_moefied_bases_reordered_neurons(tmp_path):
+    """A plain PEFT LoRA (no cpet.json, so no base_id to check) whose base_model_name_or_path names a MoEfied base
+    was loaded onto its expert banks as is: its factors act on the source's neuron order, the banks hold the
+    neurons permuted into experts (logits 4 off the original model + LoRA with every expert chosen, where they are
+    equal). The engine refuses such an adapter (assembly.load_factors); loading it standalone must too."""
+    import copy
+
+    import torch
+
+    from cpet.adapters import add_lora
+    from cpet.compress import compress
+    from cpet.compress.moefy import MoEfyConfig
+    from cpet.models import tiny_model
+
+    loaded = tiny_model("llama")
+    calibration = torch.randint(0, 259, (4, 32), generator=torch.Generator().manual_seed(0))
+    compress(loaded.model, [MoEfyConfig(num_experts=4, top_k=4)], calibration=calibration,
+             progress=False).save(tmp_path / "base")
+    for targets in (["gate_proj", "q_proj"], ["q_proj", "v_proj"]):
+        lora = add_lora(copy.deepcopy(loaded.model), rank=4, alpha=8, dropout=0.0, target_modules=targets)
+        lora.save_pretrained(str(tmp_path / targets[0]))
+        config = json.loads((tmp_path / targets[0] / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = str(tmp_path / "base")
+        (tmp_path / targets[0] / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"plain PEFT adapter with a LoRA on model\.layers\.0\.mlp\.gate_proj, "
+                                         r"whose neurons this base keeps in another order"):
+        load_standalone(tmp_path / "gate_proj")
+    model, _ = load_standalone(tmp_path / "q_proj")  # attention is not reordered: it loads as before
+    assert type(model).__name__ == "PeftModelForCausalLM"

@@ -221,6 +221,18 @@ def test_accuracy_rejects_unknown_gold_labels():
                                 verbalizer=SimpleNamespace(label_words={"A": "a"}), labels=["A"])
 
 
+
+@pytest.mark.parametrize("gold", [["A", "B"], ["A", "B", "A", "B"]])
+def test_accuracy_refuses_gold_labels_that_do_not_match_the_texts_one_to_one(gold):
+    """Three texts with two gold labels were scored as 2 examples (the third text's prediction dropped), and with four
+    a recall over a label without a prediction failed with an IndexError after every prompt was scored."""
+    tokenizer = byte_tokenizer()
+    model = EchoLM(len(tokenizer))
+    with pytest.raises(ValueError, match=f"3 texts but {len(gold)} gold labels"):
+        classification_accuracy(model, tokenizer, ["xa", "yb", "za"], gold, template=Template(),
+                                verbalizer=SimpleNamespace(label_words={"A": "a", "B": "b"}), labels=["A", "B"])
+
+
 def test_sizes_and_flops_of_tiny_llama():
     model = tiny_model("llama").model
     per_layer = 64 * 64 + 2 * (32 * 64) + 64 * 64 + 3 * (128 * 64)

@@ -995,3 +995,42 @@ def test_a_recovery_text_shorter_than_one_window_is_refused_before_the_base_load
     monkeypatch.setattr(CPET, "load_compressed", lambda self: pytest.fail("the base was loaded"))
     with pytest.raises(ValueError, match=r"the calibration text has \d+ tokens, fewer than one window of 64"):
         pipeline.recover(distill=DistillConfig(steps=1, seq_len=64), text=str(short), progress=False)
+
+
+def test_compress_copies_the_original_model_once(tmp_path, monkeypatch):
+    """The pipeline deep-copied the original and cpet.compress.compress (inplace=False) copied that copy again:
+    three models in memory at once where two suffice (the source stays untouched either way)."""
+    (tmp_path / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog. " * 50)
+    pipeline = CPET(tiny_model("llama"), tmp_path / "work")
+    before = {k: v.clone() for k, v in pipeline.original.model.state_dict().items()}
+    models, real = [pipeline.original.model], copy.deepcopy
+
+    def counting(x, memo=None, _nil=[]):  # noqa: B006 - copy.deepcopy's own signature
+        result = real(x, memo)
+        if any(x is model for model in models):  # the original, or a copy of it
+            models.append(result)
+        return result
+
+    monkeypatch.setattr(copy, "deepcopy", counting)
+    pipeline.compress([PruneConfig(ffn_ratio=0.5, importance="magnitude")], calibration=str(tmp_path / "corpus.txt"),
+                      calibration_samples=2, seq_len=16, progress=False)
+    monkeypatch.undo()
+    assert len(models) == 2, "the original was copied, then its copy copied again"
+    after = pipeline.original.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the source model is left as it was
+
+
+def test_saving_a_pipeline_over_a_pipeline_that_holds_it_is_refused(tmp_path):
+    """save() replaces a saved pipeline at its destination as a whole: one holding the work directory (a pipeline
+    made inside another's directory) was replaced by the copy, deleting the work directory itself and the outer
+    pipeline's adapters."""
+    outer = tmp_path / "outer"
+    inner = outer / "inner"
+    inner.mkdir(parents=True)
+    (outer / "adapters" / "kept").mkdir(parents=True)
+    for directory in (outer, inner):
+        (directory / "pipeline.json").write_text(json.dumps({"source": "smollm2-135m", "log": []}))
+    pipeline = CPET("smollm2-135m", inner)  # a name: nothing is loaded
+    with pytest.raises(ValueError, match=r"cannot save the pipeline into .*outer, which holds its own work directory"):
+        pipeline.save(outer)
+    assert (inner / "pipeline.json").exists() and (outer / "adapters" / "kept").is_dir()

@@ -420,3 +420,14 @@ def test_a_bypass_adds_its_factors_scaled_by_alpha_over_rank_by_hand():
         with torch.no_grad():
             by_hand = act(x @ bypass.A.weight.T) @ bypass.B.weight.T * (2.0 / 4)
             assert torch.allclose(bypass(x), by_hand, atol=1e-6), activation
+
+
+@pytest.mark.parametrize("alpha", [0.0, -4.0, float("nan"), float("inf")])
+def test_a_recovery_scale_that_is_not_a_finite_positive_number_is_refused(alpha):
+    """RecoveryConfig took any alpha: at 0 the residual-SVD start divided B by a zero scale (infinite weights, NaN
+    losses through the whole distillation) and a per-task set trained nothing (its output, and so every gradient,
+    scaled by 0); a negative alpha flipped every bypass's sign. TuneConfig refuses the same LoRA scales."""
+    with pytest.raises(ValueError, match=r"recovery alpha must be a finite number > 0 \(the bypass scale is alpha / "
+                                         r"rank\)"):
+        RecoveryConfig(rank=4, alpha=alpha, activation="identity", init="svd")
+    RecoveryConfig(rank=4, alpha=1e-3)  # any finite positive scale is fine

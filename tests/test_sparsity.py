@@ -290,6 +290,31 @@ def test_a_down_projection_with_a_lora_is_refused_not_measured_without_it():
         ActivationMask(adapted, [0.0] * loaded.model.config.num_hidden_layers)
 
 
+def test_a_down_projection_with_an_enabled_recovery_bypass_is_refused_not_measured_without_it():
+    """Recovery adds ``bypass(a)`` to the down linear's output by a forward hook, which the contributions
+    ``|a_i| * ||W_down[:, i]||`` and ``||y||`` leave out: the measures described another function than the model
+    runs (and the mask's perplexity ran with the bypass), without a word. A disabled set adds nothing: measured."""
+    from cpet.recovery import RecoveryConfig, RecoverySet
+
+    loaded = tiny_model("llama")
+    tokens = calibration(loaded.model.config.vocab_size)
+    dense = collect_ffn_activations(loaded.model, tokens)
+    recovery = RecoverySet(loaded.model, RecoveryConfig(rank=2, activation="identity", target_roles=("down",)))
+    recovery.attach(loaded.model)
+    with torch.no_grad():
+        for bypass in recovery.bypasses.values():
+            bypass.B.weight.normal_()
+    layers = loaded.model.config.num_hidden_layers
+    with pytest.raises(ValueError, match="down projection of layer 0 carries a recovery bypass.*detach"):
+        collect_ffn_activations(loaded.model, tokens)
+    with pytest.raises(ValueError, match="carries a recovery bypass"):
+        ActivationMask(loaded.model, [0.0] * layers)
+    recovery.enabled = False
+    off = collect_ffn_activations(loaded.model, tokens)
+    assert all(torch.equal(a, b) for a, b in zip(off.acts, dense.acts))
+    recovery.detach()
+
+
 def test_the_magnitude_quantile_samples_every_neuron_past_the_quantile_limit():
     """Past 2**24 values the sample is of whole tokens: a stride of 2 over the flattened [tokens, 64] saw only
     the even neurons, and with the odd ones larger the share above the threshold was 0.75, not 0.5."""

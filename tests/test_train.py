@@ -344,3 +344,34 @@ def test_distillation_loss_is_kl_of_teacher_to_student_plus_hidden_mse():
     assert distillation_loss(student, teacher, 0.0, 1.0).item() == pytest.approx(mse.item(), rel=1e-5)
     assert distillation_loss(student, teacher, 0.5, 2.0).item() == pytest.approx(
         0.5 * forward_kl.item() + 2 * mse.item(), rel=1e-5)
+
+
+def test_tuning_leaves_the_callers_random_state_and_training_flag_as_it_found_them(tmp_path):
+    """The loop seeds every step's dropout masks (torch.manual_seed) and switches the model to train mode; after it
+    the caller's global random stream must go on where it was (not from a seed of the last step), and a model
+    handed over in eval mode must come back in eval mode."""
+    loaded = tiny_model("llama")
+    model = add_lora(loaded.model, rank=2, alpha=4, dropout=0.1, target_roles=("q",))
+    model.eval()
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    run(model, loaded.tokenizer, tmp_path, TuneConfig(steps=2, batch_size=4, eval_every=1))
+    assert torch.equal(torch.rand(4), expected)
+    assert not model.training and not any(m.training for m in model.modules())
+
+
+def test_a_validation_label_outside_the_task_is_refused_before_any_step(tmp_path, monkeypatch):
+    """Without a step-0 evaluation the first validation comes after eval_every steps: a validation label the task
+    does not have must be refused before training, not after the steps have been paid for."""
+    loaded = tiny_model("llama")
+    model = add_lora(loaded.model, rank=2, alpha=2, dropout=0.0, target_roles=("q",))
+    steps = []
+    monkeypatch.setattr(cpet.train, "collate", lambda *a, **k: steps.append(1) or collate(*a, **k))
+    with pytest.raises(ValueError, match=r"validation labels \['neutral'\] are not among the task labels"):
+        train_classifier(model, loaded.tokenizer, synthetic_examples(8, 0),
+                         [SimpleNamespace(text="it was so-so", label="neutral")], labels=LABELS, template=TEMPLATE,
+                         verbalizer=VERBALIZER, config=TuneConfig(steps=4, batch_size=2, eval_every=4,
+                                                                  eval_at_start=False),
+                         out_dir=tmp_path, save_best=lambda d, m: None, progress=False)
+    assert not steps

@@ -242,7 +242,7 @@ def ffn_inputs(model: nn.Module, calibration: torch.Tensor, batch_size: int = 4,
     captured: dict[int, list[torch.Tensor]] = {i: [] for i in wanted}
     last = max(wanted)
     handles = []
-    for i in wanted:
+    for i in captured:  # one hook per layer, however often it is named: two appended every token twice
         def hook(module, inputs, i=i):
             captured[i].append(inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float().cpu())
             if i == last:

@@ -134,6 +134,11 @@ class MoEFFN(nn.Module):
         tokens = x.reshape(-1, shape[-1])
         if chosen is None:
             chosen = self.choose(tokens)
+        elif tuple(chosen.shape) != (tokens.shape[0], self.num_experts):
+            # read as (token, expert) pairs below: a [batch, seq, E] choice or one short of experts gave a wrong
+            # output without a word
+            raise ValueError(f"chosen must be [tokens, experts] = [{tokens.shape[0]}, {self.num_experts}] for an "
+                             f"input of shape {list(shape)}, got {list(chosen.shape)}")
         attended = self._attended_rows(shape)
         counted = chosen if attended is None else chosen[attended.to(chosen.device)]  # padding left out
         self.chosen_experts += int(counted.sum())

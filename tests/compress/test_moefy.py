@@ -544,6 +544,20 @@ def test_ffn_inputs_of_some_layers_stop_each_pass_at_the_last_of_them():
             ffn_inputs(model, _calibration(model), layers=bad)
 
 
+def test_ffn_inputs_of_a_layer_named_twice_hold_each_token_once():
+    """A layer named twice before the last one (``[0, 0, 1]``, or ``[0, -2, 1]`` on two layers) got two hooks
+    that both appended to its list: its inputs came back with every token twice."""
+    from cpet.compress.moefy import ffn_inputs
+
+    model = tiny_model("llama").model
+    calibration = _calibration(model)
+    once = ffn_inputs(model, calibration)
+    for layers in ([0, 0, 1], [0, -2, 1]):
+        got = ffn_inputs(model, calibration, layers=layers)
+        assert [tuple(t.shape) for t in got] == [tuple(once[0].shape)] * 2 + [tuple(once[1].shape)]
+        assert torch.equal(got[0], once[0]) and torch.equal(got[1], once[0]) and torch.equal(got[2], once[1])
+
+
 @pytest.mark.parametrize("quantize", [[], [QuantizeConfig("nf4", embeddings=True)]], ids=["moefied", "nf4-embeddings"])
 def test_a_bf16_moefied_base_reloads_with_fp32_routers_and_the_same_logits(quantize, tmp_path):
     """The routers are trained in fp32; the rebuild on reload made them bf16 (13 of 50 tokens chose other experts,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from cpet.moe import Router, choose_experts
@@ -38,3 +39,30 @@ def test_router_starts_from_the_cluster_centres():
     router.init_from_centres(centres)
     x = torch.randn(5, 16)
     assert torch.allclose(router(x), torch.relu(x @ centres.T), atol=1e-6)
+
+
+def _block(num_experts=4, hidden=8, width=16):
+    from torch import nn
+
+    from cpet.moe import ExpertBank, MoEFFN
+
+    torch.manual_seed(0)
+    gate, up, down = nn.Linear(hidden, width, bias=False), nn.Linear(hidden, width, bias=False), nn.Linear(width, hidden)
+    return MoEFFN(ExpertBank.from_linear(gate, num_experts, "rows"), ExpertBank.from_linear(up, num_experts, "rows"),
+                  ExpertBank.from_linear(down, num_experts, "cols"), nn.SiLU(), Router(hidden, num_experts, 8),
+                  top_k=2, tau=None, names={"gate": "gate_proj", "up": "up_proj", "down": "down_proj"})
+
+
+def test_a_choice_of_another_shape_than_tokens_by_experts_is_refused_not_misread():
+    """``chosen`` overrides the router as ``[T, E]``; one shaped like the input (``[batch, seq, E]``) was read as
+    (token, expert) pairs from its first two dimensions, and one with too few experts left the rest out: both
+    gave a wrong output without a word."""
+    block = _block()
+    x = torch.randn(2, 3, 8)
+    every = torch.ones(6, 4, dtype=torch.bool)
+    with torch.no_grad():
+        reference = block(x, chosen=every)
+        for bad in (every.reshape(2, 3, 4), every[:, :3], every[:5]):
+            with pytest.raises(ValueError, match=r"chosen must be \[tokens, experts\] = \[6, 4\]"):
+                block(x, chosen=bad)
+        assert torch.equal(block(x, chosen=every), reference)
