@@ -29,15 +29,24 @@ DEFAULT_MAX_PROMPT_TOKENS = 128
 
 
 @contextlib.contextmanager
-def evaluating(model: nn.Module) -> Iterator[None]:
-    """Eval mode and no grad for the block; the previous training flag is restored afterwards."""
-    was_training = model.training
-    model.eval()
+def training_flags_kept(model: nn.Module) -> Iterator[None]:
+    """Run the block, then give every module of ``model`` back its own training flag (not ``model.train(flag)``,
+    which would also flip submodules the caller kept in another mode, such as a frozen base in eval mode under a
+    model in train mode)."""
+    modes = [(module, module.training) for module in model.modules()]
     try:
-        with torch.no_grad():
-            yield
+        yield
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no grad for the block; every module's previous training flag is restored afterwards."""
+    with training_flags_kept(model), torch.no_grad():
+        model.eval()
+        yield
 
 
 def model_device(model: nn.Module) -> torch.device:

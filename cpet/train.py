@@ -30,8 +30,9 @@ from tqdm.auto import tqdm
 from .assets import atomic_path
 from .data.prompts import LEGACY_PROMPT_CUT, fit_prompt
 from .evaluate import (DEFAULT_MAX_PROMPT_TOKENS, check_labelled_prompt_length, classification_accuracy,
-                       encode_prompt_and_label, label_token_ids, logits_at)
+                       encode_prompt_and_label, label_token_ids, logits_at, training_flags_kept)
 from .models import check_context_length
+
 
 @dataclass
 class TuneConfig:
@@ -366,13 +367,8 @@ def hidden_mse(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, mask:
 def callers_state_kept(model: nn.Module, device: torch.device) -> Iterator[None]:
     """Run the block, then restore the global torch random state (CPU, and ``device``'s when it is a GPU) and the
     training flag of every module of ``model``: a training loop reseeds and switches to train mode."""
-    modes = [(module, module.training) for module in model.modules()]
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        try:
-            yield
-        finally:
-            for module, training in modes:
-                module.training = training
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), training_flags_kept(model):
+        yield
 
 
 def train_classifier(model: nn.Module, tokenizer, train_examples, val_examples, *, labels: Sequence[str],

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from cpet.evaluate import (
+    evaluating,
     classification_accuracy,
     count_parameters,
     flops_per_token,
@@ -346,3 +347,14 @@ def test_perplexity_over_several_windows_weighs_every_token_the_same():
     assert result.tokens == count
     assert result.nll == pytest.approx(nll, rel=1e-5)
     assert result.ppl == pytest.approx(math.exp(nll / count), rel=1e-5)
+
+
+def test_evaluating_restores_each_modules_own_training_flag():
+    """A model in train mode over a submodule kept in eval mode (a frozen base's dropout off) gets both back as they
+    were: restoring with model.train(flag) switched the submodule to train mode too."""
+    model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5))
+    model.train()
+    model[1].eval()
+    with evaluating(model):
+        assert not any(module.training for module in model.modules())
+    assert model.training and model[0].training and not model[1].training
