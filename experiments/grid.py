@@ -145,6 +145,20 @@ def planned_cells(args, cells_dir: Path):
                     yield setting, task, row, seed, key, cells_dir / f"{cell_name(key, task, row, seed)}.json"
 
 
+def check_options(args) -> None:
+    """Refuse, before anything is built or loaded, a budget that ``TuneConfig``, ``DistillConfig`` or ``evaluate``
+    refuse: they saw it only when the first cell ran, after its setting's base and shared recovery were built (and a
+    ``--test-limit`` below 1 only after that cell's tuning; check_run read a negative one as "all but the last")."""
+    try:
+        for row in args.rows:
+            budget(args, row)
+        DistillConfig(steps=args.recovery_steps, batch_size=4, seq_len=128)
+    except ValueError as exc:
+        raise SystemExit(f"grid: {exc}") from None
+    if args.test_limit is not None and args.test_limit < 1:
+        raise SystemExit(f"grid: --test-limit must be >= 1 (or left out: every test example), got {args.test_limit}")
+
+
 def check_run(args, cells_dir: Path) -> None:
     """Refuse, before any base is built, a task that cannot be tuned (name, file, splits, label words) and
     finished cells of this commit measured with another budget: they would be skipped as done, and the table
@@ -345,6 +359,7 @@ def main(argv=None) -> int:
     args.commit = code_commit(allow_dirty=args.allow_dirty)
 
     out, cells_dir = Path(args.out), Path(args.cells)
+    check_options(args)
     check_run(args, cells_dir)  # before anything is written
     claim_work_dir(out, args.commit)
     cells_dir.mkdir(parents=True, exist_ok=True)

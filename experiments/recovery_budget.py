@@ -23,6 +23,7 @@ import argparse
 import json
 import statistics
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -33,7 +34,7 @@ from cpet.evaluate import perplexity  # noqa: E402
 from cpet.pipeline import CPET  # noqa: E402
 from cpet.recovery import RecoverySet  # noqa: E402
 from cpet.train import DistillConfig  # noqa: E402
-from experiments.grid import SETTINGS, cell_name, code_commit, run_cell  # noqa: E402
+from experiments.grid import SETTINGS, budget, cell_name, code_commit, run_cell  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "recovery_budget"
 
@@ -59,10 +60,49 @@ def brown_ppl(pipeline: CPET, recovery_dir: Path | None, tokens: int) -> float:
     return perplexity(base.model, pipeline.original.tokenizer, text, max_tokens=tokens).ppl
 
 
+def check_reused_recovery(setting_dir: Path, distill: DistillConfig, checkpoints: list[int]) -> None:
+    """Refuse a finished distillation in ``setting_dir`` made with other settings than ``distill``, or without a
+    checkpoint this run measures: it is reused as it is, and its final modules would be reported under this run's
+    ``--steps`` (a 360-step recovery as "step 120"), a missing checkpoint failing only after hours of work."""
+    final = setting_dir / "recovery" / "recovery.json"
+    if not final.exists():  # distilled by this run, with these checkpoints
+        return
+    wanted = json.loads(json.dumps(asdict(distill)))
+    for directory, steps_done in [(setting_dir / "recovery", None),
+                                  *((setting_dir / f"recovery-step{step}", step) for step in checkpoints)]:
+        meta_path = directory / "recovery.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
+        if meta is None or meta.get("distill") != wanted or (steps_done is not None
+                                                             and meta.get("steps_done") != steps_done):
+            found = "is missing" if meta is None else f"was made by a distillation with {meta.get('distill')}"
+            raise SystemExit(f"recovery_budget: {directory} {found}, not by this run's {wanted} (--steps, "
+                             "--checkpoints): use another --out, or remove its recovery directories to distil again")
+
+
+def check_finished_cells(cells_dir: Path, commit: str, tune_steps: int, model: str) -> None:
+    """Refuse finished cells in ``cells_dir`` of other code or another task budget: they are skipped as done, and
+    the report would put them beside this run's as one measurement."""
+    wanted = {"commit": commit, "--tune-steps": tune_steps, "--model": model}
+    for path in sorted(cells_dir.glob("*__*.json")):
+        cell = json.loads(path.read_text())
+        made = {"commit": cell.get("commit"), "--tune-steps": (cell.get("tune_config") or {}).get("steps"),
+                "--model": (cell.get("grid_args") or {}).get("model")}
+        # what a cell does not record (cells older than the field) is not held against it; its commit always is
+        diffs = [f"{key} {made[key]} -> {value}" for key, value in wanted.items()
+                 if made[key] != value and (key == "commit" or made[key] is not None)]
+        if diffs:
+            raise SystemExit(f"recovery_budget: {path} was measured otherwise than this run ({', '.join(diffs)}): "
+                             "give this run its own --cells (and --out)")
+
+
 def report(cells_dir: Path) -> str:
     """Markdown: per setting and checkpoint, Brown perplexity and cpet-shared accuracy per task (mean ± sd)."""
     ppl = json.loads((cells_dir / "ppl.json").read_text()) if (cells_dir / "ppl.json").exists() else {}
     cells = [json.loads(p.read_text()) for p in sorted(cells_dir.glob("*__*.json"))]
+    commits = sorted({str(c.get("commit", "unrecorded")) for c in cells})
+    if len(commits) > 1:  # one table measures one version of the code (as experiments/table.py)
+        raise SystemExit(f"recovery_budget: {cells_dir} holds cells of {len(commits)} code commits "
+                         f"({', '.join(commits)}): keep one commit's cells per --cells directory")
     tasks = sorted({c["task"] for c in cells})
     lines = ["| setting | distillation steps | Brown ppl | " + " | ".join(tasks) + " | average |",
              "|---|---|---|" + "---|" * (len(tasks) + 1)]
@@ -101,12 +141,26 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.report_only:
         return write_report(Path(args.cells), args.report)
+    # checked before any base is built: recover() refused these only after compression, and with a recovery
+    # already there a checkpoint at --steps or beyond pointed at a directory that does not exist
+    if any(not 0 < step < args.steps for step in args.checkpoints):
+        parser.error(f"--checkpoints {args.checkpoints} must lie between 0 and --steps {args.steps} (the last step "
+                     "is measured anyway)")
     grid_args = argparse.Namespace(steps=args.tune_steps, batch_size=8, lr=1e-3, eval_every=20, eval_limit=100,
                                    max_prompt_tokens=128, test_limit=None, progress=args.progress,
                                    commit=code_commit(allow_dirty=args.allow_dirty))
     cells_dir = Path(args.cells)
-    cells_dir.mkdir(parents=True, exist_ok=True)
     steps = sorted(set(args.checkpoints)) + [args.steps]
+    try:  # TuneConfig saw a bad --tune-steps only when the first cell ran, after the distillation
+        budget(grid_args, "cpet-shared")
+        distill = DistillConfig(steps=args.steps, batch_size=4, seq_len=128)
+    except ValueError as exc:
+        raise SystemExit(f"recovery_budget: {exc}") from None
+    for setting in args.settings:  # every setting before the first one's hours of work
+        check_reused_recovery(Path(args.out) / setting, distill, steps[:-1])
+    if cells_dir.is_dir():
+        check_finished_cells(cells_dir, grid_args.commit, args.tune_steps, args.model)
+    cells_dir.mkdir(parents=True, exist_ok=True)
     for setting in args.settings:
         setting_dir = Path(args.out) / setting
         pipeline = CPET.from_pretrained(args.model, work_dir=setting_dir)
@@ -114,8 +168,7 @@ def main(argv=None) -> int:
             pipeline.compress(SETTINGS[setting](), progress=args.progress)
         if not (pipeline.recovery_dir / "recovery.json").exists():
             print(f"[budget] {setting}: distilling {args.steps} steps, checkpoints {steps[:-1]}", flush=True)
-            pipeline.recover(distill=DistillConfig(steps=args.steps, batch_size=4, seq_len=128),
-                             checkpoints=steps[:-1], progress=args.progress)
+            pipeline.recover(distill=distill, checkpoints=steps[:-1], progress=args.progress)
         ppl_path = cells_dir / "ppl.json"
         for step in [0, *steps]:
             key = f"{setting}@step{step}"

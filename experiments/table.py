@@ -59,6 +59,8 @@ def load_cells(cells_dir: Path, commit: str | None = None, tasks: Sequence[str] 
     prefix of, which must then be one commit; None: all of them, which must share one commit), of
     ``tasks`` only when given (the commit check applies to the cells of the table: tasks run from different
     pinned commits, e.g. after a task's data was fixed, each get a table of their own)."""
+    if not cells_dir.is_dir():  # a mistyped --cells read as no cells: an empty table replaced the document
+        raise SystemExit(f"table: {cells_dir} is not a directory of cells")
     cells = [json.loads(p.read_text()) for p in sorted(cells_dir.glob("*.json"))]
     if tasks is not None:
         cells = [c for c in cells if c["task"] in tasks]
@@ -66,7 +68,12 @@ def load_cells(cells_dir: Path, commit: str | None = None, tasks: Sequence[str] 
         if not commit:
             raise SystemExit("table: --commit is empty; give a commit (a prefix is enough)")
         exact = [c for c in cells if str(c.get("commit", "unrecorded")) == commit]
-        cells = exact or [c for c in cells if str(c.get("commit", "unrecorded")).startswith(commit)]
+        matched = exact or [c for c in cells if str(c.get("commit", "unrecorded")).startswith(commit)]
+        if cells and not matched:  # a mistyped commit must pick one, not none (an empty table, said as a result)
+            present = sorted({str(c.get("commit", "unrecorded")) for c in cells})
+            raise SystemExit(f"table: no cell in {cells_dir} matches --commit {commit} (its cells' commits: "
+                             f"{', '.join(present)})")
+        cells = matched
     # checked after --commit too: a prefix can match several commits, and bb31270 matches bb31270...+dirty
     commits = defaultdict(int)
     for c in cells:
@@ -455,6 +462,12 @@ def main(argv=None) -> int:
                              "builds (the table says so)")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    # a task or seed named twice is counted twice: its (task, seed) pairs enter the deltas twice (one seed reads as
+    # two seeds of one task, with a training term of zero spread) and the task weighs double in the averages
+    for option, values in (("--tasks", args.tasks), ("--seeds", args.seeds), ("--settings", args.settings)):
+        twice = sorted({str(v) for v in values if values.count(v) > 1})
+        if twice:
+            parser.error(f"{option}: {', '.join(twice)} named more than once")
     if args.note_file and not Path(args.note_file).is_file():
         parser.error(f"--note-file: {args.note_file} is not a file")
     unknown = [t for t in args.examples_as_units if t not in UNITS_OF_TASK]

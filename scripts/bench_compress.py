@@ -94,6 +94,14 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="docs/bench_compress")
     add_threads_option(parser)
     args = parser.parse_args(argv)
+    # before any work: 0 repeats timed nothing (throughput() reports 0 tok/s) and the table's speed ratios then
+    # divided by the dense model's 0, after every variant was compressed and measured
+    sizes = {"--max-tokens": args.max_tokens, "--calibration-samples": args.calibration_samples,
+             "--batch-size": args.batch_size, "--prompt-len": args.prompt_len, "--new-tokens": args.new_tokens,
+             "--repeats": args.repeats}
+    bad = [f"{option} {value}" for option, value in sizes.items() if value < 1]
+    if bad:
+        parser.error(f"must be >= 1: {', '.join(bad)}")
     set_threads(args.threads)
 
     commit = git_commit()  # the code as it was imported, before the long work

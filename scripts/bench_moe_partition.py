@@ -35,7 +35,7 @@ from benchtools import git_commit, write_report  # noqa: E402
 from cpet.compress import calibration_ids  # noqa: E402
 from cpet.compress.moefy import _neuron_vectors  # noqa: E402  (the vectors the stage clusters)
 from cpet.data import load_corpus  # noqa: E402
-from cpet.models import decoder_layers, load_base  # noqa: E402
+from cpet.models import decoder_layers, geometry, load_base  # noqa: E402
 from cpet.moe.clustering import balanced_kmeans  # noqa: E402
 from cpet.sparsity import FFNActivations, collect_ffn_activations  # noqa: E402
 
@@ -118,6 +118,12 @@ def main(argv=None) -> int:
     bad = [i for i in args.layers if not 0 <= i < layers]
     if bad:
         raise SystemExit(f"--layers {bad} are outside 0..{layers - 1}")
+    # the expert rows split the FFN's neurons into equal experts: checked before the activations are collected
+    # (an expert count that does not divide the width failed in the first layer's random partition)
+    width = geometry(model).intermediate_size
+    uneven = [e for e in args.experts if e < 1 or width % e]
+    if uneven:
+        raise SystemExit(f"--experts {uneven} do not split the {width} FFN neurons into equal experts")
     train = calibration_ids(tokenizer, load_corpus("brown", split="train"), args.calibration_samples, 128)
     test = calibration_ids(tokenizer, load_corpus("brown", split="heldout"), args.test_samples, 128, seed=1)
     train_acts, test_acts = collect_ffn_activations(model, train), collect_ffn_activations(model, test)

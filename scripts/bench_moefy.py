@@ -126,6 +126,19 @@ def main(argv=None) -> int:
     args.command = " ".join(["python scripts/bench_moefy.py", *(sys.argv[1:] if argv is None else argv)])
     args.commit = git_commit()  # read at the start: the quality part runs for an hour and more before speed
     args.speed_experts = args.speed_experts or [args.experts]
+    # checked before the hour of quality work: throughput() over 0 repeats reports 0 tok/s and the report's speed
+    # ratios then divide by the dense model's 0; a top-k or tau the MoE blocks do not take failed after MoEfying
+    if args.speed_repeats < 1:
+        raise SystemExit(f"--speed-repeats must be >= 1, got {args.speed_repeats}")
+    try:
+        for k in args.top_k:
+            MoEfyConfig(num_experts=args.experts, top_k=k)
+        for tau in args.tau:
+            MoEfyConfig(num_experts=args.experts, tau=tau)
+        for experts in args.speed_experts:
+            MoEfyConfig(num_experts=experts)
+    except ValueError as exc:
+        raise SystemExit(f"--experts / --top-k / --tau / --speed-experts: {exc}") from None
     for share, counts in ((args.recovery_share, [args.experts]), (args.speed_share, args.speed_experts)):
         for experts in counts:
             # a share rounded to whole experts would be compared with the pruned model at the unrounded one
@@ -140,6 +153,11 @@ def main(argv=None) -> int:
         previous = json.loads(Path(args.out).read_text())
         if previous.get("model") != args.model:
             raise SystemExit(f"{args.out} measured {previous.get('model')!r}, not {args.model!r}: pass --out")
+        # the speed table names its models by expert counts only: MoEfied with another clustering, they would sit
+        # under the report's heading of its own clustering (and their batch-8 expert union is the clustering's)
+        if previous.get("clustering", args.clustering) != args.clustering:
+            raise SystemExit(f"{args.out} measured {previous['clustering']} clustering, not {args.clustering}: pass "
+                             f"--clustering {previous['clustering']}, or --out for a report of its own")
 
     started = time.perf_counter()
     original = load_base(args.model)

@@ -135,6 +135,14 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(ROOT / "docs" / "bench_serve.json"))
     add_threads_option(parser)
     args = parser.parse_args(argv)
+    # before any work: 0 repeats timed nothing (throughput() reports 0 tok/s), 0 adapters loaded divided by zero
+    # after the throughput part, and 0 clients or requests failed the load test's median at the very end
+    sizes = {"--batch": args.batch, "--prompt-len": args.prompt_len, "--new-tokens": args.new_tokens,
+             "--repeats": args.repeats, "--counts": min(args.counts), "--clients": args.clients,
+             "--requests-per-client": args.requests_per_client, "--max-tokens": args.max_tokens}
+    bad = [f"{option} {value}" for option, value in sizes.items() if value < 1]
+    if bad:
+        parser.error(f"must be >= 1: {', '.join(bad)}")
     set_threads(args.threads)
 
     from peft import PeftModel

@@ -523,3 +523,107 @@ def test_a_grid_refuses_a_shared_recovery_distilled_with_another_budget(tmp_path
         grid.prepare_setting("nf4", tmp_path / "runs", args)
     args.recovery_steps = 40  # the budget it was made with: reused as it is
     assert grid.prepare_setting("nf4", tmp_path / "runs", args) is fake
+
+
+def test_table_script_refuses_a_task_or_seed_named_twice(tmp_path):
+    """``--seeds 0 0`` counted each (task, seed) pair twice: a one-seed delta read as two seeds of one task (its
+    interval claimed a training term, and lost "one seed per task: test-set noise only"), and the progress line
+    counted every cell twice; ``--tasks a a`` weighed task a twice in the averages and the deltas."""
+    cells_dir = tmp_path / "cells"
+    cells_dir.mkdir()
+    for i, c in enumerate([cell("original", "a", "original", 0, 0.9), cell("nf4", "a", "vanilla", 0, 0.7)]):
+        (cells_dir / f"{i}.json").write_text(json.dumps(c))
+    doc = tmp_path / "results.md"
+    common = ["--cells", str(cells_dir), "--doc", str(doc), "--settings", "nf4", "--rows", "original", "vanilla"]
+    with pytest.raises(SystemExit):
+        table_main([*common, "--tasks", "a", "--seeds", "0", "0"])
+    with pytest.raises(SystemExit):
+        table_main([*common, "--tasks", "a", "a", "--seeds", "0"])
+    assert not doc.exists()  # refused before anything was written
+    table_main([*common, "--tasks", "a", "--seeds", "0"])
+    assert "Cells finished: 2 of 2 (the grid is complete)." in doc.read_text()
+
+
+def test_recovery_budget_refuses_what_it_would_mislabel_before_any_work(tmp_path, monkeypatch):
+    """A finished recovery/ was reused whatever --steps it was distilled for (its 360-step modules reported as
+    "step 120"); a checkpoint at or past --steps failed only after compression (or, with a recovery there, at a
+    recovery-step directory that does not exist); finished cells of other code were skipped as done and tabulated
+    beside the new ones."""
+    from dataclasses import asdict
+
+    import experiments.recovery_budget as budget
+    from cpet.train import DistillConfig
+
+    monkeypatch.setattr(budget, "code_commit", lambda allow_dirty=False: "aaa111")
+    monkeypatch.setattr(budget.CPET, "from_pretrained", lambda *a, **k: pytest.fail("work began"))
+    common = ["--settings", "ffn25-nf4", "--out", str(tmp_path / "runs"), "--cells", str(tmp_path / "cells")]
+    with pytest.raises(SystemExit):
+        budget.main([*common, "--steps", "120", "--checkpoints", "40", "120"])
+    setting_dir = tmp_path / "runs" / "ffn25-nf4"
+    made = asdict(DistillConfig(steps=360, batch_size=4, seq_len=128))
+    for name, meta in (("recovery", {"distill": made}), ("recovery-step40", {"distill": made, "steps_done": 40}),
+                       ("recovery-step120", {"distill": made, "steps_done": 120})):
+        (setting_dir / name).mkdir(parents=True)
+        (setting_dir / name / "recovery.json").write_text(json.dumps(meta))
+    with pytest.raises(SystemExit, match=r"recovery_budget: .*recovery was made by a distillation with"):
+        budget.main([*common, "--steps", "120", "--checkpoints", "40"])
+    with pytest.raises(SystemExit, match=r"recovery-step80 is missing"):
+        budget.main([*common, "--steps", "360", "--checkpoints", "40", "80"])
+    (tmp_path / "cells").mkdir()
+    old = {**cell("ffn25-nf4@step40", "t", "cpet-shared", 0, 0.9), "commit": "bbb222",
+           "tune_config": {"steps": 40}, "grid_args": None}
+    (tmp_path / "cells" / "ffn25-nf4@step40__t__cpet-shared__s0.json").write_text(json.dumps(old))
+    with pytest.raises(SystemExit, match=r"measured otherwise than this run \(commit bbb222 -> aaa111\)"):
+        budget.main([*common, "--steps", "360", "--checkpoints", "40", "120"])
+    new = {**old, "commit": "aaa111", "seed": 1}
+    (tmp_path / "cells" / "ffn25-nf4@step40__t__cpet-shared__s1.json").write_text(json.dumps(new))
+    with pytest.raises(SystemExit, match=r"cells of 2 code commits \(aaa111, bbb222\)"):
+        budget.report(tmp_path / "cells")
+    (tmp_path / "cells" / "ffn25-nf4@step40__t__cpet-shared__s0.json").unlink()
+    with pytest.raises(SystemExit, match=r"\(--tune-steps 40 -> 80\)"):
+        budget.main([*common, "--steps", "360", "--checkpoints", "40", "120", "--tune-steps", "80"])
+    with pytest.raises(SystemExit, match="steps, batch_size and eval_every must be >= 1"):  # not after distilling
+        budget.main([*common, "--steps", "360", "--checkpoints", "40", "120", "--tune-steps", "0"])
+    # the settings it was made with pass the checks, and the work begins
+    with pytest.raises(pytest.fail.Exception, match="work began"):
+        budget.main([*common, "--steps", "360", "--checkpoints", "40", "120"])
+
+
+def test_table_refuses_a_cells_directory_or_commit_that_picks_nothing(tmp_path):
+    """A mistyped --cells (or --commit) read as no cells at all: the table of nothing replaced the document, said as
+    a result ("code commit –", every entry –)."""
+    from experiments.table import load_cells
+
+    (tmp_path / "0.json").write_text(json.dumps({**cell("nf4", "a", "vanilla", 0, 0.5), "commit": "aaa111"}))
+    doc = tmp_path / "results.md"
+    with pytest.raises(SystemExit, match="is not a directory of cells"):
+        table_main(["--cells", str(tmp_path / "cels"), "--doc", str(doc), "--tasks", "a"])
+    with pytest.raises(SystemExit, match=r"no cell in .* matches --commit bbb \(its cells' commits: aaa111\)"):
+        table_main(["--cells", str(tmp_path), "--doc", str(doc), "--tasks", "a", "--commit", "bbb"])
+    assert not doc.exists()
+    assert load_cells(tmp_path, "aaa") and load_cells(tmp_path, "bbb", tasks=["b"]) == []  # no cell of the task
+
+
+@pytest.mark.parametrize("options, error", [(["--test-limit", "0"], "--test-limit must be >= 1"),
+                                            (["--test-limit", "-5"], "--test-limit must be >= 1"),
+                                            (["--steps", "0"], "steps, batch_size and eval_every must be >= 1"),
+                                            (["--lr", "0"], "lr must be a finite number > 0"),
+                                            (["--recovery-steps", "0"], "steps, batch_size and seq_len must be >= 1")])
+def test_a_grid_refuses_a_budget_its_cells_would_refuse_before_building_anything(tmp_path, monkeypatch, options,
+                                                                                   error):
+    """TuneConfig saw --steps 0 or --lr 0 only when a cell ran, after its setting's base and shared recovery were
+    built; evaluate() refused --test-limit 0 after the cell's tuning (and check_run hashed a negative limit's
+    split as every example but the last ones)."""
+    import experiments.grid as grid
+
+    monkeypatch.setattr(grid, "code_commit", lambda allow_dirty=False: "aaa111")
+    monkeypatch.setattr(grid.CPET, "from_pretrained", lambda *a, **k: pytest.fail("the work began"))
+    monkeypatch.setattr(grid, "prepare_setting", lambda *a, **k: pytest.fail("a base was built"))
+    task = tmp_path / "toy.jsonl"
+    task.write_text("\n".join(json.dumps({"text": f"it was {'good' if i % 2 else 'bad'} {i}",
+                                          "label": "pos" if i % 2 else "neg"}) for i in range(80)))
+    common = ["--out", str(tmp_path / "runs"), "--cells", str(tmp_path / "cells"), "--settings", "nf4",
+              "--rows", "vanilla", "--seeds", "0", "--tasks", str(task)]
+    with pytest.raises(SystemExit, match=error):
+        grid.main([*common, *options])
+    assert not (tmp_path / "runs").exists()
