@@ -416,7 +416,7 @@ def plain_peft_meta(directory: "AdapterSource | str | Path", model: nn.Module, a
     Raises:
         FileNotFoundError: neither a CPET nor a PEFT adapter directory.
         ValueError: not a LoRA (or a DoRA, see :func:`check_inheritable`), made for another model (by name
-            or by shapes), or LoRA on missing modules.
+            or by shapes), LoRA on missing modules, or factors of another rank than the config states.
     """
     from .assembly import AdapterSource
 
@@ -430,7 +430,7 @@ def plain_peft_meta(directory: "AdapterSource | str | Path", model: nn.Module, a
         raise ValueError(f"adapter {directory} was trained on source model {trained_on!r}, not on this source "
                          f"model ({', '.join(known)}); if it is the same model under another name, set "
                          "base_model_name_or_path in its adapter_config.json to one of these")
-    from .assembly import module_shapes
+    from .assembly import check_stated_rank, module_shapes
 
     modules, mapped = dict(model.named_modules()), module_shapes(model)
     stray = []
@@ -456,6 +456,8 @@ def plain_peft_meta(directory: "AdapterSource | str | Path", model: nn.Module, a
             raise ValueError(f"adapter {directory} was made for another model ({trained_on or 'unnamed'}): its "
                              f"LoRA on {name} has {got} {'input' if kind == 'lora_A' else 'output'} features, "
                              f"this source model ({', '.join(known)}) has {expected}")
+        # the rank serving checks too: peft would fail on it only after both models loaded ("size mismatch")
+        check_stated_rank(source, name, tensor.shape[0] if kind == "lora_A" else tensor.shape[1])
     if stray:
         raise ValueError(f"adapter {directory} holds {stray[0]!r}, which is not a LoRA A/B factor: CPET inherits "
                          "plain LoRA factors only (inheriting would drop it silently)")

@@ -17,8 +17,10 @@ identity for LoRA and shared recovery, GELU for CA-LoRA per-task recovery (which
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -72,14 +74,48 @@ def require_file(path: Path) -> None:
                            "adapter with `save_pretrained(..., safe_serialization=True)`)")
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file; a missing or unreadable file is an :class:`AdapterError` naming it."""
-    require_file(path)
+# how to make each kind of CPET safetensors file again, for the message that names a damaged one
+ADAPTER_REMEDY = "re-run the step that wrote it, e.g. `cpet tune` for a pipeline's adapter"
+BASE_REMEDY = "compress again: `cpet compress --model MODEL --out PIPELINE ...` with the same stages"
+RECOVERY_REMEDY = ("a pipeline's shared recovery/: `cpet recover PIPELINE`, then re-tune the adapters trained with "
+                   "it; an adapter's per_task_recovery/: re-tune the adapter")
+
+
+def _unreadable(path: Path, exc: BaseException, remedy: str) -> str:
+    return (f"{path} is not a readable safetensors file ({exc}): it is damaged (truncated or overwritten) or not "
+            f"one; delete it and make it again ({remedy})")
+
+
+@contextlib.contextmanager
+def naming_damaged_safetensors(path: Path, remedy: str, error: type[ValueError] = ValueError) -> Iterator[None]:
+    """Turn a :class:`SafetensorError` raised in the block (a truncated or garbled file) into ``error`` naming
+    ``path`` and how to make it again (``remedy``).
+
+    safetensors' own message ("incomplete metadata, file not fully covered") names no file: the CLI could only
+    say that *a* file was damaged, and API callers got nothing to act on. Every place CPET reads one of its own
+    safetensors files (a compressed base's weights and index maps, a recovery set, an adapter) goes through this,
+    directly or by :func:`read_safetensors`; this form is for readers CPET does not own (``from_pretrained``,
+    :meth:`~cpet.compress.manifest.IndexMaps.load`). Other errors (a missing file, a layout refused by name)
+    pass as they are.
+    """
+    try:
+        yield
+    except SafetensorError as exc:
+        raise error(_unreadable(path, exc, remedy)) from None
+
+
+def read_safetensors(path: Path, remedy: str = ADAPTER_REMEDY,
+                     error: type[ValueError] = AdapterError) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a missing or unreadable file is an ``error`` (by default an
+    :class:`AdapterError`) naming it, with ``remedy``: how to make it again."""
+    if path.name == ADAPTER_WEIGHTS:
+        require_file(path)  # says that a pickled .bin is not read (and how to convert it)
+    elif not path.exists():
+        raise error(f"{path.parent} has no {path.name}: make it again ({remedy})")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise AdapterError(f"{path} is not a readable safetensors file ({exc}): delete it and make it again (re-run "
-                           "the step that wrote it, e.g. `cpet tune` for a pipeline's adapter)") from None
+        raise error(_unreadable(path, exc, remedy)) from None
 
 
 class AdapterSource:
@@ -171,6 +207,25 @@ def _check_lora_numbers(config: dict, path: Path) -> None:
         if not isinstance(pattern, dict) or not all(number(v) for v in pattern.values()):
             raise AdapterError(f"{path}: {key} must map module names to numbers > 0, got {pattern!r}: fix the file or "
                                "save the adapter again")
+
+
+def check_stated_rank(source: AdapterSource, module: str, rank: int) -> None:
+    """Refuse factors of ``module`` whose rank is not the one ``adapter_config.json`` states for it (``r`` /
+    ``rank_pattern``).
+
+    peft builds each LoRA layer from the config and then fails to load such weights with a bare "size mismatch"
+    (after the base has loaded, in inheritance: after the original and the compressed base did); serving
+    (:func:`load_factors`) and inheritance (:func:`cpet.adapters.plain_peft_meta`) both refuse the directory
+    here, before any model work, naming the module and both ranks.
+
+    Raises:
+        AdapterError: the ranks differ.
+    """
+    stated = source.rank(module)
+    if stated is not None and rank != stated:
+        raise AdapterError(f"{source.directory}: module {module} has rank-{rank} factors, but adapter_config.json "
+                           f"says rank {stated} for it (r / rank_pattern): its config does not describe its weights; "
+                           "fix r / rank_pattern, or save the adapter again")
 
 
 def as_source(adapter: "AdapterSource | str | Path") -> AdapterSource:
@@ -273,11 +328,7 @@ def load_factors(name: str, source: AdapterSource | str | Path, module_shapes: d
             raise AdapterError(f"{directory}: module {module} has LoRA shapes A {tuple(A.shape)}, B "
                                f"{tuple(B.shape)}; the base linear is {shape[0]} -> {shape[1]}: an adapter of "
                                "another base")
-        stated = source.rank(module)
-        if stated is not None and A.shape[0] != stated:  # peft refuses such a directory (size mismatch)
-            raise AdapterError(f"{directory}: module {module} has rank-{A.shape[0]} factors, but adapter_config.json "
-                               f"says rank {stated} for it (r / rank_pattern): its config does not describe its "
-                               "weights")
+        check_stated_rank(source, module, A.shape[0])
         lora[module] = LowRank(A, B, source.scale(module, A.shape[0]))
     if not lora:
         raise AdapterError(f"{directory} holds no LoRA factors")
@@ -315,7 +366,7 @@ def read_recovery(directory: Path, module_shapes: dict[str, tuple[int, int]], *,
     if base_id is not None and meta.get("base_id") not in (None, base_id):
         raise AdapterError(f"the recovery modules in {directory} were made for base {str(meta['base_id'])[:12]}, not "
                            f"for this base {base_id[:12]}")
-    tensors = read_safetensors(directory / RECOVERY_FILE)
+    tensors = read_safetensors(directory / RECOVERY_FILE, RECOVERY_REMEDY)
     try:
         config, targets = meta["config"], list(meta["targets"])
         scale, gelu = config["alpha"] / config["rank"], config["activation"] == "gelu"
@@ -422,5 +473,6 @@ def _read_json(path: Path) -> dict:
         raise AdapterError(str(exc)) from None
 
 
-__all__ = ["AdapterError", "AdapterSource", "Assembly", "LoadedAdapter", "LowRank", "as_source", "load_factors",
-           "module_shapes", "read_recovery", "read_safetensors", "reordered_modules"]
+__all__ = ["AdapterError", "AdapterSource", "Assembly", "LoadedAdapter", "LowRank", "as_source", "check_stated_rank",
+           "load_factors", "module_shapes", "naming_damaged_safetensors", "read_recovery", "read_safetensors",
+           "reordered_modules"]

@@ -106,7 +106,8 @@ def export_pipeline(pipeline, out: str | Path, names: list[str] | None = None, *
     Raises:
         ValueError: a base that cannot be exported (named), or a named adapter that cannot (with why).
         FileNotFoundError: an unknown adapter name (the known ones listed).
-        ValueError: ``out`` exists and is not a previous export (never overwritten).
+        ValueError: ``out`` exists and is not a previous export (never overwritten), lies inside the pipeline's
+            base directory, or holds the pipeline's work directory (replacing it would delete the pipeline).
     """
     from .compress.manifest import MANIFEST_FILE, Manifest
 
@@ -119,6 +120,11 @@ def export_pipeline(pipeline, out: str | Path, names: list[str] | None = None, *
     if out.resolve().is_relative_to(base_dir.resolve()):  # the copy of base/ would hold itself, without end
         raise ValueError(f"--out {out} is inside the pipeline's base directory {base_dir}: choose a directory "
                          "outside it")
+    if pipeline.work_dir.resolve().is_relative_to(out.resolve()):
+        # ``out`` is replaced as a whole (a previous export there): the pipeline inside it would go with it, as in
+        # CPET.save
+        raise ValueError(f"--out {out} holds the pipeline's work directory {pipeline.work_dir} (replacing the "
+                         "export there would delete the pipeline being exported): choose an --out outside it")
     if not (base_dir / MANIFEST_FILE).exists():
         raise FileNotFoundError(f"{pipeline.work_dir} has no compressed base: run `cpet compress` first")
     manifest = Manifest.read(base_dir / MANIFEST_FILE)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from .assembly import ADAPTER_REMEDY, AdapterError, naming_damaged_safetensors
 from .models import family_of
 
 _LAYER_RE = re.compile(r"\.(\d+)\.")
@@ -77,4 +78,5 @@ def load_lora_state(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(
             f"{adapter_dir} has no adapter_model.safetensors; CPET only reads safetensors adapters "
             "(re-save a .bin adapter with `save_pretrained(..., safe_serialization=True)`)")
-    return load_file(str(path))
+    with naming_damaged_safetensors(path, ADAPTER_REMEDY, AdapterError):  # a damaged file: named, with the fix
+        return load_file(str(path))

@@ -57,6 +57,7 @@ if TYPE_CHECKING:
     from .serve.engine import AdapterView, Engine
 
 INIT_MODES = ("random", "inherit", "svd")
+DEFAULT_PER_TASK_RECOVERY = RecoveryConfig(rank=8, activation="gelu")  # CA-LoRA's, when tune() is given none
 RECOVERY_MODES = ("none", "shared", "per_task", "both")
 
 
@@ -275,6 +276,8 @@ class CPET:
         self._served_base = None
         if self.recovery_dir.exists() and _recovery_base_id(self.recovery_dir) != base.manifest.base_id:
             shutil.rmtree(self.recovery_dir)  # made for a previous base: no longer applies (the same base keeps it)
+        # its distillation checkpoints likewise (left, they stood beside the next recovery as if its own)
+        _remove_recovery_checkpoints(self.work_dir, keep_base_id=base.manifest.base_id)
         self._record("compress", started_at, base_id=base.manifest.base_id,
                      stages=[stage_config_to_dict(stage) for stage in stages], calibration=base.manifest.calibration,
                      seconds=time.perf_counter() - start)
@@ -302,7 +305,10 @@ class CPET:
 
         The result goes to ``work_dir/recovery``; each step count in ``checkpoints`` (below
         ``distill.steps``) also saves the modules as they are after that many steps to
-        ``work_dir/recovery-step<N>`` (same format), e.g. to measure how much distillation is enough.
+        ``work_dir/recovery-step<N>`` (same format), e.g. to measure how much distillation is enough. They are put
+        in place with the final set, replacing every checkpoint of an earlier distillation (a run that does not
+        finish leaves the previous recovery and its checkpoints as they were); each records the settings it was
+        distilled with (``distill``, ``config``, ``text``) and the final ``recovery.json`` lists ``checkpoints``.
         """
         from .compress.calibration import calibration_ids
         from .data import load_corpus
@@ -337,16 +343,31 @@ class CPET:
                 scales = input_rms(self.original.model, ids, recovery.targets)
             init_errors = init_from_residuals(recovery, self.original.model, base.model, base.index_maps, scales)
         recovery.attach(base.model, slot=SHARED, trainable=True)
+        # what this distillation is: every checkpoint records it as the final set does
+        made_with = {"base_id": base.manifest.base_id, "distill": asdict(distill), "text": text,
+                     "activation_weighted": activation_weighted}
+        # Checkpoints wait in a hidden directory until the final set is saved, then replace every earlier one:
+        # recovery-step<N> directories are read by their name alone (the recovery-budget experiment), so one of an
+        # earlier distillation (other steps, rank, lr or text; a step count this run does not save) or one of an
+        # unfinished run must never stand beside a recovery/ it does not belong to.
+        pending = self.work_dir / ".recovery-checkpoints"
+        shutil.rmtree(pending, ignore_errors=True)  # left by a run killed outright
 
         def save_checkpoint(done: int) -> None:
             if done in wanted:
-                recovery.save(self.work_dir / f"recovery-step{done}",
-                              {"base_id": base.manifest.base_id, "distill": asdict(distill), "steps_done": done})
+                recovery.save(pending / f"recovery-step{done}", {**made_with, "steps_done": done})
 
-        losses = distill_on_text(base.model, self.original.model, self.original.tokenizer, corpus, distill,
-                                 progress=progress, after_step=save_checkpoint)
-        recovery.save(self.recovery_dir, {"base_id": base.manifest.base_id, "distill": asdict(distill),
-                                          "losses": losses})
+        try:
+            losses = distill_on_text(base.model, self.original.model, self.original.tokenizer, corpus, distill,
+                                     progress=progress, after_step=save_checkpoint)
+            # the earlier checkpoints go first: cut off between these steps, recovery/ is left with fewer
+            # checkpoints than it had, never with another distillation's
+            _remove_recovery_checkpoints(self.work_dir)
+            recovery.save(self.recovery_dir, {**made_with, "checkpoints": sorted(wanted), "losses": losses})
+            for checkpoint in sorted(pending.glob("recovery-step*")):
+                os.replace(checkpoint, self.work_dir / checkpoint.name)
+        finally:
+            shutil.rmtree(pending, ignore_errors=True)
         self._record("recover", started_at, config=asdict(config), distill=asdict(distill), text=text,
                      activation_weighted=activation_weighted, checkpoints=sorted(wanted),
                      loss_first=losses[0], loss_last=losses[-1],
@@ -411,8 +432,11 @@ class CPET:
             # settings that clash with the run being resumed, before the base and the LoRA are built (what the run
             # is for is compared once they are; an inherited LoRA's rank comes from its source, so not here)
             check_resume_settings(out_dir / "resume", config)
+        # the per-task recovery this run trains (CA-LoRA's default when none is given), None without one
+        per_task_config = ((per_task_recovery or DEFAULT_PER_TASK_RECOVERY) if recovery in ("per_task", "both")
+                           else None)
         if (out_dir / "adapter" / "cpet.json").exists() and not (out_dir / "resume" / "state.json").exists():
-            self._check_restarted_adapter(out_dir, task, on, init, recovery, source, config)
+            self._check_restarted_adapter(out_dir, task, on, init, recovery, source, config, per_task_config)
         teacher = None
         if on == "original":
             model, base_id, index_maps = copy.deepcopy(self.original.model), ORIGINAL_BASE_ID, None
@@ -442,8 +466,8 @@ class CPET:
             check_svd_rank(config.rank, lora_shapes(peft_model), "use a smaller --rank, or --init random")
             apply_residual_svd_lora(peft_model, self.original.model, index_maps)
         per_task = None
-        if recovery in ("per_task", "both"):
-            per_task = RecoverySet(peft_model, per_task_recovery or RecoveryConfig(rank=8, activation="gelu"))
+        if per_task_config is not None:
+            per_task = RecoverySet(peft_model, per_task_config)
             per_task.attach(peft_model, slot=PER_TASK, trainable=True)
             teacher = self._teacher(source)
 
@@ -590,13 +614,16 @@ class CPET:
         return source
 
     def _check_restarted_adapter(self, out_dir: Path, task, on: str, init: str, recovery: str,
-                                 source: AdapterSource | None, config: TuneConfig) -> None:
+                                 source: AdapterSource | None, config: TuneConfig,
+                                 per_task: RecoveryConfig | None) -> None:
         """Refuse to train over an adapter that has no resume state, unless it was made for the same purpose
-        with the same settings.
+        with the same settings (``per_task``: the per-task recovery config the run trains, None without one).
 
         Resuming checks a run against its ``resume/state.json``; without one (a run cut before its first save,
         or a state deleted by hand) the run starts again from step 0, which is right for the same run and would
-        silently replace another task's or another setting's adapter otherwise.
+        silently replace another task's or another setting's adapter otherwise. The per-task recovery config is
+        part of the setting (the resume identity holds it too): another rank under the same name was a silent
+        replacement.
         """
         old = read_adapter_meta(out_dir / "adapter")
         now = {"task": task.name, "on": on, "init": init, "recovery": recovery,
@@ -605,6 +632,7 @@ class CPET:
         differs = [f"{key} {old.get(key)!r} -> {value!r}" for key, value in now.items() if old.get(key) != value]
         fixed = ("steps", "rank", "alpha") if init == "inherit" else ("steps",)  # inherit takes the source's shape
         differs += settings_changes(old.get("tune_config") or {}, config, ignore=fixed)
+        differs += _per_task_changes(old.get("per_task_recovery"), per_task)
         if differs:
             raise ValueError(f"{out_dir} holds an adapter made for something else ({', '.join(differs)}) and no "
                              "resume state to continue it from: give the new adapter another name (--name) or "
@@ -925,6 +953,26 @@ def _recovery_base_id(directory: Path) -> str | None:
     except (OSError, ValueError, AttributeError):  # json.JSONDecodeError is a ValueError; a list has no .get
         return None
     return base_id if isinstance(base_id, str) else None
+
+
+def _per_task_changes(saved, now: RecoveryConfig | None) -> list[str]:
+    """``"per_task_recovery key saved -> now"`` for each field of a per-task recovery config that differs from the
+    one an adapter recorded (``cpet.json``'s ``per_task_recovery``: a dict, or None without per-task recovery)."""
+    current = json.loads(json.dumps(asdict(now))) if now is not None else None  # as recorded: tuples as lists
+    if not isinstance(saved, dict) or current is None:
+        return [] if saved == current else [f"per_task_recovery {saved!r} -> {current!r}"]
+    return [f"per_task_recovery {key} {saved.get(key)!r} -> {current.get(key)!r}"
+            for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
+
+
+def _remove_recovery_checkpoints(work_dir: Path, keep_base_id: str | None = None) -> None:
+    """Delete a work directory's ``recovery-step<N>`` checkpoints (:meth:`CPET.recover`); with ``keep_base_id``,
+    only those not made for that base (a missing or damaged ``recovery.json`` counts as another base)."""
+    for checkpoint in work_dir.glob("recovery-step*"):
+        if not (checkpoint.is_dir() and checkpoint.name.removeprefix("recovery-step").isdigit()):
+            continue
+        if keep_base_id is None or _recovery_base_id(checkpoint) != keep_base_id:
+            shutil.rmtree(checkpoint)
 
 
 def _dir(adapter: TaskAdapter | str | Path | None) -> Path | None:

@@ -26,9 +26,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from .assembly import RECOVERY_REMEDY, read_safetensors
 from .assets import atomic_path
 from .compress.manifest import short_base_id
 from .models import linear_roles, unwrap
@@ -266,7 +267,7 @@ class RecoverySet(nn.Module):
             recovery = cls(model, config)
         if recovery.targets != meta["targets"]:
             raise ValueError(f"recovery modules in {directory} target other modules than this model has")
-        recovery.load_state_dict(load_file(str(directory / RECOVERY_FILE)))
+        recovery.load_state_dict(read_safetensors(directory / RECOVERY_FILE, RECOVERY_REMEDY, ValueError))
         return recovery
 
 

@@ -309,3 +309,16 @@ def test_the_export_check_refuses_a_two_percent_logit_error_at_its_default_toler
         cpet.export._check("x", None, None, model, ids)
     monkeypatch.setattr(cpet.export, "load_exported", lambda base, adapter: copy.deepcopy(model).eval())
     assert cpet.export._check("x", None, None, model, ids) == 0.0
+
+
+def test_an_export_over_a_previous_export_that_holds_the_pipeline_is_refused(exported, tmp_path):
+    """A previous export is replaced as a whole: one holding the pipeline's work directory (a pipeline kept inside
+    its export) was replaced with it, deleting the pipeline being exported (CPET.save refuses the same)."""
+    pipeline, _, _ = exported
+    outer = tmp_path / "export"
+    inner = CPET.load(pipeline.save(outer / "pipeline"), original=pipeline.original)
+    (outer / "export.json").write_text("{}")  # a previous export there
+    with pytest.raises(ValueError, match=r"export.* holds the pipeline's work directory .*pipeline.*: choose an --out "
+                                         r"outside it"):
+        export_pipeline(inner, outer, ["plain"], check=False)
+    assert (outer / "pipeline" / "pipeline.json").exists() and (outer / "pipeline" / "base").is_dir()

@@ -501,3 +501,31 @@ def test_residual_svd_lora_is_the_best_rank_r_approximation_of_the_residual():
             assert errors[layer.names[role]] == pytest.approx(relative_error(residual, best), abs=1e-4)
             checked += 1
     assert checked == 14
+
+
+def test_a_damaged_inheritance_source_is_named(tmp_path):
+    """load_lora_state passed safetensors' bare error (no file named) for a truncated source."""
+    trained_lora("llama", tmp_path)
+    weights = tmp_path / "orig" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])
+    with pytest.raises(ValueError, match=r"orig/adapter_model.safetensors is not a readable safetensors file"):
+        load_lora_state(tmp_path / "orig")
+
+
+@pytest.mark.parametrize("pattern", [False, True])
+def test_a_plain_peft_source_whose_factors_have_another_rank_than_its_config_is_refused_first(tmp_path, pattern):
+    """adapter_config.json saying r=8 over rank-4 factors passed plain_peft_meta; the run then failed in peft with
+    a bare "size mismatch" after the base had loaded. Serving refuses such a directory (load_factors): so does
+    inheritance now, by the same check."""
+    from cpet.adapters import plain_peft_meta
+
+    loaded = tiny_model("llama")
+    plain_peft_dir(loaded.model, tmp_path / "src")
+    config_path = tmp_path / "src" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config.update({"rank_pattern": {"k_proj": 2}} if pattern else {"r": 8})
+    config_path.write_text(json.dumps(config))
+    module = r"\S+\.k_proj" if pattern else r"\S+"  # r=8: the first module read
+    with pytest.raises(ValueError, match=rf"module {module} has rank-4 factors, but adapter_config.json says rank "
+                                         rf"{2 if pattern else 8} for it"):
+        plain_peft_meta(tmp_path / "src", loaded.model, ["tiny-llama"])

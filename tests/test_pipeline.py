@@ -1034,3 +1034,71 @@ def test_saving_a_pipeline_over_a_pipeline_that_holds_it_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"cannot save the pipeline into .*outer, which holds its own work directory"):
         pipeline.save(outer)
     assert (inner / "pipeline.json").exists() and (outer / "adapters" / "kept").is_dir()
+
+
+def test_recovery_checkpoints_of_an_earlier_distillation_or_base_do_not_stay_beside_a_new_recovery(tmp_path,
+                                                                                                   monkeypatch):
+    """recovery-step<N> was only ever added: a second `recover` (other steps, rank, lr or text) left the first one's
+    checkpoints at the step counts it did not save again, and a new base left all of them. Nothing in them said
+    which distillation they came from (only base_id and the steps), so a reader of recovery-step<N> (the recovery
+    budget experiment, rerun) measured the earlier distillation as a checkpoint of the new one."""
+    import cpet.pipeline as pipeline_module
+
+    pipeline, _ = recovered_pipeline(tmp_path, distill_steps=1)
+    corpus = str(tmp_path / "corpus.txt")
+    pipeline.recover(RecoveryConfig(rank=4, alpha=4, activation="identity", init="svd"),
+                     DistillConfig(steps=5, seq_len=32), text=corpus, progress=False, checkpoints=[2, 3])
+    work = pipeline.work_dir
+    assert sorted(p.name for p in work.glob("recovery-step*")) == ["recovery-step2", "recovery-step3"]
+    # a distillation cut off after its first checkpoint: what it saved must not pose as the old recovery's
+    real = pipeline_module.distill_on_text
+
+    def cut_off(*args, after_step, **kwargs):
+        def then_stop(done):
+            after_step(done)
+            if done == 2:
+                raise KeyboardInterrupt
+
+        return real(*args, after_step=then_stop, **kwargs)
+
+    made_with = json.loads((work / "recovery-step2" / "recovery.json").read_text())
+    monkeypatch.setattr(pipeline_module, "distill_on_text", cut_off)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.recover(RecoveryConfig(rank=2, alpha=2, activation="identity", init="svd"),
+                         DistillConfig(steps=4, seq_len=32, lr=1e-4), text=corpus, progress=False, checkpoints=[2])
+    monkeypatch.undo()
+    assert json.loads((work / "recovery-step2" / "recovery.json").read_text()) == made_with
+    assert sorted(p.name for p in work.iterdir() if p.name.startswith(".")) == []  # nothing half-made left
+    pipeline.recover(RecoveryConfig(rank=2, alpha=2, activation="identity", init="svd"),
+                     DistillConfig(steps=4, seq_len=32, lr=1e-4), text=corpus, progress=False, checkpoints=[2])
+    assert sorted(p.name for p in work.glob("recovery-step*")) == ["recovery-step2"]  # step 3 was the first run's
+    step2 = json.loads((work / "recovery-step2" / "recovery.json").read_text())
+    final = json.loads((work / "recovery" / "recovery.json").read_text())
+    assert step2["config"]["rank"] == 2 and step2["distill"] == final["distill"] and step2["distill"]["steps"] == 4
+    assert step2["text"] == final["text"] == corpus and final["checkpoints"] == [2]
+    pipeline.compress([PruneConfig(ffn_ratio=0.5, importance="activation"), QuantizeConfig("nf4")],
+                      calibration=corpus, calibration_samples=4, seq_len=32, progress=False)
+    assert not pipeline.recovery_dir.exists() and list(work.glob("recovery-step*")) == []  # of the old base
+
+
+def test_an_adapter_without_resume_state_is_not_trained_over_with_another_per_task_recovery(built, monkeypatch):
+    """The restart check compared task, base, init, recovery, source and tune settings, but not the per-task
+    recovery's own config: a rerun with another per-task rank under the same name silently replaced the adapter
+    (with resume state, the run's identity refused it)."""
+    pipeline, task, original, _ = built
+    config = TuneConfig(steps=1, batch_size=8, eval_every=1, rank=4, alpha=8)
+    rank2 = RecoveryConfig(rank=2, alpha=2, activation="gelu", init="zero")
+    first = pipeline.tune(task, init="inherit", inherit_from=original, recovery="per_task", config=config,
+                          per_task_recovery=rank2, name="per-task-stateless", progress=False)
+    shutil.rmtree(pipeline.work_dir / "adapters" / "per-task-stateless" / "resume")
+    with monkeypatch.context() as patched:
+        patched.setattr(type(pipeline), "load_compressed", lambda self: pytest.fail("the base was loaded"))
+        with pytest.raises(ValueError, match=r"per-task-stateless holds an adapter made for something else "
+                                             r"\(per_task_recovery alpha 2(\.0)? -> 8(\.0)?, per_task_recovery rank "
+                                             r"2 -> 8\) and no resume state"):
+            pipeline.tune(task, init="inherit", inherit_from=original, recovery="per_task", config=config,
+                          name="per-task-stateless", progress=False)  # the default per-task recovery: rank 8
+    assert read_adapter_meta(first.directory)["per_task_recovery"]["rank"] == 2  # untouched
+    again = pipeline.tune(task, init="inherit", inherit_from=original, recovery="per_task", config=config,
+                          per_task_recovery=rank2, name="per-task-stateless", progress=False)  # the same run
+    assert again.meta["per_task_recovery"]["rank"] == 2

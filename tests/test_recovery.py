@@ -431,3 +431,13 @@ def test_a_recovery_scale_that_is_not_a_finite_positive_number_is_refused(alpha)
                                          r"rank\)"):
         RecoveryConfig(rank=4, alpha=alpha, activation="identity", init="svd")
     RecoveryConfig(rank=4, alpha=1e-3)  # any finite positive scale is fine
+
+
+def test_a_damaged_recovery_weights_file_is_named_with_how_to_make_it_again(tmp_path):
+    """A truncated recovery.safetensors was a bare SafetensorError naming no file (tune, model_for, the grid)."""
+    loaded = tiny_model("qwen2")
+    RecoverySet(loaded.model, RecoveryConfig(rank=2)).save(tmp_path / "recovery", {"base_id": "abc"})
+    weights = tmp_path / "recovery" / "recovery.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])
+    with pytest.raises(ValueError, match=r"recovery.safetensors is not a readable safetensors file .*`cpet recover"):
+        RecoverySet.load(tmp_path / "recovery", loaded.model, expected_base_id="abc")

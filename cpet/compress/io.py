@@ -27,6 +27,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from ..assembly import BASE_REMEDY, naming_damaged_safetensors, read_safetensors
 from ..assets import atomic_path
 from .manifest import INDEX_MAPS_FILE, MANIFEST_FILE, IndexMaps, Manifest, short_base_id
 from .stages import registration
@@ -68,7 +69,8 @@ class CompressedBase:
             raise ValueError(f"{directory / MANIFEST_FILE} is damaged (geometry_before is "
                              f"{type(manifest.geometry_before).__name__}, not an object): restore it, or compress "
                              "again (`cpet compress --model MODEL --out PIPELINE ...`)")
-        index_maps = IndexMaps.load(directory / INDEX_MAPS_FILE, SimpleNamespace(**manifest.geometry_before))
+        with naming_damaged_safetensors(directory / INDEX_MAPS_FILE, BASE_REMEDY):
+            index_maps = IndexMaps.load(directory / INDEX_MAPS_FILE, SimpleNamespace(**manifest.geometry_before))
         if index_maps.digest() != manifest.index_digest or manifest.compute_base_id() != manifest.base_id:
             raise ValueError(f"{directory}: manifest and index maps do not match base_id "
                              f"{short_base_id(manifest.base_id)}; the directory was modified after it was written: "
@@ -164,12 +166,18 @@ def _load_plain(directory: Path, device) -> nn.Module:
     device = torch.device(device)
     device_map = {"": device.index or 0} if device.type == "cuda" else "cpu"
     dtype = saved_dtype(AutoConfig.from_pretrained(str(directory)))
-    return AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, device_map=device_map)
+    weights = _weights_files(directory)  # transformers' error would not say which file is damaged
+    with naming_damaged_safetensors(weights[0] if len(weights) == 1 else directory / "*.safetensors", BASE_REMEDY):
+        return AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, device_map=device_map)
+
+
+def _weights_files(directory: Path) -> list[Path]:
+    """A saved base's weights files (every safetensors file but the index maps)."""
+    return [path for path in sorted(directory.glob("*.safetensors")) if path.name != INDEX_MAPS_FILE]
 
 
 def _load_rebuilt(directory: Path, stages: list, index_maps: IndexMaps) -> nn.Module:
     """Build from config.json, let every stage rebuild what it changed, then load the safetensors weights."""
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(str(directory))
@@ -177,9 +185,8 @@ def _load_rebuilt(directory: Path, stages: list, index_maps: IndexMaps) -> nn.Mo
     with default_dtype(dtype):  # the modules the stages rebuild take the base's dtype, as from_config's do
         model = _rebuild(AutoModelForCausalLM.from_config(config, dtype=dtype), stages, index_maps)
     state = {}
-    for path in sorted(directory.glob("*.safetensors")):
-        if path.name != INDEX_MAPS_FILE:
-            state.update(load_file(str(path)))
+    for path in _weights_files(directory):
+        state.update(read_safetensors(path, BASE_REMEDY, ValueError))
     loaded = set(_tied_keys(model))
     for config in stages:  # stages whose modules cannot read their weights through load_state_dict
         load_weights = getattr(registration(config).stage, "load_weights", None)

@@ -166,3 +166,20 @@ def test_a_damaged_manifest_is_named_not_a_key_error(tmp_path):
 def _written(path, text):
     path.write_text(text)
     return path
+
+
+@pytest.mark.parametrize("uniform", [True, False])
+@pytest.mark.parametrize("damaged", ["index_maps.safetensors", "model.safetensors"])
+def test_a_damaged_safetensors_file_of_a_base_is_named_with_how_to_make_it_again(tmp_path, damaged, uniform):
+    """A truncated index_maps.safetensors or model.safetensors was a bare SafetensorError ("incomplete metadata")
+    that named no file: API callers could not tell which file of which base to replace."""
+    stages = [PruneConfig(ffn_ratio=0.5, importance="magnitude")]
+    if not uniform:  # per-layer widths: the weights are read by CompressedBase.load itself, not by transformers
+        stages = [PruneConfig(ffn_ratio=0.5, importance="magnitude", layer_schedule={0: 0.25})]
+    base = compress(tiny_model("llama").model, stages, progress=False)
+    base.save(tmp_path / "b")
+    assert base.manifest.uniform is uniform
+    path = tmp_path / "b" / damaged
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(ValueError, match=rf"{damaged} is not a readable safetensors file .*`cpet compress"):
+        CompressedBase.load(tmp_path / "b")
