@@ -8,6 +8,7 @@ by :func:`cpet.compress.register_stage`), so a manifest can be read back into th
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, is_dataclass
 from enum import Enum
 from typing import ClassVar
@@ -64,9 +65,21 @@ def as_number(name: str, value, kind: type):
     refused naming the field."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number, got {value!r}")
-    if kind is int and value != int(value):
+    # isfinite first: int(inf) raised an OverflowError and int(nan) a ValueError naming no field
+    if kind is int and not (math.isfinite(value) and value == int(value)):
         raise ValueError(f"{name} must be a whole number, got {value!r}")
     return kind(value)
+
+
+def _layer_index(key) -> int:
+    """A ``layer_schedule`` key as a layer index: a whole number, or its text (JSON writes keys as strings).
+    ``int()`` alone made 1.5 and True layer 1, another layer than the one written, without a word."""
+    if isinstance(key, str):
+        try:
+            return int(key)
+        except ValueError:
+            raise ValueError(f"layer_schedule layer must be a whole number, got {key!r}") from None
+    return as_number("layer_schedule layer", key, int)
 
 
 def _check_ratio(name: str, value: float) -> None:
@@ -147,9 +160,14 @@ class PruneConfig:
         _check_ratio("ffn_ratio", self.ffn_ratio)
         _check_ratio("head_ratio", self.head_ratio)
         if self.layer_schedule is not None:
-            schedule = {int(k): float(v) for k, v in self.layer_schedule.items()}
-            for layer, ratio in schedule.items():
-                _check_ratio(f"layer_schedule[{layer}]", ratio)
+            schedule = {}
+            for key, ratio in self.layer_schedule.items():
+                layer = _layer_index(key)
+                if layer in schedule:  # "1" and 1: the later ratio silently replaced the earlier one
+                    raise ValueError(f"layer_schedule names layer {layer} twice ({schedule[layer]} and {ratio})")
+                # as_number: float(None) raised a TypeError, past the ValueError every caller reports
+                schedule[layer] = as_number(f"layer_schedule[{layer}]", ratio, float)
+                _check_ratio(f"layer_schedule[{layer}]", schedule[layer])
             object.__setattr__(self, "layer_schedule", schedule)
         if self.round_to < 1:
             raise ValueError(f"round_to must be >= 1, got {self.round_to}")

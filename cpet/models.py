@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 import time
 import zipfile
@@ -366,9 +367,10 @@ EMBEDDED: dict[str, EmbeddedModel] = {
 }
 
 
-def hub_id_of(name: str) -> str | None:
+def hub_id_of(name: str | os.PathLike) -> str | None:
     """The hub id of a source model name: an embedded model's, or the name itself when it is hub-shaped
     (``org/name``, not a local path); None otherwise (local directories, GGUF files, tiny test models)."""
+    name = os.fspath(name)  # a pathlib.Path has no startswith: it failed here
     if name in EMBEDDED:
         return EMBEDDED[name].hub_id
     local = name.startswith((".", "/", "~")) or name.endswith(".gguf") or Path(name).expanduser().exists()
@@ -526,7 +528,7 @@ def _recorded_source(directory: Path, keys) -> dict | None:
     return {key: record.get(key) for key in keys}
 
 
-def load_base(name_or_path: str = EMBEDDED_DEFAULT, *, dtype: torch.dtype = torch.float32,
+def load_base(name_or_path: str | os.PathLike = EMBEDDED_DEFAULT, *, dtype: torch.dtype = torch.float32,
               device: str | torch.device = "cpu") -> LoadedBase:
     """Load a base causal LM and its tokenizer.
 
@@ -541,6 +543,9 @@ def load_base(name_or_path: str = EMBEDDED_DEFAULT, *, dtype: torch.dtype = torc
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    # a pathlib.Path as text: kept as it was, it became LoadedBase.name, which hub_id_of (every adapter tuned on the
+    # model) could not read, and a missing one failed below with an AttributeError instead of FileNotFoundError
+    name_or_path = os.fspath(name_or_path)
     timings: dict[str, float] = {}
     path = Path(name_or_path).expanduser()
     if name_or_path in EMBEDDED:
@@ -640,7 +645,22 @@ def cast_keeping_computed_buffers(model: nn.Module, dtype: torch.dtype) -> nn.Mo
     saved = set(model.state_dict())
     computed = {name: buffer for name, buffer in model.named_buffers()
                 if name not in saved and buffer.is_floating_point()}
-    model.to(dtype)
+    from .compress.quantize import is_quantized  # here: cpet.compress imports this module
+
+    if is_quantized(model):
+        # transformers refuses any dtype cast of a bitsandbytes model ("You cannot cast a bitsandbytes model in a
+        # new dtype"), so a saved quantized base could not be loaded in bf16 (the default on CUDA): cast the
+        # unquantized tensors (embeddings, norms, biases, LM head) one by one and leave the packed weights as they
+        # are (their storage dtype may be a float one too, so their class and not their dtype tells them)
+        for parameter in model.parameters():
+            if parameter.is_floating_point() and not type(parameter).__module__.startswith("bitsandbytes"):
+                parameter.data = parameter.data.to(dtype)
+        for module in model.modules():
+            for key, buffer in module._buffers.items():
+                if buffer is not None and buffer.is_floating_point():
+                    module._buffers[key] = buffer.to(dtype)
+    else:
+        model.to(dtype)
     for name, buffer in computed.items():
         owner, _, attr = name.rpartition(".")
         model.get_submodule(owner)._buffers[attr] = buffer

@@ -327,3 +327,42 @@ def test_a_saved_4bit_base_loads_in_the_canonical_layout(tmp_path):
             assert torch.equal(plain(ids).logits, reference(ids).logits)
     down = plain.model.layers[0].mlp.down_proj
     assert torch.equal(dequantized_weight(down), dequantized_weight(reference.model.layers[0].mlp.down_proj))
+
+
+@pytest.mark.parametrize("method", ["nf4", "int8"])
+def test_a_saved_quantized_base_loads_in_another_dtype(tmp_path, method):
+    """transformers refuses any dtype cast of a bitsandbytes model, so `cpet info BASE --dtype bfloat16` (and any
+    load of a quantized base on CUDA, where the dtype defaults to bf16) failed with "You cannot cast a
+    bitsandbytes model in a new `dtype`"; the unquantized tensors take the dtype, the packed weights stay."""
+    from cpet.compress import compress
+    from cpet.config import QuantizeConfig
+
+    tiny = tiny_model("llama")
+    compress(tiny.model, [QuantizeConfig(method)], tokenizer=tiny.tokenizer, progress=False).save(tmp_path / "base")
+    full = load_base(str(tmp_path / "base"))
+    half = load_base(str(tmp_path / "base"), dtype=torch.bfloat16)
+    assert half.content_fingerprint() == full.content_fingerprint()  # taken on the weights as stored
+    assert half.model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert half.model.model.norm.weight.dtype == torch.bfloat16
+    packed, reference = half.model.model.layers[0].mlp.down_proj.weight, full.model.model.layers[0].mlp.down_proj.weight
+    assert packed.dtype == reference.dtype and not packed.is_floating_point()
+    assert torch.equal(packed, reference)
+    with torch.no_grad():
+        logits = half.model(torch.tensor([[5, 17, 99, 3, 42, 8]])).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+
+
+def test_a_model_given_as_a_path_object_is_loaded_under_its_name_as_text(tmp_path):
+    """A pathlib.Path (what Python code has at hand) became LoadedBase.name as it was: hub_id_of, and with it every
+    adapter a pipeline on that model tuned, failed with "'PosixPath' object has no attribute 'startswith'", and a
+    missing path failed so instead of with FileNotFoundError."""
+    from cpet.models import hub_id_of
+
+    loaded = tiny_model("llama")
+    loaded.model.save_pretrained(tmp_path / "model")
+    loaded.tokenizer.save_pretrained(tmp_path / "model")
+    again = load_base(tmp_path / "model")
+    assert again.name == str(tmp_path / "model") and hub_id_of(again.name) is None
+    assert hub_id_of(tmp_path / "model") is None
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_base(tmp_path / "missing")
