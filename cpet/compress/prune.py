@@ -67,6 +67,14 @@ def validate(model: nn.Module, config: PruneConfig, calibration: torch.Tensor | 
     if config.needs_calibration and calibration is None:
         raise ValueError(f"importance {config.importance.value!r} needs calibration batches "
                          "(compress(..., calibration=calibration_ids(...))), or use importance='magnitude'")
+    if (config.importance == Importance.TAYLOR and calibration is not None and calibration.numel()
+            and calibration.shape[-1] < 2):
+        # one-token windows leave the shifted LM loss nothing to predict: NaN loss and gradients, every channel
+        # scored NaN, and the lowest indices were kept without a word (the zero-row placeholder of
+        # CPET.check_stages, which stands for windows still to be made, passes)
+        raise ValueError(f"taylor importance needs calibration windows of at least 2 tokens (its LM loss predicts "
+                         f"each next token), got windows of {calibration.shape[-1]}: make longer windows "
+                         "(calibration_ids' seq_len), or use importance='activation' or 'magnitude'")
     if config.layer_schedule:
         bad = [layer for layer in config.layer_schedule if not 0 <= layer < geo.num_layers]
         if bad:
@@ -88,6 +96,11 @@ def validate(model: nn.Module, config: PruneConfig, calibration: torch.Tensor | 
         schedule = config.layer_schedule or {}
         for layer, width in enumerate(planned_ffn_widths(model, previous)):
             ratio = schedule.get(layer, config.ffn_ratio)
+            if ratio > 0 and int(round(width * (1.0 - ratio))) >= width:
+                # before the round_to check: this ratio keeps the whole layer at any round_to, and that message
+                # asked for a smaller round_to, a fix that does not exist at round_to 1
+                raise ValueError(f"ratio {ratio} removes no channel of the {width} of layer {layer} (it rounds to 0): "
+                                 f"use a ratio of at least {1 / width:.3g}, or 0 to leave the layer as it is")
             if ratio > 0 and kept_ffn_width(width, ratio, config.round_to) >= width:
                 raise ValueError(f"round_to {config.round_to} keeps all {width} FFN channels of layer {layer} "
                                  f"(ffn_ratio {ratio} rounded up to one multiple of {config.round_to}): it would "
@@ -232,22 +245,25 @@ def element_scores(model: nn.Module, importance: Importance, calibration: torch.
 
 
 def ffn_channel_importance(scores: ElementScores, names: dict[str, str]) -> torch.Tensor:
-    """``[intermediate]``: gate/up row sums plus down column sums."""
-    total = scores[names["up"]].sum(1) + scores[names["down"]].sum(0)
+    """``[intermediate]``: gate/up row sums plus down column sums (fp32)."""
+    # summed in fp32 whatever the model's dtype: in bf16 (CPET's default on CUDA) a sum keeps 8 bits of mantissa,
+    # so channels whose importance differs by under ~0.4% tied and the lower index was kept, not the larger one
+    total = scores[names["up"]].sum(1, dtype=torch.float32) + scores[names["down"]].sum(0, dtype=torch.float32)
     if "gate" in names:
-        total = total + scores[names["gate"]].sum(1)
+        total = total + scores[names["gate"]].sum(1, dtype=torch.float32)
     return total
 
 
 def head_importance(scores: ElementScores, names: dict[str, str], num_heads: int, num_kv_heads: int,
                     head_dim: int, mode: HeadMode) -> torch.Tensor:
-    """``[num_heads]`` (query mode) or ``[num_kv_heads]`` (kv_group mode)."""
-    q = scores[names["q"]].reshape(num_heads, head_dim, -1).sum((1, 2))
-    o = scores[names["o"]].reshape(scores[names["o"]].shape[0], num_heads, head_dim).sum((0, 2))
+    """``[num_heads]`` (query mode) or ``[num_kv_heads]`` (kv_group mode), in fp32 (see
+    :func:`ffn_channel_importance`: bf16 sums tie heads that differ)."""
+    q = scores[names["q"]].reshape(num_heads, head_dim, -1).sum((1, 2), dtype=torch.float32)
+    o = scores[names["o"]].reshape(scores[names["o"]].shape[0], num_heads, head_dim).sum((0, 2), dtype=torch.float32)
     per_query = q + o
     if mode == HeadMode.QUERY:
         return per_query
-    kv = sum(scores[names[r]].reshape(num_kv_heads, head_dim, -1).sum((1, 2)) for r in ("k", "v"))
+    kv = sum(scores[names[r]].reshape(num_kv_heads, head_dim, -1).sum((1, 2), dtype=torch.float32) for r in ("k", "v"))
     return per_query.reshape(num_kv_heads, -1).sum(1) + kv
 
 

@@ -37,19 +37,25 @@ def is_bnb_layer(module: nn.Module) -> bool:
 
 
 def is_quantized(model: nn.Module) -> bool:
-    """Whether any module of ``model`` is a bitsandbytes layer or holds a 4-bit parameter."""
-    return any(is_bnb_layer(m) or hasattr(m, "quant_state") for m in model.modules())
+    """Whether any module of ``model`` is a bitsandbytes layer, holds a 4-bit parameter, or is one of CPET's
+    quantized token embeddings / tied heads (:mod:`.quantized_embeddings`)."""
+    # the quantized embeddings count too: a tied model whose embedding alone was quantized has no bitsandbytes
+    # layer, and compressing it again went through (an int8 table came back from save_pretrained as float weights)
+    from .quantized_embeddings import QUANTIZED_EMBEDDING_TYPES
+
+    return any(is_bnb_layer(m) or hasattr(m, "quant_state") or isinstance(m, QUANTIZED_EMBEDDING_TYPES)
+               for m in model.modules())
 
 
 def validate(model: nn.Module, config: QuantizeConfig) -> None:
     """Every check that can fail, before any expensive work."""
+    if is_quantized(model):  # first: an already quantized embedding is no plain nn.Embedding either
+        raise ValueError("the input model is already quantized: compress takes the full-precision original "
+                         "(load it again without quantization)")
     if config.embeddings:
         from .quantized_embeddings import check_embeddings
 
         check_embeddings(model, config.method.value)
-    if is_quantized(model):
-        raise ValueError("the input model is already quantized: compress takes the full-precision original "
-                         "(load it again without quantization)")
     from ..models import family_of
     from ..moe.experts import ExpertBank
 

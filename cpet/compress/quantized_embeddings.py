@@ -124,6 +124,9 @@ class TiedQuantizedHead(nn.Module):
         return f"tied to the quantized embedding ({self.out_features} x {self.in_features})"
 
 
+QUANTIZED_EMBEDDING_TYPES = (QuantizedEmbedding4bit, QuantizedEmbedding8bit, TiedQuantizedHead)  # for is_quantized
+
+
 def check_embeddings(model: nn.Module, method: str = "nf4") -> None:
     """Refuse embeddings this module cannot quantize faithfully with ``method`` (before any work)."""
     embedding = model.get_input_embeddings()

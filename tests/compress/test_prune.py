@@ -339,3 +339,55 @@ def test_kv_group_importance_adds_its_query_heads_to_its_kv_rows():
                     progress=False)
     assert base.index_maps.layers[0].kv_heads.tolist() == [1]
     assert base.index_maps.layers[1].kv_heads.tolist() == [int(_head_scores(loaded.model, 1)[1].argmax())]
+
+
+def test_bf16_importance_is_summed_in_fp32_so_near_ties_keep_the_larger_channel():
+    """On a bf16 model (CPET's default on CUDA) the per-channel sums were taken in bf16: 256 + 1 and 256 + 0.5 both
+    round to 256 there (8 bits of mantissa), so the tie went to the lower index and pruning kept the channel its
+    importance ranks lower. Here channel 64 (257) must be kept over channel 63 (256.5)."""
+    loaded = tiny_model("llama")
+    model = loaded.model.to(torch.bfloat16)
+    with torch.no_grad():
+        linears = layer_linears(model, 0)
+        gate, up, down = linears["gate"].weight, linears["up"].weight, linears["down"].weight
+        for w in (gate, up, down):
+            w.mul_(1e-3)  # every channel unimportant ...
+        gate[:63].fill_(8.0)  # ... but 63 clear winners (512 each)
+        for channel, extra in ((63, 0.5), (64, 1.0)):  # and two near-tied candidates for the last place
+            gate[channel].fill_(4.0)  # row sum 256, exact in bf16
+            up[channel].zero_()
+            up[channel, 0] = extra
+            down[:, channel].zero_()
+    base = compress(model, [PruneConfig(ffn_ratio=0.5, importance="magnitude")], progress=False)
+    kept = base.index_maps.ffn_rows(0).tolist()
+    assert kept == list(range(63)) + [64]
+
+
+def test_taylor_importance_refuses_one_token_windows_before_work(monkeypatch):
+    """Windows of one token give the LM loss nothing to predict (NaN loss, NaN gradients): every channel scored NaN
+    and pruning silently kept the lowest indices (channels 0..63 of 128), whatever the weights. compress accepts
+    [n, 1] windows (activation importance can use them), so Taylor must refuse them itself, before any work."""
+    def no_work(*args, **kwargs):
+        raise AssertionError("scoring started before the input was checked")
+
+    monkeypatch.setattr(prune_module, "element_scores", no_work)
+    loaded = tiny_model("llama")
+    one_token = torch.randint(0, 250, (4, 1), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="taylor importance needs calibration windows of at least 2 tokens"):
+        compress(loaded.model, [PruneConfig(ffn_ratio=0.5, importance="taylor")], calibration=one_token,
+                 progress=False)
+    from cpet.compress import validate_stages  # the zero-row placeholder CPET.check_stages passes is still accepted
+    validate_stages(loaded.model, [PruneConfig(ffn_ratio=0.5, importance="taylor")],
+                    calibration=torch.empty((0, 1), dtype=torch.long))
+
+
+def test_a_ratio_too_small_to_remove_a_channel_is_named_as_such_not_blamed_on_round_to():
+    """A ratio that removes under half a channel keeps the whole layer at any round_to: the refusal said "round_to 1
+    keeps all 128 FFN channels ... use a smaller round_to", a fix that does not exist."""
+    loaded = tiny_model("llama")
+    for config, layer in ((PruneConfig(ffn_ratio=0.003, importance="magnitude"), 0),
+                          (PruneConfig(ffn_ratio=0.5, layer_schedule={1: 0.002}, importance="magnitude"), 1)):
+        with pytest.raises(ValueError, match=rf"ratio 0.00\d removes no channel of the 128 of layer {layer} "
+                                             r"\(it rounds to 0\): use a ratio of at least 0.00781") as caught:
+            compress(loaded.model, [config], progress=False)
+        assert "round_to" not in str(caught.value)

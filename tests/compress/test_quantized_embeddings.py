@@ -106,3 +106,20 @@ def test_a_tied_head_with_a_bias_is_refused_not_dropped():
     with pytest.raises(ValueError, match="tied to the token embedding and has a bias"):
         compress(model, [QuantizeConfig("int8", embeddings=True)], progress=False)
     assert model_fingerprint(model) == before
+
+
+@pytest.mark.parametrize("method", ["int8", "nf4"])
+def test_a_base_with_only_its_embeddings_quantized_is_refused_as_already_quantized(method):
+    """is_quantized looked for bitsandbytes layers only: a tied model whose embedding alone was quantized has none,
+    so compressing it again was accepted. An int8 table then went through save_pretrained into a plain
+    nn.Embedding (int8 codes read as float weights, -127..127: a garbage model, without a word); an nf4 one, and
+    pruning either, failed deep in transformers or torch-pruning."""
+    from cpet.config import PruneConfig
+
+    model = tiny_model("llama", tie_word_embeddings=True).model
+    quantized = compress(model, [QuantizeConfig(method, embeddings=True, modules=())], progress=False).model
+    assert not any(type(m).__module__.startswith("bitsandbytes") for m in quantized.modules())  # the case at hand
+    for stage in (QuantizeConfig("nf4"), QuantizeConfig("nf4", embeddings=True),
+                  PruneConfig(ffn_ratio=0.5, importance="magnitude")):
+        with pytest.raises(ValueError, match="the input model is already quantized"):
+            compress(quantized, [stage], progress=False)
