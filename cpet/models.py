@@ -373,7 +373,7 @@ def hub_id_of(name: str | os.PathLike) -> str | None:
     name = os.fspath(name)  # a pathlib.Path has no startswith: it failed here
     if name in EMBEDDED:
         return EMBEDDED[name].hub_id
-    local = name.startswith((".", "/", "~")) or name.endswith(".gguf") or Path(name).expanduser().exists()
+    local = name.startswith((".", "/", "~")) or name.lower().endswith(".gguf") or Path(name).expanduser().exists()
     return name if name.count("/") == 1 and not local else None
 
 
@@ -550,7 +550,7 @@ def load_base(name_or_path: str | os.PathLike = EMBEDDED_DEFAULT, *, dtype: torc
     path = Path(name_or_path).expanduser()
     if name_or_path in EMBEDDED:
         local, timings = ensure_embedded(name_or_path)
-    elif path.suffix == ".gguf":
+    elif path.suffix.lower() == ".gguf":  # model.GGUF too: it was refused as "a file but not a .gguf"
         start = time.perf_counter()
         model, tokenizer = _load_gguf(path, torch.float32)
         timings["gguf_load"] = time.perf_counter() - start

@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .assets import atomic_path
+from .assembly import read_safetensors
+from .assets import atomic_path, read_json_object
 from .data.prompts import LEGACY_PROMPT_CUT, fit_prompt
 from .evaluate import (DEFAULT_MAX_PROMPT_TOKENS, check_labelled_prompt_length, classification_accuracy,
                        encode_prompt_and_label, label_token_ids, logits_at, training_flags_kept)
@@ -242,6 +243,16 @@ def _recorded_as(saved: dict, key: str, recorded: dict) -> str:
     return repr(saved[key]) if key in saved else f"not recorded (read as {recorded.get(key)!r})"
 
 
+def _resume_remedy(directory: Path) -> str:
+    """How to get past a damaged resume state: without it the run starts over (nothing else reads it)."""
+    return f"delete {directory} (the resume state) and the run starts again from step 0"
+
+
+def _read_state_json(directory: Path) -> dict:
+    """``state.json`` of a resume state; a ValueError naming it when damaged (a bare JSON error named no file)."""
+    return read_json_object(directory / "state.json", _resume_remedy(directory))
+
+
 # what to do about a resume state written with other settings (every refusal of one ends with it)
 RESUME_FIX = "delete it or use a new output directory (a new adapter name) to train with these"
 
@@ -255,7 +266,7 @@ def check_resume_config(directory: Path, config: TuneConfig, identity: dict | No
     added to CPET after the state was written is not compared), and a state written without an identity is
     refused when one is given, since nothing says what it was trained for.
     """
-    state = json.loads((directory / "state.json").read_text())
+    state = _read_state_json(directory)
     saved = state.get("config")
     fix = RESUME_FIX
     if identity is not None:
@@ -278,7 +289,7 @@ def check_resume_config(directory: Path, config: TuneConfig, identity: dict | No
 def check_resume_settings(directory: Path, config: TuneConfig) -> None:
     """The part of :func:`check_resume_config` that needs nothing built: ``config`` against the saved settings
     (``steps`` aside), so that a clash is refused before a base loads."""
-    state = json.loads((directory / "state.json").read_text())
+    state = _read_state_json(directory)
     _check_settings(directory, state.get("config"), config, RESUME_FIX)
 
 
@@ -287,7 +298,7 @@ def check_resume_plan(directory: Path, config: TuneConfig) -> None:
     can be checked of a planned run against its resume state with nothing built (a demo re-run, the grid lending
     an original adapter)."""
     check_resume_settings(directory, config)
-    _check_steps(directory, json.loads((directory / "state.json").read_text()), config)
+    _check_steps(directory, _read_state_json(directory), config)
 
 
 def _check_steps(directory: Path, state: dict, config: TuneConfig) -> None:
@@ -322,7 +333,8 @@ def load_resume_state(directory: Path, model: nn.Module, optimizer: torch.optim.
     optimizer moments (a finished run, see ``keep_optimizer_state``) also restores the weights only: AdamW then
     starts its moments afresh.
     """
-    tensors = load_file(str(directory / "state.safetensors"))
+    # a truncated file (a full disk, a copy cut short) raised safetensors' bare error, which names no file
+    tensors = read_safetensors(directory / "state.safetensors", _resume_remedy(directory), ValueError)
     params = _trainable(model)
     mismatched = []
     for name, p in params.items():
@@ -345,7 +357,7 @@ def load_resume_state(directory: Path, model: nn.Module, optimizer: torch.optim.
                 state[key] = value.reshape(()) if key == "step" else value.to(p.device)
         if state:
             optimizer.state[p] = state
-    return json.loads((directory / "state.json").read_text())
+    return _read_state_json(directory)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -304,6 +304,25 @@ def tuned_pipeline(tmp_path_factory, model_dir, task_file):
     return work
 
 
+def test_an_adapters_own_task_is_checked_for_the_split_before_any_model_work(capsys, tuned_pipeline, model_dir,
+                                                                             monkeypatch):
+    """`--split bogus` with an adapter's own task (no --task) failed only when scoring, after the model had loaded."""
+    import cpet.cli.evaluation
+    from cpet.pipeline import CPET
+
+    def loads(*args, **kwargs):
+        raise AssertionError("a model was loaded before the split was checked")
+
+    monkeypatch.setattr(CPET, "evaluate", loads)
+    monkeypatch.setattr(cpet.cli.evaluation, "_peft_on_base", loads)
+    capsys.readouterr()
+    assert main(["eval", str(tuned_pipeline), "--adapter", "toy-cpet", "--split", "bogus"]) == 2
+    assert "has no split 'bogus'" in capsys.readouterr().err
+    adapter = tuned_pipeline / "adapters" / "toy-original" / "adapter"
+    assert main(["eval", "--model", str(model_dir), "--peft", str(adapter), "--split", "bogus"]) == 2
+    assert "has no split 'bogus'" in capsys.readouterr().err
+
+
 def test_cli_alone_follows_the_demo_order_and_evaluates_adapters(capsys, tuned_pipeline, task_file):
     capsys.readouterr()
     listed = run_json(capsys, "list", str(tuned_pipeline))
@@ -623,12 +642,53 @@ def test_a_refused_tune_saves_no_config_and_names_stay_inside_the_pipeline(capsy
     ("name: 1.10\n", r"name takes text, and YAML read 1\.1 \(float\) .*quote it"),
     ("name: 010\n", r"name takes text, and YAML read 8 \(int\)"),
     ("task: 1.0\n", r"task takes text, and YAML read 1\.0 \(float\)"),
+    # YAML 1.1 numbers of a number flag: `steps: 010` trained 8 steps (octal), where --steps 010 trains 10
+    ("steps: 010\n", r"steps: YAML read 010 as 8 .*write it in decimal"),
+    ("eval-every: 0x10\n", r"eval-every: YAML read 0x10 as 16"),
+    ("steps: 1:30\n", r"steps: YAML read 1:30 as 90"),
+    # two spellings of one flag: both were passed on, and the later one won without a word
+    ("max-prompt-tokens: 9\nmax_prompt_tokens: 10\n", r"max-prompt-tokens and max_prompt_tokens are one flag"),
 ])
 def test_config_file_values_of_the_wrong_kind_are_refused(capsys, tmp_path, text, message):
     config = tmp_path / "run.yaml"
     config.write_text(text)
     assert main(["tune", str(tmp_path / "w"), "--config", str(config)]) == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_config_file_values_starting_with_a_dash_stay_the_flags_values(tmp_path):
+    """`split: -x` was injected as `--split -x`, which argparse reads as a second flag: "expected one argument"."""
+    from cpet.cli import COMMANDS, build_parser, config_file_args
+
+    parser = build_parser()
+    config = tmp_path / "run.yaml"
+    config.write_text("split: -held\ntask: [-a.jsonl, b.jsonl]\n")
+    args = parser.parse_args(config_file_args(["eval", "--config", str(config)], COMMANDS))
+    assert (args.split, args.task) == ("-held", ["-a.jsonl", "b.jsonl"])
+    config.write_text("lr: -1e-4\n")  # YAML reads it as text, which --lr (a float) takes
+    args = parser.parse_args(config_file_args(["tune", "w", "--task", "t", "--config", str(config)], COMMANDS))
+    assert args.lr == -1e-4
+
+
+def test_an_upper_case_gguf_suffix_is_a_gguf_file(capsys, tmp_path):
+    """`model.GGUF` was refused as "a file but not a .gguf" (the suffix compared case-sensitively): it is read as a
+    GGUF (here: refused for what it holds, which is not one)."""
+    model = tmp_path / "model.GGUF"
+    model.write_bytes(b"nope, no GGUF")
+    assert main(["info", str(model)]) == 2
+    assert "is not a GGUF file (its first bytes are b'nope'" in capsys.readouterr().err
+
+
+def test_a_second_config_file_is_refused(capsys, tmp_path):
+    """Only the first --config was read, while argparse kept the last: the second file was dropped without a word."""
+    (tmp_path / "a.yaml").write_text("limit: 3\n")
+    (tmp_path / "b.yaml").write_text("limit: 7\n")
+    assert main(["eval", "--config", str(tmp_path / "a.yaml"), f"--config={tmp_path / 'b.yaml'}"]) == 2
+    assert "--config is given twice" in capsys.readouterr().err
+    # a command without --config says so, not that the file is missing (and reads no file)
+    with pytest.raises(SystemExit):
+        main(["list", str(tmp_path), "--config", str(tmp_path / "missing.yaml")])
+    assert "unrecognized arguments: --config" in capsys.readouterr().err
 
 
 def test_abbreviated_flags_are_refused(capsys):
@@ -734,6 +794,28 @@ def test_a_demo_re_run_that_its_adapters_clash_with_is_refused_before_the_model_
     assert main(["demo", *changed("--steps", "1")]) == 2
     assert "has already trained 2 steps, more than the 1 asked for" in capsys.readouterr().err
     assert (out / "recovery" / "recovery.safetensors").read_bytes() == recovery  # nothing was redone
+
+
+def test_the_demo_seed_draws_the_compression_calibration(tmp_path, model_dir, task_file, monkeypatch):
+    """--seed "seeds everything random in the command", but the demo drew its Taylor calibration windows with seed
+    0 whatever it was (`cpet compress --seed` passes it on)."""
+    from cpet.pipeline import CPET
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def compress(self, stages, **kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(CPET, "compress", compress)
+    with pytest.raises(Stop):
+        main(["demo", "--model", str(model_dir), "--task", str(task_file), "--steps", "1", "--limit", "4",
+              "--val-limit", "4", "--max-tokens", "64", "--max-prompt-tokens", "32", "--out", str(tmp_path / "d"),
+              "--seed", "5", "--json"])
+    assert seen.get("calibration_seed") == 5
 
 
 def test_help_shows_no_none_defaults(capsys):

@@ -375,3 +375,22 @@ def test_a_validation_label_outside_the_task_is_refused_before_any_step(tmp_path
                                                                   eval_at_start=False),
                          out_dir=tmp_path, save_best=lambda d, m: None, progress=False)
     assert not steps
+
+
+@pytest.mark.parametrize("damage", ["truncated", "state.json"])
+def test_a_damaged_resume_state_names_its_file(tmp_path, damage):
+    """A truncated state.safetensors failed with safetensors' bare SafetensorError ("incomplete metadata ..."), naming
+    no file (the CLI could only say that *a* file was damaged); a garbled state.json with a bare JSON error."""
+    from cpet.train import check_resume_config, load_resume_state, save_resume_state
+
+    model = add_lora(tiny_model("llama").model, rank=4, alpha=8, dropout=0.0, target_roles=("q", "v"))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    config = TuneConfig(steps=2, eval_every=1)
+    save_resume_state(tmp_path / "resume", model, optimizer, 1, {"config": config.to_dict()})
+    damaged = tmp_path / "resume" / ("state.safetensors" if damage == "truncated" else "state.json")
+    damaged.write_bytes(damaged.read_bytes()[:20])
+    with pytest.raises(ValueError, match=rf"{damaged}.*delete .*resume"):
+        if damage == "truncated":
+            load_resume_state(tmp_path / "resume", model, optimizer)
+        else:
+            check_resume_config(tmp_path / "resume", config)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -18,9 +19,16 @@ def config_file_args(argv: Sequence[str], commands: dict[str, argparse.ArgumentP
     Raises ValueError for an unreadable file or a key the command does not have.
     """
     argv = list(argv)
-    if not argv or argv[0] not in commands or not any(a == "--config" or a.startswith("--config=") for a in argv):
+    # a command without --config (list, fetch): argparse refuses the flag, rather than a file being read for it
+    if not argv or argv[0] not in commands or "--config" not in commands[argv[0]]._option_string_actions:
         return argv
-    at = next(i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config="))
+    given_at = [i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config=")]
+    if not given_at:
+        return argv
+    if len(given_at) > 1:  # only one file is read, and argparse would keep the other's name: one was dropped
+        raise ValueError("--config is given twice: give one file (put the flags of both into it, or give the "
+                         "other's as flags on the command line, which override the file)")
+    at = given_at[0]
     path = argv[at].split("=", 1)[1] if "=" in argv[at] else (argv[at + 1] if at + 1 < len(argv) else "")
     values = read_config_file(path)
     flags = {}
@@ -34,6 +42,12 @@ def config_file_args(argv: Sequence[str], commands: dict[str, argparse.ArgumentP
     if unknown:
         raise ValueError(f"config file {path}: cpet {argv[0]} has no flag {', '.join(unknown)}; its flags: "
                          f"{', '.join(sorted(k.replace('_', '-') for k in flags if k not in ('config', 'help')))}")
+    spellings: dict[str, list[str]] = {}
+    for key in values:
+        spellings.setdefault(key.replace("-", "_"), []).append(key)
+    twice = next((keys for keys in spellings.values() if len(keys) > 1), None)
+    if twice:  # both would be passed on, and argparse would keep the later one without a word
+        raise ValueError(f"config file {path}: {' and '.join(twice)} are one flag: give it once")
     given = {a.split("=", 1)[0] for a in argv[1:] if a.startswith("--")}
     injected: list[str] = []
     for key, value in values.items():
@@ -54,7 +68,9 @@ def config_file_args(argv: Sequence[str], commands: dict[str, argparse.ArgumentP
         else:
             for item in value if isinstance(value, list) else [value]:
                 _check_scalar(path, key, item, action)
-                injected += [option, str(item)]
+                # one token: a value starting with "-" (`split: -x`, `lr: -1e-4`) given apart would be read as
+                # another flag ("expected one argument")
+                injected.append(f"{option}={item}")
     return [argv[0], *injected, *argv[1:]]
 
 
@@ -67,8 +83,43 @@ def _check_scalar(path: str, key: str, value, action: argparse.Action) -> None:
                          f"off, yes, no, true or false for one) and {key} is not a switch: quote it, e.g. "
                          f"{key}: \"off\"")
     if action.type is None and not isinstance(value, str):
-        raise ValueError(f"config file {path}: {key} takes text, and YAML read {value!r} ({type(value).__name__}) "
+        kind = "int" if isinstance(value, int) else type(value).__name__  # not _OddInt
+        raise ValueError(f"config file {path}: {key} takes text, and YAML read {value!r} ({kind}) "
                          f"where its text may have been written otherwise: quote it, e.g. {key}: \"1.10\"")
+    if isinstance(value, _OddInt):  # a number flag: the command line would read the same text otherwise, or not
+        raise ValueError(f"config file {path}: {key}: YAML read {value.written} as {int(value)} (YAML 1.1 reads a "
+                         "leading 0 as octal, 0x as hex and a:b as base 60): write it in decimal, e.g. "
+                         f"{key}: {int(value)}")
+
+
+# an integer as the command line reads it (int() of the text); YAML 1.1 reads other forms (010, 0x10, 0b10, 1:30)
+_DECIMAL_INT = re.compile(r"[-+]?(0|[1-9][0-9_]*)")
+
+
+class _OddInt(int):
+    """An integer YAML read from text that is not plain decimal; ``written`` is that text."""
+
+    written: str
+
+
+def _config_loader():
+    """YAML's safe loader, with integers not written in plain decimal marked (:class:`_OddInt`) so that they can be
+    refused: `steps: 010` was read as the octal 8, where `--steps 010` is 10."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def construct_int(loader, node):
+        value = loader.construct_yaml_int(node)
+        if _DECIMAL_INT.fullmatch(node.value):
+            return value
+        odd = _OddInt(value)
+        odd.written = node.value
+        return odd
+
+    Loader.add_constructor("tag:yaml.org,2002:int", construct_int)
+    return Loader
 
 
 def read_config_file(path: str) -> dict:
@@ -79,7 +130,7 @@ def read_config_file(path: str) -> dict:
     if not file.is_file():
         raise FileNotFoundError(f"config file {path!r} does not exist")
     try:
-        values = yaml.safe_load(file.read_text(encoding="utf-8"))  # JSON is YAML too
+        values = yaml.load(file.read_text(encoding="utf-8"), Loader=_config_loader())  # JSON is YAML too
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ValueError(f"config file {path} is not valid YAML/JSON: {exc}") from exc
     if not isinstance(values, dict):

@@ -55,8 +55,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     original = pipeline.tune(args.task, on="original", config=tune, name=names["original"], progress=not args.json)
     row("original + LoRA", original)
     say("2/5 compress: 25% FFN channels (Taylor) + nf4")
+    # --seed draws the Taylor calibration windows too, as `cpet compress --seed` does (they were seed 0 whatever it was)
     pipeline.compress([PruneConfig(ffn_ratio=0.25, importance="taylor"), QuantizeConfig(method="nf4")],
-                      progress=not args.json)
+                      calibration_seed=args.seed, progress=not args.json)
     row("compressed, zero-shot")
     say("3/5 vanilla LoRA on the compressed base (random init)")
     vanilla = pipeline.tune(args.task, config=tune, name=names["vanilla"], progress=not args.json)

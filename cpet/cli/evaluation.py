@@ -363,6 +363,7 @@ def _eval_model(args: argparse.Namespace, tasks: list, target: str) -> dict:
     meta = _peft_meta(args) if target == "peft" else {}
     if not tasks and meta.get("task"):
         tasks = [_trained_task(meta, str(args.peft))]
+        tasks[0].require(args.split)  # as --task's are in cmd_eval: a bad --split failed after the model loaded
     for task in tasks:  # before the model loads: the adapter can score the task, the task's label words differ
         if meta:
             check_scoring(meta, task, args.max_prompt_tokens, where=f"adapter {args.peft}")
@@ -411,6 +412,7 @@ def _eval_pipeline(args: argparse.Namespace, tasks: list) -> dict:
         directory = pipeline.resolve_adapter(name)
         meta = read_adapter_meta(directory)
         for task in tasks or [_trained_task(meta, name)]:
+            task.require(args.split)  # an adapter's own task too: a bad --split failed after the base loaded
             check_scoring(meta, task, args.max_prompt_tokens, where=f"adapter {name}")
             scoring_prompts(task, meta)
             plan.append((name, directory, task))
