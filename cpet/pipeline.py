@@ -9,8 +9,9 @@ print(cpet.evaluate(adapter, "vader-movie"))
 ```
 
 Everything the pipeline makes lives in ``work_dir``: ``base/`` (the compressed base), ``recovery/`` (shared
-recovery modules), ``adapters/<name>/`` (PEFT directories + ``cpet.json`` + a model card ``README.md``;
-the compressed base is named relative to each adapter, so the directory can be copied anywhere) and
+recovery modules; ``recovery-step<N>/`` for distillation checkpoints asked for), ``adapters/<name>/adapter/`` (a
+PEFT directory + ``cpet.json`` + a model card ``README.md``; the compressed base is named relative to each adapter,
+so the directory can be copied anywhere), ``adapters/<name>/resume/`` (where a tuning run continues from) and
 ``pipeline.json`` (every step with its configs and UTC times). Each tuning run starts from a fresh copy of
 the frozen base read back from ``base/`` (about a second), so runs never leak state into each other.
 Evaluation does not copy anything: the base is read once per pipeline object and each adapter runs on it
