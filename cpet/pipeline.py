@@ -51,8 +51,8 @@ from .data.tasks import as_task, examples_sha256, task_key, task_source_of  # no
 from .models import EMBEDDED, LoadedBase, check_context_length, context_length, hub_id_of, load_base, saved_tokenizer
 from .recovery import (PER_TASK, SHARED, RecoveryConfig, RecoverySet, check_svd_rank, check_trained_with,
                        init_from_residuals, recovery_sha256)
-from .train import (DistillConfig, TuneConfig, check_distill_window, check_resume_settings, distill_on_text,
-                    settings_changes, text_windows, train_classifier)
+from .train import (DistillConfig, TuneConfig, check_distill_window, check_resume_plan, check_resume_steps,
+                    distill_on_text, settings_changes, text_windows, train_classifier)
 
 if TYPE_CHECKING:
     from .serve.engine import AdapterView, Engine
@@ -98,6 +98,7 @@ class CPET:
                 base of another source model than the saved pipeline's.
         """
         self._original: LoadedBase | None = None
+        self._original_placement: dict = {}  # load_base's dtype / device for an original loaded on first use
         self._original_spec = original if isinstance(original, str) else original.name
         self._source_from_record = False  # set by load() when the spec is the one pipeline.json recorded
         if isinstance(original, LoadedBase):
@@ -136,7 +137,7 @@ class CPET:
         """
         if self._original is None:
             try:
-                loaded = load_base(self._original_spec)
+                loaded = load_base(self._original_spec, **self._original_placement)
             except (OSError, ValueError) as err:
                 if not self._source_from_record:  # the caller's own name: the error says all
                     raise
@@ -429,10 +430,11 @@ class CPET:
         out_dir = self.work_dir / "adapters" / name
         if recovery in ("per_task", "both") and config.distill_weight == 0:  # per-task recovery learns from a teacher
             config = TuneConfig(**{**config.to_dict(), "distill_weight": 1.0})
-        if init != "inherit" and (out_dir / "resume" / "state.json").exists():
-            # settings that clash with the run being resumed, before the base and the LoRA are built (what the run
-            # is for is compared once they are; an inherited LoRA's rank comes from its source, so not here)
-            check_resume_settings(out_dir / "resume", config)
+        if (out_dir / "resume" / "state.json").exists():
+            # settings that clash with the run being resumed and fewer steps than it has trained, before the base and
+            # the LoRA are built (what the run is for is compared once they are; an inherited LoRA's rank comes from
+            # its source, so only the steps here)
+            (check_resume_steps if init == "inherit" else check_resume_plan)(out_dir / "resume", config)
         # the per-task recovery this run trains (CA-LoRA's default when none is given), None without one
         per_task_config = ((per_task_recovery or DEFAULT_PER_TASK_RECOVERY) if recovery in ("per_task", "both")
                            else None)
@@ -805,11 +807,13 @@ class CPET:
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path, original: str | LoadedBase | None = None) -> "CPET":
+    def load(cls, directory: str | Path, original: str | LoadedBase | None = None, *,
+             dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> "CPET":
         """Reopen a saved pipeline without loading the original model's weights.
 
         The original is loaded on first use (see :attr:`original`) by ``original`` (a name/path) or else by
-        the name recorded in the pipeline; an already loaded base is used as is. Either way it must be the
+        the name recorded in the pipeline, in ``dtype`` on ``device`` (as :func:`load_base` places it, so that a
+        saved pipeline runs where a new one would); an already loaded base is used as is. Either way it must be the
         source model the pipeline records (content fingerprint of ``base/manifest.json``, else of
         ``pipeline.json``): a loaded base is checked here, a name when it is loaded.
 
@@ -823,6 +827,7 @@ class CPET:
         record = read_pipeline_record(directory)
         pipeline = cls(original or record["source"], directory)  # reads the log and checks a loaded original
         pipeline._source_from_record = original is None
+        pipeline._original_placement = {"dtype": dtype, "device": device}
         return pipeline
 
 

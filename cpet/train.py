@@ -301,6 +301,12 @@ def check_resume_plan(directory: Path, config: TuneConfig) -> None:
     _check_steps(directory, _read_state_json(directory), config)
 
 
+def check_resume_steps(directory: Path, config: TuneConfig) -> None:
+    """``config.steps`` not below what the resume state in ``directory`` has already trained (needs nothing built;
+    holds for an inherited LoRA too, whose other settings come from its source)."""
+    _check_steps(directory, _read_state_json(directory), config)
+
+
 def _check_steps(directory: Path, state: dict, config: TuneConfig) -> None:
     if state.get("step", 0) > config.steps:  # the loop would not run: the longer run would come back unchanged
         raise ValueError(f"resume state in {directory} has already trained {state['step']} steps, more than the "

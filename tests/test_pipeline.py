@@ -438,8 +438,9 @@ def test_resume_for_another_purpose_is_refused_naming_each_difference(built, tmp
     state = json.loads(state_path.read_text())
     del state["identity"]
     state_path.write_text(json.dumps(state))
+    # asked for the state's own 3 steps: fewer are refused first, before anything is built
     with pytest.raises(ValueError, match="does not record what it was trained for"):
-        pipeline.tune(task, config=config, name="guarded", progress=False)
+        pipeline.tune(task, config=TuneConfig(**{**config.to_dict(), "steps": 3}), name="guarded", progress=False)
 
 
 def test_an_adapter_without_resume_state_is_not_trained_over_for_something_else(built, monkeypatch):
@@ -469,6 +470,19 @@ def test_resume_with_fewer_steps_is_refused(built):
     with pytest.raises(ValueError, match=r"has already trained 2 steps, more than the 1 asked for"):
         pipeline.tune(task, config=TuneConfig(steps=1, batch_size=8, eval_every=1, rank=4, alpha=8), name="longer",
                       progress=False)
+
+
+@pytest.mark.parametrize("init", ["random", "inherit"])
+def test_resume_with_fewer_steps_is_refused_before_the_base_loads(built, monkeypatch, init):
+    """The steps check ran inside the training loop, after the base had loaded and the LoRA was built."""
+    pipeline, task, original, _ = built
+    config = TuneConfig(steps=2, batch_size=8, eval_every=1, rank=4, alpha=8)
+    source = {"inherit_from": original} if init == "inherit" else {}
+    pipeline.tune(task, config=config, name=f"shorter-{init}", init=init, progress=False, **source)
+    monkeypatch.setattr(type(pipeline), "load_compressed", lambda self: pytest.fail("the base was loaded"))
+    with pytest.raises(ValueError, match=r"has already trained 2 steps, more than the 1 asked for"):
+        pipeline.tune(task, config=TuneConfig(**{**config.to_dict(), "steps": 1}), name=f"shorter-{init}", init=init,
+                      progress=False, **source)
 
 
 def test_a_resume_with_other_settings_is_refused_before_the_base_loads(built, monkeypatch):
@@ -1102,3 +1116,30 @@ def test_an_adapter_without_resume_state_is_not_trained_over_with_another_per_ta
     again = pipeline.tune(task, init="inherit", inherit_from=original, recovery="per_task", config=config,
                           per_task_recovery=rank2, name="per-task-stateless", progress=False)  # the same run
     assert again.meta["per_task_recovery"]["rank"] == 2
+
+
+def test_a_saved_pipeline_loads_its_original_where_it_is_told(built, tmp_path, monkeypatch):
+    """CPET.load's dtype / device reach the original's load_base, and the CLI passes its --dtype / --device to a
+    saved pipeline as to a new one (a saved one loaded the original in fp32 on the CPU whatever they said)."""
+    import argparse
+
+    import cpet.pipeline as pipeline_module
+    from cpet.cli.pipeline_commands import open_pipeline
+
+    pipeline, *_ = built
+    saved = pipeline.save(tmp_path / "saved")
+    asked = []
+
+    def recording_load_base(name, **placement):
+        asked.append(placement)
+        return tiny_model("llama")
+
+    monkeypatch.setattr(pipeline_module, "load_base", recording_load_base)
+    again = CPET.load(saved, dtype=torch.bfloat16, device="cpu")
+    assert again.original.name and asked == [{"dtype": torch.bfloat16, "device": "cpu"}]
+    runtime = argparse.Namespace(dtype=torch.float16, device="cpu")
+    opened = open_pipeline(str(saved), None, may_create=False, first_step="recover", runtime=runtime)
+    opened.original
+    assert asked[-1] == {"dtype": torch.float16, "device": "cpu"}
+    CPET.load(saved).original  # the API's default: as load_base's
+    assert asked[-1] == {"dtype": torch.float32, "device": "cpu"}

@@ -64,13 +64,15 @@ def open_pipeline(directory: str, model: str | None, *, may_create: bool, first_
     from ..models import EMBEDDED_DEFAULT, load_base
     from ..pipeline import CPET, check_work_dir
 
+    # --dtype / --device place the original for a saved pipeline as for a new one (a saved one loaded it in fp32
+    # on the CPU whatever they said, so one command ran two ways depending on whether --out existed yet)
+    placement = {"dtype": runtime.dtype, "device": runtime.device} if runtime is not None else {}
     if (Path(directory) / "pipeline.json").exists():
         if writes:
             check_output_dir(Path(directory))
-        return CPET.load(directory, original=model)
+        return CPET.load(directory, original=model, **placement)
     if may_create:
         check_work_dir(directory)  # a file in the way or no write access: refused before the model loads
-        placement = {"dtype": runtime.dtype, "device": runtime.device} if runtime is not None else {}
         return CPET(load_base(model or EMBEDDED_DEFAULT, **placement), directory)
     model = model or EMBEDDED_DEFAULT
     raise ValueError(f"{directory} is not a CPET pipeline yet, and {first_step} needs a compressed base: start it "
@@ -119,7 +121,8 @@ def cmd_recover(args: argparse.Namespace) -> int:
     from ..recovery import RecoveryConfig
     from ..train import DistillConfig
 
-    pipeline = open_pipeline(args.pipeline, args.model, may_create=False, first_step="recover")
+    pipeline = open_pipeline(args.pipeline, args.model, may_create=False, first_step="recover",
+                             runtime=args.runtime)
     pipeline.recover(RecoveryConfig(rank=args.rank, alpha=float(args.rank), activation="identity", init="svd"),
                      DistillConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                                    seed=args.seed),
