@@ -82,6 +82,18 @@ def _layer_index(key) -> int:
     return as_number("layer_schedule layer", key, int)
 
 
+def _names(field: str, value) -> tuple[str, ...]:
+    """A sequence of module names as a tuple; one bare string is refused (``tuple("lm_head")`` is its letters, each
+    then a fragment that matched nearly every module) and so is anything but text in it."""
+    if isinstance(value, str):
+        raise ValueError(f"{field} takes a list of module names, got the string {value!r}: write ({value!r},)")
+    names = tuple(value)
+    odd = [name for name in names if not isinstance(name, str) or not name]
+    if odd:
+        raise ValueError(f"{field} takes module names (non-empty text), got {odd[0]!r}")
+    return names
+
+
 def _check_ratio(name: str, value: float) -> None:
     if not 0.0 <= value < 1.0:
         flag = f" (CLI: {_RATIO_FLAGS[name]})" if name in _RATIO_FLAGS else ""
@@ -117,9 +129,9 @@ class QuantizeConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", QuantMethod(self.method))
-        object.__setattr__(self, "skip_modules", tuple(self.skip_modules))
+        object.__setattr__(self, "skip_modules", _names("skip_modules", self.skip_modules))
         if self.modules is not None:
-            object.__setattr__(self, "modules", tuple(self.modules))
+            object.__setattr__(self, "modules", _names("modules", self.modules))
         if self.compute_dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"compute_dtype must be float32, float16 or bfloat16, got {self.compute_dtype!r}")
 

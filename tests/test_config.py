@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cpet.config import PruneConfig, stage_config_from_dict
+from cpet.config import PruneConfig, QuantizeConfig, stage_config_from_dict
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -30,3 +30,16 @@ def test_a_layer_schedule_read_back_from_json_keeps_its_layers():
     read = stage_config_from_dict({"stage": "prune", "layer_schedule": {"0": 0.5, "2": 0.25}, "importance": "magnitude"})
     assert read == config and read.layer_schedule == {0: 0.5, 2: 0.25}
     assert PruneConfig(layer_schedule={2.0: 1 / 4}, importance="magnitude").layer_schedule == {2: 0.25}
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    # tuple("lm_head") is its seven letters: every module whose name holds an "e" was then left unquantized
+    (dict(skip_modules="lm_head"), r"skip_modules takes a list of module names, got the string 'lm_head'"),
+    (dict(modules="model.layers.0.mlp.up_proj"), r"modules takes a list of module names, got the string"),
+    (dict(skip_modules=("lm_head", "")), r"skip_modules takes module names \(non-empty text\), got ''"),
+    (dict(modules=[3]), r"modules takes module names \(non-empty text\), got 3"),
+])
+def test_quantize_module_names_that_are_no_list_of_names_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        QuantizeConfig("nf4", **kwargs)
+    assert QuantizeConfig("nf4", skip_modules=["lm_head"]).skip_modules == ("lm_head",)
