@@ -68,8 +68,14 @@ def resolve(device: str = "auto", dtype: str = "auto", threads: int | None = Non
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     resolved = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-    chosen = DTYPES[dtype] or (torch.bfloat16 if resolved == "cuda" else torch.float32)
+    chosen = DTYPES[dtype] or (_cuda_half() if resolved == "cuda" else torch.float32)
     return Runtime(resolved, chosen, threads or default_threads(), seed)
+
+
+def _cuda_half() -> torch.dtype:
+    """The half precision ``--dtype auto`` picks on CUDA: bf16 (fp32's range), or fp16 on GPUs without native bf16
+    (before Ampere: T4, V100), where bf16 is emulated many times slower."""
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def apply(runtime: Runtime) -> Runtime:

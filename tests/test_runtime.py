@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
-from cpet.runtime import describe_machine, machine_record
+from cpet.runtime import describe_machine, machine_record, resolve
 
 
 def test_the_machine_record_reads_this_machine():
@@ -37,3 +38,13 @@ def test_default_threads_count_only_the_cores_this_process_may_use(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 0.0, 0.0))
     assert default_threads() == 13
+
+
+@pytest.mark.parametrize("bf16, expected", [(True, torch.bfloat16), (False, torch.float16)])
+def test_auto_dtype_on_cuda_is_bf16_only_where_the_gpu_has_it(monkeypatch, bf16, expected):
+    """bf16 on a GPU without it (T4, V100) is emulated many times slower: auto takes fp16 there."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
+    assert resolve("auto", "auto").dtype == expected
+    assert resolve("auto", "float32").dtype == torch.float32  # what is asked for is kept
+    assert resolve("cpu", "auto").dtype == torch.float32
