@@ -27,7 +27,8 @@ def test_prune_settings_that_are_no_setting_are_refused_naming_the_field(kwargs,
 
 def test_a_layer_schedule_read_back_from_json_keeps_its_layers():
     config = PruneConfig(layer_schedule={0: 0.5, 2: 0.25}, importance="magnitude")
-    read = stage_config_from_dict({"stage": "prune", "layer_schedule": {"0": 0.5, "2": 0.25}, "importance": "magnitude"})
+    read = stage_config_from_dict({"stage": "prune", "layer_schedule": {"0": 0.5, "2": 0.25},
+                                   "importance": "magnitude"})
     assert read == config and read.layer_schedule == {0: 0.5, 2: 0.25}
     assert PruneConfig(layer_schedule={2.0: 1 / 4}, importance="magnitude").layer_schedule == {2: 0.25}
 

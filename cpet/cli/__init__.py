@@ -82,7 +82,8 @@ def _command(sub, name: str, help_text: str, func, *, runs_models: bool = True) 
                            help="where a model loaded by name runs (auto: CUDA when available, else the CPU); a "
                                 "pipeline's compressed base is read onto the CPU")
         group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                           help="weights' dtype; auto: float32 on the CPU, bfloat16 on CUDA (float16 on GPUs without bfloat16)")
+                           help="weights' dtype; auto: float32 on the CPU, bfloat16 on CUDA (float16 on GPUs "
+                                "without bfloat16)")
         group.add_argument("--threads", type=positive_int, default=None,
                            help="CPU threads; None: the cores not already busy, at least 1")
         group.add_argument("--seed", type=seed_int, default=0, help="seeds everything random in the command")

@@ -47,7 +47,8 @@ def _block(num_experts=4, hidden=8, width=16):
     from cpet.moe import ExpertBank, MoEFFN
 
     torch.manual_seed(0)
-    gate, up, down = nn.Linear(hidden, width, bias=False), nn.Linear(hidden, width, bias=False), nn.Linear(width, hidden)
+    gate, up = nn.Linear(hidden, width, bias=False), nn.Linear(hidden, width, bias=False)
+    down = nn.Linear(width, hidden)
     return MoEFFN(ExpertBank.from_linear(gate, num_experts, "rows"), ExpertBank.from_linear(up, num_experts, "rows"),
                   ExpertBank.from_linear(down, num_experts, "cols"), nn.SiLU(), Router(hidden, num_experts, 8),
                   top_k=2, tau=None, names={"gate": "gate_proj", "up": "up_proj", "down": "down_proj"})
