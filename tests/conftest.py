@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from cpet.assets import AssetUnavailable, fetch_asset
 from cpet.models import TINY_FAMILIES, tiny_model
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_kept():
+    """CLI tests run ``main()`` in this process, and ``--threads`` (runtime.apply) sets torch's thread count for the
+    whole process: each test gets the count it started with back, so none runs at another test's setting."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(params=TINY_FAMILIES)
