@@ -1189,3 +1189,83 @@ def test_two_task_files_of_one_name_are_told_to_be_renamed_not_called_the_same(c
     assert main(["eval", "--model", str(model_dir), "--task", str(tmp_path / "a" / "reviews.jsonl"), "--task",
                  str(tmp_path / "b" / "reviews.jsonl")]) == 2
     assert "are two tasks of one name (reviews): rename one of the files" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--task", "{task}", "--max-tokens", "512"],
+     r"^cpet eval: error: --max-tokens does not apply without --corpus C \(perplexity\): give --corpus C, or leave it "
+     r"out$"),
+    # the defaults' own values, given, count as given too
+    (["--task", "{task}", "--max-length", "256", "--max-tokens", "8192"],
+     r"--max-tokens and --max-length do not apply without --corpus C .*leave them out$"),
+    (["--corpus", "{corpus}", "--limit", "5"],
+     r"^cpet eval: error: --limit does not apply when no task is scored \(accuracy\): give --task T, or leave it out$"),
+    (["--corpus", "{corpus}", "--split", "test", "--max-prompt-tokens", "9", "--batch-size", "4"],
+     r"--split, --max-prompt-tokens and --batch-size do not apply when no task is scored"),
+    # both kinds at once: each named, with what would make it apply
+    (["--peft", "{peft}", "--task", "{task}", "--max-length", "64"], r"--max-length does not apply without --corpus"),
+    (["--peft", "{peft}", "--corpus", "{corpus}", "--limit", "3"],
+     r"--limit does not apply .*give --task T \(the PEFT adapter .*plain-peft names no task"),
+    (["{pipeline}", "--corpus", "{corpus}", "--split", "validation"],
+     r"--split does not apply .*give --task T \(the compressed base, zero-shot\) or --adapter NAME"),
+    # a --config file's flags are given flags
+    (["--corpus", "{corpus}", "--config", "{config}"],
+     r"--max-prompt-tokens does not apply when no task is scored .*\(a flag set in --config .*run.yaml counts as "
+     r"given\)$"),
+    (["--task", "{task}", "--config", "{config}"], r"--max-tokens does not apply without --corpus"),
+])
+def test_eval_refuses_flags_of_scoring_it_does_not_do_before_any_model_work(capsys, model_dir, task_file, tmp_path,
+                                                                            monkeypatch, argv, message):
+    """`--max-tokens` / `--max-length` without --corpus, and `--split`, `--limit`, `--max-prompt-tokens` and
+    `--batch-size` with no task to score, were dropped without a word."""
+    import cpet.cli.evaluation
+    from cpet.pipeline import CPET
+
+    def loads(*args, **kwargs):
+        raise AssertionError("a model was loaded before the flags were checked")
+
+    monkeypatch.setattr(cpet.cli.evaluation, "load_model", loads)
+    monkeypatch.setattr(cpet.cli.evaluation, "_peft_on_base", loads)
+    monkeypatch.setattr(CPET, "load", loads)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("a small corpus of plain words. " * 30)
+    peft = tmp_path / "plain-peft"  # a plain PEFT directory: no cpet.json names a task
+    peft.mkdir()
+    (peft / "adapter_config.json").write_text("{}")
+    (peft / "adapter_model.safetensors").write_bytes(b"")
+    pipeline = tmp_path / "p"
+    pipeline.mkdir()
+    (pipeline / "pipeline.json").write_text("{}")
+    config = tmp_path / "run.yaml"
+    config.write_text("max-prompt-tokens: 9\nmax-tokens: 64\n" if "{corpus}" not in argv else "max-prompt-tokens: 9\n")
+    values = {"{task}": str(task_file), "{corpus}": str(corpus), "{peft}": str(peft), "{pipeline}": str(pipeline),
+              "{config}": str(config)}
+    argv = [values.get(a, a) for a in argv]
+    model = [] if str(pipeline) in argv else ["--model", str(model_dir)]
+    assert main(["eval", *model, *argv]) == 2
+    captured = capsys.readouterr()
+    assert re.search(message, captured.err.strip()) and captured.out == "", captured.err
+
+
+def test_eval_fills_in_the_defaults_of_the_flags_left_out(capsys, model_dir, task_file, tmp_path, monkeypatch):
+    """The flags of one kind of scoring default to None in the parser (so that a given one can be told apart): the
+    run still gets their defaults, and the help still names them."""
+    import cpet.cli.evaluation
+
+    seen = []
+    monkeypatch.setattr(cpet.cli.evaluation, "_eval_model",
+                        lambda args, *rest: seen.append(vars(args).copy()) or {"model": args.model})
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("a small corpus of plain words. " * 30)
+    assert main(["eval", "--model", str(model_dir), "--task", str(task_file), "--corpus", str(corpus)]) == 0
+    (args,) = seen
+    assert (args["split"], args["limit"], args["max_prompt_tokens"], args["batch_size"], args["max_tokens"],
+            args["max_length"]) == ("test", None, None, 16, 8192, 256)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("task split to score (default: test;", "perplexity tokens (>= 2; default: 8192; only with --corpus)",
+                  "default: 256; only with --corpus)", "examples per forward pass (default: 16;",
+                  "score only the first N examples (default: all;"):
+        assert shown in text

@@ -13,7 +13,8 @@ from typing import Sequence
 
 from .config_file import config_file_args, save_run_config
 from .demo import cmd_demo
-from .evaluation import cmd_eval, cmd_info, cmd_list, evaluate_corpus, evaluate_task, model_info
+from .evaluation import (EVAL_DEFAULTS, ONLY_WITH_CORPUS, ONLY_WITH_TASKS, cmd_eval, cmd_info, cmd_list,
+                         evaluate_corpus, evaluate_task, model_info)
 from .fetch import cmd_fetch
 from .pipeline_commands import cmd_compress, cmd_export, cmd_recover, cmd_tune, open_pipeline, stages_from_args
 from .serve import add_serve_parser
@@ -146,16 +147,23 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "accuracy, except an adapter's own task")
     p.add_argument("--corpus", help="brown (its held-out documents) or a local .txt file (used whole); none: no "
                                     "perplexity")
-    p.add_argument("--split", default="test", help="task split to score")
-    p.add_argument("--limit", type=limit_int, default=None, help="score only the first N examples; None: all")
-    p.add_argument("--max-tokens", type=at_least(2, PPL_TOKENS_HINT), default=8192, help="perplexity tokens (>= 2)")
-    p.add_argument("--max-length", type=at_least(2), default=256,
-                   help="perplexity window length (>= 2: each window predicts its tokens after the first)")
+    # the flags of one kind of scoring default to None, so that one given without it is refused (cmd_eval fills
+    # in EVAL_DEFAULTS after that check); a --config file's value counts as given
+    p.add_argument("--split", default=None,
+                   help=f"task split to score (default: {EVAL_DEFAULTS['split']}; {ONLY_WITH_TASKS})")
+    p.add_argument("--limit", type=limit_int, default=None,
+                   help=f"score only the first N examples (default: all; {ONLY_WITH_TASKS})")
+    p.add_argument("--max-tokens", type=at_least(2, PPL_TOKENS_HINT), default=None,
+                   help=f"perplexity tokens (>= 2; default: {EVAL_DEFAULTS['max_tokens']}; {ONLY_WITH_CORPUS})")
+    p.add_argument("--max-length", type=at_least(2), default=None,
+                   help="perplexity window length (>= 2: each window predicts its tokens after the first; default: "
+                        f"{EVAL_DEFAULTS['max_length']}; {ONLY_WITH_CORPUS})")
     p.add_argument("--max-prompt-tokens", type=positive_int, default=None,
                    help="prompts are cut to this many tokens, the text losing its end (default: a CPET adapter's "
                         "own recorded value, which another value is refused against; else "
-                        f"{tune_defaults.max_prompt_tokens})")
-    p.add_argument("--batch-size", type=positive_int, default=16, help="examples per forward pass")
+                        f"{tune_defaults.max_prompt_tokens}; {ONLY_WITH_TASKS})")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help=f"examples per forward pass (default: {EVAL_DEFAULTS['batch_size']}; {ONLY_WITH_TASKS})")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = _command(sub, "list", "what a pipeline holds: base, stages, recovery, adapters with task and metrics", cmd_list,

@@ -10,6 +10,12 @@ from .output import emit, human_bytes, print_table
 
 REBUILD_BASE = "the compressed base's manifest is damaged: compress the pipeline again (`cpet compress`)"
 
+# `cpet eval`'s defaults of the flags that belong to one kind of scoring: the parser's defaults are None, so that
+# such a flag given without its kind of scoring is refused (:func:`refuse_flags_that_do_not_apply`), not dropped
+EVAL_DEFAULTS = {"split": "test", "max_tokens": 8192, "max_length": 256, "batch_size": 16}
+ONLY_WITH_CORPUS = "only with --corpus"
+ONLY_WITH_TASKS = "only when a task is scored: --task, --adapter, or a CPET --peft adapter's own"
+
 
 def load_model(args: argparse.Namespace):
     """``args.model`` loaded on the command's device and dtype (``--device``, ``--dtype``)."""
@@ -306,6 +312,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         what = "are the same task" if len(sources) == 1 else "are two tasks of one name"
         raise ValueError(f"--task {given[0]} and --task {given[1]} {what} ({same}): "
                          + ("give it once" if len(sources) == 1 else "rename one of the files"))
+    meta = _peft_meta(args) if target == "peft" else {}  # needs no model
+    refuse_flags_that_do_not_apply(args, target, scores_tasks=bool(tasks or args.adapter or meta.get("task")))
+    for dest, value in EVAL_DEFAULTS.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, value)
     for task in tasks:
         task.require(args.split)
     if args.corpus:  # so is the corpus (scored after the model has loaded)
@@ -315,7 +326,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if target == "pipeline":
         results = _eval_pipeline(args, tasks)
     else:
-        results = _eval_model(args, tasks, target)
+        results = _eval_model(args, tasks, target, meta)
     with_accuracy_intervals(results)
     comparisons = paired_comparisons(results.get("tasks", []))
     if comparisons:
@@ -346,6 +357,38 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def refuse_flags_that_do_not_apply(args: argparse.Namespace, target: str, *, scores_tasks: bool) -> None:
+    """Refuse the ``cpet eval`` flags given (on the command line or in a ``--config`` file) for a kind of scoring
+    the run does not do: perplexity's without ``--corpus``, accuracy's without a task to score (``scores_tasks``).
+    They used to be dropped without a word. Their parser defaults are None, so that only a given flag counts."""
+    groups = (
+        (("--max-tokens", "max_tokens"), ("--max-length", "max_length")),
+        (("--split", "split"), ("--limit", "limit"), ("--max-prompt-tokens", "max_prompt_tokens"),
+         ("--batch-size", "batch_size")))
+    corpus_flags, task_flags = ([flag for flag, dest in group if getattr(args, dest) is not None] for group in groups)
+    problems = []
+    if corpus_flags and not args.corpus:
+        problems.append((corpus_flags, "without --corpus C (perplexity)", "give --corpus C"))
+    if task_flags and not scores_tasks:
+        if target == "pipeline":
+            how = "give --task T (the compressed base, zero-shot) or --adapter NAME (scored on its own task)"
+        elif target == "peft":
+            how = f"give --task T (the PEFT adapter {args.peft} names no task: only a CPET adapter's cpet.json does)"
+        else:
+            how = "give --task T"
+        problems.append((task_flags, "when no task is scored (accuracy)", how))
+    if problems:
+        where = f" (a flag set in --config {args.config} counts as given)" if args.config else ""
+        raise ValueError("; ".join(
+            f"{_listed(flags)} {'does' if len(flags) == 1 else 'do'} not apply {why}: {how}, or leave "
+            f"{'it' if len(flags) == 1 else 'them'} out" for flags, why, how in problems) + where)
+
+
+def _listed(flags: list[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return flags[0] if len(flags) == 1 else f"{', '.join(flags[:-1])} and {flags[-1]}"
+
+
 def _check_adapter_names_its_task(adapter: str) -> None:
     """Refuse ``--peft DIR`` with nothing to score: only a CPET adapter's ``cpet.json`` names its task."""
     from ..adapters import is_cpet_adapter, read_adapter_meta
@@ -355,12 +398,12 @@ def _check_adapter_names_its_task(adapter: str) -> None:
                          "score by default: give --task T (accuracy) and/or --corpus C (perplexity)")
 
 
-def _eval_model(args: argparse.Namespace, tasks: list, target: str) -> dict:
-    """A bare model (zero-shot), or a PEFT adapter on it (``--peft``; a CPET adapter scored as it was trained)."""
+def _eval_model(args: argparse.Namespace, tasks: list, target: str, meta: dict) -> dict:
+    """A bare model (zero-shot), or a PEFT adapter on it (``--peft``; a CPET adapter scored as it was trained;
+    ``meta``: its :func:`_peft_meta`, {} for a bare model)."""
     from ..adapters import check_scoring
     from ..data.prompts import scoring_prompts
 
-    meta = _peft_meta(args) if target == "peft" else {}
     if not tasks and meta.get("task"):
         tasks = [_trained_task(meta, str(args.peft))]
         tasks[0].require(args.split)  # as --task's are in cmd_eval: a bad --split failed after the model loaded
