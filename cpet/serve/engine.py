@@ -29,7 +29,7 @@ from ..assembly import AdapterSource, Assembly, LoadedAdapter, LowRank, read_rec
 from ..models import cache_argument, context_length, iter_layer_linears, output_cache
 from ..compress.quantize import is_bnb_layer
 from ..recovery import recovery_sha256
-from .registry import AdapterRegistry, module_shapes
+from .registry import AdapterRegistry, module_shapes, owned
 
 
 @dataclass
@@ -96,9 +96,10 @@ class Engine:
 
         self.model, self.base_id, self.tokenizer = model.eval(), base_id, tokenizer
         shapes = module_shapes(model)
-        # every factor on the base's device: the shared path and the expert banks multiply by them as they are
+        # every factor on the base's device: the shared path and the expert banks multiply by them as they are;
+        # copied off the file it was read from (a recovery copied over it in place would change the served one)
         device = next(model.parameters()).device
-        self.shared = ({name: factor.to(device) for name, factor in
+        self.shared = ({name: owned(factor, device) for name, factor in
                         read_recovery(Path(shared_recovery), shapes, base_id=base_id).items()}
                        if shared_recovery is not None else {})
         self.registry = AdapterRegistry(shapes, base_id, capacity=capacity, root=root, device=device,

@@ -153,9 +153,14 @@ def create_app(engine: Engine, *, served_name: str = "cpet-base", api_key: str |
         name = data.get("model")
         if name is None or name == served_name:
             return None
-        if name not in engine.registry.names():
-            raise ServingError(404, f"unknown model {name!r}; known: {[served_name, *sorted(engine.registry.names())]}",
+        unknown = ServingError(404, f"unknown model {name!r}; known: {[served_name, *sorted(engine.registry.names())]}",
                                "not_found_error")
+        if not isinstance(name, str):
+            raise unknown
+        try:  # a use of the adapter, now: the LRU must not evict it as unused while the request waits in the queue
+            engine.registry.get(name)
+        except UnknownAdapterError:
+            raise unknown from None
         return name
 
     def integer(data: dict, key: str, default: int, low: int, high: int) -> int:

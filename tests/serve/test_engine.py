@@ -456,3 +456,48 @@ def test_a_damaged_prompt_limit_fails_its_own_classify_requests_at_admission(ser
         assert engine.classifier_meta("plain")["max_prompt_tokens"] >= 1  # the others' requests still pass
     finally:
         engine.registry.unload("damaged")
+
+
+def test_a_loaded_adapter_keeps_its_factors_when_its_files_are_overwritten_in_place(served, tmp_path):
+    """Safetensors files are read memory-mapped, and an fp32 factor's ``float()`` is no copy: a loaded adapter's
+    factors were the file's pages. Copying a new version over the directory (``cp``, ``shutil.copyfile``: the same
+    file, truncated and rewritten) then changed the adapter already loaded, under the requests running with it,
+    before any reload (and a file cut shorter than its mapping kills the process with SIGBUS on the next read)."""
+    from tests.test_assembly import give_weight
+
+    pipeline, engine, _ = served
+    hot, newer = tmp_path / "hot", tmp_path / "newer"
+    shutil.copytree(pipeline.adapters()["both"], hot)
+    shutil.copytree(pipeline.adapters()["both"], newer)
+    give_weight(newer, seed=7)  # another version of the same adapter: same shapes, other factors
+    engine.registry.load("hot", hot)
+    try:
+        loaded = engine.registry.get("hot")
+        assert loaded.per_task  # both kinds of file are covered
+        factors = {(kind, module): f for kind in ("lora", "per_task") for module, f in getattr(loaded, kind).items()}
+        before = {key: (f.A.clone(), f.B.clone()) for key, f in factors.items()}
+        logits = engine.forward(["hot", "hot"], input_ids=IDS[:2]).logits
+        engine.release_stacks()
+        for file in newer.rglob("*.safetensors"):
+            shutil.copyfile(file, hot / file.relative_to(newer))  # in place: the same inode
+        for key, f in factors.items():
+            assert torch.equal(f.A, before[key][0]) and torch.equal(f.B, before[key][1]), key
+        assert torch.equal(engine.forward(["hot", "hot"], input_ids=IDS[:2]).logits, logits)
+        engine.registry.load("hot", hot)  # a reload reads the new version
+        assert not torch.allclose(engine.forward(["hot", "hot"], input_ids=IDS[:2]).logits, logits)
+    finally:
+        engine.release_stacks()
+        engine.registry.unload("hot")
+    # the same for the base's shared recovery, read once when the engine starts
+    work = tmp_path / "work"
+    shutil.copytree(pipeline.work_dir, work, ignore=shutil.ignore_patterns("adapters"))
+    other = Engine.from_pipeline(work)
+    try:
+        shared = {key: (f.A.clone(), f.B.clone()) for key, f in other.shared.items()}
+        assert shared
+        for file in (work / "recovery").rglob("*.safetensors"):
+            file.write_bytes(b"\0" * file.stat().st_size)  # rewritten in place, zeros
+        for key, f in other.shared.items():
+            assert torch.equal(f.A, shared[key][0]) and torch.equal(f.B, shared[key][1]), key
+    finally:
+        other.close()

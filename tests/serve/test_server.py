@@ -701,3 +701,43 @@ def test_oversized_bodies_prompts_and_stop_lists_are_refused_before_any_work(ser
     assert huge.status_code == 413 and "over the server's" in huge.json()["error"]["message"]
     assert httpx.post(f"{url}/v1/completions", json={"model": "plain", "prompt": "hi", "max_tokens": 2}).status_code \
         == 200
+
+
+def test_a_queued_request_is_a_use_of_its_adapter_that_lru_eviction_sees(served, monkeypatch):  # noqa: F811
+    """A generation's adapter was marked used only when the request joined a batch (a classification's at once):
+    while it waited in the queue, a runtime load evicted its adapter as the least recently used, and the request,
+    already accepted, ended with a 404 in place of its answer."""
+    import threading
+
+    import cpet.serve.server
+    from cpet.serve import Engine
+    from cpet.serve.server import create_app, serve_in_thread
+
+    gate = threading.Event()
+
+    class Gated(Scheduler):  # holds every request in the queue until the gate opens
+        def _step(self):
+            gate.wait()
+            super()._step()
+
+    pipeline, _, _ = served
+    engine = Engine.from_pipeline(pipeline.work_dir, capacity=2)
+    engine.registry.load("a", pipeline.adapters()["plain"])
+    engine.registry.load("b", pipeline.adapters()["shared"])  # a is the least recently used now
+    monkeypatch.setattr(cpet.serve.server, "Scheduler", Gated)
+    url, stop = serve_in_thread(create_app(engine, api_key=KEY))
+    try:
+        body = {"model": "a", "prompt": "the quick", "max_tokens": 3, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=20) as response:
+            assert response.status_code == 200  # accepted: it waits in the queue
+            loaded = httpx.post(f"{url}/v1/load_lora_adapter", headers={"Authorization": f"Bearer {KEY}"},
+                                json={"lora_name": "c", "lora_path": str(pipeline.adapters()["both"])})
+            assert loaded.status_code == 200
+            assert engine.registry.names() == ["a", "c"]  # b went: a was used since, by the request waiting
+            gate.set()
+            lines = [line for line in response.iter_lines() if line]
+        assert lines[-1] == "data: [DONE]" and not any('"error"' in line for line in lines)
+    finally:
+        gate.set()
+        stop()
+        engine.close()
