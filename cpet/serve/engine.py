@@ -312,6 +312,26 @@ class Engine:
                 self._batch = None
 
     # ------------------------------------------------------------------ requests
+    def end_token_ids(self) -> frozenset[int]:
+        """The tokens that end a generation: the model's ``generation_config.eos_token_id`` (one id or a list, as
+        Llama 3's ``[<|end_of_text|>, <|eot_id|>]``; the config's when the model has no generation config) and the
+        tokenizer's EOS, as transformers' ``generate`` stops. Only the tokenizer's EOS once ended a generation, and
+        a chat model then wrote on past its end-of-turn token. Read at each call: a generation config changed after
+        the engine was built counts."""
+        config = getattr(self.model, "generation_config", None)
+        config = config if config is not None else getattr(self.model, "config", None)
+        declared = getattr(config, "eos_token_id", None)
+        declared = [] if declared is None else [declared] if isinstance(declared, int) else list(declared)
+        own = getattr(self.tokenizer, "eos_token_id", None)
+        return frozenset(int(t) for t in [*declared, *([own] if own is not None else [])])
+
+    def text_of(self, tokens: Sequence[int]) -> str:
+        """The text of generated ``tokens``, special tokens left out (``<pad>``, ``<bos>``, a chat template's
+        markers), as vLLM and other OpenAI-compatible servers detokenise by default: they are no text, and a stop
+        string is matched on the text without them. :meth:`generate` and the scheduler both decode through here,
+        so their texts, and a stream's pieces, agree."""
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
     def classifier_meta(self, adapter: str | LoadedAdapter) -> dict:
         """The ``cpet.json`` of a loaded adapter (a name or a resolved one); ValueError unless it names labels and
         label words."""
@@ -386,8 +406,9 @@ class Engine:
                  temperature: float = 0.0, seed: int | None = None, stop: Sequence[str] = ()) -> list[dict]:
         """Greedy (``temperature`` 0) or sampled completions of a mixed-adapter batch with one KV cache.
 
-        Prompts are left-padded; each row stops at ``max_tokens``, at the tokenizer's end-of-sequence token or
-        when its text contains one of ``stop`` (cut before it). Returns ``[{"text", "tokens", "finish_reason"}]``.
+        Prompts are left-padded; each row stops at ``max_tokens``, at any of the model's end tokens
+        (:meth:`end_token_ids`) or when its text (:meth:`text_of`: special tokens left out) contains one of
+        ``stop`` (cut before it). Returns ``[{"text", "tokens", "finish_reason"}]``.
         """
         if len(prompts) != len(adapters):
             raise ValueError(f"{len(prompts)} prompts for {len(adapters)} adapters")
@@ -401,7 +422,7 @@ class Engine:
         # (as the server seeds each request), so the same prompt and seed give the same text in any batch
         generators = [torch.Generator(device=device).manual_seed(seed) if seed is not None else None
                       for _ in encoded]
-        eos = self.tokenizer.eos_token_id
+        ends = self.end_token_ids()
         tokens: list[list[int]] = [[] for _ in encoded]
         finish = [None] * len(encoded)
         cache = None
@@ -417,11 +438,11 @@ class Engine:
                 for i, token in enumerate(chosen.tolist()):
                     if finish[i] is not None:
                         continue
-                    if eos is not None and token == eos:
+                    if token in ends:
                         finish[i] = "stop"
                         continue
                     tokens[i].append(token)
-                    if cut_at_stop(self.tokenizer.decode(tokens[i]), stop)[1]:
+                    if cut_at_stop(self.text_of(tokens[i]), stop)[1]:
                         finish[i] = "stop"
                 if all(f is not None for f in finish):
                     break
@@ -430,7 +451,7 @@ class Engine:
                 attention = torch.cat([attention, attention.new_ones(len(encoded), 1)], dim=1)
         finally:
             self.release_stacks()
-        return [{"text": cut_at_stop(self.tokenizer.decode(ids), stop)[0], "tokens": len(ids),
+        return [{"text": cut_at_stop(self.text_of(ids), stop)[0], "tokens": len(ids),
                  "finish_reason": finish[i] or "length"} for i, ids in enumerate(tokens)]
 
     def check_generation_fits(self, prompt_tokens: int, max_tokens: int) -> None:

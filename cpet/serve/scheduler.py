@@ -79,8 +79,8 @@ class Scheduler:
         max_queue: requests waiting at most (beyond them :meth:`submit` raises :class:`QueueFull`).
         max_batch: sequences in one step at most (new ones wait in the queue until rows free up).
         on_step: called after every step that ran the model for generation with ``(rows, new tokens, seconds)``
-            (metrics): the rows it decoded or prefilled, the tokens it appended to them (a row that ends on EOS or
-            was cancelled appends none) and the step's duration.
+            (metrics): the rows it decoded or prefilled, the tokens it appended to them (a row that ends on an end
+            token, :meth:`Engine.end_token_ids`, or was cancelled appends none) and the step's duration.
 
     Raises:
         ValueError: ``max_queue`` or ``max_batch`` below 1 (checked before the worker starts): a batch of 0 would
@@ -279,20 +279,22 @@ class Scheduler:
 
     def _advance(self, runs: list[_Running], logits: torch.Tensor, offset: int) -> int:
         """Choose each row's next token, stream it, and drop the rows that are done; returns the tokens appended
-        (a row that ends on EOS or was cancelled appends none)."""
-        eos = self.engine.tokenizer.eos_token_id
+        (a row that ends on an end token or was cancelled appends none)."""
+        ends = self.engine.end_token_ids()  # the same end tokens as Engine.generate
         self._advanced_rows += len(runs)
         appended = 0
         done = []
         for i, run in enumerate(runs):
             request = run.request
             token = int(next_token(logits[i:i + 1], request.temperature, run.generator))
-            if request.cancelled or (eos is not None and token == eos):
+            if request.cancelled or token in ends:
                 done.append((offset + i, run, "stop"))
                 continue
             run.tokens.append(token)
             appended += 1
-            visible, stopped = cut_at_stop(self.engine.tokenizer.decode(run.tokens), request.stop)
+            # decoded as Engine.generate and _finish decode (special tokens left out): streaming the text that
+            # _finish returns keeps the pieces joining to exactly the final text
+            visible, stopped = cut_at_stop(self.engine.text_of(run.tokens), request.stop)
             ready = len(visible) if stopped else len(visible) - stop_prefix_length(visible, request.stop)
             if ready > run.sent and not visible[:ready].endswith("\ufffd"):  # whole characters only
                 request.events.put(visible[run.sent:ready])
@@ -345,7 +347,7 @@ class Scheduler:
             if not request.future.done():
                 request.future.set_exception(error)
             return
-        text = cut_at_stop(self.engine.tokenizer.decode(run.tokens), request.stop)[0]
+        text = cut_at_stop(self.engine.text_of(run.tokens), request.stop)[0]
         if len(text) > run.sent:
             request.events.put(text[run.sent:])
         request.events.put(None)

@@ -149,18 +149,20 @@ def create_app(engine: Engine, *, served_name: str = "cpet-base", api_key: str |
             raise ServingError(400, "the request body must be a JSON object")
         return data
 
+    def unknown_model(name) -> ServingError:
+        return ServingError(404, f"unknown model {name!r}; known: {[served_name, *sorted(engine.registry.names())]}",
+                            "not_found_error")
+
     def adapter_of(data: dict) -> str | None:
         name = data.get("model")
         if name is None or name == served_name:
             return None
-        unknown = ServingError(404, f"unknown model {name!r}; known: {[served_name, *sorted(engine.registry.names())]}",
-                               "not_found_error")
         if not isinstance(name, str):
-            raise unknown
+            raise unknown_model(name)
         try:  # a use of the adapter, now: the LRU must not evict it as unused while the request waits in the queue
             engine.registry.get(name)
         except UnknownAdapterError:
-            raise unknown from None
+            raise unknown_model(name) from None
         return name
 
     def integer(data: dict, key: str, default: int, low: int, high: int) -> int:
@@ -393,6 +395,8 @@ def create_app(engine: Engine, *, served_name: str = "cpet-base", api_key: str |
             raise ServingError(400, "classification needs an adapter in model (the bare base has no labels)")
         try:  # checked here: in the scheduler it would fail the whole batch
             engine.classifier_meta(name)
+        except UnknownAdapterError:  # unloaded, or evicted by another call's load, since adapter_of found it: the
+            raise unknown_model(name) from None  # model is not there, a 404 as adapter_of's (a KeyError: else a 500)
         except ValueError as exc:
             raise ServingError(400, str(exc)) from None
         texts = data.get("input")

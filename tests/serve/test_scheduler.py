@@ -340,3 +340,76 @@ def test_step_metrics_count_the_rows_computed_and_the_tokens_appended(served):  
     scheduler.submit(ClassifyRequest("plain", "a fine day"))
     scheduler._step()
     assert len(steps) == 5  # a classification step generates nothing
+
+
+def forcing(engine, monkeypatch, tokens: list[int]) -> None:
+    """Make the engine's ``n``-th model call (0: the prefill) choose ``tokens[n]`` in every row, greedy: what a
+    random tiny model writes is then known, end and special tokens included, in ``Engine.generate`` and the
+    scheduler alike (both call ``engine.forward``)."""
+    calls = iter(range(len(tokens)))
+    original = engine.forward
+
+    def forward(*args, **kwargs):
+        out = original(*args, **kwargs)
+        n = next(calls, None)
+        if n is not None:
+            out.logits[:, -1, tokens[n]] = out.logits.abs().max() * 2 + 100
+        return out
+
+    monkeypatch.setattr(engine, "forward", forward)
+
+
+def generated_both_ways(engine, monkeypatch, tokens: list[int], prompt: str, max_tokens: int, stop=()):
+    """``(Engine.generate's result, the scheduler's result, the scheduler's streamed text)`` with ``tokens`` forced."""
+    forcing(engine, monkeypatch, tokens)
+    direct = engine.generate([prompt], ["plain"], max_tokens=max_tokens, stop=stop)[0]
+    forcing(engine, monkeypatch, tokens)
+    scheduler = SteppedScheduler(engine)
+    request = GenerationRequest(ids_of(engine, prompt), "plain", max_tokens, stop=tuple(stop))
+    scheduler.submit(request)
+    while not request.future.done():
+        scheduler._step()
+    return direct, request.future.result(timeout=0), streamed(request)
+
+
+def test_end_token_ids_are_the_generation_configs_int_or_list_and_the_tokenizers(served, monkeypatch):  # noqa: F811
+    _, engine, _ = served
+    config = engine.model.generation_config
+    eos = engine.tokenizer.eos_token_id
+    for declared, expected in (([eos, 65, 66], {eos, 65, 66}), (65, {eos, 65}), (None, {eos}), ([], {eos})):
+        monkeypatch.setattr(config, "eos_token_id", declared)
+        assert engine.end_token_ids() == frozenset(expected)
+
+
+def test_generation_stops_at_any_end_token_the_generation_config_lists(served, monkeypatch):  # noqa: F811
+    """A Llama-3 style ``generation_config.eos_token_id`` of several tokens ([eos, eot]): generation stopped only
+    at the tokenizer's EOS and ran past the others."""
+    _, engine, _ = served
+    a, b, eot = (engine.tokenizer.convert_tokens_to_ids(c) for c in "ab!")
+    forced = [a, b, eot, a, b, a]
+    # not an end token: generation runs past it (the forcing works, and this is what it did with a listed one)
+    for result in generated_both_ways(engine, monkeypatch, forced, "the quick", 5)[:2]:
+        assert (result["text"], result["tokens"], result["finish_reason"]) == ("ab!ab", 5, "length")
+    for declared in ([engine.tokenizer.eos_token_id, eot], eot):  # a list, or one int beside the tokenizer's
+        monkeypatch.setattr(engine.model.generation_config, "eos_token_id", declared)
+        direct, scheduled, stream = generated_both_ways(engine, monkeypatch, forced, "the quick", 5)
+        for result in (direct, scheduled):
+            assert (result["text"], result["tokens"], result["finish_reason"]) == ("ab", 2, "stop")
+        assert stream == "ab"
+
+
+def test_generated_special_tokens_are_left_out_of_the_text_and_stops_match_across_them(served, monkeypatch):  # noqa: F811
+    """As vLLM's default (``skip_special_tokens``): a generated <pad> or <bos> is no text; it still counts as a
+    generated token, and a stop string is matched on the text without it, in the stream as in the result."""
+    _, engine, _ = served
+    tokenizer = engine.tokenizer
+    a, b, c, d = (tokenizer.convert_tokens_to_ids(ch) for ch in "abcd")
+    forced = [a, tokenizer.pad_token_id, b, tokenizer.bos_token_id, c, d]
+    direct, scheduled, stream = generated_both_ways(engine, monkeypatch, forced, "the quick", 6)
+    for result in (direct, scheduled):
+        assert (result["text"], result["tokens"], result["finish_reason"]) == ("abcd", 6, "length")
+    assert stream == "abcd"
+    direct, scheduled, stream = generated_both_ways(engine, monkeypatch, forced, "the quick", 6, stop=["bc"])
+    for result in (direct, scheduled):
+        assert (result["text"], result["finish_reason"]) == ("a", "stop")
+    assert stream == "a"

@@ -741,3 +741,25 @@ def test_a_queued_request_is_a_use_of_its_adapter_that_lru_eviction_sees(served,
         gate.set()
         stop()
         engine.close()
+
+
+def test_an_adapter_evicted_just_before_its_classifier_check_is_a_404_not_a_500(server, monkeypatch):
+    """The adapter can leave (unloaded, or evicted by another call's load) between the handler's name check and its
+    classifier check: the client asked for a model that is not there, a 404 with the usual body, as if it never
+    was."""
+    url, app, pipeline, _ = server
+    engine = app.state.engine
+    engine.registry.load("fleeting", pipeline.adapters()["plain"])
+    original = engine.classifier_meta
+
+    def evicted_first(adapter):
+        if adapter == "fleeting" and "fleeting" in engine.registry.names():
+            engine.registry.unload("fleeting")
+        return original(adapter)
+
+    monkeypatch.setattr(engine, "classifier_meta", evicted_first)
+    response = httpx.post(f"{url}/v1/classify", json={"model": "fleeting", "input": "a fine day"})
+    assert response.status_code == 404
+    error = response.json()["error"]
+    assert error["type"] == "not_found_error" and error["code"] == 404
+    assert error["message"].startswith("unknown model 'fleeting'; known: ['cpet-base'")
