@@ -627,3 +627,21 @@ def test_a_grid_refuses_a_budget_its_cells_would_refuse_before_building_anything
     with pytest.raises(SystemExit, match=error):
         grid.main([*common, *options])
     assert not (tmp_path / "runs").exists()
+
+
+def test_another_recovery_budget_clashes_only_with_the_rows_that_read_the_shared_recovery():
+    """A finished original or vanilla cell was refused as 'measured with another budget' for a --recovery-steps it
+    never read: only rows tuned with the shared recovery depend on it."""
+    from types import SimpleNamespace
+
+    import experiments.grid as grid
+
+    args = SimpleNamespace(steps=40, batch_size=8, lr=1e-3, eval_every=20, eval_limit=100, max_prompt_tokens=128,
+                           model="m", test_limit=None, recovery_steps=120)
+    for row in ("original", "vanilla", "inherit", "cpet", "cpet-shared", "shared-rec"):
+        finished = {"tune_config": grid.budget(args, row).to_dict(),
+                    "grid_args": {"model": "m", "test_limit": None, "recovery_steps": 100}}
+        expected = ["recovery_steps 100 -> 120"] if row in ("cpet-shared", "shared-rec") else []
+        assert grid.budget_clash(finished, args, row) == expected, row
+        finished["grid_args"]["model"] = "other"  # what every row reads still clashes
+        assert "model other -> m" in grid.budget_clash(finished, args, row)
