@@ -75,7 +75,7 @@ def resolve(device: str = "auto", dtype: str = "auto", threads: int | None = Non
 def _cuda_half() -> torch.dtype:
     """The half precision ``--dtype auto`` picks on CUDA: bf16 (fp32's range), or fp16 on GPUs without native bf16
     (before Ampere: T4, V100), where bf16 is emulated many times slower."""
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
 def apply(runtime: Runtime) -> Runtime:

@@ -525,7 +525,7 @@ def test_a_grid_refuses_a_shared_recovery_distilled_with_another_budget(tmp_path
     assert grid.prepare_setting("nf4", tmp_path / "runs", args) is fake
 
 
-def test_table_script_refuses_a_task_or_seed_named_twice(tmp_path):
+def test_table_script_refuses_a_task_or_seed_named_twice(tmp_path, capsys):
     """``--seeds 0 0`` counted each (task, seed) pair twice: a one-seed delta read as two seeds of one task (its
     interval claimed a training term, and lost "one seed per task: test-set noise only"), and the progress line
     counted every cell twice; ``--tasks a a`` weighed task a twice in the averages and the deltas."""
@@ -537,8 +537,10 @@ def test_table_script_refuses_a_task_or_seed_named_twice(tmp_path):
     common = ["--cells", str(cells_dir), "--doc", str(doc), "--settings", "nf4", "--rows", "original", "vanilla"]
     with pytest.raises(SystemExit):
         table_main([*common, "--tasks", "a", "--seeds", "0", "0"])
+    assert "error: --seeds: 0 named more than once" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         table_main([*common, "--tasks", "a", "a", "--seeds", "0"])
+    assert "error: --tasks: a named more than once" in capsys.readouterr().err
     assert not doc.exists()  # refused before anything was written
     table_main([*common, "--tasks", "a", "--seeds", "0"])
     assert "Cells finished: 2 of 2 (the grid is complete)." in doc.read_text()

@@ -40,11 +40,15 @@ def test_default_threads_count_only_the_cores_this_process_may_use(monkeypatch):
     assert default_threads() == 13
 
 
-@pytest.mark.parametrize("bf16, expected", [(True, torch.bfloat16), (False, torch.float16)])
-def test_auto_dtype_on_cuda_is_bf16_only_where_the_gpu_has_it(monkeypatch, bf16, expected):
+@pytest.mark.parametrize("native, expected", [(True, torch.bfloat16), (False, torch.float16)])
+def test_auto_dtype_on_cuda_is_bf16_only_where_the_gpu_has_it(monkeypatch, native, expected):
     """bf16 on a GPU without it (T4, V100) is emulated many times slower: auto takes fp16 there."""
+    def is_bf16_supported(including_emulation: bool = True) -> bool:
+        # as torch's own: a pre-Ampere GPU runs bf16 emulated, so only including_emulation=False tells it apart
+        return native or including_emulation
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
     assert resolve("auto", "auto").dtype == expected
     assert resolve("auto", "float32").dtype == torch.float32  # what is asked for is kept
     assert resolve("cpu", "auto").dtype == torch.float32

@@ -82,30 +82,39 @@ def test_bench_moefy_speed_only_refuses_another_clustering_than_its_report(tmp_p
         bench_moefy.main(["--speed-only", "--out", str(out), "--threads", "1"])
 
 
-@pytest.mark.parametrize("options", [["--speed-repeats", "0"], ["--top-k", "20"], ["--top-k", "0"], ["--tau", "1.5"],
-                                     ["--speed-experts", "1", "--speed-share", "1"]])
-def test_bench_moefy_refuses_bad_options_before_loading_the_model(options, monkeypatch, restore_threads):
+MOEFY_OPTIONS = r"^--experts / --top-k / --tau / --speed-experts: "
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--speed-repeats", "0"], r"^--speed-repeats must be >= 1, got 0$"),
+    (["--top-k", "20"], MOEFY_OPTIONS + r"top_k must be in 1\.\.num_experts \(16\), got 20"),
+    (["--top-k", "0"], MOEFY_OPTIONS + r"top_k must be in 1\.\.num_experts \(16\), got 0"),
+    (["--tau", "1.5"], MOEFY_OPTIONS + r"tau \(dynamic-k share\) must be in \(0, 1\], got 1\.5"),
+    (["--speed-experts", "1", "--speed-share", "1"], MOEFY_OPTIONS + r"num_experts must be >= 2, got 1")])
+def test_bench_moefy_refuses_bad_options_before_loading_the_model(options, message, monkeypatch, restore_threads):
     """--speed-repeats 0 timed nothing (0 tok/s) and the report's speed ratios divided by zero after the hour of
     quality work; a top-k past --experts or a tau past 1 was accepted, measured as something else or failing late."""
     import bench_moefy
 
     monkeypatch.setattr(bench_moefy, "load_base", lambda *a, **k: pytest.fail("the model was loaded"))
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match=message):
         bench_moefy.main([*options, "--threads", "1"])
 
 
 @pytest.mark.parametrize("script, options", [
     ("bench_serve", ["--repeats", "0"]), ("bench_serve", ["--counts", "0", "10"]), ("bench_serve", ["--clients", "0"]),
     ("bench_compress", ["--repeats", "0"]), ("bench_compress", ["--new-tokens", "0"])])
-def test_benchmarks_refuse_empty_timings_before_any_work(script, options, monkeypatch, restore_threads):
+def test_benchmarks_refuse_empty_timings_before_any_work(script, options, monkeypatch, restore_threads, capsys):
     """0 repeats timed nothing: throughput() reported 0 tok/s, and the tables' ratios divided by zero after all
     the work; bench_serve's 0 adapters or clients failed after the throughput part or at the very end."""
     import importlib
 
     module = importlib.import_module(script)
     monkeypatch.setattr(module, "set_threads", lambda threads: pytest.fail("the benchmark started"))
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as refused:
         module.main(options)
+    assert refused.value.code == 2  # argparse's refusal, naming the option and its value
+    assert f"error: must be >= 1: {options[0]} 0" in capsys.readouterr().err
 
 
 def test_bench_moe_partition_refuses_experts_that_do_not_divide_the_ffn_before_collecting(monkeypatch):
