@@ -95,9 +95,28 @@ def check_finished_cells(cells_dir: Path, commit: str, tune_steps: int, model: s
                              "give this run its own --cells (and --out)")
 
 
+# ppl.json's entry that says what its perplexities were measured with (the other entries: "<setting>@step<N>")
+MEASURED_WITH = "measured_with"
+
+
+def check_perplexities(ppl_path: Path, measured_with: dict) -> None:
+    """Refuse a ``ppl.json`` of perplexities measured otherwise than this run would (other code, --ppl-tokens or
+    --model, or unrecorded): they are reused by their ``setting@step`` key alone, and the report would show them
+    as this run's (its cells are checked by :func:`check_finished_cells`; a directory holding only the perplexities
+    slipped past that)."""
+    if not ppl_path.exists():
+        return
+    saved = json.loads(ppl_path.read_text())
+    if any(key != MEASURED_WITH for key in saved) and saved.get(MEASURED_WITH) != measured_with:
+        raise SystemExit(f"recovery_budget: {ppl_path} holds perplexities measured with "
+                         f"{saved.get(MEASURED_WITH, 'unrecorded settings')}, not this run's {measured_with}: give "
+                         "this run its own --cells")
+
+
 def report(cells_dir: Path) -> str:
     """Markdown: per setting and checkpoint, Brown perplexity and cpet-shared accuracy per task (mean ± sd)."""
-    ppl = json.loads((cells_dir / "ppl.json").read_text()) if (cells_dir / "ppl.json").exists() else {}
+    saved = json.loads((cells_dir / "ppl.json").read_text()) if (cells_dir / "ppl.json").exists() else {}
+    ppl = {key: value for key, value in saved.items() if key != MEASURED_WITH}
     cells = [json.loads(p.read_text()) for p in sorted(cells_dir.glob("*__*.json"))]
     commits = sorted({str(c.get("commit", "unrecorded")) for c in cells})
     if len(commits) > 1:  # one table measures one version of the code (as experiments/table.py)
@@ -158,8 +177,10 @@ def main(argv=None) -> int:
         raise SystemExit(f"recovery_budget: {exc}") from None
     for setting in args.settings:  # every setting before the first one's hours of work
         check_reused_recovery(Path(args.out) / setting, distill, steps[:-1])
+    measured_with = {"commit": grid_args.commit, "ppl_tokens": args.ppl_tokens, "model": args.model}
     if cells_dir.is_dir():
         check_finished_cells(cells_dir, grid_args.commit, args.tune_steps, args.model)
+        check_perplexities(cells_dir / "ppl.json", measured_with)
     cells_dir.mkdir(parents=True, exist_ok=True)
     for setting in args.settings:
         setting_dir = Path(args.out) / setting
@@ -179,7 +200,8 @@ def main(argv=None) -> int:
                 ppl[key] = brown_ppl(pipeline, recovery, args.ppl_tokens)
                 print(f"[budget] {key}: Brown ppl {ppl[key]:.2f}", flush=True)
                 fresh = json.loads(ppl_path.read_text()) if ppl_path.exists() else {}  # another worker's too
-                write_text_atomic(ppl_path, json.dumps({**fresh, key: ppl[key]}, indent=2, sort_keys=True))
+                write_text_atomic(ppl_path, json.dumps({**fresh, MEASURED_WITH: measured_with, key: ppl[key]},
+                                                       indent=2, sort_keys=True))
         # each worker its own original adapters (seeded: identical across workers, as the cells' hashes show)
         original = CPET(pipeline.original, setting_dir / "original")
         for seed in args.seeds:

@@ -586,6 +586,16 @@ def test_recovery_budget_refuses_what_it_would_mislabel_before_any_work(tmp_path
         budget.main([*common, "--steps", "360", "--checkpoints", "40", "120", "--tune-steps", "80"])
     with pytest.raises(SystemExit, match="steps, batch_size and eval_every must be >= 1"):  # not after distilling
         budget.main([*common, "--steps", "360", "--checkpoints", "40", "120", "--tune-steps", "0"])
+    # perplexities of other code (or unrecorded) were reused by their setting@step key and reported as this run's
+    ppl_path = tmp_path / "cells" / "ppl.json"
+    ppl_path.write_text(json.dumps({"ffn25-nf4@step0": 50.0}))
+    with pytest.raises(SystemExit, match=r"ppl\.json holds perplexities measured with unrecorded settings"):
+        budget.main([*common, "--steps", "360", "--checkpoints", "40", "120"])
+    measured = {"commit": "aaa111", "ppl_tokens": 8192, "model": "smollm2-135m"}
+    ppl_path.write_text(json.dumps({"ffn25-nf4@step0": 50.0, "measured_with": {**measured, "ppl_tokens": 2048}}))
+    with pytest.raises(SystemExit, match=r"measured with \{.*'ppl_tokens': 2048.*\}, not this run's"):
+        budget.main([*common, "--steps", "360", "--checkpoints", "40", "120"])
+    ppl_path.write_text(json.dumps({"ffn25-nf4@step0": 50.0, "measured_with": measured}))
     # the settings it was made with pass the checks, and the work begins
     with pytest.raises(pytest.fail.Exception, match="work began"):
         budget.main([*common, "--steps", "360", "--checkpoints", "40", "120"])
