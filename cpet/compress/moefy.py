@@ -409,9 +409,11 @@ def batch_expert_union(model: nn.Module, input_ids: torch.Tensor) -> float:
         chosen = block.choose(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)  # [B, L, E]
         shares.append(float(chosen.any(dim=0).float().mean()))
 
+    from ..evaluate import evaluating  # here: cpet.evaluate's imports reach back into cpet.compress
+
     handles = [block.register_forward_hook(record) for block in blocks]
     try:
-        with torch.no_grad():
+        with evaluating(model):  # a model in train mode (dropout) would route noisy inputs; its flags come back
             model(input_ids=input_ids.to(next(unwrap(model).parameters()).device))
     finally:
         for handle, block, (chosen, routed) in zip(handles, blocks, counts):

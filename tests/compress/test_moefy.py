@@ -420,6 +420,20 @@ def test_batch_expert_union_is_the_share_of_experts_any_row_chooses():
         batch_expert_union(model, ids)
 
 
+def test_batch_expert_union_runs_the_model_in_eval_mode_and_gives_its_mode_back():
+    """In train mode the attention dropout changed the routers' inputs: the share moved from call to call."""
+    from cpet.compress.moefy import batch_expert_union
+
+    model = tiny_model("llama", attention_dropout=0.5).model
+    base = compress(model, [MoEfyConfig(num_experts=8, top_k=2)], calibration=_calibration(model), progress=False)
+    ids = torch.randint(0, model.config.vocab_size, (6, 10), generator=torch.Generator().manual_seed(2))
+    evaluated = batch_expert_union(base.model.eval(), ids)
+    base.model.train()
+    torch.manual_seed(0)
+    assert [batch_expert_union(base.model, ids) for _ in range(3)] == [evaluated] * 3
+    assert all(module.training for module in base.model.modules())
+
+
 def test_validation_predicts_the_width_of_layers_that_pruning_leaves_whole():
     """A layer at FFN ratio 0 keeps every channel whatever round_to says: the MoEfy check before any work must
     count the width pruning will really leave (128 here), not the rounded-down 96."""
