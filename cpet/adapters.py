@@ -329,7 +329,7 @@ def _refuse_plain_lora_on_reordered(directory: Path, model: nn.Module) -> None:
     base) keeps in another order than the source at the same shape (MoEfied expert banks): peft loads them without
     complaint and they act on the wrong neurons (logits 4 off on a tiny model). The engine refuses the same
     adapters (:func:`cpet.assembly.load_factors`); inheritance maps them through the index maps instead."""
-    from .assembly import ADAPTER_WEIGHTS, read_safetensors, reordered_modules
+    from .assembly import ADAPTER_WEIGHTS, read_safetensors, reordered_modules, reordered_plain_lora
 
     reordered = reordered_modules(model)
     if not reordered:
@@ -338,11 +338,7 @@ def _refuse_plain_lora_on_reordered(directory: Path, model: nn.Module) -> None:
                for key in read_safetensors(directory / ADAPTER_WEIGHTS) if ".lora_" in key}
     hit = sorted(modules & reordered)
     if hit:
-        raise ValueError(f"{directory} is a plain PEFT adapter with a LoRA on {hit[0]}, whose neurons this base keeps "
-                         "in another order than the source model (MoEfication groups them into experts): its "
-                         "factors would act on the wrong neurons. Tune a CPET adapter from it instead, which maps it "
-                         "through the base's index maps: `cpet tune PIPELINE --task TASK --init inherit "
-                         f"--inherit-from {directory}`")
+        raise reordered_plain_lora(directory, hit[0])
 
 
 def load_adapter(model: nn.Module, directory: str | Path, *, base_id: str | None = None,

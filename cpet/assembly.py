@@ -318,11 +318,7 @@ def load_factors(name: str, source: AdapterSource | str | Path, module_shapes: d
         if shape is None:
             raise AdapterError(f"{directory}: module {module} is not a linear of this base")
         if module in reordered and not source.is_cpet:
-            raise AdapterError(f"{directory} is a plain PEFT adapter with a LoRA on {module}, whose neurons this "
-                               "base keeps in another order than the source model (MoEfication groups them into "
-                               "experts): its factors would act on the wrong neurons. Tune a CPET adapter from it "
-                               f"instead, which maps it through the base's index maps: `cpet tune PIPELINE --task "
-                               f"TASK --init inherit --inherit-from {directory}`")
+            raise reordered_plain_lora(directory, module)
         A, B = pair["A"], pair["B"]
         if A.shape[1] != shape[0] or B.shape[0] != shape[1] or A.shape[0] != B.shape[1]:
             raise AdapterError(f"{directory}: module {module} has LoRA shapes A {tuple(A.shape)}, B "
@@ -393,6 +389,17 @@ def module_shapes(model) -> dict[str, tuple[int, int]]:
 
     return {name: (layer[role].in_features, layer[role].out_features)
             for layer in iter_layer_linears(unwrap(model)) for role, name in layer.names.items()}
+
+
+def reordered_plain_lora(directory: Path, module: str) -> AdapterError:
+    """The refusal of a plain PEFT adapter (no ``cpet.json``) with a LoRA on ``module``, a linear whose neurons the
+    base keeps in another order than the source model (:func:`reordered_modules`): its factors would act on the
+    wrong neurons. Serving (:func:`load_factors`) and :func:`cpet.adapters.load_standalone` both raise it."""
+    return AdapterError(f"{directory} is a plain PEFT adapter with a LoRA on {module}, whose neurons this base keeps "
+                        "in another order than the source model (MoEfication groups them into experts): its factors "
+                        "would act on the wrong neurons. Tune a CPET adapter from it instead, which maps it through "
+                        "the base's index maps: `cpet tune PIPELINE --task TASK --init inherit --inherit-from "
+                        f"{directory}`")
 
 
 def reordered_modules(model) -> frozenset[str]:
@@ -475,4 +482,4 @@ def _read_json(path: Path) -> dict:
 
 __all__ = ["AdapterError", "AdapterSource", "Assembly", "LoadedAdapter", "LowRank", "as_source", "check_stated_rank",
            "load_factors", "module_shapes", "naming_damaged_safetensors", "read_recovery", "read_safetensors",
-           "reordered_modules"]
+           "reordered_modules", "reordered_plain_lora"]
