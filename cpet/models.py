@@ -6,9 +6,12 @@ The module map is what every later stage reads to find a decoder layer's attenti
 and their ``up``/``down`` are ``fc1``/``fc2``). It is read from the model's structure
 (:func:`cpet.module_map.derive_family`), so any decoder-only architecture of the installed transformers whose
 layers have those linears works; :data:`FAMILIES` pins the maps of the first families as overrides.
-Architectures that do not fit (fused ``qkv_proj`` / ``gate_up_proj``, mixtures of experts, state-space or
-hybrid layers, low-rank attention) are refused with an :class:`UnsupportedArchitectureError` that names the
-module.
+Architectures that do not fit (fused ``qkv_proj`` / ``gate_up_proj``, mixtures of experts, layers without
+exactly one attention block: state-space layers, hybrids that alternate them with attention, low-rank
+attention) are refused with an :class:`UnsupportedArchitectureError` that names the module. A parallel hybrid
+whose every layer keeps one attention block and one FFN beside its state-space mixer (``falcon_h1``) fits: the
+pruning and MoEfication change its attention and FFN only, and quantization takes the mixer's linears too, as
+it takes every linear of the decoder layers.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchtools import add_threads_option, git_commit, paused, set_threads  # noqa: E402
+from benchtools import add_threads_option, git_commit, paused, refuse_sizes_below_one, set_threads  # noqa: E402
 from cpet.assets import write_text_atomic  # noqa: E402
 from cpet.compress import calibration_ids, compress  # noqa: E402
 from cpet.config import PruneConfig, QuantizeConfig  # noqa: E402
@@ -99,9 +99,7 @@ def main(argv=None) -> int:
     sizes = {"--max-tokens": args.max_tokens, "--calibration-samples": args.calibration_samples,
              "--batch-size": args.batch_size, "--prompt-len": args.prompt_len, "--new-tokens": args.new_tokens,
              "--repeats": args.repeats}
-    bad = [f"{option} {value}" for option, value in sizes.items() if value < 1]
-    if bad:
-        parser.error(f"must be >= 1: {', '.join(bad)}")
+    refuse_sizes_below_one(parser, sizes)
     set_threads(args.threads)
 
     commit = git_commit()  # the code as it was imported, before the long work

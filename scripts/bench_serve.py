@@ -32,7 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchtools import add_threads_option, git_commit, paused, set_threads, write_report  # noqa: E402
+from benchtools import (add_threads_option, git_commit, paused, refuse_sizes_below_one, set_threads,  # noqa: E402
+                        write_report)
 from cpet.evaluate import throughput  # noqa: E402
 from cpet.models import unwrap  # noqa: E402
 from cpet.runtime import describe_machine  # noqa: E402
@@ -140,9 +141,7 @@ def main(argv=None) -> int:
     sizes = {"--batch": args.batch, "--prompt-len": args.prompt_len, "--new-tokens": args.new_tokens,
              "--repeats": args.repeats, "--counts": min(args.counts), "--clients": args.clients,
              "--requests-per-client": args.requests_per_client, "--max-tokens": args.max_tokens}
-    bad = [f"{option} {value}" for option, value in sizes.items() if value < 1]
-    if bad:
-        parser.error(f"must be >= 1: {', '.join(bad)}")
+    refuse_sizes_below_one(parser, sizes)
     set_threads(args.threads)
 
     from peft import PeftModel

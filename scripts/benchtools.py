@@ -68,6 +68,15 @@ def add_threads_option(parser) -> None:
                              "benchmark times alone, with --pause stopping what shares the machine)")
 
 
+def refuse_sizes_below_one(parser, sizes: dict[str, int]) -> None:
+    """``parser.error`` (exit 2, before any work) naming every ``{option: value}`` of ``sizes`` below 1: a count of
+    repeats, tokens or clients of 0 times nothing, and the ratios of the tables then divide by zero after all
+    the work."""
+    bad = [f"{option} {value}" for option, value in sizes.items() if value < 1]
+    if bad:
+        parser.error(f"must be >= 1: {', '.join(bad)}")
+
+
 def set_threads(threads: int | None) -> int:
     """Set torch's thread count to ``threads``, or to every core this process may run on, and return it.
 

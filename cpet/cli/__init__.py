@@ -80,8 +80,9 @@ def _command(sub, name: str, help_text: str, func, *, runs_models: bool = True) 
     if runs_models:
         group = parser.add_argument_group("runtime")
         group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                           help="where a model loaded by name runs (auto: CUDA when available, else the CPU); a "
-                                "pipeline's compressed base is read onto the CPU")
+                           help="where a model loaded by name runs, and where `cpet serve` reads its base (auto: "
+                                "CUDA when available, else the CPU); other commands read a pipeline's compressed "
+                                "base onto the CPU")
         group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                            help="weights' dtype; auto: float32 on the CPU, bfloat16 on CUDA (float16 on GPUs "
                                 "without bfloat16)")

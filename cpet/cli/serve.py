@@ -79,7 +79,8 @@ def build_app(args: argparse.Namespace):
         raise ValueError(f"{args.base} is a bare base, so there is no pipeline adapters/ to confine runtime adapter "
                          "loads to: give --adapter-root DIR (loads must lie inside it), or serve the pipeline "
                          "directory, or leave the API key out (no runtime loads)")
-    base = CompressedBase.load(base_dir)
+    runtime = getattr(args, "runtime", None)  # --device resolved by the CLI (auto: CUDA when there is one)
+    base = CompressedBase.load(base_dir, device=runtime.device if runtime is not None else "cpu")
     engine = Engine(base.model, base.base_id, base.tokenizer, shared_recovery=recovery, capacity=args.max_adapters,
                     root=root)
     for name, path in adapters:  # the operator's own adapters: not confined to the root

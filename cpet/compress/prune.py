@@ -223,7 +223,9 @@ def element_scores(model: nn.Module, importance: Importance, calibration: torch.
                               for n, m in linears.items()})
     # first-order Taylor: |W * dL/dW| with the gradient summed over the calibration batches. Only the mapped
     # linears take gradients: every other parameter is frozen for the pass (and restored), so that no gradient
-    # of the embedding, the norms or lm_head is computed or left behind on the model
+    # of the embedding, the norms or lm_head is computed or left behind on the model. The sum is kept in fp32,
+    # not left to autograd's accumulation in .grad: that runs in the weight's dtype, and in bf16 (CPET's default
+    # on CUDA) each added batch is rounded to 8 bits of mantissa, so later batches count for less
     params = dict(model.named_parameters())
     flags = {name: param.requires_grad for name, param in params.items()}
     mapped = {id(m.weight) for m in linears.values()}
@@ -233,10 +235,14 @@ def element_scores(model: nn.Module, importance: Importance, calibration: torch.
     was_training = model.training
     model.eval()
     try:
+        sums = {n: torch.zeros_like(m.weight, dtype=torch.float32) for n, m in linears.items()}
         for batch in tqdm(batches, desc="taylor", disable=not progress, leave=False):
             batch = batch.to(device)
             model(input_ids=batch, labels=batch).loss.backward()
-        return ElementScores({n: (m.weight.detach() * m.weight.grad).abs() for n, m in linears.items()})
+            for name, module in linears.items():
+                sums[name] += module.weight.grad
+                module.weight.grad = None
+        return ElementScores({n: (m.weight.detach().float() * sums[n]).abs() for n, m in linears.items()})
     finally:
         for name, param in params.items():
             param.grad = None

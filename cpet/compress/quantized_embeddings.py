@@ -85,6 +85,18 @@ class QuantizedEmbedding8bit(_KeepsOutputDtype):
         self.num_embeddings, self.embedding_dim = weight.shape
         self.dtype = dtype  # of the table it replaces: what the model's next layers take
 
+    def _apply(self, fn, recurse=True):
+        """``.to(device)`` moves the scales; ``.to(torch.bfloat16)`` / ``.half()`` leave them fp32 (as bitsandbytes'
+        ``Int8Params`` keeps its ``SCB``): a float buffer would be cast, and bf16 scales (8 bits of mantissa) would
+        shift every row of the table by up to 0.4%."""
+        scales = self._buffers.pop("SCB")
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            device = fn(torch.empty(0, dtype=scales.dtype, device=scales.device)).device
+            self.register_buffer("SCB", scales.to(device))
+        return self
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         rows = F.embedding(ids, self.weight).float() * (F.embedding(ids, self.SCB.unsqueeze(1)) / 127.0)
         return rows.to(self.dtype)

@@ -262,6 +262,26 @@ def test_taylor_importance_takes_gradients_of_the_mapped_linears_only_and_leaves
     assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
 
 
+def test_taylor_importance_sums_the_batches_gradients_in_fp32_on_a_bf16_model():
+    """Autograd accumulates .grad in the weight's dtype: on a bf16 model every added batch was rounded to 8 bits of
+    mantissa. The scores must be |W * sum of the batches' gradients| with the sum taken in fp32."""
+    from cpet.compress.prune import element_scores
+
+    model = tiny_model("llama").model.to(torch.bfloat16)
+    calibration = torch.randint(0, model.config.vocab_size, (8, 16), generator=torch.Generator().manual_seed(0))
+    name, linear = "model.layers.0.mlp.up_proj", model.model.layers[0].mlp.up_proj
+    expected = torch.zeros_like(linear.weight, dtype=torch.float32)
+    for batch in calibration.split(1):  # each batch's own bf16 gradient, summed in fp32 in the same order
+        model(input_ids=batch, labels=batch).loss.backward()
+        expected += linear.weight.grad
+        model.zero_grad(set_to_none=True)
+    expected = (linear.weight.detach().float() * expected).abs()
+    scores = element_scores(model, PruneConfig(ffn_ratio=0.5, importance="taylor").importance, calibration,
+                            batch_size=1)
+    assert scores[name].dtype == torch.float32
+    assert torch.equal(scores[name], expected)
+
+
 def test_pruning_does_not_warn_about_the_norm_weights_it_never_prunes():
     """torch-pruning listed every RMSNorm weight ("Unwrapped parameters detected") on every compress and demo run;
     CPET never prunes the hidden size those weights follow."""

@@ -123,3 +123,17 @@ def test_a_base_with_only_its_embeddings_quantized_is_refused_as_already_quantiz
                   PruneConfig(ffn_ratio=0.5, importance="magnitude")):
         with pytest.raises(ValueError, match="the input model is already quantized"):
             compress(quantized, [stage], progress=False)
+
+
+def test_casting_an_int8_base_to_bf16_keeps_its_row_scales_fp32():
+    model = tiny_model("llama", tie_word_embeddings=True).model
+    base = compress(model, [QuantizeConfig("int8", embeddings=True)], progress=False)
+    table = base.model.get_input_embeddings()
+    scales, dequantized = table.SCB.clone(), table.dequantized()
+    base.model.to(torch.bfloat16)
+    assert table.SCB.dtype == torch.float32 and torch.equal(table.SCB, scales)  # not rounded through bf16
+    assert torch.equal(table.dequantized(), dequantized)
+    assert table(IDS).dtype == torch.bfloat16  # lookups follow the model's dtype
+    assert "SCB" in dict(table.named_buffers())  # still saved with the table
+    with torch.no_grad():
+        assert base.model(input_ids=IDS).logits.dtype == torch.bfloat16

@@ -763,3 +763,25 @@ def test_an_adapter_evicted_just_before_its_classifier_check_is_a_404_not_a_500(
     error = response.json()["error"]
     assert error["type"] == "not_found_error" and error["code"] == 404
     assert error["message"].startswith("unknown model 'fleeting'; known: ['cpet-base'")
+
+
+def test_build_app_reads_the_base_onto_the_device_the_command_resolved(tmp_path, monkeypatch):
+    """``cpet serve --device cuda`` read the base onto the CPU whatever --device said."""
+    from cpet.cli.serve import build_app
+    from cpet.compress import CompressedBase
+    from cpet.runtime import Runtime
+
+    (tmp_path / "manifest.json").write_text("{}")
+    asked = {}
+
+    def record_device(directory, device="cpu"):
+        asked["device"] = device
+        raise RuntimeError("stop after the load")
+
+    monkeypatch.setattr(CompressedBase, "load", record_device)
+    args = Namespace(base=str(tmp_path), recovery=None, adapter_root=None, served_name="cpet-base", adapter=[],
+                     api_key=None, max_adapters=8, max_prompt_tokens=200, max_tokens=64, max_queue=16, max_batch=8,
+                     timeout=60.0, runtime=Runtime(device="meta", dtype=None, threads=1, seed=0))
+    with pytest.raises(RuntimeError, match="stop after the load"):
+        build_app(args)
+    assert asked["device"] == "meta"
