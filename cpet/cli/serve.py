@@ -39,6 +39,9 @@ def build_app(args: argparse.Namespace):
 
     limits = ServerLimits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
                           max_queue=args.max_queue, max_batch=args.max_batch, timeout_s=args.timeout)
+    if getattr(args, "dtype", "auto") != "auto":  # the runtime group gives every model command --dtype
+        raise ValueError(f"--dtype {args.dtype}: cpet serve runs the base in the dtype it was saved in (the one its "
+                         "adapters were tuned against): leave --dtype out, or compress the base with that --dtype")
     if args.max_adapters < 1:
         raise ValueError(f"--max-adapters must be >= 1, got {args.max_adapters}: it is how many adapters stay "
                          "loaded")

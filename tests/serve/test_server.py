@@ -785,3 +785,8 @@ def test_build_app_reads_the_base_onto_the_device_the_command_resolved(tmp_path,
     with pytest.raises(RuntimeError, match="stop after the load"):
         build_app(args)
     assert asked["device"] == "meta"
+    asked.clear()
+    args.dtype = "bfloat16"  # a served base keeps its saved dtype: the flag is refused, not silently ignored
+    with pytest.raises(ValueError, match=r"--dtype bfloat16: cpet serve runs the base in the dtype it was saved in"):
+        build_app(args)
+    assert not asked  # before the base loads
