@@ -9,7 +9,7 @@ layers have those linears works; :data:`FAMILIES` pins the maps of the first fam
 Architectures that do not fit (fused ``qkv_proj`` / ``gate_up_proj``, mixtures of experts, layers without
 exactly one attention block: state-space layers, hybrids that alternate them with attention, low-rank
 attention) are refused with an :class:`UnsupportedArchitectureError` that names the module. A parallel hybrid
-whose every layer keeps one attention block and one FFN beside its state-space mixer (``falcon_h1``) fits: the
+whose every layer keeps one attention block and one FFN beside its state-space mixer (``falcon_h1``) fits:
 pruning and MoEfication change its attention and FFN only, and quantization takes the mixer's linears too, as
 it takes every linear of the decoder layers.
 """
