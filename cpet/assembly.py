@@ -53,11 +53,21 @@ class LowRank:
     def nbytes(self) -> int:
         return self.A.numel() * self.A.element_size() + self.B.numel() * self.B.element_size()
 
-    def to(self, device: torch.device | str) -> "LowRank":
-        """The same factors on ``device`` (itself when they are there already)."""
-        if self.A.device == torch.device(device) and self.B.device == torch.device(device):
-            return self
-        return LowRank(self.A.to(device), self.B.to(device), self.scale, self.gelu)
+    def owned(self, device: torch.device | str | None = None) -> "LowRank":
+        """The same factors on ``device`` (None: where they are) in memory of their own, never the file they were
+        read from.
+
+        Safetensors files are read memory-mapped and an fp32 factor's ``float()`` is no copy, so a factor as read
+        is the file's pages: a new version copied over the file in place (``cp``: the same file, truncated and
+        rewritten) would change the adapter already loaded, under the requests running with it, and a file cut
+        shorter than its mapping kills the server (SIGBUS) at its next read. A served factor lives as long as the
+        server, so it is copied (``Tensor.to`` returns the tensor itself when nothing changes).
+        """
+        def own(t: torch.Tensor) -> torch.Tensor:
+            moved = t.to(device) if device is not None else t
+            return moved.clone() if moved is t else moved
+
+        return replace(self, A=own(self.A), B=own(self.B))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         low = x.to(self.A.dtype) @ self.A.T
@@ -255,10 +265,11 @@ class LoadedAdapter:
     def rank(self) -> int:
         return max((lr.A.shape[0] for lr in self.lora.values()), default=0)
 
-    def to(self, device: torch.device | str) -> "LoadedAdapter":
-        """The same adapter with every factor on ``device`` (where the base that runs it is)."""
-        return replace(self, lora={k: v.to(device) for k, v in self.lora.items()},
-                       per_task={k: v.to(device) for k, v in self.per_task.items()})
+    def owned(self, device: torch.device | str | None = None) -> "LoadedAdapter":
+        """The same adapter with every factor :meth:`LowRank.owned` on ``device`` (where the base that runs it is;
+        None: where they are)."""
+        return replace(self, lora={k: v.owned(device) for k, v in self.lora.items()},
+                       per_task={k: v.owned(device) for k, v in self.per_task.items()})
 
     @property
     def nbytes(self) -> int:

@@ -29,7 +29,7 @@ from ..assembly import AdapterSource, Assembly, LoadedAdapter, LowRank, read_rec
 from ..models import cache_argument, context_length, iter_layer_linears, output_cache
 from ..compress.quantize import is_bnb_layer
 from ..recovery import recovery_sha256
-from .registry import AdapterRegistry, module_shapes, owned
+from .registry import AdapterRegistry, module_shapes
 
 
 @dataclass
@@ -99,7 +99,7 @@ class Engine:
         # every factor on the base's device: the shared path and the expert banks multiply by them as they are;
         # copied off the file it was read from (a recovery copied over it in place would change the served one)
         device = next(model.parameters()).device
-        self.shared = ({name: owned(factor, device) for name, factor in
+        self.shared = ({name: factor.owned(device) for name, factor in
                         read_recovery(Path(shared_recovery), shapes, base_id=base_id).items()}
                        if shared_recovery is not None else {})
         self.registry = AdapterRegistry(shapes, base_id, capacity=capacity, root=root, device=device,

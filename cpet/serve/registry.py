@@ -14,7 +14,6 @@ from __future__ import annotations
 import re
 import threading
 from collections import OrderedDict
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -31,22 +30,6 @@ def check_served_name(name) -> str:
         raise AdapterError(f"the name {name!r} is not allowed for an adapter: 1-64 letters, digits, '.', '_' or "
                            "'-', starting with a letter or digit")
     return name
-
-
-def owned(factor: LowRank, device: torch.device | str | None = None) -> LowRank:
-    """``factor`` on ``device`` (None: where it is) in memory of its own, never the file it was read from.
-
-    Safetensors files are read memory-mapped and an fp32 factor's ``float()`` is no copy, so a factor as read is
-    the file's pages: a new version copied over the file in place (``cp``: the same file, truncated and
-    rewritten) would change the adapter already loaded, under the requests running with it, and a file cut
-    shorter than its mapping kills the server (SIGBUS) at its next read. A served factor lives as long as the
-    server, so it is copied (``Tensor.to`` returns the tensor itself when nothing changes).
-    """
-    def own(t: torch.Tensor) -> torch.Tensor:
-        moved = t.to(device) if device is not None else t
-        return moved.clone() if moved is t else moved
-
-    return replace(factor, A=own(factor.A), B=own(factor.B))
 
 
 class UnknownAdapterError(KeyError):
@@ -122,8 +105,7 @@ class AdapterRegistry:
         adapter = load_factors(name, source or AdapterSource(path), self.module_shapes, base_id=self.base_id,
                                shared_available=self.has_shared_recovery,
                                shared_sha256=self.shared_recovery_sha256, reordered=self.reordered)
-        adapter = replace(adapter, lora={k: owned(f, self.device) for k, f in adapter.lora.items()},
-                          per_task={k: owned(f, self.device) for k, f in adapter.per_task.items()})
+        adapter = adapter.owned(self.device)  # copied off the file's memory map, onto the base's device
         with self._lock:
             self._make_room(name)  # before inserting: the new adapter is never the one evicted
             self._adapters.pop(name, None)
@@ -180,4 +162,4 @@ class AdapterRegistry:
 
 
 __all__ = ["AdapterRegistry", "LoadedAdapter", "LowRank", "AdapterError", "UnknownAdapterError", "read_recovery",
-           "module_shapes", "owned"]
+           "module_shapes"]
